@@ -1,0 +1,29 @@
+# The README's commands. `make test` and `make demo` work on a fresh machine: they create (or
+# reuse) the virtual environment $(VENV) and install the package into it first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: install test test-all demo clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+# Everything but the `slow` tests; GPU / TPU tests skip themselves without that hardware.
+test: install
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+
+test-all: install
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+demo: install
+	$(PY) examples/gaze_attention_demo.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

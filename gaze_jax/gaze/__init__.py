@@ -1,0 +1,15 @@
+"""Gaze Attention as pure, jit-able JAX functions (no Flax): layout, regions, routing,
+attention and accounting. See METHOD.md."""
+
+from gaze_jax.gaze.accounting import (KVBudget, attention_flops, decode_flops, routing_flops,
+                                      selected_union_size, visual_kv_budget)
+from gaze_jax.gaze.attention import IMPLEMENTATIONS, gaze_attention
+from gaze_jax.gaze.layout import (CTX, PAD, PATCH, TEXT, Image, LayoutSpec, Text, TokenLayout,
+                                  Video, build_layout, num_regions, region_major_order,
+                                  slots_needed)
+from gaze_jax.gaze.masks import base_mask, masked_softmax, routed_rows, token_info
+from gaze_jax.gaze.reference import gaze_mask
+from gaze_jax.gaze.regions import region_descriptors
+from gaze_jax.gaze.routing import (Selection, candidate_regions, region_scores, resolve_top_k,
+                                   route, select_top_k)
+from gaze_jax.gaze.schedules import progressive_top_k

@@ -1,0 +1,181 @@
+"""``gaze_attention``: the public entry point, with input checks and implementation dispatch."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gaze_jax.gaze.layout import TokenLayout
+from gaze_jax.gaze.masks import routed_rows, token_info
+from gaze_jax.gaze.reference import reference_attention
+from gaze_jax.gaze.regions import region_descriptors
+from gaze_jax.gaze.routing import ROUTINGS, SCORES, Selection, resolve_top_k, route
+from gaze_jax.gaze.xla import xla_attention
+
+IMPLEMENTATIONS = ("reference", "xla", "pallas")
+
+
+def _check_rank(name, x, rank):
+  if x is None or getattr(x, "ndim", None) != rank:
+    shape = None if x is None else getattr(x, "shape", type(x).__name__)
+    raise ValueError(f"{name} must be a rank-{rank} array, got {shape}")
+
+
+def _check_inputs(q, k, v, q_route, k_route, layout, q_index, descriptors, selection):
+  if not isinstance(layout, TokenLayout):
+    raise ValueError(f"layout must be a TokenLayout, got {type(layout).__name__}")
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    _check_rank(name, x, 4)
+  B, T, Hq, D = q.shape
+  S, Hkv = k.shape[1], k.shape[2]
+  if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
+    raise ValueError(f"k {k.shape} and v {v.shape} must be [B={B}, S, Hkv, D={D}]")
+  if Hq % Hkv:
+    raise ValueError(f"query heads Hq={Hq} must be a multiple of KV heads Hkv={Hkv}")
+  if layout.kind.shape != (B, S):
+    raise ValueError(f"layout is [B, S] = {tuple(layout.kind.shape)}, but k is [B={B}, S={S}]")
+  if q_index is None:
+    if T != S:
+      raise ValueError(f"q has T={T} rows but the cache has S={S} slots: pass q_index "
+                       "(the slots of the queries) for the decode form")
+  elif tuple(q_index.shape) != (B, T):
+    raise ValueError(f"q_index must be [B, T] = {(B, T)}, got {tuple(q_index.shape)}")
+  if selection is None:
+    _check_rank("q_route", q_route, 4)
+    if q_route.shape[:3] != (B, T, Hq):
+      raise ValueError(f"q_route {q_route.shape} must be [B={B}, T={T}, Hq={Hq}, Dr]")
+    if descriptors is None:
+      _check_rank("k_route (or descriptors)", k_route, 4)
+      if k_route.shape[:3] != (B, S, Hkv) or k_route.shape[3] != q_route.shape[3]:
+        raise ValueError(f"k_route {k_route.shape} must be [B={B}, S={S}, Hkv={Hkv}, "
+                         f"Dr={q_route.shape[3]}]")
+    else:
+      want = (B, layout.max_regions, Hkv, q_route.shape[3])
+      if tuple(descriptors.shape) != want:
+        raise ValueError(f"descriptors must be [B, NR, Hkv, Dr] = {want}, "
+                         f"got {tuple(descriptors.shape)}")
+  else:
+    ids = selection.ids if isinstance(selection, Selection) else selection
+    if ids.ndim != 4 or ids.shape[:3] != (B, T, Hq):
+      raise ValueError(f"selection ids must be [B={B}, T={T}, Hq={Hq}, K], got {ids.shape}")
+
+
+def _map_query_chunks(fn, chunk: int, *xs):
+  """Applies ``fn`` to chunks of ``chunk`` rows of every ``[B, T, ...]`` array in ``xs`` in turn
+  (``lax.map``), bounding the per-row working set; pads T with rows whose q_index is -1."""
+  B, T = xs[0].shape[:2]
+  n = -(-T // chunk)
+  pad = n * chunk - T
+
+  def split(x, fill):
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    return jnp.moveaxis(x.reshape(B, n, chunk, *x.shape[2:]), 1, 0)
+
+  # q_index (xs[1]) pads with -1 (a PAD row); the others with zeros.
+  chunks = [split(x, -1 if i == 1 else 0) for i, x in enumerate(xs)]
+  outs = jax.lax.map(lambda c: fn(*c), chunks)
+  return jax.tree_util.tree_map(
+      lambda y: jnp.moveaxis(y, 0, 1).reshape(B, n * chunk, *y.shape[3:])[:, :T], outs)
+
+
+def gaze_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_route: Optional[jax.Array],
+                   k_route: Optional[jax.Array], layout: TokenLayout, *, top_k,
+                   active_k=None, score: str = "dot", routing: str = "head",
+                   route_prompt: bool = True, q_index: Optional[jax.Array] = None,
+                   descriptors: Optional[jax.Array] = None, selection=None,
+                   decode: Optional[bool] = None, scale: Optional[float] = None,
+                   query_chunk: Optional[int] = None, implementation: str = "xla",
+                   return_selected: bool = False):
+  """Gaze attention (METHOD.md): each text query attends to causal text, all earlier context
+  tokens and the patches of its top-K regions; patch rows are dense causal and context rows see
+  their own frame.
+
+  Args:
+    q: ``[B, T, Hq, D]`` queries after RoPE.
+    k, v: ``[B, S, Hkv, D]`` keys (after RoPE) and values of all S slots of the layout (the KV
+      cache in the decode form). Query head h reads KV head ``h // (Hq // Hkv)``.
+    q_route: ``[B, T, Hq, Dr]`` queries before RoPE, for the routing score.
+    k_route: ``[B, S, Hkv, Dr]`` keys before RoPE; may be None when ``descriptors`` is given.
+    layout: TokenLayout of the S slots.
+    top_k: static K_max: an int count or a float ratio of ``layout.max_regions``.
+    active_k: optional traced int <= K_max (progressive schedule, no recompilation).
+    score: "dot" (default) or "cosine".
+    routing: "head" (each query head routes, default) or "group" (a GQA group routes together
+      on the sum of its heads' scores).
+    route_prompt: False routes only generated text (``Text(generated=True)``); prompt text is
+      then dense causal.
+    q_index: int32 ``[B, T]`` slots of the query rows. None means T == S, row t is slot t
+      (training / prefill). Given, it is the decode form.
+    descriptors: ``[B, NR, Hkv, Dr]`` from ``region_descriptors``; cache them at prefill so that
+      decode steps do not recompute them.
+    selection: optional precomputed Selection (or int32 ids ``[B, T, Hq, K']``, -1 = none) used
+      instead of routing, e.g. regions fixed once from the question.
+    decode: the xla path reads only text/context slots plus selected regions (exact when every
+      query is a routed text token). Default: ``q_index is not None``.
+    scale: logit scale, default ``1 / sqrt(D)``.
+    query_chunk: process this many query rows at a time (bounds memory of scores and gathers).
+    implementation: "xla" (gather, default), "reference" (dense masked) or "pallas".
+    return_selected: also return the selected region ids.
+  Returns:
+    ``out [B, T, Hq, D]`` in q's dtype, and with ``return_selected`` also int32 ids
+    ``[B, T, Hq, K]`` (-1 = none; rows that do not route select nothing).
+  """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+  if score not in SCORES:
+    raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+  if routing not in ROUTINGS:
+    raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+  _check_inputs(q, k, v, q_route, k_route, layout, q_index, descriptors, selection)
+  K = resolve_top_k(top_k, layout.max_regions)
+  if isinstance(active_k, (int, np.integer)):  # a traced active_k is clipped by the ranks
+    if not 0 <= int(active_k) <= K:
+      raise ValueError(f"active_k={int(active_k)} must be in [0, top_k={K}]")
+  if implementation == "pallas":
+    raise NotImplementedError("implementation='pallas' needs the Pallas kernels, which are not "
+                              "built yet; use implementation='xla'")
+  B, T, Hq, D = q.shape
+  S = k.shape[1]
+  if decode is None:
+    decode = q_index is not None
+  if q_index is None:
+    q_index = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+  if scale is None:
+    scale = 1.0 / math.sqrt(D)
+  if selection is not None:
+    sel_ids = selection.ids if isinstance(selection, Selection) else jnp.asarray(selection)
+  else:
+    sel_ids = None
+    if descriptors is None:
+      descriptors = region_descriptors(k_route, layout)
+
+  def rows(q_blk, qi_blk, qr_blk, ids_blk):
+    query = token_info(layout, qi_blk)
+    routed = routed_rows(query, route_prompt)
+    if ids_blk is None:
+      sel = route(qr_blk, descriptors, layout.region_valid, layout.region_last_pos,
+                  query.position, routed, top_k=K, active_k=active_k, score=score,
+                  routing=routing)
+    else:
+      sel = Selection(ids=jnp.where(routed[:, :, None, None], ids_blk, -1).astype(jnp.int32))
+    if implementation == "reference":
+      out = reference_attention(q_blk, k, v, layout, query, routed, sel, scale=scale)
+    else:
+      out = xla_attention(q_blk, k, v, layout, query, routed, sel, scale=scale, decode=decode,
+                          group_routing=routing == "group" and ids_blk is None)
+    return out, sel.ids
+
+  route_in = sel_ids if sel_ids is not None else q_route
+  if query_chunk is None or query_chunk >= T:
+    out, ids = rows(q, q_index, route_in if sel_ids is None else None, sel_ids)
+  else:
+    if sel_ids is None:
+      fn = lambda qb, ib, rb: rows(qb, ib, rb, None)
+    else:
+      fn = lambda qb, ib, sb: rows(qb, ib, None, sb)
+    out, ids = _map_query_chunks(fn, int(query_chunk), q, q_index, route_in)
+  return (out, ids) if return_selected else out

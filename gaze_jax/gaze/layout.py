@@ -1,0 +1,358 @@
+"""Token layout: the structure of an interleaved text / image / video sequence, as arrays.
+
+A sequence is described per example by a list of segments (``Text``, ``Image``, ``Video``).
+``build_layout`` turns a batch of such descriptions into a ``TokenLayout``: fixed-shape integer
+arrays that travel with the activations through ``jax.jit`` (they are data, not Python
+structure, so examples may differ in text lengths and image counts without retracing).
+
+Storage order. Patches are stored **region-major**: the ``rh * rw`` tokens of one gaze region
+are contiguous, so a region is one contiguous KV block starting at ``region_first``. A grid that
+the region shape does not divide is padded to whole regions; the missing tokens are ``PAD``
+slots, masked everywhere. RoPE positions are those of the dense raster-order sequence (METHOD.md
+step 1): patch ``(i, j)`` of a ``gh x gw`` grid starting at position ``p`` has position
+``p + i * gw + j``, and padding slots consume no position. All causality is by position.
+
+Sequence (per example): ``[text][frame 0 patches][ctx x N][frame 1 patches][ctx x N]...[text]``
+with ``N = spec.num_ctx`` context tokens after every image and every video frame.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence, Union
+
+import jax
+import numpy as np
+
+# Token kinds (values of TokenLayout.kind).
+TEXT = 0
+PATCH = 1
+CTX = 2
+PAD = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Text:
+  """``length`` text tokens. ``generated`` marks tokens produced by the model (answer tokens
+  under teacher forcing, decode tokens); ``route_prompt=False`` routes only those."""
+  length: int
+  generated: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Image:
+  """One image whose patches form a ``gh x gw`` grid."""
+  gh: int
+  gw: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Video:
+  """``frames`` frames, each a ``gh x gw`` grid (each frame is one grid, METHOD.md step 11)."""
+  frames: int
+  gh: int
+  gw: int
+
+
+Segment = Union[Text, Image, Video]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutSpec:
+  """Static shape of a layout: everything here is a compile-time constant.
+
+  Attributes:
+    seq_len: S, storage slots per example (text + patches + region padding + ctx + batch pad).
+    region_shape: (rh, rw) tokens per gaze region; default 6 x 6 (METHOD.md step 2).
+    max_regions: NR, gaze regions per example, summed over all images and frames.
+    max_images: F, images plus video frames per example.
+    num_ctx: N learnable context tokens inserted after every image / frame (default 4).
+    max_nonvisual: N_nv, text plus context tokens per example; the decode path gathers this many
+      keys instead of all S. Defaults to ``seq_len``.
+  """
+  seq_len: int
+  max_regions: int
+  max_images: int
+  region_shape: tuple[int, int] = (6, 6)
+  num_ctx: int = 4
+  max_nonvisual: int | None = None
+
+  def __post_init__(self):
+    for name in ("seq_len", "max_regions", "max_images"):
+      if int(getattr(self, name)) < 1:
+        raise ValueError(f"LayoutSpec.{name} must be >= 1, got {getattr(self, name)}")
+    rs = tuple(int(x) for x in self.region_shape)
+    if len(rs) != 2 or min(rs) < 1:
+      raise ValueError(f"LayoutSpec.region_shape must be two positive ints, got {self.region_shape}")
+    object.__setattr__(self, "region_shape", rs)
+    if self.num_ctx < 0:
+      raise ValueError(f"LayoutSpec.num_ctx must be >= 0, got {self.num_ctx}")
+    if self.max_nonvisual is None:
+      object.__setattr__(self, "max_nonvisual", self.seq_len)
+    elif not 1 <= self.max_nonvisual <= self.seq_len:
+      raise ValueError(
+          f"LayoutSpec.max_nonvisual must be in [1, seq_len={self.seq_len}], got {self.max_nonvisual}")
+
+  @property
+  def region_size(self) -> int:
+    """R = rh * rw storage slots per region (padding slots included)."""
+    return self.region_shape[0] * self.region_shape[1]
+
+
+_TOKEN_FIELDS = ("kind", "position", "frame", "region", "patch_index", "generated")
+_REGION_FIELDS = ("region_valid", "region_frame", "region_first", "region_last",
+                  "region_last_pos", "region_row", "region_col")
+_FRAME_FIELDS = ("frame_valid", "frame_media", "frame_grid")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLayout:
+  """Sequence structure of a batch; a pytree whose leaves are arrays (usable inside jit).
+
+  Per token, ``[B, S]``:
+    kind: int32, TEXT / PATCH / CTX / PAD.
+    position: int32 RoPE position (dense raster order; PAD slots: 0).
+    frame: int32 image/frame id of PATCH and CTX tokens, -1 otherwise.
+    region: int32 global region id of PATCH tokens, -1 otherwise.
+    patch_index: int32 raster index ``i * gw + j`` of a PATCH token within its frame, -1 otherwise;
+      the model gathers patch embeddings with (frame, patch_index).
+    generated: bool, text produced by the model (see ``Text.generated``).
+  Per region, ``[B, NR]``:
+    region_valid: bool.
+    region_frame: int32 frame id.
+    region_first, region_last: int32 first / last storage slot (``last = first + R - 1``).
+    region_last_pos: int32 largest position of its tokens (a query at a larger position sees it
+      whole, so it is a routing candidate).
+    region_row, region_col: int32 coordinates of the region in its frame's region grid.
+  Per frame, ``[B, F]``:
+    frame_valid: bool; frame_media: int32 index of the Image/Video segment it came from.
+    frame_grid: int32 ``[B, F, 2]`` patch grid (gh, gw).
+  Per example:
+    nonvisual_index: int32 ``[B, N_nv]`` slots of the TEXT and CTX tokens, -1 padded.
+  Static: ``spec`` (a LayoutSpec).
+  """
+  kind: Any
+  position: Any
+  frame: Any
+  region: Any
+  patch_index: Any
+  generated: Any
+  region_valid: Any
+  region_frame: Any
+  region_first: Any
+  region_last: Any
+  region_last_pos: Any
+  region_row: Any
+  region_col: Any
+  frame_valid: Any
+  frame_media: Any
+  frame_grid: Any
+  nonvisual_index: Any
+  spec: LayoutSpec
+
+  @property
+  def batch_size(self) -> int:
+    return self.kind.shape[0]
+
+  @property
+  def seq_len(self) -> int:
+    return self.spec.seq_len
+
+  @property
+  def max_regions(self) -> int:
+    return self.spec.max_regions
+
+  @property
+  def region_size(self) -> int:
+    return self.spec.region_size
+
+
+jax.tree_util.register_dataclass(
+    TokenLayout,
+    data_fields=list(_TOKEN_FIELDS + _REGION_FIELDS + _FRAME_FIELDS + ("nonvisual_index",)),
+    meta_fields=["spec"],
+)
+
+
+def region_major_order(gh: int, gw: int, rh: int, rw: int) -> np.ndarray:
+  """Raster patch index stored at each slot of a region-major grid.
+
+  Returns int32 ``[n_regions, rh * rw]`` with ``n_regions = ceil(gh / rh) * ceil(gw / rw)``
+  (regions in raster order of the region grid, tokens in raster order inside a region);
+  -1 marks a padding slot where the grid does not fill the region.
+  """
+  nrh, nrw = -(-gh // rh), -(-gw // rw)
+  i = np.arange(nrh)[:, None, None, None] * rh + np.arange(rh)[None, None, :, None]
+  j = np.arange(nrw)[None, :, None, None] * rw + np.arange(rw)[None, None, None, :]
+  i, j = np.broadcast_arrays(i, j)                     # [nrh, nrw, rh, rw]
+  idx = np.where((i < gh) & (j < gw), i * gw + j, -1)
+  return idx.reshape(nrh * nrw, rh * rw).astype(np.int32)
+
+
+def _check_count(value, field: str, where: str, minimum: int) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise ValueError(f"{where}: {field} must be an int, got {value!r}")
+  if value < minimum:
+    raise ValueError(f"{where}: {field} must be >= {minimum}, got {value}")
+  return int(value)
+
+
+def _frames_of(seg: Segment, where: str, spec: LayoutSpec) -> list[tuple[int, int]]:
+  """Validated list of (gh, gw) grids that a visual segment contributes."""
+  if isinstance(seg, Image):
+    n = 1
+  else:
+    n = _check_count(seg.frames, "frames", where, 1)
+  gh = _check_count(seg.gh, "gh", where, 1)
+  gw = _check_count(seg.gw, "gw", where, 1)
+  rh, rw = spec.region_shape
+  if rh > gh or rw > gw:
+    raise ValueError(f"{where}: region_shape {spec.region_shape} is larger than the grid "
+                     f"({gh}, {gw})")
+  return [(gh, gw)] * n
+
+
+class _ExampleWriter:
+  """Fills one example's rows of the layout arrays, segment by segment."""
+
+  def __init__(self, arrays: dict[str, np.ndarray], b: int, spec: LayoutSpec, ex_where: str):
+    self.a, self.b, self.spec, self.where = arrays, b, spec, ex_where
+    self.slot = 0      # next storage slot
+    self.pos = 0       # next RoPE position
+    self.n_frames = 0
+    self.n_regions = 0
+    self.nonvisual: list[int] = []
+
+  def _reserve(self, n: int, what: str) -> slice:
+    if self.slot + n > self.spec.seq_len:
+      raise ValueError(f"{self.where}: sequence longer than seq_len={self.spec.seq_len} "
+                       f"(needs at least {self.slot + n} slots at {what})")
+    s = slice(self.slot, self.slot + n)
+    self.slot += n
+    return s
+
+  def text(self, seg: Text, where: str):
+    n = _check_count(seg.length, "length", where, 0)
+    s = self._reserve(n, where)
+    a, b = self.a, self.b
+    a["kind"][b, s] = TEXT
+    a["position"][b, s] = self.pos + np.arange(n)
+    a["generated"][b, s] = bool(seg.generated)
+    self.nonvisual.extend(range(s.start, s.stop))
+    self.pos += n
+
+  def frame(self, gh: int, gw: int, media: int, where: str):
+    spec, a, b = self.spec, self.a, self.b
+    rh, rw = spec.region_shape
+    f = self.n_frames
+    if f >= spec.max_images:
+      raise ValueError(f"{where}: more than max_images={spec.max_images} images/frames")
+    order = region_major_order(gh, gw, rh, rw)              # [nr, R]
+    nr = order.shape[0]
+    if self.n_regions + nr > spec.max_regions:
+      raise ValueError(f"{where}: more than max_regions={spec.max_regions} regions "
+                       f"(needs {self.n_regions + nr})")
+    s = self._reserve(order.size, where)
+    flat = order.reshape(-1)
+    real = flat >= 0
+    region_ids = self.n_regions + np.repeat(np.arange(nr), spec.region_size)
+    slots = np.arange(s.start, s.stop)
+    a["kind"][b, s] = np.where(real, PATCH, PAD)
+    a["position"][b, s] = np.where(real, self.pos + flat, 0)
+    a["frame"][b, s] = np.where(real, f, -1)
+    a["region"][b, s] = np.where(real, region_ids, -1)
+    a["patch_index"][b, s] = flat
+    r = slice(self.n_regions, self.n_regions + nr)
+    a["region_valid"][b, r] = True
+    a["region_frame"][b, r] = f
+    a["region_first"][b, r] = slots[::spec.region_size]
+    a["region_last"][b, r] = slots[::spec.region_size] + spec.region_size - 1
+    a["region_last_pos"][b, r] = self.pos + order.max(axis=1)
+    nrw = -(-gw // rw)
+    a["region_row"][b, r] = np.arange(nr) // nrw
+    a["region_col"][b, r] = np.arange(nr) % nrw
+    a["frame_valid"][b, f] = True
+    a["frame_media"][b, f] = media
+    a["frame_grid"][b, f] = (gh, gw)
+    self.pos += gh * gw
+    self.n_regions += nr
+    self.n_frames += 1
+    # Context tokens after every image / frame (METHOD.md step 9).
+    c = self._reserve(spec.num_ctx, where + " context tokens")
+    a["kind"][b, c] = CTX
+    a["position"][b, c] = self.pos + np.arange(spec.num_ctx)
+    a["frame"][b, c] = f
+    self.nonvisual.extend(range(c.start, c.stop))
+    self.pos += spec.num_ctx
+
+
+def build_layout(examples: Sequence[Sequence[Segment]], spec: LayoutSpec) -> TokenLayout:
+  """Builds a TokenLayout (numpy arrays, host side) for a batch of example descriptions.
+
+  Args:
+    examples: B lists of segments, e.g. ``[[Text(5), Image(24, 24), Text(12, generated=True)]]``.
+    spec: static maxima and region shape.
+  Returns:
+    TokenLayout with per-token arrays ``[B, S]``; slots after the last segment are PAD.
+  Raises:
+    ValueError naming the example, segment and field for any bad structure.
+  """
+  if isinstance(examples, (Text, Image, Video)) or not isinstance(examples, Sequence):
+    raise ValueError("examples must be a list (batch) of lists of segments")
+  if len(examples) == 0:
+    raise ValueError("examples must hold at least one example")
+  B, S, NR, F = len(examples), spec.seq_len, spec.max_regions, spec.max_images
+  i32 = np.int32
+  arrays = {
+      "kind": np.full((B, S), PAD, i32), "position": np.zeros((B, S), i32),
+      "frame": np.full((B, S), -1, i32), "region": np.full((B, S), -1, i32),
+      "patch_index": np.full((B, S), -1, i32), "generated": np.zeros((B, S), bool),
+      "region_valid": np.zeros((B, NR), bool), "region_frame": np.full((B, NR), -1, i32),
+      "region_first": np.zeros((B, NR), i32), "region_last": np.zeros((B, NR), i32),
+      "region_last_pos": np.zeros((B, NR), i32), "region_row": np.full((B, NR), -1, i32),
+      "region_col": np.full((B, NR), -1, i32), "frame_valid": np.zeros((B, F), bool),
+      "frame_media": np.full((B, F), -1, i32), "frame_grid": np.zeros((B, F, 2), i32),
+      "nonvisual_index": np.full((B, spec.max_nonvisual), -1, i32),
+  }
+  for b, segments in enumerate(examples):
+    ex_where = f"example {b}"
+    if isinstance(segments, (Text, Image, Video)) or not isinstance(segments, Sequence):
+      raise ValueError(f"{ex_where}: expected a list of segments, got {type(segments).__name__}")
+    w = _ExampleWriter(arrays, b, spec, ex_where)
+    media = 0
+    for si, seg in enumerate(segments):
+      where = f"{ex_where}, segment {si} ({type(seg).__name__})"
+      if isinstance(seg, Text):
+        w.text(seg, where)
+      elif isinstance(seg, (Image, Video)):
+        for gh, gw in _frames_of(seg, where, spec):
+          w.frame(gh, gw, media, where)
+        media += 1
+      else:
+        raise ValueError(f"{where}: unknown segment type {type(seg).__name__}; "
+                         "use Text, Image or Video")
+    if len(w.nonvisual) > spec.max_nonvisual:
+      raise ValueError(f"{ex_where}: {len(w.nonvisual)} text and context tokens exceed "
+                       f"max_nonvisual={spec.max_nonvisual}")
+    arrays["nonvisual_index"][b, :len(w.nonvisual)] = w.nonvisual
+  return TokenLayout(spec=spec, **arrays)
+
+
+def num_regions(gh: int, gw: int, region_shape: tuple[int, int]) -> int:
+  """Regions of one ``gh x gw`` grid, padding included: ``ceil(gh/rh) * ceil(gw/rw)``."""
+  rh, rw = region_shape
+  return math.ceil(gh / rh) * math.ceil(gw / rw)
+
+
+def slots_needed(segments: Sequence[Segment], spec: LayoutSpec) -> int:
+  """Storage slots one example needs (handy to choose ``seq_len``)."""
+  n = 0
+  for seg in segments:
+    if isinstance(seg, Text):
+      n += seg.length
+    else:
+      frames = 1 if isinstance(seg, Image) else seg.frames
+      n += frames * (num_regions(seg.gh, seg.gw, spec.region_shape) * spec.region_size
+                     + spec.num_ctx)
+  return n

@@ -1,0 +1,105 @@
+"""Gather-based gaze attention in plain XLA.
+
+Each routed row attends to two key sets under one softmax:
+  A. keys addressed by slot: in the decode form only the text and context slots
+     (``layout.nonvisual_index``, ``N_nv`` of them), otherwise all S slots (patch and context
+     rows need them: they are dense);
+  B. the patches of its selected regions, gathered as ``K`` contiguous blocks of ``R`` slots
+     from ``layout.region_first``.
+So a decode query reads ``N_nv + K * R`` keys per head and never forms a ``[T, S]`` mask over
+the visual part. With ``routing="group"`` the blocks are gathered once per KV head.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from gaze_jax.gaze.layout import PATCH, TokenLayout
+from gaze_jax.gaze.masks import TokenInfo, base_mask, masked_softmax, token_info
+from gaze_jax.gaze.routing import Selection
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def _slot_keys(k, v, layout: TokenLayout, decode: bool):
+  """Key set A: (k, v ``[B, Na, Hkv, D]``, TokenInfo ``[B, Na]``)."""
+  B, S = layout.kind.shape
+  if not decode:
+    return k, v, token_info(layout, jnp.broadcast_to(jnp.arange(S), (B, S)))
+  index = layout.nonvisual_index                                      # [B, N_nv]
+  take = lambda x: jnp.take_along_axis(x, jnp.clip(index, 0)[:, :, None, None], axis=1)
+  return take(k), take(v), token_info(layout, index)
+
+
+def _region_blocks(k, v, layout: TokenLayout, ids: jax.Array, query: TokenInfo,
+                   routed: jax.Array, heads_per_gather: int):
+  """Key set B: the selected regions' K/V blocks.
+
+  Args:
+    ids: int32 ``[B, T, Hs, K]`` region ids (-1: none) for Hs gathered heads.
+    heads_per_gather: query heads per KV head among the Hs heads (1 when Hs == Hkv).
+  Returns:
+    k, v ``[B, T, Hs, K * R, D]`` and a bool mask ``[B, T, Hs, K * R]``.
+  """
+  B, T, Hs, K = ids.shape
+  R = layout.region_size
+  first = jnp.take_along_axis(layout.region_first, jnp.clip(ids, 0).reshape(B, -1), axis=1)
+  slot = first.reshape(B, T, Hs, K, 1) + jnp.arange(R)                # [B, T, Hs, K, R]
+  slot = jnp.clip(slot, 0, layout.seq_len - 1).reshape(B, T, Hs, K * R)
+  kv_head = jnp.arange(Hs) // heads_per_gather
+
+  def gather(x):  # x [B, S, Hkv, D] -> [B, T, Hs, K * R, D]
+    return jax.vmap(lambda xb, sb: xb[sb, kv_head[None, :, None]])(x, slot)
+
+  flat = slot.reshape(B, -1)
+  kind = jnp.take_along_axis(layout.kind, flat, axis=1).reshape(slot.shape)
+  pos = jnp.take_along_axis(layout.position, flat, axis=1).reshape(slot.shape)
+  chosen = jnp.repeat(ids >= 0, R, axis=-1)
+  mask = (chosen & (kind == PATCH) & routed[:, :, None, None]
+          & (pos <= query.position[:, :, None, None]))
+  return gather(k), gather(v), mask
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: TokenLayout,
+                  query: TokenInfo, routed: jax.Array, selection: Selection, *, scale: float,
+                  decode: bool, group_routing: bool) -> jax.Array:
+  """Gaze attention by gathering. q ``[B, T, Hq, D]``, k/v ``[B, S, Hkv, D]`` -> ``[B, T, Hq, D]``.
+
+  ``decode=True`` reads only text/context slots besides the selected regions; it is exact when
+  every query row is a routed text row (or padding), as generated tokens are.
+  ``group_routing=True`` requires ``selection`` to be shared by the heads of each GQA group.
+  """
+  B, T, Hq, D = q.shape
+  Hkv = k.shape[2]
+  G = Hq // Hkv
+  qg = q.reshape(B, T, Hkv, G, D)
+  f32 = jnp.float32
+
+  ka, va, key_a = _slot_keys(k, v, layout, decode)
+  mask_a = base_mask(query, key_a, routed)[:, :, None, None, :]       # [B, T, 1, 1, Na]
+  logits_a = jnp.einsum("btkgd,bskd->btkgs", qg, ka, precision=_HI, preferred_element_type=f32)
+
+  if group_routing:
+    ids = selection.ids.reshape(B, T, Hkv, G, -1)[:, :, :, 0]          # [B, T, Hkv, K]
+    kb, vb, mask_b = _region_blocks(k, v, layout, ids, query, routed, 1)
+    logits_b = jnp.einsum("btkgd,btknd->btkgn", qg, kb, precision=_HI, preferred_element_type=f32)
+    mask_b = mask_b[:, :, :, None, :]
+  else:
+    kb, vb, mask_b = _region_blocks(k, v, layout, selection.ids, query, routed, G)
+    kb = kb.reshape(B, T, Hkv, G, *kb.shape[3:])
+    vb = vb.reshape(B, T, Hkv, G, *vb.shape[3:])
+    logits_b = jnp.einsum("btkgd,btkgnd->btkgn", qg, kb, precision=_HI, preferred_element_type=f32)
+    mask_b = mask_b.reshape(B, T, Hkv, G, -1)
+
+  n_a = logits_a.shape[-1]
+  mask = jnp.concatenate([jnp.broadcast_to(mask_a, logits_a.shape),
+                          jnp.broadcast_to(mask_b, logits_b.shape)], axis=-1)
+  p = masked_softmax(jnp.concatenate([logits_a, logits_b], axis=-1) * scale, mask)
+  p_a, p_b = p[..., :n_a], p[..., n_a:]
+  out = jnp.einsum("btkgs,bskd->btkgd", p_a, va.astype(f32), precision=_HI)
+  if group_routing:
+    out += jnp.einsum("btkgn,btknd->btkgd", p_b, vb.astype(f32), precision=_HI)
+  else:
+    out += jnp.einsum("btkgn,btkgnd->btkgd", p_b, vb.astype(f32), precision=_HI)
+  return out.reshape(B, T, Hq, D).astype(q.dtype)

@@ -1,0 +1,34 @@
+"""gaze-jax: Gaze Attention for multimodal LLMs in JAX / Flax NNX."""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = re.search(r'__version__ = "([^"]+)"',
+                    Path(__file__).with_name("gaze_jax").joinpath("__init__.py").read_text())[1]
+
+setup(
+    name="gaze-jax",
+    version=version,
+    description="Gaze Attention (query-adaptive visual KV routing) for multimodal LLMs in JAX",
+    long_description=Path(__file__).with_name("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["gaze_jax", "gaze_jax.*", "pallas_kernels",
+                                    "pallas_kernels.*"]),
+    # jax 0.10.2 is the newest for Python 3.11 (CPU machines); the GPU machine runs 0.11.x on 3.12.
+    install_requires=[
+        "jax>=0.10.2,<0.12",
+        "numpy>=1.26",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8",
+        "chex>=0.1.90",
+        "orbax-checkpoint>=0.12.4",
+        "ml-collections>=1.1.0",
+        "absl-py>=2.1",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6.100"],
+    },
+)
