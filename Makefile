@@ -23,7 +23,7 @@ test-all: install
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 demo: install
-	$(PY) examples/gaze_attention_demo.py
+	$(PY) -m gaze_jax.demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

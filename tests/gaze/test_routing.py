@@ -1,0 +1,127 @@
+"""Descriptors, routing scores, causal candidates, top-K and K as count or ratio."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gaze_jax.gaze import (PATCH, candidate_regions, region_descriptors, region_scores,
+                           resolve_top_k, route, select_top_k)
+from tests.gaze.random_cases import random_case
+
+
+def test_descriptors_are_mean_of_valid_keys_per_region():
+  case = random_case(11, kv_heads=2)
+  lay = case.layout
+  desc = np.asarray(region_descriptors(case.k_route, lay))
+  k = np.asarray(case.k_route)
+  for b in range(k.shape[0]):
+    for r in range(lay.max_regions):
+      members = (np.asarray(lay.region[b]) == r) & (np.asarray(lay.kind[b]) == PATCH)
+      want = k[b, members].mean(axis=0) if members.any() else np.zeros(k.shape[2:])
+      np.testing.assert_allclose(desc[b, r], want, atol=1e-6)
+
+
+def test_descriptors_ignore_padding_slots():
+  """Padding slots of a non-divisible grid must not enter the mean, whatever they hold."""
+  case = random_case(12)
+  lay = case.layout
+  pad = jnp.asarray(lay.kind) != PATCH
+  noisy = jnp.where(pad[:, :, None, None], 1e4, case.k_route)
+  np.testing.assert_allclose(region_descriptors(noisy, lay),
+                             region_descriptors(case.k_route, lay), atol=1e-6)
+
+
+def test_dot_and_cosine_scores_against_numpy():
+  rng = np.random.default_rng(0)
+  q = rng.normal(size=(2, 3, 4, 8)).astype(np.float32)      # Hq = 4
+  d = rng.normal(size=(2, 5, 2, 8)).astype(np.float32)      # Hkv = 2 -> G = 2
+  dot = np.asarray(region_scores(jnp.asarray(q), jnp.asarray(d), score="dot"))
+  cos = np.asarray(region_scores(jnp.asarray(q), jnp.asarray(d), score="cosine"))
+  for h in range(4):
+    kv = h // 2
+    want = np.einsum("btd,brd->btr", q[:, :, h], d[:, :, kv]) / np.sqrt(8)
+    np.testing.assert_allclose(dot[:, :, h], want, rtol=1e-5, atol=1e-6)
+    qn = q[:, :, h] / np.linalg.norm(q[:, :, h], axis=-1, keepdims=True)
+    dn = d[:, :, kv] / np.linalg.norm(d[:, :, kv], axis=-1, keepdims=True)
+    np.testing.assert_allclose(cos[:, :, h], np.einsum("btd,brd->btr", qn, dn), atol=1e-5)
+
+
+def test_only_regions_wholly_before_the_query_are_candidates():
+  valid = jnp.array([[True, True, True, False]])
+  last_pos = jnp.array([[4, 9, 20, 0]])
+  q_pos = jnp.array([[4, 5, 10, 21]])
+  cand = np.asarray(candidate_regions(valid, last_pos, q_pos))[0]
+  np.testing.assert_array_equal(cand, [[0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0]])
+
+
+def test_top_k_matches_numpy_ranking_and_masks_non_candidates():
+  rng = np.random.default_rng(1)
+  scores = rng.normal(size=(2, 4, 2, 7)).astype(np.float32)
+  cand = rng.random((2, 4, 7)) < 0.6
+  sel = np.asarray(select_top_k(jnp.asarray(scores), jnp.asarray(cand), top_k=3,
+                                num_kv_heads=2).ids)
+  for b, t, h in np.ndindex(2, 4, 2):
+    allowed = np.flatnonzero(cand[b, t])
+    order = allowed[np.argsort(-scores[b, t, h, allowed])][:3]
+    want = np.full(3, -1)
+    want[:len(order)] = order
+    np.testing.assert_array_equal(sel[b, t, h], want)
+
+
+def test_group_routing_ranks_by_the_sum_over_the_group():
+  rng = np.random.default_rng(2)
+  scores = rng.normal(size=(1, 3, 4, 6)).astype(np.float32)   # Hq 4, Hkv 2
+  cand = np.ones((1, 3, 6), bool)
+  sel = np.asarray(select_top_k(jnp.asarray(scores), jnp.asarray(cand), top_k=2,
+                                routing="group", num_kv_heads=2).ids)
+  for t, g in np.ndindex(3, 2):
+    summed = scores[0, t, 2 * g] + scores[0, t, 2 * g + 1]
+    want = np.argsort(-summed)[:2]
+    np.testing.assert_array_equal(sel[0, t, 2 * g], want)
+    np.testing.assert_array_equal(sel[0, t, 2 * g + 1], want)
+
+
+def test_traced_active_k_drops_lower_ranks_without_recompiling():
+  rng = np.random.default_rng(3)
+  scores = jnp.asarray(rng.normal(size=(1, 2, 1, 8)).astype(np.float32))
+  cand = jnp.ones((1, 2, 8), bool)
+  traces = []
+
+  @jax.jit
+  def f(k):
+    traces.append(1)
+    return select_top_k(scores, cand, top_k=5, active_k=k, num_kv_heads=1).ids
+
+  full = np.asarray(f(5))
+  for k in (1, 3, 0):
+    got = np.asarray(f(k))
+    np.testing.assert_array_equal(got[..., :k], full[..., :k])
+    assert (got[..., k:] == -1).all()
+  assert len(traces) == 1
+
+
+def test_rows_that_do_not_route_select_nothing():
+  case = random_case(13, kv_heads=1)
+  lay = case.layout
+  desc = region_descriptors(case.k_route, lay)
+  routed = jnp.zeros(lay.kind.shape, bool)
+  sel = route(case.q_route, desc, lay.region_valid, lay.region_last_pos, lay.position, routed,
+              top_k=2)
+  assert (np.asarray(sel.ids) == -1).all()
+
+
+@pytest.mark.parametrize("top_k, n, want", [
+    (4, 16, 4), (16, 16, 16), (0.25, 16, 4), (0.3, 16, 5), (1.0, 16, 16), (0.01, 16, 1),
+    (20 / 128, 128, 20)])
+def test_top_k_as_count_or_ratio(top_k, n, want):
+  assert resolve_top_k(top_k, n) == want
+
+
+@pytest.mark.parametrize("top_k, match", [
+    (17, "K larger than the number of regions"), (0, r"must be in \[1"),
+    (1.2, "ratio"), (0.0, "ratio"), (True, "int count or a float ratio"),
+    ("4", "int count or a float ratio")])
+def test_bad_top_k(top_k, match):
+  with pytest.raises(ValueError, match=match):
+    resolve_top_k(top_k, 16)
