@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all demo clean
+.PHONY: install test test-all demo bench clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -27,3 +27,7 @@ demo: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
+
+# Benchmarks write JSON under benchmarks/results/ (ratios against baselines of the same run).
+bench: install
+	$(PY) benchmarks/bench_gaze_xla.py --prefill

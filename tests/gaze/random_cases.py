@@ -13,14 +13,14 @@ REGION_SHAPES = [(1, 1), (2, 2), (2, 3), (3, 2), (3, 3)]
 
 
 def random_example(rng: np.random.Generator, region_shape, *, max_visual: int = 3,
-                   allow_video: bool = True):
+                   allow_video: bool = True, force_video: bool = False):
   """Text, 1..max_visual images/videos (grids not always divisible), a generated answer."""
   rh, rw = region_shape
   segs = [Text(int(rng.integers(0, 4)))]
-  for _ in range(int(rng.integers(1, max_visual + 1))):
+  for i in range(int(rng.integers(1, max_visual + 1))):
     gh = int(rng.integers(rh, 2 * rh + 2))
     gw = int(rng.integers(rw, 2 * rw + 2))
-    if allow_video and rng.random() < 0.3:
+    if (force_video and i == 0) or (allow_video and rng.random() < 0.3):
       segs.append(Video(int(rng.integers(2, 4)), gh, gw))
     else:
       segs.append(Image(gh, gw))
@@ -71,12 +71,14 @@ class Case:
 
 
 def random_case(seed: int, *, batch: int = 2, head_dim: int = 8, group=None, kv_heads=None,
-                separate_route: bool = False) -> Case:
-  """A random batch: layout, q/k/v (and route inputs) and routing options."""
+                separate_route: bool = False, force_video: bool = False, top_k=None,
+                score=None, routing=None) -> Case:
+  """A random batch: layout, q/k/v (and route inputs) and routing options; the keyword
+  arguments pin what the caller needs covered, the rest is drawn from ``seed``."""
   rng = np.random.default_rng(seed)
   rs = REGION_SHAPES[int(rng.integers(len(REGION_SHAPES)))]
   num_ctx = int(rng.integers(0, 3))
-  examples = [random_example(rng, rs) for _ in range(batch)]
+  examples = [random_example(rng, rs, force_video=force_video and b == 0) for b in range(batch)]
   spec = spec_for(examples, rs, num_ctx, rng, slack=3)
   layout = build_layout(examples, spec)
   G = group if group is not None else int(rng.choice([1, 2, 4, 8]))
@@ -91,7 +93,12 @@ def random_case(seed: int, *, batch: int = 2, head_dim: int = 8, group=None, kv_
     k_route = jax.random.normal(keys[4], (batch, S, Hkv, D))
   else:
     q_route, k_route = q, k
+  drawn_k = int(rng.integers(1, spec.max_regions + 1))
+  drawn_score = str(rng.choice(["dot", "cosine"]))
+  drawn_routing = str(rng.choice(["head", "group"]))
+  if top_k == "all":
+    top_k = spec.max_regions
   return Case(layout=layout, examples=examples, q=q, k=k, v=v, q_route=q_route,
-              k_route=k_route, top_k=int(rng.integers(1, spec.max_regions + 1)),
-              score=str(rng.choice(["dot", "cosine"])),
-              routing=str(rng.choice(["head", "group"])), route_prompt=bool(rng.random() < 0.7))
+              k_route=k_route, top_k=drawn_k if top_k is None else top_k,
+              score=score or drawn_score, routing=routing or drawn_routing,
+              route_prompt=bool(rng.random() < 0.7))
