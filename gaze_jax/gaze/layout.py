@@ -115,8 +115,9 @@ class TokenLayout:
     position: int32 RoPE position (dense raster order; PAD slots: 0).
     frame: int32 image/frame id of PATCH and CTX tokens, -1 otherwise.
     region: int32 global region id of PATCH tokens, -1 otherwise.
-    patch_index: int32 raster index ``i * gw + j`` of a PATCH token within its frame, -1 otherwise;
-      the model gathers patch embeddings with (frame, patch_index).
+    patch_index: int32 raster index ``i * gw + j`` of a PATCH token within its frame, the
+      ordinal ``0..N-1`` of a CTX token, -1 otherwise; the model gathers patch embeddings with
+      (frame, patch_index) and context embeddings with patch_index.
     generated: bool, text produced by the model (see ``Text.generated``).
   Per region, ``[B, NR]``:
     region_valid: bool.
@@ -283,6 +284,7 @@ class _ExampleWriter:
     a["kind"][b, c] = CTX
     a["position"][b, c] = self.pos + np.arange(spec.num_ctx)
     a["frame"][b, c] = f
+    a["patch_index"][b, c] = np.arange(spec.num_ctx)
     self.nonvisual.extend(range(c.start, c.stop))
     self.pos += spec.num_ctx
 

@@ -1,0 +1,135 @@
+"""Decoder self-attention: dense or gaze, for full sequences, prefill and decode.
+
+The pre-RoPE q and k (after the Qwen3 q/k norm) are the routing inputs of gaze attention
+(METHOD.md steps 3-4). The KV cache is a fixed-size ``[B, S, Hkv, D]`` buffer per layer,
+written with ``dynamic_update_slice``; gaze region descriptors are computed at prefill and kept
+in the cache, never recomputed while decoding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gaze_jax.gaze import PAD, TokenLayout, gaze_attention, masked_softmax, region_descriptors
+from gaze_jax.model.config import DecoderConfig, GazeConfig
+from gaze_jax.model.layers import RMSNorm, dense, rope
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCache:
+  """One layer's KV cache: k, v ``[B, S, Hkv, D]`` (k after RoPE); descriptors
+  ``[B, NR, Hkv, D]`` (gaze only, else None)."""
+  k: Any
+  v: Any
+  descriptors: Any = None
+
+
+jax.tree_util.register_dataclass(LayerCache, data_fields=["k", "v", "descriptors"],
+                                 meta_fields=[])
+
+
+def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
+                    k_pos: jax.Array, k_valid: jax.Array) -> jax.Array:
+  """Plain causal attention by position (the dense baseline).
+
+  q ``[B, T, Hq, D]``, k/v ``[B, S, Hkv, D]``, q_pos ``[B, T]``, k_pos / k_valid ``[B, S]``
+  -> ``[B, T, Hq, D]``.
+  """
+  B, T, Hq, D = q.shape
+  Hkv = k.shape[2]
+  qg = q.reshape(B, T, Hkv, Hq // Hkv, D)
+  logits = jnp.einsum("btkgd,bskd->btkgs", qg, k, preferred_element_type=jnp.float32)
+  mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]
+  p = masked_softmax(logits / math.sqrt(D), mask[:, :, None, None, :])
+  out = jnp.einsum("btkgs,bskd->btkgd", p.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  return out.reshape(B, T, Hq, D).astype(q.dtype)
+
+
+def write_cache(buf: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+  """Writes ``new [B, T, ...]`` into ``buf [B, S, ...]`` at per-example slot ``start [B]``."""
+  def one(b, n, s):
+    return jax.lax.dynamic_update_slice_in_dim(b, n.astype(b.dtype), s, axis=0)
+  return jax.vmap(one)(buf, new, start)
+
+
+class Attention(nnx.Module):
+  """GQA self-attention with RoPE, optional qkv bias (Qwen2) and q/k norm (Qwen3)."""
+
+  def __init__(self, cfg: DecoderConfig, gaze: GazeConfig, *, rngs: nnx.Rngs, dtype=None,
+               param_dtype=jnp.float32):
+    self.cfg, self.gaze = cfg, gaze
+    E, H, Hkv, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.q_proj = dense(E, H * D, ("embed", "heads"), use_bias=cfg.qkv_bias, **kw)
+    self.k_proj = dense(E, Hkv * D, ("embed", "kv_heads"), use_bias=cfg.qkv_bias, **kw)
+    self.v_proj = dense(E, Hkv * D, ("embed", "kv_heads"), use_bias=cfg.qkv_bias, **kw)
+    self.o_proj = dense(H * D, E, ("heads", "embed"), use_bias=False, **kw)
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(D, cfg.rms_norm_eps, name="head_dim", param_dtype=param_dtype)
+      self.k_norm = RMSNorm(D, cfg.rms_norm_eps, name="head_dim", param_dtype=param_dtype)
+
+  def __call__(self, x: jax.Array, layout: TokenLayout, *, cache: Optional[LayerCache] = None,
+               q_index: Optional[jax.Array] = None, active_k=None, want_cache: bool = False,
+               return_selected: bool = False):
+    """Self-attention.
+
+    Args:
+      x: ``[B, T, E]``; T == S (full sequence / prefill) unless ``q_index`` is given.
+      layout: TokenLayout of the S slots.
+      cache: the layer's cache, for decoding: the new tokens' k/v are written at ``q_index``
+        (consecutive slots per example) and attention reads the whole cache.
+      q_index: int32 ``[B, T]`` slots of the new tokens (decode form).
+      active_k: traced K for the progressive schedule (gaze only).
+      want_cache: return a LayerCache of this pass (prefill).
+      return_selected: return the selected region ids ``[B, T, Hq, K]`` (gaze only).
+    Returns:
+      ``(y [B, T, E], cache or None, selected ids or None)``.
+    """
+    cfg, gz = self.cfg, self.gaze
+    B, T, _ = x.shape
+    H, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q = self.q_proj(x).reshape(B, T, H, D)
+    k = self.k_proj(x).reshape(B, T, Hkv, D)
+    v = self.v_proj(x).reshape(B, T, Hkv, D)
+    if cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    positions = layout.position if q_index is None else jnp.take_along_axis(
+        layout.position, q_index, axis=1)
+    q_pre, k_pre = q, k
+    q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+
+    descriptors = None
+    if cache is not None:
+      if q_index is None:
+        raise ValueError("decoding with a cache needs q_index")
+      k_all = write_cache(cache.k, k, q_index[:, 0])
+      v_all = write_cache(cache.v, v, q_index[:, 0])
+      descriptors = cache.descriptors
+      if gz.attention == "gaze" and descriptors is None:
+        raise ValueError("gaze decoding needs the region descriptors cached at prefill")
+    else:
+      k_all, v_all = k, v
+    if gz.attention == "gaze" and descriptors is None:
+      descriptors = region_descriptors(k_pre, layout)
+
+    selected = None
+    if gz.attention == "dense":
+      out = dense_attention(q, k_all, v_all, positions, layout.position, layout.kind != PAD)
+    else:
+      out, selected = gaze_attention(
+          q, k_all, v_all, q_pre, None, layout, top_k=gz.top_k, active_k=active_k,
+          score=gz.score, routing=gz.routing, route_prompt=gz.route_prompt, q_index=q_index,
+          descriptors=descriptors, query_chunk=gz.query_chunk,
+          implementation=gz.implementation, return_selected=True)
+    y = self.o_proj(out.reshape(B, T, H * D))
+    new_cache = None
+    if want_cache or cache is not None:
+      new_cache = LayerCache(k=k_all, v=v_all, descriptors=descriptors)
+    return y, new_cache, (selected if return_selected else None)

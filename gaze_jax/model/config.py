@@ -1,0 +1,94 @@
+"""Model configuration: plain frozen dataclasses, so that models and kernels import without
+ml_collections (the training configs in ``configs/`` build these)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Union
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """SigLIP-style ViT: patch embedding, learned positions, pre-LN blocks, no CLS token.
+
+  ``feature_layer`` indexes the hidden states as Hugging Face does (0 = patch embeddings,
+  ``i`` = output of block i, -1 = last block); ``post_layernorm`` applies the final LayerNorm to
+  the chosen features (SigLIP's ``last_hidden_state`` is feature_layer=-1 with it; LLaVA models
+  take ``hidden_states[-1]`` without it). ``video_pool`` pools video frame features
+  ``video_pool x video_pool`` (METHOD.md: 2x2-pooled 24x24 frames).
+  """
+  image_size: int = 384
+  patch_size: int = 16
+  num_channels: int = 3
+  hidden_size: int = 1152
+  intermediate_size: int = 4304
+  num_layers: int = 27
+  num_heads: int = 16
+  layer_norm_eps: float = 1e-6
+  feature_layer: int = -1
+  post_layernorm: bool = True
+  video_pool: int = 2
+
+  @property
+  def grid(self) -> int:
+    return self.image_size // self.patch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  """Llama / Qwen2 / Qwen3 decoder: GQA, RoPE, RMSNorm, SwiGLU; Qwen2 adds ``qkv_bias``,
+  Qwen3 ``qk_norm``."""
+  vocab_size: int = 32000
+  hidden_size: int = 4096
+  intermediate_size: int = 11008
+  num_layers: int = 32
+  num_heads: int = 32
+  num_kv_heads: int = 32
+  head_dim: Optional[int] = None
+  rope_theta: float = 10000.0
+  rms_norm_eps: float = 1e-6
+  qkv_bias: bool = False
+  qk_norm: bool = False
+  tie_embeddings: bool = False
+
+  def __post_init__(self):
+    if self.head_dim is None:
+      object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} must be a multiple of "
+                       f"num_kv_heads={self.num_kv_heads}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GazeConfig:
+  """Decoder attention: ``attention="dense"`` or ``"gaze"`` with the routing options of
+  ``gaze_attention``; ``region_shape`` and ``num_ctx`` must match the batches' LayoutSpec."""
+  attention: str = "gaze"
+  top_k: Union[int, float] = 4
+  score: str = "dot"
+  routing: str = "head"
+  route_prompt: bool = True
+  implementation: str = "xla"
+  query_chunk: Optional[int] = None
+  region_shape: tuple[int, int] = (6, 6)
+  num_ctx: int = 4
+
+  def __post_init__(self):
+    if self.attention not in ("dense", "gaze"):
+      raise ValueError(f"attention must be 'dense' or 'gaze', got {self.attention!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MLLMConfig:
+  """A multimodal LLM: vision tower -> projector -> decoder with gaze attention.
+  ``vision=None`` gives a text-only LM."""
+  decoder: DecoderConfig
+  vision: Optional[VisionConfig] = None
+  gaze: GazeConfig = GazeConfig()
+  projector: str = "mlp2x_gelu"
+  dtype: str = "float32"          # compute dtype
+  param_dtype: str = "float32"    # master weights
+
+  def __post_init__(self):
+    if self.projector != "mlp2x_gelu":
+      raise ValueError(f"projector must be 'mlp2x_gelu', got {self.projector!r}")

@@ -1,0 +1,199 @@
+"""The multimodal LLM: vision tower -> projector -> patch embeddings stored region-major,
+context tokens after every image/frame, decoder with gaze (or dense) attention."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gaze_jax.gaze import CTX, PATCH, LayoutSpec, TokenLayout, build_layout
+from gaze_jax.model.config import MLLMConfig
+from gaze_jax.model.decoder import Decoder
+from gaze_jax.model.vision import Projector, VisionTower
+
+
+def _concrete(x) -> Optional[np.ndarray]:
+  """x as numpy when it is not traced (so host-side checks can run), else None."""
+  try:
+    return np.asarray(x)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return None
+
+
+def pack_images(images: Sequence[Sequence[np.ndarray]], layout: TokenLayout) -> np.ndarray:
+  """Stacks each example's images (``[H, W, C]``) and videos (``[T, H, W, C]``) into the
+  ``[B, F, H, W, C]`` array the model takes, checking the count against the layout.
+
+  Raises ValueError when an example's image/frame count differs from its placeholders.
+  """
+  B, F = np.asarray(layout.frame_valid).shape
+  if len(images) != B:
+    raise ValueError(f"got images for {len(images)} examples, the layout has {B}")
+  frames_per_example = []
+  for b, items in enumerate(images):
+    frames = []
+    for i, im in enumerate(items):
+      im = np.asarray(im)
+      if im.ndim == 3:
+        frames.append(im)
+      elif im.ndim == 4:
+        frames.extend(im)
+      else:
+        raise ValueError(f"example {b}, image {i}: expected [H, W, C] or [T, H, W, C], "
+                         f"got shape {im.shape}")
+    want = int(np.asarray(layout.frame_valid[b]).sum())
+    if len(frames) != want:
+      raise ValueError(f"example {b} has {len(frames)} images/frames but its description has "
+                       f"{want} image/frame placeholders")
+    frames_per_example.append(frames)
+  shapes = {f.shape for fr in frames_per_example for f in fr}
+  if len(shapes) > 1:
+    raise ValueError(f"all images/frames of a batch must share one size, got {sorted(shapes)}")
+  if not shapes:
+    return None
+  (shape,) = shapes
+  out = np.zeros((B, F) + shape, np.float32)
+  for b, fr in enumerate(frames_per_example):
+    if fr:
+      out[b, :len(fr)] = np.stack(fr)
+  return out
+
+
+class MLLM(nnx.Module):
+  """Multimodal LLM. ``cfg.vision=None`` gives a text-only LM with the same interface."""
+
+  def __init__(self, cfg: MLLMConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    dtype, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=pdt)
+    E = cfg.decoder.hidden_size
+    self.decoder = Decoder(cfg.decoder, cfg.gaze, **kw)
+    if cfg.vision is not None:
+      self.vision = VisionTower(cfg.vision, **kw)
+      self.projector = Projector(cfg.vision.hidden_size, E, **kw)
+    if cfg.gaze.num_ctx:
+      self.ctx_embed = nnx.Param(
+          nnx.initializers.normal(0.02)(rngs.params(), (cfg.gaze.num_ctx, E), pdt),
+          out_sharding=(None, "embed"), eager_sharding=False)
+
+  # -------------------------------------------------------------- layouts
+
+  def layout_spec(self, seq_len: int, max_regions: int = 1, max_images: int = 1,
+                  max_nonvisual: Optional[int] = None) -> LayoutSpec:
+    """A LayoutSpec with this model's region shape and context-token count."""
+    return LayoutSpec(seq_len=seq_len, max_regions=max_regions, max_images=max_images,
+                      region_shape=self.cfg.gaze.region_shape, num_ctx=self.cfg.gaze.num_ctx,
+                      max_nonvisual=max_nonvisual)
+
+  def build_layout(self, examples, seq_len: int, max_regions: int = 1,
+                   max_images: int = 1) -> TokenLayout:
+    return build_layout(examples, self.layout_spec(seq_len, max_regions, max_images))
+
+  def _check_layout(self, layout: TokenLayout):
+    spec, gz = layout.spec, self.cfg.gaze
+    if spec.num_ctx != gz.num_ctx:
+      raise ValueError(f"layout has num_ctx={spec.num_ctx} context tokens per frame, the model "
+                       f"{gz.num_ctx}; build it with model.layout_spec(...)")
+    if gz.attention == "gaze" and spec.region_shape != tuple(gz.region_shape):
+      raise ValueError(f"layout region_shape {spec.region_shape} differs from the model's "
+                       f"{tuple(gz.region_shape)}")
+
+  # -------------------------------------------------------------- embeddings
+
+  def _check_images(self, images, layout: TokenLayout):
+    vcfg = self.cfg.vision
+    if vcfg is None:
+      raise ValueError("this model has no vision tower, but images were given")
+    if getattr(images, "ndim", None) != 5:
+      raise ValueError(f"images must be [B, F, H, W, C], got {getattr(images, 'shape', None)} "
+                       "(use pack_images to build it)")
+    B, F, H, W, C = images.shape
+    if (B, F) != (layout.batch_size, layout.spec.max_images):
+      raise ValueError(f"images are [B={B}, F={F}, ...] but the layout has B="
+                       f"{layout.batch_size} and max_images={layout.spec.max_images}")
+    self.vision.check_images(images[0])
+    grid = np.asarray(_concrete(layout.frame_grid)) if _concrete(layout.frame_grid) is not None else None
+    valid = _concrete(layout.frame_valid)
+    if grid is None or valid is None:
+      return
+    p, pool = vcfg.patch_size, vcfg.video_pool
+    full = (H // p, W // p)
+    pooled = (full[0] // pool, full[1] // pool)
+    for b, f in zip(*np.nonzero(valid)):
+      g = tuple(int(x) for x in grid[b, f])
+      if g != full and g != pooled:
+        raise ValueError(f"example {b}, frame {f}: images of {H}x{W} px give a {full[0]}x{full[1]}"
+                         f" patch grid ({pooled[0]}x{pooled[1]} pooled), but the layout says "
+                         f"{g[0]}x{g[1]}: wrong image size")
+
+  def image_features(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``[B, F, H, W, C]`` -> projected features ``[B, F, P, E]`` (raster order) and their
+    ``video_pool``-pooled version ``[B, F, P / pool^2, E]`` for video frames."""
+    vcfg = self.cfg.vision
+    B, F, H, W, C = images.shape
+    gh, gw = H // vcfg.patch_size, W // vcfg.patch_size
+    feats = self.projector(self.vision(images.reshape(B * F, H, W, C)))      # [BF, P, E]
+    E = feats.shape[-1]
+    pool = vcfg.video_pool
+    ph, pw = gh // pool, gw // pool
+    grid = feats.reshape(B * F, gh, gw, E)[:, :ph * pool, :pw * pool]
+    pooled = grid.reshape(B * F, ph, pool, pw, pool, E).mean(axis=(2, 4))
+    return feats.reshape(B, F, gh * gw, E), pooled.reshape(B, F, ph * pw, E)
+
+  def embed(self, tokens: jax.Array, layout: TokenLayout,
+            images: Optional[jax.Array] = None) -> jax.Array:
+    """Input embeddings ``[B, S, E]``: text ids at TEXT slots, patch features at PATCH slots
+    (region-major, gathered by ``layout.frame`` / ``layout.patch_index``), learned context
+    tokens at CTX slots."""
+    self._check_layout(layout)
+    x = self.decoder.embed_tokens(jnp.clip(tokens, 0, self.cfg.decoder.vocab_size - 1))
+    kind = layout.kind
+    if images is not None:
+      self._check_images(images, layout)
+      feats, pooled = self.image_features(images.astype(x.dtype))
+      B = x.shape[0]
+      b = jnp.arange(B)[:, None]
+      f = jnp.clip(layout.frame, 0)
+      i = jnp.clip(layout.patch_index, 0)
+      full_gh = images.shape[2] // self.cfg.vision.patch_size
+      is_pooled = jnp.take_along_axis(layout.frame_grid[..., 0], f, axis=1) != full_gh
+      patch = jnp.where(is_pooled[..., None], pooled[b, f, jnp.minimum(i, pooled.shape[2] - 1)],
+                        feats[b, f, i])
+      x = jnp.where((kind == PATCH)[..., None], patch.astype(x.dtype), x)
+    elif _concrete(kind) is not None and (np.asarray(kind) == PATCH).any():
+      raise ValueError("the layout has image/frame placeholders but no images were given")
+    if self.cfg.gaze.num_ctx:
+      ctx = self.ctx_embed[...][jnp.clip(layout.patch_index, 0, self.cfg.gaze.num_ctx - 1)]
+      x = jnp.where((kind == CTX)[..., None], ctx.astype(x.dtype), x)
+    return x
+
+  # -------------------------------------------------------------- forward passes
+
+  def __call__(self, tokens: jax.Array, layout: TokenLayout, images: Optional[jax.Array] = None,
+               *, active_k=None, return_selected: bool = False):
+    """Full-sequence forward (training). tokens int ``[B, S]`` (ignored at non-TEXT slots),
+    images ``[B, F, H, W, C]`` or None. Returns float32 logits ``[B, S, V]``, and with
+    ``return_selected`` a list per layer of region ids ``[B, S, Hq, K]`` (None when dense)."""
+    x = self.embed(tokens, layout, images)
+    logits, _, selected = self.decoder(x, layout, active_k=active_k,
+                                       return_selected=return_selected)
+    return (logits, selected) if return_selected else logits
+
+  def prefill(self, tokens, layout, images=None, *, active_k=None):
+    """Full forward that also returns the KV cache (with gaze descriptors) of every layer."""
+    x = self.embed(tokens, layout, images)
+    logits, caches, _ = self.decoder(x, layout, active_k=active_k, want_cache=True)
+    return logits, caches
+
+  def decode(self, tokens: jax.Array, q_index: jax.Array, layout: TokenLayout, caches, *,
+             active_k=None, return_selected: bool = False):
+    """New text tokens ``[B, T]`` at consecutive cache slots ``q_index [B, T]``.
+    Returns ``(logits [B, T, V], caches)`` (plus selected ids with ``return_selected``)."""
+    x = self.decoder.embed_tokens(jnp.clip(tokens, 0, self.cfg.decoder.vocab_size - 1))
+    logits, caches, selected = self.decoder(x, layout, cache=caches, q_index=q_index,
+                                            active_k=active_k, return_selected=return_selected)
+    return (logits, caches, selected) if return_selected else (logits, caches)

@@ -1,0 +1,109 @@
+"""SigLIP-style vision tower (no CLS token) and the LLaVA ``mlp2x_gelu`` projector."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gaze_jax.model.config import VisionConfig
+from gaze_jax.model.layers import dense, layer_norm, named
+
+
+class VisionBlock(nnx.Module):
+  """Pre-LN transformer block: bidirectional MHA, then a GELU (tanh) MLP."""
+
+  def __init__(self, cfg: VisionConfig, *, rngs, dtype=None, param_dtype=jnp.float32):
+    E, F = cfg.hidden_size, cfg.intermediate_size
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.num_heads = cfg.num_heads
+    self.norm1 = layer_norm(E, cfg.layer_norm_eps, "vision_embed", **kw)
+    self.q_proj = dense(E, E, ("vision_embed", "vision_heads"), use_bias=True, **kw)
+    self.k_proj = dense(E, E, ("vision_embed", "vision_heads"), use_bias=True, **kw)
+    self.v_proj = dense(E, E, ("vision_embed", "vision_heads"), use_bias=True, **kw)
+    self.o_proj = dense(E, E, ("vision_heads", "vision_embed"), use_bias=True, **kw)
+    self.norm2 = layer_norm(E, cfg.layer_norm_eps, "vision_embed", **kw)
+    self.fc1 = dense(E, F, ("vision_embed", "vision_mlp"), use_bias=True, **kw)
+    self.fc2 = dense(F, E, ("vision_mlp", "vision_embed"), use_bias=True, **kw)
+
+  def __call__(self, x):
+    N, P, E = x.shape
+    H = self.num_heads
+    h = self.norm1(x)
+    split = lambda t: t.reshape(N, P, H, E // H)
+    a = jax.nn.dot_product_attention(split(self.q_proj(h)), split(self.k_proj(h)),
+                                     split(self.v_proj(h)))
+    x = x + self.o_proj(a.reshape(N, P, E))
+    return x + self.fc2(jax.nn.gelu(self.fc1(self.norm2(x)), approximate=True))
+
+
+class VisionTower(nnx.Module):
+  """Images ``[N, H, W, C]`` -> patch features ``[N, (H/p) * (W/p), E]`` in raster order.
+
+  Any image size that the patch size divides is accepted; at a size other than
+  ``cfg.image_size`` the learned position embeddings are resized bicubically (close to, not
+  bit-identical with, PyTorch's bicubic interpolation).
+  """
+
+  def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+    self.cfg = cfg
+    E, p = cfg.hidden_size, cfg.patch_size
+    self.patch_embed = nnx.Conv(cfg.num_channels, E, kernel_size=(p, p), strides=(p, p),
+                                padding="VALID", dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                kernel_init=named(nnx.initializers.lecun_normal(),
+                                                  (None, None, None, "vision_embed")),
+                                bias_init=named(nnx.initializers.zeros_init(), ("vision_embed",)))
+    self.pos_embed = nnx.Param(
+        nnx.initializers.normal(0.02)(rngs.params(), (cfg.grid * cfg.grid, E), param_dtype),
+        out_sharding=("pos", "vision_embed"), eager_sharding=False)
+    f = cfg.feature_layer
+    n_blocks = cfg.num_layers + 1 + f if f < 0 else f
+    if not 0 <= n_blocks <= cfg.num_layers:
+      raise ValueError(f"feature_layer={cfg.feature_layer} is outside [-{cfg.num_layers + 1}, "
+                       f"{cfg.num_layers}]")
+    # Blocks after the feature layer would never be used: they are not built.
+    self.blocks = nnx.List([VisionBlock(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+                            for _ in range(n_blocks)])
+    if cfg.post_layernorm:
+      self.post_norm = layer_norm(E, cfg.layer_norm_eps, "vision_embed", rngs=rngs, dtype=dtype,
+                                  param_dtype=param_dtype)
+
+  def check_images(self, images) -> None:
+    """Raises ValueError for a rank, channel count or size the tower cannot take."""
+    cfg = self.cfg
+    if getattr(images, "ndim", None) != 4:
+      raise ValueError(f"images must be [N, H, W, C], got shape {getattr(images, 'shape', None)}")
+    _, H, W, C = images.shape
+    if C != cfg.num_channels:
+      raise ValueError(f"images have {C} channels, the vision tower takes {cfg.num_channels} "
+                       "(images are [N, H, W, C], channels last)")
+    if H % cfg.patch_size or W % cfg.patch_size:
+      raise ValueError(f"image size {H}x{W} is not divisible by the patch size {cfg.patch_size}")
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    self.check_images(images)
+    cfg = self.cfg
+    x = self.patch_embed(images)                                   # [N, gh, gw, E]
+    N, gh, gw, E = x.shape
+    pos = self.pos_embed[...]
+    if (gh, gw) != (cfg.grid, cfg.grid):
+      pos = jax.image.resize(pos.reshape(cfg.grid, cfg.grid, E), (gh, gw, E), "bicubic")
+    x = x.reshape(N, gh * gw, E) + pos.reshape(1, gh * gw, E).astype(x.dtype)
+    for block in self.blocks:
+      x = block(x)
+    if cfg.post_layernorm:
+      x = self.post_norm(x)
+    return x
+
+
+class Projector(nnx.Module):
+  """LLaVA ``mlp2x_gelu``: ``linear_2(gelu(linear_1(x)))`` (exact GELU)."""
+
+  def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs, dtype=None,
+               param_dtype=jnp.float32):
+    kw = dict(use_bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.linear_1 = dense(in_features, out_features, ("vision_embed", "mlp"), **kw)
+    self.linear_2 = dense(out_features, out_features, ("mlp", "embed"), **kw)
+
+  def __call__(self, x):
+    return self.linear_2(jax.nn.gelu(self.linear_1(x), approximate=False))
