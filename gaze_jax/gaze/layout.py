@@ -168,10 +168,24 @@ class TokenLayout:
   def region_size(self) -> int:
     return self.spec.region_size
 
+  def to_features(self) -> dict[str, Any]:
+    """The arrays as a flat dict (for input pipelines: one example's rows batch by stacking)."""
+    return {name: getattr(self, name) for name in LAYOUT_FIELDS}
+
+  @classmethod
+  def from_features(cls, features: dict[str, Any], spec: LayoutSpec) -> "TokenLayout":
+    """Inverse of ``to_features``; extra keys in ``features`` are ignored."""
+    missing = [n for n in LAYOUT_FIELDS if n not in features]
+    if missing:
+      raise ValueError(f"layout features are missing {missing}")
+    return cls(spec=spec, **{n: features[n] for n in LAYOUT_FIELDS})
+
+
+LAYOUT_FIELDS = _TOKEN_FIELDS + _REGION_FIELDS + _FRAME_FIELDS + ("nonvisual_index",)
 
 jax.tree_util.register_dataclass(
     TokenLayout,
-    data_fields=list(_TOKEN_FIELDS + _REGION_FIELDS + _FRAME_FIELDS + ("nonvisual_index",)),
+    data_fields=list(LAYOUT_FIELDS),
     meta_fields=["spec"],
 )
 

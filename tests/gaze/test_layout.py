@@ -113,3 +113,16 @@ def test_error_names_the_example():
   spec = LayoutSpec(seq_len=20, max_regions=8, max_images=2, region_shape=(2, 2))
   with pytest.raises(ValueError, match=r"example 1, segment 0"):
     build_layout([[Text(3)], [Text(-2)]], spec)
+
+
+def test_features_round_trip_and_batch_by_stacking():
+  spec = LayoutSpec(seq_len=30, max_regions=6, max_images=2, region_shape=(2, 2), num_ctx=1)
+  a, b = [Text(2), Image(2, 4), Text(3)], [Text(5), Video(2, 2, 2)]
+  both = build_layout([a, b], spec)
+  rows = [build_layout([e], spec).to_features() for e in (a, b)]
+  stacked = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+  rebuilt = type(both).from_features(stacked, spec)
+  for k, v in both.to_features().items():
+    np.testing.assert_array_equal(getattr(rebuilt, k), v, err_msg=k)
+  with pytest.raises(ValueError, match="missing"):
+    type(both).from_features({"kind": stacked["kind"]}, spec)
