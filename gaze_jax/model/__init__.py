@@ -6,3 +6,4 @@ from gaze_jax.model.config import DecoderConfig, GazeConfig, MLLMConfig, VisionC
 from gaze_jax.model.decoder import Decoder
 from gaze_jax.model.mllm import MLLM, pack_images
 from gaze_jax.model.vision import Projector, VisionTower
+from gaze_jax.model.generate import GenerateOutput, generate
