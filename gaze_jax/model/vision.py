@@ -40,7 +40,7 @@ class VisionBlock(nnx.Module):
 class VisionTower(nnx.Module):
   """Images ``[N, H, W, C]`` -> patch features ``[N, (H/p) * (W/p), E]`` in raster order.
 
-  Any image size that the patch size divides is accepted; at a size other than
+  The native size and any size that the patch size divides are accepted; at a size other than
   ``cfg.image_size`` the learned position embeddings are resized bicubically (close to, not
   bit-identical with, PyTorch's bicubic interpolation).
   """
@@ -77,8 +77,12 @@ class VisionTower(nnx.Module):
     if C != cfg.num_channels:
       raise ValueError(f"images have {C} channels, the vision tower takes {cfg.num_channels} "
                        "(images are [N, H, W, C], channels last)")
-    if H % cfg.patch_size or W % cfg.patch_size:
-      raise ValueError(f"image size {H}x{W} is not divisible by the patch size {cfg.patch_size}")
+    native = (H, W) == (cfg.image_size, cfg.image_size)
+    if (H % cfg.patch_size or W % cfg.patch_size) and not native:
+      # At its native size a checkpoint may not be divisible (LLaVA-OneVision: 384 px, patch
+      # 14); the VALID patch convolution then drops the remainder, as the original does.
+      raise ValueError(f"image size {H}x{W} is not divisible by the patch size {cfg.patch_size}"
+                       f" (nor the native {cfg.image_size}x{cfg.image_size})")
 
   def __call__(self, images: jax.Array) -> jax.Array:
     self.check_images(images)

@@ -1,0 +1,190 @@
+"""Hugging Face ``config.json`` (as a dict) -> our DecoderConfig / VisionConfig.
+
+Reads plain JSON, so transformers is not needed. Fields a config.json leaves out take
+transformers' defaults for that ``model_type``. Anything we do not implement (another
+architecture, RoPE scaling, sliding windows, biases on o_proj, another activation) raises a
+ValueError that names the field, instead of loading a model that silently computes something
+else.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from gaze_jax.model.config import DecoderConfig, VisionConfig
+
+DECODER_TYPES = ("llama", "qwen2", "qwen3")
+VISION_TYPES = ("siglip_vision_model",)
+
+# transformers' defaults for fields a config.json may omit.
+_DECODER_DEFAULTS = {
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                  num_hidden_layers=32, num_attention_heads=32, rms_norm_eps=1e-6,
+                  rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False),
+    "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016,
+                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                  rms_norm_eps=1e-6, rope_theta=10000.0, hidden_act="silu",
+                  tie_word_embeddings=False),
+    "qwen3": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016,
+                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                  head_dim=128, rms_norm_eps=1e-6, rope_theta=10000.0, hidden_act="silu",
+                  tie_word_embeddings=False),
+}
+_SIGLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                        num_attention_heads=12, num_channels=3, image_size=224, patch_size=16,
+                        hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+# LlavaOnevisionConfig's vision tower when its config.json gives none (SigLIP So400m/14).
+_LLAVA_OV_VISION = dict(model_type="siglip_vision_model", hidden_size=1152,
+                        intermediate_size=4304, patch_size=14, image_size=384,
+                        num_hidden_layers=26, num_attention_heads=16, vision_use_head=False)
+
+
+def _rope_theta(cfg: Mapping[str, Any], where: str, default: float) -> float:
+  """RoPE base from ``rope_parameters`` (transformers 5) or ``rope_theta`` / ``rope_scaling``
+  (transformers 4); only the default (unscaled) RoPE is supported."""
+  params = cfg.get("rope_parameters")
+  if isinstance(params, Mapping) and params and all(isinstance(v, Mapping)
+                                                    for v in params.values()):
+    # Per-layer-type parameters ({"full_attention": {...}, ...}): one type only.
+    if set(params) != {"full_attention"}:
+      raise ValueError(f"{where}: rope_parameters per layer type {sorted(params)} are not "
+                       "supported (only full attention)")
+    params = params["full_attention"]
+  scaling = cfg.get("rope_scaling")
+  for name, p in (("rope_parameters", params), ("rope_scaling", scaling)):
+    if p is None:
+      continue
+    if not isinstance(p, Mapping):
+      raise ValueError(f"{where}: {name} must be an object, got {p!r}")
+    kind = p.get("rope_type", p.get("type", "default"))
+    if kind != "default":
+      raise ValueError(f"{where}: {name}.rope_type={kind!r} is not supported (only the "
+                       "default, unscaled RoPE)")
+    if p.get("partial_rotary_factor", 1.0) != 1.0:
+      raise ValueError(f"{where}: {name}.partial_rotary_factor="
+                       f"{p['partial_rotary_factor']} is not supported")
+  if cfg.get("partial_rotary_factor", 1.0) != 1.0:
+    raise ValueError(f"{where}: partial_rotary_factor={cfg['partial_rotary_factor']} is not "
+                     "supported")
+  theta = (params or {}).get("rope_theta")
+  if theta is None:
+    theta = cfg.get("rope_theta")
+  return float(default if theta is None else theta)
+
+
+def decoder_config_from_hf(cfg: Mapping[str, Any]) -> DecoderConfig:
+  """A Llama / Qwen2 / Qwen3 ``config.json`` dict (or a LLaVA ``text_config``) ->
+  DecoderConfig: Qwen2 gets ``qkv_bias``, Qwen3 ``qk_norm``.
+
+  Raises ValueError for another ``model_type`` or a feature we do not implement.
+  """
+  mt = cfg.get("model_type")
+  if mt not in DECODER_TYPES:
+    raise ValueError(f"model_type={mt!r} is not a supported decoder (supported: "
+                     f"{', '.join(DECODER_TYPES)}; LLaVA-OneVision: load_llava_onevision)")
+  where = f"{mt} config"
+  c = dict(_DECODER_DEFAULTS[mt])
+  c.update({k: v for k, v in cfg.items() if v is not None})
+  if c["hidden_act"] != "silu":
+    raise ValueError(f"{where}: hidden_act={c['hidden_act']!r} is not supported (only 'silu')")
+  if c.get("mlp_bias"):
+    raise ValueError(f"{where}: mlp_bias=true is not supported")
+  if mt in ("llama", "qwen3") and c.get("attention_bias"):
+    raise ValueError(f"{where}: attention_bias=true (a bias on o_proj too) is not supported")
+  if c.get("use_sliding_window") or any(t != "full_attention" for t in c.get("layer_types") or ()):
+    raise ValueError(f"{where}: sliding-window attention (use_sliding_window / layer_types) is "
+                     "not supported")
+  heads = int(c["num_attention_heads"])
+  kv = c.get("num_key_value_heads")
+  # An explicit null head_dim means hidden_size / num_attention_heads, not the default.
+  head_dim = cfg["head_dim"] if "head_dim" in cfg else c.get("head_dim")
+  return DecoderConfig(
+      vocab_size=int(c["vocab_size"]),
+      hidden_size=int(c["hidden_size"]),
+      intermediate_size=int(c["intermediate_size"]),
+      num_layers=int(c["num_hidden_layers"]),
+      num_heads=heads,
+      num_kv_heads=int(heads if kv is None else kv),
+      head_dim=None if head_dim is None else int(head_dim),
+      rope_theta=_rope_theta(cfg, where, c["rope_theta"]),
+      rms_norm_eps=float(c["rms_norm_eps"]),
+      qkv_bias=(mt == "qwen2"),
+      qk_norm=(mt == "qwen3"),
+      tie_embeddings=bool(c["tie_word_embeddings"]),
+  )
+
+
+def siglip_vision_dict(cfg: Mapping[str, Any]) -> dict[str, Any]:
+  """The SigLIP vision part of a config: the config itself (``siglip_vision_model``) or the
+  ``vision_config`` of a ``siglip`` or ``llava_onevision`` config."""
+  mt = cfg.get("model_type")
+  if mt in VISION_TYPES:
+    return dict(cfg)
+  if mt in ("siglip", "llava_onevision"):
+    vc = cfg.get("vision_config")
+    if vc is None:
+      if mt == "siglip":
+        return {"model_type": "siglip_vision_model"}
+      return dict(_LLAVA_OV_VISION)
+    if vc.get("model_type", "siglip_vision_model") not in VISION_TYPES:
+      raise ValueError(f"{mt} config: vision_config.model_type={vc.get('model_type')!r} is not "
+                       f"supported (only {', '.join(VISION_TYPES)})")
+    return {"model_type": "siglip_vision_model", **vc}
+  raise ValueError(f"model_type={mt!r} is not a supported vision tower (supported: "
+                   f"{', '.join(VISION_TYPES)}, or the vision_config of siglip / llava_onevision)")
+
+
+def vision_config_from_hf(cfg: Mapping[str, Any], *, feature_layer: int = -1,
+                          post_layernorm: bool = True) -> VisionConfig:
+  """A SigLIP vision config (or a config holding one, see ``siglip_vision_dict``) ->
+  VisionConfig with the given feature layer and final-LayerNorm choice."""
+  c = dict(_SIGLIP_DEFAULTS)
+  c.update({k: v for k, v in siglip_vision_dict(cfg).items() if v is not None})
+  if c["hidden_act"] != "gelu_pytorch_tanh":
+    raise ValueError(f"SigLIP vision config: hidden_act={c['hidden_act']!r} is not supported "
+                     "(only 'gelu_pytorch_tanh')")
+  return VisionConfig(
+      image_size=int(c["image_size"]),
+      patch_size=int(c["patch_size"]),
+      num_channels=int(c["num_channels"]),
+      hidden_size=int(c["hidden_size"]),
+      intermediate_size=int(c["intermediate_size"]),
+      num_layers=int(c["num_hidden_layers"]),
+      num_heads=int(c["num_attention_heads"]),
+      layer_norm_eps=float(c["layer_norm_eps"]),
+      feature_layer=int(feature_layer),
+      post_layernorm=bool(post_layernorm),
+  )
+
+
+def llava_onevision_configs(cfg: Mapping[str, Any]) -> tuple[DecoderConfig, VisionConfig]:
+  """A ``llava_onevision`` config -> (decoder, vision) configs.
+
+  The vision features are ``hidden_states[vision_feature_layer]`` without the final LayerNorm,
+  all patches (``vision_feature_select_strategy='full'``), as LLaVA-OneVision computes them.
+  """
+  mt = cfg.get("model_type")
+  if mt != "llava_onevision":
+    raise ValueError(f"model_type={mt!r} is not 'llava_onevision'")
+  where = "llava_onevision config"
+  layer = cfg.get("vision_feature_layer", -1)
+  if isinstance(layer, bool) or not isinstance(layer, int):
+    raise ValueError(f"{where}: vision_feature_layer={layer!r} is not supported (only one int "
+                     "layer, not a list)")
+  strategy = cfg.get("vision_feature_select_strategy", "full")
+  if strategy != "full":
+    raise ValueError(f"{where}: vision_feature_select_strategy={strategy!r} is not supported "
+                     "(SigLIP has no CLS token to drop: only 'full')")
+  act = cfg.get("projector_hidden_act", "gelu")
+  if act != "gelu":
+    raise ValueError(f"{where}: projector_hidden_act={act!r} is not supported (only 'gelu')")
+  if not cfg.get("multimodal_projector_bias", True):
+    raise ValueError(f"{where}: multimodal_projector_bias=false is not supported")
+  text = dict(cfg.get("text_config") or {"model_type": "qwen2"})
+  text.setdefault("model_type", "qwen2")
+  # transformers moves a text_config tie_word_embeddings=true to the top level, and ties then.
+  text["tie_word_embeddings"] = bool(cfg.get("tie_word_embeddings") or
+                                     text.get("tie_word_embeddings"))
+  decoder = decoder_config_from_hf(text)
+  vision = vision_config_from_hf(cfg, feature_layer=layer, post_layernorm=False)
+  return decoder, vision

@@ -1,0 +1,401 @@
+"""Hugging Face converters: parity with transformers (CPU torch, float32) on tiny random models
+saved with ``save_pretrained``, safetensors reading (bf16, shards, corrupt files) and clear
+errors. Each tiny model is built and saved once per module."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from gaze_jax.convert.hf import (decoder_config_from_hf, load_causal_lm, load_llava_onevision,
+                                 load_safetensors, load_siglip_vision, read_hf_config,
+                                 vision_config_from_hf)
+from gaze_jax.gaze import PAD, Image, Text
+from gaze_jax.model import GazeConfig
+
+# The references; gaze_jax itself needs none of them.
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+ATOL = 1e-4
+V = 128
+TEXT_KW = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2)
+VISION_KW = dict(image_size=32, patch_size=8, hidden_size=48, intermediate_size=80,
+                 num_hidden_layers=3, num_attention_heads=4)
+
+
+def _randomize(model: "torch.nn.Module", seed: int) -> None:
+  """Replaces transformers' init (zero biases, unit norms, tiny weights) with values of O(1)
+  effect, so that a wrongly mapped bias or norm changes the outputs."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      r = torch.randn(p.shape, generator=g)
+      if "norm" in name and name.endswith("weight"):
+        p.copy_(1 + 0.3 * r)
+      elif p.ndim == 1 or name.endswith("probe"):
+        p.copy_(0.3 * r)
+      elif "embed" in name:                      # token / position embeddings
+        p.copy_(0.5 * r)
+      else:                                      # linear / conv weights [out, in, ...]
+        p.copy_(r / np.sqrt(np.prod(p.shape[1:])))
+
+
+def _save(model, path, seed):
+  _randomize(model, seed)
+  model.eval()
+  model.save_pretrained(path)
+  return model
+
+
+@nnx.jit
+def _forward(model, tokens, layout, images=None):
+  """One compiled forward (many small eager ops would each compile on their own: slower)."""
+  return model(tokens, layout, images)
+
+
+@nnx.jit
+def _tower(tower, images):
+  return tower(images)
+
+
+def _max_diff(a, b) -> float:
+  return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def _report(name, diff):
+  print(f"\n[parity] {name}: max abs diff {diff:.3e}")
+
+
+# ------------------------------------------------------------------ causal LMs
+
+def _llama():
+  return transformers.LlamaConfig(**TEXT_KW, rms_norm_eps=1e-5,
+                                   rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+
+
+def _qwen2():
+  return transformers.Qwen2Config(**TEXT_KW, rope_parameters={"rope_type": "default",
+                                                              "rope_theta": 1e6})
+
+
+def _qwen3(tie):
+  return transformers.Qwen3Config(**TEXT_KW, head_dim=24, tie_word_embeddings=tie,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 2000.0})
+
+
+FAMILIES = {"llama": _llama, "qwen2": _qwen2, "qwen3": lambda: _qwen3(False),
+            "qwen3_tied": lambda: _qwen3(True)}
+N_TEXT = 12
+
+
+@pytest.fixture(scope="module")
+def saved_lm(tmp_path_factory):
+  """family -> (model dir, token ids [2, N], HF logits [2, N, V]); each model is built, saved
+  and run once per module."""
+  cache = {}
+
+  def get(name):
+    if name not in cache:
+      hf = transformers.AutoModelForCausalLM.from_config(FAMILIES[name](),
+                                                         attn_implementation="eager")
+      path = tmp_path_factory.mktemp(name)
+      _save(hf, path, seed=len(name))
+      ids = np.random.default_rng(0).integers(0, V, size=(2, N_TEXT))
+      with torch.no_grad():
+        logits = hf(input_ids=torch.as_tensor(ids)).logits.numpy()
+      cache[name] = (path, ids, logits)
+    return cache[name]
+
+  return get
+
+
+# The gaze model (no visual tokens: nothing to route) on two families, to keep the file fast.
+@pytest.mark.parametrize("name,attention", [(n, "dense") for n in sorted(FAMILIES)] +
+                         [("llama", "gaze"), ("qwen3", "gaze")])
+def test_causal_lm_logits_match_transformers(saved_lm, name, attention):
+  path, ids, want = saved_lm(name)
+  gaze = GazeConfig(attention=attention, num_ctx=0, region_shape=(1, 1), top_k=1)
+  model, unused = load_causal_lm(path, gaze, return_unused=True)
+  cfg = model.cfg.decoder
+  assert (cfg.qkv_bias, cfg.qk_norm, cfg.tie_embeddings) == (
+      name == "qwen2", name.startswith("qwen3"), name == "qwen3_tied")
+  assert unused == []
+  layout = model.build_layout([[Text(N_TEXT)], [Text(N_TEXT)]], seq_len=N_TEXT)
+  got = np.asarray(_forward(model, np.asarray(ids, np.int32), layout))
+  diff = _max_diff(got, want)
+  _report(f"{name} ({attention})", diff)
+  assert np.abs(want).max() > 1.0          # logits of a meaningful size
+  assert diff <= ATOL
+
+
+# ------------------------------------------------------------------ SigLIP
+
+@pytest.fixture(scope="module")
+def siglip(tmp_path_factory):
+  """(model dir, images NHWC [2, 32, 32, 3], HF output with hidden states)."""
+  cfg = transformers.SiglipVisionConfig(**VISION_KW)
+  hf = transformers.SiglipVisionModel(cfg)
+  path = tmp_path_factory.mktemp("siglip")
+  _save(hf, path, seed=1)
+  images = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  with torch.no_grad():
+    out = hf(pixel_values=torch.as_tensor(images.transpose(0, 3, 1, 2)),
+             output_hidden_states=True)
+  return path, images, out
+
+
+@pytest.mark.parametrize("feature_layer,post_layernorm", [(-1, True), (-1, False), (-2, False)])
+def test_siglip_vision_matches_transformers(siglip, feature_layer, post_layernorm):
+  path, images, out = siglip
+  tower, unused = load_siglip_vision(path, feature_layer, post_layernorm, return_unused=True)
+  want = (out.last_hidden_state if post_layernorm else out.hidden_states[feature_layer]).numpy()
+  diff = _max_diff(_tower(tower, images), want)
+  _report(f"siglip feature_layer={feature_layer} post_layernorm={post_layernorm}", diff)
+  assert diff <= ATOL
+  # The head is never built; the last block only when it is used.
+  assert all(k.startswith("head.") or k.startswith("post_layernorm.") or
+             k.startswith("encoder.layers.2.") for k in unused)
+  assert any(k.startswith("head.") for k in unused)
+  assert (not post_layernorm) == any(k.startswith("post_layernorm.") for k in unused)
+
+
+def test_siglip_vision_from_full_siglip_model(tmp_path):
+  """A SiglipModel checkpoint (``vision_model.`` prefix beside a text tower) loads its vision
+  half."""
+  cfg = transformers.SiglipConfig(
+      text_config=dict(vocab_size=50, hidden_size=32, intermediate_size=40, num_hidden_layers=1,
+                       num_attention_heads=2, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+      vision_config=dict(VISION_KW, num_hidden_layers=1))
+  hf = _save(transformers.SiglipModel(cfg), tmp_path, seed=2)
+  images = np.random.default_rng(2).normal(size=(1, 32, 32, 3)).astype(np.float32)
+  with torch.no_grad():
+    want = hf.vision_model(pixel_values=torch.as_tensor(images.transpose(0, 3, 1, 2)))
+  tower, unused = load_siglip_vision(tmp_path, return_unused=True)
+  diff = _max_diff(_tower(tower, images), want.last_hidden_state.numpy())
+  _report("siglip (SiglipModel checkpoint)", diff)
+  assert diff <= ATOL
+  assert any(k.startswith("text_model.") for k in unused)
+
+
+# ------------------------------------------------------------------ LLaVA-OneVision
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+  """(model dir, HF model, images NHWC [2, 32, 32, 3])."""
+  cfg = transformers.LlavaOnevisionConfig(
+      text_config=transformers.Qwen2Config(**TEXT_KW).to_dict(),
+      vision_config=transformers.SiglipVisionConfig(**VISION_KW).to_dict(),
+      vision_feature_layer=-2, image_token_index=V - 1)
+  hf = transformers.LlavaOnevisionForConditionalGeneration(cfg)
+  path = tmp_path_factory.mktemp("llava")
+  _save(hf, path, seed=3)
+  images = np.random.default_rng(3).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  return path, hf, images
+
+
+def _hf_image_features(hf, images):
+  """HF vision tower ``hidden_states[vision_feature_layer]`` through HF's projector:
+  ``[N, P, E]`` in raster order."""
+  with torch.no_grad():
+    hs = hf.model.vision_tower(pixel_values=torch.as_tensor(images.transpose(0, 3, 1, 2)),
+                               output_hidden_states=True).hidden_states
+    return hf.model.multi_modal_projector(hs[hf.config.vision_feature_layer]).numpy()
+
+
+def test_llava_onevision_image_features(llava):
+  path, hf, images = llava
+  model, unused = load_llava_onevision(path, return_unused=True)
+  assert model.cfg.vision.feature_layer == -2 and not model.cfg.vision.post_layernorm
+  assert any(k.endswith("image_newline") for k in unused)
+  feats, _ = model.image_features(images[:, None])                 # [B, F=1, P, E]
+  diff = _max_diff(feats[:, 0], _hf_image_features(hf, images))
+  _report("llava-onevision vision features + projector", diff)
+  assert diff <= ATOL
+
+
+def test_llava_onevision_context_tokens_keep_their_initialisation(llava):
+  """Context tokens are new parameters (no checkpoint has them): loading keeps their random
+  initialisation instead of failing on an uncovered parameter."""
+  path, _, _ = llava
+  gaze = GazeConfig(attention="gaze", num_ctx=2, region_shape=(2, 2), top_k=1)
+  model, unused = load_llava_onevision(path, gaze, seed=5, return_unused=True)
+  ctx = np.asarray(model.ctx_embed[...])
+  assert ctx.shape == (2, 64) and ctx.std() > 0
+  assert not any("initial" in k for k in unused)
+
+
+@pytest.mark.parametrize("gaze", [
+    GazeConfig(attention="dense", num_ctx=0, region_shape=(3, 3)),
+    # Routing over all regions must equal dense attention.
+    GazeConfig(attention="gaze", num_ctx=0, region_shape=(2, 2), top_k=4),
+], ids=["dense", "gaze_all_regions"])
+def test_llava_onevision_end_to_end(llava, gaze):
+  """Our MLLM on ``[Text(a), Image(4, 4), Text(b)]`` vs HF's language model fed the same
+  embeddings in raster order; our slot ``s`` is compared with HF's position
+  ``layout.position[s]``."""
+  path, hf, images = llava
+  model = load_llava_onevision(path, gaze)
+  segments = [(3, 6), (6, 2)]                      # (text before, text after) per example
+  g = 4
+  layout = model.build_layout([[Text(a), Image(g, g), Text(b)] for a, b in segments],
+                              seq_len=48, max_regions=4)
+  kind = np.asarray(layout.kind)
+  pos = np.asarray(layout.position)
+  rng = np.random.default_rng(4)
+  ids = [rng.integers(0, V - 1, size=a + g * g + b) for a, b in segments]   # per raster position
+  tokens = np.zeros(kind.shape, np.int32)
+  for i, seq in enumerate(ids):
+    tokens[i] = np.where(kind[i] == PAD, 0, seq[np.minimum(pos[i], len(seq) - 1)])
+  got = np.asarray(_forward(model, tokens, layout, images[:, None]))
+
+  feats = _hf_image_features(hf, images)
+  lm = hf.model.language_model
+  diffs = []
+  for i, (a, b) in enumerate(segments):
+    n = a + g * g + b
+    valid = kind[i] != PAD
+    assert sorted(pos[i][valid]) == list(range(n))   # every HF position is compared once
+    with torch.no_grad():
+      emb = lm.embed_tokens(torch.as_tensor(ids[i]))
+      emb = torch.cat([emb[:a], torch.as_tensor(feats[i]), emb[a + g * g:]])[None]
+      hidden = lm(inputs_embeds=emb, position_ids=torch.arange(n)[None]).last_hidden_state
+      want = hf.lm_head(hidden)[0].numpy()                                 # [n, V]
+    diffs.append(_max_diff(got[i][valid], want[pos[i][valid]]))
+  diff = max(diffs)
+  _report(f"llava-onevision end to end ({gaze.attention}, region {gaze.region_shape})", diff)
+  assert diff <= ATOL
+
+
+# ------------------------------------------------------------------ safetensors reading
+
+def test_load_safetensors_bf16_and_f16(tmp_path):
+  t = {"a": torch.randn(3, 5).to(torch.bfloat16), "b": torch.randn(4).to(torch.float16),
+       "c": torch.arange(6, dtype=torch.int64).reshape(2, 3)}
+  safetensors_torch.save_file(t, str(tmp_path / "x.safetensors"))
+  got = load_safetensors(tmp_path / "x.safetensors")
+  assert got["a"].dtype == np.float32 and got["b"].dtype == np.float32
+  np.testing.assert_array_equal(got["a"], t["a"].float().numpy())
+  np.testing.assert_array_equal(got["b"], t["b"].float().numpy())
+  np.testing.assert_array_equal(got["c"], t["c"].numpy())
+
+
+def test_load_safetensors_sharded_equals_single(saved_lm, tmp_path):
+  path, _, _ = saved_lm("llama")
+  hf = transformers.AutoModelForCausalLM.from_pretrained(path)
+  hf.save_pretrained(tmp_path, max_shard_size="20KB")
+  assert (tmp_path / "model.safetensors.index.json").exists()
+  single, sharded = load_safetensors(path), load_safetensors(tmp_path)
+  assert sorted(single) == sorted(sharded)
+  for k in single:
+    np.testing.assert_array_equal(single[k], sharded[k])
+  # A shard that went missing is named.
+  shard = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+  first = sorted(set(shard.values()))[0]
+  os.remove(tmp_path / first)
+  with pytest.raises(FileNotFoundError, match=first):
+    load_safetensors(tmp_path)
+
+
+def test_load_safetensors_missing_and_corrupt(tmp_path):
+  with pytest.raises(FileNotFoundError, match="nothing_here"):
+    load_safetensors(tmp_path / "nothing_here")
+  with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+    load_safetensors(tmp_path)
+  f = tmp_path / "model.safetensors"
+  safetensors_numpy.save_file({"w": np.ones((64, 64), np.float32)}, str(f))
+  data = f.read_bytes()
+  f.write_bytes(data[:-100])                                  # truncated data
+  with pytest.raises(ValueError, match="truncated"):
+    load_safetensors(tmp_path)
+  f.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+  with pytest.raises(ValueError, match="not JSON"):
+    load_safetensors(f)
+  f.write_bytes(b"\x01\x02")
+  with pytest.raises(ValueError, match="not a valid safetensors file"):
+    load_safetensors(f)
+
+
+# ------------------------------------------------------------------ clear errors
+
+def _copy_with(src, dst, edit_tensors=None, edit_config=None):
+  """Copies a model directory, editing its tensors dict and/or its config dict in place."""
+  shutil.copytree(src, dst)
+  if edit_tensors:
+    tensors = load_safetensors(src)
+    edit_tensors(tensors)
+    safetensors_numpy.save_file(tensors, str(dst / "model.safetensors"))
+  if edit_config:
+    cfg = read_hf_config(src)
+    edit_config(cfg)
+    (dst / "config.json").write_text(json.dumps(cfg))
+  return dst
+
+
+def test_clear_errors_for_bad_checkpoints(saved_lm, tmp_path):
+  path, _, _ = saved_lm("qwen2")
+  key = "model.layers.1.mlp.up_proj.weight"
+
+  def wrong_shape(t):
+    t[key] = t[key][:-1]
+
+  def missing(t):
+    del t["model.layers.1.self_attn.k_proj.bias"]
+
+  def extra(t):
+    t["model.layers.0.self_attn.o_proj.bias"] = np.zeros(64, np.float32)
+
+  with pytest.raises(ValueError, match=r"up_proj.weight has shape \(64, 95\)"):
+    load_causal_lm(_copy_with(path, tmp_path / "shape", wrong_shape))
+  with pytest.raises(ValueError, match="no tensor 'model.layers.1.self_attn.k_proj.bias'"):
+    load_causal_lm(_copy_with(path, tmp_path / "missing", missing))
+  with pytest.raises(ValueError, match="not used.*o_proj.bias"):
+    load_causal_lm(_copy_with(path, tmp_path / "extra", extra))
+  with pytest.raises(ValueError, match="model_type='gpt2'"):
+    load_causal_lm(_copy_with(path, tmp_path / "gpt2",
+                              edit_config=lambda c: c.update(model_type="gpt2")))
+  with pytest.raises(ValueError, match="'llava_onevision'"):
+    load_llava_onevision(path)
+
+
+def test_config_translation():
+  base = dict(model_type="llama", vocab_size=10, hidden_size=32, intermediate_size=48,
+              num_hidden_layers=1, num_attention_heads=4)
+  cfg = decoder_config_from_hf(dict(base, rope_theta=123.0))            # transformers 4 style
+  assert (cfg.rope_theta, cfg.num_kv_heads, cfg.head_dim) == (123.0, 4, 8)
+  cfg = decoder_config_from_hf(dict(base, rope_parameters={"rope_type": "default",
+                                                           "rope_theta": 77.0}))
+  assert cfg.rope_theta == 77.0
+  with pytest.raises(ValueError, match="rope_parameters.rope_type='yarn'"):
+    decoder_config_from_hf(dict(base, rope_parameters={"rope_type": "yarn", "rope_theta": 1.0,
+                                                       "factor": 4.0}))
+  with pytest.raises(ValueError, match="rope_scaling.rope_type='llama3'"):
+    decoder_config_from_hf(dict(base, rope_scaling={"rope_type": "llama3", "factor": 8.0}))
+  with pytest.raises(ValueError, match="attention_bias"):
+    decoder_config_from_hf(dict(base, attention_bias=True))
+  with pytest.raises(ValueError, match="hidden_act='gelu'"):
+    decoder_config_from_hf(dict(base, hidden_act="gelu"))
+  with pytest.raises(ValueError, match="sliding-window"):
+    decoder_config_from_hf(dict(base, model_type="qwen2", use_sliding_window=True))
+  with pytest.raises(ValueError, match="model_type='mistral'"):
+    decoder_config_from_hf(dict(base, model_type="mistral"))
+  vis = vision_config_from_hf({"model_type": "llava_onevision"}, post_layernorm=False)
+  assert (vis.patch_size, vis.image_size, vis.num_layers) == (14, 384, 26)   # HF's defaults
+  with pytest.raises(ValueError, match="model_type='clip_vision_model'"):
+    vision_config_from_hf({"model_type": "clip_vision_model"})
+
+
+def test_llava_onevision_unsupported_options(llava, tmp_path):
+  path, _, _ = llava
+  with pytest.raises(ValueError, match="vision_feature_select_strategy='default'"):
+    load_llava_onevision(_copy_with(path, tmp_path / "a", edit_config=lambda c: c.update(
+        vision_feature_select_strategy="default")))
+  with pytest.raises(ValueError, match=r"vision_feature_layer=\[-2, -1\]"):
+    load_llava_onevision(_copy_with(path, tmp_path / "b", edit_config=lambda c: c.update(
+        vision_feature_layer=[-2, -1])))
