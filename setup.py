@@ -34,5 +34,10 @@ setup(
         # --no-deps (its own dependencies include llama-cpp-python, which we do not need).
         "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "transformers>=5.0",
                  "accelerate", "gguf>=0.17", "safetensors"],
+        # Offline TFDS builders, the grain pipeline and tokenizers (gaze_jax.data only: models
+        # and kernels import without these).
+        "data": ["tensorflow-cpu>=2.21", "tensorflow-datasets>=4.9.10", "grain>=0.2.18",
+                 "array-record>=0.8.6", "importlib_resources", "pillow>=10.1",
+                 "scikit-learn>=1.3", "tokenizers>=0.21", "gguf>=0.17"],
     },
 )

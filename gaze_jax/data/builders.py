@@ -1,0 +1,364 @@
+"""TFDS builders that generate their data locally, written as ``array_record``.
+
+Datasets (all share one schema, ``common_features``):
+
+* ``gaze_shapes``: shapes at known grid cells, templated questions that need one or two regions.
+* ``digit_grid``: scikit-learn's handwritten 8x8 digits on an ``n x n`` grid; splits are made by
+  source digit image, so no digit image appears in two splits.
+* ``gaze_video``: short clips of shapes that appear, move and change colour; questions about one
+  frame's region.
+* ``llava_json``: a LLaVA-format conversation JSON and an image folder.
+
+Schema (one example): ``id`` text; ``images`` a sequence of RGB images (the frames when
+``is_video``); ``turns`` a sequence of ``{question, answer}`` texts (``<image>`` markers allowed
+in questions); ``boxes`` float32 ``[n, 4]`` pixel boxes ``(x0, y0, x1, y1)`` (exclusive ends,
+original image size) of what the answer depends on, ``box_image`` int32 ``[n]`` the image / frame
+of each; ``question_type`` text; ``source`` int64 ``[k]`` ids of the source material.
+
+Usage::
+
+  builder = prepare("gaze_shapes", data_dir, config="tiny")        # builds once, then reuses
+  src = builder.as_data_source("train")                            # random access, no TF
+
+``prepare(name, data_dir, config, **overrides)`` changes fields of a named config (for example
+``image_size=192, num_train=100``); the result gets its own config name (with a hash of the
+overrides) so differently generated data never share a directory. Example ``i`` of a split is
+generated from ``np.random.default_rng([seed, scene_id])`` with ``scene_id = (split_code << 40)
++ i``: the same config gives the same bytes, and no scene seed is shared between splits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from gaze_jax.data import llava, scenes
+
+SPLITS = ("train", "validation", "test")
+_SPLIT_CODE = {"train": 0, "validation": 1, "test": 2}
+_VERSION = tfds.core.Version("1.0.0")
+
+
+def common_features(image_shape=(None, None, 3), image_format: str = "png"):
+  """The FeaturesDict every builder writes (see the module docstring)."""
+  f = tfds.features
+  return f.FeaturesDict({
+      "id": f.Text(),
+      "images": f.Sequence(f.Image(shape=tuple(image_shape), encoding_format=image_format)),
+      "is_video": f.Tensor(shape=(), dtype=np.bool_),
+      "turns": f.Sequence({"question": f.Text(), "answer": f.Text()}),
+      "boxes": f.Tensor(shape=(None, 4), dtype=np.float32),
+      "box_image": f.Tensor(shape=(None,), dtype=np.int32),
+      "question_type": f.Text(),
+      "source": f.Tensor(shape=(None,), dtype=np.int64),
+  })
+
+
+def _scene_id(split: str, index: int) -> int:
+  """Distinct per split by construction: split code in the high bits."""
+  return (_SPLIT_CODE[split] << 40) + index
+
+
+def _split_counts(cfg) -> dict[str, int]:
+  counts = {"train": cfg.num_train, "validation": cfg.num_validation, "test": cfg.num_test}
+  for s, n in counts.items():
+    if n < 0:
+      raise ValueError(f"{cfg.name}: num_{s} must be >= 0, got {n}")
+  return {s: n for s, n in counts.items() if n > 0}
+
+
+# --------------------------------------------------------------------------- gaze_shapes
+
+@dataclasses.dataclass(kw_only=True)
+class GazeShapesConfig(tfds.core.BuilderConfig):
+  """image_size px square images with a ``grid x grid`` cell grid, ``min..max`` objects."""
+  image_size: int = 64
+  grid: int = 4
+  min_objects: int = 3
+  max_objects: int = 8
+  num_train: int = 20_000
+  num_validation: int = 1_000
+  num_test: int = 1_000
+  seed: int = 0
+
+
+class GazeShapes(tfds.core.GeneratorBasedBuilder):
+  """Procedural shapes with templated questions that need one or two specific regions."""
+  VERSION = _VERSION
+  BUILDER_CONFIGS = [
+      GazeShapesConfig(name="tiny", num_train=32, num_validation=8, num_test=8),
+      GazeShapesConfig(name="64px", image_size=64),
+      GazeShapesConfig(name="192px", image_size=192),
+      GazeShapesConfig(name="384px", image_size=384),
+  ]
+
+  def _info(self):
+    s = self.builder_config.image_size
+    return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
+                                 features=common_features((s, s, 3)))
+
+  def _split_generators(self, dl_manager):
+    cfg = self.builder_config
+    if not 1 <= cfg.min_objects <= cfg.max_objects <= cfg.grid ** 2:
+      raise ValueError(f"{cfg.name}: need 1 <= min_objects <= max_objects <= grid^2, got "
+                       f"{cfg.min_objects}, {cfg.max_objects}, grid {cfg.grid}")
+    return {s: self._generate_examples(s, n) for s, n in _split_counts(cfg).items()}
+
+  def _generate_examples(self, split, n):
+    cfg = self.builder_config
+    for i in range(n):
+      scene = _scene_id(split, i)
+      ex = scenes.shapes_example(
+          np.random.default_rng([cfg.seed, scene]), image_size=cfg.image_size, grid=cfg.grid,
+          min_objects=cfg.min_objects, max_objects=cfg.max_objects,
+          example_id=f"{split}-{i:07d}", source=scene)
+      yield ex["id"], ex
+
+
+# --------------------------------------------------------------------------- digit_grid
+
+@dataclasses.dataclass(kw_only=True)
+class DigitGridConfig(tfds.core.BuilderConfig):
+  """``n x n`` digits on an image_size px image; ``validation_fraction`` / ``test_fraction`` of
+  the 1797 source digit images are reserved for those splits (partition drawn with ``seed``)."""
+  image_size: int = 64
+  n: int = 4
+  num_train: int = 20_000
+  num_validation: int = 1_000
+  num_test: int = 1_000
+  validation_fraction: float = 0.1
+  test_fraction: float = 0.1
+  seed: int = 0
+
+
+def digit_source_pools(seed: int, validation_fraction: float, test_fraction: float,
+                       n_images: int) -> dict[str, np.ndarray]:
+  """Disjoint index sets of the source digit images for each split."""
+  if not (0 < validation_fraction and 0 < test_fraction
+          and validation_fraction + test_fraction < 1):
+    raise ValueError("validation_fraction and test_fraction must be > 0 with a sum < 1, got "
+                     f"{validation_fraction}, {test_fraction}")
+  perm = np.random.default_rng([seed, 12345]).permutation(n_images)
+  n_val = max(1, int(round(validation_fraction * n_images)))
+  n_test = max(1, int(round(test_fraction * n_images)))
+  return {"validation": np.sort(perm[:n_val]), "test": np.sort(perm[n_val:n_val + n_test]),
+          "train": np.sort(perm[n_val + n_test:])}
+
+
+class DigitGrid(tfds.core.GeneratorBasedBuilder):
+  """Real handwritten digits (scikit-learn's ``digits``) on a grid, with questions about a cell,
+  a row, or where a digit is."""
+  VERSION = _VERSION
+  BUILDER_CONFIGS = [
+      DigitGridConfig(name="tiny", num_train=32, num_validation=8, num_test=8),
+      DigitGridConfig(name="64px", image_size=64),
+      DigitGridConfig(name="192px", image_size=192),
+      DigitGridConfig(name="384px", image_size=384),
+  ]
+
+  def _info(self):
+    s = self.builder_config.image_size
+    return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
+                                 features=common_features((s, s, 3)))
+
+  def _split_generators(self, dl_manager):
+    from sklearn.datasets import load_digits    # ships with scikit-learn: no download
+
+    cfg = self.builder_config
+    if cfg.image_size % cfg.n:
+      raise ValueError(f"{cfg.name}: image_size={cfg.image_size} must be a multiple of n={cfg.n}")
+    digits = load_digits()
+    pools = digit_source_pools(cfg.seed, cfg.validation_fraction, cfg.test_fraction,
+                               len(digits.target))
+    return {s: self._generate_examples(s, n, digits.images, digits.target, pools[s])
+            for s, n in _split_counts(cfg).items()}
+
+  def _generate_examples(self, split, n, images, labels, pool):
+    cfg = self.builder_config
+    for i in range(n):
+      ex = scenes.digit_grid_example(
+          np.random.default_rng([cfg.seed, _scene_id(split, i)]), images=images, labels=labels,
+          pool=pool, image_size=cfg.image_size, n=cfg.n, example_id=f"{split}-{i:07d}")
+      yield ex["id"], ex
+
+
+# --------------------------------------------------------------------------- gaze_video
+
+@dataclasses.dataclass(kw_only=True)
+class GazeVideoConfig(tfds.core.BuilderConfig):
+  """``frames`` frames of image_size px with ``min..max`` moving shapes."""
+  image_size: int = 64
+  frames: int = 8
+  min_objects: int = 2
+  max_objects: int = 4
+  num_train: int = 10_000
+  num_validation: int = 500
+  num_test: int = 500
+  seed: int = 0
+
+
+class GazeVideo(tfds.core.GeneratorBasedBuilder):
+  """Short clips of shapes that appear, move and change colour; each question needs the right
+  frame's region."""
+  VERSION = _VERSION
+  BUILDER_CONFIGS = [
+      GazeVideoConfig(name="tiny", frames=4, max_objects=3, num_train=16, num_validation=4,
+                      num_test=4),
+      GazeVideoConfig(name="64px", image_size=64),
+      GazeVideoConfig(name="192px", image_size=192),
+  ]
+
+  def _info(self):
+    s = self.builder_config.image_size
+    return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
+                                 features=common_features((s, s, 3)))
+
+  def _split_generators(self, dl_manager):
+    cfg = self.builder_config
+    if not 1 <= cfg.min_objects <= cfg.max_objects <= min(cfg.frames, len(scenes.SHAPES)):
+      raise ValueError(f"{cfg.name}: need 1 <= min_objects <= max_objects <= min(frames, "
+                       f"{len(scenes.SHAPES)}), got {cfg.min_objects}, {cfg.max_objects}")
+    return {s: self._generate_examples(s, n) for s, n in _split_counts(cfg).items()}
+
+  def _generate_examples(self, split, n):
+    cfg = self.builder_config
+    for i in range(n):
+      scene = _scene_id(split, i)
+      ex = scenes.video_example(
+          np.random.default_rng([cfg.seed, scene]), image_size=cfg.image_size, frames=cfg.frames,
+          min_objects=cfg.min_objects, max_objects=cfg.max_objects,
+          example_id=f"{split}-{i:07d}", source=scene)
+      yield ex["id"], ex
+
+
+# --------------------------------------------------------------------------- llava_json
+
+@dataclasses.dataclass(kw_only=True)
+class LlavaJsonConfig(tfds.core.BuilderConfig):
+  """``json_files`` maps a split name to a LLaVA JSON file; image paths in it are relative to
+  ``image_dir``. ``skip_bad`` skips (and counts) bad records instead of raising."""
+  json_files: dict = dataclasses.field(default_factory=dict)
+  image_dir: str = ""
+  skip_bad: bool = False
+  image_format: str = "png"
+
+
+class LlavaJson(tfds.core.GeneratorBasedBuilder):
+  """LLaVA-format conversations (several turns, several images per example) from a local JSON
+  file and image folder. Skipped records are listed in ``info.metadata["skipped"]``."""
+  VERSION = _VERSION
+  BUILDER_CONFIGS = []
+
+  def _info(self):
+    cfg = self.builder_config
+    return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
+                                 features=common_features((None, None, 3), cfg.image_format),
+                                 metadata=tfds.core.MetadataDict())
+
+  def _split_generators(self, dl_manager):
+    cfg = self.builder_config
+    if not cfg.json_files:
+      raise ValueError(f"{cfg.name}: LlavaJsonConfig.json_files is empty; give "
+                       "{'train': 'path/to/file.json', ...}")
+    gens, skipped = {}, {}
+    for split, path in cfg.json_files.items():
+      records, bad = llava.parse_json(path, cfg.image_dir, skip_bad=cfg.skip_bad)
+      skipped[split] = bad
+      gens[split] = self._generate_examples(records, path, bad)
+    # The lists are filled further while generating (decode failures), before info is written.
+    self.info.metadata["skipped"] = skipped
+    n = sum(len(b) for b in skipped.values())
+    if n:
+      logging.warning("llava_json %s: skipped %d bad records: %s", cfg.name, n,
+                      [b["reason"] for bs in skipped.values() for b in bs][:5])
+    return gens
+
+  def _generate_examples(self, records, path, bad: list):
+    cfg = self.builder_config
+    seen = set()
+    for rec in records:
+      try:
+        ex = llava.record_example(rec, path)
+      except llava.LlavaRecordError as e:     # decodes fail only here (verify() is shallow)
+        if not cfg.skip_bad:
+          raise
+        bad.append({"id": rec.id, "index": rec.index, "reason": str(e)})
+        continue
+      key = f"{rec.index:09d}"                # ids need not be unique in LLaVA files
+      if key in seen:
+        raise ValueError(f"{path}: duplicate record index {rec.index}")
+      seen.add(key)
+      yield key, ex
+
+
+# --------------------------------------------------------------------------- helpers
+
+BUILDERS = {"gaze_shapes": GazeShapes, "digit_grid": DigitGrid, "gaze_video": GazeVideo,
+            "llava_json": LlavaJson}
+
+
+def make_config(name: str, config: Union[str, tfds.core.BuilderConfig, None] = "tiny", *,
+                config_name: Optional[str] = None, **overrides) -> tfds.core.BuilderConfig:
+  """A builder config: a named preset (or a config object) with ``overrides`` applied.
+
+  With overrides the config is renamed ``config_name`` or ``<base>-<hash of the overrides>``,
+  so that its data get their own directory. ``llava_json`` has no presets: pass
+  ``json_files=`` and ``image_dir=``.
+  """
+  if name not in BUILDERS:
+    raise ValueError(f"unknown dataset {name!r}; known: {sorted(BUILDERS)}")
+  cls = BUILDERS[name]
+  if isinstance(config, tfds.core.BuilderConfig):
+    base = config
+  elif name == "llava_json" and config in (None, "tiny"):
+    base = LlavaJsonConfig(name="custom")
+  else:
+    presets = {c.name: c for c in cls.BUILDER_CONFIGS}
+    if config not in presets:
+      raise ValueError(f"{name}: unknown config {config!r}; presets: {sorted(presets)}")
+    base = presets[config]
+  if not overrides:
+    return base if config_name is None else dataclasses.replace(base, name=config_name)
+  fields = {f.name for f in dataclasses.fields(base)}
+  unknown = sorted(set(overrides) - (fields - {"name"}))
+  if unknown:
+    raise ValueError(f"{name}: unknown config fields {unknown}; known: {sorted(fields)}")
+  new_name = config_name
+  if new_name is None:
+    blob = json.dumps({k: str(v) for k, v in sorted(overrides.items())}).encode()
+    new_name = f"{base.name}-{hashlib.sha1(blob).hexdigest()[:10]}"
+  return dataclasses.replace(base, name=new_name, **overrides)
+
+
+def builder(name: str, data_dir, config: Union[str, tfds.core.BuilderConfig, None] = "tiny",
+            **overrides) -> tfds.core.DatasetBuilder:
+  """The builder (not prepared) for ``name`` under ``data_dir``."""
+  cfg = make_config(name, config, **overrides)
+  return BUILDERS[name](config=cfg, data_dir=str(data_dir), file_format="array_record")
+
+
+def prepare(name: str, data_dir, config: Union[str, tfds.core.BuilderConfig, None] = "tiny",
+            **overrides) -> tfds.core.DatasetBuilder:
+  """Generates the dataset (once; a prepared one is reused) and returns its builder."""
+  b = builder(name, data_dir, config, **overrides)
+  b.download_and_prepare(file_format="array_record")
+  return b
+
+
+def data_dir_of(b: tfds.core.DatasetBuilder) -> Path:
+  """The folder holding this builder's array_record files."""
+  return Path(str(b.data_dir))
+
+
+def skipped_records(b: tfds.core.DatasetBuilder) -> dict[str, list[dict]]:
+  """``llava_json``: the skipped records (``{"id", "index", "reason"}``) per split; empty for
+  the other datasets, which never skip."""
+  md = b.info.metadata
+  return {} if md is None else dict(dict(md).get("skipped", {}))

@@ -1,0 +1,337 @@
+"""One raw example -> fixed-shape model features (numpy only: no tfds, no grain).
+
+``ExampleProcessor(tokenizer, FeatureConfig(...))`` maps an example of the common schema
+(``gaze_jax.data.builders``) to a dict of arrays with static shapes (S = ``spec.seq_len``,
+F = ``spec.max_images``, G = ``max_gt_regions``):
+
+  tokens     int32[S]     text ids at TEXT slots in order, 0 elsewhere;
+  targets    int32[S]     the token at position ``position[s] + 1`` (next token BY POSITION:
+                          patches are stored region-major, so that is not always slot s + 1);
+                          0 where that position is not a text token;
+  loss_mask  float32[S]   1 where the target is an answer token (``generated``);
+  images     float32[F, H, W, C]  resized, normalised to [-1, 1] (SigLIP), zero-padded;
+  gt_regions int32[G]     region ids hit by the answer's ground-truth boxes, -1 padded;
+  + the layout features of ``TokenLayout.to_features()`` (one row, no batch axis).
+
+A batch is these stacked on a leading axis; ``batch_to_model_inputs`` unpacks one for the
+model. Sequences that do not fit the LayoutSpec raise ``ExampleTooLong`` naming the example,
+or with ``FeatureConfig.skip_too_long`` are skipped (``__call__`` returns None) and counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
+
+import numpy as np
+
+from gaze_jax.data.boxes import boxes_to_regions, pad_ids
+from gaze_jax.data.tokenizers import ChatTemplate
+from gaze_jax.gaze.layout import (PAD, TEXT, Image, LayoutSpec, Text, TokenLayout, Video,
+                                  build_layout, num_regions, slots_needed)
+
+IMAGE_MARKER = "<image>"
+FEATURE_KEYS = ("tokens", "targets", "loss_mask", "images", "gt_regions")
+
+
+class ExampleTooLong(ValueError):
+  """An example needs more slots, frames or regions than the LayoutSpec has."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureConfig:
+  """Static shapes and preprocessing of the model inputs.
+
+  Attributes:
+    spec: the LayoutSpec (seq_len, max_regions, max_images, region_shape, num_ctx) of the model.
+    image_size: H = W of the model's images (resize target).
+    patch_size: the vision tower's patch size; an image is an ``image_size // patch_size``
+      square grid.
+    video_pool: video frames use a grid pooled by this factor (the model's
+      ``VisionConfig.video_pool`` when >1; 1 keeps the full grid).
+    max_gt_regions: G, ground-truth region ids kept per example.
+    skip_too_long: skip (and count) examples that do not fit instead of raising.
+    mean, std: per-channel normalisation of ``pixels / 255`` (SigLIP: 0.5, 0.5 -> [-1, 1]).
+    resample: Pillow resampling filter name for the resize ("bicubic", "bilinear", ...).
+  """
+  spec: LayoutSpec
+  image_size: int
+  patch_size: int
+  video_pool: int = 1
+  max_gt_regions: int = 16
+  skip_too_long: bool = False
+  mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+  std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+  resample: str = "bicubic"
+
+  def __post_init__(self):
+    if self.image_size % self.patch_size:
+      raise ValueError(f"FeatureConfig.image_size={self.image_size} must be a multiple of "
+                       f"patch_size={self.patch_size}")
+    if self.grid % self.video_pool:
+      raise ValueError(f"FeatureConfig.video_pool={self.video_pool} must divide the grid "
+                       f"{self.grid}")
+    if self.max_gt_regions < 1:
+      raise ValueError(f"FeatureConfig.max_gt_regions must be >= 1, got {self.max_gt_regions}")
+
+  @property
+  def grid(self) -> int:
+    """Patches per side of an image."""
+    return self.image_size // self.patch_size
+
+  @property
+  def video_grid(self) -> int:
+    return self.grid // self.video_pool
+
+
+# --------------------------------------------------------------------------- decoding
+
+def _str(x) -> str:
+  if isinstance(x, (bytes, np.bytes_)):
+    return x.decode("utf-8")
+  if isinstance(x, np.ndarray) and x.ndim == 0:
+    return _str(x.item())
+  return str(x)
+
+
+def raw_turns(example: Mapping[str, Any]) -> list[tuple[str, str]]:
+  """``turns`` as (question, answer) strings; accepts tfds' dict-of-lists and a list of dicts."""
+  turns = example["turns"]
+  if isinstance(turns, Mapping):
+    return [(_str(q), _str(a)) for q, a in zip(turns["question"], turns["answer"])]
+  return [(_str(t["question"]), _str(t["answer"])) for t in turns]
+
+
+def raw_images(example: Mapping[str, Any]) -> list[np.ndarray]:
+  imgs = example.get("images", [])
+  return [np.asarray(im) for im in imgs]
+
+
+def preprocess_image(image: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
+  """uint8 ``[h, w, 3]`` (or grey / RGBA) -> float32 ``[S, S, 3]`` resized and normalised."""
+  from PIL import Image as PILImage
+
+  im = np.asarray(image)
+  if im.ndim == 3 and im.shape[-1] == 1:
+    im = im[..., 0]
+  pil = PILImage.fromarray(im.astype(np.uint8)).convert("RGB")
+  if pil.size != (cfg.image_size, cfg.image_size):
+    resample = getattr(PILImage.Resampling, cfg.resample.upper())
+    pil = pil.resize((cfg.image_size, cfg.image_size), resample)
+  x = np.asarray(pil, np.float32) / 255.0
+  return (x - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
+
+
+# --------------------------------------------------------------------------- conversation
+
+Part = Union[tuple[str, str, bool], tuple[str, int]]
+
+
+def render_conversation(template: ChatTemplate, turns: Sequence[tuple[str, str]], n_media: int,
+                        where: str = "example") -> list[Part]:
+  """The conversation as ``("text", str, generated)`` and ``("media", k)`` parts, in order.
+
+  ``<image>`` markers in the questions place the media (images, or one video); without markers
+  all media go before the first question, each followed by a newline (LLaVA's convention).
+  """
+  turns = [(q, a) for q, a in turns]
+  if not turns:
+    raise ValueError(f"{where}: has no turns")
+  markers = sum(q.count(IMAGE_MARKER) for q, _ in turns)
+  if markers == 0 and n_media:
+    turns[0] = ((IMAGE_MARKER + "\n") * n_media + turns[0][0], turns[0][1])
+  elif markers != n_media:
+    raise ValueError(f"{where}: {markers} {IMAGE_MARKER} markers but {n_media} images/videos")
+  parts: list[Part] = []
+  text, media = template.header(), 0
+  for q, a in turns:
+    pieces = (template.user_start + q).split(IMAGE_MARKER)
+    for k, piece in enumerate(pieces):
+      if k:
+        parts += [("text", text, False), ("media", media)]
+        text, media = "", media + 1
+      text += piece
+    parts.append(("text", text + template.user_end + template.assistant_start, False))
+    parts.append(("text", a + template.assistant_end, True))
+    text = template.turn_sep
+  parts.append(("text", text, False))
+  return [p for p in parts if p[0] == "media" or p[1]]
+
+
+# --------------------------------------------------------------------------- targets
+
+def next_token_targets(tokens: np.ndarray, kind: np.ndarray, position: np.ndarray,
+                       generated: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Next-token targets by position for one example (``[S]`` arrays).
+
+  The logits at slot s predict the token at position ``position[s] + 1``, found through the
+  inverse of the slot -> position map (PAD slots excluded). Returns ``targets int32[S]`` (0 where
+  the next position is not a text token or does not exist) and ``loss_mask float32[S]`` (1 where
+  that next token is an answer token).
+  """
+  kind, position = np.asarray(kind), np.asarray(position)
+  S = kind.shape[0]
+  live = np.nonzero(kind != PAD)[0]
+  slot_at = np.full(int(position[live].max(initial=0)) + 2, -1, np.int64)
+  slot_at[position[live]] = live
+  nxt = np.full(S, -1, np.int64)
+  nxt[live] = slot_at[position[live] + 1]
+  ok = nxt >= 0
+  is_text = np.zeros(S, bool)
+  is_text[ok] = kind[nxt[ok]] == TEXT
+  targets = np.where(is_text, np.asarray(tokens)[np.maximum(nxt, 0)], 0).astype(np.int32)
+  gen = np.zeros(S, bool)
+  gen[ok] = np.asarray(generated, bool)[nxt[ok]]
+  return targets, (is_text & gen).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- processor
+
+class ExampleProcessor:
+  """Raw example -> features; see the module docstring. Thread-safe (grain may call it from
+  several threads); ``skipped`` counts examples skipped for not fitting (``skip_too_long``)."""
+
+  def __init__(self, tokenizer, cfg: FeatureConfig):
+    self.tokenizer = tokenizer
+    self.cfg = cfg
+    self.skipped = 0
+    self.skipped_ids: list[str] = []
+    self._lock = threading.Lock()
+
+  # Pickled into grain worker processes: locks do not pickle.
+  def __getstate__(self):
+    d = dict(self.__dict__)
+    d.pop("_lock")
+    return d
+
+  def __setstate__(self, d):
+    self.__dict__.update(d)
+    self._lock = threading.Lock()
+
+  def segments(self, example: Mapping[str, Any]) -> tuple[list, list[int]]:
+    """The example's segment list and its text token ids (in sequence order)."""
+    where = f"example {_str(example.get('id', '?'))!r}"
+    images = raw_images(example)
+    is_video = bool(np.asarray(example.get("is_video", False)))
+    n_media = (1 if images else 0) if is_video else len(images)
+    parts = render_conversation(self.tokenizer.template, raw_turns(example), n_media, where)
+    g, vg = self.cfg.grid, self.cfg.video_grid
+    segs, ids = [], []
+    for p in parts:
+      if p[0] == "media":
+        segs.append(Video(len(images), vg, vg) if is_video else Image(g, g))
+        continue
+      toks = self.tokenizer.encode(p[1])
+      if not toks:
+        continue
+      if segs and isinstance(segs[-1], Text) and segs[-1].generated == p[2]:
+        segs[-1] = Text(segs[-1].length + len(toks), p[2])
+      else:
+        segs.append(Text(len(toks), p[2]))
+      ids.extend(toks)
+    return segs, ids
+
+  def _check_fits(self, segs, where: str):
+    spec = self.cfg.spec
+    frames = sum(1 if isinstance(s, Image) else s.frames for s in segs if not isinstance(s, Text))
+    regions = sum((1 if isinstance(s, Image) else s.frames)
+                  * num_regions(s.gh, s.gw, spec.region_shape)
+                  for s in segs if not isinstance(s, Text))
+    nonvisual = sum(s.length for s in segs if isinstance(s, Text)) + frames * spec.num_ctx
+    slots = slots_needed(segs, spec)
+    for what, need, have in (("slots", slots, spec.seq_len), ("images/frames", frames,
+                             spec.max_images), ("regions", regions, spec.max_regions),
+                             ("text and context tokens", nonvisual, spec.max_nonvisual)):
+      if need > have:
+        raise ExampleTooLong(f"{where} needs {need} {what}, more than the LayoutSpec's {have}")
+
+  def features(self, example: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Features of one example; raises ExampleTooLong (naming it) when it does not fit."""
+    cfg, spec = self.cfg, self.cfg.spec
+    where = f"example {_str(example.get('id', '?'))!r}"
+    segs, ids = self.segments(example)
+    self._check_fits(segs, where)
+    layout = {k: v[0] for k, v in build_layout([segs], spec).to_features().items()}
+    kind = layout["kind"]
+    tokens = np.zeros(spec.seq_len, np.int32)
+    text_slots = np.nonzero(kind == TEXT)[0]        # slot order = position order for text
+    assert len(text_slots) == len(ids), (len(text_slots), len(ids))
+    tokens[text_slots] = ids
+    targets, loss_mask = next_token_targets(tokens, kind, layout["position"], layout["generated"])
+    images = raw_images(example)
+    pix = np.zeros((spec.max_images, cfg.image_size, cfg.image_size, 3), np.float32)
+    for f, im in enumerate(images):
+      pix[f] = preprocess_image(im, cfg)
+    out = {"tokens": tokens, "targets": targets, "loss_mask": loss_mask, "images": pix,
+           "gt_regions": self._gt_regions(example, images, layout, where)}
+    out.update(layout)
+    return out
+
+  def _gt_regions(self, example, images, layout, where) -> np.ndarray:
+    cfg = self.cfg
+    boxes = np.asarray(example.get("boxes", np.zeros((0, 4))), np.float64).reshape(-1, 4)
+    box_image = np.asarray(example.get("box_image", np.zeros(0)), np.int64).reshape(-1)
+    if len(boxes) != len(box_image):
+      raise ValueError(f"{where}: {len(boxes)} boxes but {len(box_image)} box_image entries")
+    if not len(boxes):
+      return pad_ids(np.zeros(0, np.int32), cfg.max_gt_regions, where)
+    if box_image.min() < 0 or box_image.max() >= len(images):
+      raise ValueError(f"{where}: box_image {box_image.tolist()} out of range for "
+                       f"{len(images)} images")
+    # Boxes are in original pixels; scale them to the resized image.
+    hw = np.asarray([np.asarray(images[i]).shape[:2] for i in box_image], np.float64)
+    scale = np.stack([cfg.image_size / hw[:, 1], cfg.image_size / hw[:, 0]] * 2, axis=-1)
+    # Frame f of the layout is the f-th image / video frame (images are placed in order).
+    ids = boxes_to_regions(layout, boxes * scale, box_image, (cfg.image_size, cfg.image_size),
+                           cfg.spec.region_shape)
+    return pad_ids(ids, cfg.max_gt_regions, where)
+
+  def __call__(self, example: Mapping[str, Any]) -> Optional[dict[str, np.ndarray]]:
+    """``features(example)``, or None (counted) for a too-long one with ``skip_too_long``."""
+    try:
+      return self.features(example)
+    except ExampleTooLong:
+      if not self.cfg.skip_too_long:
+        raise
+      with self._lock:
+        self.skipped += 1
+        self.skipped_ids.append(_str(example.get("id", "?")))
+      return None
+
+
+# --------------------------------------------------------------------------- batches
+
+class ModelInputs(NamedTuple):
+  """What ``MLLM.__call__`` and the loss need, from one batch."""
+  tokens: Any          # int32[B, S]
+  images: Any          # float32[B, F, H, W, C]
+  layout: TokenLayout
+  targets: Any         # int32[B, S]
+  loss_mask: Any       # float32[B, S]
+  gt_regions: Any      # int32[B, G]
+
+
+def batch_to_model_inputs(batch: Mapping[str, np.ndarray], spec: LayoutSpec) -> ModelInputs:
+  """Splits a batch of stacked features into the model's inputs (host numpy arrays).
+
+  Raises ValueError when a key is missing or the shapes disagree with ``spec``.
+  """
+  missing = [k for k in FEATURE_KEYS if k not in batch]
+  if missing:
+    raise ValueError(f"batch is missing {missing}")
+  tokens = np.asarray(batch["tokens"])
+  if tokens.ndim != 2 or tokens.shape[1] != spec.seq_len:
+    raise ValueError(f"batch tokens have shape {tokens.shape}; expected [B, seq_len="
+                     f"{spec.seq_len}]")
+  images = np.asarray(batch["images"])
+  if images.ndim != 5 or images.shape[1] != spec.max_images:
+    raise ValueError(f"batch images have shape {images.shape}; expected [B, max_images="
+                     f"{spec.max_images}, H, W, C]")
+  region_valid = np.asarray(batch.get("region_valid", np.zeros((0, 0))))
+  if region_valid.ndim == 2 and region_valid.shape[1] != spec.max_regions:
+    raise ValueError(f"batch has {region_valid.shape[1]} regions per example, spec.max_regions "
+                     f"is {spec.max_regions}")
+  layout = TokenLayout.from_features(batch, spec)
+  return ModelInputs(tokens, images, layout, np.asarray(batch["targets"]),
+                     np.asarray(batch["loss_mask"]), np.asarray(batch["gt_regions"]))
