@@ -7,3 +7,4 @@ from gaze_jax.model.decoder import Decoder
 from gaze_jax.model.mllm import MLLM, pack_images
 from gaze_jax.model.vision import Projector, VisionTower
 from gaze_jax.model.generate import GenerateOutput, generate
+from gaze_jax.model.presets import PRESETS, get_preset

@@ -1,0 +1,460 @@
+"""Parameter counts and a per-device memory estimate for an ``MLLMConfig``, without building
+weights (the model is instantiated abstractly with ``nnx.eval_shape``).
+
+CLI (prints a table in GiB per device and what would make it fit)::
+
+  python -m gaze_jax.model.memory --preset cambrian_4b --batch 8 --seq-len 4096 --devices 8
+  python -m gaze_jax.model.memory --preset qwen2_5_7b --batch 16 --seq-len 8192 --devices 8 \\
+      --mode infer --cache-len 9216 --param-bytes 2
+
+The estimate is a planning aid, accurate to tens of percent: XLA fuses, rematerialises and
+reuses buffers in ways that a formula cannot follow, and adds its own temporaries. Leave
+10-20% headroom.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import functools
+import math
+import sys
+from typing import Optional, Sequence
+
+import jax
+from flax import nnx
+
+from gaze_jax.gaze.layout import num_regions
+from gaze_jax.gaze.routing import resolve_top_k
+from gaze_jax.model.config import MLLMConfig
+from gaze_jax.model.mllm import MLLM
+from gaze_jax.model.presets import PRESETS, get_preset
+
+GiB = 1 << 30
+ATTENTION_IMPLS = ("xla", "flash")
+COMPONENTS = ("params", "grads", "optimizer", "gathered_weights", "activations",
+              "vision_activations", "logits", "kv_cache", "descriptors")
+
+
+# ------------------------------------------------------------------ parameter counts
+
+class _ShapeOnlyRngs:
+  """Stand-in for ``nnx.Rngs`` when only shapes matter: every stream returns the same key.
+
+  ``nnx.Rngs`` bumps a traced counter on every call, and flax 0.12 then inspects the tracer's
+  sharding, which costs time linear in the trace so far: building Qwen3-4B + SigLIP abstractly
+  took 13 s with ``nnx.Rngs(0)`` and 0.7 s with this (same shapes, dtypes and metadata).
+  """
+
+  def __call__(self):
+    return jax.random.key(0)
+
+  def __getattr__(self, name):
+    if name.startswith("__"):
+      raise AttributeError(name)
+    return self.__call__
+
+
+def abstract_model(cfg: MLLMConfig) -> MLLM:
+  """``MLLM(cfg)`` with ``jax.ShapeDtypeStruct`` in place of every array (no memory used).
+
+  Falls back to a real ``nnx.Rngs(0)`` (slower, same result) if a module needs more of the
+  Rngs API than the shape-only stand-in offers.
+  """
+  try:
+    return nnx.eval_shape(lambda: MLLM(cfg, rngs=_ShapeOnlyRngs()))
+  except (AttributeError, TypeError):
+    return nnx.eval_shape(lambda: MLLM(cfg, rngs=nnx.Rngs(0)))
+
+
+_GROUPS = {"vision": "vision", "projector": "projector", "decoder": "decoder",
+           "ctx_embed": "ctx"}
+
+
+def _param_table(cfg: MLLMConfig) -> dict[str, int]:
+  """Parameter counts by group plus the sizes the memory estimate needs: the largest decoder
+  layer and vision block (cached per config)."""
+  try:
+    return dict(_cached_param_table(cfg))
+  except TypeError:            # an unhashable config (e.g. a list field): count without cache
+    return _count_param_table(cfg)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_param_table(cfg: MLLMConfig) -> dict[str, int]:
+  return _count_param_table(cfg)
+
+
+def _count_param_table(cfg: MLLMConfig) -> dict[str, int]:
+  state = nnx.state(abstract_model(cfg), nnx.Param)
+  groups = collections.Counter({g: 0 for g in _GROUPS.values()})
+  layers, blocks = collections.Counter(), collections.Counter()
+  table = {}
+  for path, var in nnx.to_flat_state(state):
+    n = math.prod(var.get_value().shape)
+    groups[_GROUPS.get(path[0], "other")] += n
+    if path[:2] == ("decoder", "layers"):
+      layers[path[2]] += n
+    elif path[:2] == ("vision", "blocks"):
+      blocks[path[2]] += n
+  table.update(groups)
+  table["decoder_layer"] = max(layers.values(), default=0)
+  table["vision_block"] = max(blocks.values(), default=0)
+  return table
+
+
+def count_params(cfg: MLLMConfig) -> dict[str, int]:
+  """Parameters of ``MLLM(cfg)`` by part: ``vision``, ``projector``, ``decoder`` (embedding,
+  layers, final norm, LM head when untied), ``ctx`` (context-token embeddings) and ``total``
+  (plus ``other`` for any further top-level module, when there is one).
+
+  Computed from ``nnx.eval_shape``: no weights are created, so real sizes cost no memory.
+  """
+  t = _param_table(cfg)
+  out = {k: t[k] for k in ("vision", "projector", "decoder", "ctx")}
+  if t.get("other"):
+    out["other"] = t["other"]
+  out["total"] = sum(out.values())
+  return out
+
+
+# ------------------------------------------------------------------ memory estimate
+
+def _local_batch(batch: int, devices: int) -> int:
+  """Examples per device: the batch is split over all devices (data parallel, FSDP included)."""
+  return -(-batch // devices)
+
+
+def _visual_shape(cfg: MLLMConfig, images: int, video_frames: int):
+  """(frames through the vision tower, gaze regions, sequence slots) of one example."""
+  v, gz = cfg.vision, cfg.gaze
+  if v is None:
+    return 0, 0, 0
+  R = gz.region_shape[0] * gz.region_shape[1]
+  g = v.grid
+  nr_img = num_regions(g, g, gz.region_shape)
+  gp = g // v.video_pool
+  nr_vid = num_regions(gp, gp, gz.region_shape) if video_frames else 0
+  regions = images * nr_img + video_frames * nr_vid
+  slots = images * (nr_img * R + gz.num_ctx) + video_frames * (nr_vid * R + gz.num_ctx)
+  return images + video_frames, regions, slots
+
+
+def _vision_blocks(cfg: MLLMConfig) -> int:
+  """Vision blocks actually built (blocks after ``feature_layer`` are not)."""
+  v = cfg.vision
+  f = v.feature_layer
+  return v.num_layers + 1 + f if f < 0 else f
+
+
+def _check_args(cfg, batch, seq_len, devices, mode, param_bytes, compute_bytes, cache_len,
+                images, video_frames, attention_impl):
+  for name, x in (("batch", batch), ("seq_len", seq_len), ("devices", devices),
+                  ("param_bytes", param_bytes), ("compute_bytes", compute_bytes)):
+    if isinstance(x, bool) or not isinstance(x, int) or x < 1:
+      raise ValueError(f"{name} must be a positive int, got {x!r}")
+  if mode not in ("train", "infer"):
+    raise ValueError(f"mode must be 'train' or 'infer', got {mode!r}")
+  if attention_impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
+  if cache_len is not None and cache_len < seq_len:
+    raise ValueError(f"cache_len={cache_len} must be >= seq_len={seq_len} (the cache holds the "
+                     "prompt and the generated tokens)")
+  for name, x in (("images", images), ("video_frames", video_frames)):
+    if x < 0:
+      raise ValueError(f"{name} must be >= 0, got {x}")
+  if cfg.vision is None and images + video_frames:
+    raise ValueError("the model has no vision tower: images and video_frames must be 0")
+
+
+def _estimate(cfg: MLLMConfig, *, batch: int, seq_len: int, devices: int = 1,
+              fsdp: bool = True, mode: str = "train", param_bytes: int = 4,
+              compute_bytes: int = 2, remat: bool = False, cache_len: Optional[int] = None,
+              images: Optional[int] = None, video_frames: int = 0,
+              attention_impl: str = "xla", freeze_vision: bool = False):
+  """(bytes per component, formula per component, derived sizes); see ``estimate_memory``."""
+  if images is None:
+    images = 1 if cfg.vision is not None else 0
+  _check_args(cfg, batch, seq_len, devices, mode, param_bytes, compute_bytes, cache_len,
+              images, video_frames, attention_impl)
+  t = _param_table(cfg)
+  d, gz, vc = cfg.decoder, cfg.gaze, cfg.vision
+  E, F, L, V = d.hidden_size, d.intermediate_size, d.num_layers, d.vocab_size
+  Hq, Hkv, D = d.num_heads, d.num_kv_heads, d.head_dim
+  cb, pb = compute_bytes, param_bytes
+  bl = _local_batch(batch, devices)
+  T = bl * seq_len                                   # decoder tokens per device
+  n_frames, NR, vis_slots = _visual_shape(cfg, images, video_frames)
+  if vis_slots > seq_len:
+    raise ValueError(f"{images} images and {video_frames} video frames take {vis_slots} slots "
+                     f"(patches, region padding, context tokens) but seq_len={seq_len}")
+  gaze = gz.attention == "gaze" and NR > 0
+  K = resolve_top_k(gz.top_k, NR) if gaze else 0
+  R = gz.region_shape[0] * gz.region_shape[1]
+  shards = devices if fsdp else 1
+  N = count_params(cfg)["total"]
+  n_train = N - (t["vision"] if freeze_vision else 0)
+  train = mode == "train"
+  flash = attention_impl == "flash"
+  out = dict.fromkeys(COMPONENTS, 0)
+  how = dict.fromkeys(COMPONENTS, "")
+
+  out["params"] = N * pb // shards
+  how["params"] = f"{N / 1e9:.3f}B x {pb} B / {shards} shard(s)"
+  if train:
+    out["grads"] = n_train * pb // shards
+    how["grads"] = f"{n_train / 1e9:.3f}B trainable x {pb} B / {shards}"
+    out["optimizer"] = n_train * 8 // shards
+    how["optimizer"] = f"AdamW mu + nu: {n_train / 1e9:.3f}B x 2 x 4 B / {shards}"
+  if fsdp and devices > 1:
+    biggest = max(t["decoder_layer"], t["vision_block"])
+    out["gathered_weights"] = 2 * biggest * cb
+    how["gathered_weights"] = "FSDP all-gather: 2 x largest layer x compute bytes"
+
+  # Decoder activations: per token and layer, in the compute dtype,
+  #   norms: inputs and outputs of the two RMSNorms ........ 4E
+  #   q (before and after RoPE) and the attention output .... 3 Hq D
+  #   k (before and after RoPE) and v ....................... 3 Hkv D
+  #   SwiGLU: gate, up, silu(gate), their product ........... 4F
+  # plus what attention keeps for its backward pass:
+  #   xla dense:  over all S keys, f32 masked logits, their exp and the probabilities, the
+  #               probabilities in the compute dtype, a bool mask: Hq S (12 + cb) + S
+  #   xla gaze:   the same over S + K R keys, and the gathered K/V blocks of the K regions
+  #               (k, v in compute dtype, v again in f32) with their mask:
+  #               Hs K R (D (2 cb + 4) + 1), Hs = Hq, or Hkv with group routing
+  #   flash:      output + f32 log-sum-exp only: Hq 4
+  per_tok = cb * (4 * E + 3 * Hq * D + 3 * Hkv * D + 4 * F)
+  if flash:
+    attn_tok = Hq * 4
+  elif gaze:
+    Hs = Hkv if gz.routing == "group" else Hq
+    attn_tok = (Hq * (seq_len + K * R) * (12 + cb) + seq_len
+                + Hs * K * R * (D * (2 * cb + 4) + 1))
+  else:
+    attn_tok = Hq * seq_len * (12 + cb) + seq_len
+  route_tok = Hq * NR * 4 if gaze else 0             # f32 routing scores (forward only)
+  layer_tok = per_tok + attn_tok
+  if train:
+    if remat:
+      out["activations"] = L * T * E * cb + T * (layer_tok + route_tok)
+      how["activations"] = "remat: L x T x E (layer inputs) + one layer recomputed"
+    else:
+      out["activations"] = T * E * cb + L * T * layer_tok + T * route_tok
+      how["activations"] = (f"L x T x {layer_tok / 1024:.0f} KiB/token "
+                            f"({'flash' if flash else 'xla'} attention)")
+    # f32 logits, f32 log-softmax (or its gradient) and the compute-dtype matmul output.
+    out["logits"] = T * V * (cb + 8)
+    how["logits"] = f"T x V x ({cb} + 4 + 4) B"
+  else:
+    rows = T if not (gaze and gz.query_chunk) else bl * min(seq_len, gz.query_chunk)
+    out["activations"] = 2 * T * E * cb + T * per_tok + rows * (attn_tok + route_tok)
+    how["activations"] = "prefill: residual stream + one layer's working set"
+    out["logits"] = T * V * (cb + 4)
+    how["logits"] = "prefill returns f32 logits for every slot: T x V x (cb + 4) B"
+
+  if vc is not None and n_frames:
+    Ev, Fv, P = vc.hidden_size, vc.intermediate_size, vc.grid * vc.grid
+    Lv = _vision_blocks(cfg)
+    Ti = bl * n_frames * P                          # vision tokens per device
+    v_tok = cb * (6 * Ev + 2 * Fv) + (vc.num_heads * 4 if flash
+                                      else vc.num_heads * P * (8 + cb))
+    if train and not freeze_vision:
+      if remat:
+        out["vision_activations"] = Lv * Ti * Ev * cb + Ti * v_tok
+      else:
+        out["vision_activations"] = Lv * Ti * v_tok
+      how["vision_activations"] = (f"{bl * n_frames} frames x {P} tokens x {Lv} blocks"
+                                   + (" (remat)" if remat else ""))
+    else:
+      out["vision_activations"] = Ti * (Ev * cb + v_tok)
+      how["vision_activations"] = "forward only: one block's working set + features"
+
+  if not train:
+    S_c = cache_len or seq_len
+    out["kv_cache"] = 2 * L * Hkv * D * S_c * bl * cb
+    how["kv_cache"] = f"2 x {L} layers x {Hkv} x {D} x {S_c} slots x {bl} x {cb} B"
+    if gaze:
+      out["descriptors"] = L * NR * Hkv * D * bl * 4
+      how["descriptors"] = f"{L} x {NR} regions x {Hkv} x {D} x {bl} x 4 B (f32)"
+  info = dict(local_batch=bl, tokens=T, regions=NR, top_k=K, frames=n_frames, images=images,
+              video_frames=video_frames)
+  return out, how, info
+
+
+def estimate_memory(cfg: MLLMConfig, *, batch: int, seq_len: int, devices: int = 1,
+                    fsdp: bool = True, mode: str = "train", param_bytes: int = 4,
+                    compute_bytes: int = 2, remat: bool = False,
+                    cache_len: Optional[int] = None, images: Optional[int] = None,
+                    video_frames: int = 0, attention_impl: str = "xla",
+                    freeze_vision: bool = False) -> dict[str, int]:
+  """Rough peak memory per device, in bytes, by component.
+
+  Notation: N parameters (``count_params``), b = ceil(batch / devices) examples per device
+  (the batch is split over all devices), T = b x seq_len decoder tokens per device, E / F / L /
+  V / Hq / Hkv / D the decoder's width, FFN width, layers, vocabulary, query heads, KV heads and
+  head dim, cb = ``compute_bytes``, pb = ``param_bytes``, shards = devices with ``fsdp`` else 1.
+
+  - ``params``: N pb / shards.
+  - ``grads`` (train): trainable N pb / shards (vision excluded with ``freeze_vision``).
+  - ``optimizer`` (train): AdamW mu and nu in float32, 8 bytes per trainable parameter / shards.
+  - ``gathered_weights`` (FSDP on > 1 device): 2 x the largest layer x cb (the layer in use and
+    the next one prefetched).
+  - ``activations``: decoder activations kept for the backward pass (train) or the prefill
+    working set (infer). Per token and layer: cb (4E + 3 Hq D + 3 Hkv D + 4F) (norm inputs and
+    outputs, q / k before and after RoPE, v, attention output, the four SwiGLU tensors) plus
+    the attention's saved tensors: ``attention_impl="xla"`` (this package's XLA paths) keeps
+    f32 masked logits, their exp and the probabilities, the probabilities in cb and a bool
+    mask, Hq S (12 + cb) + S dense, Hq (S + K R) (12 + cb) + S + Hs K R (D (2 cb + 4) + 1)
+    gaze (Hs = Hq, Hkv with group routing: the gathered region blocks); ``"flash"`` (a fused
+    kernel) keeps Hq 4 (the log-sum-exp). Gaze adds Hq NR 4 of f32 routing scores, alive for
+    one layer. Train: T E cb + L T (per-layer bytes); with ``remat`` (per-layer
+    checkpointing) L T E cb + T (per-layer bytes) for the layer being recomputed. Infer:
+    2 T E cb + T (per-layer bytes), one layer at a time. Checked against XLA's buffer
+    assignment on CPU (4-layer SmolLM2 cut, float32, batch 2, dense and gaze): within 15% at
+    512 and 1536 slots.
+  - ``vision_activations``: frames = ``images`` + ``video_frames`` per example, P = patches per
+    frame, per token and block cb (6 Ev + 2 Fv) + (heads P (8 + cb), or heads 4 with flash);
+    all blocks kept in training (layer inputs only with remat), one block otherwise
+    (inference, ``freeze_vision``).
+  - ``logits``: train T V (cb + 8) (matmul output, f32 logits, f32 log-softmax / gradient);
+    infer T V (cb + 4) (prefill returns logits for every slot).
+  - ``kv_cache`` (infer): 2 L Hkv D cache_len b cb, ``cache_len`` defaulting to ``seq_len``.
+  - ``descriptors`` (infer, gaze): L NR Hkv D b 4 (float32 region means), NR = regions per
+    example from ``images`` full frames and ``video_frames`` frames pooled by ``video_pool``.
+
+  ``images`` defaults to 1 for a model with a vision tower. Raises ValueError for arguments
+  that cannot describe a run (e.g. the images do not fit in ``seq_len``). Returns the bytes of
+  every component in ``COMPONENTS`` and their ``total``.
+  """
+  out, _, _ = _estimate(cfg, batch=batch, seq_len=seq_len, devices=devices, fsdp=fsdp,
+                        mode=mode, param_bytes=param_bytes, compute_bytes=compute_bytes,
+                        remat=remat, cache_len=cache_len, images=images,
+                        video_frames=video_frames, attention_impl=attention_impl,
+                        freeze_vision=freeze_vision)
+  out["total"] = sum(out.values())
+  return out
+
+
+# ------------------------------------------------------------------ CLI
+
+def _gib(x: float) -> str:
+  return f"{x / GiB:10.2f}"
+
+
+def _count(n: int) -> str:
+  return f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.2f}M" if n >= 1e4 else str(n)
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="python -m gaze_jax.model.memory",
+      description="Parameter count and rough per-device memory of a model preset.")
+  p.add_argument("--preset", required=True, choices=sorted(PRESETS))
+  p.add_argument("--batch", type=int, default=1, help="global batch (examples)")
+  p.add_argument("--seq-len", type=int, default=2048, help="slots per example (prompt length "
+                 "in infer mode)")
+  p.add_argument("--devices", type=int, default=1)
+  p.add_argument("--no-fsdp", dest="fsdp", action="store_false",
+                 help="replicate parameters and optimizer state (plain data parallel)")
+  p.add_argument("--mode", choices=("train", "infer"), default="train")
+  p.add_argument("--param-bytes", type=int, default=4, help="bytes per stored weight")
+  p.add_argument("--compute-bytes", type=int, default=2, help="bytes per activation")
+  p.add_argument("--remat", action="store_true", help="per-layer activation checkpointing")
+  p.add_argument("--cache-len", type=int, default=None, help="KV cache slots (infer)")
+  p.add_argument("--images", type=int, default=None,
+                 help="full-size images per example (default 1 with a vision tower)")
+  p.add_argument("--video-frames", type=int, default=0,
+                 help="video frames per example (pooled video_pool x video_pool)")
+  p.add_argument("--attention-impl", choices=ATTENTION_IMPLS, default="xla",
+                 help="xla: this package's XLA paths (store scores); flash: a fused kernel")
+  p.add_argument("--attention", choices=("gaze", "dense"), default=None,
+                 help="override the preset's attention")
+  p.add_argument("--query-chunk", type=int, default=None,
+                 help="gaze: process this many query rows at a time (GazeConfig.query_chunk)")
+  p.add_argument("--freeze-vision", action="store_true",
+                 help="no gradients / optimizer state / saved activations for the vision tower")
+  p.add_argument("--hbm-gib", type=float, default=80.0,
+                 help="memory per device to compare against (80 for an H100)")
+  return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  args = _parser().parse_args(argv)
+  cfg = get_preset(args.preset)
+  if args.attention is not None:
+    cfg = dataclasses.replace(cfg, gaze=dataclasses.replace(cfg.gaze, attention=args.attention))
+  if args.query_chunk is not None:
+    if args.query_chunk < 1:
+      print(f"error: --query-chunk must be >= 1, got {args.query_chunk}", file=sys.stderr)
+      return 2
+    cfg = dataclasses.replace(cfg, gaze=dataclasses.replace(cfg.gaze,
+                                                            query_chunk=args.query_chunk))
+  kw = dict(batch=args.batch, seq_len=args.seq_len, devices=args.devices, fsdp=args.fsdp,
+            mode=args.mode, param_bytes=args.param_bytes, compute_bytes=args.compute_bytes,
+            remat=args.remat, cache_len=args.cache_len, images=args.images,
+            video_frames=args.video_frames, attention_impl=args.attention_impl,
+            freeze_vision=args.freeze_vision)
+  try:
+    out, how, info = _estimate(cfg, **kw)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  total = sum(out.values())
+  n = count_params(cfg)
+  print(f"{args.preset}: {_count(n['total'])} parameters (vision {_count(n['vision'])}, "
+        f"projector {_count(n['projector'])}, decoder {_count(n['decoder'])}, "
+        f"ctx {_count(n['ctx'])})")
+  gz = cfg.gaze
+  att = (f"gaze K={info['top_k']} of {info['regions']} regions" if gz.attention == "gaze"
+         and info["regions"] else "dense")
+  print(f"mode={args.mode} batch={args.batch} ({info['local_batch']}/device) "
+        f"seq_len={args.seq_len} devices={args.devices} fsdp={'on' if args.fsdp else 'off'} "
+        f"remat={'on' if args.remat else 'off'} params={args.param_bytes}B "
+        f"compute={args.compute_bytes}B attention={att} ({args.attention_impl}) "
+        f"frames/example={info['frames']}")
+  print(f"{'component':<20}{'GiB/device':>10}  formula")
+  for k in COMPONENTS:
+    if out[k]:
+      print(f"{k:<20}{_gib(out[k])}  {how[k]}")
+  print(f"{'total':<20}{_gib(total)}")
+  if out["logits"] > 0.3 * total:
+    print("note: the [T, V] logits are a large share: " + (
+        "a chunked or fused cross-entropy avoids materialising them" if args.mode == "train"
+        else "generation needs only the last position's logits"))
+  budget = args.hbm_gib * GiB
+  if total <= 0.85 * budget:
+    print(f"fits in {args.hbm_gib:g} GiB with {(budget - total) / GiB:.1f} GiB to spare "
+          "(keep 10-20% for XLA temporaries)")
+    return 0
+  verdict = "does NOT fit" if total > budget else "is tight (under 15% headroom)"
+  print(f"{verdict} in {args.hbm_gib:g} GiB per device. Other settings:")
+  tries = []
+  if args.mode == "train" and not args.remat:
+    tries.append(("--remat", dict(remat=True)))
+  if args.attention_impl == "xla":
+    tries.append(("--attention-impl flash", dict(attention_impl="flash")))
+  if args.mode == "train" and not args.remat and args.attention_impl == "xla":
+    tries.append(("--remat --attention-impl flash", dict(remat=True, attention_impl="flash")))
+  if (args.mode == "infer" and args.attention_impl == "xla" and gz.attention == "gaze"
+      and info["regions"] and not gz.query_chunk and args.seq_len > 512):
+    chunked = dataclasses.replace(cfg, gaze=dataclasses.replace(gz, query_chunk=512))
+    tries.append(("--query-chunk 512", dict(cfg=chunked)))
+  if not args.fsdp and args.devices > 1:
+    tries.append(("fsdp (drop --no-fsdp)", dict(fsdp=True)))
+  if args.mode == "train" and not args.freeze_vision and cfg.vision is not None:
+    tries.append(("--freeze-vision", dict(freeze_vision=True)))
+  if info["local_batch"] > 1:
+    tries.append((f"--batch {args.batch // 2}", dict(batch=max(1, args.batch // 2))))
+  tries.append((f"--devices {2 * args.devices}", dict(devices=2 * args.devices)))
+  if args.param_bytes > 2 and args.mode == "infer":
+    tries.append(("--param-bytes 2", dict(param_bytes=2)))
+  for flag, change in tries:
+    o, _, _ = _estimate(change.pop("cfg", cfg), **{**kw, **change})
+    t2 = sum(o.values())
+    print(f"  {flag:<32}{_gib(t2)} GiB" + ("  fits" if t2 <= 0.85 * budget else ""))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
