@@ -89,7 +89,34 @@ class GazeShapesConfig(tfds.core.BuilderConfig):
   seed: int = 0
 
 
-class GazeShapes(tfds.core.GeneratorBasedBuilder):
+class _DrawnScenes:
+  """Shared by the drawn datasets: square ``image_size`` px images; example i of a split is
+  scene ``_scene_id(split, i)``, drawn from ``rng([seed, scene])`` (deterministic, and no
+  scene appears in two splits). Subclasses give ``_object_limit`` and ``_draw``."""
+
+  def _info(self):
+    s = self.builder_config.image_size
+    return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
+                                 features=common_features((s, s, 3)))
+
+  def _split_generators(self, dl_manager):
+    cfg = self.builder_config
+    limit, what = self._object_limit(cfg)
+    if not 1 <= cfg.min_objects <= cfg.max_objects <= limit:
+      raise ValueError(f"{cfg.name}: need 1 <= min_objects <= max_objects <= {what}, got "
+                       f"{cfg.min_objects}, {cfg.max_objects}")
+    return {s: self._generate_examples(s, n) for s, n in _split_counts(cfg).items()}
+
+  def _generate_examples(self, split, n):
+    cfg = self.builder_config
+    for i in range(n):
+      scene = _scene_id(split, i)
+      ex = self._draw(np.random.default_rng([cfg.seed, scene]), cfg,
+                      example_id=f"{split}-{i:07d}", source=scene)
+      yield ex["id"], ex
+
+
+class GazeShapes(_DrawnScenes, tfds.core.GeneratorBasedBuilder):
   """Procedural shapes with templated questions that need one or two specific regions."""
   VERSION = _VERSION
   BUILDER_CONFIGS = [
@@ -99,27 +126,12 @@ class GazeShapes(tfds.core.GeneratorBasedBuilder):
       GazeShapesConfig(name="384px", image_size=384),
   ]
 
-  def _info(self):
-    s = self.builder_config.image_size
-    return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
-                                 features=common_features((s, s, 3)))
+  def _object_limit(self, cfg):
+    return cfg.grid ** 2, f"grid^2 = {cfg.grid ** 2}"
 
-  def _split_generators(self, dl_manager):
-    cfg = self.builder_config
-    if not 1 <= cfg.min_objects <= cfg.max_objects <= cfg.grid ** 2:
-      raise ValueError(f"{cfg.name}: need 1 <= min_objects <= max_objects <= grid^2, got "
-                       f"{cfg.min_objects}, {cfg.max_objects}, grid {cfg.grid}")
-    return {s: self._generate_examples(s, n) for s, n in _split_counts(cfg).items()}
-
-  def _generate_examples(self, split, n):
-    cfg = self.builder_config
-    for i in range(n):
-      scene = _scene_id(split, i)
-      ex = scenes.shapes_example(
-          np.random.default_rng([cfg.seed, scene]), image_size=cfg.image_size, grid=cfg.grid,
-          min_objects=cfg.min_objects, max_objects=cfg.max_objects,
-          example_id=f"{split}-{i:07d}", source=scene)
-      yield ex["id"], ex
+  def _draw(self, rng, cfg, **ids):
+    return scenes.shapes_example(rng, image_size=cfg.image_size, grid=cfg.grid,
+                                 min_objects=cfg.min_objects, max_objects=cfg.max_objects, **ids)
 
 
 # --------------------------------------------------------------------------- digit_grid
@@ -204,7 +216,7 @@ class GazeVideoConfig(tfds.core.BuilderConfig):
   seed: int = 0
 
 
-class GazeVideo(tfds.core.GeneratorBasedBuilder):
+class GazeVideo(_DrawnScenes, tfds.core.GeneratorBasedBuilder):
   """Short clips of shapes that appear, move and change colour; each question needs the right
   frame's region."""
   VERSION = _VERSION
@@ -215,27 +227,13 @@ class GazeVideo(tfds.core.GeneratorBasedBuilder):
       GazeVideoConfig(name="192px", image_size=192),
   ]
 
-  def _info(self):
-    s = self.builder_config.image_size
-    return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
-                                 features=common_features((s, s, 3)))
+  def _object_limit(self, cfg):
+    limit = min(cfg.frames, len(scenes.SHAPES))
+    return limit, f"min(frames, {len(scenes.SHAPES)}) = {limit}"
 
-  def _split_generators(self, dl_manager):
-    cfg = self.builder_config
-    if not 1 <= cfg.min_objects <= cfg.max_objects <= min(cfg.frames, len(scenes.SHAPES)):
-      raise ValueError(f"{cfg.name}: need 1 <= min_objects <= max_objects <= min(frames, "
-                       f"{len(scenes.SHAPES)}), got {cfg.min_objects}, {cfg.max_objects}")
-    return {s: self._generate_examples(s, n) for s, n in _split_counts(cfg).items()}
-
-  def _generate_examples(self, split, n):
-    cfg = self.builder_config
-    for i in range(n):
-      scene = _scene_id(split, i)
-      ex = scenes.video_example(
-          np.random.default_rng([cfg.seed, scene]), image_size=cfg.image_size, frames=cfg.frames,
-          min_objects=cfg.min_objects, max_objects=cfg.max_objects,
-          example_id=f"{split}-{i:07d}", source=scene)
-      yield ex["id"], ex
+  def _draw(self, rng, cfg, **ids):
+    return scenes.video_example(rng, image_size=cfg.image_size, frames=cfg.frames,
+                                min_objects=cfg.min_objects, max_objects=cfg.max_objects, **ids)
 
 
 # --------------------------------------------------------------------------- llava_json
