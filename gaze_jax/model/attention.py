@@ -77,7 +77,7 @@ class Attention(nnx.Module):
 
   def __call__(self, x: jax.Array, layout: TokenLayout, *, cache: Optional[LayerCache] = None,
                q_index: Optional[jax.Array] = None, active_k=None, want_cache: bool = False,
-               return_selected: bool = False):
+               return_selected: bool = False, selection: Optional[jax.Array] = None):
     """Self-attention.
 
     Args:
@@ -89,6 +89,8 @@ class Attention(nnx.Module):
       active_k: traced K for the progressive schedule (gaze only).
       want_cache: return a LayerCache of this pass (prefill).
       return_selected: return the selected region ids ``[B, T, Hq, K]`` (gaze only).
+      selection: region ids ``[B, T, Hq, K']`` (-1 = none) used instead of routing (gaze only),
+        e.g. regions fixed once from the question (the KV-eviction baseline).
     Returns:
       ``(y [B, T, E], cache or None, selected ids or None)``.
     """
@@ -126,7 +128,7 @@ class Attention(nnx.Module):
       out, selected = gaze_attention(
           q, k_all, v_all, q_pre, None, layout, top_k=gz.top_k, active_k=active_k,
           score=gz.score, routing=gz.routing, route_prompt=gz.route_prompt, q_index=q_index,
-          descriptors=descriptors, query_chunk=gz.query_chunk,
+          descriptors=descriptors, selection=selection, query_chunk=gz.query_chunk,
           implementation=gz.implementation, return_selected=True)
     y = self.o_proj(out.reshape(B, T, H * D))
     new_cache = None

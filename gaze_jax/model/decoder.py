@@ -77,8 +77,11 @@ class Decoder(nnx.Module):
 
   def __call__(self, x: jax.Array, layout: TokenLayout, *,
                cache: Optional[Sequence[LayerCache]] = None, q_index=None, active_k=None,
-               want_cache: bool = False, return_selected: bool = False):
+               want_cache: bool = False, return_selected: bool = False,
+               selections: Optional[Sequence[jax.Array]] = None):
     """Runs the layers on embeddings ``x [B, T, E]``.
+
+    ``selections``: optional region ids per layer (``[B, T, Hq, K']``) that replace routing.
 
     Returns ``(logits [B, T, V], caches or None, selected or None)``; ``selected`` is a list
     per layer of ids ``[B, T, Hq, K]`` (gaze) or None (dense).
@@ -86,7 +89,8 @@ class Decoder(nnx.Module):
     caches, selected = [], []
     for i, layer in enumerate(self.layers):
       x, c, s = layer(x, layout, cache=None if cache is None else cache[i], q_index=q_index,
-                      active_k=active_k, want_cache=want_cache, return_selected=return_selected)
+                      active_k=active_k, want_cache=want_cache, return_selected=return_selected,
+                      selection=None if selections is None else selections[i])
       caches.append(c)
       selected.append(s)
     logits = self.logits(x)

@@ -174,13 +174,14 @@ class MLLM(nnx.Module):
   # -------------------------------------------------------------- forward passes
 
   def __call__(self, tokens: jax.Array, layout: TokenLayout, images: Optional[jax.Array] = None,
-               *, active_k=None, return_selected: bool = False):
+               *, active_k=None, return_selected: bool = False, selections=None):
     """Full-sequence forward (training). tokens int ``[B, S]`` (ignored at non-TEXT slots),
     images ``[B, F, H, W, C]`` or None. Returns float32 logits ``[B, S, V]``, and with
-    ``return_selected`` a list per layer of region ids ``[B, S, Hq, K]`` (None when dense)."""
+    ``return_selected`` a list per layer of region ids ``[B, S, Hq, K]`` (None when dense).
+    ``selections`` (a list per layer of ids ``[B, S, Hq, K']``, -1 = none) replaces routing."""
     x = self.embed(tokens, layout, images)
     logits, _, selected = self.decoder(x, layout, active_k=active_k,
-                                       return_selected=return_selected)
+                                       return_selected=return_selected, selections=selections)
     return (logits, selected) if return_selected else logits
 
   def prefill(self, tokens, layout, images=None, *, active_k=None):
@@ -190,10 +191,12 @@ class MLLM(nnx.Module):
     return logits, caches
 
   def decode(self, tokens: jax.Array, q_index: jax.Array, layout: TokenLayout, caches, *,
-             active_k=None, return_selected: bool = False):
+             active_k=None, return_selected: bool = False, selections=None):
     """New text tokens ``[B, T]`` at consecutive cache slots ``q_index [B, T]``.
-    Returns ``(logits [B, T, V], caches)`` (plus selected ids with ``return_selected``)."""
+    Returns ``(logits [B, T, V], caches)`` (plus selected ids with ``return_selected``);
+    ``selections`` (per layer, ``[B, T, Hq, K']``) replaces routing."""
     x = self.decoder.embed_tokens(jnp.clip(tokens, 0, self.cfg.decoder.vocab_size - 1))
     logits, caches, selected = self.decoder(x, layout, cache=caches, q_index=q_index,
-                                            active_k=active_k, return_selected=return_selected)
+                                            active_k=active_k, return_selected=return_selected,
+                                            selections=selections)
     return (logits, caches, selected) if return_selected else (logits, caches)

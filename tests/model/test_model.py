@@ -240,3 +240,24 @@ def test_every_param_has_logical_axis_names():
                "decoder.lm_head.kernel", "ctx_embed", "vision.patch_embed.kernel",
                "vision.pos_embed", "vision.blocks.1.fc2.bias", "projector.linear_2.kernel"):
     assert want in paths, want
+
+
+def test_selection_override_reproduces_routing_and_changes_output():
+  """Passing each layer's own routing back as ``selections`` gives the same logits; fixing the
+  answer rows to the last question row's regions (the eviction baseline) changes them."""
+  cfg = _cfg(top_k=2, num_ctx=2)
+  model = MLLM(cfg, rngs=nnx.Rngs(0))
+  g = cfg.vision.image_size // cfg.vision.patch_size
+  layout = model.build_layout([[Text(2), Image(g, g), Text(3), Text(3, generated=True)]],
+                              seq_len=120, max_regions=(g // 2) ** 2, max_images=1)
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(pack_images(_images(rng, [[Image(g, g)]]), layout))
+  tokens = jnp.asarray(rng.integers(0, cfg.decoder.vocab_size, (1, 120)))
+  logits, sel = model(tokens, layout, images, return_selected=True)
+  again = model(tokens, layout, images, selections=sel)
+  np.testing.assert_allclose(again, logits, atol=1e-5)
+  answer = np.flatnonzero(np.asarray(layout.generated[0]))
+  fixed = [s.at[:, answer].set(s[:, answer[0] - 1][:, None]) for s in sel]
+  evicted = model(tokens, layout, images, selections=fixed)
+  np.testing.assert_allclose(evicted[:, :answer[0]], logits[:, :answer[0]], atol=1e-5)
+  assert not np.allclose(evicted[:, answer], logits[:, answer], atol=1e-4)
