@@ -37,7 +37,8 @@ class VisionConfig:
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
   """Llama / Qwen2 / Qwen3 decoder: GQA, RoPE, RMSNorm, SwiGLU; Qwen2 adds ``qkv_bias``,
-  Qwen3 ``qk_norm``."""
+  Qwen3 ``qk_norm``. ``remat`` recomputes each layer's activations in the backward pass
+  (``nnx.remat`` around every layer of a full-sequence forward) to save memory in training."""
   vocab_size: int = 32000
   hidden_size: int = 4096
   intermediate_size: int = 11008
@@ -50,6 +51,7 @@ class DecoderConfig:
   qkv_bias: bool = False
   qk_norm: bool = False
   tie_embeddings: bool = False
+  remat: bool = False
 
   def __post_init__(self):
     if self.head_dim is None:
@@ -76,6 +78,19 @@ class GazeConfig:
   def __post_init__(self):
     if self.attention not in ("dense", "gaze"):
       raise ValueError(f"attention must be 'dense' or 'gaze', got {self.attention!r}")
+    if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, float)):
+      raise ValueError(f"top_k must be an int count or a float ratio, got {self.top_k!r}")
+
+  # top_k=1 (one region) and top_k=1.0 (all regions) compare equal as numbers; the config is
+  # static jit metadata, so equality and hashing must tell them apart.
+  def _key(self):
+    return (type(self.top_k),) + dataclasses.astuple(self)
+
+  def __eq__(self, other):
+    return type(other) is type(self) and self._key() == other._key()
+
+  def __hash__(self):
+    return hash(self._key())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -261,3 +261,12 @@ def test_selection_override_reproduces_routing_and_changes_output():
   evicted = model(tokens, layout, images, selections=fixed)
   np.testing.assert_allclose(evicted[:, :answer[0]], logits[:, :answer[0]], atol=1e-5)
   assert not np.allclose(evicted[:, answer], logits[:, answer], atol=1e-4)
+
+
+def test_gaze_config_tells_count_from_ratio():
+  """top_k=1 is one region, top_k=1.0 all regions: as static jit metadata they must differ."""
+  one, ratio = GazeConfig(top_k=1), GazeConfig(top_k=1.0)
+  assert one != ratio and hash(one) != hash(ratio)
+  assert GazeConfig(top_k=2) == GazeConfig(top_k=2)
+  with pytest.raises(ValueError, match="top_k"):
+    GazeConfig(top_k="4")

@@ -1,0 +1,433 @@
+"""``evaluate``: accuracy, visual KV budget, routing accuracy and decode FLOPs of a gaze model
+and its baselines on one split.
+
+For each batch (a dict of stacked features from ``gaze_jax.data``, or a ``ModelInputs``):
+
+* ``gaze`` (the model as given): one jitted teacher-forced forward with the routing choices
+  (``return_selected``) -> exact match (see ``metrics``), token accuracy and answer NLL,
+  measured visual KV entries, routing accuracy against ``gt_regions``;
+* ``dense``: the dense twin (same weights, ``bl.dense_twin``) on the same batch;
+* ``token_matched``: the dense twin on downsampled images (``bl.token_matched_inputs``);
+* ``fixed_from_question``: two passes, regions fixed at the last prompt row;
+* optionally (``generate_text=True`` with a tokenizer) greedy generation of each example's first
+  answer with ``gaze_jax.model.generate`` and normalised text exact match.
+
+The result is a plain dict (JSON-ready after ``report.to_jsonable``) that ``write_report``
+renders. Gaze maps for the first examples can be written along the way (``gaze_maps_dir``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gaze_jax.data.features import ModelInputs, batch_to_model_inputs
+from gaze_jax.eval import baselines as bl
+from gaze_jax.eval import layouts, metrics
+from gaze_jax.eval.budget import configured_budget, measured_flops
+from gaze_jax.eval.text import text_exact_match
+from gaze_jax.gaze.layout import PATCH, LayoutSpec
+
+BASELINES = ("dense", "token_matched", "fixed_from_question")
+
+
+# ------------------------------------------------------------------ compiled forwards
+
+
+def _outputs(logits, targets):
+  """Argmax ids ``[B, S]`` and the log-probability of each target ``[B, S]`` (the vocabulary
+  axis never leaves the device)."""
+  pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  tgt = jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return pred, tgt
+
+
+@nnx.jit(static_argnames=("return_selected",))
+def _forward(model, tokens, layout, images, targets, return_selected=False):
+  out = model(tokens, layout, images, return_selected=return_selected)
+  logits, selected = out if return_selected else (out, None)
+  pred, tgt = _outputs(logits, targets)
+  return pred, tgt, selected
+
+
+@nnx.jit
+def _forward_fixed(model, tokens, route_layout, layout, images, targets, anchor_rows):
+  """Fixed-from-question: route once (first pass), copy each answer row's anchor selection,
+  then run with those selections. Returns the second pass's outputs and applied ids."""
+  _, selected = model(tokens, route_layout, images, return_selected=True)
+  fixed = bl.fixed_selections(selected, anchor_rows)
+  logits, applied = model(tokens, layout, images, selections=fixed, return_selected=True)
+  pred, tgt = _outputs(logits, targets)
+  return pred, tgt, applied
+
+
+def predict(model, inputs: ModelInputs, *, return_selected: bool = False):
+  """One teacher-forced pass: ``(pred int32[B, S], target_logp float32[B, S], selected)`` as
+  numpy (``selected``: per layer ``[B, S, Hq, K]`` ids, or None)."""
+  images = _images_for(model, inputs)
+  pred, tgt, sel = _forward(model, jnp.asarray(inputs.tokens, jnp.int32), inputs.layout, images,
+                            jnp.asarray(inputs.targets, jnp.int32),
+                            return_selected=bool(return_selected and _is_gaze(model)))
+  return np.asarray(pred), np.asarray(tgt), (None if sel is None else [np.asarray(s) for s in sel])
+
+
+def predict_fixed_from_question(model, inputs: ModelInputs):
+  """The fixed-from-question baseline's pass: like ``predict`` with ``return_selected``, the ids
+  being the regions actually attended (the anchors' at answer rows)."""
+  if not _is_gaze(model):
+    raise ValueError("the fixed-from-question baseline needs a gaze model")
+  anchors = layouts.question_anchor_rows(inputs.layout)
+  route_layout = bl.routing_layout(inputs.layout, anchors, model.cfg.gaze.route_prompt)
+  pred, tgt, sel = _forward_fixed(model, jnp.asarray(inputs.tokens, jnp.int32), route_layout,
+                                  inputs.layout, _images_for(model, inputs),
+                                  jnp.asarray(inputs.targets, jnp.int32),
+                                  jnp.asarray(anchors, jnp.int32))
+  return np.asarray(pred), np.asarray(tgt), [np.asarray(s) for s in sel]
+
+
+def _is_gaze(model) -> bool:
+  return model.cfg.gaze.attention == "gaze"
+
+
+def _images_for(model, inputs: ModelInputs):
+  """The images, or None for a text-only model or a batch without patches."""
+  if model.cfg.vision is None or inputs.images is None:
+    return None
+  if not (np.asarray(inputs.layout.kind) == PATCH).any():
+    return None
+  return jnp.asarray(inputs.images)
+
+
+# ------------------------------------------------------------------ generation
+
+
+def generate_answers(model, inputs: ModelInputs, *, max_new_tokens: Optional[int] = None,
+                     extra_tokens: int = 8, stop_tokens: Sequence[int] = (), pad_id: int = 0
+                     ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+  """Greedy answers to each example's first question.
+
+  The prompt is every segment before the example's first generated span; a
+  ``Text(max_new_tokens, generated=True)`` span is reserved after it. ``max_new_tokens``
+  defaults to the longest first reference answer (its end token included) plus
+  ``extra_tokens``.
+
+  Returns ``(tokens int32[B, M], lengths int32[B], references)`` with ``references[b]`` the
+  token ids of example b's first reference answer (end token included).
+  """
+  from gaze_jax.model.generate import generate
+
+  lay = inputs.layout
+  B = np.asarray(lay.kind).shape[0]
+  refs = [_first_answer(inputs, b) for b in range(B)]
+  M = int(max_new_tokens or max(len(r) for r in refs) + extra_tokens)
+  segs = [layouts.prompt_segments(layouts.example_segments(lay, b), M) for b in range(B)]
+  spec = layouts.spec_for(segs, lay.spec)
+  prompt = layouts.relayout(inputs, segs, spec)
+  out = generate(model, prompt.tokens, prompt.layout, _images_for(model, prompt),
+                 max_new_tokens=M, stop_tokens=tuple(stop_tokens), pad_id=pad_id)
+  return np.asarray(out.tokens), np.asarray(out.lengths), refs
+
+
+def _first_answer(inputs: ModelInputs, b: int) -> np.ndarray:
+  """Targets of example b's first run of answer rows (the first answer and its end token)."""
+  rows = np.flatnonzero(np.asarray(inputs.loss_mask)[b] > 0)
+  if rows.size == 0:
+    return np.zeros(0, np.int32)
+  # Answer rows of one answer are consecutive text slots; a later answer starts after a gap.
+  pos = np.asarray(inputs.layout.position)[b, rows]
+  cut = np.flatnonzero(np.diff(pos) != 1)
+  end = cut[0] + 1 if cut.size else rows.size
+  return np.asarray(inputs.targets)[b, rows[:end]]
+
+
+# ------------------------------------------------------------------ accumulation
+
+
+class _Acc:
+  """Sums of one model variant over the batches of a split."""
+
+  def __init__(self, name: str, cfg, fixed: bool = False):
+    self.name, self.cfg, self.fixed = name, cfg, fixed
+    self.examples = self.correct = 0
+    self.tokens_right = self.tokens = 0
+    self.nll = 0.0
+    self.kv = metrics.KVStats()
+    self.dense_kv = metrics.KVStats()
+    self.routing: Optional[metrics.RoutingStats] = None
+    self.configured: list[tuple[int, dict]] = []
+    self.text_examples = self.text_correct = 0
+    self.samples: list[dict] = []
+    self.seconds = 0.0
+    self.extra: dict[str, Any] = {}
+
+  def add(self, inputs: ModelInputs, pred, tgt_logp, selected):
+    match, has = metrics.teacher_forced_exact_match(pred, inputs.targets, inputs.loss_mask)
+    self.examples += int(has.sum())
+    self.correct += int(match.sum())
+    right, total = metrics.token_accuracy(pred, inputs.targets, inputs.loss_mask)
+    self.tokens_right += right
+    self.tokens += total
+    mask = np.asarray(inputs.loss_mask) > 0
+    self.nll += float(-(np.asarray(tgt_logp)[mask]).sum())
+    rows = metrics.answer_rows(inputs.loss_mask)
+    self.dense_kv += metrics.dense_kv_entries(inputs.layout, rows)
+    if selected is None:
+      self.kv += metrics.dense_kv_entries(inputs.layout, rows)
+    else:
+      gz = self.cfg.gaze
+      self.kv += metrics.routed_kv_entries(selected, inputs.layout, rows,
+                                           route_prompt=gz.route_prompt,
+                                           num_kv_heads=self.cfg.decoder.num_kv_heads,
+                                           scores_routing=not self.fixed)
+      stats = metrics.routing_accuracy(selected, inputs.gt_regions, inputs.layout, rows)
+      self.routing = stats if self.routing is None else self.routing + stats
+    conf = configured_budget(self.cfg, inputs.layout)
+    self.configured.append((conf["examples"], conf))
+
+  def add_text(self, predictions: Sequence[str], references: Sequence[str], num_samples: int):
+    for p, r in zip(predictions, references):
+      ok = text_exact_match(p, r)
+      self.text_examples += 1
+      self.text_correct += int(ok)
+      if len(self.samples) < num_samples:
+        self.samples.append({"prediction": p, "reference": r, "match": bool(ok)})
+
+  def _configured(self) -> dict[str, Any]:
+    """Example-weighted means of the per-batch configured budgets."""
+    items = [(n, c) for n, c in self.configured if n]
+    if not items:
+      return {}
+    w = np.array([n for n, _ in items], np.float64)
+    mean = lambda key: float(np.dot(w, [c[key] for _, c in items]) / w.sum())
+    flops = {k: float(np.dot(w, [c["flops"][k] for _, c in items]) / w.sum())
+             for k in ("regions", "context", "routing")}
+    if self.fixed:                      # regions are chosen once, not scored per decode query
+      flops["routing"] = 0.0
+    flops["total"] = flops["regions"] + flops["context"] + flops["routing"]
+    return {"visual_kv": mean("visual_kv"), "dense_visual_kv": mean("dense_visual_kv"),
+            "patches": mean("patches"), "frames": mean("frames"), "top_k": items[0][1]["top_k"],
+            "region_size": items[0][1]["region_size"], "num_ctx": items[0][1]["num_ctx"],
+            "flops": flops}
+
+  def result(self, dense_entries: float) -> dict[str, Any]:
+    kv = self.kv.mean_entries
+    conf = self._configured()
+    fl = measured_flops(self.cfg, kv if math.isfinite(kv) else 0.0, self.kv.mean_candidates)
+    ref = dense_entries
+    out = {
+        "name": self.name,
+        "attention": self.cfg.gaze.attention,
+        "examples": self.examples,
+        "accuracy": self.correct / self.examples if self.examples else float("nan"),
+        "token_accuracy": self.tokens_right / self.tokens if self.tokens else float("nan"),
+        "answer_nll": self.nll / self.tokens if self.tokens else float("nan"),
+        "visual_kv": {
+            "measured": kv,
+            "configured": conf.get("visual_kv", float("nan")),
+            "dense_measured": ref,
+            "fraction_of_dense": kv / ref if ref else float("nan"),
+            "kv_head_union_regions": self.kv.mean_union,
+            "routing_candidates": self.kv.mean_candidates,
+        },
+        "flops": {"measured": fl, "configured": conf.get("flops", {})},
+        "attention_gflops_per_query": fl["total"] / 1e9,
+        "configured": conf,
+        "seconds": self.seconds,
+    }
+    if self.routing is not None:
+      r = self.routing
+      out["routing"] = {"accuracy": r.accuracy, "random": r.random,
+                        "per_layer": r.accuracy_per_layer.tolist(),
+                        "random_per_layer": r.random_per_layer.tolist(),
+                        "selections": float(r.selections.sum())}
+    if self.text_examples:
+      out["text_accuracy"] = self.text_correct / self.text_examples
+      out["text_examples"] = self.text_examples
+      out["samples"] = self.samples
+    out.update(self.extra)
+    return out
+
+
+def _to_inputs(batch, spec: Optional[LayoutSpec]) -> ModelInputs:
+  if isinstance(batch, ModelInputs):
+    return batch
+  if isinstance(batch, Mapping):
+    if spec is None:
+      raise ValueError("batches are feature dicts: pass the LayoutSpec they were built with "
+                       "(spec=...)")
+    return batch_to_model_inputs(batch, spec)
+  raise ValueError(f"a batch must be a feature dict or a ModelInputs, got {type(batch).__name__}")
+
+
+# ------------------------------------------------------------------ the entry point
+
+
+def evaluate(model, batches: Iterable, spec: Optional[LayoutSpec] = None, *,
+             baselines: Sequence[str] = BASELINES, split: str = "eval", name: str = "gaze",
+             max_batches: Optional[int] = None, token_matched_grid: Optional[int] = None,
+             tokenizer=None, generate_text: bool = False, max_new_tokens: Optional[int] = None,
+             text_variants: Sequence[str] = ("gaze", "dense"), num_samples: int = 8,
+             gaze_maps_dir: Union[str, Path, None] = None, num_gaze_maps: int = 4,
+             gaze_map_layer: Optional[int] = None, gaze_map_tokens: int = 4,
+             image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
+             log=None) -> dict[str, Any]:
+  """Evaluates ``model`` and its baselines on the batches of one split.
+
+  Args:
+    model: an ``MLLM`` (gaze or dense attention).
+    batches: an iterable of feature dicts (``gaze_jax.data`` pipeline batches) or ModelInputs.
+    spec: the LayoutSpec the feature dicts were built with (not needed for ModelInputs).
+    baselines: any of "dense", "token_matched", "fixed_from_question" (the last two need a gaze
+      model; for a dense model they are skipped and noted under ``skipped``).
+    split, name: labels in the result (``name`` is the main model's row).
+    max_batches: stop after this many batches.
+    token_matched_grid: force the token-matched grid height (default: matched to the budget).
+    tokenizer: with ``generate_text``, decode greedy generations and score normalised text
+      exact match for ``text_variants`` (of "gaze", "dense", "token_matched").
+    max_new_tokens: generation length (default: longest reference + 8).
+    num_samples: generated (prediction, reference) pairs kept per variant.
+    gaze_maps_dir: write gaze maps of the first ``num_gaze_maps`` examples there (layer
+      ``gaze_map_layer``, default the middle one; ``gaze_map_tokens`` answer rows each).
+    image_mean, image_std: the images' normalisation, undone for the gaze maps.
+    log: optional ``print``-like callable for progress lines.
+  Returns:
+    ``{"split", "batches", "examples", "model": {...}, "results": {variant: {...}},
+    "skipped": {...}, "gaze_maps": [paths]}``; each variant has ``accuracy``,
+    ``token_accuracy``, ``answer_nll``, ``visual_kv`` (measured / configured / % of dense),
+    ``routing`` (gaze variants), ``flops`` and ``attention_gflops_per_query`` (measured),
+    ``configured`` (the formula budget), ``seconds`` (wall time of its passes, compilation
+    included) and, for token_matched, ``token_match`` (the grid of the last batch).
+  """
+  unknown = set(baselines) - set(BASELINES)
+  if unknown:
+    raise ValueError(f"unknown baselines {sorted(unknown)}; known: {BASELINES}")
+  bad = set(text_variants) - {"gaze", "dense", "token_matched"}
+  if bad:
+    raise ValueError(f"text_variants {sorted(bad)} unknown; use 'gaze' (the main model), "
+                     "'dense' or 'token_matched'")
+  if generate_text and tokenizer is None:
+    raise ValueError("generate_text=True needs a tokenizer to decode the answers")
+  gaze = _is_gaze(model)
+  skipped = {}
+  wanted = []
+  for b in baselines:
+    if b in ("token_matched", "fixed_from_question") and not gaze:
+      skipped[b] = "needs a gaze model (the model is dense)"
+    elif b == "token_matched" and model.cfg.vision is None:
+      skipped[b] = "needs a vision tower"
+    elif b == "dense" and not gaze:
+      skipped[b] = "the model is dense already"
+    else:
+      wanted.append(b)
+  if name in wanted:
+    raise ValueError(f"name={name!r} is also the name of a baseline row; pick another")
+  dense = bl.dense_twin(model) if (gaze and set(wanted) & {"dense", "token_matched"}) \
+      else None
+  accs = {name: _Acc(name, model.cfg)}
+  for b in wanted:
+    accs[b] = _Acc(b, dense.cfg if b in ("dense", "token_matched") else model.cfg,
+                   fixed=b == "fixed_from_question")
+  maps: list[str] = []
+  n_batches = n_examples = 0
+  stop_ids = tuple(getattr(tokenizer, "stop_ids", ())) if tokenizer is not None else ()
+  pad_id = int(getattr(tokenizer, "pad_id", 0) or 0) if tokenizer is not None else 0
+  for batch in batches:
+    if max_batches is not None and n_batches >= max_batches:
+      break
+    inputs = _to_inputs(batch, spec)
+    n_batches += 1
+    n_examples += int(np.asarray(inputs.tokens).shape[0])
+
+    t0 = time.perf_counter()
+    pred, tgt, sel = predict(model, inputs, return_selected=True)
+    accs[name].seconds += time.perf_counter() - t0
+    accs[name].add(inputs, pred, tgt, sel)
+    if gaze_maps_dir is not None and sel is not None and len(maps) < num_gaze_maps:
+      from gaze_jax.eval.gaze_maps import write_batch_gaze_maps
+      maps += write_batch_gaze_maps(
+          gaze_maps_dir, inputs, sel, limit=num_gaze_maps - len(maps), start=len(maps),
+          layer=gaze_map_layer, tokens_per_example=gaze_map_tokens, tokenizer=tokenizer,
+          image_mean=image_mean, image_std=image_std)
+
+    if "dense" in wanted:
+      t0 = time.perf_counter()
+      out = predict(dense, inputs)
+      accs["dense"].seconds += time.perf_counter() - t0
+      accs["dense"].add(inputs, *out)
+    tm_inputs = None
+    if "token_matched" in wanted:
+      t0 = time.perf_counter()
+      tm_inputs, match = bl.token_matched_inputs(model, inputs, grid=token_matched_grid)
+      out = predict(dense, tm_inputs)
+      accs["token_matched"].seconds += time.perf_counter() - t0
+      accs["token_matched"].add(tm_inputs, *out)
+      accs["token_matched"].extra["token_match"] = {
+          "grid": list(match.grid), "image_hw": list(match.image_hw),
+          "visual_tokens": match.visual_tokens, "target_tokens": match.target_tokens}
+    if "fixed_from_question" in wanted:
+      t0 = time.perf_counter()
+      out = predict_fixed_from_question(model, inputs)
+      accs["fixed_from_question"].seconds += time.perf_counter() - t0
+      accs["fixed_from_question"].add(inputs, *out)
+
+    if generate_text:
+      runs = {"gaze": (name, model, inputs)}          # "gaze" names the main model here
+      if "dense" in wanted:
+        runs["dense"] = ("dense", dense, inputs)
+      if "token_matched" in wanted:
+        runs["token_matched"] = ("token_matched", dense, tm_inputs)
+      for v in text_variants:
+        if v not in runs:
+          continue
+        key, m, inp = runs[v]
+        toks, lengths, refs = generate_answers(m, inp, max_new_tokens=max_new_tokens,
+                                               stop_tokens=stop_ids, pad_id=pad_id)
+        preds = [decode(tokenizer, _strip(toks[i, :lengths[i]], stop_ids))
+                 for i in range(len(refs))]
+        texts = [decode(tokenizer, _strip(r, stop_ids)) for r in refs]
+        accs[key].add_text(preds, texts, num_samples)
+    if log is not None:
+      log(f"[eval {split}] batch {n_batches}: {n_examples} examples, "
+          f"{name} accuracy so far {accs[name].correct / max(accs[name].examples, 1):.3f}")
+
+  if n_batches == 0:
+    raise ValueError(f"split {split!r}: no batches to evaluate")
+  # Every variant is compared with dense attention over the original sequence.
+  dense_ref = accs[name].dense_kv.mean_entries
+  results = {k: a.result(dense_ref) for k, a in accs.items()}
+  cfg = model.cfg
+  return {
+      "split": split, "batches": n_batches, "examples": n_examples,
+      "model": {"name": name, "attention": cfg.gaze.attention, "top_k": cfg.gaze.top_k,
+                "region_shape": list(cfg.gaze.region_shape), "num_ctx": cfg.gaze.num_ctx,
+                "route_prompt": cfg.gaze.route_prompt, "num_layers": cfg.decoder.num_layers,
+                "num_heads": cfg.decoder.num_heads, "num_kv_heads": cfg.decoder.num_kv_heads,
+                "head_dim": cfg.decoder.head_dim},
+      "results": results, "skipped": skipped, "gaze_maps": maps,
+  }
+
+
+def decode(tokenizer, ids, skip_special: bool = True) -> str:
+  """``tokenizer.decode`` of the ids inside its vocabulary (a model's vocabulary may be larger
+  than its tokenizer's, e.g. the tiny preset's 512 ids with the 264-id byte tokenizer)."""
+  n = getattr(tokenizer, "vocab_size", None)
+  ids = [int(i) for i in ids if n is None or 0 <= int(i) < n]
+  return tokenizer.decode(ids, skip_special=skip_special)
+
+
+def _strip(ids, stop_ids) -> list[int]:
+  """Ids up to (not including) the first stop id."""
+  out = []
+  for i in np.asarray(ids).tolist():
+    if i in stop_ids:
+      break
+    out.append(int(i))
+  return out

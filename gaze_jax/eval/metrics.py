@@ -1,0 +1,306 @@
+"""Per-batch evaluation metrics as numpy functions over host arrays.
+
+Answer rows. Under teacher forcing the logits at slot ``t`` predict the token at position
+``position[t] + 1``; ``loss_mask`` (from ``gaze_jax.data.features``) marks the rows whose target
+is an answer token (the answer and its end token). These rows are exactly the queries that
+produce the answer when decoding: the first is the last prompt row (the prefill step), the
+others are the answer's own tokens fed back one by one (the decode steps). All answer metrics
+below are taken over them.
+
+Exact match by teacher forcing. Greedy decoding reproduces the reference answer (up to and
+including its end token, where decoding stops) **iff** the argmax at every answer row equals
+its target. Proof by induction over the answer: decode step ``i`` sees the prompt and the first
+``i`` generated tokens; if those equal the reference's, its context equals the teacher-forced
+context of answer row ``i`` (same tokens at the same positions, same causal masks and the same
+routing, which depends only on earlier tokens), so it emits the teacher-forced argmax; the first
+row where argmax != target is the first wrong token. One forward pass per batch therefore gives
+the exact-match accuracy of greedy decoding, without the decode loop (floating-point
+differences between the full forward and the cached decode path could only matter on exact
+logit ties).
+
+Routing accuracy. For an answer row, layer and query head, each valid selected region is a
+*hit* when it is one of the example's ground-truth regions (``gt_regions``: regions overlapped
+by the answer's boxes). The random-choice rate is the expected hit share had the same number of
+regions been drawn uniformly without replacement from that row's causal candidates ``C`` (valid
+regions whose tokens all precede the row): ``|G & C| / |C|`` per drawn region. Examples without
+ground-truth regions are left out of both.
+
+Visual KV entries per query (measured). For a routed row: the valid patch tokens of its selected
+regions (region padding excluded) plus the context tokens before it; for a dense row (dense
+models, and text rows a gaze model does not route): every patch and context token before it.
+Means are over answer rows, query heads and layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import numpy as np
+
+from gaze_jax.gaze.accounting import selected_union_size
+from gaze_jax.gaze.layout import CTX, PATCH, TEXT
+
+
+def _np(x) -> np.ndarray:
+  return np.asarray(x)
+
+
+def answer_rows(loss_mask) -> tuple[np.ndarray, np.ndarray]:
+  """``(b, t)`` int arrays ``[n]`` of the answer rows (``loss_mask > 0``), example-major and in
+  slot order within an example (slot order is position order for text)."""
+  b, t = np.nonzero(_np(loss_mask) > 0)
+  return b.astype(np.int64), t.astype(np.int64)
+
+
+# ------------------------------------------------------------------ exact match
+
+
+def teacher_forced_exact_match(predictions, targets, loss_mask) -> tuple[np.ndarray, np.ndarray]:
+  """Greedy exact match of each example from one teacher-forced pass (module docstring).
+
+  Args:
+    predictions: int ``[B, S]`` argmax token ids, or float logits ``[B, S, V]``.
+    targets: int ``[B, S]`` next-token targets by position.
+    loss_mask: ``[B, S]``, > 0 at answer rows.
+  Returns:
+    ``(match bool[B], has_answer bool[B])``; ``match`` is False where ``has_answer`` is False.
+  """
+  pred = _np(predictions)
+  if pred.ndim == 3:
+    pred = pred.argmax(-1)
+  targets, mask = _np(targets), _np(loss_mask) > 0
+  if pred.shape != targets.shape or mask.shape != targets.shape:
+    raise ValueError(f"predictions {pred.shape}, targets {targets.shape} and loss_mask "
+                     f"{mask.shape} must all be [B, S]")
+  wrong = (pred != targets) & mask
+  has = mask.any(axis=1)
+  return has & ~wrong.any(axis=1), has
+
+
+def token_accuracy(predictions, targets, loss_mask) -> tuple[int, int]:
+  """``(correct, total)`` answer tokens whose argmax equals the target."""
+  pred, mask = _np(predictions), _np(loss_mask) > 0
+  if pred.ndim == 3:
+    pred = pred.argmax(-1)
+  return int(((pred == _np(targets)) & mask).sum()), int(mask.sum())
+
+
+# ------------------------------------------------------------------ layout helpers
+
+
+def region_token_counts(layout) -> np.ndarray:
+  """Valid patch tokens per region, int ``[B, NR]`` (a padded region at a grid edge has fewer
+  than ``rh * rw``)."""
+  region, kind = _np(layout.region), _np(layout.kind)
+  B, NR = _np(layout.region_valid).shape
+  out = np.zeros((B, NR), np.int64)
+  for b in range(B):
+    ids = region[b][(kind[b] == PATCH) & (region[b] >= 0)]
+    out[b] = np.bincount(ids, minlength=NR)[:NR]
+  return out
+
+
+def visible_visual_tokens(layout, b: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Patch and context tokens at earlier positions than each row ``(b[i], t[i])``:
+  int ``[n]`` each (what a dense row reads, and the context tokens every routed row reads)."""
+  kind, pos = _np(layout.kind), _np(layout.position)
+  q = pos[b, t][:, None]
+  patches = ((kind[b] == PATCH) & (pos[b] < q)).sum(-1)
+  ctx = ((kind[b] == CTX) & (pos[b] < q)).sum(-1)
+  return patches, ctx
+
+
+def candidate_mask(layout, b: np.ndarray, t: np.ndarray) -> np.ndarray:
+  """Causal routing candidates of each row: bool ``[n, NR]`` (valid regions whose last
+  position precedes the row's position)."""
+  valid, last = _np(layout.region_valid), _np(layout.region_last_pos)
+  q = _np(layout.position)[b, t][:, None]
+  return valid[b] & (last[b] < q)
+
+
+def routed_mask(layout, b: np.ndarray, t: np.ndarray, route_prompt: bool = True) -> np.ndarray:
+  """Rows a gaze model routes (METHOD.md step 8): text rows, only generated ones when
+  ``route_prompt`` is False. bool ``[n]``."""
+  routed = _np(layout.kind)[b, t] == TEXT
+  if not route_prompt:
+    routed &= _np(layout.generated)[b, t].astype(bool)
+  return routed
+
+
+def gt_membership(gt_regions, num_regions: int) -> np.ndarray:
+  """bool ``[B, NR]``: region r is a ground-truth region of example b (``gt_regions`` int
+  ``[B, G]``, -1 padded; ids outside ``[0, NR)`` raise)."""
+  gt = _np(gt_regions)
+  if gt.ndim != 2:
+    raise ValueError(f"gt_regions must be [B, G], got shape {gt.shape}")
+  bad = gt[(gt >= num_regions) | (gt < -1)]
+  if bad.size:
+    raise ValueError(f"gt_regions holds ids {sorted(set(bad.tolist()))} outside the layout's "
+                     f"{num_regions} regions")
+  out = np.zeros((gt.shape[0], num_regions), bool)
+  bb, gg = np.nonzero(gt >= 0)
+  out[bb, gt[bb, gg]] = True
+  return out
+
+
+# ------------------------------------------------------------------ routing accuracy
+
+
+@dataclasses.dataclass
+class RoutingStats:
+  """Sums per layer (float ``[L]``): hits, valid selections and expected random hits."""
+  hits: np.ndarray
+  selections: np.ndarray
+  random_hits: np.ndarray
+
+  def __add__(self, other: "RoutingStats") -> "RoutingStats":
+    return RoutingStats(self.hits + other.hits, self.selections + other.selections,
+                        self.random_hits + other.random_hits)
+
+  def _share(self, x) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+      return np.where(self.selections > 0, x / np.maximum(self.selections, 1), np.nan)
+
+  @property
+  def accuracy_per_layer(self) -> np.ndarray:
+    return self._share(self.hits)
+
+  @property
+  def random_per_layer(self) -> np.ndarray:
+    return self._share(self.random_hits)
+
+  @property
+  def accuracy(self) -> float:
+    """Mean over layers (that made any selection) of the per-layer hit share."""
+    a = self.accuracy_per_layer
+    return float(np.nanmean(a)) if np.isfinite(a).any() else float("nan")
+
+  @property
+  def random(self) -> float:
+    r = self.random_per_layer
+    return float(np.nanmean(r)) if np.isfinite(r).any() else float("nan")
+
+
+def routing_accuracy(selected: Sequence, gt_regions, layout, rows) -> RoutingStats:
+  """Hit counts of the routing choices at answer rows against ground-truth regions.
+
+  Args:
+    selected: per layer, int ``[B, S, Hq, K]`` region ids (-1 = none).
+    gt_regions: int ``[B, G]`` ground-truth region ids, -1 padded.
+    layout: the batch's TokenLayout.
+    rows: ``(b, t)`` from ``answer_rows`` (or a ``[B, S]`` mask).
+  Returns:
+    RoutingStats with per-layer sums (see the module docstring for the random rate).
+  """
+  b, t = _rows(rows)
+  NR = _np(layout.region_valid).shape[1]
+  gt = gt_membership(gt_regions, NR)
+  keep = gt[b].any(-1)                          # examples with ground truth
+  b, t = b[keep], t[keep]
+  L = len(selected)
+  out = RoutingStats(np.zeros(L), np.zeros(L), np.zeros(L))
+  if b.size == 0:
+    return out
+  cand = candidate_mask(layout, b, t)                                   # [n, NR]
+  n_cand = cand.sum(-1)
+  rate = np.where(n_cand > 0, (cand & gt[b]).sum(-1) / np.maximum(n_cand, 1), 0.0)   # [n]
+  for layer, ids in enumerate(selected):
+    ids = _np(ids)[b, t]                                                # [n, Hq, K]
+    valid = ids >= 0
+    hit = valid & _gather_regions(gt[b], ids)
+    n_sel = valid.sum(axis=(1, 2))                                      # [n]
+    out.hits[layer] = hit.sum()
+    out.selections[layer] = n_sel.sum()
+    out.random_hits[layer] = (n_sel * rate).sum()
+  return out
+
+
+def _gather_regions(per_region: np.ndarray, ids: np.ndarray) -> np.ndarray:
+  """``per_region [n, NR]`` read at ``ids [n, Hq, K]`` (clipped to 0 where -1) -> ``[n, Hq, K]``."""
+  n = ids.shape[0]
+  flat = np.take_along_axis(per_region, np.maximum(ids, 0).reshape(n, -1), axis=-1)
+  return flat.reshape(ids.shape)
+
+
+def _rows(rows) -> tuple[np.ndarray, np.ndarray]:
+  if isinstance(rows, tuple):
+    return np.asarray(rows[0], np.int64), np.asarray(rows[1], np.int64)
+  return answer_rows(rows)
+
+
+# ------------------------------------------------------------------ visual KV entries
+
+
+@dataclasses.dataclass
+class KVStats:
+  """Sums over (answer row, head, layer) samples: visual KV entries read, the routing
+  candidates scored, and the union of regions per KV head (selected rows only)."""
+  entries: float = 0.0
+  samples: float = 0.0
+  candidates: float = 0.0
+  candidate_rows: float = 0.0
+  union: float = 0.0
+  union_samples: float = 0.0
+
+  def __add__(self, other: "KVStats") -> "KVStats":
+    return KVStats(*(getattr(self, f.name) + getattr(other, f.name)
+                     for f in dataclasses.fields(self)))
+
+  @property
+  def mean_entries(self) -> float:
+    return self.entries / self.samples if self.samples else float("nan")
+
+  @property
+  def mean_candidates(self) -> float:
+    """Regions scored per routed row (0 for dense models)."""
+    return self.candidates / self.candidate_rows if self.candidate_rows else 0.0
+
+  @property
+  def mean_union(self) -> float:
+    """Distinct regions one KV head reads for a routed row (METHOD.md efficiency notes)."""
+    return self.union / self.union_samples if self.union_samples else float("nan")
+
+
+def dense_kv_entries(layout, rows) -> KVStats:
+  """Dense attention: every earlier patch and context token, per answer row."""
+  b, t = _rows(rows)
+  patches, ctx = visible_visual_tokens(layout, b, t)
+  return KVStats(entries=float((patches + ctx).sum()), samples=float(b.size))
+
+
+def routed_kv_entries(selected: Sequence, layout, rows, *, route_prompt: bool = True,
+                      num_kv_heads: Optional[int] = None, scores_routing: bool = True) -> KVStats:
+  """Gaze attention with the given selections, per answer row, head and layer.
+
+  Args:
+    selected: per layer, int ``[B, S, Hq, K]`` region ids (-1 = none).
+    layout: the batch's TokenLayout.
+    rows: ``(b, t)`` or a ``[B, S]`` mask of answer rows.
+    route_prompt: the model's ``GazeConfig.route_prompt`` (which text rows route).
+    num_kv_heads: Hkv, to measure the union of the query heads' regions per KV head.
+    scores_routing: count the candidates scored at each routed row (False when the regions
+      were fixed beforehand, e.g. the eviction baseline: nothing is scored while decoding).
+  """
+  b, t = _rows(rows)
+  out = KVStats()
+  if b.size == 0:
+    return out
+  counts = region_token_counts(layout)                                  # [B, NR]
+  patches, ctx = visible_visual_tokens(layout, b, t)
+  routed = routed_mask(layout, b, t, route_prompt)
+  n_cand = candidate_mask(layout, b, t).sum(-1)
+  for ids in selected:
+    ids = _np(ids)[b, t]                                                # [n, Hq, K]
+    tokens = np.where(ids >= 0, _gather_regions(counts[b], ids), 0).sum(-1)   # [n, Hq]
+    per_row = np.where(routed[:, None], tokens + ctx[:, None], (patches + ctx)[:, None])
+    out.entries += float(per_row.sum())
+    out.samples += float(per_row.size)
+    if scores_routing:
+      out.candidates += float(n_cand[routed].sum())
+      out.candidate_rows += float(routed.sum())
+    if num_kv_heads and routed.any():
+      union = np.asarray(selected_union_size(ids[routed][None], num_kv_heads))
+      out.union += float(union.sum())
+      out.union_samples += float(union.size)
+  return out

@@ -1,0 +1,294 @@
+"""The evaluation on a tiny random model: teacher-forced exact match against greedy ``generate``,
+the dense twin against gaze with every region, the fixed-from-question baseline's regions, and
+``evaluate`` + ``write_report`` end to end (numbers checked against independent counts)."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from gaze_jax.data.features import ModelInputs, next_token_targets
+from gaze_jax.eval import (dense_twin, evaluate, predict, predict_fixed_from_question,
+                           teacher_forced_exact_match, write_report)
+from gaze_jax.eval.evaluate import generate_answers
+from gaze_jax.gaze import CTX, PAD, PATCH, TEXT, Image, LayoutSpec, Text, build_layout
+from gaze_jax.model import MLLM, DecoderConfig, GazeConfig, MLLMConfig, VisionConfig, pack_images
+from gaze_jax.model.generate import generate
+
+V = 64
+M = 5                      # answer length
+SPEC = LayoutSpec(seq_len=96, max_regions=8, max_images=2, region_shape=(2, 2), num_ctx=2)
+
+
+def make_model(top_k=2, num_ctx=2, route_prompt=True, seed=0) -> MLLM:
+  """16 px images, patch 4: a 4x4 grid, four 2x2 regions per image; 2 layers, 4/2 heads."""
+  cfg = MLLMConfig(
+      decoder=DecoderConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2,
+                            num_heads=4, num_kv_heads=2),
+      vision=VisionConfig(image_size=16, patch_size=4, hidden_size=16, intermediate_size=32,
+                          num_layers=1, num_heads=2),
+      gaze=GazeConfig(attention="gaze", top_k=top_k, region_shape=(2, 2), num_ctx=num_ctx,
+                      route_prompt=route_prompt))
+  return MLLM(cfg, rngs=nnx.Rngs(seed))
+
+
+@pytest.fixture(scope="module")
+def model():
+  return make_model()
+
+
+def prompts():
+  return [[Text(3), Image(4, 4), Text(4)],
+          [Text(1), Image(4, 4), Text(2), Image(4, 4), Text(3)],
+          [Text(5), Image(4, 4), Text(2)]]
+
+
+def batch(examples, spec=SPEC, seed=0, answers=None, gt=None) -> ModelInputs:
+  """Teacher-forcing inputs: random prompt tokens and images (seeded), ``answers [B, M]`` at
+  the generated slots (random when None), targets by position."""
+  layout = build_layout(examples, spec)
+  rng = np.random.default_rng(seed)
+  B, S = np.asarray(layout.kind).shape
+  kind, gen = np.asarray(layout.kind), np.asarray(layout.generated)
+  tokens = np.where(kind == TEXT, rng.integers(0, V, (B, S)), 0).astype(np.int32)
+  n_frames = np.asarray(layout.frame_valid).sum(1)
+  images = pack_images([[rng.normal(size=(16, 16, 3)).astype(np.float32)
+                         for _ in range(n)] for n in n_frames], layout)
+  targets = np.zeros((B, S), np.int32)
+  mask = np.zeros((B, S), np.float32)
+  for b in range(B):
+    slots = np.flatnonzero(gen[b])
+    if answers is not None:
+      tokens[b, slots[:answers.shape[1]]] = answers[b, :len(slots)]
+    targets[b], mask[b] = next_token_targets(tokens[b], kind[b], np.asarray(layout.position)[b],
+                                             gen[b])
+  gt = np.full((B, 3), -1, np.int32) if gt is None else np.asarray(gt, np.int32)
+  return ModelInputs(tokens, images, layout, targets, mask, gt)
+
+
+def with_answer(examples, trailing=()):
+  return [p + [Text(M, generated=True)] + list(t) for p, t in
+          zip(examples, list(trailing) + [[]] * (len(examples) - len(trailing)))]
+
+
+def greedy(model, inputs: ModelInputs) -> np.ndarray:
+  """Greedy tokens ``[B, M]`` from ``generate`` on the same prompt (the layout must end with
+  the generated span)."""
+  return np.asarray(generate(model, inputs.tokens, inputs.layout, inputs.images,
+                             max_new_tokens=M).tokens)
+
+
+# ------------------------------------------------------------------ exact match == greedy
+
+
+def test_teacher_forced_exact_match_equals_greedy_generate(model):
+  base = batch(with_answer(prompts()))
+  gen = greedy(model, base)
+  answers = gen.copy()
+  answers[1, 4] = (gen[1, 4] + 1) % V           # wrong last token
+  answers[2, 1] = (gen[2, 1] + 1) % V           # wrong second token
+  # The same prompts (same seed), answers written in; example 0 has text after its answer.
+  tf = batch(with_answer(prompts(), trailing=[[Text(2)]]), answers=answers)
+  pred, _, _ = predict(model, tf)
+  match, has = teacher_forced_exact_match(pred, tf.targets, tf.loss_mask)
+  assert has.all()
+  np.testing.assert_array_equal(match, (gen == answers).all(1))
+  np.testing.assert_array_equal(match, [True, False, False])
+  # The induction behind it: up to and including the first wrong answer token, the
+  # teacher-forced argmax is the greedy token.
+  for b, first_wrong in ((0, M - 1), (1, 4), (2, 1)):
+    rows = np.flatnonzero(tf.loss_mask[b] > 0)
+    assert len(rows) == M
+    np.testing.assert_array_equal(pred[b, rows[:first_wrong + 1]], gen[b, :first_wrong + 1])
+  # generate_answers rebuilds the prompt from the teacher-forcing layout (dropping the answer
+  # and the text after it) and reproduces the greedy tokens.
+  toks, lengths, refs = generate_answers(model, tf, max_new_tokens=M)
+  np.testing.assert_array_equal(toks, gen)
+  np.testing.assert_array_equal(np.stack(refs), answers)
+
+
+# ------------------------------------------------------------------ dense twin
+
+
+def test_dense_twin_equals_gaze_with_every_region_and_no_context_tokens():
+  gaze = make_model(top_k=1.0, num_ctx=0)
+  dense = dense_twin(gaze)
+  assert dense.cfg.gaze.attention == "dense" and gaze.cfg.gaze.attention == "gaze"
+  p_gaze, p_dense = nnx.state(gaze, nnx.Param), nnx.state(dense, nnx.Param)
+  for a, b in zip(jax.tree.leaves(p_gaze), jax.tree.leaves(p_dense)):
+    assert a is b or np.array_equal(np.asarray(a), np.asarray(b))
+  # The twin equals a dense model built from scratch and given the weights with nnx.update.
+  ref = MLLM(dense.cfg, rngs=nnx.Rngs(7))
+  nnx.update(ref, nnx.state(gaze, nnx.Param))
+  spec = dataclasses.replace(SPEC, num_ctx=0)
+  inputs = batch(with_answer(prompts()), spec=spec)
+  real = np.asarray(inputs.layout.kind) != PAD
+  pg, lg, _ = predict(gaze, inputs)
+  pd, ld, _ = predict(dense, inputs)
+  pr, lr, _ = predict(ref, inputs)
+  np.testing.assert_allclose(lg[real], ld[real], atol=2e-5)
+  np.testing.assert_allclose(lr[real], ld[real], atol=1e-6)
+  np.testing.assert_array_equal(pg[real], pd[real])
+  # Not vacuous: a gaze model with K=2 of 4 (or 8) regions gives other answer-row outputs.
+  # (Not K=1: GazeConfig(top_k=1) == GazeConfig(top_k=1.0), so jit would reuse the K=all
+  # compilation.)
+  k2 = make_model(top_k=2, num_ctx=0)
+  _, l2, _ = predict(k2, inputs)
+  ans = inputs.loss_mask > 0
+  assert np.abs(l2[ans] - ld[ans]).max() > 1e-2
+  # Through evaluate: same accuracy and the same measured visual KV entries (all patches).
+  res = evaluate(gaze, [inputs], baselines=("dense",))["results"]
+  assert res["gaze"]["visual_kv"]["measured"] == res["dense"]["visual_kv"]["measured"]
+  assert res["gaze"]["visual_kv"]["fraction_of_dense"] == 1.0
+  assert res["gaze"]["answer_nll"] == pytest.approx(res["dense"]["answer_nll"], abs=1e-4)
+  # A dense model evaluates alone: the baselines that need routing are skipped with a reason.
+  alone = evaluate(dense, [inputs], name="dense")
+  assert set(alone["results"]) == {"dense"} and set(alone["skipped"]) == {
+      "dense", "token_matched", "fixed_from_question"}
+  assert alone["results"]["dense"]["visual_kv"]["measured"] == res["dense"]["visual_kv"][
+      "measured"]
+  assert "routing" not in alone["results"]["dense"]
+
+
+# ------------------------------------------------------------------ fixed from question
+
+
+def _last_prompt_row(layout, b):
+  kind, gen = np.asarray(layout.kind)[b], np.asarray(layout.generated)[b]
+  first = np.flatnonzero(gen)[0]
+  return int(np.flatnonzero((kind == TEXT) & (np.arange(len(kind)) < first))[-1])
+
+
+def test_fixed_from_question_keeps_the_last_prompt_row_regions(model):
+  inputs = batch(with_answer(prompts()))
+  _, lp, sel = predict(model, inputs, return_selected=True)
+  _, lf, fixed = predict_fixed_from_question(model, inputs)
+  varied = False
+  for b in range(3):
+    gen_rows = np.flatnonzero(np.asarray(inputs.layout.generated)[b])
+    anchor = _last_prompt_row(inputs.layout, b)
+    for s, f in zip(sel, fixed):
+      np.testing.assert_array_equal(f[b, gen_rows], np.broadcast_to(s[b, anchor],
+                                                                    f[b, gen_rows].shape))
+      np.testing.assert_array_equal(f[b, :anchor + 1], s[b, :anchor + 1])
+      assert (f[b, gen_rows] >= 0).all()
+      varied |= bool((s[b, gen_rows] != s[b, anchor]).any())
+    # Rows up to the last prompt row are untouched; answer rows change.
+    np.testing.assert_allclose(lf[b, :anchor + 1], lp[b, :anchor + 1], atol=1e-5)
+  assert varied          # the model's own routing does move during the answer
+  ans = inputs.loss_mask > 0
+  assert np.abs(lf[ans] - lp[ans]).max() > 1e-4
+
+
+def test_fixed_from_question_without_prompt_routing():
+  # route_prompt=False: prompt rows do not route, yet the regions are chosen at the last
+  # prompt row (routed in the first pass only) and kept for the whole answer.
+  m = make_model(route_prompt=False)
+  inputs = batch(with_answer(prompts()))
+  _, lp, sel = predict(m, inputs, return_selected=True)
+  _, lf, fixed = predict_fixed_from_question(m, inputs)
+  K = 2
+  for b in range(3):
+    gen_rows = np.flatnonzero(np.asarray(inputs.layout.generated)[b])
+    anchor = _last_prompt_row(inputs.layout, b)
+    for s, f in zip(sel, fixed):
+      assert (s[b, :gen_rows[0]] == -1).all() and (f[b, :gen_rows[0]] == -1).all()
+      rows = f[b, gen_rows]
+      assert ((rows >= 0).sum(-1) == K).all()
+      np.testing.assert_array_equal(rows, np.broadcast_to(rows[0], rows.shape))
+    np.testing.assert_allclose(lf[b, :anchor + 1], lp[b, :anchor + 1], atol=1e-5)
+
+
+# ------------------------------------------------------------------ evaluate end to end
+
+
+class IdTokenizer:
+  """Decodes ids as space-separated numbers (the tiny model's vocabulary has no text)."""
+  stop_ids = ()
+  pad_id = 0
+
+  def decode(self, ids, skip_special=True):
+    return " ".join(str(int(i)) for i in ids)
+
+
+def _dense_entries_by_loop(inputs):
+  """Mean over answer rows of the patch + context tokens at earlier positions (plain loops)."""
+  kind, pos = np.asarray(inputs.layout.kind), np.asarray(inputs.layout.position)
+  counts = []
+  for b, t in zip(*np.nonzero(inputs.loss_mask > 0)):
+    counts.append(sum(1 for s in range(kind.shape[1])
+                      if kind[b, s] in (PATCH, CTX) and pos[b, s] < pos[b, t]))
+  return float(np.mean(counts))
+
+
+def test_evaluate_and_report(model, tmp_path):
+  examples = with_answer(prompts())
+  gen = greedy(model, batch(examples))
+  answers = np.random.default_rng(5).integers(0, V, gen.shape)
+  answers[0] = gen[0]                                   # example 0 answers like greedy
+  # Ground truth: regions 1 and 2 (of 4 or 8). Random rate |G| / |candidates|.
+  gt = [[1, 2, -1], [1, 2, -1], [1, 2, -1]]
+  inputs = batch(examples, answers=answers, gt=gt)
+  feats = {"tokens": inputs.tokens, "targets": inputs.targets, "loss_mask": inputs.loss_mask,
+           "images": inputs.images, "gt_regions": inputs.gt_regions,
+           **inputs.layout.to_features()}
+  out = evaluate(model, [feats, feats], SPEC, tokenizer=IdTokenizer(), generate_text=True,
+                 max_new_tokens=M, gaze_maps_dir=tmp_path / "maps", num_gaze_maps=2,
+                 split="validation")
+  res = out["results"]
+  assert set(res) == {"gaze", "dense", "token_matched", "fixed_from_question"}
+  assert out["examples"] == 6 and out["batches"] == 2
+  g, d, tm, fx = res["gaze"], res["dense"], res["token_matched"], res["fixed_from_question"]
+  # Accuracy: example 0 of each batch reproduces greedy decoding, the random answers do not.
+  assert g["accuracy"] == pytest.approx(1 / 3) and g["examples"] == 6
+  assert g["text_accuracy"] == pytest.approx(1 / 3)
+  assert g["samples"][0]["match"] and g["samples"][0]["prediction"] == " ".join(map(str, gen[0]))
+  # Visual KV: dense reads every earlier patch and context token.
+  dense_kv = _dense_entries_by_loop(inputs)
+  assert d["visual_kv"]["measured"] == pytest.approx(dense_kv)
+  # Gaze: K=2 full regions of 4 tokens + the context tokens (2 per image) before the row.
+  n_ctx = {0: 2, 1: 4, 2: 2}
+  rows_per = [(inputs.loss_mask[b] > 0).sum() for b in range(3)]
+  want = sum(r * (2 * 4 + n_ctx[b]) for b, r in enumerate(rows_per)) / sum(rows_per)
+  assert g["visual_kv"]["measured"] == pytest.approx(want)
+  assert g["visual_kv"]["fraction_of_dense"] == pytest.approx(want / dense_kv)
+  assert fx["visual_kv"]["measured"] == pytest.approx(want)
+  # Configured: 2 * 4 + 2 per frame; dense: 16 patches + 2 per image.
+  assert g["visual_kv"]["configured"] == pytest.approx((10 + 12 + 10) / 3)
+  assert d["visual_kv"]["configured"] == pytest.approx((18 + 36 + 18) / 3)
+  # Token-matched: K * region = 8 tokens per example. Mean relative error over the examples
+  # (1, 2, 1 images): 2x2 grid (4, 8, 4 tokens) 1/3, 3x3 (9, 18, 9) 1/2, 4x4 2 -> 2x2.
+  assert tm["token_match"]["grid"] == [2, 2] and tm["token_match"]["visual_tokens"] == 16 / 3
+  # Routing: the random rate is 2/4 for one-image examples and 2/8 for the two-image one.
+  rate = sum(r * (0.25 if b == 1 else 0.5) for b, r in enumerate(rows_per)) / sum(rows_per)
+  assert g["routing"]["random"] == pytest.approx(rate)
+  assert 0.0 <= g["routing"]["accuracy"] <= 1.0 and len(g["routing"]["per_layer"]) == 2
+  assert "routing" not in d
+  # FLOPs: 4 * entries * Hq * D * L (+ routing 2 * candidates * Hq * D * L for gaze).
+  hdl = 4 * 8 * 2
+  assert d["attention_gflops_per_query"] == pytest.approx(4 * dense_kv * hdl / 1e9)
+  cand = sum(r * (8 if b == 1 else 4) for b, r in enumerate(rows_per)) / sum(rows_per)
+  assert g["attention_gflops_per_query"] == pytest.approx((4 * want + 2 * cand) * hdl / 1e9)
+  assert fx["flops"]["measured"]["routing"] == 0 and fx["flops"]["configured"]["routing"] == 0
+  assert g["flops"]["configured"]["routing"] == pytest.approx(2 * (4 + 8 + 4) / 3 * hdl)
+  # Gaze maps.
+  assert len(out["gaze_maps"]) == 2 and all((tmp_path / "maps" / p).exists()
+                                            for p in out["gaze_maps"])
+  # Report.
+  paths = write_report(out, tmp_path / "report")
+  data = json.loads(open(paths["json"]).read())
+  split = data["splits"][0]
+  assert split["split"] == "validation"
+  assert split["results"]["gaze"]["accuracy"] == pytest.approx(g["accuracy"])
+  assert split["results"]["dense"]["visual_kv"]["measured"] == pytest.approx(dense_kv)
+  md = open(paths["markdown"]).read()
+  assert "## validation (6 examples)" in md
+  gaze_line = next(line for line in md.splitlines() if line.startswith("| gaze (K=2)"))
+  assert f"{100 * g['accuracy']:.1f}%" in gaze_line
+  assert f"{g['visual_kv']['measured']:.1f}" in gaze_line
+  assert f"{100 * g['routing']['random']:.1f}%" in gaze_line
+  assert f"{100 * want / dense_kv:.1f}%" in gaze_line
+  assert "dense, token-matched input (2x2 grid)" in md and "fixed-from-question" in md
