@@ -46,6 +46,14 @@ class DecoderLayer(nnx.Module):
     return x + self.mlp(self.post_attn_norm(x)), cache, selected
 
 
+@nnx.remat(static_argnums=(5,))
+def _remat_layer(layer, x, layout, active_k, selection, return_selected):
+  """One layer of a full-sequence forward under ``nnx.remat`` (``DecoderConfig.remat``)."""
+  x, _, s = layer(x, layout, active_k=active_k, return_selected=return_selected,
+                  selection=selection)
+  return x, s
+
+
 class Decoder(nnx.Module):
   """Token embedding, decoder layers, final norm and LM head (tied or not)."""
 
@@ -87,6 +95,14 @@ class Decoder(nnx.Module):
     per layer of ids ``[B, T, Hq, K]`` (gaze) or None (dense).
     """
     caches, selected = [], []
+    if self.cfg.remat and cache is None and not want_cache:
+      # Training form: recompute each layer in the backward pass instead of keeping its
+      # activations (only the layer inputs are saved).
+      for i, layer in enumerate(self.layers):
+        x, s = _remat_layer(layer, x, layout, active_k,
+                            None if selections is None else selections[i], return_selected)
+        selected.append(s)
+      return self.logits(x), None, (selected if return_selected else None)
     for i, layer in enumerate(self.layers):
       x, c, s = layer(x, layout, cache=None if cache is None else cache[i], q_index=q_index,
                       active_k=active_k, want_cache=want_cache, return_selected=return_selected,

@@ -1,0 +1,51 @@
+"""Fields shared by every recipe: ``base_config(preset)`` returns a complete ConfigDict that the
+recipes then adjust. Every field a recipe may override from the command line exists here
+(``lock_config=True`` rejects unknown fields).
+"""
+
+import ml_collections
+
+from gaze_jax.model.presets import get_preset
+from gaze_jax.train.config import model_fields
+from gaze_jax.train.sharding import DEFAULT_RULES
+
+
+def base_config(preset: str) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # Model: the fields of gaze_jax.model.config dataclasses (decoder, vision, gaze, dtypes).
+  c.model = ml_collections.ConfigDict(model_fields(get_preset(preset)))
+  c.model.init = ""                       # "", "gguf:smollm2" or a .gguf file (decoder weights)
+  c.init_from_checkpoint = ""             # another run's workdir: start from its parameters
+
+  c.data = ml_collections.ConfigDict(dict(
+      name="gaze_shapes", builder_config="64px",
+      builder_overrides=ml_collections.ConfigDict(dict(num_train=20_000, num_validation=1_000,
+                                                       num_test=1_000)),
+      data_dir="",                        # default <workdir>/tfds
+      tokenizer="byte", seq_len=160, max_regions=16, max_images=1, max_nonvisual=None,
+      batch_size=32, seed=0, num_threads=2, skip_too_long=False, train_split="train",
+      eval_split="validation"))
+
+  # Progressive top-K (METHOD.md step 10): start (<= 0: all regions) -> model.gaze.top_k.
+  c.topk_schedule = ml_collections.ConfigDict(dict(
+      enabled=True, shape="linear", warmup_fraction=0.3, warmup_steps=-1, start=0))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      learning_rate=1e-3, warmup_steps=100, end_lr_ratio=0.1, weight_decay=0.05, b1=0.9,
+      b2=0.95, eps=1e-8, clip_norm=1.0, decay_all=False,
+      # (regex, lr multiplier[, start_step]) on paths like "decoder/layers/0/mlp/up_proj/kernel";
+      # multiplier 0 freezes. First match wins; unmatched parameters use multiplier 1.
+      param_groups=()))
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.logical_axis_rules = DEFAULT_RULES
+
+  c.train = ml_collections.ConfigDict(dict(
+      num_steps=1000, seed=0, log_every=50, eval_every=0, eval_batches=8,
+      log_fingerprints=False, peak_flops_per_device=0.0))
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      save_every=500, keep=3, async_save=True, fallback=True))
+  c.distributed = ml_collections.ConfigDict(dict(
+      coordinator_address="", num_processes=0, process_id=-1, auto=False,
+      cpu_collectives="gloo"))
+  return c

@@ -1,0 +1,12 @@
+"""Demo baseline: configs/demo.py with dense attention (every text query sees every patch).
+
+  python train_main.py --config=configs/demo_dense.py --workdir=/tmp/gaze_demo_dense
+"""
+
+from configs import demo
+
+
+def get_config():
+  c = demo.get_config()
+  c.model.gaze.attention = "dense"
+  return c

@@ -1,0 +1,94 @@
+"""Evaluates a trained run: answer accuracy, visual KV entries per query, attention FLOPs per
+decode query and routing accuracy, beside baselines from the same weights (dense,
+token-matched dense, fixed-from-question eviction) and, optionally, a separately trained model
+(e.g. ``demo_dense``) on the same data. Writes ``eval_results.json``, ``eval_results.md`` and
+gaze maps under ``--out_dir`` (default ``<workdir>/eval``).
+
+  python eval_main.py --config=configs/demo.py --workdir=/tmp/gaze_demo \\
+      --compare_config=configs/demo_dense.py --compare_workdir=/tmp/gaze_demo_dense
+"""
+
+from __future__ import annotations
+
+import logging as pylogging
+from pathlib import Path
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training config of the run.", lock_config=True)
+flags.DEFINE_string("workdir", None, "The run's --workdir (its checkpoints).")
+flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+flags.DEFINE_list("splits", ["validation"], "Dataset splits to evaluate.")
+flags.DEFINE_integer("max_batches", None, "Batches per split (default: config.train.eval_batches,"
+                     " 0 = the whole split).")
+flags.DEFINE_list("baselines", ["dense", "token_matched", "fixed_from_question"],
+                  "Baselines from the same weights.")
+flags.DEFINE_integer("num_gaze_maps", 4, "Gaze-map PNGs per split.")
+flags.DEFINE_string("out_dir", None, "Where results go (default <workdir>/eval).")
+config_flags.DEFINE_config_file("compare_config", None, "Config of a second run to compare.",
+                                lock_config=True)
+flags.DEFINE_string("compare_workdir", None, "Workdir of the second run.")
+flags.DEFINE_string("compare_name", None, "Row name of the second run (default: its config "
+                    "file name).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _load(config, workdir, step=None):
+  from gaze_jax.train import data as tdata
+  from gaze_jax.train.checkpoint import restore_model
+  from gaze_jax.train.config import eval_model_config, layout_spec
+
+  model, step = restore_model(workdir, config, step)
+  cfg = eval_model_config(config)
+  return model, step, cfg, layout_spec(config, cfg), tdata
+
+
+def _batches(config, workdir, cfg, spec, tdata, split):
+  builder = tdata.prepare(config, workdir)
+  tok = tdata.make_tokenizer(config.data.tokenizer)
+  return tdata.make_iterator(config, builder, tok, cfg, spec, split=split, train=False), tok
+
+
+def main(argv):
+  del argv
+  from gaze_jax.eval import evaluate, markdown_report, write_report
+
+  pylogging.getLogger("absl").setLevel(pylogging.INFO)
+  config, workdir = FLAGS.config, FLAGS.workdir
+  out = Path(FLAGS.out_dir or Path(workdir) / "eval")
+  max_batches = FLAGS.max_batches
+  if max_batches is None:
+    max_batches = int(config.train.eval_batches)
+  max_batches = max_batches or None
+  model, step, cfg, spec, tdata = _load(config, workdir, FLAGS.step)
+  logging.info("evaluating %s at step %d", workdir, step)
+  other = None
+  if FLAGS.compare_workdir:
+    if FLAGS.compare_config is None:
+      raise app.UsageError("--compare_workdir needs --compare_config")
+    other = _load(FLAGS.compare_config, FLAGS.compare_workdir)
+    name = FLAGS.compare_name or Path(FLAGS.compare_workdir).name
+  results = []
+  for split in FLAGS.splits:
+    batches, tok = _batches(config, workdir, cfg, spec, tdata, split)
+    res = evaluate(model, batches, spec, baselines=tuple(FLAGS.baselines), split=split,
+                   max_batches=max_batches, tokenizer=tok,
+                   gaze_maps_dir=out / "gaze_maps" / split, num_gaze_maps=FLAGS.num_gaze_maps,
+                   log=logging.info)
+    if other is not None:
+      o_model, o_step, o_cfg, o_spec, _ = other
+      o_batches, _ = _batches(FLAGS.compare_config, FLAGS.compare_workdir, o_cfg, o_spec,
+                              tdata, split)
+      o_res = evaluate(o_model, o_batches, o_spec, baselines=(), split=split, name=name,
+                       max_batches=max_batches, log=logging.info)
+      res["results"][f"{name} (trained, step {o_step})"] = o_res["results"][name]
+    results.append(res)
+  paths = write_report(results, out)
+  print(markdown_report(results))
+  print(f"results: {paths['json']}  table: {paths['markdown']}  gaze maps: {out / 'gaze_maps'}")
+
+
+if __name__ == "__main__":
+  app.run(main)

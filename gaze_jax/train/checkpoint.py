@@ -1,0 +1,250 @@
+"""Checkpoints: an orbax ``CheckpointManager`` holding the train state and the data position.
+
+Layout: ``<workdir>/checkpoints/<step>/{params, opt_state, data, meta}``:
+
+* ``params``: the float32 master weights (``nnx.to_pure_dict`` layout), saved sharded;
+* ``opt_state``: the optax state (same sharding as the parameters it mirrors);
+* ``data``: JSON ``{"process_count": n, "states": [grain iterator state of each process]}``
+  (the position after the step's batch), so a resumed run continues the data order exactly;
+* ``meta``: JSON ``{"step", "model" (MLLMConfig fields), "config" (the run config)}``.
+
+Saving is asynchronous (orbax writes in a background thread after copying device arrays to
+host memory), every ``save_every`` steps (``FixedIntervalPolicy``) keeping the last ``keep``
+(``LatestN``); ``save(..., force=True)`` saves now (SIGTERM, the last step).
+
+Restoring goes against an abstract tree of ``jax.ShapeDtypeStruct`` carrying the *target*
+shardings, so a checkpoint written on one mesh restores onto any other mesh / device count.
+
+Damage is never silently ignored:
+
+* an incomplete save (interrupted job: orbax's ``*.orbax-checkpoint-tmp-*`` folder) is
+  reported with a warning naming it and then removed;
+* a step whose restore fails (missing or corrupt files) raises ``CheckpointError`` naming the
+  folder and the cause, or, with ``fallback=True`` (the trainer's default, and only when no
+  step was requested explicitly), is reported with a warning and the previous step is tried.
+
+For evaluation: ``restore_model(workdir, config)`` returns ``(MLLM, step)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any, NamedTuple, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+ITEMS = ("params", "opt_state", "data", "meta")
+CHECKPOINT_DIR = "checkpoints"
+TMP_MARKER = ".orbax-checkpoint-tmp"
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be restored (the message names the folder and the cause)."""
+
+
+class Restored(NamedTuple):
+  step: int
+  params: Any
+  opt_state: Any
+  data: Optional[dict]
+  meta: Optional[dict]
+
+
+def gather_json(obj: Any) -> list:
+  """``obj`` (JSON-serialisable) of every process, in process order (a list of one on a single
+  host)."""
+  if jax.process_count() == 1:
+    return [obj]
+  from jax.experimental import multihost_utils
+
+  raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  n = int(np.max(multihost_utils.process_allgather(np.asarray([raw.size], np.int64))))
+  buf = np.zeros(n, np.uint8)
+  buf[:raw.size] = raw
+  allb = np.asarray(multihost_utils.process_allgather(buf)).reshape(jax.process_count(), n)
+  return [json.loads(bytes(b).rstrip(b"\0").decode()) for b in allb]
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of ``tree`` (arrays or ShapeDtypeStructs) with ``shardings``."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+class Checkpointer:
+  """Saves and restores train states under ``directory`` (see the module docstring)."""
+
+  def __init__(self, directory, *, save_every: int = 1000, keep: int = 3,
+               async_save: bool = True, read_only: bool = False):
+    self.directory = Path(directory).absolute()
+    if save_every < 1 or keep < 1:
+      raise ValueError(f"checkpoint.save_every ({save_every}) and keep ({keep}) must be >= 1")
+    self._report_incomplete()
+    policies = ocp.checkpoint_managers
+    options = ocp.CheckpointManagerOptions(
+        save_decision_policy=policies.FixedIntervalPolicy(save_every),
+        preservation_policy=policies.LatestN(keep),
+        enable_async_checkpointing=async_save, create=not read_only, read_only=read_only,
+        cleanup_tmp_directories=not read_only)
+    self.mngr = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+  def _report_incomplete(self):
+    if not self.directory.exists():
+      return
+    tmp = sorted(p.name for p in self.directory.iterdir() if TMP_MARKER in p.name)
+    if tmp:
+      logging.warning("checkpoints: ignoring and removing %d incomplete checkpoint folder(s) in "
+                      "%s (a save was interrupted): %s", len(tmp), self.directory, tmp)
+
+  # ------------------------------------------------------------------ queries
+
+  def steps(self) -> list[int]:
+    return sorted(self.mngr.all_steps())
+
+  def latest_step(self) -> Optional[int]:
+    return self.mngr.latest_step()
+
+  def should_save(self, step: int) -> bool:
+    return self.mngr.should_save(step)
+
+  # ------------------------------------------------------------------ save
+
+  def save(self, step: int, state: dict, data_state: Any = None, meta: Optional[dict] = None,
+           *, force: bool = False) -> bool:
+    """Saves ``state`` (``{"params", "opt_state", ...}``) at ``step`` if the policy says so
+    (or ``force``). Every process must call it. ``data_state`` is this process's iterator
+    state (gathered from all processes). Returns whether a save started."""
+    if not force and not self.mngr.should_save(step):
+      return False
+    data = {"process_count": jax.process_count(), "states": gather_json(data_state)}
+    args = ocp.args.Composite(
+        params=ocp.args.StandardSave(state["params"]),
+        opt_state=ocp.args.StandardSave(state["opt_state"]),
+        data=ocp.args.JsonSave(data),
+        meta=ocp.args.JsonSave({"step": int(step), **(meta or {})}))
+    return self.mngr.save(step, args=args, force=force)
+
+  def wait(self):
+    self.mngr.wait_until_finished()
+
+  def close(self):
+    self.mngr.wait_until_finished()
+    self.mngr.close()
+
+  # ------------------------------------------------------------------ restore
+
+  def _restore_step(self, step: int, abstract_params, abstract_opt_state) -> Restored:
+    folder = self.directory / str(step)
+    missing = [i for i in ITEMS if not (folder / i).exists()]
+    if abstract_opt_state is None and "opt_state" in missing:
+      missing.remove("opt_state")
+    if missing:
+      raise CheckpointError(f"checkpoint {folder} is incomplete: no {missing} item(s)")
+    items = {"params": ocp.args.StandardRestore(abstract_params),
+             "data": ocp.args.JsonRestore(), "meta": ocp.args.JsonRestore()}
+    if abstract_opt_state is not None:
+      items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+    try:
+      out = self.mngr.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # orbax raises many types for damaged files
+      raise CheckpointError(f"checkpoint {folder} could not be restored ({type(e).__name__}: "
+                            f"{str(e)[:500]})") from e
+    return Restored(step, out["params"], out.get("opt_state"), out["data"], out["meta"])
+
+  def restore(self, abstract_params, abstract_opt_state=None, *, step: Optional[int] = None,
+              fallback: bool = True) -> Optional[Restored]:
+    """Restores ``step`` (default: the latest) against abstract trees carrying the target
+    shardings (``abstract_opt_state=None`` restores the parameters only).
+
+    Returns None when there is no checkpoint. With ``step=None`` and ``fallback``, a damaged
+    latest step is reported (warning) and earlier steps are tried; otherwise, and when every
+    step is damaged, raises ``CheckpointError``.
+    """
+    steps = self.steps()
+    if step is not None:
+      if step not in steps:
+        raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; it has "
+                              f"{steps}")
+      return self._restore_step(step, abstract_params, abstract_opt_state)
+    if not steps:
+      return None
+    errors = []
+    for s in reversed(steps):
+      try:
+        got = self._restore_step(s, abstract_params, abstract_opt_state)
+      except CheckpointError as e:
+        if not fallback:
+          raise
+        errors.append(str(e))
+        logging.warning("%s; falling back to the previous checkpoint", e)
+        continue
+      if errors:
+        logging.warning("restored step %d of %s after skipping %d damaged checkpoint(s)", s,
+                        self.directory, len(errors))
+      return got
+    raise CheckpointError(f"no checkpoint in {self.directory} could be restored:\n  "
+                          + "\n  ".join(errors))
+
+
+# ---------------------------------------------------------------------- for evaluation
+
+def abstract_params(cfg) -> tuple[Any, Any, Any]:
+  """(graphdef, abstract params pure dict of ShapeDtypeStruct, non-Param state) of
+  ``MLLM(cfg)`` without allocating weights."""
+  from gaze_jax.model.memory import abstract_model
+
+  gd, params, rest = nnx.split(abstract_model(cfg), nnx.Param, ...)
+  return gd, params, rest
+
+
+def restore_model(workdir, config, step: Optional[int] = None, *, mesh=None, rules=None,
+                  fallback: bool = True):
+  """The trained model of a run: ``(MLLM, step)``.
+
+  Args:
+    workdir: the run's ``--workdir`` (checkpoints under ``workdir/checkpoints``).
+    config: the run's config (a ConfigDict, or the same fields as nested mappings / namespaces).
+      The model is built with ``config.model.gaze.top_k`` (the target K, not the schedule's
+      start); change ``config.model.gaze`` (e.g. ``attention``, ``top_k``) to evaluate the same
+      weights another way.
+    step: a specific step; default the latest (falling back past damaged ones when
+      ``fallback``).
+    mesh, rules: shard the weights on ``mesh`` by the logical axis ``rules`` (default:
+      ``gaze_jax.train.sharding.DEFAULT_RULES``); without a mesh they go to the default device.
+  Raises:
+    CheckpointError: no checkpoint (or none that restores) under ``workdir``.
+  """
+  from gaze_jax.train import sharding
+  from gaze_jax.train.config import eval_model_config
+
+  cfg = eval_model_config(config)
+  gd, abs_state, rest = abstract_params(cfg)
+  pure = nnx.to_pure_dict(abs_state)
+  if mesh is None:
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: dev, pure)
+  else:
+    specs = sharding.param_specs(abs_state, rules or sharding.DEFAULT_RULES, mesh)
+    shardings = sharding.named(mesh, specs)
+  ckpt = Checkpointer(Path(workdir) / CHECKPOINT_DIR, read_only=True)
+  try:
+    got = ckpt.restore(abstract_like(pure, shardings), None, step=step, fallback=fallback)
+  finally:
+    ckpt.close()
+  if got is None:
+    raise CheckpointError(f"no checkpoint under {Path(workdir) / CHECKPOINT_DIR}")
+  meta_model = (got.meta or {}).get("model")
+  if meta_model is not None:
+    want = dataclasses.asdict(cfg.decoder)
+    have = {k: v for k, v in meta_model.get("decoder", {}).items() if k in want}
+    diff = {k: (have[k], want[k]) for k in have if have[k] != want[k] and k != "remat"}
+    if diff:
+      raise CheckpointError(f"checkpoint step {got.step} in {workdir} was trained with a "
+                            f"different decoder: {diff} (checkpoint, config)")
+  return nnx.merge(gd, got.params, rest), got.step

@@ -1,0 +1,147 @@
+"""Training configs -> model dataclasses, and the derived static shapes of a run.
+
+The configs in ``configs/`` are ml_collections ``ConfigDict`` trees; this module reads them
+through plain attribute / item access, so anything with the same fields (a ConfigDict, a
+``types.SimpleNamespace``, nested dicts) works, and ``gaze_jax.model`` never imports
+ml_collections.
+
+Config layout (see ``configs/demo.py`` for a complete example)::
+
+  model.decoder.*, model.vision.* (or None), model.gaze.*   fields of the model dataclasses
+  model.projector, model.dtype (compute), model.param_dtype (master weights)
+  model.init          "" (random), "gguf:smollm2" or a .gguf path (decoder weights)
+  data.*              dataset, tokenizer, static shapes (seq_len, max_regions, ...), batch size
+  topk_schedule.*     progressive top-K: shape, warmup_fraction / warmup_steps, start
+  optim.*             AdamW, warmup + cosine, clipping, param_groups (regex, lr multiplier)
+  mesh.*, logical_axis_rules, train.*, checkpoint.*, distributed.*
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Optional
+
+from gaze_jax.gaze.layout import LayoutSpec
+from gaze_jax.gaze.routing import resolve_top_k
+from gaze_jax.model.config import DecoderConfig, GazeConfig, MLLMConfig, VisionConfig
+
+
+def get(cfg: Any, name: str, default: Any = None) -> Any:
+  """``cfg.name`` for a ConfigDict / namespace / mapping, ``default`` when absent or None."""
+  if cfg is None:
+    return default
+  if isinstance(cfg, Mapping):
+    value = cfg.get(name, default)
+  else:
+    value = getattr(cfg, name, default)
+  return default if value is None else value
+
+
+def to_dict(cfg: Any) -> Optional[dict]:
+  """A plain (nested) dict of a ConfigDict / namespace / mapping (None stays None)."""
+  if cfg is None:
+    return None
+  if hasattr(cfg, "to_dict"):
+    return cfg.to_dict()
+  if isinstance(cfg, Mapping):
+    return {k: to_dict(v) if isinstance(v, Mapping) or hasattr(v, "to_dict") else v
+            for k, v in cfg.items()}
+  return dict(vars(cfg))
+
+
+def _dataclass_from(cls, fields: Optional[Mapping[str, Any]], where: str):
+  names = {f.name for f in dataclasses.fields(cls)}
+  fields = dict(fields or {})
+  unknown = sorted(set(fields) - names)
+  if unknown:
+    raise ValueError(f"{where}: unknown fields {unknown}; {cls.__name__} has {sorted(names)}")
+  for k, v in list(fields.items()):
+    if isinstance(v, list):          # ConfigDict stores tuples as given; JSON gives lists
+      fields[k] = tuple(v)
+  return cls(**fields)
+
+
+def model_fields(cfg: MLLMConfig) -> dict:
+  """The nested-dict form of an ``MLLMConfig`` (what ``configs/*.py`` put under ``model``)."""
+  return dataclasses.asdict(cfg)
+
+
+def mllm_config(model_cfg: Any, *, top_k=None) -> MLLMConfig:
+  """``config.model`` -> ``MLLMConfig``; ``top_k`` replaces ``model.gaze.top_k`` (the trainer
+  builds its model with the schedule's starting K as the static K_max)."""
+  d = to_dict(model_cfg)
+  dec = _dataclass_from(DecoderConfig, d.get("decoder"), "config.model.decoder")
+  vis = d.get("vision")
+  vis = None if vis is None else _dataclass_from(VisionConfig, vis, "config.model.vision")
+  gaze = dict(d.get("gaze") or {})
+  if top_k is not None:
+    gaze["top_k"] = top_k
+  gz = _dataclass_from(GazeConfig, gaze, "config.model.gaze")
+  return MLLMConfig(decoder=dec, vision=vis, gaze=gz, projector=d.get("projector", "mlp2x_gelu"),
+                    dtype=d.get("dtype", "float32"), param_dtype=d.get("param_dtype", "float32"))
+
+
+def layout_spec(config: Any, model: MLLMConfig) -> LayoutSpec:
+  """The static LayoutSpec of the batches (``config.data`` shapes + the model's gaze
+  settings)."""
+  data = config.data
+  return LayoutSpec(seq_len=int(data.seq_len), max_regions=int(data.max_regions),
+                    max_images=int(get(data, "max_images", 1)),
+                    region_shape=tuple(model.gaze.region_shape), num_ctx=model.gaze.num_ctx,
+                    max_nonvisual=get(data, "max_nonvisual", None))
+
+
+@dataclasses.dataclass(frozen=True)
+class TopKPlan:
+  """Progressive top-K of a run (METHOD.md step 10): K goes from ``start`` to ``target`` over
+  ``warmup_steps``; the model is compiled once with the static ``start`` as K_max.
+  ``gaze`` is False for dense attention (no schedule)."""
+  gaze: bool
+  start: int
+  target: int
+  warmup_steps: int
+  shape: str
+
+
+def topk_plan(config: Any, model: MLLMConfig, spec: LayoutSpec) -> TopKPlan:
+  """Resolves ``config.topk_schedule`` against the model's target K and the layout's regions.
+
+  ``topk_schedule.start`` <= 0 means all regions (``spec.max_regions``, i.e. dense routing);
+  ``warmup_steps`` < 0 means ``warmup_fraction * train.num_steps``; ``enabled=False`` trains
+  at the target K from step 0.
+  """
+  if model.gaze.attention != "gaze":
+    return TopKPlan(False, 0, 0, 0, "linear")
+  target = resolve_top_k(model.gaze.top_k, spec.max_regions)
+  sched = get(config, "topk_schedule")
+  if not get(sched, "enabled", True):
+    return TopKPlan(True, target, target, 0, "linear")
+  start = int(get(sched, "start", 0))
+  start = spec.max_regions if start <= 0 else start
+  if not target <= start <= spec.max_regions:
+    raise ValueError(f"config.topk_schedule.start={start} must be in [target K={target}, "
+                     f"max_regions={spec.max_regions}]")
+  warm = int(get(sched, "warmup_steps", -1))
+  if warm < 0:
+    frac = float(get(sched, "warmup_fraction", 0.3))
+    if not 0.0 <= frac <= 1.0:
+      raise ValueError(f"config.topk_schedule.warmup_fraction must be in [0, 1], got {frac}")
+    warm = int(math.ceil(frac * int(config.train.num_steps)))
+  return TopKPlan(True, start, target, warm, str(get(sched, "shape", "linear")))
+
+
+def train_model_config(config: Any) -> tuple[MLLMConfig, LayoutSpec, TopKPlan]:
+  """The model config the trainer compiles (static ``top_k`` = the schedule's start), the
+  layout spec and the top-K plan."""
+  target_cfg = mllm_config(config.model)
+  spec = layout_spec(config, target_cfg)
+  plan = topk_plan(config, target_cfg, spec)
+  if plan.gaze:
+    return mllm_config(config.model, top_k=plan.start), spec, plan
+  return target_cfg, spec, plan
+
+
+def eval_model_config(config: Any) -> MLLMConfig:
+  """The model config for evaluation: the target K of ``config.model.gaze.top_k``."""
+  return mllm_config(config.model)

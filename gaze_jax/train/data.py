@@ -1,0 +1,113 @@
+"""Input for training: ``config.data`` -> this host's grain iterator of fixed-shape batches.
+
+``config.data`` fields: ``name`` (a ``gaze_jax.data.builders`` dataset), ``builder_config``
+(its preset, e.g. "64px"), ``builder_overrides`` (dict of builder fields, e.g. ``num_train``),
+``data_dir`` (default ``<workdir>/tfds``), ``tokenizer`` ("byte", "gguf:smollm2", a ``.gguf``
+file or a folder with ``tokenizer.json``), ``seq_len``, ``max_regions``, ``max_images``,
+``max_nonvisual``, ``batch_size`` (global; each host reads ``batch_size / process_count``),
+``seed``, ``num_threads``, ``skip_too_long``, ``train_split``, ``eval_split``.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import jax
+import numpy as np
+
+from gaze_jax.gaze.layout import LayoutSpec
+from gaze_jax.model.config import MLLMConfig
+from gaze_jax.train.config import get, to_dict
+
+
+def make_tokenizer(name: str):
+  """"byte" -> ``ByteTokenizer``; "gguf:smollm2" -> SmolLM2's GGUF tokenizer (ChatML); a
+  ``.gguf`` path -> its tokenizer; a folder -> its ``tokenizer.json``."""
+  from gaze_jax.data import tokenizers
+
+  if name == "byte":
+    return tokenizers.ByteTokenizer()
+  if name == "gguf:smollm2":
+    from gaze_jax.convert.gguf import find_smollm2_gguf
+    return tokenizers.load_gguf_tokenizer(find_smollm2_gguf())
+  if name.endswith(".gguf"):
+    return tokenizers.load_gguf_tokenizer(name)
+  if Path(name).is_dir():
+    return tokenizers.load_hf_tokenizer(name)
+  raise ValueError(f"config.data.tokenizer={name!r}: use 'byte', 'gguf:smollm2', a .gguf file "
+                   "or a folder with tokenizer.json")
+
+
+def feature_config(config: Any, model: MLLMConfig, spec: LayoutSpec):
+  from gaze_jax.data.features import FeatureConfig
+
+  if model.vision is None:
+    raise ValueError("training needs a model with a vision tower (config.model.vision)")
+  v = model.vision
+  return FeatureConfig(spec=spec, image_size=v.image_size, patch_size=v.patch_size,
+                       video_pool=v.video_pool if v.video_pool > 1 else 1,
+                       skip_too_long=bool(get(config.data, "skip_too_long", False)))
+
+
+def data_dir(config: Any, workdir) -> Path:
+  d = get(config.data, "data_dir", "")
+  return Path(d) if d else Path(workdir) / "tfds"
+
+
+def prepare(config: Any, workdir):
+  """Builds the dataset once (process 0), then every process opens it."""
+  from gaze_jax.data import builders
+
+  d = config.data
+  overrides = to_dict(get(d, "builder_overrides", {})) or {}
+  kw = dict(name=d.name, data_dir=data_dir(config, workdir),
+            config=get(d, "builder_config", "tiny"), **overrides)
+  if jax.process_index() == 0:
+    b = builders.prepare(kw.pop("name"), kw.pop("data_dir"), kw.pop("config"), **kw)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("gaze_jax.train.data.prepare")
+  if jax.process_index() != 0:
+    b = builders.builder(kw.pop("name"), kw.pop("data_dir"), kw.pop("config"), **kw)
+  return b
+
+
+def local_batch_size(config: Any) -> int:
+  bs = int(config.data.batch_size)
+  if bs % jax.process_count():
+    raise ValueError(f"config.data.batch_size={bs} is not divisible by the "
+                     f"{jax.process_count()} processes")
+  return bs // jax.process_count()
+
+
+def make_iterator(config: Any, builder, tokenizer, model: MLLMConfig, spec: LayoutSpec, *,
+                  split: Optional[str] = None, train: bool = True,
+                  state: Optional[Mapping] = None):
+  """This host's iterator of batches (endless and shuffled for training; one ordered pass
+  otherwise), positioned at ``state`` when given."""
+  from gaze_jax.data import pipeline
+  from gaze_jax.data.features import ExampleProcessor
+
+  d = config.data
+  split = split or (get(d, "train_split", "train") if train else get(d, "eval_split",
+                                                                     "validation"))
+  src = pipeline.data_source(builder, split)
+  proc = ExampleProcessor(tokenizer, feature_config(config, model, spec))
+  ds = pipeline.make_dataset(src, proc, batch_size=local_batch_size(config),
+                             seed=int(get(d, "seed", 0)), shuffle=train,
+                             num_epochs=None if train else 1,
+                             num_threads=int(get(d, "num_threads", 2)))
+  it = iter(ds)
+  if state is not None:
+    it.set_state(dict(state))
+  return it
+
+
+def fingerprint(batch: Mapping[str, np.ndarray]) -> str:
+  """A short hash of a batch's tokens and images (to check the data order across restarts)."""
+  c = zlib.crc32(np.ascontiguousarray(batch["tokens"]).tobytes())
+  if "images" in batch:
+    c = zlib.crc32(np.ascontiguousarray(batch["images"]).tobytes(), c)
+  return f"{c:08x}"

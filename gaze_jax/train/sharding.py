@@ -1,0 +1,225 @@
+"""Device mesh and logical-axis sharding for training.
+
+The mesh has three axes (maxtext / big_vision style):
+
+* ``data``: pure data parallelism (parameters replicated);
+* ``fsdp``: data parallelism with parameters and optimizer state sharded (ZeRO-3 style: XLA
+  all-gathers a weight where it is used);
+* ``tensor``: tensor (model) parallelism over heads, MLP width and vocabulary.
+
+Every parameter carries logical axis names (``gaze_jax.model.layers``); ``logical_axis_rules``
+(in the config) map each name to mesh axes, e.g. ``("embed", "fsdp")``, ``("mlp", "tensor")``.
+A dimension that the mapped axes do not divide evenly stays replicated (logged once), so one
+rule set serves every model size. Batches are sharded over ``("data", "fsdp")`` on their
+leading axis.
+
+The mesh uses ``AxisType.Auto`` axes: shardings are given to ``jax.jit`` (``in_shardings`` /
+``out_shardings``) and XLA's partitioner inserts the collectives.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH = "batch"
+
+# Logical name -> mesh axis (or axes, or None = replicated). First match wins.
+DEFAULT_RULES = (
+    (BATCH, ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("vision_embed", "fsdp"),
+    ("vision_mlp", "tensor"),
+    ("vision_heads", "tensor"),
+    ("pos", None),
+    ("norm", None),
+)
+
+Rules = Sequence[tuple[str, Union[None, str, Sequence[str]]]]
+_warned: set = set()
+
+
+def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+  """Resolves ``{"data": -1, "fsdp": 2, "tensor": 1}`` (-1 = the rest, at most one) into sizes
+  for ``MESH_AXES`` whose product is ``num_devices``."""
+  unknown = sorted(set(sizes) - set(MESH_AXES))
+  if unknown:
+    raise ValueError(f"config.mesh: unknown axes {unknown}; the mesh axes are {MESH_AXES}")
+  shape = [int(sizes.get(a, 1)) for a in MESH_AXES]
+  free = [i for i, s in enumerate(shape) if s == -1]
+  if len(free) > 1:
+    raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, shape))}")
+  if any(s == 0 or s < -1 for s in shape):
+    raise ValueError(f"config.mesh: sizes must be positive or -1, got "
+                     f"{dict(zip(MESH_AXES, shape))}")
+  fixed = math.prod(s for s in shape if s != -1)
+  if free:
+    if num_devices % fixed:
+      raise ValueError(f"config.mesh: {num_devices} devices are not divisible by the fixed axes "
+                       f"{dict(zip(MESH_AXES, shape))} (product {fixed})")
+    shape[free[0]] = num_devices // fixed
+  if math.prod(shape) != num_devices:
+    raise ValueError(f"config.mesh {dict(zip(MESH_AXES, shape))} has {math.prod(shape)} devices, "
+                     f"but {num_devices} are available")
+  return tuple(shape)
+
+
+def make_mesh(sizes: Mapping[str, int], devices: Optional[Sequence[Any]] = None) -> jax.sharding.Mesh:
+  """A ``data x fsdp x tensor`` mesh (Auto axes) over ``devices`` (default: all devices)."""
+  devices = jax.devices() if devices is None else list(devices)
+  shape = mesh_shape(dict(sizes), len(devices))
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  if len(devices) == len(jax.devices()):
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+  return jax.sharding.Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+
+
+def _rule_axes(name: Optional[str], rules: Rules) -> tuple[str, ...]:
+  if name is None:
+    return ()
+  for logical, axes in rules:
+    if logical == name:
+      if axes is None:
+        return ()
+      return (axes,) if isinstance(axes, str) else tuple(axes)
+  return ()
+
+
+def logical_to_spec(names: Sequence[Optional[str]], shape: Sequence[int], rules: Rules,
+                    mesh: jax.sharding.Mesh, where: str = "") -> P:
+  """PartitionSpec of an array with logical axis ``names`` and ``shape`` under ``rules``.
+
+  Mesh axes of size 1 are dropped; an axis already used by an earlier dimension is skipped; a
+  dimension the axes do not divide keeps only the leading axes that do (logged).
+  """
+  if len(names) != len(shape):
+    raise ValueError(f"{where}: {len(names)} logical axis names {tuple(names)} for shape "
+                     f"{tuple(shape)}")
+  used: set = set()
+  out = []
+  for name, dim in zip(names, shape):
+    axes = [a for a in _rule_axes(name, rules) if a not in used and mesh.shape.get(a, 1) > 1]
+    for a in axes:
+      if a not in mesh.shape:
+        raise ValueError(f"logical_axis_rules map {name!r} to {a!r}, not a mesh axis "
+                         f"{tuple(mesh.shape)}")
+    while axes and dim % math.prod(mesh.shape[a] for a in axes):
+      dropped = axes.pop()
+      key = (where, name, dropped)
+      if key not in _warned:
+        _warned.add(key)
+        logging.info("sharding: %s dim %s=%d is not divisible by mesh axes; %r left out",
+                     where, name, dim, dropped)
+    used.update(axes)
+    out.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+  return P(*out)
+
+
+def param_specs(abstract_params: nnx.State, rules: Rules, mesh: jax.sharding.Mesh) -> dict:
+  """PartitionSpecs (a pure dict shaped like ``nnx.to_pure_dict(params)``) from the parameters'
+  ``out_sharding`` logical names."""
+  flat = {}
+  for path, var in nnx.to_flat_state(abstract_params):
+    names = var.get_metadata().get("out_sharding")
+    shape = var.get_value().shape
+    where = ".".join(map(str, path))
+    names = (None,) * len(shape) if names is None else tuple(names)
+    flat[path] = logical_to_spec(names, shape, rules, mesh, where)
+  return _unflatten(flat)
+
+
+def _unflatten(flat: Mapping[tuple, Any]) -> dict:
+  out: dict = {}
+  for path, value in flat.items():
+    d = out
+    for k in path[:-1]:
+      d = d.setdefault(k, {})
+    d[path[-1]] = value
+  return out
+
+
+def named(mesh: jax.sharding.Mesh, specs: Any) -> Any:
+  """A tree of PartitionSpecs -> NamedShardings on ``mesh``."""
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def _key(k):
+  for attr in ("key", "idx", "name"):
+    if hasattr(k, attr):
+      return getattr(k, attr)
+  return k
+
+
+def like_params(tree: Any, params: Any, param_shardings: Any, default: Any) -> Any:
+  """Shardings for a tree that holds copies of the parameters (an optax state: ``mu``, ``nu``
+  under wrapper nodes): a leaf whose key path ends with a parameter's path and has its shape
+  gets that parameter's sharding; other leaves (counters, masked nodes) get ``default``."""
+  by_path = {}
+  for path, (p, s) in zip(
+      [tuple(_key(k) for k in kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]],
+      zip(jax.tree.leaves(params), jax.tree.leaves(param_shardings))):
+    by_path[path] = (tuple(p.shape), s)
+  depths = sorted({len(p) for p in by_path}, reverse=True)
+
+  def pick(kp, leaf):
+    keys = tuple(_key(k) for k in kp)
+    for d in depths:
+      hit = by_path.get(keys[-d:]) if len(keys) >= d else None
+      if hit is not None and hit[0] == tuple(getattr(leaf, "shape", ())):
+        return hit[1]
+    return default
+  return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def batch_spec(rules: Rules, mesh: jax.sharding.Mesh) -> P:
+  """Spec of a batch-leading array: ``P(batch_axes)`` (trailing dims replicated)."""
+  axes = [a for a in _rule_axes(BATCH, rules) if mesh.shape.get(a, 1) > 1]
+  return P(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
+
+
+def batch_shards(rules: Rules, mesh: jax.sharding.Mesh) -> int:
+  """Number of ways the batch is split (its global size must be a multiple of this)."""
+  return math.prod(mesh.shape[a] for a in _rule_axes(BATCH, rules) if a in mesh.shape)
+
+
+def shard_batch(batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict:
+  """This host's part of a batch (numpy, leading axis = local examples) -> global jax Arrays.
+
+  Each host passes its own rows; ``jax.make_array_from_process_local_data`` assembles the
+  global batch (process p's rows become global rows ``p * local : (p + 1) * local``).
+  """
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}
+
+
+def rules_from_config(rules: Optional[Sequence]) -> Rules:
+  """``config.logical_axis_rules`` (a list of ``(name, axes)`` pairs) as a tuple of tuples;
+  None gives ``DEFAULT_RULES``."""
+  if rules is None:
+    return DEFAULT_RULES
+  out = []
+  for item in rules:
+    if len(item) != 2:
+      raise ValueError(f"config.logical_axis_rules entries are (name, axes) pairs, got {item!r}")
+    name, axes = item
+    if isinstance(axes, list):
+      axes = tuple(axes)
+    for a in (axes,) if isinstance(axes, str) else (axes or ()):
+      if a not in MESH_AXES:
+        raise ValueError(f"config.logical_axis_rules: {name!r} -> {a!r} is not a mesh axis "
+                         f"{MESH_AXES}")
+    out.append((name, axes))
+  return tuple(out)

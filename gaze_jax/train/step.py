@@ -1,0 +1,146 @@
+"""The jitted train step: loss on answer tokens, AdamW update, progressive top-K, metrics.
+
+Train state (a plain pytree, what the checkpoints hold)::
+
+  {"params": pure dict of float32 master weights (nnx.to_pure_dict layout),
+   "opt_state": optax state, "step": int32 scalar (optimizer steps done)}
+
+The model's graph definition is static; the step merges it with the params
+(``nnx.merge``), so ``jax.jit`` sees only arrays. K of the progressive schedule is computed
+from ``state["step"]`` inside the step (a traced int fed as ``active_k`` under the static
+K_max): lowering K never recompiles. ``TrainStep.traces`` counts Python traces.
+
+Metrics (float32 scalars): ``loss`` (mean NLL of answer tokens), ``accuracy`` (argmax hit rate
+on answer tokens), ``answer_tokens``, ``grad_norm`` (global, trainable params, before
+clipping), ``lr`` (base schedule), ``k`` (active K; 0 for dense), and for gaze
+``selected_per_head`` (valid ids per routed row and query head, = K when enough regions are
+candidates) and ``union_per_kv_head`` (distinct regions a KV head serves for one routed row,
+``selected_union_size``), averaged over layers, KV heads and routed rows of this step's own
+forward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from gaze_jax.gaze.accounting import selected_union_size
+from gaze_jax.gaze.layout import LayoutSpec, TokenLayout
+from gaze_jax.gaze.schedules import progressive_top_k
+from gaze_jax.train.config import TopKPlan
+
+
+def masked_nll(logits: jax.Array, targets: jax.Array, mask: jax.Array):
+  """Cross-entropy and argmax accuracy over ``mask``-ed positions.
+
+  logits float ``[B, S, V]``, targets int ``[B, S]``, mask float ``[B, S]``.
+  Returns (mean nll, accuracy, number of masked tokens) as float32 scalars.
+  """
+  logits = logits.astype(jnp.float32)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  mask = mask.astype(jnp.float32)
+  n = jnp.sum(mask)
+  denom = jnp.maximum(n, 1.0)
+  hit = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  return jnp.sum(nll * mask) / denom, jnp.sum(hit * mask) / denom, n
+
+
+def routing_stats(selected, num_kv_heads: int) -> dict:
+  """Mean valid ids per (routed row, query head) and mean union per (routed row, KV head) over
+  a list of per-layer ids ``[B, S, Hq, K]``."""
+  sel_sum = union_sum = rows = 0.0
+  for ids in selected:
+    valid = ids >= 0
+    routed = jnp.any(valid, axis=(-1, -2)).astype(jnp.float32)            # [B, S]
+    hq = ids.shape[2]
+    sel_sum += jnp.sum(valid.sum(-1).astype(jnp.float32) * routed[..., None]) / hq
+    union = selected_union_size(ids, num_kv_heads).astype(jnp.float32)   # [B, S, Hkv]
+    union_sum += jnp.sum(union * routed[..., None]) / num_kv_heads
+    rows += jnp.sum(routed)
+  rows = jnp.maximum(rows, 1.0)
+  return {"selected_per_head": sel_sum / rows, "union_per_kv_head": union_sum / rows}
+
+
+def batch_layout(batch: Mapping[str, jax.Array], spec: LayoutSpec) -> TokenLayout:
+  return TokenLayout.from_features(batch, spec)
+
+
+class TrainStep:
+  """Builds the (un-jitted) step and its jitted form with shardings.
+
+  Args:
+    graphdef: the model's ``nnx.GraphDef`` (from ``nnx.split(model, nnx.Param, ...)``).
+    rest: the model's non-Param state (usually empty).
+    tx: optax transformation; lr_fn: base learning-rate schedule (logging).
+    spec: LayoutSpec of the batches; plan: the top-K plan.
+    trainable: bool tree like params (False = frozen for the whole run: gradient dropped).
+    num_kv_heads: Hkv of the decoder (routing statistics).
+  """
+
+  def __init__(self, graphdef, rest, tx: optax.GradientTransformation, lr_fn: Callable,
+               spec: LayoutSpec, plan: TopKPlan, trainable: Any, num_kv_heads: int):
+    self.graphdef, self.rest, self.tx, self.lr_fn = graphdef, rest, tx, lr_fn
+    self.spec, self.plan, self.trainable = spec, plan, trainable
+    self.num_kv_heads = num_kv_heads
+    self.traces = 0
+
+  def active_k(self, step) -> Optional[jax.Array]:
+    p = self.plan
+    if not p.gaze:
+      return None
+    return progressive_top_k(step, start=p.start, target=p.target, warmup_steps=p.warmup_steps,
+                             shape=p.shape)
+
+  def loss_fn(self, params, batch, active_k):
+    model = nnx.merge(self.graphdef, params, self.rest)
+    layout = batch_layout(batch, self.spec)
+    images = batch.get("images") if model.cfg.vision is not None else None
+    out = model(batch["tokens"], layout, images, active_k=active_k,
+                return_selected=self.plan.gaze)
+    logits, selected = out if self.plan.gaze else (out, None)
+    loss, acc, n = masked_nll(logits, batch["targets"], batch["loss_mask"])
+    aux = {"accuracy": acc, "answer_tokens": n}
+    if selected is not None:
+      aux.update(routing_stats(selected, self.num_kv_heads))
+    return loss, aux
+
+  def __call__(self, state: dict, batch: Mapping[str, jax.Array]) -> tuple[dict, dict]:
+    """One optimizer step: ``(state, batch) -> (new state, metrics)``."""
+    self.traces += 1
+    step = state["step"]
+    k = self.active_k(step)
+    (loss, aux), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(state["params"], batch, k)
+    # Frozen parameters: drop their gradients (XLA then skips computing them).
+    grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, self.trainable)
+    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+               "lr": jnp.asarray(self.lr_fn(step), jnp.float32),
+               "k": jnp.asarray(0 if k is None else k, jnp.float32), **aux}
+    new_state = {"params": params, "opt_state": opt_state, "step": step + 1}
+    return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
+
+  def jit(self, state_shardings, batch_shardings, metric_sharding) -> Callable:
+    """``jax.jit`` of the step with explicit shardings; the old state is donated."""
+    return jax.jit(self.__call__, in_shardings=(state_shardings, batch_shardings),
+                   out_shardings=(state_shardings, metric_sharding), donate_argnums=(0,))
+
+  def eval_fn(self, params, batch, active_k=None):
+    """Teacher-forced answer metrics on one batch (no update): loss, accuracy and
+    ``exact`` (fraction of examples whose answer tokens are all argmax-correct)."""
+    model = nnx.merge(self.graphdef, params, self.rest)
+    layout = batch_layout(batch, self.spec)
+    images = batch.get("images") if model.cfg.vision is not None else None
+    logits = model(batch["tokens"], layout, images, active_k=active_k)
+    loss, acc, n = masked_nll(logits, batch["targets"], batch["loss_mask"])
+    mask = batch["loss_mask"] > 0
+    wrong = jnp.sum(((jnp.argmax(logits, -1) != batch["targets"]) & mask).astype(jnp.int32), -1)
+    has = jnp.any(mask, -1)
+    exact = jnp.sum(((wrong == 0) & has).astype(jnp.float32)) / jnp.maximum(jnp.sum(has), 1)
+    return {"loss": loss, "accuracy": acc, "exact": exact, "answer_tokens": n,
+            "examples": jnp.sum(has).astype(jnp.float32)}

@@ -1,0 +1,362 @@
+"""The training loop: ``train(config, workdir)``.
+
+What it does, in order:
+
+1. ``jax.distributed.initialize`` when the run is multi-process (``maybe_initialize_distributed``).
+2. Mesh ``data x fsdp x tensor`` (``config.mesh``), logical axis rules, parameter / optimizer
+   state / batch shardings.
+3. The dataset (built once by process 0), this host's grain iterator.
+4. The train state: restored from ``<workdir>/checkpoints`` when one exists (any mesh shape;
+   the data iterator resumes where it was), else initialised (random, sharded at creation
+   by ``jax.jit(out_shardings=...)``; optionally decoder weights from a GGUF file, or the
+   parameters of another run's checkpoint, ``config.init_from_checkpoint``).
+5. The loop: jitted step (K of the progressive top-K is computed inside it: one compile),
+   progress line, metrics to ``<workdir>/metrics.jsonl`` and TensorBoard ``<workdir>/tb``,
+   periodic teacher-forced evaluation, asynchronous checkpoints.
+6. SIGTERM (preemption): the current step finishes, a checkpoint is written, the loop stops;
+   rerunning the same command resumes.
+
+With ``train.log_fingerprints`` each step's batch fingerprint goes to
+``<workdir>/data_log.jsonl`` (``{"step", "process", "fingerprint"}``), to check the data order
+across restarts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from gaze_jax.model.mllm import MLLM
+from gaze_jax.train import checkpoint as ckpt_lib
+from gaze_jax.train import data as data_lib
+from gaze_jax.train import metrics as metrics_lib
+from gaze_jax.train import sharding as shard_lib
+from gaze_jax.train.config import get, to_dict, train_model_config
+from gaze_jax.train.optim import make_optimizer, trainable_mask
+from gaze_jax.train.step import TrainStep
+
+log = logging.getLogger("gaze_jax.train")
+
+
+def maybe_initialize_distributed(config: Any = None) -> bool:
+  """Calls ``jax.distributed.initialize`` for a multi-process run, before any device use.
+
+  Multi-process when ``config.distributed.coordinator_address`` is set (with
+  ``num_processes`` and ``process_id``), or when the environment names a coordinator
+  (``JAX_COORDINATOR_ADDRESS``, or the cluster variables jax detects itself: Slurm, TPU pods,
+  ``config.distributed.auto=True``). On CPU, cross-process collectives use gloo.
+  Returns whether it initialised.
+  """
+  dist = get(config, "distributed")
+  addr = get(dist, "coordinator_address", "") or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+  auto = bool(get(dist, "auto", False))
+  if not addr and not auto:
+    return False
+  if get(dist, "cpu_collectives", "gloo"):
+    try:
+      jax.config.update("jax_cpu_collectives_implementation", get(dist, "cpu_collectives", "gloo"))
+    except Exception as e:  # older / newer jax without the option
+      log.info("cpu collectives option not set: %s", e)
+  kw = {}
+  if addr:
+    kw = dict(coordinator_address=addr,
+              num_processes=int(get(dist, "num_processes", 0)
+                                or os.environ.get("JAX_NUM_PROCESSES", 1)),
+              process_id=int(get(dist, "process_id", -1) if get(dist, "process_id", -1) >= 0
+                             else os.environ.get("JAX_PROCESS_ID", 0)))
+  jax.distributed.initialize(**kw)
+  log.info("jax.distributed: process %d of %d, %d local / %d global devices",
+           jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+  return True
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything the loop needs, built from a config (also used by tests)."""
+  config: Any
+  model_cfg: Any
+  spec: Any
+  plan: Any
+  mesh: Any
+  rules: Any
+  graphdef: Any
+  rest: Any
+  abstract_params: Any
+  abstract_opt_state: Any
+  tx: Any
+  lr_fn: Any
+  state_shardings: Any
+  batch_sharding: Any
+  train_step: TrainStep
+
+
+def build(config: Any, mesh=None) -> Setup:
+  """Model, optimizer and shardings for ``config`` (on ``mesh``, default from
+  ``config.mesh``)."""
+  model_cfg, spec, plan = train_model_config(config)
+  mesh = mesh or shard_lib.make_mesh(dict(to_dict(get(config, "mesh", {})) or {}))
+  rules = shard_lib.rules_from_config(get(config, "logical_axis_rules", None))
+  shards = shard_lib.batch_shards(rules, mesh)
+  if int(config.data.batch_size) % shards:
+    raise ValueError(f"config.data.batch_size={config.data.batch_size} must be a multiple of "
+                     f"the {shards} batch shards of mesh {dict(mesh.shape)}")
+  gd, abs_state, rest = ckpt_lib.abstract_params(model_cfg)
+  abs_params = nnx.to_pure_dict(abs_state)
+  pshard = shard_lib.named(mesh, shard_lib.param_specs(abs_state, rules, mesh))
+  num_steps = int(config.train.num_steps)
+  tx, lr_fn = make_optimizer(config.optim, abs_params, num_steps)
+  abs_opt = jax.eval_shape(tx.init, abs_params)
+  repl = NamedSharding(mesh, P())
+  oshard = shard_lib.like_params(abs_opt, abs_params, pshard, repl)
+  state_shardings = {"params": pshard, "opt_state": oshard, "step": repl}
+  groups = get(config.optim, "param_groups", ())
+  step = TrainStep(gd, rest, tx, lr_fn, spec, plan, trainable_mask(abs_params, groups),
+                   model_cfg.decoder.num_kv_heads)
+  return Setup(config, model_cfg, spec, plan, mesh, rules, gd, rest, abs_params, abs_opt, tx,
+               lr_fn, state_shardings, NamedSharding(mesh, shard_lib.batch_spec(rules, mesh)),
+               step)
+
+
+def init_state(s: Setup, seed: int) -> dict:
+  """A fresh train state, each array created directly with its sharding."""
+  def init():
+    model = MLLM(s.model_cfg, rngs=nnx.Rngs(seed))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return {"params": params, "opt_state": s.tx.init(params), "step": jnp.zeros((), jnp.int32)}
+  return jax.jit(init, out_shardings=s.state_shardings)()
+
+
+def _load_decoder_init(s: Setup, state: dict, source: str) -> dict:
+  """Replaces the decoder weights by those of a GGUF file ("gguf:smollm2" or a path)."""
+  from gaze_jax.convert import gguf
+
+  path = gguf.find_smollm2_gguf() if source == "gguf:smollm2" else source
+  lm = gguf.load_gguf_causal_lm(path)
+  got = nnx.to_pure_dict(nnx.state(lm, nnx.Param))["decoder"]
+  want = s.abstract_params["decoder"]
+  if jax.tree.structure(got) != jax.tree.structure(want):
+    raise ValueError(f"{path}: its decoder parameters do not match config.model.decoder")
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    if tuple(g.shape) != tuple(w.shape):
+      raise ValueError(f"{path}: decoder shapes differ from config.model.decoder "
+                       f"({g.shape} vs {w.shape})")
+  params = dict(state["params"])
+  params["decoder"] = jax.device_put(jax.tree.map(lambda g, w: np.asarray(g, w.dtype), got, want),
+                                     s.state_shardings["params"]["decoder"])
+  log.info("initialised the decoder from %s", path)
+  return {**state, "params": params}
+
+
+def _meta(s: Setup) -> dict:
+  return {"model": dataclasses.asdict(s.model_cfg), "config": _jsonable(to_dict(s.config)),
+          "topk_plan": dataclasses.asdict(s.plan)}
+
+
+def _jsonable(x):
+  return json.loads(json.dumps(x, default=str))
+
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop saves and stops after the current step."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:          # not the main thread: no handler
+      self._old = None
+    return self
+
+  def _handle(self, signum, frame):
+    self.requested = True
+    log.warning("SIGTERM received: saving a checkpoint after this step, then stopping")
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+  def agreed(self) -> bool:
+    """The flag, OR-ed over processes (every host must stop at the same step)."""
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils
+    flags = multihost_utils.process_allgather(np.asarray([self.requested], np.int32))
+    return bool(np.max(flags))
+
+
+def evaluate(s: Setup, params, builder, tokenizer, *, max_batches: int,
+             eval_fn=None) -> dict:
+  """Teacher-forced answer loss / token accuracy / exact match on ``config.data.eval_split``
+  (the first ``max_batches`` batches, in order), at the target K."""
+  it = data_lib.make_iterator(s.config, builder, tokenizer, s.model_cfg, s.spec, train=False)
+  k = jnp.int32(s.plan.target) if s.plan.gaze else None
+  sums, n_tok, n_ex = {}, 0.0, 0.0
+  for i, batch in enumerate(it):
+    if i >= max_batches:
+      break
+    gb = shard_lib.shard_batch(batch, s.batch_sharding)
+    m = jax.device_get(eval_fn(params, gb, k))
+    n_tok += float(m["answer_tokens"])
+    n_ex += float(m["examples"])
+    for key, w in (("loss", m["answer_tokens"]), ("accuracy", m["answer_tokens"]),
+                   ("exact", m["examples"])):
+      sums[key] = sums.get(key, 0.0) + float(m[key]) * float(w)
+  if not n_tok:
+    return {}
+  return {"loss": sums["loss"] / n_tok, "accuracy": sums["accuracy"] / n_tok,
+          "exact": sums["exact"] / max(n_ex, 1.0), "examples": n_ex}
+
+
+def train(config: Any, workdir, *, mesh=None, stop_after: Optional[int] = None) -> dict:
+  """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint). Returns a summary
+  (final step, last train / eval metrics, wall time, whether it was preempted).
+
+  ``stop_after``: stop (with a checkpoint) after this many steps of this call (tests).
+  """
+  t_begin = time.time()
+  workdir = Path(workdir)
+  primary = jax.process_index() == 0
+  if primary:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(_jsonable(to_dict(config)), indent=2))
+  s = build(config, mesh)
+  tc = config.train
+  num_steps = int(tc.num_steps)
+  log.info("mesh %s; model: decoder %d layers x %d, attention %s%s", dict(s.mesh.shape),
+           s.model_cfg.decoder.num_layers, s.model_cfg.decoder.hidden_size,
+           s.model_cfg.gaze.attention,
+           f" K {s.plan.start}->{s.plan.target} over {s.plan.warmup_steps} steps ({s.plan.shape})"
+           if s.plan.gaze else "")
+
+  builder = data_lib.prepare(config, workdir)
+  tokenizer = data_lib.make_tokenizer(get(config.data, "tokenizer", "byte"))
+
+  cc = get(config, "checkpoint")
+  ckpt = ckpt_lib.Checkpointer(workdir / ckpt_lib.CHECKPOINT_DIR,
+                               save_every=int(get(cc, "save_every", 1000)),
+                               keep=int(get(cc, "keep", 3)),
+                               async_save=bool(get(cc, "async_save", True)))
+  restored = ckpt.restore(ckpt_lib.abstract_like(s.abstract_params, s.state_shardings["params"]),
+                          ckpt_lib.abstract_like(s.abstract_opt_state,
+                                                 s.state_shardings["opt_state"]),
+                          fallback=bool(get(cc, "fallback", True)))
+  data_state = None
+  if restored is not None:
+    state = {"params": restored.params, "opt_state": restored.opt_state,
+             "step": jax.device_put(jnp.int32(restored.step), s.state_shardings["step"])}
+    d = restored.data or {}
+    if d.get("process_count") == jax.process_count():
+      data_state = d["states"][jax.process_index()]
+    else:
+      log.warning("checkpoint data state is for %s processes, this run has %d: the data "
+                  "iterator restarts from its beginning", d.get("process_count"),
+                  jax.process_count())
+    log.info("resumed from step %d of %s", restored.step, ckpt.directory)
+  else:
+    state = init_state(s, int(get(tc, "seed", 0)))
+    init = get(config.model, "init", "")
+    if init:
+      state = _load_decoder_init(s, state, init)
+    src = get(config, "init_from_checkpoint", "")
+    if src:
+      other = ckpt_lib.Checkpointer(Path(src) / ckpt_lib.CHECKPOINT_DIR, read_only=True)
+      got = other.restore(ckpt_lib.abstract_like(s.abstract_params, s.state_shardings["params"]))
+      other.close()
+      if got is None:
+        raise ckpt_lib.CheckpointError(f"config.init_from_checkpoint: no checkpoint in {src}")
+      state = {**state, "params": got.params}
+      log.info("initialised the parameters from step %d of %s", got.step, src)
+  start = int(jax.device_get(state["step"]))
+  it = data_lib.make_iterator(config, builder, tokenizer, s.model_cfg, s.spec, train=True,
+                              state=data_state)
+
+  step_fn = s.train_step.jit(s.state_shardings, s.batch_sharding, NamedSharding(s.mesh, P()))
+  eval_fn = jax.jit(s.train_step.eval_fn,
+                    in_shardings=(s.state_shardings["params"], s.batch_sharding, None),
+                    out_shardings=NamedSharding(s.mesh, P()))
+  logger = metrics_lib.MetricsLogger(workdir, enabled=primary)
+  fp_log = (metrics_lib.JsonlWriter(workdir / f"data_log.{jax.process_index()}.jsonl")
+            if get(tc, "log_fingerprints", False) else None)
+  log_every = max(1, int(get(tc, "log_every", 50)))
+  eval_every = int(get(tc, "eval_every", 0))
+  eval_batches = int(get(tc, "eval_batches", 8))
+  B, S = int(config.data.batch_size), s.spec.seq_len
+  v = s.model_cfg.vision
+  flops = metrics_lib.train_flops(s.model_cfg, batch=B, seq_len=S, frames=s.spec.max_images,
+                                  patches=(v.image_size // v.patch_size) ** 2)
+  peak = metrics_lib.peak_flops(jax.devices()[0].device_kind,
+                                float(get(tc, "peak_flops_per_device", 0.0)))
+  log.info("train FLOPs per step %.3g; peak %s FLOP/s per device; %d devices", flops,
+           f"{peak:.3g}" if peak else "unknown", jax.device_count())
+  meta = _meta(s)
+  last, last_eval, preempted = {}, {}, False
+  t_mark, step_mark, t_loop = time.time(), start, time.time()
+  s_done = start
+  with _Preemption() as pre:
+    for s_done in range(start + 1, num_steps + 1):
+      batch = next(it)
+      if fp_log is not None:
+        fp_log.write({"step": s_done, "process": jax.process_index(),
+                      "fingerprint": data_lib.fingerprint(batch)})
+      state, metrics = step_fn(state, shard_lib.shard_batch(batch, s.batch_sharding))
+      if s_done % log_every == 0 or s_done == num_steps or s_done == start + 1:
+        m = {k: float(x) for k, x in jax.device_get(metrics).items()}
+        now = time.time()
+        dt = max(now - t_mark, 1e-9)
+        steps_dt = s_done - step_mark
+        m["tokens_per_s"] = B * S * steps_dt / dt
+        m["steps_per_s"] = steps_dt / dt
+        if peak:
+          m["mfu"] = flops * steps_dt / dt / (peak * jax.device_count())
+        # The first step of a (re)start includes compilation: no ETA from it.
+        eta = (None if s_done == start + 1 else
+               (num_steps - s_done) / max(m["steps_per_s"], 1e-9))
+        if primary:
+          print(metrics_lib.progress_line(s_done, num_steps, m, m["tokens_per_s"], eta),
+                flush=True)
+        logger.write(s_done, m)
+        last = m
+        t_mark, step_mark = time.time(), s_done
+      if eval_every and (s_done % eval_every == 0 or s_done == num_steps):
+        last_eval = evaluate(s, state["params"], builder, tokenizer, max_batches=eval_batches,
+                             eval_fn=eval_fn)
+        if last_eval:
+          logger.write(s_done, last_eval, prefix="eval")
+          if primary:
+            print(f"eval step {s_done}: loss {last_eval['loss']:.4f} | token acc "
+                  f"{last_eval['accuracy']:.3f} | exact {last_eval['exact']:.3f} "
+                  f"({int(last_eval['examples'])} examples)", flush=True)
+        t_mark = time.time()      # do not count eval time in tokens/s
+      stop = pre.agreed() or (stop_after is not None and s_done - start >= stop_after)
+      force = stop or s_done == num_steps
+      ckpt.save(s_done, state, it.get_state(), meta, force=force)
+      if stop:
+        preempted = pre.requested
+        log.warning("stopping at step %d (%s); checkpoint saved, rerun to resume", s_done,
+                    "SIGTERM" if preempted else "stop_after")
+        break
+  ckpt.close()
+  logger.close()
+  if fp_log is not None:
+    fp_log.close()
+  summary = {"step": s_done, "train": last, "eval": last_eval, "preempted": preempted,
+             "wall_s": time.time() - t_begin, "loop_s": time.time() - t_loop,
+             "traces": s.train_step.traces}
+  if primary:
+    (workdir / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2))
+  return summary

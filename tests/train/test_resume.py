@@ -1,0 +1,216 @@
+"""Fault tolerance through ``train_main.py``: SIGKILL after a checkpoint then resume, SIGTERM
+(preemption) saves and stops, and the final parameters and the per-step data order equal an
+uninterrupted run's. Also damaged checkpoints and ``restore_model``."""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from tests.train.helpers import ROOT
+
+NUM_STEPS = 40
+CONFIG = """
+from tests.train.helpers import small_config
+
+
+def get_config():
+  return small_config({data!r}, train__num_steps={n}, checkpoint__save_every=4,
+                      train__log_fingerprints=True, train__log_every=4)
+"""
+
+
+def _launch(config_file, workdir):
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  return subprocess.Popen([sys.executable, str(ROOT / "train_main.py"),
+                           f"--config={config_file}", f"--workdir={workdir}"],
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+
+
+def _finished(p, timeout=400):
+  out, _ = p.communicate(timeout=timeout)
+  return p.returncode, out
+
+
+def _ckpt_steps(workdir):
+  d = Path(workdir) / "checkpoints"
+  if not d.exists():
+    return []
+  return sorted(int(x.name) for x in d.iterdir() if x.name.isdigit())
+
+
+def _wait_for(cond, p, timeout=300):
+  t0 = time.time()
+  while not cond():
+    if p.poll() is not None:
+      raise AssertionError(f"training ended early ({p.returncode}):\n{p.stdout.read()[-4000:]}")
+    if time.time() - t0 > timeout:
+      p.kill()
+      raise AssertionError("timed out waiting for the training run")
+    time.sleep(0.02)
+
+
+def _fingerprints(workdir):
+  """step -> fingerprint, the last record of each step winning (a resumed run redoes the steps
+  after its checkpoint), and the list of steps in log order."""
+  recs = [json.loads(x) for x in (Path(workdir) / "data_log.0.jsonl").read_text().splitlines()]
+  return {r["step"]: r["fingerprint"] for r in recs}, [r["step"] for r in recs]
+
+
+@pytest.fixture(scope="module")
+def runs(train_data_dir, tmp_path_factory):
+  root = tmp_path_factory.mktemp("resume")
+  cfg = root / "cfg.py"
+  cfg.write_text(CONFIG.format(data=str(train_data_dir), n=NUM_STEPS))
+  a, b = root / "uninterrupted", root / "interrupted"
+  pa = _launch(cfg, a)                          # runs while the interrupted run is driven
+  # 1) SIGKILL as soon as the first checkpoint is complete.
+  pb = _launch(cfg, b)
+  _wait_for(lambda: _ckpt_steps(b), pb)
+  pb.send_signal(signal.SIGKILL)
+  pb.wait()
+  killed_at = _ckpt_steps(b)
+  # 2) Resume, then SIGTERM once it has gone past its checkpoint.
+  logged = len(_fingerprints(b)[1])
+  pb = _launch(cfg, b)
+  _wait_for(lambda: len(_fingerprints(b)[1]) > logged + 2, pb)
+  pb.send_signal(signal.SIGTERM)
+  rc_term, out_term = _finished(pb)
+  summary_term = json.loads((b / "summary.json").read_text())
+  steps_after_term = _ckpt_steps(b)
+  logged_term = len(_fingerprints(b)[1])
+  # 3) Resume to the end.
+  rc_end, out_end = _finished(_launch(cfg, b))
+  order = _fingerprints(b)[1]
+  first_steps = [order[logged], order[logged_term]]     # the first step of each restart
+  rc_a, out_a = _finished(pa)
+  assert rc_a == 0, out_a[-4000:]
+  assert rc_end == 0, out_end[-4000:]
+  return dict(a=a, b=b, cfg=cfg, killed_at=killed_at, rc_term=rc_term, out_term=out_term,
+              first_steps=first_steps,
+              summary_term=summary_term, steps_after_term=steps_after_term)
+
+
+def test_killed_run_had_not_finished(runs):
+  assert runs["killed_at"] and max(runs["killed_at"]) < NUM_STEPS
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(runs):
+  assert runs["rc_term"] == 0, runs["out_term"][-3000:]
+  s = runs["summary_term"]
+  assert s["preempted"] and s["step"] < NUM_STEPS
+  assert s["step"] in runs["steps_after_term"]
+  assert "SIGTERM" in runs["out_term"]
+
+
+def test_resumed_run_matches_the_uninterrupted_run(runs):
+  fa, order_a = _fingerprints(runs["a"])
+  fb, order_b = _fingerprints(runs["b"])
+  assert order_a == list(range(1, NUM_STEPS + 1))
+  # Same batch at every step: nothing skipped, nothing repeated in the data order.
+  assert sorted(fb) == list(range(1, NUM_STEPS + 1)) and fb == fa
+  assert len(set(fa.values())) > NUM_STEPS // 2      # the fingerprints do tell batches apart
+  # Each restart resumed right after the checkpoint it restored.
+  assert runs["first_steps"] == [max(runs["killed_at"]) + 1, runs["summary_term"]["step"] + 1]
+
+  from gaze_jax.train.checkpoint import restore_model
+  from tests.train.helpers import small_config
+  from flax import nnx
+  cfg = small_config("unused")
+  ma, sa = restore_model(runs["a"], cfg)
+  mb, sb = restore_model(runs["b"], cfg)
+  assert sa == sb == NUM_STEPS
+  pa, pb = nnx.state(ma, nnx.Param), nnx.state(mb, nnx.Param)
+  for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6)
+  # The metrics file has the documented fields.
+  rec = json.loads((runs["a"] / "metrics.jsonl").read_text().splitlines()[-1])
+  for key in ("loss", "accuracy", "grad_norm", "lr", "k", "union_per_kv_head", "tokens_per_s"):
+    assert key in rec
+  assert list((runs["a"] / "tb").glob("events.out.tfevents.*"))
+
+
+def test_restore_model_runs_and_uses_the_target_k(runs, train_data_dir):
+  from gaze_jax.train import data as data_lib
+  from gaze_jax.train.checkpoint import restore_model
+  from gaze_jax.train.config import train_model_config
+  from tests.train.helpers import small_config
+  cfg = small_config(train_data_dir)
+  model, step = restore_model(runs["a"], cfg, step=36)
+  assert step == 36 and model.cfg.gaze.top_k == 1         # the target K, not the start
+  _, spec, _ = train_model_config(cfg)
+  b = data_lib.prepare(cfg, runs["a"])
+  it = data_lib.make_iterator(cfg, b, data_lib.make_tokenizer("byte"), model.cfg, spec,
+                              train=False)
+  from gaze_jax.data.features import batch_to_model_inputs
+  tokens, images, layout, targets, mask, _ = batch_to_model_inputs(next(it), spec)
+  logits = model(tokens, layout, images)
+  assert np.isfinite(np.asarray(logits)).all()
+
+
+# ----------------------------------------------------------------------------- damage
+
+def _small_state(v):
+  return {"params": {"w": np.full((4, 3), v, np.float32)},
+          "opt_state": {"m": np.full((4, 3), -v, np.float32)}}
+
+
+def _abstract():
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  s = jax.ShapeDtypeStruct((4, 3), np.float32, sharding=dev)
+  return {"w": s}, {"m": s}
+
+
+def test_damaged_checkpoints_fall_back_loudly_or_raise(tmp_path, caplog):
+  from gaze_jax.train.checkpoint import CheckpointError, Checkpointer
+  ck = Checkpointer(tmp_path, save_every=1, keep=3, async_save=False)
+  for step in (1, 2, 3):
+    ck.save(step, jax.tree.map(jax.numpy.asarray, _small_state(step)), {"pos": step})
+  ck.close()
+  # Corrupt step 3's parameters (truncate every data file), remove step 2's parameters.
+  for f in (tmp_path / "3" / "params").rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"garbage")
+  for f in sorted((tmp_path / "2" / "params").rglob("*"), reverse=True):
+    f.rmdir() if f.is_dir() else f.unlink()
+  (tmp_path / "2" / "params").rmdir()
+  # An interrupted save leaves a temporary folder.
+  (tmp_path / "4.orbax-checkpoint-tmp-1234").mkdir()
+  caplog.set_level(logging.WARNING)
+  ck = Checkpointer(tmp_path, save_every=1, keep=3, async_save=False)
+  assert "4.orbax-checkpoint-tmp-1234" in caplog.text and "incomplete" in caplog.text
+  got = ck.restore(*_abstract())
+  assert got.step == 1 and float(got.params["w"][0, 0]) == 1.0 and got.data["states"] == [{"pos": 1}]
+  assert f"checkpoint {tmp_path / '3'} could not be restored" in caplog.text
+  assert f"checkpoint {tmp_path / '2'} is incomplete" in caplog.text
+  assert "falling back" in caplog.text
+  with pytest.raises(CheckpointError, match=f"{tmp_path / '3'} could not be restored"):
+    ck.restore(*_abstract(), fallback=False)
+  with pytest.raises(CheckpointError, match="no checkpoint for step 7"):
+    ck.restore(*_abstract(), step=7)
+  ck.close()
+  # Nothing restorable at all: one error listing every step.
+  for f in (tmp_path / "1" / "params").rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"garbage")
+  ck = Checkpointer(tmp_path, save_every=1, keep=3, async_save=False)
+  with pytest.raises(CheckpointError, match="no checkpoint in .* could be restored"):
+    ck.restore(*_abstract())
+  ck.close()
+
+
+def test_restore_model_without_checkpoints_says_so(tmp_path):
+  from gaze_jax.train.checkpoint import CheckpointError, restore_model
+  from tests.train.helpers import small_config
+  with pytest.raises(CheckpointError, match="no checkpoint under"):
+    restore_model(tmp_path, small_config("unused"))

@@ -1,0 +1,333 @@
+"""Pieces of the trainer checked against independent references (numpy, plain optax):
+configs -> model dataclasses, mesh and logical sharding rules, the optimizer's groups and
+schedule, the loss, routing statistics, remat, the progressive top-K in one compile, FLOPs and
+the TensorBoard writer."""
+
+import dataclasses
+import math
+import struct
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from gaze_jax.model import MLLM
+from gaze_jax.model.memory import count_params
+from gaze_jax.model.presets import get_preset
+from gaze_jax.train import config as cfg_lib
+from gaze_jax.train import metrics as metrics_lib
+from gaze_jax.train import optim, sharding
+from gaze_jax.train.step import masked_nll, routing_stats
+
+ml_collections = pytest.importorskip("ml_collections")
+
+
+# ----------------------------------------------------------------------------- configs
+
+@pytest.mark.parametrize("name,preset", [("demo", "tiny"), ("smollm2_135m", "smollm2_135m"),
+                                         ("cambrian_4b", "cambrian_4b"),
+                                         ("qwen2_5_7b", "qwen2_5_7b")])
+def test_recipes_build_the_preset_models(name, preset):
+  import importlib
+  c = importlib.import_module(f"configs.{name}").get_config()
+  got = cfg_lib.eval_model_config(c)
+  want = get_preset(preset)
+  assert dataclasses.replace(got.decoder, remat=False) == want.decoder
+  assert got.vision == want.vision
+  assert got.gaze.region_shape == want.gaze.region_shape and got.gaze.num_ctx == want.gaze.num_ctx
+  spec = cfg_lib.layout_spec(c, got)
+  grid = want.vision.image_size // want.vision.patch_size
+  rh, rw = want.gaze.region_shape
+  assert spec.max_regions >= math.ceil(grid / rh) * math.ceil(grid / rw)
+  # The trainer compiles K_max = all regions and lowers K with the schedule.
+  train_cfg, _, plan = cfg_lib.train_model_config(c)
+  assert plan.gaze and plan.start == spec.max_regions and train_cfg.gaze.top_k == plan.start
+  assert plan.target == want.gaze.top_k
+
+
+def test_dense_recipe_and_config_errors():
+  from configs import demo, demo_dense
+  c = demo_dense.get_config()
+  m, _, plan = cfg_lib.train_model_config(c)
+  assert m.gaze.attention == "dense" and not plan.gaze
+  c = demo.get_config()
+  c.topk_schedule.start = 2          # below the target K=4
+  with pytest.raises(ValueError, match="topk_schedule.start"):
+    cfg_lib.train_model_config(c)
+  with pytest.raises(ValueError, match="unknown fields.*nonsense"):
+    cfg_lib.mllm_config({"decoder": {"nonsense": 1}})
+  with pytest.raises(AttributeError):           # lock_config: unknown fields are rejected
+    c.lock()
+    c.train.no_such_field = 1
+
+
+def test_model_imports_without_ml_collections():
+  code = ("import sys; import gaze_jax.model, gaze_jax.train.config, gaze_jax.train.step; "
+          "assert 'ml_collections' not in sys.modules, 'ml_collections imported'")
+  subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+# ----------------------------------------------------------------------------- sharding
+
+def test_mesh_shape_resolution():
+  assert sharding.mesh_shape({"data": -1}, 8) == (8, 1, 1)
+  assert sharding.mesh_shape({"data": 2, "fsdp": -1, "tensor": 2}, 8) == (2, 2, 2)
+  with pytest.raises(ValueError, match="at most one axis"):
+    sharding.mesh_shape({"data": -1, "fsdp": -1}, 8)
+  with pytest.raises(ValueError, match="not divisible"):
+    sharding.mesh_shape({"data": -1, "tensor": 3}, 8)
+  with pytest.raises(ValueError, match="unknown axes"):
+    sharding.mesh_shape({"model": 2}, 8)
+
+
+class _FakeMesh:
+  def __init__(self, **shape):
+    self.shape = shape
+
+
+def test_logical_rules_map_names_and_drop_indivisible_axes():
+  mesh = _FakeMesh(data=2, fsdp=4, tensor=2)
+  rules = sharding.DEFAULT_RULES
+  assert sharding.logical_to_spec(("embed", "mlp"), (64, 128), rules, mesh) == P("fsdp", "tensor")
+  assert sharding.logical_to_spec(("vocab", "embed"), (512, 64), rules, mesh) == P("tensor", "fsdp")
+  # 6 is not divisible by fsdp=4: that dimension stays replicated.
+  assert sharding.logical_to_spec(("embed", "heads"), (6, 64), rules, mesh) == P(None, "tensor")
+  # One mesh axis is used at most once per array.
+  assert sharding.logical_to_spec(("embed", "vision_embed"), (8, 8), rules, mesh) == P("fsdp", None)
+  assert sharding.batch_spec(rules, mesh) == P(("data", "fsdp"))
+  assert sharding.batch_shards(rules, mesh) == 8
+  with pytest.raises(ValueError, match="not a mesh axis"):
+    sharding.rules_from_config([("embed", "model")])
+
+
+def test_every_parameter_of_the_real_presets_gets_a_valid_spec():
+  mesh = _FakeMesh(data=1, fsdp=8, tensor=4)
+  from gaze_jax.train.checkpoint import abstract_params
+  for name in ("smollm2_135m", "cambrian_4b"):
+    _, state, _ = abstract_params(get_preset(name))
+    specs = sharding.param_specs(state, sharding.DEFAULT_RULES, mesh)
+    flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+    flat_params = jax.tree.leaves(nnx.to_pure_dict(state))
+    assert len(flat_specs) == len(flat_params)
+    sharded = 0
+    for spec, p in zip(flat_specs, flat_params):
+      for dim, axes in zip(p.shape, tuple(spec) + (None,) * (len(p.shape) - len(spec))):
+        if axes is not None:
+          n = np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)])
+          assert dim % n == 0
+          sharded += 1
+    assert sharded > len(flat_params)     # most 2-D weights are sharded on both dims
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+class _Optim:
+  learning_rate = 0.1
+  warmup_steps = 3
+  end_lr_ratio = 0.1
+  weight_decay = 0.0
+  clip_norm = 0.0
+  b1, b2, eps = 0.9, 0.95, 1e-8
+  param_groups = ()
+
+
+def test_schedule_is_linear_warmup_then_cosine():
+  lr = optim.learning_rate_schedule(_Optim, num_steps=13)
+  want = []
+  for s in range(14):
+    if s < 3:
+      want.append(0.1 * s / 3)
+    else:
+      frac = (s - 3) / 10
+      want.append(0.01 + 0.5 * (0.1 - 0.01) * (1 + math.cos(math.pi * frac)))
+  np.testing.assert_allclose([float(lr(s)) for s in range(14)], want, rtol=1e-5, atol=1e-7)
+
+
+def test_param_groups_freeze_scale_and_start_late():
+  params = {"vision": {"w": jnp.ones((2, 2))}, "projector": {"w": jnp.ones((2, 2))},
+            "decoder": {"w": jnp.ones((2, 2)), "late": jnp.ones((2, 2))}}
+  o = type("O", (_Optim,), {"warmup_steps": 0, "end_lr_ratio": 1.0, "param_groups": (
+      ("vision/.*", 0.0), ("projector/.*", 0.5), ("decoder/late", 1.0, 2))})
+  tx, _ = optim.make_optimizer(o, params, num_steps=10)
+  assert optim.param_labels(params, o.param_groups) == {
+      "vision": {"w": "frozen"}, "projector": {"w": "group1"},
+      "decoder": {"w": "default", "late": "group2"}}
+  state = tx.init(params)
+  ref = optax.adam(0.1, b1=0.9, b2=0.95, eps=1e-8)
+  rstate = ref.init(jnp.ones((2, 2)))
+  p = params
+  g = jnp.asarray([[1.0, -2.0], [0.5, 3.0]])
+  ref_p = jnp.ones((2, 2))
+  for step in range(3):
+    grads = jax.tree.map(lambda _: g, p)
+    upd, state = tx.update(grads, state, p)
+    p = optax.apply_updates(p, upd)
+    rupd, rstate = ref.update(g, rstate, ref_p)
+    ref_p = optax.apply_updates(ref_p, rupd)
+    np.testing.assert_allclose(p["decoder"]["w"], ref_p, rtol=1e-6)
+    np.testing.assert_allclose(p["projector"]["w"] - 1, (ref_p - 1) * 0.5, rtol=1e-5)
+    np.testing.assert_array_equal(p["vision"]["w"], 1.0)
+    if step < 2:
+      np.testing.assert_array_equal(p["decoder"]["late"], 1.0)
+  assert not np.allclose(p["decoder"]["late"], 1.0)      # trained from step 2 on
+  with pytest.raises(ValueError, match="bad regex"):
+    optim.parse_groups([("(", 1.0)])
+
+
+# ----------------------------------------------------------------------------- loss, stats
+
+def test_masked_nll_matches_numpy():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
+  targets = rng.integers(0, 7, size=(2, 5))
+  mask = (rng.random((2, 5)) < 0.5).astype(np.float32)
+  mask[0, 0] = 1
+  loss, acc, n = masked_nll(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
+  x = logits.astype(np.float64)
+  logp = x - x.max(-1, keepdims=True)
+  logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+  nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+  np.testing.assert_allclose(float(loss), (nll * mask).sum() / mask.sum(), rtol=1e-5)
+  np.testing.assert_allclose(float(acc), ((x.argmax(-1) == targets) * mask).sum() / mask.sum())
+  assert float(n) == mask.sum()
+
+
+def test_routing_stats_match_a_python_count():
+  rng = np.random.default_rng(1)
+  layers = []
+  for _ in range(2):
+    ids = rng.integers(-1, 6, size=(2, 4, 4, 3)).astype(np.int32)
+    ids[:, 0] = -1                                  # rows that do not route
+    layers.append(ids)
+  got = routing_stats([jnp.asarray(x) for x in layers], num_kv_heads=2)
+  sel, uni, rows = 0.0, 0.0, 0
+  for ids in layers:
+    for b in range(2):
+      for t in range(4):
+        if (ids[b, t] < 0).all():
+          continue
+        rows += 1
+        sel += np.mean([(ids[b, t, h] >= 0).sum() for h in range(4)])
+        uni += np.mean([len({int(i) for i in ids[b, t, 2 * g:2 * g + 2].ravel() if i >= 0})
+                        for g in range(2)])
+  np.testing.assert_allclose(float(got["selected_per_head"]), sel / rows, rtol=1e-6)
+  np.testing.assert_allclose(float(got["union_per_kv_head"]), uni / rows, rtol=1e-6)
+
+
+def _tiny_batch(cfg, B=2, grid=8):
+  from gaze_jax.gaze import Image, LayoutSpec, Text, build_layout
+  spec = LayoutSpec(seq_len=96, max_regions=(grid // 2) ** 2, max_images=1, region_shape=(2, 2),
+                    num_ctx=4)
+  layout = build_layout([[Text(5), Image(grid, grid), Text(9), Text(4, generated=True)]] * B,
+                        spec)
+  rng = np.random.default_rng(0)
+  feats = layout.to_features()
+  batch = {k: np.asarray(v) for k, v in feats.items()}
+  batch["tokens"] = rng.integers(0, 200, size=(B, 96)).astype(np.int32)
+  batch["targets"] = rng.integers(0, 200, size=(B, 96)).astype(np.int32)
+  batch["loss_mask"] = np.asarray(layout.generated, np.float32)
+  size = cfg.vision.image_size
+  batch["images"] = rng.normal(size=(B, 1, size, size, 3)).astype(np.float32)
+  return spec, batch
+
+
+def _train_step(cfg, spec, plan, lr=1e-2):
+  from gaze_jax.train.checkpoint import abstract_params
+  from gaze_jax.train.step import TrainStep
+  gd, abs_state, rest = abstract_params(cfg)
+  params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(MLLM(cfg, rngs=nnx.Rngs(0)), nnx.Param)))()
+  o = type("O", (_Optim,), {"learning_rate": lr, "warmup_steps": 0})
+  tx, lr_fn = optim.make_optimizer(o, params, num_steps=10)
+  st = TrainStep(gd, rest, tx, lr_fn, spec, plan, jax.tree.map(lambda _: True, params),
+                 cfg.decoder.num_kv_heads)
+  return st, {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
+
+
+def test_remat_gives_the_same_loss_and_gradients():
+  cfg = get_preset("tiny")
+  cfg = dataclasses.replace(
+      cfg, vision=dataclasses.replace(cfg.vision, image_size=32, num_layers=1),
+      decoder=dataclasses.replace(cfg.decoder, hidden_size=32, intermediate_size=64,
+                                  head_dim=8))
+  spec, batch = _tiny_batch(cfg, grid=4)
+  plan = cfg_lib.TopKPlan(True, 2, 2, 0, "linear")
+  out = []
+  for remat in (False, True):
+    c = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, remat=remat),
+                            gaze=dataclasses.replace(cfg.gaze, top_k=2))
+    st, state = _train_step(c, spec, plan)
+    (loss, _), g = jax.jit(jax.value_and_grad(st.loss_fn, has_aux=True))(
+        state["params"], batch, None)
+    out.append((loss, g))
+  np.testing.assert_allclose(float(out[0][0]), float(out[1][0]), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(out[0][1]), jax.tree.leaves(out[1][1])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_progressive_top_k_lowers_routing_k_in_one_compile():
+  cfg = get_preset("tiny")
+  cfg = dataclasses.replace(cfg, gaze=dataclasses.replace(cfg.gaze, top_k=16))
+  spec, batch = _tiny_batch(cfg)
+  plan = cfg_lib.TopKPlan(True, 16, 4, 6, "linear")
+  st, state = _train_step(cfg, spec, plan)
+  step = jax.jit(st.__call__, donate_argnums=(0,))
+  ks, sel = [], []
+  for _ in range(8):
+    state, m = step(state, batch)
+    ks.append(int(m["k"]))
+    sel.append(float(m["selected_per_head"]))
+  # Independent linear schedule: ceil(16 - 12 * s / 6), clipped at 4.
+  want = [max(4, math.ceil(16 - 12 * s / 6 - 1e-4)) for s in range(8)]
+  assert ks == want and ks[0] == 16 and ks[-1] == 4
+  # Every routed row really selected K regions (16 candidates before the question).
+  np.testing.assert_allclose(sel, want)
+  assert st.traces == 1
+
+
+# ----------------------------------------------------------------------------- FLOPs, logs
+
+def test_train_flops_matmul_part_is_six_n_t():
+  cfg = get_preset("smollm2_135m")
+  n = count_params(cfg)
+  d = cfg.decoder
+  # Matmul parameters of the decoder: all but norms; the tied embedding is the LM head.
+  norms = d.num_layers * 2 * d.hidden_size + d.hidden_size
+  dec_matmul = n["decoder"] - norms
+  B, S = 4, 256
+  no_vision = metrics_lib.train_flops(cfg, batch=B, seq_len=S, frames=0, patches=0)
+  attn = 3 * 2 * B * d.num_layers * d.num_heads * d.head_dim * S * S
+  np.testing.assert_allclose(no_vision - attn, 6 * dec_matmul * B * S, rtol=1e-9)
+  assert metrics_lib.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+  assert metrics_lib.peak_flops("cpu") is None and metrics_lib.peak_flops("cpu", 1e12) == 1e12
+
+
+def test_progress_line_has_step_loss_speed_k_eta():
+  line = metrics_lib.progress_line(120, 600, {"loss": 1.2345, "accuracy": 0.5, "k": 8,
+                                              "union_per_kv_head": 9.5, "lr": 1e-3},
+                                   12345.0, 192)
+  for part in ("step 120/600", "loss 1.2345", "12.3k tok/s", "K 8", "ETA 3m12s"):
+    assert part in line
+
+
+def test_event_files_read_back_with_tensorflow(tmp_path):
+  assert metrics_lib.crc32c(b"123456789") == 0xE3069283          # the CRC-32C check value
+  w = metrics_lib.EventWriter(tmp_path)
+  w.scalars(3, {"train/loss": 1.5, "train/k": 4.0})
+  w.scalars(7, {"train/loss": 0.25})
+  w.close()
+  tf = pytest.importorskip("tensorflow")
+  got = []
+  for ev in tf.compat.v1.train.summary_iterator(str(w.path)):
+    for v in ev.summary.value:
+      got.append((ev.step, v.tag, v.simple_value))
+  assert got == [(3, "train/loss", 1.5), (3, "train/k", 4.0), (7, "train/loss", 0.25)]
+  # The first record is the file-version event.
+  with open(w.path, "rb") as f:
+    (n,) = struct.unpack("<Q", f.read(8))
+    assert b"brain.Event:2" in f.read(4 + n)

@@ -1,0 +1,43 @@
+"""Train a gaze-attention MLLM.
+
+  python train_main.py --config=configs/demo.py --workdir=/tmp/gaze_demo
+  python train_main.py --config=configs/demo.py --workdir=/tmp/gaze_demo \
+      --config.train.num_steps=200 --config.model.gaze.top_k=2
+
+Rerunning the same command resumes from the latest checkpoint in ``--workdir``. Each config's
+docstring gives its exact command. Multi-process: set ``--config.distributed.
+coordinator_address=host:port --config.distributed.num_processes=N
+--config.distributed.process_id=i`` (or ``JAX_COORDINATOR_ADDRESS`` / cluster auto-detection
+with ``--config.distributed.auto=True``).
+"""
+
+import json
+import logging
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl, tb/ and the dataset")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file",
+                                          lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # orbax logs every file operation at INFO through absl: keep absl at WARNING, ours at INFO.
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger("gaze_jax").setLevel(logging.INFO)
+  config = _CONFIG.value
+  # jax.distributed must be initialised before anything touches the devices.
+  from gaze_jax.train import trainer
+  trainer.maybe_initialize_distributed(config)
+  summary = trainer.train(config, _WORKDIR.value)
+  logging.getLogger("gaze_jax").info("done: %s", json.dumps({k: summary[k] for k in ("step", "eval", "preempted",
+                                                                "wall_s")}, default=str))
+
+
+if __name__ == "__main__":
+  app.run(main)
