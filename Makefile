@@ -23,8 +23,17 @@ test: install
 test-all: install
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
+# Trains the tiny gaze model and its dense twin on gaze_shapes (CPU), then evaluates both on
+# the same data: accuracy, visual KV entries per query, routing accuracy; writes gaze maps.
+DEMO_DIR ?= out/demo
+DEMO_DATA := --config.data.data_dir=$(DEMO_DIR)/tfds
 demo: install
-	$(PY) -m gaze_jax.demo
+	$(PY) train_main.py --config=configs/demo.py --workdir=$(DEMO_DIR)/gaze $(DEMO_DATA)
+	$(PY) train_main.py --config=configs/demo_dense.py --workdir=$(DEMO_DIR)/dense $(DEMO_DATA)
+	$(PY) eval_main.py --config=configs/demo.py --workdir=$(DEMO_DIR)/gaze $(DEMO_DATA) \
+	  --compare_config=configs/demo_dense.py --compare_workdir=$(DEMO_DIR)/dense \
+	  --compare_config.data.data_dir=$(DEMO_DIR)/tfds --compare_name=demo_dense \
+	  --out_dir=$(DEMO_DIR)/eval
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
