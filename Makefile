@@ -39,5 +39,8 @@ clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
 
 # Benchmarks write JSON under benchmarks/results/ (ratios against baselines of the same run).
+# BENCH_ARGS=--small for a quick CPU check; empty on a GPU (the full Qwen3-4B-shaped cases).
+BENCH_ARGS ?=
 bench: install
 	$(PY) benchmarks/bench_gaze_xla.py --prefill
+	$(PY) benchmarks/attention.py $(BENCH_ARGS)

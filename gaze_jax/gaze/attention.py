@@ -136,8 +136,13 @@ def gaze_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_route: Optional[j
     if not 0 <= int(active_k) <= K:
       raise ValueError(f"active_k={int(active_k)} must be in [0, top_k={K}]")
   if implementation == "pallas":
-    raise NotImplementedError("implementation='pallas' needs the Pallas kernels, which are not "
-                              "built yet; use implementation='xla'")
+    # Imported here so that gaze_jax never imports Pallas unless asked to.
+    from pallas_kernels import ops as pallas_ops
+    return pallas_ops.gaze_attention(
+        q, k, v, q_route, k_route, layout, top_k=K, active_k=active_k, score=score,
+        routing=routing, route_prompt=route_prompt, q_index=q_index, descriptors=descriptors,
+        selection=selection, scale=scale, query_chunk=query_chunk,
+        return_selected=return_selected)
   B, T, Hq, D = q.shape
   S = k.shape[1]
   if decode is None:

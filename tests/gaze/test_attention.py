@@ -344,7 +344,10 @@ def test_bad_inputs_get_clear_errors(mutate, match):
     gaze_attention(**args)
 
 
-def test_pallas_is_not_available_yet():
-  q, k, lay = _small()
-  with pytest.raises(NotImplementedError, match="pallas"):
-    gaze_attention(q, k, k, q, k, lay, top_k=2, implementation="pallas")
+def test_pallas_matches_reference_on_a_small_case():
+  # The kernels run in interpret mode on CPU; the full sweep is in tests/kernels.
+  case = random_case(800, group=2, routing="head", score="dot")
+  out_r, ids_r = _run(case, "reference")
+  out_p, ids_p = _run(case, "pallas")
+  np.testing.assert_array_equal(ids_p, ids_r)
+  np.testing.assert_allclose(out_p, out_r, atol=ATOL, rtol=1e-5)

@@ -1,0 +1,121 @@
+"""Kernel-side helpers shared by the GPU (Triton) and TPU (Mosaic) kernels: the exact gaze mask
+of one (row tile x key block) pair and the online-softmax constants.
+
+Everything here is plain jnp on small arrays, so it traces inside a kernel body: the rows are
+``[M]`` vectors (M = query tokens x heads of a tile), the keys ``[BK]`` vectors of one block.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from gaze_jax.gaze.layout import CTX, PAD, PATCH, TEXT
+
+NEG = -1e30   # finite "minus infinity": masked logits, and the lse of a row that sees nothing
+
+
+def row_masker(mode: str, qkind, qpos, qframe, qrouted, hit=None):
+  """Per-tile mask builder: the row-only parts are computed once (outside the block loop).
+
+  Args:
+    mode: "base" (no routed keys), "routed" (routed keys only) or "full" (both).
+    qkind, qpos, qframe, qrouted: int32 row fields, ``[M]`` or ``[M, 1]`` (PAD rows see
+      nothing).
+    hit: ``hit(rid) -> bool [M, 1]``, whether each row selected region ``rid`` (``hit_from_bits``
+      or ``hit_from_ids``); unused in "base" mode.
+  Returns:
+    ``mask(kkind, kpos, kframe, rid, full=None) -> bool [M, BK]``: which keys of one block each
+    row sees (the rules of ``gaze_jax.gaze.reference``). Key fields are the block's window
+    rows, ``[BK]`` or ``[1, BK]`` (PAD outside the block); ``rid`` is its region id (-1 for a
+    text/context chunk). ``full`` (a traced scalar bool, from the block list) says every real
+    row sees every real key: the mask is then the outer product of two vectors, and the
+    per-element rules are skipped (``lax.cond``).
+  """
+  col = lambda a: a if a.ndim == 2 else a[:, None]                   # [M, 1]
+  qkind, qpos, qframe, qrouted = (col(a) for a in (qkind, qpos, qframe, qrouted))
+  routed_row = (qkind == TEXT) & (qrouted > 0)
+  dense_row = (qkind == PATCH) | ((qkind == TEXT) & (qrouted == 0))
+  ctx_row = qkind == CTX
+  real_row = qkind != PAD
+
+  def mask(kkind, kpos, kframe, rid, full=None):
+    row = lambda a: a if a.ndim == 2 else a[None, :]                 # [1, BK]
+    kkind, kpos, kframe = row(kkind), row(kpos), row(kframe)
+    if full is not None:
+      return jax.lax.cond(full, lambda: real_row & (kkind != PAD),
+                          lambda: rules(kkind, kpos, kframe, rid))
+    return rules(kkind, kpos, kframe, rid)
+
+  def rules(kkind, kpos, kframe, rid):
+    causal = kpos <= qpos
+    out = None
+    if mode in ("base", "full"):
+      k_ctx = kkind == CTX
+      out = ((dense_row & causal & (kkind != PAD))
+             | (ctx_row & (kframe == qframe) & ((kkind == PATCH) | (k_ctx & causal)))
+             | (routed_row & causal & ((kkind == TEXT) | k_ctx)))
+    if mode in ("routed", "full"):
+      sel = (hit(rid) & routed_row & (rid >= 0)) & (kkind == PATCH) & causal
+      out = sel if out is None else out | sel
+    return out
+
+  return mask
+
+
+def hit_from_ids(ids):
+  """``hit`` for ``row_masker`` from the rows' ids ``[M, Kp]`` (-1 none): an ``[M, Kp]``
+  compare per block (the TPU kernel)."""
+  return lambda rid: jnp.max(jnp.where(ids == rid, 1, 0), axis=1, keepdims=True) > 0
+
+
+def hit_from_bits(load_word):
+  """``hit`` for ``row_masker`` from per-row selection bitmasks: ``load_word(w)`` returns the
+  rows' int32 word ``w`` ``[M]`` (bit ``r % 32`` of word ``r // 32`` is region r). One column
+  load and two bit operations per block, whatever K is (the GPU kernels)."""
+  def hit(rid):
+    r = jnp.maximum(rid, 0)
+    word = load_word(jax.lax.shift_right_logical(r, 5))
+    return (jax.lax.shift_right_logical(word, jnp.broadcast_to(r & 31, word.shape)) & 1
+            > 0)[:, None]
+  return hit
+
+
+def selection_bits(ids, num_regions: int):
+  """int32 ``[..., ceil(NR / 32)]`` bitmasks of the ids ``[..., K]`` (-1 none; no repeats)."""
+  W = -(-num_regions // 32)
+  ok = (ids >= 0) & (ids < num_regions)
+  word = jnp.where(ok, ids // 32, W)
+  bit = jnp.where(ok, jax.lax.shift_left(jnp.ones_like(ids), ids % 32), 0)
+  lead = ids.shape[:-1]
+  flat_word = word.reshape(-1, ids.shape[-1])
+  rows = jnp.arange(flat_word.shape[0])[:, None]
+  out = jnp.zeros((flat_word.shape[0], W + 1), jnp.int32)
+  # Distinct ids set distinct bits, so adding is or-ing.
+  out = out.at[rows, flat_word].add(bit.reshape(flat_word.shape))
+  return out[:, :W].reshape(*lead, W)
+
+
+def dot_precision(dtype):
+  """Full float32 products for float32 inputs (Triton would use TF32 by default)."""
+  if jnp.dtype(dtype) == jnp.float32:
+    return jax.lax.Precision.HIGHEST
+  return None
+
+
+def dot_nt(a, b, precision):
+  """``a @ b.T`` with float32 accumulation: ``[M, D] x [N, D] -> [M, N]``."""
+  return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision,
+                             preferred_element_type=jnp.float32)
+
+
+def dot_nn(a, b, precision):
+  """``a @ b`` with float32 accumulation."""
+  return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=precision,
+                             preferred_element_type=jnp.float32)
+
+
+def dot_tn(a, b, precision):
+  """``a.T @ b`` with float32 accumulation: ``[M, N] x [M, D] -> [N, D]``."""
+  return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=precision,
+                             preferred_element_type=jnp.float32)
