@@ -82,6 +82,15 @@ def _map_query_chunks(fn, chunk: int, *xs):
       lambda y: jnp.moveaxis(y, 0, 1).reshape(B, n * chunk, *y.shape[3:])[:, :T], outs)
 
 
+def _unique_ids(ids: jax.Array) -> jax.Array:
+  """A caller's selection ``[..., K]`` with repeated ids (per row and head) set to -1: a region
+  is a set member, so the gather path must not read its block twice (the mask path can't)."""
+  ids = ids.astype(jnp.int32)
+  earlier = (ids[..., :, None] == ids[..., None, :]) & jnp.tril(
+      jnp.ones((ids.shape[-1],) * 2, bool), -1)
+  return jnp.where(earlier.any(-1), -1, ids)
+
+
 def gaze_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_route: Optional[jax.Array],
                    k_route: Optional[jax.Array], layout: TokenLayout, *, top_k,
                    active_k=None, score: str = "dot", routing: str = "head",
@@ -166,7 +175,7 @@ def gaze_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_route: Optional[j
                   query.position, routed, top_k=K, active_k=active_k, score=score,
                   routing=routing)
     else:
-      sel = Selection(ids=jnp.where(routed[:, :, None, None], ids_blk, -1).astype(jnp.int32))
+      sel = Selection(ids=_unique_ids(jnp.where(routed[:, :, None, None], ids_blk, -1)))
     if implementation == "reference":
       out = reference_attention(q_blk, k, v, layout, query, routed, sel, scale=scale)
     else:

@@ -1,14 +1,12 @@
 """gaze_attention: reference mask rules, xla == reference (forward and gradient), decode form,
 K = all equals dense, no retracing, clear errors."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gaze_jax.gaze import (CTX, PAD, PATCH, TEXT, Image, LayoutSpec, Selection, Text, Video,
+from gaze_jax.gaze import (PAD, PATCH, TEXT, Image, LayoutSpec, Selection, Text, Video,
                            build_layout, gaze_attention, gaze_mask, region_descriptors,
                            routed_rows, token_info)
 from tests.gaze.random_cases import random_case
@@ -351,3 +349,14 @@ def test_pallas_matches_reference_on_a_small_case():
   out_p, ids_p = _run(case, "pallas")
   np.testing.assert_array_equal(ids_p, ids_r)
   np.testing.assert_allclose(out_p, out_r, atol=ATOL, rtol=1e-5)
+
+
+def test_repeated_ids_in_a_given_selection_count_once():
+  """A region listed twice in a caller's selection is read once by the gather path too."""
+  case = random_case(800, group=2)
+  _, ids = _run(case, "reference")
+  doubled = jnp.concatenate([ids, ids], axis=-1)
+  out_r, _ = _run(case, "reference", selection=doubled)
+  out_x, ids_x = _run(case, "xla", selection=doubled)
+  np.testing.assert_allclose(out_x, out_r, atol=ATOL)
+  assert (np.asarray(ids_x[..., ids.shape[-1]:]) == -1).all()
