@@ -43,4 +43,4 @@ clean:
 BENCH_ARGS ?=
 bench: install
 	$(PY) benchmarks/bench_gaze_xla.py --prefill
-	$(PY) benchmarks/attention.py $(BENCH_ARGS)
+	$(PY) benchmarks/attention.py $(BENCH_ARGS) --readme README.md

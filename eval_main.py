@@ -26,6 +26,8 @@ flags.DEFINE_integer("max_batches", None, "Batches per split (default: config.tr
 flags.DEFINE_list("baselines", ["dense", "token_matched", "fixed_from_question"],
                   "Baselines from the same weights.")
 flags.DEFINE_integer("num_gaze_maps", 4, "Gaze-map PNGs per split.")
+flags.DEFINE_bool("answer_prior", True, "Add the answer-prior row (most common training answer "
+                  "per question, no image) and accuracy per question type.")
 flags.DEFINE_string("out_dir", None, "Where results go (default <workdir>/eval).")
 config_flags.DEFINE_config_file("compare_config", None, "Config of a second run to compare.",
                                 lock_config=True)
@@ -51,6 +53,24 @@ def _batches(config, workdir, cfg, spec, tdata, split):
   return tdata.make_iterator(config, builder, tok, cfg, spec, split=split, train=False), tok
 
 
+def _raw_examples(config, workdir, tdata, split):
+  """The split's raw examples (random access), in the order the eval batches read them."""
+  from gaze_jax.data.pipeline import data_source
+  return data_source(tdata.prepare(config, workdir), split)
+
+
+def _prior_row(config, workdir, tdata, split, n: int) -> dict:
+  """The answer-prior row over the first ``n`` examples of ``split`` (those evaluated)."""
+  from gaze_jax.eval.prior import answer_prior
+
+  train = _raw_examples(config, workdir, tdata, config.data.train_split)
+  ev = _raw_examples(config, workdir, tdata, split)
+  got = answer_prior((train[i] for i in range(len(train))),
+                     (ev[i] for i in range(min(n, len(ev)))))
+  got.pop("hits")
+  return {"name": "answer_prior", **got}
+
+
 def main(argv):
   del argv
   from gaze_jax.eval import evaluate, markdown_report, write_report
@@ -73,17 +93,24 @@ def main(argv):
   results = []
   for split in FLAGS.splits:
     batches, tok = _batches(config, workdir, cfg, spec, tdata, split)
+    groups = None
+    if FLAGS.answer_prior:
+      from gaze_jax.eval.prior import question_types
+      groups = question_types(_raw_examples(config, workdir, tdata, split))
     res = evaluate(model, batches, spec, baselines=tuple(FLAGS.baselines), split=split,
                    max_batches=max_batches, tokenizer=tok,
                    gaze_maps_dir=out / "gaze_maps" / split, num_gaze_maps=FLAGS.num_gaze_maps,
-                   log=logging.info)
+                   groups=groups, log=logging.info)
     if other is not None:
       o_model, o_step, o_cfg, o_spec, _ = other
       o_batches, _ = _batches(FLAGS.compare_config, FLAGS.compare_workdir, o_cfg, o_spec,
                               tdata, split)
       o_res = evaluate(o_model, o_batches, o_spec, baselines=(), split=split, name=name,
-                       max_batches=max_batches, log=logging.info)
+                       max_batches=max_batches, groups=groups, log=logging.info)
       res["results"][f"{name} (trained, step {o_step})"] = o_res["results"][name]
+    if FLAGS.answer_prior:
+      res["results"]["answer_prior"] = _prior_row(config, workdir, tdata, split,
+                                                  res["examples"])
     results.append(res)
   paths = write_report(results, out)
   print(markdown_report(results))

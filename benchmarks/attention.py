@@ -26,6 +26,7 @@ same ids feed every gaze implementation), so that u can be controlled; routing i
   python benchmarks/attention.py                 # the full set (meant for an H100)
   python benchmarks/attention.py --small         # CPU check: tiny shapes, ~1-2 minutes
   python benchmarks/attention.py --table benchmarks/results/attention_gpu.json   # Markdown
+  python benchmarks/attention.py --readme README.md   # also put the table into the README
 """
 
 from __future__ import annotations
@@ -443,6 +444,20 @@ def markdown(report: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+README_BEGIN, README_END = "<!-- bench:attention -->", "<!-- /bench:attention -->"
+
+
+def update_readme(path: Path, table: str) -> None:
+  """Replaces the text between the ``README_BEGIN`` / ``README_END`` marker lines of ``path``
+  with ``table``; the markers must be there (so that a typo cannot append a stray table)."""
+  text = path.read_text()
+  start, end = text.find(README_BEGIN), text.find(README_END)
+  if start < 0 or end < start:
+    raise ValueError(f"{path} lacks the marker lines {README_BEGIN} ... {README_END}")
+  head = text[:start + len(README_BEGIN)]
+  path.write_text(head + "\n" + table.rstrip("\n") + "\n" + text[end:])
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--small", action="store_true", help="tiny shapes for a CPU check")
@@ -455,9 +470,15 @@ def main(argv=None):
   ap.add_argument("--max-reference-gb", type=float, default=None)
   ap.add_argument("--out", default=None)
   ap.add_argument("--table", default=None, help="print the Markdown table of a JSON report")
+  ap.add_argument("--readme", default=None,
+                  help=f"also write the table into this file between {README_BEGIN} and "
+                       f"{README_END}")
   a = ap.parse_args(argv)
   if a.table:
-    print(markdown(json.loads(Path(a.table).read_text())), end="")
+    table = markdown(json.loads(Path(a.table).read_text()))
+    print(table, end="")
+    if a.readme:
+      update_readme(Path(a.readme), table)
     return
 
   small = a.small
@@ -523,6 +544,9 @@ def main(argv=None):
   out.write_text(json.dumps(report, indent=2) + "\n")
   print(markdown(report))
   print(f"wrote {out}")
+  if a.readme:
+    update_readme(Path(a.readme), markdown(report))
+    print(f"updated the table in {a.readme}")
 
 
 if __name__ == "__main__":

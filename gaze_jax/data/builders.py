@@ -78,11 +78,13 @@ def _split_counts(cfg) -> dict[str, int]:
 
 @dataclasses.dataclass(kw_only=True)
 class GazeShapesConfig(tfds.core.BuilderConfig):
-  """image_size px square images with a ``grid x grid`` cell grid, ``min..max`` objects."""
+  """image_size px square images with a ``grid x grid`` cell grid, ``min..max`` objects; each
+  question's type is drawn from ``question_types`` (see ``scenes.SHAPES_QUESTION_TYPES``)."""
   image_size: int = 64
   grid: int = 4
   min_objects: int = 3
   max_objects: int = 8
+  question_types: tuple[str, ...] = scenes.SHAPES_QUESTION_TYPES
   num_train: int = 20_000
   num_validation: int = 1_000
   num_test: int = 1_000
@@ -118,7 +120,9 @@ class _DrawnScenes:
 
 class GazeShapes(_DrawnScenes, tfds.core.GeneratorBasedBuilder):
   """Procedural shapes with templated questions that need one or two specific regions."""
-  VERSION = _VERSION
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "colour, size, relation and count questions",
+                   "1.1.0": "colour_at / shape_at questions; question_types config field"}
   BUILDER_CONFIGS = [
       GazeShapesConfig(name="tiny", num_train=32, num_validation=8, num_test=8),
       GazeShapesConfig(name="64px", image_size=64),
@@ -129,9 +133,17 @@ class GazeShapes(_DrawnScenes, tfds.core.GeneratorBasedBuilder):
   def _object_limit(self, cfg):
     return cfg.grid ** 2, f"grid^2 = {cfg.grid ** 2}"
 
+  def _split_generators(self, dl_manager):
+    types = tuple(self.builder_config.question_types)
+    if not types or set(types) - set(scenes.SHAPES_QUESTION_TYPES):
+      raise ValueError(f"{self.builder_config.name}: question_types must be a non-empty subset "
+                       f"of {scenes.SHAPES_QUESTION_TYPES}, got {types}")
+    return super()._split_generators(dl_manager)
+
   def _draw(self, rng, cfg, **ids):
     return scenes.shapes_example(rng, image_size=cfg.image_size, grid=cfg.grid,
-                                 min_objects=cfg.min_objects, max_objects=cfg.max_objects, **ids)
+                                 min_objects=cfg.min_objects, max_objects=cfg.max_objects,
+                                 question_types=tuple(cfg.question_types), **ids)
 
 
 # --------------------------------------------------------------------------- digit_grid

@@ -35,6 +35,13 @@ COLOURS = {
 # Half-extent of a shape as a fraction of its cell.
 SIZES = {"small": 0.24, "large": 0.42}
 BACKGROUND = (28, 28, 32)
+# Every word of the templates below (and numbers up to 40: counts, digit sums, rows, frames), the
+# vocabulary of ``gaze_jax.data.tokenizers.WordTokenizer`` for these datasets.
+TEMPLATE_WORDS = ("What colour is the size shape shapes left of right above below How many are "
+                  "there Which which digit digits at row column sum in Where was that appeared last "
+                  "first changed In frame did turn").split()
+VOCABULARY = tuple(dict.fromkeys([*TEMPLATE_WORDS, *SHAPES, *COLOURS, *SIZES,
+                                  *(str(n) for n in range(41))]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,13 +125,23 @@ def shapes_scene(rng: np.random.Generator, image_size: int, grid: int,
   return np.asarray(im, np.uint8), objs
 
 
+# Question types of gaze_shapes. The "_at" types name a grid cell, so the question says where
+# to look; the others name an object by its kind (colour, size, relation) or ask for all
+# objects of a colour (count).
+SHAPES_QUESTION_TYPES = ("colour", "size", "relation", "count", "colour_at", "shape_at")
+
+
 def shapes_questions(objs: Sequence[Obj]) -> list[tuple[str, str, str, list[Obj]]]:
   """Every well-posed question about a scene: ``(type, question, answer, objects needed)``.
 
   Only questions with one right answer are produced: "the triangle" needs a unique triangle,
-  "the red circle" a unique red circle.
+  "the red circle" a unique red circle. Rows and columns are counted from 1, top left.
   """
   out = []
+  for o in objs:
+    where = f"in row {o.row + 1}, column {o.col + 1}"
+    out.append(("colour_at", f"What colour is the shape {where}?", o.colour, [o]))
+    out.append(("shape_at", f"What shape is {where}?", o.shape, [o]))
   by_shape = {s: [o for o in objs if o.shape == s] for s in SHAPES}
   by_cs = {}
   for o in objs:
@@ -152,15 +169,24 @@ def shapes_questions(objs: Sequence[Obj]) -> list[tuple[str, str, str, list[Obj]
 
 def shapes_example(rng: np.random.Generator, *, image_size: int, grid: int,
                    min_objects: int, max_objects: int, example_id: str,
-                   source: int) -> dict:
+                   source: int, question_types: Sequence[str] = SHAPES_QUESTION_TYPES) -> dict:
   """One gaze_shapes example: a scene and one templated question about it.
 
-  The question type is drawn uniformly among the types that the scene allows, then one question
-  of that type, so that easy-to-pose types (count) do not dominate.
+  The question type is drawn uniformly among those of ``question_types`` that the scene allows,
+  then one question of that type, so that easy-to-pose types (count) do not dominate.
   """
+  unknown = set(question_types) - set(SHAPES_QUESTION_TYPES)
+  if unknown or not question_types:
+    raise ValueError(f"question_types must be a non-empty subset of {SHAPES_QUESTION_TYPES}, "
+                     f"got {tuple(question_types)}")
   n = int(rng.integers(min_objects, max_objects + 1))
   image, objs = shapes_scene(rng, image_size, grid, n)
-  qs = shapes_questions(objs)                   # never empty: a count question always exists
+  # Never empty: count, colour_at and shape_at questions always exist; the other types exist
+  # only when a referent is unique, so a scene without one is redrawn.
+  qs = [q for q in shapes_questions(objs) if q[0] in question_types]
+  while not qs:
+    image, objs = shapes_scene(rng, image_size, grid, n)
+    qs = [q for q in shapes_questions(objs) if q[0] in question_types]
   types = sorted({q[0] for q in qs})
   qtype = types[rng.integers(len(types))]
   pool = [q for q in qs if q[0] == qtype]

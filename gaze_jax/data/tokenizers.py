@@ -1,9 +1,11 @@
 """Tokenizers and chat templates.
 
-Three tokenizers share one small interface (``encode``, ``decode``, ``vocab_size``, ``bos_id``,
+Four tokenizers share one small interface (``encode``, ``decode``, ``vocab_size``, ``bos_id``,
 ``eos_id``, ``pad_id``, ``stop_ids``, ``template``):
 
 * ``ByteTokenizer``: UTF-8 bytes plus a few special tokens, for tiny test configs;
+* ``WordTokenizer``: bytes plus one token per word of a closed vocabulary (the synthetic
+  datasets' ``scenes.VOCABULARY``), for the CPU demo;
 * ``load_hf_tokenizer(dir)``: a Hugging Face ``tokenizer.json`` (``tokenizers`` library);
 * ``load_gguf_tokenizer(path)``: the GPT-2-style BPE tokenizer stored in a GGUF file's metadata
   (``tokenizer.ggml.tokens`` / ``merges`` / ``token_type``), e.g. SmolLM2's.
@@ -121,12 +123,16 @@ class ByteTokenizer:
         ids.extend(self.OFFSET + b for b in piece.encode("utf-8"))
     return ids
 
+  def _bytes(self, i: int) -> bytes:
+    """The UTF-8 bytes of non-special token ``i``."""
+    return bytes([i - self.OFFSET])
+
   def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
     out, buf = [], bytearray()
     for i in ids:
       i = int(i)
       if i >= self.OFFSET:
-        buf.append(i - self.OFFSET)
+        buf += self._bytes(i)
         continue
       out.append(buf.decode("utf-8", errors="replace"))
       buf = bytearray()
@@ -134,6 +140,52 @@ class ByteTokenizer:
         out.append(self.SPECIALS[i])
     out.append(buf.decode("utf-8", errors="replace"))
     return "".join(out)
+
+
+# --------------------------------------------------------------------------- words
+
+class WordTokenizer(ByteTokenizer):
+  """``ByteTokenizer`` plus one id per known word, for the closed vocabulary of the synthetic
+  datasets: a question word costs one token instead of one per byte, which a 2-layer model
+  needs to read "the triangle" in one attention step.
+
+  Ids: ``SPECIALS``, then the 256 bytes (the fallback for anything else), then each word in two
+  forms, bare and with a leading space (``"red"``, ``" red"``). Text is cut into maximal runs of
+  word characters with an optional leading space; a run in the vocabulary is one token, any
+  other text is bytes, so ``decode(encode(s)) == s`` for every string.
+  """
+  _PIECE = re.compile(r" ?\w+|.", re.S)
+
+  def __init__(self, words: Sequence[str], template: Optional[ChatTemplate] = None):
+    super().__init__(template)
+    bad = [w for w in words if not re.fullmatch(r"\w+", w)]
+    if bad:
+      raise ValueError(f"WordTokenizer words must be runs of word characters, got {bad[:5]}")
+    # Ids follow the order of ``words``: appending words keeps the ids of the old ones.
+    forms = list(dict.fromkeys(f for w in words for f in (w, " " + w)))
+    self._words = forms
+    base = self.OFFSET + 256
+    self._word_id = {w: base + k for k, w in enumerate(forms)}
+
+  vocab_size = property(lambda self: self.OFFSET + 256 + len(self._words))
+
+  def _bytes(self, i: int) -> bytes:
+    k = i - self.OFFSET - 256
+    return self._words[k].encode("utf-8") if k >= 0 else bytes([i - self.OFFSET])
+
+  def encode(self, text: str) -> list[int]:
+    ids: list[int] = []
+    for piece in self._split.split(text):
+      if piece in self._special_id:
+        ids.append(self._special_id[piece])
+        continue
+      for m in self._PIECE.finditer(piece):
+        tok = m.group()
+        if tok in self._word_id:
+          ids.append(self._word_id[tok])
+        else:
+          ids.extend(self.OFFSET + b for b in tok.encode("utf-8"))
+    return ids
 
 
 # --------------------------------------------------------------------------- tokenizers lib

@@ -32,6 +32,7 @@ from gaze_jax.data.features import ModelInputs, batch_to_model_inputs
 from gaze_jax.eval import baselines as bl
 from gaze_jax.eval import layouts, metrics
 from gaze_jax.eval.budget import configured_budget, measured_flops
+from gaze_jax.eval.prior import by_group
 from gaze_jax.eval.text import text_exact_match
 from gaze_jax.gaze.layout import PATCH, LayoutSpec
 
@@ -166,12 +167,14 @@ class _Acc:
     self.text_examples = self.text_correct = 0
     self.samples: list[dict] = []
     self.seconds = 0.0
+    self.hits: list[bool] = []               # per example, in batch order
     self.extra: dict[str, Any] = {}
 
   def add(self, inputs: ModelInputs, pred, tgt_logp, selected):
     match, has = metrics.teacher_forced_exact_match(pred, inputs.targets, inputs.loss_mask)
     self.examples += int(has.sum())
     self.correct += int(match.sum())
+    self.hits += [bool(m and h) for m, h in zip(np.asarray(match), np.asarray(has))]
     right, total = metrics.token_accuracy(pred, inputs.targets, inputs.loss_mask)
     self.tokens_right += right
     self.tokens += total
@@ -217,7 +220,8 @@ class _Acc:
             "region_size": items[0][1]["region_size"], "num_ctx": items[0][1]["num_ctx"],
             "flops": flops}
 
-  def result(self, dense_entries: float) -> dict[str, Any]:
+  def result(self, dense_entries: float, groups: Optional[Sequence[str]] = None
+             ) -> dict[str, Any]:
     kv = self.kv.mean_entries
     conf = self._configured()
     fl = measured_flops(self.cfg, kv if math.isfinite(kv) else 0.0, self.kv.mean_candidates)
@@ -252,6 +256,8 @@ class _Acc:
       out["text_accuracy"] = self.text_correct / self.text_examples
       out["text_examples"] = self.text_examples
       out["samples"] = self.samples
+    if groups is not None:
+      out["by_type"] = by_group(self.hits, groups)
     out.update(self.extra)
     return out
 
@@ -278,7 +284,7 @@ def evaluate(model, batches: Iterable, spec: Optional[LayoutSpec] = None, *,
              gaze_maps_dir: Union[str, Path, None] = None, num_gaze_maps: int = 4,
              gaze_map_layer: Optional[int] = None, gaze_map_tokens: int = 4,
              image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
-             log=None) -> dict[str, Any]:
+             groups: Optional[Sequence[str]] = None, log=None) -> dict[str, Any]:
   """Evaluates ``model`` and its baselines on the batches of one split.
 
   Args:
@@ -297,6 +303,8 @@ def evaluate(model, batches: Iterable, spec: Optional[LayoutSpec] = None, *,
     gaze_maps_dir: write gaze maps of the first ``num_gaze_maps`` examples there (layer
       ``gaze_map_layer``, default the middle one; ``gaze_map_tokens`` answer rows each).
     image_mean, image_std: the images' normalisation, undone for the gaze maps.
+    groups: a label per example in batch order (e.g. ``prior.question_types``): each variant
+      also reports ``by_type`` accuracy per label.
     log: optional ``print``-like callable for progress lines.
   Returns:
     ``{"split", "batches", "examples", "model": {...}, "results": {variant: {...}},
@@ -402,7 +410,7 @@ def evaluate(model, batches: Iterable, spec: Optional[LayoutSpec] = None, *,
     raise ValueError(f"split {split!r}: no batches to evaluate")
   # Every variant is compared with dense attention over the original sequence.
   dense_ref = accs[name].dense_kv.mean_entries
-  results = {k: a.result(dense_ref) for k, a in accs.items()}
+  results = {k: a.result(dense_ref, groups) for k, a in accs.items()}
   cfg = model.cfg
   return {
       "split": split, "batches": n_batches, "examples": n_examples,

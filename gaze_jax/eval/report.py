@@ -16,9 +16,10 @@ from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
-ROW_ORDER = ("dense", "token_matched", "fixed_from_question")
+ROW_ORDER = ("dense", "token_matched", "fixed_from_question", "answer_prior")
 ROW_LABELS = {"dense": "dense (same weights)", "token_matched": "dense, token-matched input",
-              "fixed_from_question": "fixed-from-question eviction"}
+              "fixed_from_question": "fixed-from-question eviction",
+              "answer_prior": "answer prior (no image)"}
 
 
 def to_jsonable(x: Any) -> Any:
@@ -66,12 +67,35 @@ def _gflops(x) -> str:
   return f"{x:.3f}" if x >= 0.01 else f"{x:.3g}"
 
 
+def _row_order(result: Mapping) -> list[str]:
+  res = result["results"]
+  main = result.get("model", {}).get("name") or next(iter(res))
+  return [main] + [k for k in ROW_ORDER if k in res and k != main] + \
+      [k for k in res if k not in ROW_ORDER and k != main]
+
+
+def markdown_by_type(result: Mapping) -> str:
+  """Accuracy per question type (rows) and model / baseline (columns), for the variants that
+  report ``by_type``; empty when none does."""
+  res = result["results"]
+  cols = [k for k in _row_order(result) if res[k].get("by_type")]
+  if not cols:
+    return ""
+  types = sorted({t for k in cols for t in res[k]["by_type"]})
+  lines = ["| question type | examples | " + " | ".join(ROW_LABELS.get(k, k) for k in cols)
+           + " |", "|---|---:|" + "---:|" * len(cols)]
+  for t in types:
+    n = next(res[k]["by_type"][t]["examples"] for k in cols if t in res[k]["by_type"])
+    cells = [_pct(res[k]["by_type"].get(t, {}).get("accuracy")) for k in cols]
+    lines.append(f"| {t} | {n} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def markdown_table(result: Mapping) -> str:
   """One split's table (see the module docstring)."""
   res = result["results"]
   main = result.get("model", {}).get("name") or next(iter(res))
-  order = [main] + [k for k in ROW_ORDER if k in res and k != main] + \
-      [k for k in res if k not in ROW_ORDER and k != main]
+  order = _row_order(result)
   head = ("| model | accuracy | visual KV / query | configured | % of dense | routing acc. "
           "(random) | attn GFLOPs / decode query |")
   lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
@@ -101,6 +125,9 @@ def markdown_report(results) -> str:
   for res in _splits(results):
     out += [f"## {res.get('split', 'eval')} ({res.get('examples', '?')} examples)", "",
             markdown_table(res), ""]
+    per_type = markdown_by_type(res)
+    if per_type:
+      out += ["Accuracy per question type:", "", per_type, ""]
     main = res["results"].get(res.get("model", {}).get("name", ""), {})
     rt = main.get("routing")
     if rt and rt.get("per_layer"):
@@ -115,7 +142,8 @@ def markdown_report(results) -> str:
           "tokens). GFLOPs: one decode query, all layers and heads, visual keys only (plus "
           "routing scores for gaze). Routing accuracy: share of the selected regions at answer "
           "rows that overlap the answer's ground-truth boxes; random: the same number drawn "
-          "uniformly from the causal candidates.", ""]
+          "uniformly from the causal candidates. Answer prior: the most common training answer "
+          "to the same question text, without the image.", ""]
   return "\n".join(out)
 
 

@@ -81,7 +81,28 @@ def test_gaze_shapes_answers_agree_with_the_pixels(tiny_builders):
       elif qtype == "size":
         width = boxes[0][2] - boxes[0][0]
         assert (width > 0.6 * cell) == (a == "large"), (q, width)
+      elif qtype in ("colour_at", "shape_at"):
+        row, col = (int(v) for v in re.search(r"row (\d+), column (\d+)\?$", q).groups())
+        (x0, y0, x1, y1), = boxes
+        assert (int(x0 // cell), int(y0 // cell)) == (col - 1, row - 1), (q, boxes)
+        assert (int((x1 - 1) // cell), int((y1 - 1) // cell)) == (col - 1, row - 1), (q, boxes)
+        if qtype == "colour_at":
+          assert rgb_name[_centre_rgb(image, boxes[0])] == a, q
+        else:
+          # Corners of the box: filled only for a square; the centre: filled for every shape.
+          colour = rgb_name[_centre_rgb(image, boxes[0])]
+          corner = tuple(int(c) for c in image[int(y0), int(x0)])
+          assert a in scenes.SHAPES and (corner == scenes.COLOURS[colour]) == (a == "square"), q
   assert {"colour", "count"} <= seen
+
+
+def test_gaze_shapes_question_types_field(tmp_path):
+  b = builders.prepare("gaze_shapes", tmp_path, "tiny", question_types=("colour_at", "size"))
+  got = {text(ex["question_type"]) for split in ("train", "validation")
+         for ex in all_examples(b, split)}
+  assert got == {"colour_at", "size"}
+  with pytest.raises(ValueError, match="question_types"):
+    builders.prepare("gaze_shapes", tmp_path, "tiny", question_types=("colour", "shape"))
 
 
 def test_digit_grid_answers_agree_with_sklearn_labels(tiny_builders):

@@ -3,13 +3,14 @@ with Hugging Face transformers (ids and chat templates)."""
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from gaze_jax.data.tokenizers import (ByteTokenizer, ChatTemplate, load_gguf_tokenizer,
-                                      load_hf_tokenizer, template_from_jinja)
+from gaze_jax.data.tokenizers import (ByteTokenizer, ChatTemplate, WordTokenizer,
+                                      load_gguf_tokenizer, load_hf_tokenizer, template_from_jinja)
 
 STRINGS = ["Hello 12345 world!\n\n  x", "What colour is the triangle?", "  two  spaces\t\ttabs",
            "émoji 🙂 ünïcode 中文", "<|im_start|>user\nhi<|im_end|>", "don't it's we'll",
@@ -45,6 +46,54 @@ def test_byte_tokenizer_round_trip_and_specials():
   assert tok.vocab_size == 264 and tok.stop_ids == (2, 5)
   text = tok.template.render_text([("Q", "A")])
   assert text == "<bos><|user|>Q<|assistant|>A<|end|>"
+
+
+def test_word_tokenizer_round_trip_and_word_ids():
+  tok = WordTokenizer(["red", "triangle", "What", "2"])
+  byte = ByteTokenizer()
+  for s in STRINGS + ["red triangle reds  red\tred", "What2 What 2,2"]:
+    ids = tok.encode(s)
+    assert all(0 <= i < tok.vocab_size for i in ids)
+    assert tok.decode(ids, skip_special=False) == s
+  # A known word (bare or after one space) is one id past the bytes; anything else is bytes.
+  ids = tok.encode("What is the red triangle?")
+  words = [tok.decode([i]) for i in ids if i >= tok.OFFSET + 256]
+  assert words == ["What", " red", " triangle"]
+  assert tok.encode(" is") == byte.encode(" is")
+  assert tok.encode("reds") == byte.encode("reds")           # only whole runs are words
+  assert tok.encode("<bos>red<|end|>") == [1, tok.encode("red")[0], 5]
+  assert tok.vocab_size == byte.vocab_size + 2 * 4 and tok.stop_ids == byte.stop_ids
+  with pytest.raises(ValueError, match="word characters"):
+    WordTokenizer(["two words"])
+
+
+def _scene_texts(n=60):
+  """Questions and answers of every synthetic dataset's generator."""
+  from gaze_jax.data import scenes
+  out = []
+  for k in range(n):
+    rng = np.random.default_rng(k)
+    ex = [scenes.shapes_example(rng, image_size=32, grid=4, min_objects=3, max_objects=8,
+                                example_id="s", source=k),
+          scenes.video_example(rng, image_size=32, frames=8, min_objects=2, max_objects=4,
+                               example_id="v", source=k),
+          scenes.digit_grid_example(rng, images=np.zeros((30, 8, 8)), labels=np.arange(30) % 10,
+                                    pool=np.arange(30), image_size=32, n=4, example_id="d")]
+    out += [t for e in ex for turn in e["turns"] for t in (turn["question"], turn["answer"])]
+  return out
+
+
+def test_word_vocabulary_covers_the_synthetic_datasets():
+  pytest.importorskip("PIL")
+  from gaze_jax.data.scenes import VOCABULARY
+  tok = WordTokenizer(VOCABULARY)
+  for text in _scene_texts():
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    # Every run of word characters is one token; only punctuation stays bytes.
+    leftover = [chr(i - tok.OFFSET) for i in ids if i < tok.OFFSET + 256]
+    assert all(not c.isalnum() for c in leftover), (text, leftover)
+    assert len(ids) == len(re.findall(r" ?\w+|[^\w ]", text)), text
 
 
 def test_template_from_jinja():

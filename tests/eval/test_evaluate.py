@@ -237,7 +237,7 @@ def test_evaluate_and_report(model, tmp_path):
            **inputs.layout.to_features()}
   out = evaluate(model, [feats, feats], SPEC, tokenizer=IdTokenizer(), generate_text=True,
                  max_new_tokens=M, gaze_maps_dir=tmp_path / "maps", num_gaze_maps=2,
-                 split="validation")
+                 split="validation", groups=["x", "y", "y", "x", "y", "y"])
   res = out["results"]
   assert set(res) == {"gaze", "dense", "token_matched", "fixed_from_question"}
   assert out["examples"] == 6 and out["batches"] == 2
@@ -246,6 +246,9 @@ def test_evaluate_and_report(model, tmp_path):
   assert g["accuracy"] == pytest.approx(1 / 3) and g["examples"] == 6
   assert g["text_accuracy"] == pytest.approx(1 / 3)
   assert g["samples"][0]["match"] and g["samples"][0]["prediction"] == " ".join(map(str, gen[0]))
+  # Per group: the examples 0 of both batches (group x) are the right ones.
+  assert g["by_type"] == {"x": {"accuracy": 1.0, "examples": 2},
+                          "y": {"accuracy": 0.0, "examples": 4}}
   # Visual KV: dense reads every earlier patch and context token.
   dense_kv = _dense_entries_by_loop(inputs)
   assert d["visual_kv"]["measured"] == pytest.approx(dense_kv)
@@ -292,3 +295,5 @@ def test_evaluate_and_report(model, tmp_path):
   assert f"{100 * g['routing']['random']:.1f}%" in gaze_line
   assert f"{100 * want / dense_kv:.1f}%" in gaze_line
   assert "dense, token-matched input (2x2 grid)" in md and "fixed-from-question" in md
+  x_line = next(line for line in md.splitlines() if line.startswith("| x |"))
+  assert x_line.startswith("| x | 2 | 100.0% |")
