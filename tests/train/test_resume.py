@@ -158,6 +158,31 @@ def test_restore_model_runs_and_uses_the_target_k(runs, train_data_dir):
   assert np.isfinite(np.asarray(logits)).all()
 
 
+def test_eval_main_writes_table_answer_prior_and_gaze_maps(runs, tmp_path):
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  out = tmp_path / "eval"
+  p = subprocess.run([sys.executable, str(ROOT / "eval_main.py"), f"--config={runs['cfg']}",
+                      f"--workdir={runs['a']}", f"--out_dir={out}", "--max_batches=1",
+                      "--num_gaze_maps=1", "--baselines=dense"],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+  assert p.returncode == 0, p.stderr[-4000:]
+  split = json.loads((out / "eval_results.json").read_text())["splits"][0]
+  res = split["results"]
+  assert set(res) == {"gaze", "dense", "answer_prior"}
+  n = split["examples"]
+  for row in res.values():
+    by_type = row["by_type"]
+    assert sum(t["examples"] for t in by_type.values()) == n
+    # The per-type accuracies add back up to the row's accuracy.
+    right = sum(t["accuracy"] * t["examples"] for t in by_type.values())
+    assert right / n == pytest.approx(row["accuracy"])
+  assert res["answer_prior"]["examples"] == n
+  md = (out / "eval_results.md").read_text()
+  assert "| answer prior (no image) |" in md and "Accuracy per question type" in md
+  assert len(list((out / "gaze_maps" / "validation").glob("*.png"))) == 1
+
+
 # ----------------------------------------------------------------------------- damage
 
 def _small_state(v):
