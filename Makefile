@@ -18,7 +18,7 @@ install: $(VENV)/.installed
 
 # Everything but the `slow` tests; GPU / TPU tests skip themselves without that hardware.
 test: install
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -m "not slow" --durations=15 $(PYTEST_ARGS) tests
 
 test-all: install
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
