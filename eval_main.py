@@ -42,7 +42,8 @@ def _load(config, workdir, step=None):
   from gaze_jax.train.checkpoint import restore_model
   from gaze_jax.train.config import eval_model_config, layout_spec
 
-  model, step = restore_model(workdir, config, step)
+  model, step = restore_model(workdir, config, step,
+                              tokenizer=tdata.make_tokenizer(config.data.tokenizer))
   cfg = eval_model_config(config)
   return model, step, cfg, layout_spec(config, cfg), tdata
 

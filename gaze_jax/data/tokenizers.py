@@ -232,6 +232,24 @@ class HFTokenizer:
     return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special)
 
 
+def fingerprint(tokenizer) -> str:
+  """A short hash of what maps text to ids: the tokenizer's kind, vocabulary size and its
+  tokens (specials and words; the whole vocabulary of a ``tokenizers`` one). Checkpoints keep
+  it, so that weights are not silently read through different ids."""
+  import hashlib
+
+  if isinstance(tokenizer, WordTokenizer):
+    items = [list(tokenizer.SPECIALS), tokenizer._words]
+  elif isinstance(tokenizer, ByteTokenizer):
+    items = [list(tokenizer.SPECIALS)]
+  elif isinstance(tokenizer, HFTokenizer):
+    items = sorted(tokenizer.tokenizer.get_vocab(with_added_tokens=True).items())
+  else:
+    raise TypeError(f"no fingerprint for {type(tokenizer).__name__}")
+  blob = json.dumps([type(tokenizer).__name__, tokenizer.vocab_size, items]).encode()
+  return hashlib.sha1(blob).hexdigest()[:16]
+
+
 # A default system message written literally in a ChatML Jinja template; the newline may be a
 # real one or the two characters backslash-n inside a Jinja string literal.
 _CHATML_SYSTEM = re.compile(r"<\|im_start\|>system(?:\n|\\n)(.*?)<\|im_end\|>", re.S)

@@ -6,7 +6,8 @@ Layout: ``<workdir>/checkpoints/<step>/{params, opt_state, data, meta}``:
 * ``opt_state``: the optax state (same sharding as the parameters it mirrors);
 * ``data``: JSON ``{"process_count": n, "states": [grain iterator state of each process]}``
   (the position after the step's batch), so a resumed run continues the data order exactly;
-* ``meta``: JSON ``{"step", "model" (MLLMConfig fields), "config" (the run config)}``.
+* ``meta``: JSON ``{"step", "model" (MLLMConfig fields), "config" (the run config),
+  "tokenizer" ({"name", "fingerprint"}), "topk_plan"}``.
 
 Saving is asynchronous (orbax writes in a background thread after copying device arrays to
 host memory), every ``save_every`` steps (``FixedIntervalPolicy``) keeping the last ``keep``
@@ -203,8 +204,24 @@ def abstract_params(cfg) -> tuple[Any, Any, Any]:
   return gd, params, rest
 
 
+def check_tokenizer(meta: Optional[dict], tokenizer, where) -> None:
+  """Raises CheckpointError when the checkpoint ``meta`` records a tokenizer whose fingerprint
+  differs from ``tokenizer``'s (checkpoints written before fingerprints are accepted)."""
+  from gaze_jax.data.tokenizers import fingerprint
+
+  saved = (meta or {}).get("tokenizer") or {}
+  if not saved.get("fingerprint"):
+    return
+  now = fingerprint(tokenizer)
+  if saved["fingerprint"] != now:
+    raise CheckpointError(
+        f"{where} was trained with tokenizer {saved.get('name')!r} (fingerprint "
+        f"{saved['fingerprint']}), but this run's tokenizer has fingerprint {now}: its token ids "
+        "would not match the weights. Use the run's config.data.tokenizer (and vocabulary).")
+
+
 def restore_model(workdir, config, step: Optional[int] = None, *, mesh=None, rules=None,
-                  fallback: bool = True):
+                  fallback: bool = True, tokenizer=None):
   """The trained model of a run: ``(MLLM, step)``.
 
   Args:
@@ -217,8 +234,10 @@ def restore_model(workdir, config, step: Optional[int] = None, *, mesh=None, rul
       ``fallback``).
     mesh, rules: shard the weights on ``mesh`` by the logical axis ``rules`` (default:
       ``gaze_jax.train.sharding.DEFAULT_RULES``); without a mesh they go to the default device.
+    tokenizer: when given, it must be the one the run trained with (``check_tokenizer``).
   Raises:
-    CheckpointError: no checkpoint (or none that restores) under ``workdir``.
+    CheckpointError: no checkpoint (or none that restores) under ``workdir``, or one trained
+      with another decoder shape or tokenizer.
   """
   from gaze_jax.train import sharding
   from gaze_jax.train.config import eval_model_config
@@ -247,4 +266,6 @@ def restore_model(workdir, config, step: Optional[int] = None, *, mesh=None, rul
     if diff:
       raise CheckpointError(f"checkpoint step {got.step} in {workdir} was trained with a "
                             f"different decoder: {diff} (checkpoint, config)")
+  if tokenizer is not None:
+    check_tokenizer(got.meta, tokenizer, f"checkpoint step {got.step} in {workdir}")
   return nnx.merge(gd, got.params, rest), got.step

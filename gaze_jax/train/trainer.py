@@ -159,9 +159,12 @@ def _load_decoder_init(s: Setup, state: dict, source: str) -> dict:
   return {**state, "params": params}
 
 
-def _meta(s: Setup) -> dict:
+def _meta(s: Setup, tokenizer) -> dict:
+  from gaze_jax.data.tokenizers import fingerprint
   return {"model": dataclasses.asdict(s.model_cfg), "config": _jsonable(to_dict(s.config)),
-          "topk_plan": dataclasses.asdict(s.plan)}
+          "topk_plan": dataclasses.asdict(s.plan),
+          "tokenizer": {"name": str(get(s.config.data, "tokenizer", "byte")),
+                        "fingerprint": fingerprint(tokenizer)}}
 
 
 def _jsonable(x):
@@ -257,6 +260,8 @@ def train(config: Any, workdir, *, mesh=None, stop_after: Optional[int] = None) 
                           fallback=bool(get(cc, "fallback", True)))
   data_state = None
   if restored is not None:
+    ckpt_lib.check_tokenizer(restored.meta, tokenizer,
+                             f"checkpoint step {restored.step} in {ckpt.directory}")
     state = {"params": restored.params, "opt_state": restored.opt_state,
              "step": jax.device_put(jnp.int32(restored.step), s.state_shardings["step"])}
     d = restored.data or {}
@@ -303,7 +308,7 @@ def train(config: Any, workdir, *, mesh=None, stop_after: Optional[int] = None) 
                                 float(get(tc, "peak_flops_per_device", 0.0)))
   log.info("train FLOPs per step %.3g; peak %s FLOP/s per device; %d devices", flops,
            f"{peak:.3g}" if peak else "unknown", jax.device_count())
-  meta = _meta(s)
+  meta = _meta(s, tokenizer)
   last, last_eval, preempted = {}, {}, False
   t_mark, step_mark, t_loop = time.time(), start, time.time()
   s_done = start

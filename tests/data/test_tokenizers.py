@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gaze_jax.data.tokenizers import (ByteTokenizer, ChatTemplate, WordTokenizer,
+from gaze_jax.data.tokenizers import (ByteTokenizer, ChatTemplate, WordTokenizer, fingerprint,
                                       load_gguf_tokenizer, load_hf_tokenizer, template_from_jinja)
 
 STRINGS = ["Hello 12345 world!\n\n  x", "What colour is the triangle?", "  two  spaces\t\ttabs",
@@ -65,6 +65,14 @@ def test_word_tokenizer_round_trip_and_word_ids():
   assert tok.vocab_size == byte.vocab_size + 2 * 4 and tok.stop_ids == byte.stop_ids
   with pytest.raises(ValueError, match="word characters"):
     WordTokenizer(["two words"])
+
+
+def test_fingerprints_tell_vocabularies_apart():
+  words = WordTokenizer(["red", "blue"])
+  assert fingerprint(words) == fingerprint(WordTokenizer(["red", "blue"]))
+  assert len({fingerprint(words), fingerprint(WordTokenizer(["blue", "red"])),
+              fingerprint(WordTokenizer(["red", "blue", "green"])),
+              fingerprint(ByteTokenizer())}) == 4
 
 
 def _scene_texts(n=60):
@@ -145,6 +153,7 @@ def test_hf_tokenizer_dir_matches_transformers(bpe_dir):
   want = _ids(ref.apply_chat_template(_messages(TURNS), tokenize=True))
   assert ours.encode(ours.template.render_text(TURNS)) == want
   assert ours.stop_ids == (ref.eos_token_id,)
+  assert fingerprint(ours) == fingerprint(load_hf_tokenizer(d)) != fingerprint(ByteTokenizer())
 
 
 def test_gguf_tokenizer_from_a_written_file(bpe_dir, tmp_path):

@@ -158,6 +158,18 @@ def test_restore_model_runs_and_uses_the_target_k(runs, train_data_dir):
   assert np.isfinite(np.asarray(logits)).all()
 
 
+def test_checkpoints_refuse_another_tokenizer(runs, train_data_dir):
+  from gaze_jax.data.scenes import VOCABULARY
+  from gaze_jax.data.tokenizers import ByteTokenizer, WordTokenizer
+  from gaze_jax.train.checkpoint import CheckpointError, restore_model
+  from tests.train.helpers import small_config
+  cfg = small_config(train_data_dir)
+  _, step = restore_model(runs["a"], cfg, tokenizer=ByteTokenizer())     # the run's own
+  assert step == NUM_STEPS
+  with pytest.raises(CheckpointError, match="tokenizer 'byte'.*token ids would not match"):
+    restore_model(runs["a"], cfg, tokenizer=WordTokenizer(VOCABULARY))
+
+
 def test_eval_main_writes_table_answer_prior_and_gaze_maps(runs, tmp_path):
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=1")
