@@ -38,43 +38,28 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _load(config, workdir, step=None):
+  """``(model, step, model config, layout spec, tokenizer)`` of a run."""
   from gaze_jax.train import data as tdata
   from gaze_jax.train.checkpoint import restore_model
   from gaze_jax.train.config import eval_model_config, layout_spec
 
-  model, step = restore_model(workdir, config, step,
-                              tokenizer=tdata.make_tokenizer(config.data.tokenizer))
-  cfg = eval_model_config(config)
-  return model, step, cfg, layout_spec(config, cfg), tdata
-
-
-def _batches(config, workdir, cfg, spec, tdata, split):
-  builder = tdata.prepare(config, workdir)
   tok = tdata.make_tokenizer(config.data.tokenizer)
-  return tdata.make_iterator(config, builder, tok, cfg, spec, split=split, train=False), tok
+  model, step = restore_model(workdir, config, step, tokenizer=tok)
+  cfg = eval_model_config(config)
+  return model, step, cfg, layout_spec(config, cfg), tok
 
 
-def _raw_examples(config, workdir, tdata, split):
-  """The split's raw examples (random access), in the order the eval batches read them."""
-  from gaze_jax.data.pipeline import data_source
-  return data_source(tdata.prepare(config, workdir), split)
-
-
-def _prior_row(config, workdir, tdata, split, n: int) -> dict:
-  """The answer-prior row over the first ``n`` examples of ``split`` (those evaluated)."""
-  from gaze_jax.eval.prior import answer_prior
-
-  train = _raw_examples(config, workdir, tdata, config.data.train_split)
-  ev = _raw_examples(config, workdir, tdata, split)
-  got = answer_prior((train[i] for i in range(len(train))),
-                     (ev[i] for i in range(min(n, len(ev)))))
-  got.pop("hits")
-  return {"name": "answer_prior", **got}
+def _batches(config, workdir, cfg, spec, tok, split):
+  from gaze_jax.train import data as tdata
+  builder = tdata.prepare(config, workdir)
+  return builder, tdata.make_iterator(config, builder, tok, cfg, spec, split=split, train=False)
 
 
 def main(argv):
   del argv
+  from gaze_jax.data.pipeline import data_source
   from gaze_jax.eval import evaluate, markdown_report, write_report
+  from gaze_jax.eval.prior import answer_prior, qa_records
 
   pylogging.getLogger("absl").setLevel(pylogging.INFO)
   config, workdir = FLAGS.config, FLAGS.workdir
@@ -83,7 +68,7 @@ def main(argv):
   if max_batches is None:
     max_batches = int(config.train.eval_batches)
   max_batches = max_batches or None
-  model, step, cfg, spec, tdata = _load(config, workdir, FLAGS.step)
+  model, step, cfg, spec, tok = _load(config, workdir, FLAGS.step)
   logging.info("evaluating %s at step %d", workdir, step)
   other = None
   if FLAGS.compare_workdir:
@@ -92,26 +77,31 @@ def main(argv):
     other = _load(FLAGS.compare_config, FLAGS.compare_workdir)
     name = FLAGS.compare_name or Path(FLAGS.compare_workdir).name
   results = []
+  train_records = None
   for split in FLAGS.splits:
-    batches, tok = _batches(config, workdir, cfg, spec, tdata, split)
-    groups = None
+    builder, batches = _batches(config, workdir, cfg, spec, tok, split)
+    records = groups = None
     if FLAGS.answer_prior:
-      from gaze_jax.eval.prior import question_types
-      groups = question_types(_raw_examples(config, workdir, tdata, split))
+      records = qa_records(data_source(builder, split))
+      groups = [r.type for r in records]
+      if train_records is None:
+        train_records = qa_records(data_source(builder, config.data.train_split))
     res = evaluate(model, batches, spec, baselines=tuple(FLAGS.baselines), split=split,
                    max_batches=max_batches, tokenizer=tok,
                    gaze_maps_dir=out / "gaze_maps" / split, num_gaze_maps=FLAGS.num_gaze_maps,
                    groups=groups, log=logging.info)
     if other is not None:
-      o_model, o_step, o_cfg, o_spec, _ = other
-      o_batches, _ = _batches(FLAGS.compare_config, FLAGS.compare_workdir, o_cfg, o_spec,
-                              tdata, split)
+      o_model, o_step, o_cfg, o_spec, o_tok = other
+      _, o_batches = _batches(FLAGS.compare_config, FLAGS.compare_workdir, o_cfg, o_spec,
+                              o_tok, split)
       o_res = evaluate(o_model, o_batches, o_spec, baselines=(), split=split, name=name,
                        max_batches=max_batches, groups=groups, log=logging.info)
       res["results"][f"{name} (trained, step {o_step})"] = o_res["results"][name]
-    if FLAGS.answer_prior:
-      res["results"]["answer_prior"] = _prior_row(config, workdir, tdata, split,
-                                                  res["examples"])
+    if records is not None:
+      # Over the examples the models were scored on (the last partial batch is dropped).
+      prior = answer_prior(train_records, records[:res["examples"]])
+      prior.pop("hits")
+      res["results"]["answer_prior"] = {"name": "answer_prior", **prior}
     results.append(res)
   paths = write_report(results, out)
   print(markdown_report(results))

@@ -542,10 +542,11 @@ def main(argv=None):
              / f"attention_{jax.default_backend()}{suffix}.json")
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(report, indent=2) + "\n")
-  print(markdown(report))
+  table = markdown(report)
+  print(table)
   print(f"wrote {out}")
   if a.readme:
-    update_readme(Path(a.readme), markdown(report))
+    update_readme(Path(a.readme), table)
     print(f"updated the table in {a.readme}")
 
 

@@ -134,10 +134,7 @@ class GazeShapes(_DrawnScenes, tfds.core.GeneratorBasedBuilder):
     return cfg.grid ** 2, f"grid^2 = {cfg.grid ** 2}"
 
   def _split_generators(self, dl_manager):
-    types = tuple(self.builder_config.question_types)
-    if not types or set(types) - set(scenes.SHAPES_QUESTION_TYPES):
-      raise ValueError(f"{self.builder_config.name}: question_types must be a non-empty subset "
-                       f"of {scenes.SHAPES_QUESTION_TYPES}, got {types}")
+    scenes.check_question_types(self.builder_config.question_types)     # before any example
     return super()._split_generators(dl_manager)
 
   def _draw(self, rng, cfg, **ids):

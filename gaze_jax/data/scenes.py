@@ -131,6 +131,15 @@ def shapes_scene(rng: np.random.Generator, image_size: int, grid: int,
 SHAPES_QUESTION_TYPES = ("colour", "size", "relation", "count", "colour_at", "shape_at")
 
 
+def check_question_types(types: Sequence[str]) -> tuple[str, ...]:
+  """``types`` as a tuple; ValueError unless it is a non-empty subset of the known types."""
+  types = tuple(types)
+  if not types or set(types) - set(SHAPES_QUESTION_TYPES):
+    raise ValueError(f"question_types must be a non-empty subset of {SHAPES_QUESTION_TYPES}, "
+                     f"got {types}")
+  return types
+
+
 def shapes_questions(objs: Sequence[Obj]) -> list[tuple[str, str, str, list[Obj]]]:
   """Every well-posed question about a scene: ``(type, question, answer, objects needed)``.
 
@@ -175,10 +184,7 @@ def shapes_example(rng: np.random.Generator, *, image_size: int, grid: int,
   The question type is drawn uniformly among those of ``question_types`` that the scene allows,
   then one question of that type, so that easy-to-pose types (count) do not dominate.
   """
-  unknown = set(question_types) - set(SHAPES_QUESTION_TYPES)
-  if unknown or not question_types:
-    raise ValueError(f"question_types must be a non-empty subset of {SHAPES_QUESTION_TYPES}, "
-                     f"got {tuple(question_types)}")
+  question_types = check_question_types(question_types)
   n = int(rng.integers(min_objects, max_objects + 1))
   image, objs = shapes_scene(rng, image_size, grid, n)
   # Never empty: count, colour_at and shape_at questions always exist; the other types exist

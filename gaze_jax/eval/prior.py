@@ -6,31 +6,41 @@
   "How many purple shapes are there?" is usually "1").
 * ``by_group``: accuracy per label (e.g. question type) from per-example hits.
 
-Both work on raw examples of the common schema (``gaze_jax.data.builders``), read through a
-random-access source, so they need no model.
+Both work on ``qa_records``: the question, answer and type of raw examples of the common schema
+(``gaze_jax.data.builders``), read once from a random-access source; no model is needed.
 """
 
 from __future__ import annotations
 
 import collections
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 
 def _text(x) -> str:
   return x.decode("utf-8") if isinstance(x, bytes) else str(x)
 
 
-def _first_turn(example: Mapping[str, Any]) -> tuple[str, str]:
-  turns = example["turns"]
-  if isinstance(turns, Mapping):               # tfds Sequence feature: dict of lists
-    return _text(turns["question"][0]), _text(turns["answer"][0])
-  return _text(turns[0]["question"]), _text(turns[0]["answer"])
+class QA(NamedTuple):
+  """An example's first question, its answer and its question type."""
+  question: str
+  answer: str
+  type: str
 
 
-def question_types(source, n: Optional[int] = None) -> list[str]:
-  """``question_type`` of the first ``n`` examples of ``source`` (all when None)."""
+def qa_records(source, n: Optional[int] = None) -> list[QA]:
+  """The first ``n`` examples (all when None) of a random-access ``source`` of the common
+  schema as ``QA`` records, in source order (the order the eval batches read them)."""
   n = len(source) if n is None else min(n, len(source))
-  return [_text(source[i]["question_type"]) for i in range(n)]
+  out = []
+  for i in range(n):
+    ex = source[i]
+    turns = ex["turns"]
+    if isinstance(turns, Mapping):             # tfds Sequence feature: dict of lists
+      q, a = turns["question"][0], turns["answer"][0]
+    else:                                      # generator dicts: list of turns
+      q, a = turns[0]["question"], turns[0]["answer"]
+    out.append(QA(_text(q), _text(a), _text(ex.get("question_type", "all"))))
+  return out
 
 
 def by_group(hits: Sequence[bool], groups: Sequence[str]) -> dict[str, dict[str, float]]:
@@ -43,8 +53,7 @@ def by_group(hits: Sequence[bool], groups: Sequence[str]) -> dict[str, dict[str,
   return {g: {"accuracy": right[g] / total[g], "examples": total[g]} for g in sorted(total)}
 
 
-def answer_prior(train: Iterable[Mapping[str, Any]], evaluation: Iterable[Mapping[str, Any]],
-                 ) -> dict[str, Any]:
+def answer_prior(train: Sequence[QA], evaluation: Sequence[QA]) -> dict[str, Any]:
   """Accuracy of answering every question of ``evaluation`` with the most common training
   answer to the same question text (ties: the answer seen first; unseen question: the most
   common answer overall).
@@ -53,20 +62,15 @@ def answer_prior(train: Iterable[Mapping[str, Any]], evaluation: Iterable[Mappin
   """
   per_question: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
   overall: collections.Counter = collections.Counter()
-  for ex in train:
-    q, a = _first_turn(ex)
-    per_question[q][a] += 1
-    overall[a] += 1
+  for r in train:
+    per_question[r.question][r.answer] += 1
+    overall[r.answer] += 1
   if not overall:
     raise ValueError("answer_prior: the training examples are empty")
-  fallback = overall.most_common(1)[0][0]
-  hits, types = [], []
-  for ex in evaluation:
-    q, a = _first_turn(ex)
-    guess = per_question[q].most_common(1)[0][0] if q in per_question else fallback
-    hits.append(guess == a)
-    types.append(_text(ex.get("question_type", "all")))
-  if not hits:
+  if not evaluation:
     raise ValueError("answer_prior: the evaluation examples are empty")
+  fallback = overall.most_common(1)[0][0]
+  hits = [(per_question[r.question].most_common(1)[0][0] if r.question in per_question
+           else fallback) == r.answer for r in evaluation]
   return {"accuracy": sum(hits) / len(hits), "examples": len(hits),
-          "by_type": by_group(hits, types), "hits": hits}
+          "by_type": by_group(hits, [r.type for r in evaluation]), "hits": hits}

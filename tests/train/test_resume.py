@@ -170,6 +170,18 @@ def test_checkpoints_refuse_another_tokenizer(runs, train_data_dir):
     restore_model(runs["a"], cfg, tokenizer=WordTokenizer(VOCABULARY))
 
 
+def test_check_tokenizer_accepts_old_checkpoints_and_refuses_other_vocabularies():
+  from gaze_jax.data.tokenizers import WordTokenizer, fingerprint
+  from gaze_jax.train.checkpoint import CheckpointError, check_tokenizer
+  tok = WordTokenizer(["red"])
+  meta = {"tokenizer": {"name": "words", "fingerprint": fingerprint(tok)}}
+  check_tokenizer(meta, tok, "here")
+  check_tokenizer({"model": {}}, tok, "here")            # written before fingerprints
+  check_tokenizer(None, tok, "here")
+  with pytest.raises(CheckpointError, match="here was trained with tokenizer 'words'"):
+    check_tokenizer(meta, WordTokenizer(["red", "blue"]), "here")
+
+
 def test_eval_main_writes_table_answer_prior_and_gaze_maps(runs, tmp_path):
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=1")
