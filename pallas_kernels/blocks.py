@@ -281,14 +281,18 @@ def list_length(blocks: KVBlocks, *, mode: str, rows_per_tile: int, top_k: int) 
 
 
 def tile_lists(blocks: KVBlocks, rows: RowInfo, ids: jax.Array | None, *, tile: int,
-               num_kv_heads: int, mode: str, max_len: int | None = None) -> jax.Array:
+               num_kv_heads: int, mode: str, max_len: int | None = None,
+               union_heads: bool = False) -> jax.Array:
   """Block lists: int32 ``[B, Hl, NT, 1 + L]``: the count, then the listed block ids in
   increasing order, full blocks written ``-(id + 1)`` (``decode_entry``); ``Hl`` as in
-  ``visibility``.
+  ``visibility``, or 1 with ``union_heads`` (a block is listed when any KV head needs it, and
+  full when it is full for every KV head: the TPU kernels, whose programs hold all KV heads).
 
   ``max_len`` (static L) defaults to the number of candidate blocks; a smaller bound must hold
   for every tile (see ``list_length``)."""
   vis, full = visibility(blocks, rows, ids, tile=tile, num_kv_heads=num_kv_heads, mode=mode)
+  if union_heads and vis.shape[1] > 1:
+    vis, full = jnp.any(vis, axis=1, keepdims=True), jnp.all(full, axis=1, keepdims=True)
   L = vis.shape[-1] if max_len is None else int(max_len)
   return _compact(vis, L, full)
 

@@ -15,8 +15,41 @@ from gaze_jax.gaze.layout import CTX, PAD, PATCH, TEXT
 NEG = -1e30   # finite "minus infinity": masked logits, and the lse of a row that sees nothing
 
 
+def mask_parts(mode: str, qkind, qpos, qframe, qrouted, kkind, kpos, kframe, rid):
+  """The exact gaze mask of rows x keys, in two parts: ``(base, candidate)``.
+
+  ``base``: keys visible without routing (None in "routed" mode); ``candidate``: keys a row
+  sees if it selected the block's region (None in "base" mode). The visible keys are
+  ``base | (candidate & hit)``. Every argument is a 2-D int32 array (or a scalar for ``rid``,
+  the block's region id, -1 for a text/context chunk) and the rules are elementwise, so the
+  result has the broadcast shape: rows ``[M, 1]`` with keys ``[1, BK]`` give ``[M, BK]``, and
+  rows ``[1, M]`` with keys ``[BK, 1]`` give the transposed ``[BK, M]`` (the dk/dv kernels).
+  PAD rows and PAD keys are never visible.
+  """
+  routed_row = (qkind == TEXT) & (qrouted > 0)
+  causal = kpos <= qpos
+  base = cand = None
+  if mode in ("base", "full"):
+    dense_row = (qkind == PATCH) | ((qkind == TEXT) & (qrouted == 0))
+    k_ctx = kkind == CTX
+    base = ((dense_row & causal & (kkind != PAD))
+            | ((qkind == CTX) & (kframe == qframe) & ((kkind == PATCH) | (k_ctx & causal)))
+            | (routed_row & causal & ((kkind == TEXT) | k_ctx)))
+  if mode in ("routed", "full"):
+    cand = routed_row & (kkind == PATCH) & causal & (rid >= 0)
+  return base, cand
+
+
+def combine(base, cand, hit):
+  """``base | (cand & hit)`` with either part absent (None)."""
+  if cand is None:
+    return base
+  sel = cand & hit
+  return sel if base is None else base | sel
+
+
 def row_masker(mode: str, qkind, qpos, qframe, qrouted, hit=None):
-  """Per-tile mask builder: the row-only parts are computed once (outside the block loop).
+  """Per-tile mask builder (GPU kernels): the row fields are fixed for a tile.
 
   Args:
     mode: "base" (no routed keys), "routed" (routed keys only) or "full" (both).
@@ -26,39 +59,24 @@ def row_masker(mode: str, qkind, qpos, qframe, qrouted, hit=None):
       or ``hit_from_ids``); unused in "base" mode.
   Returns:
     ``mask(kkind, kpos, kframe, rid, full=None) -> bool [M, BK]``: which keys of one block each
-    row sees (the rules of ``gaze_jax.gaze.reference``). Key fields are the block's window
-    rows, ``[BK]`` or ``[1, BK]`` (PAD outside the block); ``rid`` is its region id (-1 for a
-    text/context chunk). ``full`` (a traced scalar bool, from the block list) says every real
-    row sees every real key: the mask is then the outer product of two vectors, and the
-    per-element rules are skipped (``lax.cond``).
+    row sees (``mask_parts``). Key fields are the block's window rows, ``[BK]`` or ``[1, BK]``
+    (PAD outside the block); ``rid`` is its region id (-1 for a text/context chunk). ``full``
+    (a traced scalar bool, from the block list) says every real row sees every real key: the
+    mask is then the outer product of two vectors, and the per-element rules are skipped
+    (``lax.cond``).
   """
   col = lambda a: a if a.ndim == 2 else a[:, None]                   # [M, 1]
-  qkind, qpos, qframe, qrouted = (col(a) for a in (qkind, qpos, qframe, qrouted))
-  routed_row = (qkind == TEXT) & (qrouted > 0)
-  dense_row = (qkind == PATCH) | ((qkind == TEXT) & (qrouted == 0))
-  ctx_row = qkind == CTX
-  real_row = qkind != PAD
+  rows = tuple(col(a) for a in (qkind, qpos, qframe, qrouted))
+  real_row = rows[0] != PAD
 
   def mask(kkind, kpos, kframe, rid, full=None):
     row = lambda a: a if a.ndim == 2 else a[None, :]                 # [1, BK]
-    kkind, kpos, kframe = row(kkind), row(kpos), row(kframe)
+    keys = (row(kkind), row(kpos), row(kframe))
+    rules = lambda: combine(*mask_parts(mode, *rows, *keys, rid),
+                            None if mode == "base" else hit(rid))
     if full is not None:
-      return jax.lax.cond(full, lambda: real_row & (kkind != PAD),
-                          lambda: rules(kkind, kpos, kframe, rid))
-    return rules(kkind, kpos, kframe, rid)
-
-  def rules(kkind, kpos, kframe, rid):
-    causal = kpos <= qpos
-    out = None
-    if mode in ("base", "full"):
-      k_ctx = kkind == CTX
-      out = ((dense_row & causal & (kkind != PAD))
-             | (ctx_row & (kframe == qframe) & ((kkind == PATCH) | (k_ctx & causal)))
-             | (routed_row & causal & ((kkind == TEXT) | k_ctx)))
-    if mode in ("routed", "full"):
-      sel = (hit(rid) & routed_row & (rid >= 0)) & (kkind == PATCH) & causal
-      out = sel if out is None else out | sel
-    return out
+      return jax.lax.cond(full, lambda: real_row & (keys[0] != PAD), rules)
+    return rules()
 
   return mask
 

@@ -1,26 +1,43 @@
-"""Block-sparse gaze attention forward (prefill and decode) for TPU: Mosaic, with the block lists
-carried by ``pltpu.PrefetchScalarGridSpec``.
+"""Block-sparse gaze attention for TPU (Mosaic): forward (prefill, training and decode) and the
+backward kernels dq and dk/dv, with the block lists carried by ``pltpu.PrefetchScalarGridSpec``.
 
-Same packed operands as ``gaze_gpu`` (see its docstring), except that the selection is the
-rows' ids ``[B, Hkv, Tp*Gp, Kp]`` (-1 padded) rather than bitmasks (a dynamic lane index into a
-bitmask is not a Mosaic-friendly load). Grid ``(B, Hkv, NT, L)``: the last
-axis walks the tile's list; the scalar-prefetched lists and window table feed the index maps,
-so the pipeline DMAs exactly the listed blocks' K/V windows (``pl.Element`` row offsets, so a
-36-slot region starts anywhere). Steps past the tile's count map to its last listed block (the
-pipeline skips a DMA whose block index does not change) and do no compute (``pl.when``). The
-online-softmax state lives in VMEM scratch; the last step writes the output and log-sum-exp.
+Why one program holds every KV head. A TPU array's last two dimensions are tiled (8 x 128 for
+32-bit values), and Mosaic must prove that a block window starts on a tile boundary. The
+model's K/V ``[B, S, Hkv, D]`` tile over (Hkv, D), so the slot axis is untiled: viewed as
+``[B*S, Hkv, D]`` (a free reshape: only leading dimensions merge), a window of BK slots at
+*any* row is a legal block, ``(Element(BK), Element(Hkv), Element(D))``. A window of one head
+only would need the slot axis among the tiled ones (a relayout copy of the whole cache, and
+tile-aligned starts). So a program reads the window of all KV heads at once, and its list is
+the union of the blocks that any KV head's rows need; each head applies its own exact mask.
 
-There is no split-K here: a TPU core walks the list sequentially anyway and megacore splits the
-parallel (example, KV head, tile) axes. The window of a block is BK = ``ceil(R / 8) * 8`` rows
-(40 for R = 36) and is read whole (10% more bytes than the region itself).
+Packed operands (built by ``pallas_kernels.ops``; as in ``gaze_gpu``):
+  q, do: ``[B, Hkv, Tp*Gp, D]``; row ``t * Gp + g`` is token t, head g of the KV head's group.
+  k, v: ``[B, S, Hkv, D]`` in the layout's slot order.
+  rows: RowInfo of ``[B, Tp*Gp]`` int32 arrays (kind, position, frame, routed) per packed row.
+  ids: int32 ``[B, Hkv, Tp*Gp, Kp]`` selected regions per packed row (-1 none).
+  blocks: ``pallas_kernels.blocks.KVBlocks``; lists ``[B, 1, NT, 1 + L]`` (union over heads).
 
-Backward: not implemented for TPU. ``pallas_kernels.ops`` wraps this forward in a
-``custom_vjp`` whose gradient is the xla gather path's (``gaze_jax.gaze.xla``), so training
-on TPU runs this kernel forward and the xla path backward.
+Kernels (grid, and what one program walks):
+  ``forward``: ``(B, NT, L)``: tile i's list, one K/V window per step; online softmax in VMEM
+    scratch per head; the last step writes o ``[Hkv, M, D]`` and the log-sum-exp.
+  ``backward_dq``: ``(B, NT, L)``: the same walk, accumulating dq.
+  ``backward_dkv``: ``(B, n, NT)``: block j's window and the tiles that list it (transposed
+    lists), accumulating dk and dv, computed transposed (keys as rows, ``[BK, M]``) so that
+    every matmul is a plain NN or NT product. Outputs are block-major ``[B, n, Hkv, BK, D]``
+    (each program owns its block, so there is no overlap of windows to resolve in the kernel)
+    and ``scatter_block_rows`` returns them to the slots.
+Steps past a list's count map to its last entry (the pipeline skips a DMA whose block index
+does not change) and do no compute (``pl.when``).
 
-Tested on CPU with ``interpret=pltpu.InterpretParams()`` (and ``interpret=True``); on a real
-TPU, the 1-D row-field blocks and the per-tile list length (SMEM holds the whole prefetched
-list array) are the first things to revisit for long prefills.
+Rows of a window that are not keys of the block (neighbouring blocks, PAD slots of a
+non-divisible grid, an unwritten cache) may hold anything, NaN included: K and V are zeroed
+there before any product, and their logits are masked.
+
+Layout rules kept by construction: K/V blocks are Element windows on the untiled slot axis,
+in bounds (``window = min(start, S - BK)``); every other block's last two dimensions are whole
+array dimensions or multiples of 8 (M is a multiple of 8). Kernel code avoids ``//`` and
+``jnp.sign`` on integers, whose Mosaic lowering asks the device for its generation (and so
+fails when compiling without one).
 """
 
 from __future__ import annotations
@@ -32,16 +49,92 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from gaze_jax.gaze.layout import PAD
 from pallas_kernels.blocks import decode_entry
-from pallas_kernels.common import NEG, dot_nn, dot_nt, dot_precision, hit_from_ids, row_masker
+from pallas_kernels.common import NEG, combine, dot_nn, dot_nt, mask_parts
 
 
-def _fwd_kernel(lists_ref, tab_ref, kkind_ref, kpos_ref, kframe_ref, rkind_ref, rpos_ref,
-                rframe_ref, rrouted_ref, ids_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
-                m_sc, l_sc, acc_sc, *, mode, scale, block_k, per_head_lists):
-  b, h, i, j = (pl.program_id(a) for a in range(4))
-  hl = h if per_head_lists else 0
-  count = lists_ref[b, hl, i, 0]
+def _precision(dtype):
+  # float32 inputs: full-precision products (6-pass bf16 on the MXU); bf16: native.
+  return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def _entry(lists_ref, b, i, j):
+  """Block id of entry ``j`` of tile ``i``'s list, clamped to the last real entry."""
+  count = lists_ref[b, 0, i, 0]
+  jj = jnp.minimum(j, jnp.maximum(count - 1, 0))
+  return decode_entry(lists_ref[b, 0, i, 1 + jj])[0]
+
+
+def _hit_rows(ids, rid):
+  """Rows (``ids [M, Kp]``) that selected region ``rid``: bool ``[M, 1]``."""
+  return jnp.max(jnp.where(ids == rid, 1, 0), axis=1, keepdims=True) > 0
+
+
+def _hit_cols(ids_t, rid):
+  """The same for transposed ids ``[Kp, M]``: bool ``[1, M]``."""
+  return jnp.max(jnp.where(ids_t == rid, 1, 0), axis=0, keepdims=True) > 0
+
+
+def _clean(x, real):
+  """Zeroes the window rows that are not keys of the block (they may hold NaN)."""
+  return jnp.where(real, x, jnp.zeros_like(x))
+
+
+def _params(*semantics):
+  return pltpu.CompilerParams(dimension_semantics=semantics)
+
+
+# ---------------------------------------------------------------- specs shared by the kernels
+
+
+def _row_major_specs(B, S, Hkv, D, M, BK, Kp, block_of):
+  """In-specs of the forward and dq kernels, grid ``(b, i, j)``: key fields (row form
+  ``[1, BK]`` and column form ``[BK, 1]``), row fields ``[M, 1]``, ids ``[Hkv, M, Kp]``,
+  q ``[Hkv, M, D]`` and the K/V windows ``[BK, Hkv, D]``."""
+  def key_map(b, i, j, lists_ref, tab_ref):
+    return (b, block_of(lists_ref, b, i, j), 0, 0)
+
+  def kv_map(b, i, j, lists_ref, tab_ref):
+    return (b * S + tab_ref[b, block_of(lists_ref, b, i, j), 0], 0, 0)
+
+  key_row = pl.BlockSpec((None, None, 1, BK), key_map)
+  key_col = pl.BlockSpec((None, None, BK, 1), key_map)
+  row = pl.BlockSpec((None, M, 1), lambda b, i, j, *_: (b, i, 0))
+  heads = lambda n: pl.BlockSpec((None, Hkv, M, n), lambda b, i, j, *_: (b, 0, i, 0))
+  kv = pl.BlockSpec((pl.Element(BK), pl.Element(Hkv), pl.Element(D)), kv_map)
+  return [key_row, key_row, key_row, key_col, row, row, row, row, heads(Kp), heads(D), kv, kv]
+
+
+def _row_major_args(blocks, rows, ids, q, k, v):
+  B, NB, BK = blocks.key_kind.shape
+  S, Hkv, D = k.shape[1:]
+  TG = rows.kind.shape[1]
+  key_row = lambda a: a.reshape(B, NB, 1, BK)
+  col = lambda a: a.reshape(B, TG, 1)
+  return (key_row(blocks.key_kind), key_row(blocks.key_pos), key_row(blocks.key_frame),
+          blocks.key_kind.reshape(B, NB, BK, 1), col(rows.kind), col(rows.pos),
+          col(rows.frame), col(rows.routed), ids, q, k.reshape(B * S, Hkv, D),
+          v.reshape(B * S, Hkv, D))
+
+
+def _row_major_step(mode, tab_ref, lists_ref, kkind_ref, kpos_ref, kframe_ref, kreal_ref,
+                    rkind_ref, rpos_ref, rframe_ref, rrouted_ref, b, i, j):
+  """Mask parts ``[M, BK]`` of the current (tile, block) pair, the block's region id and the
+  column ``[BK, 1]`` of its real keys."""
+  rid = tab_ref[b, _entry(lists_ref, b, i, j), 3]
+  base, cand = mask_parts(mode, rkind_ref[...], rpos_ref[...], rframe_ref[...],
+                          rrouted_ref[...], kkind_ref[...], kpos_ref[...], kframe_ref[...], rid)
+  return base, cand, rid, kreal_ref[...] != PAD
+
+
+# ---------------------------------------------------------------- forward
+
+
+def _fwd_kernel(lists_ref, tab_ref, kkind_ref, kpos_ref, kframe_ref, kreal_ref, rkind_ref,
+                rpos_ref, rframe_ref, rrouted_ref, ids_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
+                m_sc, l_sc, acc_sc, *, mode, scale, num_heads):
+  b, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
 
   @pl.when(j == 0)
   def _init():
@@ -49,32 +142,27 @@ def _fwd_kernel(lists_ref, tab_ref, kkind_ref, kpos_ref, kframe_ref, rkind_ref, 
     l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
     acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
-  @pl.when(j < count)
+  @pl.when(j < lists_ref[b, 0, i, 0])
   def _step():
-    # The "full" flag only lets the GPU kernels skip mask work; here the rules always run (no
-    # lax.cond on vector masks in Mosaic).
-    blk = decode_entry(lists_ref[b, hl, i, 1 + j])[0]
-    off, ln, rid = tab_ref[b, blk, 1], tab_ref[b, blk, 2], tab_ref[b, blk, 3]
-    r = jax.lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)
-    inb = (r >= off) & (r < off + ln)                                  # [BK, 1]
-    q = q_ref[...]
-    k = k_ref[...]
-    # Rows of the window outside the block may hold anything (other blocks, unwritten cache).
-    v = jnp.where(inb, v_ref[...], 0).astype(v_ref.dtype)
-    prec = dot_precision(q.dtype)
-    mask = row_masker(mode, rkind_ref[...], rpos_ref[...], rframe_ref[...], rrouted_ref[...],
-                      hit_from_ids(ids_ref[...]))                              # rows [M, 1]
-    vis = mask(kkind_ref[...], kpos_ref[...], kframe_ref[...], rid)
-    s = dot_nt(q, k, prec) * scale
-    m = m_sc[...]
-    m_new = jnp.maximum(m, jnp.max(jnp.where(vis, s, NEG), axis=1, keepdims=True))
-    alpha = jnp.exp(m - m_new)
-    p = jnp.where(vis, jnp.exp(s - m_new), 0.0)
-    l_sc[...] = l_sc[...] * alpha + jnp.sum(p, axis=1, keepdims=True)
-    acc_sc[...] = acc_sc[...] * alpha + dot_nn(p.astype(v.dtype), v, prec)
-    m_sc[...] = m_new
+    base, cand, rid, real = _row_major_step(mode, tab_ref, lists_ref, kkind_ref, kpos_ref,
+                                            kframe_ref, kreal_ref, rkind_ref, rpos_ref,
+                                            rframe_ref, rrouted_ref, b, i, j)
+    for h in range(num_heads):
+      q = q_ref[h]
+      k = _clean(k_ref[:, h, :], real)
+      v = _clean(v_ref[:, h, :], real)
+      vis = combine(base, cand, None if cand is None else _hit_rows(ids_ref[h], rid))
+      prec = _precision(q.dtype)
+      s = dot_nt(q, k, prec) * scale
+      m = m_sc[h]
+      m_new = jnp.maximum(m, jnp.max(jnp.where(vis, s, NEG), axis=1, keepdims=True))
+      alpha = jnp.exp(m - m_new)
+      p = jnp.where(vis, jnp.exp(s - m_new), 0.0)
+      l_sc[h] = l_sc[h] * alpha + jnp.sum(p, axis=1, keepdims=True)
+      acc_sc[h] = acc_sc[h] * alpha + dot_nn(p.astype(v.dtype), v, prec)
+      m_sc[h] = m_new
 
-  @pl.when(j == pl.num_programs(3) - 1)
+  @pl.when(j == pl.num_programs(2) - 1)
   def _finish():
     l = l_sc[...]
     seen = l > 0
@@ -85,63 +173,213 @@ def _fwd_kernel(lists_ref, tab_ref, kkind_ref, kpos_ref, kframe_ref, rkind_ref, 
 
 @functools.partial(jax.jit, static_argnames=("mode", "tile_rows", "scale", "interpret"))
 def forward(q, k, v, rows, ids, blocks, lists, *, mode, tile_rows, scale, interpret=False):
-  """One pass of block-sparse attention (``gaze_gpu.forward`` without splits).
+  """One pass of block-sparse attention.
 
-  Mosaic block rules (last two block dims divisible by (8, 128) or whole; element-indexed
-  blocks only when every dim is): K/V are viewed as ``[B*S, Hkv*D]`` (a free reshape, no copy)
-  and blocked ``(Element(BK), Element(D))`` at ``(b*S + window, h*D)``, so D should be a
-  multiple of 128 on a real TPU; row fields are ``[B, Tp*Gp, 1]`` and key fields
-  ``[B, NB, 1, BK]`` (free reshapes).
-
+  Args: packed operands (module docstring); ``lists`` int32 ``[B, 1, NT, 1 + L]``.
   Returns:
-    o float32 ``[B, Hkv, Tp*Gp, D]`` (normalised) and lse float32 ``[B, Hkv, Tp*Gp]``.
+    o float32 ``[B, Hkv, Tp*Gp, D]`` (normalised) and lse float32 ``[B, Hkv, Tp*Gp]`` (NEG
+    for rows that see nothing).
   """
   B, Hkv, TG, D = q.shape
   S = k.shape[1]
   M = tile_rows
   NT = TG // M
-  NB, BK = blocks.num_blocks, blocks.block_size
-  Kp = ids.shape[-1]
   L = lists.shape[-1] - 1
-  per_head = lists.shape[1] > 1
-
-  def block_of(b, h, i, j, lists_ref):
-    hl = h if per_head else 0
-    count = lists_ref[b, hl, i, 0]
-    jj = jnp.minimum(j, jnp.maximum(count - 1, 0))
-    return decode_entry(lists_ref[b, hl, i, 1 + jj])[0]
-
-  def kv_map(b, h, i, j, lists_ref, tab_ref):   # element offsets into [B*S, Hkv*D]
-    return (b * S + tab_ref[b, block_of(b, h, i, j, lists_ref), 0], h * D)
-
-  def key_map(b, h, i, j, lists_ref, tab_ref):
-    return (b, block_of(b, h, i, j, lists_ref), 0, 0)
-
-  row_spec = pl.BlockSpec((None, M, 1), lambda b, h, i, j, *_: (b, i, 0))
-  key_spec = pl.BlockSpec((None, None, 1, BK), key_map)
-  kv_spec = pl.BlockSpec((pl.Element(BK), pl.Element(D)), kv_map)
-  in_specs = [key_spec, key_spec, key_spec, row_spec, row_spec, row_spec, row_spec,
-              pl.BlockSpec((None, None, M, Kp), lambda b, h, i, j, *_: (b, h, i, 0)),
-              pl.BlockSpec((None, None, M, D), lambda b, h, i, j, *_: (b, h, i, 0)),
-              kv_spec, kv_spec]
-  out_specs = (pl.BlockSpec((None, None, M, D), lambda b, h, i, j, *_: (b, h, i, 0)),
-               pl.BlockSpec((None, None, M, 1), lambda b, h, i, j, *_: (b, h, i, 0)))
+  BK, Kp = blocks.block_size, ids.shape[-1]
+  in_specs = _row_major_specs(B, S, Hkv, D, M, BK, Kp, _entry)
+  out_specs = (pl.BlockSpec((None, Hkv, M, D), lambda b, i, j, *_: (b, 0, i, 0)),
+               pl.BlockSpec((None, Hkv, M, 1), lambda b, i, j, *_: (b, 0, i, 0)))
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=2, grid=(B, Hkv, NT, L), in_specs=in_specs, out_specs=out_specs,
-      scratch_shapes=[pltpu.VMEM((M, 1), jnp.float32), pltpu.VMEM((M, 1), jnp.float32),
-                      pltpu.VMEM((M, D), jnp.float32)])
-  kernel = functools.partial(_fwd_kernel, mode=mode, scale=scale, block_k=BK,
-                             per_head_lists=per_head)
-  key = lambda a: a.reshape(B, NB, 1, BK)
-  col = lambda a: a.reshape(B, TG, 1)
+      num_scalar_prefetch=2, grid=(B, NT, L), in_specs=in_specs, out_specs=out_specs,
+      scratch_shapes=[pltpu.VMEM((Hkv, M, 1), jnp.float32), pltpu.VMEM((Hkv, M, 1), jnp.float32),
+                      pltpu.VMEM((Hkv, M, D), jnp.float32)])
+  kernel = functools.partial(_fwd_kernel, mode=mode, scale=scale, num_heads=Hkv)
   o, lse = pl.pallas_call(
       kernel, grid_spec=grid_spec,
       out_shape=(jax.ShapeDtypeStruct((B, Hkv, TG, D), jnp.float32),
                  jax.ShapeDtypeStruct((B, Hkv, TG, 1), jnp.float32)),
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      compiler_params=_params("parallel", "parallel", "arbitrary"),
       interpret=interpret, name=f"gaze_tpu_fwd_{mode}",
-  )(lists, blocks.table, key(blocks.key_kind), key(blocks.key_pos), key(blocks.key_frame),
-    col(rows.kind), col(rows.pos), col(rows.frame), col(rows.routed), ids, q,
-    k.reshape(B * S, Hkv * D), v.reshape(B * S, Hkv * D))
+  )(lists, blocks.table, *_row_major_args(blocks, rows, ids, q, k, v))
   return o, lse[..., 0]
+
+
+# ---------------------------------------------------------------- backward: dq
+
+
+def _dq_kernel(lists_ref, tab_ref, kkind_ref, kpos_ref, kframe_ref, kreal_ref, rkind_ref,
+               rpos_ref, rframe_ref, rrouted_ref, ids_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+               delta_ref, dq_ref, dq_sc, *, mode, scale, num_heads):
+  b, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+
+  @pl.when(j == 0)
+  def _init():
+    dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
+
+  @pl.when(j < lists_ref[b, 0, i, 0])
+  def _step():
+    base, cand, rid, real = _row_major_step(mode, tab_ref, lists_ref, kkind_ref, kpos_ref,
+                                            kframe_ref, kreal_ref, rkind_ref, rpos_ref,
+                                            rframe_ref, rrouted_ref, b, i, j)
+    for h in range(num_heads):
+      q = q_ref[h]
+      k = _clean(k_ref[:, h, :], real)
+      v = _clean(v_ref[:, h, :], real)
+      vis = combine(base, cand, None if cand is None else _hit_rows(ids_ref[h], rid))
+      prec = _precision(q.dtype)
+      s = dot_nt(q, k, prec) * scale
+      p = jnp.where(vis, jnp.exp(s - lse_ref[h]), 0.0)
+      dp = dot_nt(do_ref[h], v, prec)
+      ds = p * (dp - delta_ref[h])
+      dq_sc[h] = dq_sc[h] + dot_nn(ds.astype(k.dtype), k, prec)
+
+  @pl.when(j == pl.num_programs(2) - 1)
+  def _finish():
+    dq_ref[...] = dq_sc[...] * scale
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "tile_rows", "scale", "interpret"))
+def backward_dq(q, k, v, rows, ids, blocks, lists, do, lse, delta, *, mode, tile_rows, scale,
+                interpret=False):
+  """dq of one pass: float32 ``[B, Hkv, Tp*Gp, D]``. ``do`` is packed like q; lse and delta
+  (``sum(o * do, -1)``) are float32 ``[B, Hkv, Tp*Gp]`` of the whole attention (all passes)."""
+  B, Hkv, TG, D = q.shape
+  S = k.shape[1]
+  M = tile_rows
+  NT = TG // M
+  L = lists.shape[-1] - 1
+  BK, Kp = blocks.block_size, ids.shape[-1]
+  heads = lambda n: pl.BlockSpec((None, Hkv, M, n), lambda b, i, j, *_: (b, 0, i, 0))
+  in_specs = _row_major_specs(B, S, Hkv, D, M, BK, Kp, _entry) + [heads(D), heads(1), heads(1)]
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=2, grid=(B, NT, L), in_specs=in_specs, out_specs=heads(D),
+      scratch_shapes=[pltpu.VMEM((Hkv, M, D), jnp.float32)])
+  kernel = functools.partial(_dq_kernel, mode=mode, scale=scale, num_heads=Hkv)
+  return pl.pallas_call(
+      kernel, grid_spec=grid_spec,
+      out_shape=jax.ShapeDtypeStruct((B, Hkv, TG, D), jnp.float32),
+      compiler_params=_params("parallel", "parallel", "arbitrary"),
+      interpret=interpret, name=f"gaze_tpu_bwd_dq_{mode}",
+  )(lists, blocks.table, *_row_major_args(blocks, rows, ids, q, k, v), do, lse[..., None],
+    delta[..., None])
+
+
+# ---------------------------------------------------------------- backward: dk, dv
+
+
+def _tile_of(tlists_ref, b, j, t):
+  """Tile id of entry ``t`` of block ``j``'s transposed list (clamped to the last one)."""
+  count = tlists_ref[b, 0, j, 0]
+  tt = jnp.minimum(t, jnp.maximum(count - 1, 0))
+  return decode_entry(tlists_ref[b, 0, j, 1 + tt])[0]
+
+
+def _dkv_kernel(tlists_ref, tab_ref, kkind_ref, kpos_ref, kframe_ref, rkind_ref, rpos_ref,
+                rframe_ref, rrouted_ref, ids_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+                delta_ref, dk_ref, dv_ref, dk_sc, dv_sc, *, mode, scale, num_heads):
+  b, j, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+
+  @pl.when(t == 0)
+  def _init():
+    dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
+    dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
+
+  @pl.when(t < tlists_ref[b, 0, j, 0])
+  def _step():
+    rid = tab_ref[b, j, 3]
+    kkind = kkind_ref[...]                                       # [BK, 1]
+    real = kkind != PAD
+    # Transposed: keys are the rows [BK, 1], query rows the columns [1, M].
+    base, cand = mask_parts(mode, rkind_ref[...], rpos_ref[...], rframe_ref[...],
+                            rrouted_ref[...], kkind, kpos_ref[...], kframe_ref[...], rid)
+    for h in range(num_heads):
+      q = q_ref[h]                                               # [M, D]
+      do = do_ref[h]
+      k = _clean(k_ref[:, h, :], real)                           # [BK, D]
+      v = _clean(v_ref[:, h, :], real)
+      vis = combine(base, cand, None if cand is None else _hit_cols(ids_ref[h], rid))
+      prec = _precision(q.dtype)
+      s = dot_nt(k, q, prec) * scale                             # [BK, M]
+      p = jnp.where(vis, jnp.exp(s - lse_ref[h]), 0.0)           # lse row [1, M]
+      dp = dot_nt(v, do, prec)
+      ds = p * (dp - delta_ref[h])
+      dv_sc[h] = dv_sc[h] + dot_nn(p.astype(do.dtype), do, prec)
+      dk_sc[h] = dk_sc[h] + dot_nn(ds.astype(q.dtype), q, prec)
+
+  @pl.when(t == pl.num_programs(2) - 1)
+  def _finish():
+    dk_ref[...] = dk_sc[...] * scale
+    dv_ref[...] = dv_sc[...]
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "tile_rows", "scale", "interpret"))
+def backward_dkv(q, k, v, rows, ids, blocks, tlists, do, lse, delta, *, mode, tile_rows, scale,
+                 interpret=False):
+  """dk, dv of one pass, block-major: float32 ``[B, n, Hkv, BK, D]`` each for the first n blocks
+  (``tlists`` ``[B, 1, n, 1 + NT]`` from ``blocks.transpose_lists``); ``scatter_block_rows``
+  puts them back into slot order."""
+  B, Hkv, TG, D = q.shape
+  S = k.shape[1]
+  M = tile_rows
+  NT = TG // M
+  n = tlists.shape[2]
+  NB, BK = blocks.num_blocks, blocks.block_size
+  Kp = ids.shape[-1]
+
+  def key_map(b, j, t, tl_ref, tab_ref):
+    return (b, j, 0, 0)
+
+  def tile_map(b, j, t, tl_ref, tab_ref):
+    return (b, _tile_of(tl_ref, b, j, t), 0, 0)
+
+  def heads_map(b, j, t, tl_ref, tab_ref):
+    return (b, 0, _tile_of(tl_ref, b, j, t), 0, 0)
+
+  def kv_map(b, j, t, tl_ref, tab_ref):
+    return (b * S + tab_ref[b, j, 0], 0, 0)
+
+  key_col = pl.BlockSpec((None, None, BK, 1), key_map)
+  row = pl.BlockSpec((None, None, 1, M), tile_map)                        # [1, M]
+  heads = lambda *blk: pl.BlockSpec((None, Hkv, None) + blk, heads_map)
+  kv = pl.BlockSpec((pl.Element(BK), pl.Element(Hkv), pl.Element(D)), kv_map)
+  in_specs = [key_col, key_col, key_col, row, row, row, row, heads(Kp, M), heads(M, D), kv, kv,
+              heads(M, D), heads(1, M), heads(1, M)]
+  out_spec = pl.BlockSpec((None, None, Hkv, BK, D), lambda b, j, t, *_: (b, j, 0, 0, 0))
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=2, grid=(B, n, NT), in_specs=in_specs, out_specs=(out_spec, out_spec),
+      scratch_shapes=[pltpu.VMEM((Hkv, BK, D), jnp.float32),
+                      pltpu.VMEM((Hkv, BK, D), jnp.float32)])
+  key_col_arr = lambda a: a[:, :n].reshape(B, n, BK, 1)
+  row_arr = lambda a: a.reshape(B, NT, 1, M)
+  tiles = lambda a: a.reshape(B, Hkv, NT, M, a.shape[-1])                 # [.., NT, M, x]
+  per_row = lambda a: a.reshape(B, Hkv, NT, 1, M)
+  ids_t = jnp.swapaxes(tiles(ids), 3, 4)                                  # [B, Hkv, NT, Kp, M]
+  kernel = functools.partial(_dkv_kernel, mode=mode, scale=scale, num_heads=Hkv)
+  out = jax.ShapeDtypeStruct((B, n, Hkv, BK, D), jnp.float32)
+  del NB
+  return pl.pallas_call(
+      kernel, grid_spec=grid_spec, out_shape=(out, out),
+      compiler_params=_params("parallel", "parallel", "arbitrary"),
+      interpret=interpret, name=f"gaze_tpu_bwd_dkv_{mode}",
+  )(tlists, blocks.table, key_col_arr(blocks.key_kind), key_col_arr(blocks.key_pos),
+    key_col_arr(blocks.key_frame), row_arr(rows.kind), row_arr(rows.pos), row_arr(rows.frame),
+    row_arr(rows.routed), ids_t, tiles(q), k.reshape(B * S, Hkv, D), v.reshape(B * S, Hkv, D),
+    tiles(do), per_row(lse), per_row(delta))
+
+
+def scatter_block_rows(per_block, blocks, num_slots: int):
+  """Block-major rows ``[B, n, Hkv, BK, D]`` (the first n blocks) -> slot order
+  ``[B, num_slots, Hkv, D]``: slot s takes row ``s - window`` of the block that holds it, and
+  slots held by none of the n blocks are zero."""
+  B, n, Hkv, BK, D = per_block.shape
+  window, offset, length = (blocks.table[:, :n, c] for c in range(3))
+  r = jnp.arange(BK, dtype=jnp.int32)
+  inside = (r >= offset[..., None]) & (r < (offset + length)[..., None])      # [B, n, BK]
+  slot = jnp.where(inside, window[..., None] + r, num_slots)                   # drop bucket
+  bi = jnp.arange(B)[:, None, None]
+  owner = jnp.full((B, num_slots + 1), -1, jnp.int32).at[bi, slot].set(
+      jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None, :, None], slot.shape))[:, :num_slots]
+  rows = jnp.arange(num_slots, dtype=jnp.int32)[None, :] - jnp.take_along_axis(
+      window, jnp.maximum(owner, 0), axis=1)
+  got = per_block[jnp.arange(B)[:, None], jnp.maximum(owner, 0), :, jnp.clip(rows, 0, BK - 1)]
+  return jnp.where((owner >= 0)[..., None, None], got, 0.0)

@@ -223,9 +223,9 @@ def _forward_passes(st: _Static, q, k, v, aux):
   os, lses = [], []
   for p, lst in zip(st.passes, lists):
     if st.kernel == "tpu":
-      from pallas_kernels import gaze_tpu
-      o, lse = gaze_tpu.forward(q, k, v, rows, sel, blocks, lst, mode=p.mode,
-                                tile_rows=p.tile_rows, scale=st.scale, interpret=st.interpret)
+      o, lse = gaze_tpu().forward(q, k, v, rows, sel, blocks, lst, mode=p.mode,
+                                  tile_rows=p.tile_rows, scale=st.scale,
+                                  interpret=st.interpret)
     else:
       o, lse = gaze_gpu.forward(q, k, v, rows, sel, blocks, lst, mode=p.mode,
                                 tile_rows=p.tile_rows, splits=p.splits, scale=st.scale,
@@ -240,6 +240,12 @@ def _forward_passes(st: _Static, q, k, v, aux):
   if len(os) == 1:
     return os[0], lses[0]
   return _merge(jnp.stack(os, 2), jnp.stack(lses, 2), axis=2)
+
+
+def gaze_tpu():
+  """The Mosaic kernels' module (imported on first use: it imports the Pallas TPU dialect)."""
+  from pallas_kernels import gaze_tpu as mod
+  return mod
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -262,57 +268,27 @@ def _core_bwd(st, res, do):
   dq = jnp.zeros(q.shape, jnp.float32)
   dk = jnp.zeros(k.shape, jnp.float32)
   dv = jnp.zeros(v.shape, jnp.float32)
-  kw = dict(scale=st.scale, interpret=st.interpret, num_warps=st.bwd_num_warps,
-            num_stages=st.bwd_num_stages)
   for p, lst in zip(st.passes, lists):
-    dq += gaze_gpu.backward_dq(q, k, v, rows, sel, blocks, lst, do, lse, delta, mode=p.mode,
-                               tile_rows=p.tile_rows, **kw)
     n = blocks.num_regions if p.mode == "routed" else blocks.num_blocks
     tl = blk.transpose_lists(lst, n)
-    dk_p, dv_p = gaze_gpu.backward_dkv(q, k, v, rows, sel, blocks, tl, do, lse, delta,
-                                       mode=p.mode, tile_rows=p.tile_rows, **kw)
+    if st.kernel == "tpu":
+      kw = dict(mode=p.mode, tile_rows=p.tile_rows, scale=st.scale, interpret=st.interpret)
+      mod = gaze_tpu()
+      dq += mod.backward_dq(q, k, v, rows, sel, blocks, lst, do, lse, delta, **kw)
+      dk_b, dv_b = mod.backward_dkv(q, k, v, rows, sel, blocks, tl, do, lse, delta, **kw)
+      dk += mod.scatter_block_rows(dk_b, blocks, k.shape[1])
+      dv += mod.scatter_block_rows(dv_b, blocks, k.shape[1])
+      continue
+    kw = dict(mode=p.mode, tile_rows=p.tile_rows, scale=st.scale, interpret=st.interpret,
+              num_warps=st.bwd_num_warps, num_stages=st.bwd_num_stages)
+    dq += gaze_gpu.backward_dq(q, k, v, rows, sel, blocks, lst, do, lse, delta, **kw)
+    dk_p, dv_p = gaze_gpu.backward_dkv(q, k, v, rows, sel, blocks, tl, do, lse, delta, **kw)
     dk += dk_p
     dv += dv_p
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
 _core.defvjp(_core_fwd, _core_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _core_xla_grad(st: _Static, shape: tuple, q, k, v, aux, xla_args):
-  """The kernel forward with the xla path's gradient (the TPU kernels have no backward).
-  ``shape`` = (T, G, D) of the unpacked queries."""
-  o, _ = _forward_passes(st, q, k, v, aux)
-  return o.astype(q.dtype)
-
-
-def _xla_grad_fwd(st, shape, q, k, v, aux, xla_args):
-  return _core_xla_grad(st, shape, q, k, v, aux, xla_args), (q, k, v, xla_args)
-
-
-def _xla_grad_bwd(st, shape, res, do):
-  q, k, v, xla_args = res
-  _, vjp = jax.vjp(lambda a, b, c: _xla_packed(a, b, c, xla_args, st.scale, shape), q, k, v)
-  dq, dk, dv = vjp(do)
-  return dq, dk, dv, None, None
-
-
-_core_xla_grad.defvjp(_xla_grad_fwd, _xla_grad_bwd)
-
-
-def _xla_packed(q_p, k, v, xla_args, scale, shape):
-  """xla-path attention on packed operands (the gradient of the TPU kernels)."""
-  from gaze_jax.gaze.xla import xla_attention
-  layout, q_index, routed, ids = (xla_args[n] for n in ("layout", "q_index", "routed", "ids"))
-  T, G, D = shape
-  Hkv = k.shape[2]
-  Gp = blk.next_pow2(G)
-  S = layout.seq_len
-  out = xla_attention(_unpack_q(q_p, T, G, D), k[:, :S, :, :D], v[:, :S, :, :D], layout,
-                      token_info(layout, q_index), routed, Selection(ids=ids), scale=scale,
-                      decode=False, group_routing=False)
-  return _pack_q(out, q_p.shape[2] // Gp, Gp, q_p.shape[-1], Hkv)
 
 
 # ---------------------------------------------------------------- dense rows
@@ -416,10 +392,12 @@ def prepare(q, k, v, layout: TokenLayout, ids, *, routed, q_index=None, scale=No
   rows_t = blk.pad_rows(rows, Tp)
   ids_t = jnp.pad(ids, ((0, 0), (0, Tp - T), (0, 0), (0, 0)), constant_values=-1)
   lists = []
+  union = kernel == "tpu"   # a TPU program holds every KV head: one list for all of them
   for p, tok in plan:
-    L = blk.list_length(blocks, mode=p.mode, rows_per_tile=tok * G, top_k=K)
+    L = blk.list_length(blocks, mode=p.mode, rows_per_tile=tok * (Hq if union else G),
+                        top_k=K)
     lists.append(blk.tile_lists(blocks, rows_t, ids_t, tile=tok, num_kv_heads=Hkv, mode=p.mode,
-                                max_len=L))
+                                max_len=L, union_heads=union))
   def pad_kv(x):  # only for tiny caches (S < BK) or odd head sizes: never copy a real cache
     if blocks.kv_len == S and Dp == D:
       return x
@@ -494,11 +472,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: TokenLayout, ids
   prep = prepare(q, k, v, layout, ids, routed=routed, q_index=q_index, scale=scale, config=cfg,
                  unique_ids=True, blocks=blocks, keep=keep)
   T_, G, D = prep.shape
-  if prep.static.kernel == "tpu":
-    xla_args = dict(layout=layout, q_index=q_index, routed=routed, ids=ids)
-    o_p = _core_xla_grad(prep.static, prep.shape, prep.q, prep.k, prep.v, prep.aux, xla_args)
-  else:
-    o_p = _core(prep.static, prep.q, prep.k, prep.v, prep.aux)
+  o_p = _core(prep.static, prep.q, prep.k, prep.v, prep.aux)
   out = _unpack_q(o_p, T_, G, D)
   if dense_impl is not None:
     dl = _static_dense_len(layout, routed, cfg.dense_len)
