@@ -5,15 +5,20 @@ of two for the Triton kernels, a multiple of 8 for Mosaic):
   * region blocks ``0 .. NR-1``: block r is region r, the ``R`` contiguous slots
     ``[region_first[r], region_first[r] + R)`` of the region-major storage (PAD slots of a
     non-divisible grid included, and masked);
-  * chunk blocks ``NR .. NB-1``: the text and context slots, as maximal runs of such slots cut
-    into pieces of at most ``BK``.
-Trailing PAD slots belong to no block (they are never visible). Each block is read as one
-window of ``BK`` rows starting at ``window = min(start, S - BK)`` (never out of bounds, so the
-same index math runs on the GPU, under ``interpret=True`` and under ``pltpu.InterpretParams``);
-its keys are the window rows ``[offset, offset + length)`` and the other rows are masked loads.
+  * chunk blocks: the text and context slots, as maximal runs of such slots cut into pieces of
+    at most ``BK``; or, with ``group_context`` (the GPU kernels), runs of text slots only,
+    followed by context groups: the context slots of consecutive frames gathered BK at a time
+    (4 context tokens per frame would otherwise make one 4-row list entry per frame).
+Trailing PAD slots belong to no block (they are never visible). A contiguous block is read as
+one window of ``BK`` rows starting at ``window = min(start, S - BK)`` (never out of bounds, so
+the same index math runs on the GPU, under ``interpret=True`` and under
+``pltpu.InterpretParams``); its keys are the window rows ``[offset, offset + length)``.
+``row_slot`` gives, for every block row, the slot it reads (-1 for none): the GPU kernels load
+rows by it (a masked gather: PAD slots and rows outside the block move no bytes), the TPU
+kernels DMA the window.
 
-Per-key metadata (kind, position, frame of each window row; PAD outside the block) is stored
-block-major, ``[B, NB, BK]``, so that a kernel loads one row of it per block.
+Per-key metadata (kind, position, frame of each block row; PAD where the row is not a key) is
+stored block-major, ``[B, NB, BK]``, so that a kernel loads one row of it per block.
 
 Block lists. For a tiling of the query rows into tiles of ``BQ`` tokens, ``tile_lists`` gives,
 per (example, KV head, tile), the ids of the blocks the tile must read, packed at the front, and
@@ -52,8 +57,11 @@ class KVBlocks:
   """The KV block partition of a batch (see the module docstring).
 
   table: int32 ``[B, NB, 4]``: (window start, offset in the window, length, region id or -1).
-  key_kind, key_pos, key_frame: int32 ``[B, NB, BK]`` per window row (PAD / BIG / -1 outside
-    the block).
+    A gathered context group has window 0, offset 0 and its number of slots as length.
+  row_slot: int32 ``[B, NB, BK]``: the slot each block row reads (-1: none). For a window it
+    is ``window + row`` inside the block; for a context group, the group's slots in order.
+  key_kind, key_pos, key_frame: int32 ``[B, NB, BK]`` per block row (PAD / BIG / -1 where
+    the row is not a key of the block, PAD slots of a non-divisible grid included).
   min_pos, max_pos: int32 ``[B, NB]`` smallest / largest position of a real key (BIG / -1
     when the block is empty).
   frame_lo, frame_hi: int32 ``[B, NB]`` frame range of its patch / context keys (BIG, -1 when
@@ -61,6 +69,7 @@ class KVBlocks:
   Static: block_size BK, num_regions NR, kv_len (rows of the K/V arrays the windows index).
   """
   table: Any
+  row_slot: Any
   key_kind: Any
   key_pos: Any
   key_frame: Any
@@ -79,7 +88,7 @@ class KVBlocks:
 
 jax.tree_util.register_dataclass(
     KVBlocks,
-    data_fields=["table", "key_kind", "key_pos", "key_frame", "min_pos", "max_pos",
+    data_fields=["table", "row_slot", "key_kind", "key_pos", "key_frame", "min_pos", "max_pos",
                  "frame_lo", "frame_hi"],
     meta_fields=["block_size", "num_regions", "kv_len"])
 
@@ -90,15 +99,39 @@ def num_chunk_blocks(layout: TokenLayout, block_size: int) -> int:
   return layout.spec.max_nonvisual // block_size + layout.spec.max_images + 2
 
 
-def build_kv_blocks(layout: TokenLayout, block_size: int) -> KVBlocks:
-  """KV blocks of ``layout`` for windows of ``block_size`` rows.
+def num_context_groups(layout: TokenLayout, block_size: int) -> int:
+  """Static number of gathered context groups: ``ceil(max_images * num_ctx / BK)``."""
+  return -(-layout.spec.max_images * layout.spec.num_ctx // block_size)
+
+
+def _runs(selected, slot, BK, n):
+  """Maximal runs of ``selected`` slots, cut every BK slots from each run's start: per piece
+  (start, length), ``[B, n]`` each (zero for unused pieces)."""
+  prev = jnp.pad(selected[:, :-1], ((0, 0), (1, 0)))
+  run_start = jax.lax.cummax(jnp.where(selected & ~prev, slot, -1), axis=1)
+  head = selected & ((slot - run_start) % BK == 0)
+  cid = jnp.where(selected, jnp.cumsum(head, axis=1) - 1, n)            # n: dropped bucket
+  seg_min = jax.vmap(lambda c: jax.ops.segment_min(slot, c, num_segments=n + 1))(cid)
+  seg_len = jax.vmap(lambda c: jax.ops.segment_sum(jnp.ones_like(slot), c,
+                                                   num_segments=n + 1))(cid)
+  length = seg_len[:, :n].astype(jnp.int32)
+  return jnp.where(length > 0, seg_min[:, :n], 0), length
+
+
+def build_kv_blocks(layout: TokenLayout, block_size: int, *,
+                    group_context: bool = False) -> KVBlocks:
+  """KV blocks of ``layout`` for blocks of ``block_size`` rows.
 
   Args:
     layout: TokenLayout ``[B, S]``.
     block_size: BK ``>= region_size`` (a power of two for the Triton kernels).
+    group_context: gather the context slots of consecutive frames into groups of BK rows
+      (kernels that read rows by ``row_slot``, the GPU ones): one list entry per BK context
+      slots instead of one per frame. Otherwise (the TPU kernels, which read contiguous
+      windows) each frame's context slots are a chunk of their own.
   Returns:
-    KVBlocks with ``NB = NR + num_chunk_blocks`` blocks and ``kv_len = max(S, BK)`` (the caller
-    pads K/V to ``kv_len`` rows when ``S < BK``).
+    KVBlocks with ``NB = NR + num_chunk_blocks (+ num_context_groups)`` blocks and
+    ``kv_len = max(S, BK)`` (the caller pads K/V to ``kv_len`` rows when ``S < BK``).
   """
   BK = int(block_size)
   R, NR, S = layout.region_size, layout.max_regions, layout.seq_len
@@ -109,42 +142,47 @@ def build_kv_blocks(layout: TokenLayout, block_size: int) -> KVBlocks:
   NC = num_chunk_blocks(layout, BK)
   kind = jnp.asarray(layout.kind)
   slot = jnp.arange(S, dtype=jnp.int32)
+  row = jnp.arange(BK, dtype=jnp.int32)
 
-  # Chunk blocks: runs of text/context slots, cut every BK slots from the run's start.
-  is_nv = (kind == TEXT) | (kind == CTX)
-  prev = jnp.pad(is_nv[:, :-1], ((0, 0), (1, 0)))
-  run_start = jax.lax.cummax(jnp.where(is_nv & ~prev, slot, -1), axis=1)
-  head = is_nv & ((slot - run_start) % BK == 0)
-  cid = jnp.where(is_nv, jnp.cumsum(head, axis=1) - 1, NC)            # NC: dropped bucket
-  seg_min = jax.vmap(lambda c: jax.ops.segment_min(slot, c, num_segments=NC + 1))(cid)
-  seg_len = jax.vmap(lambda c: jax.ops.segment_sum(jnp.ones_like(slot), c,
-                                                   num_segments=NC + 1))(cid)
-  c_len = seg_len[:, :NC]
-  c_start = jnp.where(c_len > 0, seg_min[:, :NC], 0)
-
+  chunked = (kind == TEXT) if group_context else ((kind == TEXT) | (kind == CTX))
+  c_start, c_len = _runs(chunked, slot, BK, NC)
   r_start = jnp.asarray(layout.region_first, jnp.int32)
   r_len = jnp.where(jnp.asarray(layout.region_valid), R, 0).astype(jnp.int32)
-  start = jnp.concatenate([r_start, c_start], axis=1)                  # [B, NB]
-  length = jnp.concatenate([r_len, c_len.astype(jnp.int32)], axis=1)
-  rid = jnp.concatenate([jnp.broadcast_to(jnp.arange(NR, dtype=jnp.int32), (B, NR)),
-                         jnp.full((B, NC), -1, jnp.int32)], axis=1)
+  start = jnp.concatenate([r_start, c_start], axis=1)                  # [B, NR + NC]
+  length = jnp.concatenate([r_len, c_len], axis=1)
   window = jnp.maximum(jnp.minimum(start, kv_len - BK), 0)
   offset = start - window
+  inside = (row >= offset[:, :, None]) & (row < (offset + length)[:, :, None])
+  row_slot = jnp.where(inside, window[:, :, None] + row, -1)           # [B, NR + NC, BK]
+  if group_context:
+    NG = num_context_groups(layout, BK)
+    is_ctx = kind == CTX
+    ordinal = jnp.cumsum(is_ctx, axis=1, dtype=jnp.int32) - 1
+    dest = jnp.where(is_ctx, ordinal, NG * BK)                         # NG * BK: dropped
+    bi = jnp.arange(B)[:, None]
+    g_slot = jnp.full((B, NG * BK + 1), -1, jnp.int32).at[bi, dest].set(
+        jnp.broadcast_to(slot, (B, S)))[:, :NG * BK].reshape(B, NG, BK)
+    g_len = jnp.sum(g_slot >= 0, axis=-1, dtype=jnp.int32)
+    zeros = jnp.zeros((B, NG), jnp.int32)
+    row_slot = jnp.concatenate([row_slot, g_slot], axis=1)
+    window = jnp.concatenate([window, zeros], axis=1)
+    offset = jnp.concatenate([offset, zeros], axis=1)
+    length = jnp.concatenate([length, g_len], axis=1)
+  NB = row_slot.shape[1]
+  rid = jnp.concatenate([jnp.broadcast_to(jnp.arange(NR, dtype=jnp.int32), (B, NR)),
+                         jnp.full((B, NB - NR), -1, jnp.int32)], axis=1)
   table = jnp.stack([window, offset, length, rid], axis=-1).astype(jnp.int32)
 
-  # Per window row: the slot it reads and whether that slot belongs to the block.
-  row = jnp.arange(BK, dtype=jnp.int32)
-  wslot = window[:, :, None] + row                                     # [B, NB, BK]
-  inside = (row >= offset[:, :, None]) & (row < (offset + length)[:, :, None])
-  flat = jnp.clip(wslot, 0, S - 1).reshape(B, -1)
-  take = lambda a: jnp.take_along_axis(jnp.asarray(a), flat, axis=1).reshape(wslot.shape)
-  key_kind = jnp.where(inside, take(layout.kind), PAD).astype(jnp.int32)
+  flat = jnp.clip(row_slot, 0, S - 1).reshape(B, -1)
+  take = lambda a: jnp.take_along_axis(jnp.asarray(a), flat, axis=1).reshape(row_slot.shape)
+  key_kind = jnp.where(row_slot >= 0, take(layout.kind), PAD).astype(jnp.int32)
   real = key_kind != PAD
+  row_slot = jnp.where(real, row_slot, -1).astype(jnp.int32)
   key_pos = jnp.where(real, take(layout.position), BIG).astype(jnp.int32)
   key_frame = jnp.where(real, take(layout.frame), -1).astype(jnp.int32)
   has_frame = real & (key_frame >= 0)
   return KVBlocks(
-      table=table, key_kind=key_kind, key_pos=key_pos, key_frame=key_frame,
+      table=table, row_slot=row_slot, key_kind=key_kind, key_pos=key_pos, key_frame=key_frame,
       min_pos=jnp.min(key_pos, axis=-1),
       max_pos=jnp.max(jnp.where(real, key_pos, -1), axis=-1),
       frame_lo=jnp.min(jnp.where(has_frame, key_frame, BIG), axis=-1),
@@ -376,5 +414,5 @@ def ceil_to(n: int, m: int) -> int:
 
 __all__ = ["BIG", "MODES", "KVBlocks", "RowInfo", "build_kv_blocks", "bytes_read", "ceil_to",
            "decode_entry",
-           "list_length", "next_pow2", "num_chunk_blocks", "pad_rows", "row_info",
+           "list_length", "next_pow2", "num_chunk_blocks", "num_context_groups", "pad_rows", "row_info",
            "tile_lists", "transpose_lists", "union_fraction", "visibility"]

@@ -114,13 +114,6 @@ def selection_bits(ids, num_regions: int):
   return out[:, :W].reshape(*lead, W)
 
 
-def dot_precision(dtype):
-  """Full float32 products for float32 inputs (Triton would use TF32 by default)."""
-  if jnp.dtype(dtype) == jnp.float32:
-    return jax.lax.Precision.HIGHEST
-  return None
-
-
 def dot_nt(a, b, precision):
   """``a @ b.T`` with float32 accumulation: ``[M, D] x [N, D] -> [M, N]``."""
   return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision,

@@ -42,9 +42,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from gaze_jax.gaze.layout import PAD
 from pallas_kernels.blocks import decode_entry
-from pallas_kernels.common import (NEG, dot_nn, dot_nt, dot_precision, dot_tn, hit_from_bits,
-                                   row_masker)
+from pallas_kernels.common import NEG, dot_nn, dot_nt, dot_tn, hit_from_bits, row_masker
 
 
 def _compiler_params(num_warps, num_stages):
@@ -52,38 +52,58 @@ def _compiler_params(num_warps, num_stages):
   return plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def _load_block(tab_ref, kkind_ref, kpos_ref, kframe_ref, k_ref, v_ref, blk, block_k):
-  """Window of block ``blk``: masked K/V rows ``[BK, D]``, key fields ``[BK]``, mask of the
-  block's rows ``[BK]`` and the region id."""
-  ws, off, ln, rid = tab_ref[blk, 0], tab_ref[blk, 1], tab_ref[blk, 2], tab_ref[blk, 3]
-  r = jax.lax.broadcasted_iota(jnp.int32, (block_k,), 0)
-  inb = (r >= off) & (r < off + ln)
-  D = k_ref.shape[-1]
-  m2 = jnp.broadcast_to(inb[:, None], (block_k, D))
-  k = plt.load(k_ref.at[pl.ds(ws, block_k), :], mask=m2, other=0.0)
-  v = plt.load(v_ref.at[pl.ds(ws, block_k), :], mask=m2, other=0.0)
+def precision(dtype, interpret) -> object:
+  """Matmul precision of the kernels. bf16 / f16: native tensor-core products (None). float32:
+  TF32x3 when compiled (three TF32 tensor-core products, ~float32 accuracy; plain float32
+  ``Precision.HIGHEST`` lowers to scalar FMAs and spills), ``HIGHEST`` in interpret mode (the
+  CPU has no TF32 algorithm)."""
+  if jnp.dtype(dtype) != jnp.float32:
+    return None
+  if interpret:
+    return jax.lax.Precision.HIGHEST
+  return jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+
+
+def _rows_of(slot_ref, kkind_ref, blk, D, S):
+  """Block ``blk``'s row gather: the slots it reads ``[BK, 1]``, the ``[BK, D]`` load mask
+  (real keys only: rows outside the block and PAD slots move no bytes) and the real-key
+  vector ``[BK]``. Masked rows point one past the last slot: never dereferenced on the GPU,
+  and dropped (not written twice to one slot) by interpret mode's scatter."""
+  kkind = kkind_ref[blk, :]
+  real = kkind != PAD
+  rows = jnp.where(real, slot_ref[blk, :], S)[:, None]
+  cols = jax.lax.broadcasted_iota(jnp.int32, (1, D), 1)
+  return (rows, cols), jnp.broadcast_to(real[:, None], (real.shape[0], D)), real
+
+
+def _load_block(tab_ref, slot_ref, kkind_ref, kpos_ref, kframe_ref, k_ref, v_ref, blk):
+  """Block ``blk``: K/V rows ``[BK, D]`` gathered by ``row_slot`` (zero where not a key), its
+  key fields ``[BK]``, the row gather (for a store) and mask, and the region id."""
+  S, D = k_ref.shape
+  idx, m2, _ = _rows_of(slot_ref, kkind_ref, blk, D, S)
+  k = plt.load(k_ref.at[idx], mask=m2, other=0.0)
+  v = plt.load(v_ref.at[idx], mask=m2, other=0.0)
   keys = (kkind_ref[blk, :], kpos_ref[blk, :], kframe_ref[blk, :])
-  return k, v, keys, inb, ws, rid
+  return k, v, keys, idx, m2, tab_ref[blk, 3]
 
 
-def _fwd_kernel(lists_ref, tab_ref, kkind_ref, kpos_ref, kframe_ref, rkind_ref, rpos_ref,
-                rframe_ref, rrouted_ref, sel_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
-                mode, scale, block_k, splits):
+def _fwd_kernel(lists_ref, tab_ref, slot_ref, kkind_ref, kpos_ref, kframe_ref, rkind_ref,
+                rpos_ref, rframe_ref, rrouted_ref, sel_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
+                *, mode, scale, splits, prec):
   count = lists_ref[0]
   per = (count + splits - 1) // splits
   lo = pl.program_id(3) * per
   hi = jnp.minimum(lo + per, count)
   q = q_ref[...]
   M, D = q.shape
-  prec = dot_precision(q.dtype)
   mask = row_masker(mode, rkind_ref[...], rpos_ref[...], rframe_ref[...], rrouted_ref[...],
                     hit_from_bits(lambda w: sel_ref[:, w]))
 
   def body(j, carry):
     m, l, acc = carry
     blk, full = decode_entry(lists_ref[1 + j])
-    k, v, keys, _, _, rid = _load_block(tab_ref, kkind_ref, kpos_ref, kframe_ref, k_ref, v_ref,
-                                        blk, block_k)
+    k, v, keys, _, _, rid = _load_block(tab_ref, slot_ref, kkind_ref, kpos_ref, kframe_ref,
+                                        k_ref, v_ref, blk)
     vis = mask(*keys, rid, full)
     s = dot_nt(q, k, prec) * scale
     m_new = jnp.maximum(m, jnp.max(jnp.where(vis, s, NEG), axis=1))
@@ -111,6 +131,7 @@ def _common_specs(NB, BK, lists_heads, L1, M, W, D, S):
       pl.BlockSpec((None, NB, BK), lambda b, h, i, *_: (b, 0, 0)),
       pl.BlockSpec((None, NB, BK), lambda b, h, i, *_: (b, 0, 0)),
       pl.BlockSpec((None, NB, BK), lambda b, h, i, *_: (b, 0, 0)),
+      pl.BlockSpec((None, NB, BK), lambda b, h, i, *_: (b, 0, 0)),
       pl.BlockSpec((None, M), lambda b, h, i, *_: (b, i)),
       pl.BlockSpec((None, M), lambda b, h, i, *_: (b, i)),
       pl.BlockSpec((None, M), lambda b, h, i, *_: (b, i)),
@@ -123,27 +144,32 @@ def _common_specs(NB, BK, lists_heads, L1, M, W, D, S):
 
 
 @functools.partial(jax.jit, static_argnames=("mode", "tile_rows", "splits", "scale",
-                                             "interpret", "num_warps", "num_stages"))
+                                             "interpret", "num_warps", "num_stages", "out_rows"))
 def forward(q, k, v, rows, sel, blocks, lists, *, mode, tile_rows, splits, scale,
-            interpret=False, num_warps=None, num_stages=None):
+            interpret=False, num_warps=None, num_stages=None, out_rows=None):
   """One pass of block-sparse attention.
 
   Args: packed operands (module docstring); ``rows`` a RowInfo of ``[B, Tp*Gp]`` arrays.
+    ``out_rows``: write only the first rows (default all ``Tp*Gp``): a decode tile pads its
+    real rows up to the 16 that ``tl.dot`` needs, and only the real ones go to memory.
   Returns:
-    o float32 ``[B, Hkv, splits, Tp*Gp, D]`` (normalised per split) and lse float32
-    ``[B, Hkv, splits, Tp*Gp]`` (NEG where a split saw no key).
+    o float32 ``[B, Hkv, splits, out_rows, D]`` (normalised per split) and lse float32
+    ``[B, Hkv, splits, out_rows]`` (NEG where a split saw no key).
   """
   B, Hkv, TG, D = q.shape
+  R = TG if out_rows is None else int(out_rows)
   M = tile_rows
   NT = TG // M
   S = k.shape[1]
   NB, BK = blocks.num_blocks, blocks.block_size
   W = sel.shape[-1]
   L1 = lists.shape[-1]
-  kernel = functools.partial(_fwd_kernel, mode=mode, scale=scale, block_k=BK, splits=splits)
+  kernel = functools.partial(_fwd_kernel, mode=mode, scale=scale, splits=splits,
+                             prec=precision(q.dtype, interpret))
   in_specs = _common_specs(NB, BK, lists.shape[1], L1, M, W, D, S)
-  out_shape = (jax.ShapeDtypeStruct((B, Hkv, splits, TG, D), jnp.float32),
-               jax.ShapeDtypeStruct((B, Hkv, splits, TG), jnp.float32))
+  # Blocks past R rows are masked by Pallas (no memory traffic for them).
+  out_shape = (jax.ShapeDtypeStruct((B, Hkv, splits, R, D), jnp.float32),
+               jax.ShapeDtypeStruct((B, Hkv, splits, R), jnp.float32))
   out_specs = (pl.BlockSpec((None, None, None, M, D), lambda b, h, i, s: (b, h, s, i, 0)),
                pl.BlockSpec((None, None, None, M), lambda b, h, i, s: (b, h, s, i)))
   return pl.pallas_call(
@@ -151,25 +177,24 @@ def forward(q, k, v, rows, sel, blocks, lists, *, mode, tile_rows, splits, scale
       out_shape=out_shape, interpret=interpret,
       compiler_params=_compiler_params(num_warps, num_stages),
       name=f"gaze_fwd_{mode}",
-  )(lists, blocks.table, blocks.key_kind, blocks.key_pos, blocks.key_frame, rows.kind,
-    rows.pos, rows.frame, rows.routed, sel, q, k, v)
+  )(lists, blocks.table, blocks.row_slot, blocks.key_kind, blocks.key_pos,
+    blocks.key_frame, rows.kind, rows.pos, rows.frame, rows.routed, sel, q, k, v)
 
 
-def _dq_kernel(lists_ref, tab_ref, kkind_ref, kpos_ref, kframe_ref, rkind_ref, rpos_ref,
-               rframe_ref, rrouted_ref, sel_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-               delta_ref, dq_ref, *, mode, scale, block_k):
+def _dq_kernel(lists_ref, tab_ref, slot_ref, kkind_ref, kpos_ref, kframe_ref, rkind_ref,
+               rpos_ref, rframe_ref, rrouted_ref, sel_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+               delta_ref, dq_ref, *, mode, scale, prec):
   q = q_ref[...]
   do = do_ref[...]
   lse = lse_ref[...]
   delta = delta_ref[...]
-  prec = dot_precision(q.dtype)
   mask = row_masker(mode, rkind_ref[...], rpos_ref[...], rframe_ref[...], rrouted_ref[...],
                     hit_from_bits(lambda w: sel_ref[:, w]))
 
   def body(j, dq):
     blk, full = decode_entry(lists_ref[1 + j])
-    k, v, keys, _, _, rid = _load_block(tab_ref, kkind_ref, kpos_ref, kframe_ref, k_ref, v_ref,
-                                        blk, block_k)
+    k, v, keys, _, _, rid = _load_block(tab_ref, slot_ref, kkind_ref, kpos_ref, kframe_ref,
+                                        k_ref, v_ref, blk)
     vis = mask(*keys, rid, full)
     s = dot_nt(q, k, prec) * scale
     p = jnp.where(vis, jnp.exp(s - lse[:, None]), 0.0)
@@ -196,26 +221,25 @@ def backward_dq(q, k, v, rows, sel, blocks, lists, do, lse, delta, *, mode, tile
   in_specs += [pl.BlockSpec((None, None, M, D), lambda b, h, i: (b, h, i, 0)),
                pl.BlockSpec((None, None, M), lambda b, h, i: (b, h, i)),
                pl.BlockSpec((None, None, M), lambda b, h, i: (b, h, i))]
-  kernel = functools.partial(_dq_kernel, mode=mode, scale=scale, block_k=BK)
+  kernel = functools.partial(_dq_kernel, mode=mode, scale=scale,
+                             prec=precision(q.dtype, interpret))
   return pl.pallas_call(
       kernel, grid=(B, Hkv, NT), in_specs=in_specs,
       out_specs=pl.BlockSpec((None, None, M, D), lambda b, h, i: (b, h, i, 0)),
       out_shape=jax.ShapeDtypeStruct((B, Hkv, TG, D), jnp.float32), interpret=interpret,
       compiler_params=_compiler_params(num_warps, num_stages),
       name=f"gaze_bwd_dq_{mode}",
-  )(lists, blocks.table, blocks.key_kind, blocks.key_pos, blocks.key_frame, rows.kind,
-    rows.pos, rows.frame, rows.routed, sel, q, k, v, do, lse, delta)
+  )(lists, blocks.table, blocks.row_slot, blocks.key_kind, blocks.key_pos,
+    blocks.key_frame, rows.kind, rows.pos, rows.frame, rows.routed, sel, q, k, v, do, lse, delta)
 
 
-def _dkv_kernel(tlists_ref, tab_ref, kkind_ref, kpos_ref, kframe_ref, rkind_ref, rpos_ref,
-                rframe_ref, rrouted_ref, sel_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-                delta_ref, dk0_ref, dv0_ref, dk_ref, dv_ref, *, mode, scale, block_k,
-                tile_rows):
+def _dkv_kernel(tlists_ref, tab_ref, slot_ref, kkind_ref, kpos_ref, kframe_ref, rkind_ref,
+                rpos_ref, rframe_ref, rrouted_ref, sel_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+                delta_ref, dk0_ref, dv0_ref, dk_ref, dv_ref, *, mode, scale, tile_rows, prec):
   del dk0_ref, dv0_ref  # aliased to dk_ref, dv_ref: the zeros of the rows no block stores
   blk = pl.program_id(2)
-  k, v, keys, inb, ws, rid = _load_block(tab_ref, kkind_ref, kpos_ref, kframe_ref, k_ref,
-                                         v_ref, blk, block_k)
-  prec = dot_precision(k.dtype)
+  k, v, keys, idx, m2, rid = _load_block(tab_ref, slot_ref, kkind_ref, kpos_ref, kframe_ref,
+                                         k_ref, v_ref, blk)
   M = tile_rows
 
   def body(j, carry):
@@ -234,12 +258,11 @@ def _dkv_kernel(tlists_ref, tab_ref, kkind_ref, kpos_ref, kframe_ref, rkind_ref,
     dk = dk + dot_tn(ds.astype(q.dtype), q, prec)
     return dk, dv
 
-  D = k.shape[-1]
-  zeros = jnp.zeros((block_k, D), jnp.float32)
+  zeros = jnp.zeros(k.shape, jnp.float32)
   dk, dv = jax.lax.fori_loop(0, tlists_ref[0], body, (zeros, zeros))
-  m2 = jnp.broadcast_to(inb[:, None], (block_k, D))
-  plt.store(dk_ref.at[pl.ds(ws, block_k), :], (dk * scale).astype(dk_ref.dtype), mask=m2)
-  plt.store(dv_ref.at[pl.ds(ws, block_k), :], dv.astype(dv_ref.dtype), mask=m2)
+  # Scatter to the block's own slots: every slot is in one block, so programs never race.
+  plt.store(dk_ref.at[idx], (dk * scale).astype(dk_ref.dtype), mask=m2)
+  plt.store(dv_ref.at[idx], dv.astype(dv_ref.dtype), mask=m2)
 
 
 @functools.partial(jax.jit, static_argnames=("mode", "tile_rows", "scale", "interpret",
@@ -260,7 +283,7 @@ def backward_dkv(q, k, v, rows, sel, blocks, tlists, do, lse, delta, *, mode, ti
                                          lambda b, h, j: (b, h) + (0,) * len(shape))
   in_specs = [
       pl.BlockSpec((None, None, None, tlists.shape[-1]), lambda b, h, j: (b, lh(h), j, 0)),
-      whole(NB, 4), whole(NB, BK), whole(NB, BK), whole(NB, BK),
+      whole(NB, 4), whole(NB, BK), whole(NB, BK), whole(NB, BK), whole(NB, BK),
       whole(TG), whole(TG), whole(TG), whole(TG),
       per_head(TG, W), per_head(TG, D),
       pl.BlockSpec((None, S, None, D), lambda b, h, j: (b, 0, h, 0)),
@@ -269,8 +292,8 @@ def backward_dkv(q, k, v, rows, sel, blocks, tlists, do, lse, delta, *, mode, ti
   ]
   kv_spec = pl.BlockSpec((None, S, None, D), lambda b, h, j: (b, 0, h, 0))
   in_specs += [kv_spec, kv_spec]
-  kernel = functools.partial(_dkv_kernel, mode=mode, scale=scale, block_k=BK,
-                             tile_rows=tile_rows)
+  kernel = functools.partial(_dkv_kernel, mode=mode, scale=scale, tile_rows=tile_rows,
+                             prec=precision(q.dtype, interpret))
   zeros = jnp.zeros(k.shape, jnp.float32)
   n_in = len(in_specs)
   return pl.pallas_call(
@@ -280,5 +303,5 @@ def backward_dkv(q, k, v, rows, sel, blocks, tlists, do, lse, delta, *, mode, ti
       input_output_aliases={n_in - 2: 0, n_in - 1: 1},
       interpret=interpret, compiler_params=_compiler_params(num_warps, num_stages),
       name=f"gaze_bwd_dkv_{mode}",
-  )(tlists, blocks.table, blocks.key_kind, blocks.key_pos, blocks.key_frame, rows.kind,
-    rows.pos, rows.frame, rows.routed, sel, q, k, v, do, lse, delta, zeros, zeros)
+  )(tlists, blocks.table, blocks.row_slot, blocks.key_kind, blocks.key_pos,
+    blocks.key_frame, rows.kind, rows.pos, rows.frame, rows.routed, sel, q, k, v, do, lse, delta, zeros, zeros)

@@ -47,7 +47,7 @@ from gaze_jax.gaze.regions import region_descriptors
 from gaze_jax.gaze.routing import Selection, resolve_top_k, route
 from pallas_kernels import blocks as blk
 from pallas_kernels import gaze_gpu
-from pallas_kernels.common import selection_bits
+from pallas_kernels.common import NEG, selection_bits
 
 KERNELS = ("auto", "gpu", "tpu")
 DENSE_ROWS = (None, "cudnn", "xla")
@@ -120,6 +120,7 @@ class _Static:
   scale: float
   kernel: str
   interpret: Any
+  out_rows: int      # packed rows the forward kernel writes (decode: only the real T * Gp)
   num_warps: Optional[int]
   num_stages: Optional[int]
   bwd_num_warps: Optional[int]
@@ -141,11 +142,20 @@ def resolve_kernel(config: KernelConfig) -> tuple[str, Any]:
   return kernel, interpret
 
 
-def default_splits(batch: int, kv_heads: int) -> int:
-  """Split-K for the decode form: ~4 programs per SM (132 on an H100), between 1 and 32."""
-  dev = jax.devices()[0]
-  n_sm = getattr(dev, "core_count", None) or 132
-  return int(max(1, min(32, -(-4 * n_sm // (batch * kv_heads)))))
+# Programs of the decode kernel (``gaze_fwd_full``, default launch parameters, bf16) that fit
+# on one SM at once: 65,536 registers / (registers per thread x 128 threads). `make aot`
+# compiles the kernel for an H100, reads its registers and shared memory from ptxas and the
+# launch, and fails if this number is not the compiled kernel's occupancy.
+DECODE_PROGRAMS_PER_SM = 3
+
+
+def default_splits(batch: int, kv_heads: int, num_sms: Optional[int] = None) -> int:
+  """Split-K for the decode form: as many splits per (example, KV head) as fill one wave of
+  ``DECODE_PROGRAMS_PER_SM`` programs on every SM (132 on an H100), between 1 and 32. A
+  second, partial wave would cost as much as the first."""
+  if num_sms is None:
+    num_sms = getattr(jax.devices()[0], "core_count", None) or 132
+  return int(max(1, min(32, DECODE_PROGRAMS_PER_SM * num_sms // (batch * kv_heads))))
 
 
 def default_block_k(region_size: int, kernel: str) -> int:
@@ -230,11 +240,15 @@ def _forward_passes(st: _Static, q, k, v, aux):
       o, lse = gaze_gpu.forward(q, k, v, rows, sel, blocks, lst, mode=p.mode,
                                 tile_rows=p.tile_rows, splits=p.splits, scale=st.scale,
                                 interpret=st.interpret, num_warps=st.num_warps,
-                                num_stages=st.num_stages)
+                                num_stages=st.num_stages, out_rows=st.out_rows)
       if p.splits > 1:
         o, lse = _merge(o, lse, axis=2)
       else:
         o, lse = o[:, :, 0], lse[:, :, 0]
+      pad = q.shape[2] - st.out_rows    # rows that were not written: zero output, NEG lse
+      if pad:
+        o = jnp.pad(o, ((0, 0), (0, 0), (0, pad), (0, 0)))
+        lse = jnp.pad(lse, ((0, 0), (0, 0), (0, pad)), constant_values=NEG)
     os.append(o)
     lses.append(lse)
   if len(os) == 1:
@@ -334,7 +348,8 @@ def build_blocks(layout: TokenLayout, config: Optional[KernelConfig] = None) -> 
   ``attention(blocks=...)``; otherwise every call builds it."""
   cfg = config or KernelConfig()
   kernel, _ = resolve_kernel(cfg)
-  return blk.build_kv_blocks(layout, cfg.block_k or default_block_k(layout.region_size, kernel))
+  return blk.build_kv_blocks(layout, cfg.block_k or default_block_k(layout.region_size, kernel),
+                             group_context=kernel == "gpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -403,7 +418,12 @@ def prepare(q, k, v, layout: TokenLayout, ids, *, routed, q_index=None, scale=No
       return x
     return jnp.pad(x, ((0, 0), (0, blocks.kv_len - S), (0, 0), (0, Dp - D)))
   st = _Static(passes=tuple(p for p, _ in plan), scale=float(scale), kernel=kernel,
-               interpret=interpret, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+               interpret=interpret,
+               # One decode tile pads T * Gp real rows up to tl.dot's 16: write only the real
+               # ones (a block reaching past the array's end is masked from its start).
+               out_rows=T * Gp if len(plan) == 1 and Tp * Gp == plan[0][0].tile_rows
+               else Tp * Gp,
+               num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                bwd_num_warps=cfg.bwd_num_warps, bwd_num_stages=cfg.bwd_num_stages)
   if kernel == "gpu":   # selection bitmasks: an O(M) hit test per block, whatever K is
     bits = selection_bits(ids_t, layout.max_regions)
