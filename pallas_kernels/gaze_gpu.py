@@ -235,17 +235,22 @@ def backward_dq(q, k, v, rows, sel, blocks, lists, do, lse, delta, *, mode, tile
 
 def _dkv_kernel(tlists_ref, tab_ref, slot_ref, kkind_ref, kpos_ref, kframe_ref, rkind_ref,
                 rpos_ref, rframe_ref, rrouted_ref, sel_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-                delta_ref, dk0_ref, dv0_ref, dk_ref, dv_ref, *, mode, scale, tile_rows, prec):
+                delta_ref, dk0_ref, dv0_ref, dk_ref, dv_ref, *, mode, scale, tile_rows,
+                sub_rows, prec):
   del dk0_ref, dv0_ref  # aliased to dk_ref, dv_ref: the zeros of the rows no block stores
   blk = pl.program_id(2)
-  k, v, keys, idx, m2, rid = _load_block(tab_ref, slot_ref, kkind_ref, kpos_ref, kframe_ref,
-                                         k_ref, v_ref, blk)
-  M = tile_rows
+  k, v, keys, _, _, rid = _load_block(tab_ref, slot_ref, kkind_ref, kpos_ref, kframe_ref,
+                                      k_ref, v_ref, blk)
+  # A listed tile of M rows is walked in pieces of ``sub_rows``: the [rows, BK] logits, mask
+  # and gradients then stay small enough to keep dk and dv in registers (no spills).
+  parts = tile_rows // sub_rows
 
   def body(j, carry):
     dk, dv = carry
-    tile, full = decode_entry(tlists_ref[1 + j])
-    rs = pl.ds(tile * M, M)
+    # lax.div / lax.rem: j >= 0, and jnp's floor-division wrapper does not lower to Triton.
+    entry, part = (j, 0) if parts == 1 else (jax.lax.div(j, parts), jax.lax.rem(j, parts))
+    tile, full = decode_entry(tlists_ref[1 + entry])
+    rs = pl.ds(tile * tile_rows + part * sub_rows, sub_rows)
     q = q_ref[rs, :]
     do = do_ref[rs, :]
     vis = row_masker(mode, rkind_ref[rs], rpos_ref[rs], rframe_ref[rs], rrouted_ref[rs],
@@ -259,16 +264,19 @@ def _dkv_kernel(tlists_ref, tab_ref, slot_ref, kkind_ref, kpos_ref, kframe_ref, 
     return dk, dv
 
   zeros = jnp.zeros(k.shape, jnp.float32)
-  dk, dv = jax.lax.fori_loop(0, tlists_ref[0], body, (zeros, zeros))
-  # Scatter to the block's own slots: every slot is in one block, so programs never race.
+  dk, dv = jax.lax.fori_loop(0, tlists_ref[0] * parts, body, (zeros, zeros))
+  # Scatter to the block's own slots (every slot is in one block, so programs never race);
+  # the row gather is rebuilt here rather than kept live through the loop.
+  S, D = k_ref.shape
+  idx, m2, _ = _rows_of(slot_ref, kkind_ref, blk, D, S)
   plt.store(dk_ref.at[idx], (dk * scale).astype(dk_ref.dtype), mask=m2)
   plt.store(dv_ref.at[idx], dv.astype(dv_ref.dtype), mask=m2)
 
 
 @functools.partial(jax.jit, static_argnames=("mode", "tile_rows", "scale", "interpret",
-                                             "num_warps", "num_stages"))
+                                             "num_warps", "num_stages", "sub_rows"))
 def backward_dkv(q, k, v, rows, sel, blocks, tlists, do, lse, delta, *, mode, tile_rows, scale,
-                 interpret=False, num_warps=None, num_stages=None):
+                 interpret=False, num_warps=None, num_stages=None, sub_rows=16):
   """dk, dv of one pass: float32 ``[B, S, Hkv, D]``. ``tlists`` ``[B, Hl, n, 1 + NT]`` are the
   transposed lists of the first n blocks (``blocks.transpose_lists``); the grid runs over those
   n blocks. The outputs alias zero-filled inputs, so rows in no program's block stay zero."""
@@ -293,7 +301,7 @@ def backward_dkv(q, k, v, rows, sel, blocks, tlists, do, lse, delta, *, mode, ti
   kv_spec = pl.BlockSpec((None, S, None, D), lambda b, h, j: (b, 0, h, 0))
   in_specs += [kv_spec, kv_spec]
   kernel = functools.partial(_dkv_kernel, mode=mode, scale=scale, tile_rows=tile_rows,
-                             prec=precision(q.dtype, interpret))
+                             sub_rows=min(tile_rows, sub_rows), prec=precision(q.dtype, interpret))
   zeros = jnp.zeros(k.shape, jnp.float32)
   n_in = len(in_specs)
   return pl.pallas_call(

@@ -59,6 +59,26 @@ def _precision(dtype):
   return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
+class _Flat:
+  """A scalar-prefetched int32 array passed flat. SMEM pads the last dimension of a 2-D (or
+  larger) array to 128 words, so a ``[B, NB, 4]`` block table would take 32x its size (and
+  overflow the 1 MiB of SMEM at decode scale); indexing keeps the nd form."""
+
+  def __init__(self, ref, shape):
+    self.ref, self.shape = ref, tuple(shape)
+
+  def __getitem__(self, idx):
+    flat = 0
+    for i, n in zip(idx, self.shape):
+      flat = flat * n + i
+    return self.ref[flat]
+
+
+def _flat_args(*arrays):
+  """(flat arrays, their nd shapes) of the scalar-prefetch operands."""
+  return tuple(a.reshape(-1) for a in arrays), tuple(a.shape for a in arrays)
+
+
 def _entry(lists_ref, b, i, j):
   """Block id of entry ``j`` of tile ``i``'s list, clamped to the last real entry."""
   count = lists_ref[b, 0, i, 0]
@@ -88,15 +108,17 @@ def _params(*semantics):
 # ---------------------------------------------------------------- specs shared by the kernels
 
 
-def _row_major_specs(B, S, Hkv, D, M, BK, Kp, block_of):
+def _row_major_specs(B, S, Hkv, D, M, BK, Kp, shapes):
   """In-specs of the forward and dq kernels, grid ``(b, i, j)``: key fields (row form
   ``[1, BK]`` and column form ``[BK, 1]``), row fields ``[M, 1]``, ids ``[Hkv, M, Kp]``,
-  q ``[Hkv, M, D]`` and the K/V windows ``[BK, Hkv, D]``."""
+  q ``[Hkv, M, D]`` and the K/V windows ``[BK, Hkv, D]``. ``shapes``: of the flat lists and
+  block table."""
   def key_map(b, i, j, lists_ref, tab_ref):
-    return (b, block_of(lists_ref, b, i, j), 0, 0)
+    return (b, _entry(_Flat(lists_ref, shapes[0]), b, i, j), 0, 0)
 
   def kv_map(b, i, j, lists_ref, tab_ref):
-    return (b * S + tab_ref[b, block_of(lists_ref, b, i, j), 0], 0, 0)
+    lists, tab = _Flat(lists_ref, shapes[0]), _Flat(tab_ref, shapes[1])
+    return (b * S + tab[b, _entry(lists, b, i, j), 0], 0, 0)
 
   key_row = pl.BlockSpec((None, None, 1, BK), key_map)
   key_col = pl.BlockSpec((None, None, BK, 1), key_map)
@@ -133,7 +155,8 @@ def _row_major_step(mode, tab_ref, lists_ref, kkind_ref, kpos_ref, kframe_ref, k
 
 def _fwd_kernel(lists_ref, tab_ref, kkind_ref, kpos_ref, kframe_ref, kreal_ref, rkind_ref,
                 rpos_ref, rframe_ref, rrouted_ref, ids_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
-                m_sc, l_sc, acc_sc, *, mode, scale, num_heads):
+                m_sc, l_sc, acc_sc, *, mode, scale, num_heads, shapes):
+  lists_ref, tab_ref = _Flat(lists_ref, shapes[0]), _Flat(tab_ref, shapes[1])
   b, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
 
   @pl.when(j == 0)
@@ -186,21 +209,22 @@ def forward(q, k, v, rows, ids, blocks, lists, *, mode, tile_rows, scale, interp
   NT = TG // M
   L = lists.shape[-1] - 1
   BK, Kp = blocks.block_size, ids.shape[-1]
-  in_specs = _row_major_specs(B, S, Hkv, D, M, BK, Kp, _entry)
+  prefetch, shapes = _flat_args(lists, blocks.table)
+  in_specs = _row_major_specs(B, S, Hkv, D, M, BK, Kp, shapes)
   out_specs = (pl.BlockSpec((None, Hkv, M, D), lambda b, i, j, *_: (b, 0, i, 0)),
                pl.BlockSpec((None, Hkv, M, 1), lambda b, i, j, *_: (b, 0, i, 0)))
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=2, grid=(B, NT, L), in_specs=in_specs, out_specs=out_specs,
       scratch_shapes=[pltpu.VMEM((Hkv, M, 1), jnp.float32), pltpu.VMEM((Hkv, M, 1), jnp.float32),
                       pltpu.VMEM((Hkv, M, D), jnp.float32)])
-  kernel = functools.partial(_fwd_kernel, mode=mode, scale=scale, num_heads=Hkv)
+  kernel = functools.partial(_fwd_kernel, mode=mode, scale=scale, num_heads=Hkv, shapes=shapes)
   o, lse = pl.pallas_call(
       kernel, grid_spec=grid_spec,
       out_shape=(jax.ShapeDtypeStruct((B, Hkv, TG, D), jnp.float32),
                  jax.ShapeDtypeStruct((B, Hkv, TG, 1), jnp.float32)),
       compiler_params=_params("parallel", "parallel", "arbitrary"),
       interpret=interpret, name=f"gaze_tpu_fwd_{mode}",
-  )(lists, blocks.table, *_row_major_args(blocks, rows, ids, q, k, v))
+  )(*prefetch, *_row_major_args(blocks, rows, ids, q, k, v))
   return o, lse[..., 0]
 
 
@@ -209,7 +233,8 @@ def forward(q, k, v, rows, ids, blocks, lists, *, mode, tile_rows, scale, interp
 
 def _dq_kernel(lists_ref, tab_ref, kkind_ref, kpos_ref, kframe_ref, kreal_ref, rkind_ref,
                rpos_ref, rframe_ref, rrouted_ref, ids_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-               delta_ref, dq_ref, dq_sc, *, mode, scale, num_heads):
+               delta_ref, dq_ref, dq_sc, *, mode, scale, num_heads, shapes):
+  lists_ref, tab_ref = _Flat(lists_ref, shapes[0]), _Flat(tab_ref, shapes[1])
   b, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
 
   @pl.when(j == 0)
@@ -250,17 +275,18 @@ def backward_dq(q, k, v, rows, ids, blocks, lists, do, lse, delta, *, mode, tile
   L = lists.shape[-1] - 1
   BK, Kp = blocks.block_size, ids.shape[-1]
   heads = lambda n: pl.BlockSpec((None, Hkv, M, n), lambda b, i, j, *_: (b, 0, i, 0))
-  in_specs = _row_major_specs(B, S, Hkv, D, M, BK, Kp, _entry) + [heads(D), heads(1), heads(1)]
+  prefetch, shapes = _flat_args(lists, blocks.table)
+  in_specs = _row_major_specs(B, S, Hkv, D, M, BK, Kp, shapes) + [heads(D), heads(1), heads(1)]
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=2, grid=(B, NT, L), in_specs=in_specs, out_specs=heads(D),
       scratch_shapes=[pltpu.VMEM((Hkv, M, D), jnp.float32)])
-  kernel = functools.partial(_dq_kernel, mode=mode, scale=scale, num_heads=Hkv)
+  kernel = functools.partial(_dq_kernel, mode=mode, scale=scale, num_heads=Hkv, shapes=shapes)
   return pl.pallas_call(
       kernel, grid_spec=grid_spec,
       out_shape=jax.ShapeDtypeStruct((B, Hkv, TG, D), jnp.float32),
       compiler_params=_params("parallel", "parallel", "arbitrary"),
       interpret=interpret, name=f"gaze_tpu_bwd_dq_{mode}",
-  )(lists, blocks.table, *_row_major_args(blocks, rows, ids, q, k, v), do, lse[..., None],
+  )(*prefetch, *_row_major_args(blocks, rows, ids, q, k, v), do, lse[..., None],
     delta[..., None])
 
 
@@ -276,7 +302,8 @@ def _tile_of(tlists_ref, b, j, t):
 
 def _dkv_kernel(tlists_ref, tab_ref, kkind_ref, kpos_ref, kframe_ref, rkind_ref, rpos_ref,
                 rframe_ref, rrouted_ref, ids_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-                delta_ref, dk_ref, dv_ref, dk_sc, dv_sc, *, mode, scale, num_heads):
+                delta_ref, dk_ref, dv_ref, dk_sc, dv_sc, *, mode, scale, num_heads, shapes):
+  tlists_ref, tab_ref = _Flat(tlists_ref, shapes[0]), _Flat(tab_ref, shapes[1])
   b, j, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
 
   @pl.when(t == 0)
@@ -326,17 +353,20 @@ def backward_dkv(q, k, v, rows, ids, blocks, tlists, do, lse, delta, *, mode, ti
   NB, BK = blocks.num_blocks, blocks.block_size
   Kp = ids.shape[-1]
 
+  prefetch, shapes = _flat_args(tlists, blocks.table)
+  tile = lambda tl_ref, b, j, t: _tile_of(_Flat(tl_ref, shapes[0]), b, j, t)
+
   def key_map(b, j, t, tl_ref, tab_ref):
     return (b, j, 0, 0)
 
   def tile_map(b, j, t, tl_ref, tab_ref):
-    return (b, _tile_of(tl_ref, b, j, t), 0, 0)
+    return (b, tile(tl_ref, b, j, t), 0, 0)
 
   def heads_map(b, j, t, tl_ref, tab_ref):
-    return (b, 0, _tile_of(tl_ref, b, j, t), 0, 0)
+    return (b, 0, tile(tl_ref, b, j, t), 0, 0)
 
   def kv_map(b, j, t, tl_ref, tab_ref):
-    return (b * S + tab_ref[b, j, 0], 0, 0)
+    return (b * S + _Flat(tab_ref, shapes[1])[b, j, 0], 0, 0)
 
   key_col = pl.BlockSpec((None, None, BK, 1), key_map)
   row = pl.BlockSpec((None, None, 1, M), tile_map)                        # [1, M]
@@ -354,14 +384,14 @@ def backward_dkv(q, k, v, rows, ids, blocks, tlists, do, lse, delta, *, mode, ti
   tiles = lambda a: a.reshape(B, Hkv, NT, M, a.shape[-1])                 # [.., NT, M, x]
   per_row = lambda a: a.reshape(B, Hkv, NT, 1, M)
   ids_t = jnp.swapaxes(tiles(ids), 3, 4)                                  # [B, Hkv, NT, Kp, M]
-  kernel = functools.partial(_dkv_kernel, mode=mode, scale=scale, num_heads=Hkv)
+  kernel = functools.partial(_dkv_kernel, mode=mode, scale=scale, num_heads=Hkv, shapes=shapes)
   out = jax.ShapeDtypeStruct((B, n, Hkv, BK, D), jnp.float32)
   del NB
   return pl.pallas_call(
       kernel, grid_spec=grid_spec, out_shape=(out, out),
       compiler_params=_params("parallel", "parallel", "arbitrary"),
       interpret=interpret, name=f"gaze_tpu_bwd_dkv_{mode}",
-  )(tlists, blocks.table, key_col_arr(blocks.key_kind), key_col_arr(blocks.key_pos),
+  )(*prefetch, key_col_arr(blocks.key_kind), key_col_arr(blocks.key_pos),
     key_col_arr(blocks.key_frame), row_arr(rows.kind), row_arr(rows.pos), row_arr(rows.frame),
     row_arr(rows.routed), ids_t, tiles(q), k.reshape(B * S, Hkv, D), v.reshape(B * S, Hkv, D),
     tiles(do), per_row(lse), per_row(delta))

@@ -98,7 +98,7 @@ def gaze_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_route: Optional[j
                    descriptors: Optional[jax.Array] = None, selection=None,
                    decode: Optional[bool] = None, scale: Optional[float] = None,
                    query_chunk: Optional[int] = None, implementation: str = "xla",
-                   return_selected: bool = False):
+                   kernel_config=None, return_selected: bool = False):
   """Gaze attention (METHOD.md): each text query attends to causal text, all earlier context
   tokens and the patches of its top-K regions; patch rows are dense causal and context rows see
   their own frame.
@@ -128,6 +128,7 @@ def gaze_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_route: Optional[j
     scale: logit scale, default ``1 / sqrt(D)``.
     query_chunk: process this many query rows at a time (bounds memory of scores and gathers).
     implementation: "xla" (gather, default), "reference" (dense masked) or "pallas".
+    kernel_config: ``pallas_kernels.ops.KernelConfig`` for "pallas" (None: the defaults).
     return_selected: also return the selected region ids.
   Returns:
     ``out [B, T, Hq, D]`` in q's dtype, and with ``return_selected`` also int32 ids
@@ -151,7 +152,7 @@ def gaze_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_route: Optional[j
         q, k, v, q_route, k_route, layout, top_k=K, active_k=active_k, score=score,
         routing=routing, route_prompt=route_prompt, q_index=q_index, descriptors=descriptors,
         selection=selection, scale=scale, query_chunk=query_chunk,
-        return_selected=return_selected)
+        return_selected=return_selected, config=kernel_config)
   B, T, Hq, D = q.shape
   S = k.shape[1]
   if decode is None:

@@ -129,7 +129,7 @@ class Attention(nnx.Module):
           q, k_all, v_all, q_pre, None, layout, top_k=gz.top_k, active_k=active_k,
           score=gz.score, routing=gz.routing, route_prompt=gz.route_prompt, q_index=q_index,
           descriptors=descriptors, selection=selection, query_chunk=gz.query_chunk,
-          implementation=gz.implementation, return_selected=True)
+          implementation=gz.implementation, kernel_config=gz.kernel, return_selected=True)
     y = self.o_proj(out.reshape(B, T, H * D))
     new_cache = None
     if want_cache or cache is not None:

@@ -4,7 +4,7 @@ ml_collections (the training configs in ``configs/`` build these)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +64,10 @@ class DecoderConfig:
 @dataclasses.dataclass(frozen=True)
 class GazeConfig:
   """Decoder attention: ``attention="dense"`` or ``"gaze"`` with the routing options of
-  ``gaze_attention``; ``region_shape`` and ``num_ctx`` must match the batches' LayoutSpec."""
+  ``gaze_attention``; ``region_shape`` and ``num_ctx`` must match the batches' LayoutSpec.
+  ``kernel``: options of the Pallas kernels (``implementation="pallas"``): None for the
+  defaults of the current backend, a ``pallas_kernels.ops.KernelConfig`` or a dict of its
+  fields (e.g. ``{"kernel": "tpu", "interpret": False}`` to compile for a TPU from a CPU)."""
   attention: str = "gaze"
   top_k: Union[int, float] = 4
   score: str = "dot"
@@ -74,12 +77,20 @@ class GazeConfig:
   query_chunk: Optional[int] = None
   region_shape: tuple[int, int] = (6, 6)
   num_ctx: int = 4
+  kernel: Any = None
 
   def __post_init__(self):
     if self.attention not in ("dense", "gaze"):
       raise ValueError(f"attention must be 'dense' or 'gaze', got {self.attention!r}")
     if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, float)):
       raise ValueError(f"top_k must be an int count or a float ratio, got {self.top_k!r}")
+    if isinstance(self.kernel, Mapping):
+      from pallas_kernels.ops import KernelConfig   # only when kernel options are given
+      try:
+        kernel = KernelConfig(**self.kernel)
+      except TypeError as e:
+        raise ValueError(f"GazeConfig.kernel: {e}") from None
+      object.__setattr__(self, "kernel", kernel)
 
   # top_k=1 (one region) and top_k=1.0 (all regions) compare equal as numbers; the config is
   # static jit metadata, so equality and hashing must tell them apart.

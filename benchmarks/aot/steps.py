@@ -1,0 +1,269 @@
+"""Model steps compiled for a target: the jitted training step (forward + backward + AdamW
+update, the trainer's own ``TrainStep`` with its shardings), a prefill and a decode step, each
+with ``implementation="xla"`` and ``"pallas"`` side by side.
+
+``small_steps``: the ``tiny`` preset (bf16 compute) on an H100 and on a v5p slice of 8 chips
+with an ``fsdp=4 x tensor=2`` mesh (``make aot``, CI). ``full_steps``: the pod / serving
+scale (``make aot-full``): ``cambrian_4b`` training on ``v5p:4x4x4`` (64 chips) at batch 256 x
+4,096 tokens, with 2 and 4 decoder layers (the decoder is a Python loop of layers, so the
+program grows with depth: the per-layer slope is extrapolated to all 36 layers), and
+``qwen2_5_7b`` decode on one H100 at batch 32 over a 64-frame video cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from benchmarks.aot import targets as tg
+from gaze_jax.gaze import Image, Text, Video, build_layout
+from gaze_jax.gaze.layout import TEXT
+from gaze_jax.model.attention import LayerCache
+from gaze_jax.train import checkpoint as ckpt_lib
+from gaze_jax.train import trainer
+from gaze_jax.train.config import eval_model_config
+
+IMPLEMENTATIONS = ("xla", "pallas")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCase:
+  """One model and input shape to compile."""
+  label: str
+  preset: str
+  segments: tuple           # one example's segments (every example is the same)
+  batch: int
+  mesh: dict                # {"data": d, "fsdp": f, "tensor": t}
+  decoder_layers: Optional[int] = None
+  steps: tuple = ("train", "prefill", "decode")
+  dtype: str = "bfloat16"
+  remat: bool = True
+
+
+def _config(case: StepCase, implementation: str, kernel: str):
+  from configs import common
+  c = common.base_config(case.preset)
+  c.model.dtype = case.dtype
+  c.model.decoder.remat = case.remat
+  if case.decoder_layers is not None:
+    c.model.decoder.num_layers = case.decoder_layers
+  c.model.gaze.implementation = implementation
+  if implementation == "pallas":
+    c.model.gaze.kernel = {"kernel": kernel, "interpret": False}
+  lay = _layout(case, c)
+  c.data.seq_len = lay.seq_len
+  c.data.max_regions = lay.max_regions
+  c.data.max_images = lay.spec.max_images
+  c.data.max_nonvisual = lay.spec.max_nonvisual
+  c.data.batch_size = case.batch
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = (case.mesh.get(a, 1) for a in
+                                             ("data", "fsdp", "tensor"))
+  return c, lay
+
+
+def _layout(case: StepCase, c):
+  from gaze_jax.gaze import LayoutSpec, num_regions, slots_needed
+  rs = tuple(c.model.gaze.region_shape)
+  probe = LayoutSpec(seq_len=1, max_regions=1, max_images=1, region_shape=rs,
+                     num_ctx=c.model.gaze.num_ctx)
+  segs = list(case.segments)
+  frames = sum(s.frames if isinstance(s, Video) else 1 for s in segs if not isinstance(s, Text))
+  nr = sum((s.frames if isinstance(s, Video) else 1) * num_regions(s.gh, s.gw, rs)
+           for s in segs if not isinstance(s, Text))
+  text = sum(s.length for s in segs if isinstance(s, Text))
+  spec = LayoutSpec(seq_len=slots_needed(segs, probe), max_regions=nr, max_images=frames,
+                    region_shape=rs, num_ctx=c.model.gaze.num_ctx,
+                    max_nonvisual=text + frames * c.model.gaze.num_ctx)
+  return build_layout([segs] * case.batch, spec)
+
+
+def _images_shape(case: StepCase, model_cfg, lay):
+  v = model_cfg.vision
+  return (case.batch, lay.spec.max_images, v.image_size, v.image_size, v.num_channels)
+
+
+def _batch(case: StepCase, model_cfg, lay) -> dict:
+  """Abstract host batch (shapes and dtypes of the pipeline's batches)."""
+  B, S = case.batch, lay.seq_len
+  sds = jax.ShapeDtypeStruct
+  b = {"tokens": sds((B, S), jnp.int32), "targets": sds((B, S), jnp.int32),
+       "loss_mask": sds((B, S), jnp.float32),
+       "images": sds(_images_shape(case, model_cfg, lay), jnp.float32)}
+  for name, arr in lay.to_features().items():
+    b[name] = sds(np.shape(arr), np.asarray(arr).dtype)
+  return b
+
+
+def _with(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
+                      shardings)
+
+
+def _compile(t: tg.Target, name, fn, args, **kw):
+  """``tg.compile_fn`` and the gaze kernels the program holds (Triton kernels with their
+  registers from the XLA dump on a GPU, Mosaic kernel names on a TPU)."""
+  with tg.dump_dir(t.platform == "cuda") as dump:
+    rec, compiled = tg.compile_fn(name, fn, args, dump_dir=dump, **kw)
+    if compiled is not None:
+      rec["kernels"] = (tg.triton_kernels(dump) if dump else tg.mosaic_kernels(compiled))
+  return rec, compiled
+
+
+def _record(rec: dict, compiled, t: tg.Target, extra: dict) -> dict:
+  rec.update(extra)
+  rec["hbm_bytes"] = t.hbm_bytes
+  mem = rec.get("memory") or {}
+  if mem and t.hbm_bytes:
+    rec["fits"] = mem["peak"] <= t.hbm_bytes
+  return rec
+
+
+def compile_case(case: StepCase, t: tg.Target, *, log=print) -> list[dict]:
+  """Every step of ``case`` on ``t`` with both implementations."""
+  out = []
+  kernel = "tpu" if t.platform == "tpu" else "gpu"
+  for impl in IMPLEMENTATIONS:
+    config, lay = _config(case, impl, kernel)
+    mesh = t.mesh(case.mesh)
+    s = trainer.build(config, mesh=mesh)
+    base = {"case": case.label, "preset": case.preset, "implementation": impl,
+            "target": t.name, "mesh": dict(case.mesh), "batch": case.batch,
+            "seq_len": lay.seq_len, "decoder_layers": s.model_cfg.decoder.num_layers,
+            "dtype": case.dtype, "remat": case.remat}
+    batch = _with(_batch(case, s.model_cfg, lay),
+                  jax.tree.map(lambda _: s.batch_sharding, _batch(case, s.model_cfg, lay)))
+    if "train" in case.steps:
+      state = {"params": s.abstract_params, "opt_state": s.abstract_opt_state,
+               "step": jax.ShapeDtypeStruct((), jnp.int32)}
+      state = _with(state, s.state_shardings)
+      fn = s.train_step.__call__
+      name = f"train_{case.label}_{impl}"
+      rec, comp = _compile(t, name, fn, (state, batch),
+                                in_shardings=(s.state_shardings, s.batch_sharding),
+                                out_shardings=(s.state_shardings, tg.replicated(mesh)),
+                                donate_argnums=(0,))
+      out.append(_record(rec, comp, t, {**base, "step": "train"}))
+      _log_rec(log, out[-1])
+    if "prefill" in case.steps or "decode" in case.steps:
+      out += _serve_steps(case, t, s, config, lay, mesh, base, log)
+  return out
+
+
+def _serve_steps(case, t, s, config, lay, mesh, base, log) -> list[dict]:
+  """Prefill (full forward that returns every layer's KV cache) and one decode step (one new
+  token per example against the cache) of the model at its target K."""
+  cfg = eval_model_config(config)
+  gd, _, rest = ckpt_lib.abstract_params(cfg)
+  params = _with(s.abstract_params, s.state_shardings["params"])
+  pshard = s.state_shardings["params"]
+  bsh = s.batch_sharding
+  out = []
+  feats = {k: v for k, v in _batch(case, cfg, lay).items()
+           if k not in ("targets", "loss_mask")}
+  feats = _with(feats, jax.tree.map(lambda _: bsh, feats))
+  from gaze_jax.train.step import batch_layout
+
+  def prefill(params, b):
+    model = nnx.merge(gd, params, rest)
+    layout = batch_layout(b, lay.spec)
+    logits, caches = model.prefill(b["tokens"], layout, b["images"])
+    return logits[:, -1], caches
+
+  if "prefill" in case.steps:
+    name = f"prefill_{case.label}_{base['implementation']}"
+    rec, comp = _compile(t, name, prefill, (params, feats), in_shardings=(pshard, bsh))
+    out.append(_record(rec, comp, t, {**base, "step": "prefill"}))
+    _log_rec(log, out[-1])
+  if "decode" in case.steps:
+    dec = cfg.decoder
+    B, S = case.batch, lay.seq_len
+    kv = jax.ShapeDtypeStruct((B, S, dec.num_kv_heads, dec.head_dim), jnp.dtype(case.dtype))
+    desc = (jax.ShapeDtypeStruct((B, lay.max_regions, dec.num_kv_heads, dec.head_dim),
+                                 jnp.dtype(case.dtype))
+            if cfg.gaze.attention == "gaze" else None)
+    caches = [LayerCache(k=kv, v=kv, descriptors=desc) for _ in range(dec.num_layers)]
+    csh = jax.tree.map(lambda _: NamedSharding(mesh, bsh.spec), caches)
+    caches = _with(caches, csh)
+    lay_feats = {k: v for k, v in feats.items() if k not in ("tokens", "images")}
+    lsh = jax.tree.map(lambda _: bsh, lay_feats)
+    tok = jax.ShapeDtypeStruct((B, 1), jnp.int32, sharding=bsh)
+
+    def decode(params, tokens, q_index, layout_feats, caches):
+      model = nnx.merge(gd, params, rest)
+      layout = batch_layout(layout_feats, lay.spec)
+      logits, caches = model.decode(tokens, q_index, layout, caches)
+      return logits[:, -1], caches
+
+    name = f"decode_{case.label}_{base['implementation']}"
+    rec, comp = _compile(t, name, decode, (params, tok, tok, lay_feats, caches),
+                              in_shardings=(pshard, bsh, bsh, lsh, csh),
+                              out_shardings=(bsh, csh), donate_argnums=(4,))
+    out.append(_record(rec, comp, t, {**base, "step": "decode",
+                                      "cache_slots": S}))
+    _log_rec(log, out[-1])
+  return out
+
+
+def _log_rec(log, r):
+  mem = r.get("memory") or {}
+  cost = r.get("cost") or {}
+  log(f"  {r['name']} on {r['target']}: {'ok' if r['compiled'] else 'FAILED'} "
+      f"({r['compile_s']} s)"
+      + (f", peak {mem.get('peak', 0) / 2**30:.2f} GiB/chip" if mem else "")
+      + (f", {cost['flops']:.3g} FLOPs/chip" if cost else "")
+      + (f", kernels {sorted({k['kernel'] if isinstance(k, dict) else k for k in r['kernels']})}"
+         if r.get("kernels") else "")
+      + ("" if r["compiled"] else "\n    " + r.get("error", "").replace("\n", "\n    ")))
+
+
+# ---------------------------------------------------------------- the cases
+
+
+def _tiny_segments():
+  return (Text(8), Image(8, 8), Text(40, generated=True))
+
+
+def small_steps(t: tg.Target) -> list[dict]:
+  """``make aot``: the tiny preset (64 px images, 16 regions of 2 x 2 patches, 2-layer GQA
+  decoder), batch 8, on an H100 (one device) or a TPU slice of 8 chips (fsdp 4 x tensor 2)."""
+  mesh = {"data": 1, "fsdp": 4, "tensor": 2} if t.platform == "tpu" else {"data": 1}
+  case = StepCase("tiny", "tiny", _tiny_segments(), batch=8, mesh=mesh)
+  return compile_case(case, t)
+
+
+def _cambrian_segments(tokens: int = 4096):
+  """4 images x 576 patches (+ 4 context tokens each) and text up to ``tokens`` slots."""
+  visual = 4 * (576 + 4)
+  segs = [Text(128)]
+  for _ in range(4):
+    segs += [Image(24, 24)]
+  segs += [Text(tokens - visual - 128 - 256), Text(256, generated=True)]
+  return tuple(segs)
+
+
+def full_steps(platform: str) -> list[dict]:
+  """``make aot-full``: see the module docstring."""
+  out = []
+  if platform == "tpu":
+    t = tg.tpu("v5p:4x4x4")
+    for layers in (2, 4):
+      case = StepCase(f"cambrian_4b_{layers}l", "cambrian_4b", _cambrian_segments(), batch=256,
+                      mesh={"data": 1, "fsdp": 16, "tensor": 4}, decoder_layers=layers,
+                      steps=("train",))
+      out += compile_case(case, t)
+  else:
+    t = tg.h100()
+    # 64 frames, each 2 x 2-pooled to 12 x 12 patches (the video path of the vision tower).
+    segs = (Text(200), Video(64, 12, 12), Text(60), Text(64, generated=True))
+    case = StepCase("qwen2_5_7b_video64", "qwen2_5_7b", segs, batch=32, mesh={"data": 1},
+                    steps=("decode",))
+    out += compile_case(case, t)
+  return out
