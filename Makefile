@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all demo bench clean
+.PHONY: install test test-all demo bench clean aot aot-h100 aot-tpu aot-full gpu-check
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,7 @@ demo: install
 	  --out_dir=$(DEMO_DIR)/eval
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(AOT_GPU_VENV) $(AOT_TPU_VENV) .pytest_cache build *.egg-info
 
 # Benchmarks write JSON under benchmarks/results/ (ratios against baselines of the same run).
 # BENCH_ARGS=--small for a quick CPU check; empty on a GPU (the full Qwen3-4B-shaped cases).
@@ -44,3 +44,48 @@ BENCH_ARGS ?=
 bench: install
 	$(PY) benchmarks/bench_gaze_xla.py --prefill
 	$(PY) benchmarks/attention.py $(BENCH_ARGS) --readme README.md
+
+# The real compilers, with no device: XLA:GPU + Triton + ptxas for an H100, libtpu's XLA:TPU +
+# Mosaic for TPU slices, each in its own virtual environment (the test venv stays CPU-only).
+# `make aot` compiles every kernel and the small model steps and writes
+# benchmarks/results/aot_{h100,tpu}.json; it fails when a kernel or step does not compile or a
+# bf16 GPU kernel spills registers. `make aot-full` compiles the pod / serving scale (hours
+# on 2 cores; not in CI) and writes benchmarks/results/aot_full_{h100,tpu}.json.
+JAX_PIN := jax==0.10.2 jaxlib==0.10.2
+AOT_GPU_VENV ?= .venv-aot-gpu
+AOT_TPU_VENV ?= .venv-aot-tpu
+AOT_GPU_ENV := JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 JAX_PLATFORMS=cpu
+AOT_TPU_ENV := JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1
+AOT_ARGS ?=
+
+$(AOT_GPU_VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(AOT_GPU_VENV)
+	$(AOT_GPU_VENV)/bin/pip install --quiet $(JAX_PIN) jax-cuda12-plugin==0.10.2 triton==3.9.0 -e .
+	touch $@
+
+# jax[tpu]==0.10.2 pins libtpu 0.0.42.*.
+$(AOT_TPU_VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(AOT_TPU_VENV)
+	$(AOT_TPU_VENV)/bin/pip install --quiet $(JAX_PIN) "libtpu==0.0.42.*" -e .
+	touch $@
+
+aot-h100: $(AOT_GPU_VENV)/.installed
+	$(AOT_GPU_ENV) $(AOT_GPU_VENV)/bin/python -m benchmarks.aot.run h100 $(AOT_ARGS)
+
+aot-tpu: $(AOT_TPU_VENV)/.installed
+	$(AOT_TPU_ENV) $(AOT_TPU_VENV)/bin/python -m benchmarks.aot.run tpu $(AOT_ARGS)
+
+aot: aot-h100 aot-tpu
+	$(AOT_TPU_VENV)/bin/python -m benchmarks.aot.run table --readme README.md
+
+aot-full: $(AOT_GPU_VENV)/.installed $(AOT_TPU_VENV)/.installed
+	$(AOT_GPU_ENV) $(AOT_GPU_VENV)/bin/python -m benchmarks.aot.run h100 --full
+	$(AOT_TPU_ENV) $(AOT_TPU_VENV)/bin/python -m benchmarks.aot.run tpu --full
+	$(AOT_TPU_VENV)/bin/python -m benchmarks.aot.run table --readme README.md
+
+# On a machine with a GPU (8 minutes on an H100): the gpu-marked tests, then the benchmark's
+# headline cases; writes benchmarks/results/attention_gpu.json and the README table.
+gpu-check:
+	$(PYTHON) -m pytest -q -m gpu tests/kernels
+	$(PYTHON) benchmarks/attention.py --headline --out benchmarks/results/attention_gpu.json \
+	  --readme README.md

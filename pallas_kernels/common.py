@@ -82,8 +82,8 @@ def row_masker(mode: str, qkind, qpos, qframe, qrouted, hit=None):
 
 
 def hit_from_ids(ids):
-  """``hit`` for ``row_masker`` from the rows' ids ``[M, Kp]`` (-1 none): an ``[M, Kp]``
-  compare per block (the TPU kernel)."""
+  """Membership from the rows' ids ``[M, Kp]`` (-1 none): ``hit(rid) -> bool [M, 1]``, an
+  ``[M, Kp]`` compare per block (the TPU kernels)."""
   return lambda rid: jnp.max(jnp.where(ids == rid, 1, 0), axis=1, keepdims=True) > 0
 
 

@@ -51,7 +51,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from gaze_jax.gaze.layout import PAD
 from pallas_kernels.blocks import decode_entry
-from pallas_kernels.common import NEG, combine, dot_nn, dot_nt, mask_parts
+from pallas_kernels.common import NEG, combine, dot_nn, dot_nt, hit_from_ids, mask_parts
 
 
 def _precision(dtype):
@@ -86,13 +86,8 @@ def _entry(lists_ref, b, i, j):
   return decode_entry(lists_ref[b, 0, i, 1 + jj])[0]
 
 
-def _hit_rows(ids, rid):
-  """Rows (``ids [M, Kp]``) that selected region ``rid``: bool ``[M, 1]``."""
-  return jnp.max(jnp.where(ids == rid, 1, 0), axis=1, keepdims=True) > 0
-
-
 def _hit_cols(ids_t, rid):
-  """The same for transposed ids ``[Kp, M]``: bool ``[1, M]``."""
+  """``hit_from_ids`` for transposed ids ``[Kp, M]``: bool ``[1, M]``."""
   return jnp.max(jnp.where(ids_t == rid, 1, 0), axis=0, keepdims=True) > 0
 
 
@@ -174,7 +169,7 @@ def _fwd_kernel(lists_ref, tab_ref, kkind_ref, kpos_ref, kframe_ref, kreal_ref, 
       q = q_ref[h]
       k = _clean(k_ref[:, h, :], real)
       v = _clean(v_ref[:, h, :], real)
-      vis = combine(base, cand, None if cand is None else _hit_rows(ids_ref[h], rid))
+      vis = combine(base, cand, None if cand is None else hit_from_ids(ids_ref[h])(rid))
       prec = _precision(q.dtype)
       s = dot_nt(q, k, prec) * scale
       m = m_sc[h]
@@ -250,7 +245,7 @@ def _dq_kernel(lists_ref, tab_ref, kkind_ref, kpos_ref, kframe_ref, kreal_ref, r
       q = q_ref[h]
       k = _clean(k_ref[:, h, :], real)
       v = _clean(v_ref[:, h, :], real)
-      vis = combine(base, cand, None if cand is None else _hit_rows(ids_ref[h], rid))
+      vis = combine(base, cand, None if cand is None else hit_from_ids(ids_ref[h])(rid))
       prec = _precision(q.dtype)
       s = dot_nt(q, k, prec) * scale
       p = jnp.where(vis, jnp.exp(s - lse_ref[h]), 0.0)

@@ -67,7 +67,7 @@ class KernelConfig:
   decode_rows: up to this many query tokens use the decode form.
   splits: split-K programs per (example, KV head) in the decode form; None fills one wave
     of the GPU (``default_splits``).
-  min_rows: smallest tile (Triton's ``tl.dot`` needs 16 rows).
+  min_rows: smallest tile (Triton's ``tl.dot`` needs 16 rows; TPU tiles are at least 8).
   dense_rows: None, "cudnn" or "xla" (see the module docstring).
   dense_len: static bound (positions) on the dense rows; default: found from the layout when it
     is concrete (built on the host and closed over), else the whole sequence. Rounded up to a
@@ -431,8 +431,11 @@ def prepare(q, k, v, layout: TokenLayout, ids, *, routed, q_index=None, scale=No
     plan = [(_Pass("full", tok * Gp, splits), tok)]
     Tp = tok
   else:
-    tb = max(1, max(cfg.base_rows, cfg.min_rows) // Gp)
-    tr = max(1, max(cfg.routed_rows, cfg.min_rows) // Gp)
+    # Several tiles: at least tl.dot's 16 rows (min_rows) on a GPU, and a multiple of the 8
+    # sublanes of a Mosaic block on a TPU.
+    floor = max(cfg.min_rows, 8) if kernel == "tpu" else cfg.min_rows
+    tb = max(1, max(cfg.base_rows, floor) // Gp)
+    tr = max(1, max(cfg.routed_rows, floor) // Gp)
     if cfg.passes == "full":
       plan = [(_Pass("full", tb * Gp, 1), tb)]
     else:

@@ -41,9 +41,9 @@ def _np_blocks(layout, BK):
   return out
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _build(lay, BK):
-  return blk.build_kv_blocks(lay, BK)
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _build(lay, BK, group_context=False):
+  return blk.build_kv_blocks(lay, BK, group_context=group_context)
 
 
 @functools.partial(jax.jit, static_argnames=("tile", "num_kv_heads", "mode"))
@@ -96,6 +96,40 @@ def test_kv_blocks_partition_the_real_slots(seed):
         np.testing.assert_array_equal(kp[b, j][real], pos[b, slots][real])
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_row_slots_hold_every_real_slot_once_and_context_groups_gather_frames(seed):
+  """With ``group_context`` (the GPU kernels) every real slot is read by exactly one block row
+  (``row_slot``), text runs and regions stay contiguous windows, and the context slots of
+  consecutive frames fill groups of BK rows in slot order; key fields follow the slots."""
+  case = random_case(seed, force_video=True)
+  lay = case.layout
+  R, NR, S = lay.region_size, lay.max_regions, lay.seq_len
+  kind, pos, frame = (np.asarray(a) for a in (lay.kind, lay.position, lay.frame))
+  for BK in (blk.next_pow2(max(R, 4)), 2 * blk.next_pow2(max(R, 4))):
+    blocks = _build(lay, BK, True)
+    rs = np.asarray(blocks.row_slot)
+    kk, kp, kf = (np.asarray(a) for a in (blocks.key_kind, blocks.key_pos, blocks.key_frame))
+    NG = blk.num_context_groups(lay, BK)
+    assert blocks.num_blocks == NR + blk.num_chunk_blocks(lay, BK) + NG
+    for b in range(kind.shape[0]):
+      used = rs[b][rs[b] >= 0]
+      np.testing.assert_array_equal(np.sort(used), np.flatnonzero(kind[b] != PAD))
+      real = rs[b] >= 0
+      np.testing.assert_array_equal(kk[b][real], kind[b][rs[b][real]])
+      np.testing.assert_array_equal(kp[b][real], pos[b][rs[b][real]])
+      np.testing.assert_array_equal(kf[b][real], frame[b][rs[b][real]])
+      assert (kk[b][~real] == PAD).all()
+      first_group = blocks.num_blocks - NG
+      groups, others = rs[b, first_group:], rs[b, :first_group]
+      ctx = np.flatnonzero(kind[b] == CTX)
+      np.testing.assert_array_equal(groups[groups >= 0], ctx)            # slot order, packed
+      assert (kind[b][others[others >= 0]] != CTX).all()                 # no context elsewhere
+      for j in range(NR + blk.num_chunk_blocks(lay, BK)):                # contiguous windows
+        r = rs[b, j][rs[b, j] >= 0]
+        if len(r) and j >= NR:
+          np.testing.assert_array_equal(r, np.arange(r[0], r[0] + len(r)))
+
+
 def test_block_size_smaller_than_a_region_is_rejected():
   spec = LayoutSpec(seq_len=40, max_regions=4, max_images=1, region_shape=(3, 3), num_ctx=1)
   lay = build_layout([[Text(2), Image(6, 6), Text(1)]], spec)
@@ -113,14 +147,14 @@ def test_compact_packs_true_indices_at_the_front():
     np.testing.assert_array_equal(out[idx][1:1 + len(ids)], ids)
 
 
-def _needed(lay, ids, route_prompt, BK, tile, Hkv, which):
+def _needed(lay, ids, route_prompt, BK, tile, Hkv, which, group_context=False):
   """bool [B, Hkv, NT, NB] from the reference mask: blocks with a visible key per tile."""
   B, S = lay.kind.shape
   full, base, routed = _masks(lay, ids, route_prompt)                        # [B, T, Hq, S]
   full, base = np.asarray(full), np.asarray(base)
   mask = {"full": full, "base": base, "routed": full & ~base}[which]
-  blocks = _build(lay, BK)
-  ws, off, ln, _ = _table(blocks)
+  blocks = _build(lay, BK, group_context)
+  row_slot = np.asarray(blocks.row_slot)
   T, Hq = mask.shape[1], mask.shape[2]
   NT = -(-T // tile)
   G = Hq // Hkv
@@ -130,10 +164,10 @@ def _needed(lay, ids, route_prompt, BK, tile, Hkv, which):
   whole = np.zeros_like(need)      # every real row (all heads) sees every real key
   for b in range(B):
     for j in range(blocks.num_blocks):
-      if ln[b, j] == 0:
+      sl = row_slot[b, j][row_slot[b, j] >= 0]                            # the block's keys
+      if not len(sl):
         continue
-      sl = slice(ws[b, j] + off[b, j], ws[b, j] + off[b, j] + ln[b, j])
-      m = mask[b, :, :, sl][:, :, kind[b, sl] != PAD]                     # [T, Hq, keys]
+      m = mask[b][:, :, sl]                                               # [T, Hq, keys]
       m = np.pad(m, ((0, NT * tile - T), (0, 0), (0, 0))).reshape(NT, tile, Hkv, G, -1)
       need[b, :, :, j] = m.any(axis=(1, 3, 4)).T
       seen = m.all(axis=(3, 4)) | ~real_row[b][:, :, None]                # [NT, tile, Hkv]
@@ -154,7 +188,9 @@ def _listed(lists, NB, full=False):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_tile_lists_cover_every_visible_key_and_routed_lists_are_exact(seed):
-  case = random_case(10 + seed, group=[1, 2, 4, 8][seed], routing=["head", "group"][seed % 2])
+  group_context = seed % 2 == 1
+  case = random_case(10 + seed, group=[1, 2, 4, 8][seed], routing=["head", "group"][seed % 2],
+                     force_video=group_context)
   lay = case.layout
   _, ids, _ = run(case, grads=False)
   Hkv = case.k.shape[2]
@@ -162,7 +198,8 @@ def test_tile_lists_cover_every_visible_key_and_routed_lists_are_exact(seed):
   B, S = lay.kind.shape
   n_full = 0
   for which, tile in (("base", 8), ("routed", 1), ("full", 4)):
-    need, whole, blocks, routed = _needed(lay, ids, case.route_prompt, BK, tile, Hkv, which)
+    need, whole, blocks, routed = _needed(lay, ids, case.route_prompt, BK, tile, Hkv, which,
+                                          group_context)
     NT = need.shape[2]
     rows = blk.pad_rows(blk.row_info(lay, jnp.broadcast_to(jnp.arange(S), (B, S)), routed),
                         NT * tile)
