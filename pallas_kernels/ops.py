@@ -75,6 +75,8 @@ class KernelConfig:
   num_warps, num_stages: Triton launch parameters of the forward kernels; bwd_num_warps,
     bwd_num_stages of the backward kernels. None: ``launch_defaults`` for the input dtype,
     the choices with which ``make aot`` compiles every bf16 kernel without register spills.
+  batch_axes, head_axis: under a device mesh, the mesh axes that split the examples and the
+    heads (``gaze_attention`` runs in ``shard_map``); axes the mesh lacks are ignored.
   """
   kernel: str = "auto"
   interpret: Any = None
@@ -91,8 +93,11 @@ class KernelConfig:
   num_stages: Optional[int] = None
   bwd_num_warps: Optional[int] = None
   bwd_num_stages: Optional[int] = None
+  batch_axes: tuple = ("data", "fsdp")
+  head_axis: Optional[str] = "tensor"
 
   def __post_init__(self):
+    object.__setattr__(self, "batch_axes", tuple(self.batch_axes))
     if self.kernel not in KERNELS:
       raise ValueError(f"KernelConfig.kernel must be one of {KERNELS}, got {self.kernel!r}")
     if self.passes not in ("split", "full"):
@@ -573,19 +578,72 @@ def gaze_attention(q, k, v, q_route, k_route, layout: TokenLayout, *, top_k, act
                    query_chunk=None, return_selected: bool = False,
                    config: Optional[KernelConfig] = None):
   """``gaze_jax.gaze.gaze_attention`` with the Pallas kernels (same arguments and returns;
-  inputs are assumed checked by the caller). ``config`` picks tiles and kernels."""
-  B, T = q.shape[:2]
-  S = k.shape[1]
+  inputs are assumed checked by the caller). ``config`` picks tiles and kernels.
+
+  Under a device mesh (``jax.set_mesh``) the whole call runs in ``jax.shard_map``: XLA cannot
+  partition a Pallas kernel (Mosaic refuses; Triton calls would be gathered), and the work is
+  independent per example and per KV head. Examples are split over the mesh axes of
+  ``config.batch_axes`` and heads over ``config.head_axis``, where they divide the sizes."""
+  cfg = config or KernelConfig()
   K = resolve_top_k(top_k, layout.max_regions)
-  qi = q_index if q_index is not None else jnp.broadcast_to(
-      jnp.arange(S, dtype=jnp.int32), (B, S))
-  routed = routed_rows(token_info(layout, qi), route_prompt)
-  if selection is not None:
-    ids = selection.ids if isinstance(selection, Selection) else jnp.asarray(selection)
-    ids = jnp.where(routed[:, :, None, None], ids, -1).astype(jnp.int32)
+  if selection is not None and isinstance(selection, Selection):
+    selection = selection.ids
+
+  def local(q, k, v, q_route, k_route, layout, q_index, descriptors, selection, active_k):
+    B, T = q.shape[:2]
+    S = k.shape[1]
+    qi = q_index if q_index is not None else jnp.broadcast_to(
+        jnp.arange(S, dtype=jnp.int32), (B, S))
+    routed = routed_rows(token_info(layout, qi), route_prompt)
+    if selection is not None:
+      ids = jnp.where(routed[:, :, None, None], jnp.asarray(selection), -1).astype(jnp.int32)
+    else:
+      ids = select(q_route, k_route, layout, qi, routed, top_k=K, active_k=active_k,
+                   score=score, routing=routing, descriptors=descriptors,
+                   query_chunk=query_chunk)
+    out = attention(q, k, v, layout, ids, routed=routed, q_index=q_index, scale=scale,
+                    config=cfg, unique_ids=selection is None)
+    return out, ids
+
+  args = (q, k, v, q_route, k_route, layout, q_index, descriptors, selection, active_k)
+  specs = _mesh_specs(cfg, q, k, args)
+  if specs is None:
+    out, ids = local(*args)
   else:
-    ids = select(q_route, k_route, layout, qi, routed, top_k=K, active_k=active_k, score=score,
-                 routing=routing, descriptors=descriptors, query_chunk=query_chunk)
-  out = attention(q, k, v, layout, ids, routed=routed, q_index=q_index, scale=scale,
-                  config=config, unique_ids=selection is None)
+    in_specs, out_specs = specs
+    present = [a is not None for a in args]
+    given = tuple(a for a in args if a is not None)
+
+    def body(*xs):
+      it = iter(xs)
+      return local(*(next(it) if p else None for p in present))
+
+    out, ids = jax.shard_map(body, in_specs=tuple(sp for sp, p in zip(in_specs, present) if p),
+                             out_specs=out_specs, check_vma=False)(*given)
   return (out, ids) if return_selected else out
+
+
+def _mesh_specs(cfg: KernelConfig, q, k, args):
+  """shard_map in/out specs for ``gaze_attention``'s arguments under the context mesh, or None
+  when there is no mesh of more than one device (or nothing divides)."""
+  from jax.sharding import PartitionSpec as P
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return None
+  sizes = dict(mesh.shape)
+  B, Hq, Hkv = q.shape[0], q.shape[2], k.shape[2]
+  batch, n = [], 1
+  for a in cfg.batch_axes:
+    if a in sizes and B % (n * sizes[a]) == 0:
+      batch.append(a)
+      n *= sizes[a]
+  head = cfg.head_axis if (cfg.head_axis in sizes and Hkv % sizes[cfg.head_axis] == 0
+                           and Hq % sizes[cfg.head_axis] == 0) else None
+  bat = tuple(batch) or None
+  if bat is None and head is None:
+    return None
+  per_head = P(bat, None, head, None)           # [B, T or S or NR, heads, D or K]
+  q_, k_, v_, qr, kr, layout, qi, desc, sel, ak = args
+  in_specs = (per_head, per_head, per_head, per_head, per_head,
+              jax.tree.map(lambda _: P(bat), layout), P(bat), per_head, per_head, P())
+  return in_specs, (per_head, per_head)

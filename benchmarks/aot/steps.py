@@ -107,10 +107,11 @@ def _with(tree, shardings):
                       shardings)
 
 
-def _compile(t: tg.Target, name, fn, args, **kw):
-  """``tg.compile_fn`` and the gaze kernels the program holds (Triton kernels with their
-  registers from the XLA dump on a GPU, Mosaic kernel names on a TPU)."""
-  with tg.dump_dir(t.platform == "cuda") as dump:
+def _compile(t: tg.Target, mesh, name, fn, args, **kw):
+  """``tg.compile_fn`` under ``mesh`` (as the trainer traces its steps) and the gaze kernels
+  the program holds (Triton kernels with their registers from the XLA dump on a GPU, Mosaic
+  kernel names on a TPU)."""
+  with tg.dump_dir(t.platform == "cuda") as dump, jax.set_mesh(mesh):
     rec, compiled = tg.compile_fn(name, fn, args, dump_dir=dump, **kw)
     if compiled is not None:
       rec["kernels"] = (tg.triton_kernels(dump) if dump else tg.mosaic_kernels(compiled))
@@ -146,7 +147,7 @@ def compile_case(case: StepCase, t: tg.Target, *, log=print) -> list[dict]:
       state = _with(state, s.state_shardings)
       fn = s.train_step.__call__
       name = f"train_{case.label}_{impl}"
-      rec, comp = _compile(t, name, fn, (state, batch),
+      rec, comp = _compile(t, mesh, name, fn, (state, batch),
                                 in_shardings=(s.state_shardings, s.batch_sharding),
                                 out_shardings=(s.state_shardings, tg.replicated(mesh)),
                                 donate_argnums=(0,))
@@ -179,7 +180,7 @@ def _serve_steps(case, t, s, config, lay, mesh, base, log) -> list[dict]:
 
   if "prefill" in case.steps:
     name = f"prefill_{case.label}_{base['implementation']}"
-    rec, comp = _compile(t, name, prefill, (params, feats), in_shardings=(pshard, bsh))
+    rec, comp = _compile(t, mesh, name, prefill, (params, feats), in_shardings=(pshard, bsh))
     out.append(_record(rec, comp, t, {**base, "step": "prefill"}))
     _log_rec(log, out[-1])
   if "decode" in case.steps:
@@ -203,7 +204,7 @@ def _serve_steps(case, t, s, config, lay, mesh, base, log) -> list[dict]:
       return logits[:, -1], caches
 
     name = f"decode_{case.label}_{base['implementation']}"
-    rec, comp = _compile(t, name, decode, (params, tok, tok, lay_feats, caches),
+    rec, comp = _compile(t, mesh, name, decode, (params, tok, tok, lay_feats, caches),
                               in_shardings=(pshard, bsh, bsh, lsh, csh),
                               out_shardings=(bsh, csh), donate_argnums=(4,))
     out.append(_record(rec, comp, t, {**base, "step": "decode",

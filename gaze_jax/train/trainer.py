@@ -312,7 +312,8 @@ def train(config: Any, workdir, *, mesh=None, stop_after: Optional[int] = None) 
   last, last_eval, preempted = {}, {}, False
   t_mark, step_mark, t_loop = time.time(), start, time.time()
   s_done = start
-  with _Preemption() as pre:
+  # The mesh as context while the steps trace: the Pallas kernels run in shard_map over it.
+  with _Preemption() as pre, jax.set_mesh(s.mesh):
     for s_done in range(start + 1, num_steps + 1):
       batch = next(it)
       if fp_log is not None:

@@ -1,0 +1,59 @@
+"""The kernels under a device mesh: ``ops.gaze_attention`` runs in ``shard_map`` (examples over
+``data`` x ``fsdp``, heads over ``tensor``) and gives the reference's output and gradients, on
+8 simulated CPU devices (a subprocess: the device count is fixed when jax starts)."""
+
+import json
+
+import pytest
+
+from tests.train.helpers import run_python
+
+SCRIPT = r"""
+import dataclasses, json
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from gaze_jax.train import sharding as shard_lib
+from pallas_kernels import ops
+from tests.gaze.random_cases import random_case
+from tests.kernels.helpers import SMALL, run
+
+assert jax.device_count() == 8
+out = {}
+for kernel in ("gpu", "tpu"):
+  # 4 examples, 4 KV heads (group 2): data 2 x fsdp 2 split the batch, tensor 2 the heads.
+  case = random_case(70, batch=4, group=2, kv_heads=4, force_video=True)
+  ref_out, ref_ids, ref_g = run(case)
+  mesh = shard_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  cfg = dataclasses.replace(SMALL, kernel=kernel, interpret=True)
+  spec = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
+  put = lambda x: jax.device_put(x, spec)
+  case = dataclasses.replace(case, q=put(case.q), k=put(case.k), v=put(case.v),
+                             q_route=put(case.q_route), k_route=put(case.k_route))
+  with jax.set_mesh(mesh):
+    got_out, got_ids, got_g = run(case, config=cfg)
+    text = jax.jit(lambda q, k, v: ops.gaze_attention(
+        q, k, v, q, k, case.layout, top_k=case.top_k, config=cfg)).lower(
+            case.q, case.k, case.v).as_text()
+  err = lambda a, b: float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
+  out[kernel] = dict(out=err(got_out, ref_out), ids=bool((np.asarray(got_ids) == np.asarray(ref_ids)).all()),
+                     grads=[err(a, b) for a, b in zip(got_g, ref_g)],
+                     shard_map="shard_map" in text or "sdy.manual_computation" in text)
+print("RESULT" + json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def result():
+  p = run_python(SCRIPT, devices=8, timeout=900)
+  line = [x for x in p.stdout.splitlines() if x.startswith("RESULT")][-1]
+  return json.loads(line[len("RESULT"):])
+
+
+# ids without "gpu" / "tpu": those words are hardware markers (conftest skips them).
+@pytest.mark.parametrize("kernel", ["gpu", "tpu"], ids=["triton", "mosaic"])
+def test_kernels_in_shard_map_match_the_reference(result, kernel):
+  r = result[kernel]
+  assert r["shard_map"], "the call did not run in shard_map"
+  assert r["ids"]
+  assert r["out"] < 2e-5, r
+  assert max(r["grads"]) < 2e-5, r
