@@ -10,7 +10,8 @@ Packed operands (built by ``pallas_kernels.ops``):
     bit ``r % 32`` of word ``r // 32`` set when the row's head selected region r): the hit test
     of a block is one column load, whatever K is.
   k, v: ``[B, S, Hkv, D]`` in the layout's slot order (region-major visual KV).
-  blocks: ``pallas_kernels.blocks.KVBlocks`` (window table and block-major key fields).
+  blocks: ``pallas_kernels.blocks.KVBlocks`` built with ``group_context=True``: per block,
+    the slot of each of its BK rows (``row_slot``) and the rows' key fields.
   lists: int32 ``[B, Hl, NT, 1 + L]`` per tile: count, then block ids (Hl = 1 when the lists do
     not depend on the KV head, as in "base" mode); ``-(id + 1)`` marks a full block, for which
     the mask is a row mask x key mask (``lax.cond`` skips the per-element rules).
@@ -19,15 +20,18 @@ Kernels:
   ``forward``: grid ``(B, Hkv, NT, splits)``. Program (b, h, i, s) holds the tile's q rows
     ``[M, D]`` and walks its share ``[s*c, min((s+1)*c, count))`` of the tile's list,
     ``c = ceil(count / splits)`` (flash-decoding split-K when ``splits > 1``; the count is data,
-    so the share is computed in the kernel). Per listed block it loads one window of BK rows of
-    K and V with a masked load (only the block's ``length`` rows are read: a 36-token region in
-    a 64-row window reads 36 rows), the block's key fields, applies the exact gaze mask and
-    updates an online softmax. It writes a normalised output and the log-sum-exp per split.
+    so the share is computed in the kernel). Per listed block it gathers the block's BK rows
+    of K and V by ``row_slot`` with a masked load: only the block's real keys move (a 36-token
+    region in a 64-row block reads 36 rows; PAD slots of a non-divisible grid and context
+    groups' empty rows read nothing and are zero in the products), loads the key fields,
+    applies the exact gaze mask and updates an online softmax. It writes a normalised output
+    and the log-sum-exp per split; a decode tile writes only its real rows.
   ``backward_dq``: grid ``(B, Hkv, NT)``, the same walk, accumulating dq.
-  ``backward_dkv``: grid ``(B, Hkv, NB)``: program (b, h, j) holds block j's K/V window and walks
-    the tiles that list block j (the transposed lists), accumulating dk and dv over the group's
-    heads; it stores only the block's own rows (masked store), so blocks never race.
-Cost of the non-power-of-two regions: a region of R slots occupies a window of BK = next_pow2(R)
+  ``backward_dkv``: grid ``(B, Hkv, NB)``: program (b, h, j) holds block j's K/V rows and walks
+    the tiles that list block j (the transposed lists) in pieces of 16 rows, accumulating dk
+    and dv over the group's heads; it scatters only the block's own rows (every slot belongs
+    to one block), so programs never race.
+Cost of the non-power-of-two regions: a region of R slots occupies a block of BK = next_pow2(R)
 rows (64 for R = 36). The masked load reads only R rows from memory, but the tile matmuls run
 over all BK rows: R / BK of the MMA work is useful (56% for 36 / 64), which matters in the
 compute-bound prefill and not in the memory-bound decode.

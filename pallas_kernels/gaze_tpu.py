@@ -10,6 +10,13 @@ only would need the slot axis among the tiled ones (a relayout copy of the whole
 tile-aligned starts). So a program reads the window of all KV heads at once, and its list is
 the union of the blocks that any KV head's rows need; each head applies its own exact mask.
 
+Why a call covers a chunk. Scalar-prefetched arrays live in SMEM (1 MiB on v5e / v5p, shared
+with Mosaic's own scalars), and a training step's lists outgrow it (a 4,096-token example has
+256 base tiles x ~120 blocks). Each kernel therefore runs as a loop of calls, each over a
+chunk of ``nb`` examples x ``nt`` tiles (or blocks) whose lists and block table fit in
+``SMEM_WORDS``; the calls write their part of outputs aliased in place (the chunk's origin is
+one more scalar-prefetched operand). Small problems take one call.
+
 Packed operands (built by ``pallas_kernels.ops``; as in ``gaze_gpu``):
   q, do: ``[B, Hkv, Tp*Gp, D]``; row ``t * Gp + g`` is token t, head g of the KV head's group.
   k, v: ``[B, S, Hkv, D]`` in the layout's slot order.
@@ -17,11 +24,11 @@ Packed operands (built by ``pallas_kernels.ops``; as in ``gaze_gpu``):
   ids: int32 ``[B, Hkv, Tp*Gp, Kp]`` selected regions per packed row (-1 none).
   blocks: ``pallas_kernels.blocks.KVBlocks``; lists ``[B, 1, NT, 1 + L]`` (union over heads).
 
-Kernels (grid, and what one program walks):
-  ``forward``: ``(B, NT, L)``: tile i's list, one K/V window per step; online softmax in VMEM
+Kernels (grid of one call, and what one program walks):
+  ``forward``: ``(nb, nt, L)``: tile i's list, one K/V window per step; online softmax in VMEM
     scratch per head; the last step writes o ``[Hkv, M, D]`` and the log-sum-exp.
-  ``backward_dq``: ``(B, NT, L)``: the same walk, accumulating dq.
-  ``backward_dkv``: ``(B, n, NT)``: block j's window and the tiles that list it (transposed
+  ``backward_dq``: ``(nb, nt, L)``: the same walk, accumulating dq.
+  ``backward_dkv``: ``(nb, nj, NT)``: block j's window and the tiles that list it (transposed
     lists), accumulating dk and dv, computed transposed (keys as rows, ``[BK, M]``) so that
     every matmul is a plain NN or NT product. Outputs are block-major ``[B, n, Hkv, BK, D]``
     (each program owns its block, so there is no overlap of windows to resolve in the kernel)
@@ -53,6 +60,9 @@ from gaze_jax.gaze.layout import PAD
 from pallas_kernels.blocks import decode_entry
 from pallas_kernels.common import NEG, combine, dot_nn, dot_nt, hit_from_ids, mask_parts
 
+# int32 words of scalar-prefetched lists and block table per call (512 KiB of the 1 MiB SMEM).
+SMEM_WORDS = 128 * 1024
+
 
 def _precision(dtype):
   # float32 inputs: full-precision products (6-pass bf16 on the MXU); bf16: native.
@@ -61,8 +71,8 @@ def _precision(dtype):
 
 class _Flat:
   """A scalar-prefetched int32 array passed flat. SMEM pads the last dimension of a 2-D (or
-  larger) array to 128 words, so a ``[B, NB, 4]`` block table would take 32x its size (and
-  overflow the 1 MiB of SMEM at decode scale); indexing keeps the nd form."""
+  larger) array to 128 words, so a ``[B, NB, 4]`` block table would take 32x its size;
+  indexing keeps the nd form."""
 
   def __init__(self, ref, shape):
     self.ref, self.shape = ref, tuple(shape)
@@ -74,16 +84,18 @@ class _Flat:
     return self.ref[flat]
 
 
-def _flat_args(*arrays):
-  """(flat arrays, their nd shapes) of the scalar-prefetch operands."""
-  return tuple(a.reshape(-1) for a in arrays), tuple(a.shape for a in arrays)
-
-
-def _entry(lists_ref, b, i, j):
+def _entry(lists, b, i, j):
   """Block id of entry ``j`` of tile ``i``'s list, clamped to the last real entry."""
-  count = lists_ref[b, 0, i, 0]
+  count = lists[b, 0, i, 0]
   jj = jnp.minimum(j, jnp.maximum(count - 1, 0))
-  return decode_entry(lists_ref[b, 0, i, 1 + jj])[0]
+  return decode_entry(lists[b, 0, i, 1 + jj])[0]
+
+
+def _tile_of(tlists, b, j, t):
+  """Tile id of entry ``t`` of block ``j``'s transposed list (clamped to the last one)."""
+  count = tlists[b, 0, j, 0]
+  tt = jnp.minimum(t, jnp.maximum(count - 1, 0))
+  return decode_entry(tlists[b, 0, j, 1 + tt])[0]
 
 
 def _hit_cols(ids_t, rid):
@@ -96,31 +108,100 @@ def _clean(x, real):
   return jnp.where(real, x, jnp.zeros_like(x))
 
 
-def _params(*semantics):
-  return pltpu.CompilerParams(dimension_semantics=semantics)
+# ---------------------------------------------------------------- chunked calls
+
+
+@functools.lru_cache(maxsize=None)
+def _chunking(n_outer: int, n_inner: int, words_inner: int, words_outer: int):
+  """(nb, nt): one call covers nb outer items (examples) x nt inner items (tiles or blocks), so
+  that its lists (``words_inner`` per inner item) and block table (``words_outer`` per
+  example) fit in ``SMEM_WORDS``."""
+  per_outer = n_inner * words_inner + words_outer
+  if per_outer <= SMEM_WORDS:
+    return max(1, min(n_outer, SMEM_WORDS // per_outer)), n_inner
+  return 1, max(1, min(n_inner, (SMEM_WORDS - words_outer) // words_inner))
+
+
+def _run(kernel, specs, *, lists, table, operands, outs, steps, scratch, name, interpret):
+  """The kernel over every (example, tile or block), one ``pallas_call`` per chunk.
+
+  Args:
+    kernel: ``kernel(lists_ref, tab_ref, origin_ref, *operand_refs, *aliased_out_refs,
+      *out_refs, *scratch, shapes=...)``; program ids are local to the chunk.
+    specs: ``specs(shapes) -> (in_specs, out_specs)`` for the operands and outputs; index maps
+      take ``(b, i, j, lists_ref, tab_ref, origin_ref)``.
+    lists: int32 ``[B, 1, N, W]`` (N tiles or blocks); table: the block table ``[B, NB, 4]``.
+    outs: the outputs' initial values (zeros), aliased: every chunk writes its own blocks.
+    steps: the last grid axis (list entries or tiles).
+  Each chunk covers ``nb x nt`` items (``_chunking``); the last chunk of an axis is shifted
+  back to end at the edge (it recomputes a few items, with the same values).
+  """
+  B, _, N, W = lists.shape
+  NB = table.shape[1]
+  nb, nt = _chunking(B, N, W, NB * 4)
+  n_in = 3 + len(operands)
+
+  def call(lst, tab, origin, outs):
+    shapes = (lst.shape, tab.shape)
+    in_specs, out_specs = specs(shapes)
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=3, grid=(nb, nt, steps),
+        in_specs=in_specs + [pl.BlockSpec(memory_space=pl.ANY)] * len(outs),
+        out_specs=out_specs, scratch_shapes=scratch)
+    return pl.pallas_call(
+        functools.partial(kernel, shapes=shapes), grid_spec=grid_spec,
+        out_shape=tuple(jax.ShapeDtypeStruct(o.shape, o.dtype) for o in outs),
+        input_output_aliases={n_in + k: k for k in range(len(outs))},
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")),
+        interpret=interpret, name=name,
+    )(lst.reshape(-1), tab.reshape(-1), origin, *operands, *outs)
+
+  cb, cn = -(-B // nb), -(-N // nt)
+  if cb * cn == 1:
+    return call(lists, table, jnp.zeros((2,), jnp.int32), tuple(outs))
+
+  def body(c, outs):
+    b0 = jnp.minimum((c // cn) * nb, B - nb)
+    i0 = jnp.minimum((c % cn) * nt, N - nt)
+    lst = jax.lax.dynamic_slice(lists, (b0, 0, i0, 0), (nb, 1, nt, W))
+    tab = jax.lax.dynamic_slice(table, (b0, 0, 0), (nb, NB, 4))
+    return call(lst, tab, jnp.stack([b0, i0]).astype(jnp.int32), outs)
+
+  return jax.lax.fori_loop(0, cb * cn, body, tuple(outs))
 
 
 # ---------------------------------------------------------------- specs shared by the kernels
 
 
-def _row_major_specs(B, S, Hkv, D, M, BK, Kp, shapes):
-  """In-specs of the forward and dq kernels, grid ``(b, i, j)``: key fields (row form
-  ``[1, BK]`` and column form ``[BK, 1]``), row fields ``[M, 1]``, ids ``[Hkv, M, Kp]``,
-  q ``[Hkv, M, D]`` and the K/V windows ``[BK, Hkv, D]``. ``shapes``: of the flat lists and
-  block table."""
-  def key_map(b, i, j, lists_ref, tab_ref):
-    return (b, _entry(_Flat(lists_ref, shapes[0]), b, i, j), 0, 0)
+def _row_major_specs(S, Hkv, D, M, BK, Kp, shapes):
+  """In-specs of the forward and dq kernels, grid ``(b, i, j)`` of a chunk: key fields (row
+  form ``[1, BK]`` and column form ``[BK, 1]``), row fields ``[M, 1]``, ids ``[Hkv, M, Kp]``,
+  q ``[Hkv, M, D]`` and the K/V windows ``[BK, Hkv, D]``; and the block spec of per-head row
+  outputs (``heads``)."""
+  def block(b, i, j, lists_ref, tab_ref, origin_ref):
+    return _entry(_Flat(lists_ref, shapes[0]), b, i, j)
 
-  def kv_map(b, i, j, lists_ref, tab_ref):
-    lists, tab = _Flat(lists_ref, shapes[0]), _Flat(tab_ref, shapes[1])
-    return (b * S + tab[b, _entry(lists, b, i, j), 0], 0, 0)
+  def key_map(b, i, j, lists_ref, tab_ref, origin_ref):
+    return (origin_ref[0] + b, block(b, i, j, lists_ref, tab_ref, origin_ref), 0, 0)
+
+  def kv_map(b, i, j, lists_ref, tab_ref, origin_ref):
+    start = _Flat(tab_ref, shapes[1])[b, block(b, i, j, lists_ref, tab_ref, origin_ref), 0]
+    return ((origin_ref[0] + b) * S + start, 0, 0)
+
+  def row_map(b, i, j, lists_ref, tab_ref, origin_ref):
+    return (origin_ref[0] + b, origin_ref[1] + i, 0)
+
+  def heads_map(b, i, j, lists_ref, tab_ref, origin_ref):
+    return (origin_ref[0] + b, 0, origin_ref[1] + i, 0)
 
   key_row = pl.BlockSpec((None, None, 1, BK), key_map)
   key_col = pl.BlockSpec((None, None, BK, 1), key_map)
-  row = pl.BlockSpec((None, M, 1), lambda b, i, j, *_: (b, i, 0))
-  heads = lambda n: pl.BlockSpec((None, Hkv, M, n), lambda b, i, j, *_: (b, 0, i, 0))
+  row = pl.BlockSpec((None, M, 1), row_map)
+  heads = lambda n: pl.BlockSpec((None, Hkv, M, n), heads_map)
   kv = pl.BlockSpec((pl.Element(BK), pl.Element(Hkv), pl.Element(D)), kv_map)
-  return [key_row, key_row, key_row, key_col, row, row, row, row, heads(Kp), heads(D), kv, kv]
+  return [key_row, key_row, key_row, key_col, row, row, row, row, heads(Kp), heads(D), kv,
+          kv], heads
 
 
 def _row_major_args(blocks, rows, ids, q, k, v):
@@ -135,11 +216,11 @@ def _row_major_args(blocks, rows, ids, q, k, v):
           v.reshape(B * S, Hkv, D))
 
 
-def _row_major_step(mode, tab_ref, lists_ref, kkind_ref, kpos_ref, kframe_ref, kreal_ref,
-                    rkind_ref, rpos_ref, rframe_ref, rrouted_ref, b, i, j):
+def _row_major_step(mode, tab, lists, kkind_ref, kpos_ref, kframe_ref, kreal_ref, rkind_ref,
+                    rpos_ref, rframe_ref, rrouted_ref, b, i, j):
   """Mask parts ``[M, BK]`` of the current (tile, block) pair, the block's region id and the
   column ``[BK, 1]`` of its real keys."""
-  rid = tab_ref[b, _entry(lists_ref, b, i, j), 3]
+  rid = tab[b, _entry(lists, b, i, j), 3]
   base, cand = mask_parts(mode, rkind_ref[...], rpos_ref[...], rframe_ref[...],
                           rrouted_ref[...], kkind_ref[...], kpos_ref[...], kframe_ref[...], rid)
   return base, cand, rid, kreal_ref[...] != PAD
@@ -148,10 +229,12 @@ def _row_major_step(mode, tab_ref, lists_ref, kkind_ref, kpos_ref, kframe_ref, k
 # ---------------------------------------------------------------- forward
 
 
-def _fwd_kernel(lists_ref, tab_ref, kkind_ref, kpos_ref, kframe_ref, kreal_ref, rkind_ref,
-                rpos_ref, rframe_ref, rrouted_ref, ids_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
-                m_sc, l_sc, acc_sc, *, mode, scale, num_heads, shapes):
-  lists_ref, tab_ref = _Flat(lists_ref, shapes[0]), _Flat(tab_ref, shapes[1])
+def _fwd_kernel(lists_ref, tab_ref, origin_ref, kkind_ref, kpos_ref, kframe_ref, kreal_ref,
+                rkind_ref, rpos_ref, rframe_ref, rrouted_ref, ids_ref, q_ref, k_ref, v_ref,
+                o_in, lse_in, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, mode, scale, num_heads,
+                shapes):
+  del origin_ref, o_in, lse_in                 # used by the index maps / aliased outputs
+  lists, tab = _Flat(lists_ref, shapes[0]), _Flat(tab_ref, shapes[1])
   b, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
 
   @pl.when(j == 0)
@@ -160,11 +243,11 @@ def _fwd_kernel(lists_ref, tab_ref, kkind_ref, kpos_ref, kframe_ref, kreal_ref, 
     l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
     acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
-  @pl.when(j < lists_ref[b, 0, i, 0])
+  @pl.when(j < lists[b, 0, i, 0])
   def _step():
-    base, cand, rid, real = _row_major_step(mode, tab_ref, lists_ref, kkind_ref, kpos_ref,
-                                            kframe_ref, kreal_ref, rkind_ref, rpos_ref,
-                                            rframe_ref, rrouted_ref, b, i, j)
+    base, cand, rid, real = _row_major_step(mode, tab, lists, kkind_ref, kpos_ref, kframe_ref,
+                                            kreal_ref, rkind_ref, rpos_ref, rframe_ref,
+                                            rrouted_ref, b, i, j)
     for h in range(num_heads):
       q = q_ref[h]
       k = _clean(k_ref[:, h, :], real)
@@ -201,46 +284,44 @@ def forward(q, k, v, rows, ids, blocks, lists, *, mode, tile_rows, scale, interp
   B, Hkv, TG, D = q.shape
   S = k.shape[1]
   M = tile_rows
-  NT = TG // M
-  L = lists.shape[-1] - 1
   BK, Kp = blocks.block_size, ids.shape[-1]
-  prefetch, shapes = _flat_args(lists, blocks.table)
-  in_specs = _row_major_specs(B, S, Hkv, D, M, BK, Kp, shapes)
-  out_specs = (pl.BlockSpec((None, Hkv, M, D), lambda b, i, j, *_: (b, 0, i, 0)),
-               pl.BlockSpec((None, Hkv, M, 1), lambda b, i, j, *_: (b, 0, i, 0)))
-  grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=2, grid=(B, NT, L), in_specs=in_specs, out_specs=out_specs,
-      scratch_shapes=[pltpu.VMEM((Hkv, M, 1), jnp.float32), pltpu.VMEM((Hkv, M, 1), jnp.float32),
-                      pltpu.VMEM((Hkv, M, D), jnp.float32)])
-  kernel = functools.partial(_fwd_kernel, mode=mode, scale=scale, num_heads=Hkv, shapes=shapes)
-  o, lse = pl.pallas_call(
-      kernel, grid_spec=grid_spec,
-      out_shape=(jax.ShapeDtypeStruct((B, Hkv, TG, D), jnp.float32),
-                 jax.ShapeDtypeStruct((B, Hkv, TG, 1), jnp.float32)),
-      compiler_params=_params("parallel", "parallel", "arbitrary"),
-      interpret=interpret, name=f"gaze_tpu_fwd_{mode}",
-  )(*prefetch, *_row_major_args(blocks, rows, ids, q, k, v))
+
+  def specs(shapes):
+    ins, heads = _row_major_specs(S, Hkv, D, M, BK, Kp, shapes)
+    return ins, (heads(D), heads(1))
+
+  kernel = functools.partial(_fwd_kernel, mode=mode, scale=scale, num_heads=Hkv)
+  o, lse = _run(kernel, specs, lists=lists, table=blocks.table,
+                operands=_row_major_args(blocks, rows, ids, q, k, v),
+                outs=(jnp.zeros((B, Hkv, TG, D), jnp.float32),
+                      jnp.zeros((B, Hkv, TG, 1), jnp.float32)),
+                steps=lists.shape[-1] - 1,
+                scratch=[pltpu.VMEM((Hkv, M, 1), jnp.float32),
+                         pltpu.VMEM((Hkv, M, 1), jnp.float32),
+                         pltpu.VMEM((Hkv, M, D), jnp.float32)],
+                name=f"gaze_tpu_fwd_{mode}", interpret=interpret)
   return o, lse[..., 0]
 
 
 # ---------------------------------------------------------------- backward: dq
 
 
-def _dq_kernel(lists_ref, tab_ref, kkind_ref, kpos_ref, kframe_ref, kreal_ref, rkind_ref,
-               rpos_ref, rframe_ref, rrouted_ref, ids_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-               delta_ref, dq_ref, dq_sc, *, mode, scale, num_heads, shapes):
-  lists_ref, tab_ref = _Flat(lists_ref, shapes[0]), _Flat(tab_ref, shapes[1])
+def _dq_kernel(lists_ref, tab_ref, origin_ref, kkind_ref, kpos_ref, kframe_ref, kreal_ref,
+               rkind_ref, rpos_ref, rframe_ref, rrouted_ref, ids_ref, q_ref, k_ref, v_ref, do_ref,
+               lse_ref, delta_ref, dq_in, dq_ref, dq_sc, *, mode, scale, num_heads, shapes):
+  del origin_ref, dq_in
+  lists, tab = _Flat(lists_ref, shapes[0]), _Flat(tab_ref, shapes[1])
   b, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
 
   @pl.when(j == 0)
   def _init():
     dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
 
-  @pl.when(j < lists_ref[b, 0, i, 0])
+  @pl.when(j < lists[b, 0, i, 0])
   def _step():
-    base, cand, rid, real = _row_major_step(mode, tab_ref, lists_ref, kkind_ref, kpos_ref,
-                                            kframe_ref, kreal_ref, rkind_ref, rpos_ref,
-                                            rframe_ref, rrouted_ref, b, i, j)
+    base, cand, rid, real = _row_major_step(mode, tab, lists, kkind_ref, kpos_ref, kframe_ref,
+                                            kreal_ref, rkind_ref, rpos_ref, rframe_ref,
+                                            rrouted_ref, b, i, j)
     for h in range(num_heads):
       q = q_ref[h]
       k = _clean(k_ref[:, h, :], real)
@@ -266,39 +347,31 @@ def backward_dq(q, k, v, rows, ids, blocks, lists, do, lse, delta, *, mode, tile
   B, Hkv, TG, D = q.shape
   S = k.shape[1]
   M = tile_rows
-  NT = TG // M
-  L = lists.shape[-1] - 1
   BK, Kp = blocks.block_size, ids.shape[-1]
-  heads = lambda n: pl.BlockSpec((None, Hkv, M, n), lambda b, i, j, *_: (b, 0, i, 0))
-  prefetch, shapes = _flat_args(lists, blocks.table)
-  in_specs = _row_major_specs(B, S, Hkv, D, M, BK, Kp, shapes) + [heads(D), heads(1), heads(1)]
-  grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=2, grid=(B, NT, L), in_specs=in_specs, out_specs=heads(D),
-      scratch_shapes=[pltpu.VMEM((Hkv, M, D), jnp.float32)])
-  kernel = functools.partial(_dq_kernel, mode=mode, scale=scale, num_heads=Hkv, shapes=shapes)
-  return pl.pallas_call(
-      kernel, grid_spec=grid_spec,
-      out_shape=jax.ShapeDtypeStruct((B, Hkv, TG, D), jnp.float32),
-      compiler_params=_params("parallel", "parallel", "arbitrary"),
-      interpret=interpret, name=f"gaze_tpu_bwd_dq_{mode}",
-  )(*prefetch, *_row_major_args(blocks, rows, ids, q, k, v), do, lse[..., None],
-    delta[..., None])
+
+  def specs(shapes):
+    ins, heads = _row_major_specs(S, Hkv, D, M, BK, Kp, shapes)
+    return ins + [heads(D), heads(1), heads(1)], (heads(D),)
+
+  kernel = functools.partial(_dq_kernel, mode=mode, scale=scale, num_heads=Hkv)
+  (dq,) = _run(kernel, specs, lists=lists, table=blocks.table,
+               operands=_row_major_args(blocks, rows, ids, q, k, v)
+               + (do, lse[..., None], delta[..., None]),
+               outs=(jnp.zeros((B, Hkv, TG, D), jnp.float32),), steps=lists.shape[-1] - 1,
+               scratch=[pltpu.VMEM((Hkv, M, D), jnp.float32)],
+               name=f"gaze_tpu_bwd_dq_{mode}", interpret=interpret)
+  return dq
 
 
 # ---------------------------------------------------------------- backward: dk, dv
 
 
-def _tile_of(tlists_ref, b, j, t):
-  """Tile id of entry ``t`` of block ``j``'s transposed list (clamped to the last one)."""
-  count = tlists_ref[b, 0, j, 0]
-  tt = jnp.minimum(t, jnp.maximum(count - 1, 0))
-  return decode_entry(tlists_ref[b, 0, j, 1 + tt])[0]
-
-
-def _dkv_kernel(tlists_ref, tab_ref, kkind_ref, kpos_ref, kframe_ref, rkind_ref, rpos_ref,
-                rframe_ref, rrouted_ref, ids_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-                delta_ref, dk_ref, dv_ref, dk_sc, dv_sc, *, mode, scale, num_heads, shapes):
-  tlists_ref, tab_ref = _Flat(tlists_ref, shapes[0]), _Flat(tab_ref, shapes[1])
+def _dkv_kernel(tlists_ref, tab_ref, origin_ref, kkind_ref, kpos_ref, kframe_ref, rkind_ref,
+                rpos_ref, rframe_ref, rrouted_ref, ids_ref, q_ref, k_ref, v_ref, do_ref,
+                lse_ref, delta_ref, dk_in, dv_in, dk_ref, dv_ref, dk_sc, dv_sc, *, mode, scale,
+                num_heads, shapes):
+  del dk_in, dv_in
+  tlists, tab = _Flat(tlists_ref, shapes[0]), _Flat(tab_ref, shapes[1])
   b, j, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
 
   @pl.when(t == 0)
@@ -306,9 +379,9 @@ def _dkv_kernel(tlists_ref, tab_ref, kkind_ref, kpos_ref, kframe_ref, rkind_ref,
     dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
     dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
 
-  @pl.when(t < tlists_ref[b, 0, j, 0])
+  @pl.when(t < tlists[b, 0, j, 0])
   def _step():
-    rid = tab_ref[b, j, 3]
+    rid = tab[b, origin_ref[1] + j, 3]
     kkind = kkind_ref[...]                                       # [BK, 1]
     real = kkind != PAD
     # Transposed: keys are the rows [BK, 1], query rows the columns [1, M].
@@ -345,51 +418,52 @@ def backward_dkv(q, k, v, rows, ids, blocks, tlists, do, lse, delta, *, mode, ti
   M = tile_rows
   NT = TG // M
   n = tlists.shape[2]
-  NB, BK = blocks.num_blocks, blocks.block_size
-  Kp = ids.shape[-1]
+  BK, Kp = blocks.block_size, ids.shape[-1]
 
-  prefetch, shapes = _flat_args(tlists, blocks.table)
-  tile = lambda tl_ref, b, j, t: _tile_of(_Flat(tl_ref, shapes[0]), b, j, t)
+  def specs(shapes):
+    tile = lambda tl_ref, b, j, t: _tile_of(_Flat(tl_ref, shapes[0]), b, j, t)
 
-  def key_map(b, j, t, tl_ref, tab_ref):
-    return (b, j, 0, 0)
+    def key_map(b, j, t, tl_ref, tab_ref, origin_ref):
+      return (origin_ref[0] + b, origin_ref[1] + j, 0, 0)
 
-  def tile_map(b, j, t, tl_ref, tab_ref):
-    return (b, tile(tl_ref, b, j, t), 0, 0)
+    def tile_map(b, j, t, tl_ref, tab_ref, origin_ref):
+      return (origin_ref[0] + b, tile(tl_ref, b, j, t), 0, 0)
 
-  def heads_map(b, j, t, tl_ref, tab_ref):
-    return (b, 0, tile(tl_ref, b, j, t), 0, 0)
+    def heads_map(b, j, t, tl_ref, tab_ref, origin_ref):
+      return (origin_ref[0] + b, 0, tile(tl_ref, b, j, t), 0, 0)
 
-  def kv_map(b, j, t, tl_ref, tab_ref):
-    return (b * S + _Flat(tab_ref, shapes[1])[b, j, 0], 0, 0)
+    def kv_map(b, j, t, tl_ref, tab_ref, origin_ref):
+      start = _Flat(tab_ref, shapes[1])[b, origin_ref[1] + j, 0]
+      return ((origin_ref[0] + b) * S + start, 0, 0)
 
-  key_col = pl.BlockSpec((None, None, BK, 1), key_map)
-  row = pl.BlockSpec((None, None, 1, M), tile_map)                        # [1, M]
-  heads = lambda *blk: pl.BlockSpec((None, Hkv, None) + blk, heads_map)
-  kv = pl.BlockSpec((pl.Element(BK), pl.Element(Hkv), pl.Element(D)), kv_map)
-  in_specs = [key_col, key_col, key_col, row, row, row, row, heads(Kp, M), heads(M, D), kv, kv,
-              heads(M, D), heads(1, M), heads(1, M)]
-  out_spec = pl.BlockSpec((None, None, Hkv, BK, D), lambda b, j, t, *_: (b, j, 0, 0, 0))
-  grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=2, grid=(B, n, NT), in_specs=in_specs, out_specs=(out_spec, out_spec),
-      scratch_shapes=[pltpu.VMEM((Hkv, BK, D), jnp.float32),
-                      pltpu.VMEM((Hkv, BK, D), jnp.float32)])
+    def out_map(b, j, t, tl_ref, tab_ref, origin_ref):
+      return (origin_ref[0] + b, origin_ref[1] + j, 0, 0, 0)
+
+    key_col = pl.BlockSpec((None, None, BK, 1), key_map)
+    row = pl.BlockSpec((None, None, 1, M), tile_map)                     # [1, M]
+    heads = lambda *blk: pl.BlockSpec((None, Hkv, None) + blk, heads_map)
+    kv = pl.BlockSpec((pl.Element(BK), pl.Element(Hkv), pl.Element(D)), kv_map)
+    out = pl.BlockSpec((None, None, Hkv, BK, D), out_map)
+    return ([key_col, key_col, key_col, row, row, row, row, heads(Kp, M), heads(M, D), kv, kv,
+             heads(M, D), heads(1, M), heads(1, M)], (out, out))
+
   key_col_arr = lambda a: a[:, :n].reshape(B, n, BK, 1)
   row_arr = lambda a: a.reshape(B, NT, 1, M)
   tiles = lambda a: a.reshape(B, Hkv, NT, M, a.shape[-1])                 # [.., NT, M, x]
   per_row = lambda a: a.reshape(B, Hkv, NT, 1, M)
   ids_t = jnp.swapaxes(tiles(ids), 3, 4)                                  # [B, Hkv, NT, Kp, M]
-  kernel = functools.partial(_dkv_kernel, mode=mode, scale=scale, num_heads=Hkv, shapes=shapes)
-  out = jax.ShapeDtypeStruct((B, n, Hkv, BK, D), jnp.float32)
-  del NB
-  return pl.pallas_call(
-      kernel, grid_spec=grid_spec, out_shape=(out, out),
-      compiler_params=_params("parallel", "parallel", "arbitrary"),
-      interpret=interpret, name=f"gaze_tpu_bwd_dkv_{mode}",
-  )(*prefetch, key_col_arr(blocks.key_kind), key_col_arr(blocks.key_pos),
-    key_col_arr(blocks.key_frame), row_arr(rows.kind), row_arr(rows.pos), row_arr(rows.frame),
-    row_arr(rows.routed), ids_t, tiles(q), k.reshape(B * S, Hkv, D), v.reshape(B * S, Hkv, D),
-    tiles(do), per_row(lse), per_row(delta))
+  operands = (key_col_arr(blocks.key_kind), key_col_arr(blocks.key_pos),
+              key_col_arr(blocks.key_frame), row_arr(rows.kind), row_arr(rows.pos),
+              row_arr(rows.frame), row_arr(rows.routed), ids_t, tiles(q),
+              k.reshape(B * S, Hkv, D), v.reshape(B * S, Hkv, D), tiles(do), per_row(lse),
+              per_row(delta))
+  zeros = jnp.zeros((B, n, Hkv, BK, D), jnp.float32)
+  kernel = functools.partial(_dkv_kernel, mode=mode, scale=scale, num_heads=Hkv)
+  return _run(kernel, specs, lists=tlists, table=blocks.table, operands=operands,
+              outs=(zeros, zeros), steps=NT,
+              scratch=[pltpu.VMEM((Hkv, BK, D), jnp.float32),
+                       pltpu.VMEM((Hkv, BK, D), jnp.float32)],
+              name=f"gaze_tpu_bwd_dkv_{mode}", interpret=interpret)
 
 
 def scatter_block_rows(per_block, blocks, num_slots: int):

@@ -23,11 +23,14 @@ How a call runs:
        by position (the region-major storage is permuted back to raster order), over the first
        ``dense_len`` positions; the kernels then run only the context and routed text rows.
   4. Block lists per (example, KV head, tile) and the selections packed per kernel row (bitmasks
-     for the GPU kernels, ids for the TPU kernel).
+     for the GPU kernels, ids for the TPU kernels, whose programs hold every KV head and so
+     take one list per tile: the union over the KV heads).
   5. Kernels: "gpu" = ``gaze_gpu`` (generic Pallas, Triton on the GPU, ``interpret=True`` on
-     CPU); "tpu" = ``gaze_tpu`` (Mosaic, forward only: its gradient is the xla path's).
-  Gradients (GPU kernels): ``custom_vjp`` with the FlashAttention-2 backward (``backward_dq``
-  per tile, ``backward_dkv`` per KV block on the transposed lists), using the merged lse.
+     CPU); "tpu" = ``gaze_tpu`` (Mosaic; ``pltpu.InterpretParams()`` on CPU).
+  Gradients: ``custom_vjp`` with the FlashAttention-2 backward (``backward_dq`` per tile,
+  ``backward_dkv`` per KV block on the transposed lists), using the merged lse, for both
+  kernel families.
+  Under a device mesh, ``gaze_attention`` runs all of this in ``jax.shard_map``.
 """
 
 from __future__ import annotations

@@ -8,8 +8,7 @@ Cases:
     576 patches + 1,024 text tokens, K = 10% of the regions; ``passes="split"`` (the default:
     base and routed passes) and ``"full"``;
   * ``decode``: one new token per example, batch 8, over a 64-frame x 576 video cache
-    (36,864 visual tokens), K = 10%: the split-K decode kernel;
-  * ``prefill`` (TPU): the forward alone of the ``train`` shapes.
+    (36,864 visual tokens), K = 10%: the split-K decode kernel.
 """
 
 from __future__ import annotations
@@ -74,16 +73,6 @@ def train_case(kernel: str, dtype, passes: str = "split", batch: int = 2, **conf
     return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
 
   return step, _qkv(batch, S, S, dtype) + (lay,), lay
-
-
-def prefill_case(kernel: str, dtype, batch: int = 2):
-  """(fn, abstract args): the forward of ``train_case``."""
-  lay = train_layout(batch)
-  cfg = _config(kernel)
-  S = lay.seq_len
-  fn = lambda q, k, v, layout: ops.gaze_attention(q, k, v, q, k, layout, top_k=KEEP,
-                                                  config=cfg)
-  return fn, _qkv(batch, S, S, dtype) + (lay,), lay
 
 
 def decode_case(kernel: str, dtype, batch: int = 8, frames: int = 64, **config):

@@ -12,21 +12,19 @@ program grows with depth: the per-layer slope is extrapolated to all 36 layers),
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import time
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from benchmarks.aot import targets as tg
 from gaze_jax.gaze import Image, Text, Video, build_layout
-from gaze_jax.gaze.layout import TEXT
 from gaze_jax.model.attention import LayerCache
+from gaze_jax.model.presets import get_preset
 from gaze_jax.train import checkpoint as ckpt_lib
 from gaze_jax.train import trainer
 from gaze_jax.train.config import eval_model_config
@@ -138,7 +136,8 @@ def compile_case(case: StepCase, t: tg.Target, *, log=print) -> list[dict]:
     base = {"case": case.label, "preset": case.preset, "implementation": impl,
             "target": t.name, "mesh": dict(case.mesh), "batch": case.batch,
             "seq_len": lay.seq_len, "decoder_layers": s.model_cfg.decoder.num_layers,
-            "dtype": case.dtype, "remat": case.remat}
+            "dtype": case.dtype, "remat": case.remat,
+            "full_layers": get_preset(case.preset).decoder.num_layers}
     batch = _with(_batch(case, s.model_cfg, lay),
                   jax.tree.map(lambda _: s.batch_sharding, _batch(case, s.model_cfg, lay)))
     if "train" in case.steps:

@@ -103,7 +103,7 @@ def test_row_slots_hold_every_real_slot_once_and_context_groups_gather_frames(se
   consecutive frames fill groups of BK rows in slot order; key fields follow the slots."""
   case = random_case(seed, force_video=True)
   lay = case.layout
-  R, NR, S = lay.region_size, lay.max_regions, lay.seq_len
+  R, NR = lay.region_size, lay.max_regions
   kind, pos, frame = (np.asarray(a) for a in (lay.kind, lay.position, lay.frame))
   for BK in (blk.next_pow2(max(R, 4)), 2 * blk.next_pow2(max(R, 4))):
     blocks = _build(lay, BK, True)

@@ -96,3 +96,20 @@ def test_decode_under_interpret_params():
 @pytest.mark.parametrize("seed", [43, 45])
 def test_prefill_and_gradient_under_interpret_params(seed):
   _check(random_case(seed, group=2, force_video=seed == 45), STRICT)
+
+
+def test_calls_split_into_smem_sized_chunks_match_one_call(monkeypatch):
+  """With a tiny SMEM budget every kernel runs as a loop of calls over chunks of examples and
+  of tiles / blocks (the shapes of real training steps, whose lists outgrow SMEM)."""
+  from pallas_kernels import gaze_tpu
+  case = random_case(46, batch=3, group=2, force_video=True)
+  monkeypatch.setattr(gaze_tpu, "SMEM_WORDS", 600)
+  gaze_tpu._chunking.cache_clear()
+  jax.clear_caches()
+  try:
+    nb, nt = gaze_tpu._chunking(3, 40, 30, 100)
+    assert (nb, nt) == (1, 16)
+    _check(case, TPU)
+  finally:
+    gaze_tpu._chunking.cache_clear()
+    jax.clear_caches()
