@@ -226,6 +226,16 @@ def _row_major_step(mode, tab, lists, kkind_ref, kpos_ref, kframe_ref, kreal_ref
   return base, cand, rid, kreal_ref[...] != PAD
 
 
+def _head_logits(h, q_ref, k_ref, v_ref, ids_ref, base, cand, rid, real, scale):
+  """KV head h of a (tile, block) step: its cleaned V window ``[BK, D]``, visibility and
+  scaled logits ``[M, BK]``, and the matmul precision."""
+  q = q_ref[h]
+  k = _clean(k_ref[:, h, :], real)
+  vis = combine(base, cand, None if cand is None else hit_from_ids(ids_ref[h])(rid))
+  prec = _precision(q.dtype)
+  return _clean(v_ref[:, h, :], real), vis, dot_nt(q, k, prec) * scale, prec
+
+
 # ---------------------------------------------------------------- forward
 
 
@@ -249,12 +259,8 @@ def _fwd_kernel(lists_ref, tab_ref, origin_ref, kkind_ref, kpos_ref, kframe_ref,
                                             kreal_ref, rkind_ref, rpos_ref, rframe_ref,
                                             rrouted_ref, b, i, j)
     for h in range(num_heads):
-      q = q_ref[h]
-      k = _clean(k_ref[:, h, :], real)
-      v = _clean(v_ref[:, h, :], real)
-      vis = combine(base, cand, None if cand is None else hit_from_ids(ids_ref[h])(rid))
-      prec = _precision(q.dtype)
-      s = dot_nt(q, k, prec) * scale
+      v, vis, s, prec = _head_logits(h, q_ref, k_ref, v_ref, ids_ref, base, cand, rid, real,
+                                     scale)
       m = m_sc[h]
       m_new = jnp.maximum(m, jnp.max(jnp.where(vis, s, NEG), axis=1, keepdims=True))
       alpha = jnp.exp(m - m_new)
@@ -323,15 +329,12 @@ def _dq_kernel(lists_ref, tab_ref, origin_ref, kkind_ref, kpos_ref, kframe_ref, 
                                             kreal_ref, rkind_ref, rpos_ref, rframe_ref,
                                             rrouted_ref, b, i, j)
     for h in range(num_heads):
-      q = q_ref[h]
-      k = _clean(k_ref[:, h, :], real)
-      v = _clean(v_ref[:, h, :], real)
-      vis = combine(base, cand, None if cand is None else hit_from_ids(ids_ref[h])(rid))
-      prec = _precision(q.dtype)
-      s = dot_nt(q, k, prec) * scale
+      v, vis, s, prec = _head_logits(h, q_ref, k_ref, v_ref, ids_ref, base, cand, rid, real,
+                                     scale)
       p = jnp.where(vis, jnp.exp(s - lse_ref[h]), 0.0)
       dp = dot_nt(do_ref[h], v, prec)
       ds = p * (dp - delta_ref[h])
+      k = _clean(k_ref[:, h, :], real)
       dq_sc[h] = dq_sc[h] + dot_nn(ds.astype(k.dtype), k, prec)
 
   @pl.when(j == pl.num_programs(2) - 1)

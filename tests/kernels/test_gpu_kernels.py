@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gaze_jax.gaze import (PAD, PATCH, TEXT, Image, LayoutSpec, Text, build_layout, gaze_attention,
+from gaze_jax.gaze import (PATCH, TEXT, Image, LayoutSpec, Text, build_layout, gaze_attention,
                            region_descriptors)
 from pallas_kernels import ops
 from tests.gaze.random_cases import Case, random_case
-from tests.kernels.helpers import SMALL, assert_close, decode_slots, run
+from tests.kernels.helpers import SMALL, assert_close, check_nan_in_pad_slots, decode_slots, run
 
 
 # Seeds whose drawn region shapes are 3x3, 2x3, 3x3, 1x1, 3x2, 2x2, 2x3, 3x3 (grids often not
@@ -184,21 +184,5 @@ def test_decode_reads_only_text_context_and_selected_regions():
   assert_close(out2, out, "unselected K/V changed the output")
 
 
-def nan_in_pad_slots(case):
-  """``case`` with NaN written into the K/V of every PAD slot (the padding of non-divisible
-  grids inside region windows, and the batch padding); routing keeps the clean keys."""
-  pad = jnp.asarray(np.asarray(case.layout.kind) == PAD)[:, :, None, None]
-  assert bool(pad.any())
-  poison = lambda x: jnp.where(pad, jnp.nan, x)
-  return dataclasses.replace(case, k=poison(case.k), v=poison(case.v))
-
-
 def test_nan_in_pad_slots_reaches_no_output_or_gradient():
-  # Seed 1 draws 2x3 regions over grids they do not divide: PAD slots inside regions.
-  case = random_case(1, group=2, force_video=True)
-  out_r, _, g_r = run(case)
-  out_p, _, g_p = run(nan_in_pad_slots(case), config=SMALL)
-  assert np.isfinite(np.asarray(out_p)).all()
-  assert_close(out_p, out_r, "out")
-  for name, a, b in zip("qkv", g_p, g_r):
-    assert_close(a, b, f"d{name}")
+  check_nan_in_pad_slots(SMALL)
