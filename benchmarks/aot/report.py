@@ -26,7 +26,9 @@ def _gib(x) -> str:
 
 
 def _ok(rec) -> str:
-  return "yes" if rec.get("compiled") else "**no**"
+  if rec.get("compiled"):
+    return "yes"
+  return "no: out of HBM" if rec.get("out_of_memory") else "**no**"
 
 
 def gpu_kernel_table(report: dict) -> str:
@@ -85,10 +87,10 @@ def slope_table(report: dict) -> str:
   linear extrapolation to the preset's depth."""
   by = {}
   for r in report.get("steps", []):
-    if r.get("step") == "train" and r.get("compiled"):
-      by.setdefault(r["implementation"], {})[r["decoder_layers"]] = r
+    if r.get("step") == "train" and (r.get("memory") or {}).get("peak") is not None:
+      by.setdefault((r["implementation"], r["batch"]), {})[r["decoder_layers"]] = r
   lines = []
-  for impl, d in sorted(by.items()):
+  for (impl, batch), d in sorted(by.items()):
     if len(d) < 2:
       continue
     (l1, r1), (l2, r2) = sorted(d.items())[:2]
@@ -96,14 +98,15 @@ def slope_table(report: dict) -> str:
     slope = (p2 - p1) / (l2 - l1)
     full = r1.get("full_layers", 36)
     est = p1 + slope * (full - l1)
-    lines.append(f"| {impl} | {_gib(p1)} | {_gib(p2)} | {_gib(slope)} | {_gib(est)} | "
-                 f"{_gib(r1.get('hbm_bytes'))} |")
+    lines.append(f"| {impl} | {batch} | {_gib(p1)} | {_gib(p2)} | {_gib(slope)} | "
+                 f"{_gib(est)} | {_gib(r1.get('hbm_bytes'))} |")
   if not lines:
     return ""
-  return "\n".join(["Peak HBM per chip of the training step by decoder depth, and a **linear "
-                    "extrapolation** (not a compile) to all 36 layers:", "",
-                    "| implementation | 2 layers | 4 layers | per layer | 36 layers (extrapolated)"
-                    " | chip HBM |", "|---|---:|---:|---:|---:|---:|"] + lines)
+  return "\n".join(["Peak HBM per chip of the training step by decoder depth (compiled, or the "
+                    "compiler's out-of-memory figure), and a **linear extrapolation** (not a "
+                    "compile) to all 36 layers:", "",
+                    "| implementation | batch | 2 layers | 4 layers | per layer | 36 layers "
+                    "(extrapolated) | chip HBM |", "|---|---:|---:|---:|---:|---:|---:|"] + lines)
 
 
 def table(results: Path) -> str:

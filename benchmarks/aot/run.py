@@ -126,7 +126,8 @@ def check(report: dict) -> list[str]:
   for section in ("kernels", "steps"):
     for rec in report.get(section, []):
       where = f"{section}/{rec.get('target', report['target'])}/{rec['name']}"
-      if not rec.get("compiled"):
+      if not rec.get("compiled") and not (report.get("full") and rec.get("out_of_memory")):
+        # At pod scale "does not fit" is a finding (recorded with the compiler's figure).
         problems.append(f"{where}: did not compile: {rec.get('error', '')[:300]}")
       for k in rec.get("kernels", []):
         if not isinstance(k, dict):
@@ -170,6 +171,7 @@ def main(argv=None) -> int:
   t0 = time.time()
   name = ("aot_full_" if a.full else "aot_") + a.what
   report = _header(a.what)
+  report["full"] = a.full
   if a.what == "h100":
     t = tg.h100()
     if not a.full and a.only in ("", "kernels"):

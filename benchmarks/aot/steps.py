@@ -254,11 +254,13 @@ def full_steps(platform: str) -> list[dict]:
   out = []
   if platform == "tpu":
     t = tg.tpu("v5p:4x4x4")
-    for layers in (2, 4):
-      case = StepCase(f"cambrian_4b_{layers}l", "cambrian_4b", _cambrian_segments(), batch=256,
-                      mesh={"data": 1, "fsdp": 16, "tensor": 4}, decoder_layers=layers,
-                      steps=("train",))
-      out += compile_case(case, t)
+    mesh = {"data": 1, "fsdp": 16, "tensor": 4}
+    # Batch 256 (16 sequences per chip), then 16 (one per chip): what fits.
+    for batch, depths in ((256, (2, 4)), (16, (2, 4))):
+      for layers in depths:
+        case = StepCase(f"cambrian_4b_{layers}l_b{batch}", "cambrian_4b", _cambrian_segments(),
+                        batch=batch, mesh=mesh, decoder_layers=layers, steps=("train",))
+        out += compile_case(case, t)
   else:
     t = tg.h100()
     # 64 frames, each 2 x 2-pooled to 12 x 12 patches (the video path of the vision tower).

@@ -139,10 +139,38 @@ def compile_fn(name: str, fn: Callable, args: tuple, *, in_shardings, out_shardi
     compiled = lowered.compile(compiler_options=opts) if opts else lowered.compile()
   except Exception as e:  # noqa: BLE001 - the compile error is the result
     rec.update(compiled=False, error=_first_lines(e), compile_s=round(time.time() - t0, 1))
+    need = out_of_memory(str(e))
+    if need is not None:
+      # The compiler's own figure: what the program would need per chip.
+      args_b = argument_bytes(args)
+      rec.update(out_of_memory=True,
+                 memory={"temp": need, "argument": args_b, "peak": need + args_b,
+                         "from": "the compiler's out-of-memory report"})
     return rec, None
   rec.update(compiled=True, compile_s=round(time.time() - t0, 1),
              memory=memory_record(compiled), cost=cost_record(compiled))
   return rec, compiled
+
+
+_OOM = re.compile(r"memory required for HLO temporaries \(([\d.]+)([KMGT])\)")
+
+
+def out_of_memory(message: str) -> Optional[int]:
+  """Bytes of HLO temporaries per chip from XLA:TPU's "Ran out of memory in memory space hbm"
+  error, or None for another error."""
+  m = _OOM.search(message)
+  if not m:
+    return None
+  return int(float(m.group(1)) * 2 ** (10 * "KMGT".index(m.group(2)) + 10))
+
+
+def argument_bytes(args) -> int:
+  """Bytes of the abstract arguments held by one device (their shards)."""
+  total = 0
+  for x in jax.tree.leaves(args):
+    shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) else x.shape
+    total += int(np.prod(shape)) * np.dtype(x.dtype).itemsize
+  return total
 
 
 def _named(fn, name):
@@ -183,13 +211,9 @@ def triton_kernels(dump_dir: str, prefix: str = "gaze_") -> list[dict]:
   registers and spills for sm_90a, with the occupancy (programs per SM) they allow."""
   launches: dict[str, list] = {}
   for path in glob.glob(os.path.join(dump_dir, "*thunk_sequence.txt")):
-    if "after_thunk_passes" in path:
-      continue
-    for m in _THUNK.finditer(Path(path).read_text()):
-      if m.group(1).startswith(prefix):
-        launches.setdefault(m.group(1), []).append(
-            {"grid": [int(x) for x in m.group(2).split(",")],
-             "threads": int(m.group(3).split(",")[0]), "shared_bytes": int(m.group(4))})
+    if "after_thunk_passes" not in path:
+      for name, found in parse_launches(Path(path).read_text(), prefix).items():
+        launches.setdefault(name, []).extend(found)
   ptx_of = {}
   for path in glob.glob(os.path.join(dump_dir, "*.ptx")):
     text = Path(path).read_text(errors="replace")
@@ -218,9 +242,13 @@ def _ptxas(ptx: str, entry: str) -> dict:
   text = res.stdout + res.stderr
   if res.returncode:
     return {"ptxas_error": text.strip()[-500:]}
-  # ptxas prints one block per entry: "Compiling entry function 'NAME'" then its figures.
-  blocks = re.split(r"Compiling entry function '", text)
-  for b in blocks[1:]:
+  return parse_ptxas(text, entry)
+
+
+def parse_ptxas(text: str, entry: str) -> dict:
+  """Registers, spills and stack of ``entry`` from ``ptxas -v`` output (one block per entry:
+  "Compiling entry function 'NAME'", then its figures)."""
+  for b in text.split("Compiling entry function '")[1:]:
     if not b.startswith(entry + "'"):
       continue
     regs = re.search(r"Used (\d+) registers", b)
@@ -233,6 +261,18 @@ def _ptxas(ptx: str, entry: str) -> dict:
             # ptxas C7515: wgmma pipelining lost (a performance note, not an error).
             "wgmma_serialized": bool(re.search(rf"C7515[^\n]*'{entry}'", text))}
   return {"ptxas_error": f"no entry {entry} in ptxas output"}
+
+
+def parse_launches(text: str, prefix: str = "gaze_") -> dict[str, list]:
+  """Launches of the kernels named ``prefix*`` in an XLA thunk-sequence dump: grid, threads,
+  dynamic shared memory."""
+  out: dict[str, list] = {}
+  for m in _THUNK.finditer(text):
+    if m.group(1).startswith(prefix):
+      out.setdefault(m.group(1), []).append(
+          {"grid": [int(x) for x in m.group(2).split(",")],
+           "threads": int(m.group(3).split(",")[0]), "shared_bytes": int(m.group(4))})
+  return out
 
 
 def occupancy(registers: int, threads: int, shared_bytes: int) -> int:

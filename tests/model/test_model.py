@@ -270,3 +270,25 @@ def test_gaze_config_tells_count_from_ratio():
   assert GazeConfig(top_k=2) == GazeConfig(top_k=2)
   with pytest.raises(ValueError, match="top_k"):
     GazeConfig(top_k="4")
+
+
+def test_kernel_options_reach_the_pallas_kernels_from_the_model_config():
+  """``GazeConfig.kernel`` (a dict, as a training config gives it) becomes a KernelConfig, and
+  the model's Pallas path (both kernel families, interpret mode) gives the xla path's logits."""
+  from pallas_kernels.ops import KernelConfig
+  gz = GazeConfig(kernel={"kernel": "tpu", "interpret": True, "routed_rows": 8})
+  assert gz.kernel == KernelConfig(kernel="tpu", interpret=True, routed_rows=8)
+  assert gz == GazeConfig(kernel=KernelConfig(kernel="tpu", interpret=True, routed_rows=8))
+  assert hash(gz) == hash(GazeConfig(kernel=gz.kernel))
+  with pytest.raises(ValueError, match="GazeConfig.kernel"):
+    GazeConfig(kernel={"no_such_field": 1})
+  ref = _cfg(top_k=2)
+  a = MLLM(ref, rngs=nnx.Rngs(0))
+  tokens, layout, images = _batch(a, MIXED, seq_len=160, max_regions=32, max_images=2)
+  want = _run(a, tokens, layout, images)
+  for kernel in ("gpu", "tpu"):
+    cfg = dataclasses.replace(ref, gaze=dataclasses.replace(
+        ref.gaze, implementation="pallas", kernel={"kernel": kernel, "interpret": True}))
+    _, b = _pair(ref, cfg)
+    np.testing.assert_allclose(np.asarray(_run(b, tokens, layout, images)), np.asarray(want),
+                               atol=1e-4, err_msg=kernel)
