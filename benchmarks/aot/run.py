@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import sys
 import time
@@ -33,7 +34,8 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 def _header(target: str) -> dict:
   return {"target": target, "date": datetime.date.today().isoformat(),
-          "host": f"{platform.node()} ({platform.machine()}, {jax.__version__} jax)",
+          "machine": f"{os.cpu_count()}-core {platform.machine()} CPU machine, no accelerator "
+                     "(deviceless compile)",
           "jax": jax.__version__, "python": platform.python_version()}
 
 

@@ -28,7 +28,7 @@ def _check(case, config, atol):
   out_p, ids_p, g_p = run(case, config=config)
   np.testing.assert_array_equal(ids_p, ids_r)
   assert_close(out_p, out_r, "out", atol=atol)
-  if g_p is not None and config.kernel != "tpu":
+  if g_p is not None:
     for name, a, b in zip("qkv", g_p, g_r):
       assert_close(a, b, f"d{name}", atol=10 * atol)
 
