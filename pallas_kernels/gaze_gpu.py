@@ -69,22 +69,21 @@ def precision(dtype, interpret) -> object:
 
 
 def _rows_of(slot_ref, kkind_ref, blk, D, S):
-  """Block ``blk``'s row gather: the slots it reads ``[BK, 1]``, the ``[BK, D]`` load mask
-  (real keys only: rows outside the block and PAD slots move no bytes) and the real-key
-  vector ``[BK]``. Masked rows point one past the last slot: never dereferenced on the GPU,
-  and dropped (not written twice to one slot) by interpret mode's scatter."""
-  kkind = kkind_ref[blk, :]
-  real = kkind != PAD
+  """Block ``blk``'s row gather: the indices ``([BK, 1] slots, [1, D] columns)`` it reads and
+  the ``[BK, D]`` mask of real keys (rows outside the block and PAD slots move no bytes).
+  Masked rows point one past the last slot: never dereferenced on the GPU, and dropped (not
+  written twice to one slot) by interpret mode's scatter."""
+  real = kkind_ref[blk, :] != PAD
   rows = jnp.where(real, slot_ref[blk, :], S)[:, None]
   cols = jax.lax.broadcasted_iota(jnp.int32, (1, D), 1)
-  return (rows, cols), jnp.broadcast_to(real[:, None], (real.shape[0], D)), real
+  return (rows, cols), jnp.broadcast_to(real[:, None], (real.shape[0], D))
 
 
 def _load_block(tab_ref, slot_ref, kkind_ref, kpos_ref, kframe_ref, k_ref, v_ref, blk):
   """Block ``blk``: K/V rows ``[BK, D]`` gathered by ``row_slot`` (zero where not a key), its
   key fields ``[BK]``, the row gather (for a store) and mask, and the region id."""
   S, D = k_ref.shape
-  idx, m2, _ = _rows_of(slot_ref, kkind_ref, blk, D, S)
+  idx, m2 = _rows_of(slot_ref, kkind_ref, blk, D, S)
   k = plt.load(k_ref.at[idx], mask=m2, other=0.0)
   v = plt.load(v_ref.at[idx], mask=m2, other=0.0)
   keys = (kkind_ref[blk, :], kpos_ref[blk, :], kframe_ref[blk, :])
@@ -272,7 +271,7 @@ def _dkv_kernel(tlists_ref, tab_ref, slot_ref, kkind_ref, kpos_ref, kframe_ref, 
   # Scatter to the block's own slots (every slot is in one block, so programs never race);
   # the row gather is rebuilt here rather than kept live through the loop.
   S, D = k_ref.shape
-  idx, m2, _ = _rows_of(slot_ref, kkind_ref, blk, D, S)
+  idx, m2 = _rows_of(slot_ref, kkind_ref, blk, D, S)
   plt.store(dk_ref.at[idx], (dk * scale).astype(dk_ref.dtype), mask=m2)
   plt.store(dv_ref.at[idx], dv.astype(dv_ref.dtype), mask=m2)
 

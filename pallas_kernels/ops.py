@@ -646,7 +646,8 @@ def _mesh_specs(cfg: KernelConfig, q, k, args):
   if bat is None and head is None:
     return None
   per_head = P(bat, None, head, None)           # [B, T or S or NR, heads, D or K]
-  q_, k_, v_, qr, kr, layout, qi, desc, sel, ak = args
+  layout = args[5]
+  # q, k, v, q_route, k_route, layout, q_index, descriptors, selection, active_k
   in_specs = (per_head, per_head, per_head, per_head, per_head,
               jax.tree.map(lambda _: P(bat), layout), P(bat), per_head, per_head, P())
   return in_specs, (per_head, per_head)

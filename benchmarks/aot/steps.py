@@ -138,8 +138,8 @@ def compile_case(case: StepCase, t: tg.Target, *, log=print) -> list[dict]:
             "seq_len": lay.seq_len, "decoder_layers": s.model_cfg.decoder.num_layers,
             "dtype": case.dtype, "remat": case.remat,
             "full_layers": get_preset(case.preset).decoder.num_layers}
-    batch = _with(_batch(case, s.model_cfg, lay),
-                  jax.tree.map(lambda _: s.batch_sharding, _batch(case, s.model_cfg, lay)))
+    host = _batch(case, s.model_cfg, lay)
+    batch = _with(host, jax.tree.map(lambda _: s.batch_sharding, host))
     if "train" in case.steps:
       state = {"params": s.abstract_params, "opt_state": s.abstract_opt_state,
                "step": jax.ShapeDtypeStruct((), jnp.int32)}
