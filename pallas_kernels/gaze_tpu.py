@@ -470,18 +470,13 @@ def backward_dkv(q, k, v, rows, ids, blocks, tlists, do, lse, delta, *, mode, ti
 
 
 def scatter_block_rows(per_block, blocks, num_slots: int):
-  """Block-major rows ``[B, n, Hkv, BK, D]`` (the first n blocks) -> slot order
-  ``[B, num_slots, Hkv, D]``: slot s takes row ``s - window`` of the block that holds it, and
-  slots held by none of the n blocks are zero."""
-  B, n, Hkv, BK, D = per_block.shape
-  window, offset, length = (blocks.table[:, :n, c] for c in range(3))
-  r = jnp.arange(BK, dtype=jnp.int32)
-  inside = (r >= offset[..., None]) & (r < (offset + length)[..., None])      # [B, n, BK]
-  slot = jnp.where(inside, window[..., None] + r, num_slots)                   # drop bucket
+  """Block-major rows (a tuple of ``[B, n, Hkv, BK, D]`` arrays, the first n blocks) -> slot
+  order ``[B, num_slots, Hkv, D]`` by the blocks' ``row_slot``: every real slot is a row of
+  exactly one block; slots held by none of the n blocks (and PAD slots) are zero."""
+  B, n, Hkv, BK, D = per_block[0].shape
+  rs = blocks.row_slot[:, :n]
+  slot = jnp.where(rs >= 0, rs, num_slots)                  # num_slots: a dropped trash row
   bi = jnp.arange(B)[:, None, None]
-  owner = jnp.full((B, num_slots + 1), -1, jnp.int32).at[bi, slot].set(
-      jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None, :, None], slot.shape))[:, :num_slots]
-  rows = jnp.arange(num_slots, dtype=jnp.int32)[None, :] - jnp.take_along_axis(
-      window, jnp.maximum(owner, 0), axis=1)
-  got = per_block[jnp.arange(B)[:, None], jnp.maximum(owner, 0), :, jnp.clip(rows, 0, BK - 1)]
-  return jnp.where((owner >= 0)[..., None, None], got, 0.0)
+  return tuple(
+      jnp.zeros((B, num_slots + 1, Hkv, D), a.dtype).at[bi, slot].set(
+          jnp.swapaxes(a, 2, 3))[:, :num_slots] for a in per_block)

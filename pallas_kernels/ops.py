@@ -329,9 +329,11 @@ def _core_bwd(st, res, do):
       kw = dict(mode=p.mode, tile_rows=p.tile_rows, scale=st.scale, interpret=st.interpret)
       mod = gaze_tpu()
       dq += mod.backward_dq(q, k, v, rows, sel, blocks, lst, do, lse, delta, **kw)
-      dk_b, dv_b = mod.backward_dkv(q, k, v, rows, sel, blocks, tl, do, lse, delta, **kw)
-      dk += mod.scatter_block_rows(dk_b, blocks, k.shape[1])
-      dv += mod.scatter_block_rows(dv_b, blocks, k.shape[1])
+      dk_p, dv_p = mod.scatter_block_rows(
+          mod.backward_dkv(q, k, v, rows, sel, blocks, tl, do, lse, delta, **kw), blocks,
+          k.shape[1])
+      dk += dk_p
+      dv += dv_p
       continue
     kw = dict(mode=p.mode, tile_rows=p.tile_rows, scale=st.scale, interpret=st.interpret,
               num_warps=st.bwd_num_warps, num_stages=st.bwd_num_stages)
