@@ -6,6 +6,13 @@ CLI (prints a table in GiB per device and what would make it fit)::
   python -m gaze_jax.model.memory --preset cambrian_4b --batch 8 --seq-len 4096 --devices 8
   python -m gaze_jax.model.memory --preset qwen2_5_7b --batch 16 --seq-len 8192 --devices 8 \\
       --mode infer --cache-len 9216 --param-bytes 2
+  python -m gaze_jax.model.memory --preset cambrian_4b --batch 8 --seq-len 4096 --devices 8 \\
+      --attention-impl pallas --topk-start 8
+
+Training is estimated at the K the trainer compiles (K_max, the progressive top-K schedule's
+start: all regions unless ``config.topk_schedule.start`` says otherwise), not the target K:
+the XLA path sizes its gathered region blocks by K_max; the Pallas kernels' working set
+depends on the tile, not on K.
 
 The estimate is a planning aid, accurate to tens of percent: XLA fuses, rematerialises and
 reuses buffers in ways that a formula cannot follow, and adds its own temporaries. Leave
@@ -20,7 +27,7 @@ import dataclasses
 import functools
 import math
 import sys
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import jax
 from flax import nnx
@@ -32,7 +39,10 @@ from gaze_jax.model.mllm import MLLM
 from gaze_jax.model.presets import PRESETS, get_preset
 
 GiB = 1 << 30
-ATTENTION_IMPLS = ("xla", "flash")
+# "xla": this package's XLA paths (GazeConfig.implementation="xla"); "pallas": its Pallas gaze
+# kernels (implementation="pallas"; dense decoder attention and the vision tower stay on XLA);
+# "flash": a fused kernel for every attention, the vision tower's included.
+ATTENTION_IMPLS = ("xla", "pallas", "flash")
 COMPONENTS = ("params", "grads", "optimizer", "gathered_weights", "activations",
               "vision_activations", "logits", "kv_cache", "descriptors")
 
@@ -168,14 +178,29 @@ def _check_args(cfg, batch, seq_len, devices, mode, param_bytes, compute_bytes, 
     raise ValueError("the model has no vision tower: images and video_frames must be 0")
 
 
+def _compiled_k(top_k, compiled_top_k, n_regions: int, train: bool) -> int:
+  """K_max the model is compiled with: ``compiled_top_k`` (a count or a ratio, like
+  ``GazeConfig.top_k``) when given, else all regions in training (the trainer's default
+  schedule start, ``topk_schedule.start <= 0``) and the model's ``top_k`` for inference."""
+  if compiled_top_k is None:
+    return n_regions if train else resolve_top_k(top_k, n_regions)
+  try:
+    return resolve_top_k(compiled_top_k, n_regions)
+  except ValueError as e:
+    raise ValueError(f"compiled_top_k: {e}") from None
+
+
 def _estimate(cfg: MLLMConfig, *, batch: int, seq_len: int, devices: int = 1,
               fsdp: bool = True, mode: str = "train", param_bytes: int = 4,
               compute_bytes: int = 2, remat: bool = False, cache_len: Optional[int] = None,
               images: Optional[int] = None, video_frames: int = 0,
-              attention_impl: str = "xla", freeze_vision: bool = False):
+              attention_impl: Optional[str] = None, freeze_vision: bool = False,
+              compiled_top_k: Optional[Union[int, float]] = None):
   """(bytes per component, formula per component, derived sizes); see ``estimate_memory``."""
   if images is None:
     images = 1 if cfg.vision is not None else 0
+  if attention_impl is None:
+    attention_impl = "pallas" if cfg.gaze.implementation == "pallas" else "xla"
   _check_args(cfg, batch, seq_len, devices, mode, param_bytes, compute_bytes, cache_len,
               images, video_frames, attention_impl)
   t = _param_table(cfg)
@@ -190,13 +215,16 @@ def _estimate(cfg: MLLMConfig, *, batch: int, seq_len: int, devices: int = 1,
     raise ValueError(f"{images} images and {video_frames} video frames take {vis_slots} slots "
                      f"(patches, region padding, context tokens) but seq_len={seq_len}")
   gaze = gz.attention == "gaze" and NR > 0
+  train = mode == "train"
   K = resolve_top_k(gz.top_k, NR) if gaze else 0
+  K_max = _compiled_k(gz.top_k, compiled_top_k, NR, train) if gaze else 0
   R = gz.region_shape[0] * gz.region_shape[1]
   shards = devices if fsdp else 1
   N = count_params(cfg)["total"]
   n_train = N - (t["vision"] if freeze_vision else 0)
-  train = mode == "train"
-  flash = attention_impl == "flash"
+  # Which attentions run fused (output + f32 log-sum-exp kept, nothing of size K or S).
+  fused = attention_impl == "flash" or (attention_impl == "pallas" and gz.attention == "gaze")
+  fused_vision = attention_impl == "flash"
   out = dict.fromkeys(COMPONENTS, 0)
   how = dict.fromkeys(COMPONENTS, "")
 
@@ -221,16 +249,20 @@ def _estimate(cfg: MLLMConfig, *, batch: int, seq_len: int, devices: int = 1,
   #   xla dense:  over all S keys, f32 masked logits, their exp and the probabilities, the
   #               probabilities in the compute dtype, a bool mask: Hq S (12 + cb) + S
   #   xla gaze:   the same over S + K R keys, and the gathered K/V blocks of the K regions
-  #               (k, v in compute dtype, v again in f32) with their mask:
-  #               Hs K R (D (2 cb + 4) + 1), Hs = Hq, or Hkv with group routing
-  #   flash:      output + f32 log-sum-exp only: Hq 4
+  #               (k, v in compute dtype, v again in f32 unless cb = 4) with their mask:
+  #               Hs K R (D (2 cb + 4) + 1), Hs = Hq, or Hkv with group routing; K is the
+  #               compiled K_max (the schedule's start in training): a traced active K only
+  #               masks the gathered blocks
+  #   fused (pallas gaze, flash): output + f32 log-sum-exp only, Hq 4, whatever K: the
+  #               kernels walk K/V in tiles and recompute the scores in the backward pass
   per_tok = cb * (4 * E + 3 * Hq * D + 3 * Hkv * D + 4 * F)
-  if flash:
+  if fused:
     attn_tok = Hq * 4
   elif gaze:
     Hs = Hkv if gz.routing == "group" else Hq
-    attn_tok = (Hq * (seq_len + K * R) * (12 + cb) + seq_len
-                + Hs * K * R * (D * (2 * cb + 4) + 1))
+    v_f32 = 4 if cb < 4 else 0                     # the cast of v to f32 is a no-op in f32
+    attn_tok = (Hq * (seq_len + K_max * R) * (12 + cb) + seq_len
+                + Hs * K_max * R * (D * (2 * cb + v_f32) + 1))
   else:
     attn_tok = Hq * seq_len * (12 + cb) + seq_len
   route_tok = Hq * NR * 4 if gaze else 0             # f32 routing scores (forward only)
@@ -242,7 +274,8 @@ def _estimate(cfg: MLLMConfig, *, batch: int, seq_len: int, devices: int = 1,
     else:
       out["activations"] = T * E * cb + L * T * layer_tok + T * route_tok
       how["activations"] = (f"L x T x {layer_tok / 1024:.0f} KiB/token "
-                            f"({'flash' if flash else 'xla'} attention)")
+                            f"({attention_impl} attention"
+                            + (f", K_max={K_max}" if gaze else "") + ")")
     # f32 logits, f32 log-softmax (or its gradient) and the compute-dtype matmul output.
     out["logits"] = T * V * (cb + 8)
     how["logits"] = f"T x V x ({cb} + 4 + 4) B"
@@ -257,7 +290,7 @@ def _estimate(cfg: MLLMConfig, *, batch: int, seq_len: int, devices: int = 1,
     Ev, Fv, P = vc.hidden_size, vc.intermediate_size, vc.grid * vc.grid
     Lv = _vision_blocks(cfg)
     Ti = bl * n_frames * P                          # vision tokens per device
-    v_tok = cb * (6 * Ev + 2 * Fv) + (vc.num_heads * 4 if flash
+    v_tok = cb * (6 * Ev + 2 * Fv) + (vc.num_heads * 4 if fused_vision
                                       else vc.num_heads * P * (8 + cb))
     if train and not freeze_vision:
       if remat:
@@ -277,8 +310,9 @@ def _estimate(cfg: MLLMConfig, *, batch: int, seq_len: int, devices: int = 1,
     if gaze:
       out["descriptors"] = L * NR * Hkv * D * bl * 4
       how["descriptors"] = f"{L} x {NR} regions x {Hkv} x {D} x {bl} x 4 B (f32)"
-  info = dict(local_batch=bl, tokens=T, regions=NR, top_k=K, frames=n_frames, images=images,
-              video_frames=video_frames)
+  info = dict(local_batch=bl, tokens=T, regions=NR, top_k=K, compiled_top_k=K_max,
+              frames=n_frames, images=images, video_frames=video_frames,
+              attention_impl=attention_impl)
   return out, how, info
 
 
@@ -286,8 +320,9 @@ def estimate_memory(cfg: MLLMConfig, *, batch: int, seq_len: int, devices: int =
                     fsdp: bool = True, mode: str = "train", param_bytes: int = 4,
                     compute_bytes: int = 2, remat: bool = False,
                     cache_len: Optional[int] = None, images: Optional[int] = None,
-                    video_frames: int = 0, attention_impl: str = "xla",
-                    freeze_vision: bool = False) -> dict[str, int]:
+                    video_frames: int = 0, attention_impl: Optional[str] = None,
+                    freeze_vision: bool = False,
+                    compiled_top_k: Optional[Union[int, float]] = None) -> dict[str, int]:
   """Rough peak memory per device, in bytes, by component.
 
   Notation: N parameters (``count_params``), b = ceil(batch / devices) examples per device
@@ -306,15 +341,20 @@ def estimate_memory(cfg: MLLMConfig, *, batch: int, seq_len: int, devices: int =
     the attention's saved tensors: ``attention_impl="xla"`` (this package's XLA paths) keeps
     f32 masked logits, their exp and the probabilities, the probabilities in cb and a bool
     mask, Hq S (12 + cb) + S dense, Hq (S + K R) (12 + cb) + S + Hs K R (D (2 cb + 4) + 1)
-    gaze (Hs = Hq, Hkv with group routing: the gathered region blocks); ``"flash"`` (a fused
-    kernel) keeps Hq 4 (the log-sum-exp). Gaze adds Hq NR 4 of f32 routing scores, alive for
-    one layer. Train: T E cb + L T (per-layer bytes); with ``remat`` (per-layer
-    checkpointing) L T E cb + T (per-layer bytes) for the layer being recomputed. Infer:
-    2 T E cb + T (per-layer bytes), one layer at a time. Checked against XLA's buffer
-    assignment on CPU (4-layer SmolLM2 cut, float32, batch 2, dense and gaze): within 15% at
-    512 and 1536 slots.
+    gaze (Hs = Hq, Hkv with group routing: the gathered region blocks, with v's f32 copy, the
+    "+ 4", only when cb < 4), K = K_max the model is compiled with (``compiled_top_k``);
+    ``"pallas"`` (this package's gaze kernels) and ``"flash"`` keep Hq 4 (output aside, the
+    f32 log-sum-exp per row and head) whatever K, as the kernels walk the keys in tiles.
+    Gaze adds Hq NR 4 of f32 routing scores, alive for one layer. Train: T E cb + L T
+    (per-layer bytes); with ``remat`` (per-layer checkpointing) L T E cb + T (per-layer bytes)
+    for the layer being recomputed. Infer: 2 T E cb + T (per-layer bytes), one layer at a
+    time. Checked against XLA's buffer assignment on CPU (float32, batch 2 x 512 slots, a
+    2-layer SmolLM2 cut with 16 regions of 2 x 2): the trainer's whole step (AdamW, K_max =
+    4, 8, 16) within 10%; the temporaries of a plain gradient (dense and gaze at K = 4)
+    within 6%.
   - ``vision_activations``: frames = ``images`` + ``video_frames`` per example, P = patches per
-    frame, per token and block cb (6 Ev + 2 Fv) + (heads P (8 + cb), or heads 4 with flash);
+    frame, per token and block cb (6 Ev + 2 Fv) + (heads P (8 + cb), or heads 4 with
+    ``"flash"``);
     all blocks kept in training (layer inputs only with remat), one block otherwise
     (inference, ``freeze_vision``).
   - ``logits``: train T V (cb + 8) (matmul output, f32 logits, f32 log-softmax / gradient);
@@ -323,15 +363,25 @@ def estimate_memory(cfg: MLLMConfig, *, batch: int, seq_len: int, devices: int =
   - ``descriptors`` (infer, gaze): L NR Hkv D b 4 (float32 region means), NR = regions per
     example from ``images`` full frames and ``video_frames`` frames pooled by ``video_pool``.
 
-  ``images`` defaults to 1 for a model with a vision tower. Raises ValueError for arguments
-  that cannot describe a run (e.g. the images do not fit in ``seq_len``). Returns the bytes of
-  every component in ``COMPONENTS`` and their ``total``.
+  ``images`` defaults to 1 for a model with a vision tower. ``attention_impl``: one of
+  ``ATTENTION_IMPLS``, ``"xla"`` (this package's XLA paths), ``"pallas"`` (its Pallas gaze
+  kernels; dense decoder attention and the vision tower stay on XLA) or ``"flash"`` (a fused
+  kernel for every attention, the vision tower's included); None follows
+  ``cfg.gaze.implementation`` (``"pallas"`` or else ``"xla"``). ``compiled_top_k``: the static
+  K the model is compiled with (K_max; a count or a ratio like ``GazeConfig.top_k``); the
+  trainer compiles at the progressive top-K schedule's start (``config.topk_schedule.start``)
+  and only masks the blocks past the active K, so the XLA path's gathered blocks are sized by
+  K_max. None means all regions in training (the default schedule starts there) and
+  ``cfg.gaze.top_k`` for inference; ignored for dense attention. Raises ValueError for
+  arguments that cannot describe a run (e.g. the images do not fit in ``seq_len``, K_max
+  outside [1, regions]). Returns the bytes of every component in ``COMPONENTS`` and their
+  ``total``.
   """
   out, _, _ = _estimate(cfg, batch=batch, seq_len=seq_len, devices=devices, fsdp=fsdp,
                         mode=mode, param_bytes=param_bytes, compute_bytes=compute_bytes,
                         remat=remat, cache_len=cache_len, images=images,
                         video_frames=video_frames, attention_impl=attention_impl,
-                        freeze_vision=freeze_vision)
+                        freeze_vision=freeze_vision, compiled_top_k=compiled_top_k)
   out["total"] = sum(out.values())
   return out
 
@@ -344,6 +394,11 @@ def _gib(x: float) -> str:
 
 def _count(n: int) -> str:
   return f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.2f}M" if n >= 1e4 else str(n)
+
+
+def _top_k_arg(text: str):
+  """A K as ``GazeConfig.top_k`` takes it: ``8`` (count) or ``0.5`` (ratio of the regions)."""
+  return float(text) if any(c in text for c in ".eE") else int(text)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -366,8 +421,15 @@ def _parser() -> argparse.ArgumentParser:
                  help="full-size images per example (default 1 with a vision tower)")
   p.add_argument("--video-frames", type=int, default=0,
                  help="video frames per example (pooled video_pool x video_pool)")
-  p.add_argument("--attention-impl", choices=ATTENTION_IMPLS, default="xla",
-                 help="xla: this package's XLA paths (store scores); flash: a fused kernel")
+  p.add_argument("--attention-impl", choices=ATTENTION_IMPLS, default=None,
+                 help="xla: this package's XLA paths (store scores and gathered regions); "
+                 "pallas: its Pallas gaze kernels (working set independent of K); flash: a "
+                 "fused kernel for every attention, vision included (default: the preset's "
+                 "gaze.implementation)")
+  p.add_argument("--topk-start", type=_top_k_arg, default=None,
+                 help="gaze: the K the model is compiled with, K_max (config.topk_schedule."
+                 "start; a count or a ratio); default all regions in train mode (the trainer's "
+                 "default schedule start), the preset's top_k in infer mode")
   p.add_argument("--attention", choices=("gaze", "dense"), default=None,
                  help="override the preset's attention")
   p.add_argument("--query-chunk", type=int, default=None,
@@ -394,7 +456,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             mode=args.mode, param_bytes=args.param_bytes, compute_bytes=args.compute_bytes,
             remat=args.remat, cache_len=args.cache_len, images=args.images,
             video_frames=args.video_frames, attention_impl=args.attention_impl,
-            freeze_vision=args.freeze_vision)
+            freeze_vision=args.freeze_vision, compiled_top_k=args.topk_start)
   try:
     out, how, info = _estimate(cfg, **kw)
   except ValueError as e:
@@ -406,12 +468,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"projector {_count(n['projector'])}, decoder {_count(n['decoder'])}, "
         f"ctx {_count(n['ctx'])})")
   gz = cfg.gaze
-  att = (f"gaze K={info['top_k']} of {info['regions']} regions" if gz.attention == "gaze"
-         and info["regions"] else "dense")
+  impl, K, K_max = info["attention_impl"], info["top_k"], info["compiled_top_k"]
+  gaze = gz.attention == "gaze" and info["regions"] > 0
+  att = f"gaze K={K} of {info['regions']} regions" if gaze else "dense"
+  if gaze and K_max != K:
+    att += f", compiled at K_max={K_max}"
   print(f"mode={args.mode} batch={args.batch} ({info['local_batch']}/device) "
         f"seq_len={args.seq_len} devices={args.devices} fsdp={'on' if args.fsdp else 'off'} "
         f"remat={'on' if args.remat else 'off'} params={args.param_bytes}B "
-        f"compute={args.compute_bytes}B attention={att} ({args.attention_impl}) "
+        f"compute={args.compute_bytes}B attention={att} ({impl}) "
         f"frames/example={info['frames']}")
   print(f"{'component':<20}{'GiB/device':>10}  formula")
   for k in COMPONENTS:
@@ -432,12 +497,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   tries = []
   if args.mode == "train" and not args.remat:
     tries.append(("--remat", dict(remat=True)))
-  if args.attention_impl == "xla":
+  if impl == "xla" and gaze:
+    tries.append(("--attention-impl pallas", dict(attention_impl="pallas")))
+  if impl == "xla" and gaze and K_max > K:
+    tries.append((f"--topk-start {K} (fixed K)", dict(compiled_top_k=K)))
+  if impl != "flash":
     tries.append(("--attention-impl flash", dict(attention_impl="flash")))
-  if args.mode == "train" and not args.remat and args.attention_impl == "xla":
+  if args.mode == "train" and not args.remat and impl != "flash":
     tries.append(("--remat --attention-impl flash", dict(remat=True, attention_impl="flash")))
-  if (args.mode == "infer" and args.attention_impl == "xla" and gz.attention == "gaze"
-      and info["regions"] and not gz.query_chunk and args.seq_len > 512):
+  if (args.mode == "infer" and impl == "xla" and gaze and not gz.query_chunk
+      and args.seq_len > 512):
     chunked = dataclasses.replace(cfg, gaze=dataclasses.replace(gz, query_chunk=512))
     tries.append(("--query-chunk 512", dict(cfg=chunked)))
   if not args.fsdp and args.devices > 1:
