@@ -4,6 +4,7 @@ attention and accounting. See METHOD.md."""
 from gaze_jax.gaze.accounting import (KVBudget, attention_flops, decode_flops, routing_flops,
                                       selected_union_size, visual_kv_budget)
 from gaze_jax.gaze.attention import IMPLEMENTATIONS, gaze_attention
+from gaze_jax.gaze.dense import causal_attention
 from gaze_jax.gaze.layout import (CTX, PAD, PATCH, TEXT, Image, LayoutSpec, Text, TokenLayout,
                                   Video, build_layout, num_regions, region_major_order,
                                   slots_needed)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gaze_jax.gaze import PAD, TokenLayout, gaze_attention, masked_softmax, region_descriptors
+from gaze_jax.gaze import PAD, TokenLayout, causal_attention, gaze_attention, region_descriptors
 from gaze_jax.model.config import DecoderConfig, GazeConfig
 from gaze_jax.model.layers import RMSNorm, dense, rope
 
@@ -36,20 +36,15 @@ jax.tree_util.register_dataclass(LayerCache, data_fields=["k", "v", "descriptors
 
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
                     k_pos: jax.Array, k_valid: jax.Array) -> jax.Array:
-  """Plain causal attention by position (the dense baseline).
+  """Plain causal attention by position (the dense baseline), by ``causal_attention``.
 
   q ``[B, T, Hq, D]``, k/v ``[B, S, Hkv, D]``, q_pos ``[B, T]``, k_pos / k_valid ``[B, S]``
-  -> ``[B, T, Hq, D]``.
+  -> ``[B, T, Hq, D]``. T == S is the full-sequence form: the queries are the S slots, so
+  ``q_pos`` must equal ``k_pos``; T < S is the decode form (any ``q_pos``).
   """
-  B, T, Hq, D = q.shape
-  Hkv = k.shape[2]
-  qg = q.reshape(B, T, Hkv, Hq // Hkv, D)
-  logits = jnp.einsum("btkgd,bskd->btkgs", qg, k, preferred_element_type=jnp.float32)
-  mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]
-  p = masked_softmax(logits / math.sqrt(D), mask[:, :, None, None, :])
-  out = jnp.einsum("btkgs,bskd->btkgd", p.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
-  return out.reshape(B, T, Hq, D).astype(q.dtype)
+  # The full form runs the fused kernel causally on the position-sorted sequence, no mask.
+  full = q.shape[1] == k.shape[1]
+  return causal_attention(q, k, v, None if full else q_pos, k_pos, k_valid)
 
 
 def write_cache(buf: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:

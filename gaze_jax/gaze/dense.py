@@ -1,0 +1,99 @@
+"""Dense causal attention by RoPE position, through ``jax.nn.dot_product_attention``.
+
+Causality is by position, not slot order: the layout stores image patches region-major, so the
+slots are not in position order. Two forms:
+  * full sequence (the queries are the S key slots): the slots are sorted by position (PAD
+    last), so that position causality becomes index causality, and the fused kernel runs with
+    ``is_causal=True`` (no mask tensor; cuDNN skips the masked blocks);
+  * decode (T query rows at any positions): a boolean ``[B, 1, T, S]`` mask.
+PAD rows, and rows that see no key, give zeros.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+
+# cuDNN flash attention takes fp16/bf16 only and head dims that are multiples of 8, up to 128
+# on every GPU (256 from Hopper on).
+_CUDNN_DTYPES = (jnp.float16, jnp.bfloat16)
+_CUDNN_MAX_HEAD_DIM = 128
+
+
+def _on_cuda() -> bool:
+  backend = jax.extend.backend.get_backend()
+  return backend.platform == "gpu" and "cuda" in backend.platform_version.lower()
+
+
+def pick_implementation(q: jax.Array, *, masked: bool) -> str:
+  """``jax.nn.dot_product_attention``'s implementation for ``q [B, T, Hq, D]``: "cudnn" for the
+  unmasked (causal) form on a CUDA GPU where cuDNN takes the dtype and head dim, else "xla".
+  (Its own default, None, is XLA everywhere in jax 0.10.) A ``masked`` call stays on XLA: cuDNN
+  would turn the mask into a dense additive bias."""
+  D = q.shape[-1]
+  if (not masked and _on_cuda() and q.dtype in _CUDNN_DTYPES and D % 8 == 0
+      and D <= _CUDNN_MAX_HEAD_DIM):
+    return "cudnn"
+  return "xla"
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: Optional[jax.Array],
+                     k_pos: jax.Array, k_valid: jax.Array, *, scale: Optional[float] = None,
+                     implementation: Optional[str] = None,
+                     length: Optional[int] = None) -> jax.Array:
+  """Causal attention by position: row t sees the valid keys s with ``k_pos[s] <= q_pos[t]``.
+
+  Args:
+    q: ``[B, T, Hq, D]``; Hq a multiple of Hkv (GQA).
+    k, v: ``[B, S, Hkv, D]``.
+    q_pos: int ``[B, T]`` query positions (decode form), or None for the full-sequence form:
+      T == S and the queries are the key slots (``q_pos == k_pos``).
+    k_pos: int ``[B, S]`` key positions; unique among the valid slots of an example.
+    k_valid: bool ``[B, S]``, False for PAD slots.
+    scale: logit scale; default ``1 / sqrt(D)``.
+    implementation: "xla", "cudnn" or None (``pick_implementation``).
+    length: full-sequence form only: a static bound on the sorted positions to run, rounded
+      up to a multiple of 128 (cuDNN's tile) and capped at S. Only rows whose position rank
+      (index in position order) is below it are computed; the others give zeros.
+  Returns:
+    ``[B, T, Hq, D]`` in q's dtype; zero for PAD rows (full form) and rows with no visible key.
+  """
+  if scale is None:
+    scale = 1.0 / math.sqrt(q.shape[-1])
+  if implementation is None:
+    implementation = pick_implementation(q, masked=q_pos is not None)
+  if q_pos is None:
+    return _sorted_causal(q, k, v, k_pos, k_valid, scale=scale,
+                          implementation=implementation, length=length)
+  if length is not None:
+    raise ValueError("length bounds the full-sequence form only (q_pos=None)")
+  mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]    # [B, T, S]
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale,
+                                     implementation=implementation)
+  # An all-False mask row gets a uniform average of v from the kernel, not zeros.
+  return jnp.where(mask.any(-1)[:, :, None, None], out, 0)
+
+
+def _sorted_causal(q, k, v, pos, valid, *, scale, implementation, length):
+  """The full-sequence form of ``causal_attention``: the first ``length`` slots in position
+  order, through ``is_causal=True``, scattered back to slot order."""
+  B, S = pos.shape
+  if q.shape[1] != S:
+    raise ValueError(f"the full-sequence form needs T == S, got T={q.shape[1]}, S={S}")
+  n = S if length is None else min(S, -(-max(1, int(length)) // 128) * 128)
+  # PAD slots sort last (stable argsort: ties keep slot order); valid positions are unique, so
+  # rank order is position order and a valid row sees exactly the keys at or before it.
+  key = jnp.where(valid, pos, jnp.iinfo(pos.dtype).max)
+  perm = jnp.argsort(key, axis=1)[:, :n]                                  # [B, n] slots
+  take = lambda x: jnp.take_along_axis(x, perm[:, :, None, None], axis=1)
+  out = jax.nn.dot_product_attention(take(q), take(k), take(v), is_causal=True, scale=scale,
+                                     implementation=implementation)
+  # PAD rows sort after every valid key, so they see all of them: zero them.
+  keep = jnp.take_along_axis(valid, perm, axis=1)
+  out = jnp.where(keep[:, :, None, None], out, 0)
+  full = jnp.zeros(q.shape, out.dtype)
+  return full.at[jnp.arange(B)[:, None], perm].set(out, unique_indices=True)
