@@ -53,6 +53,7 @@ from gaze_jax.gaze import (Image, LayoutSpec, Selection, Text, Video, build_layo
 from gaze_jax.gaze.layout import PATCH  # noqa: E402
 from benchmarks.readme import replace_between  # noqa: E402
 from pallas_kernels import ops  # noqa: E402
+from pallas_kernels import plan as kplan  # noqa: E402
 
 IMPLS = ("cudnn_dense", "xla_dense", "reference", "xla_gather", "pallas")
 
@@ -191,7 +192,7 @@ def bench_decode(a, sh: Shapes, cfg: ops.KernelConfig, *, batch, frames, grid, k
   print(f"  decode B={batch} visual={visual} keep={keep} K={K} routing={routing} corr={corr}",
         flush=True)
 
-  blocks, prep, stats = _prepare(layout, q, k, v, ids, routed, q_index, cfg, sh)
+  plan, prep, stats = _prepare(layout, q, k, v, ids, routed, q_index, cfg, sh)
   gaze_bytes = float(jnp.sum(stats["bytes_read"]))
   u = float(jnp.mean(stats["union_fraction"]))
 
@@ -216,7 +217,7 @@ def bench_decode(a, sh: Shapes, cfg: ops.KernelConfig, *, batch, frames, grid, k
   else:
     impls["reference"] = _skip("reference mask and repeated K/V would not fit")
   impls["xla_gather"] = _run_impl("xla_gather", gz("xla"), (q, k, v), a)
-  impls["pallas"] = _run_pallas(a, layout, blocks, prep, ids, routed, q_index, cfg, q, k, v)
+  impls["pallas"] = _run_pallas(a, layout, plan, prep, ids, routed, q_index, cfg, q, k, v)
   for name in ("cudnn_dense", "xla_dense"):
     if "time_s" in impls[name]:
       impls[name].update(bw(dense_bytes)(impls[name]["time_s"]))
@@ -234,29 +235,34 @@ def bench_decode(a, sh: Shapes, cfg: ops.KernelConfig, *, batch, frames, grid, k
   return rec
 
 
+def _plan(layout, q, k, routed, q_index, cfg):
+  """The kernels' plan (once per layout, shared by the layers of a step)."""
+  return kplan.build_plan(layout, q_index, routed, heads=(q.shape[2], k.shape[2], q.shape[3]),
+                          dtype=q.dtype, config=cfg)
+
+
 def _prepare(layout, q, k, v, ids, routed, q_index, cfg, sh):
-  """Block table (once per layout), the packed kernel operands and what the kernels read."""
-  blocks = jax.jit(lambda: ops.build_blocks(layout, cfg))()
-  prep = ops.prepare(q, k, v, layout, ids, routed=routed, q_index=q_index, config=cfg,
-                     unique_ids=True, blocks=blocks)
+  """The plan, the packed kernel operands and what the kernels read."""
+  plan = jax.jit(lambda: _plan(layout, q, k, routed, q_index, cfg))()
+  prep = ops.prepare(q, k, v, ids, plan, unique=True)
   stats = ops.read_stats(prep, itemsize=jnp.dtype(sh.dtype).itemsize)
-  return blocks, prep, stats
+  return plan, prep, stats
 
 
-def _run_pallas(a, layout, blocks, prep, ids, routed, q_index, cfg, q, k, v, extra=None):
-  """The whole op (lists, packing, kernels, merges; block table given) and the kernels alone;
-  the block-table build is timed apart (it is shared by all layers of a step)."""
-  rec = _run_impl("pallas", lambda q, k, v, b: ops.attention(
+def _run_pallas(a, layout, plan, prep, ids, routed, q_index, cfg, q, k, v, extra=None):
+  """The whole op (routed lists, packing, kernels, merges; plan given) and the kernels alone;
+  the plan's build is timed apart (it is shared by all layers of a step)."""
+  rec = _run_impl("pallas", lambda q, k, v, p: ops.attention(
       q, k, v, layout, ids, routed=routed, q_index=q_index, config=cfg, unique_ids=True,
-      blocks=b), (q, k, v, blocks), a, extra)
+      plan=p), (q, k, v, plan), a, extra)
   if "time_s" not in rec:
     return rec
   st, shape = prep.static, prep.shape
   kern = _run_impl("  kernels only", lambda q, k, v, aux: ops.Prepared(
       st, q, k, v, aux, shape).forward(), (prep.q, prep.k, prep.v, prep.aux), a)
   rec["kernel_s"] = kern.get("time_s")
-  rec["blocks_s"] = _run_impl("  block table", lambda: ops.build_blocks(layout, cfg), (),
-                              a).get("time_s")
+  rec["plan_s"] = _run_impl("  plan", lambda: _plan(layout, q, k, routed, q_index, cfg), (),
+                            a).get("time_s")
   return rec
 
 
@@ -319,14 +325,14 @@ def bench_train(a, sh: Shapes, cfg: ops.KernelConfig, *, name, segments, keep, r
   impls["xla_gather"] = _run_impl("xla_gather", gz("xla", a.query_chunk), (q, k, v), a)
   dense_impl = "cudnn" if _has_cudnn() else "xla"
   hyb = dataclasses.replace(cfg, dense_rows=dense_impl, dense_len=_dense_len(layout))
-  blocks = jax.jit(lambda: ops.build_blocks(layout, cfg))()
-  impls["pallas"] = _run_impl("pallas", lambda q, k, v, b: step(lambda q, k, v: ops.attention(
-      q, k, v, layout, ids, routed=routed, config=hyb, unique_ids=True, blocks=b))(q, k, v),
-      (q, k, v, blocks), a, {"dense_rows": dense_impl})
+  plans = {c: jax.jit(lambda c=c: _plan(layout, q, k, routed, None, c))() for c in (hyb, cfg)}
+  impls["pallas"] = _run_impl("pallas", lambda q, k, v, p: step(lambda q, k, v: ops.attention(
+      q, k, v, layout, ids, routed=routed, config=hyb, unique_ids=True, plan=p))(q, k, v),
+      (q, k, v, plans[hyb]), a, {"dense_rows": dense_impl})
   impls["pallas_kernels_only"] = _run_impl(
-      "pallas_kernels_only", lambda q, k, v, b: step(lambda q, k, v: ops.attention(
-          q, k, v, layout, ids, routed=routed, config=cfg, unique_ids=True, blocks=b))(q, k, v),
-      (q, k, v, blocks), a, {"note": "every row through the kernels (no dense-row split)"})
+      "pallas_kernels_only", lambda q, k, v, p: step(lambda q, k, v: ops.attention(
+          q, k, v, layout, ids, routed=routed, config=cfg, unique_ids=True, plan=p))(q, k, v),
+      (q, k, v, plans[cfg]), a, {"note": "every row through the kernels (no dense-row split)"})
   _speedups(rec)
   return rec
 
@@ -382,16 +388,17 @@ def bench_prefill(a, sh: Shapes, cfg: ops.KernelConfig, *, text, frames, grid, k
   else:
     impls["reference"] = _skip("the [T, Hq, S] mask and logits would not fit")
   impls["xla_gather"] = _run_impl("xla_gather", gz("xla", a.query_chunk), (q, k, v), a)
-  blocks, prep, stats = _prepare(layout, q, k, v, ids, routed, q_index, cfg, sh)
+  plan, prep, stats = _prepare(layout, q, k, v, ids, routed, q_index, cfg, sh)
   rec["union_fraction_per_tile"] = float(jnp.mean(stats["union_fraction"]))
   impls["pallas"] = _run_pallas(
-      a, layout, blocks, prep, ids, routed, q_index, cfg, q, k, v,
+      a, layout, plan, prep, ids, routed, q_index, cfg, q, k, v,
       {"routed_rows": cfg.routed_rows, "bytes": float(jnp.sum(stats["bytes_read"]))})
   big = dataclasses.replace(cfg, routed_rows=4 * cfg.routed_rows)
+  big_plan = jax.jit(lambda: _plan(layout, q, k, routed, q_index, big))()
   impls["pallas_routed_rows_x4"] = _run_impl(
-      "pallas_routed_rows_x4", lambda q, k, v, b: ops.attention(
+      "pallas_routed_rows_x4", lambda q, k, v, p: ops.attention(
           q, k, v, layout, ids, routed=routed, q_index=q_index, config=big, unique_ids=True,
-          blocks=b), (q, k, v, blocks), a, {"routed_rows": big.routed_rows})
+          plan=p), (q, k, v, big_plan), a, {"routed_rows": big.routed_rows})
   _speedups(rec)
   return rec
 

@@ -3,17 +3,42 @@ recipes then adjust. Every field a recipe may override from the command line exi
 (``lock_config=True`` rejects unknown fields).
 """
 
+import dataclasses
+import typing
+
 import ml_collections
+from ml_collections import config_dict
 
 from gaze_jax.model.presets import get_preset
 from gaze_jax.train.config import model_fields
 from gaze_jax.train.sharding import DEFAULT_RULES
+from pallas_kernels.config import KernelConfig
+
+
+def kernel_fields(kernel=None) -> ml_collections.ConfigDict:
+  """The fields of a ``KernelConfig`` (default: the defaults) as config entries, those that
+  default to None as typed placeholders, so that ``--config.model.gaze.kernel.<field>=...``
+  can set every one of them (ml_collections cannot override a plain None field)."""
+  kernel = kernel or KernelConfig()
+  hints = typing.get_type_hints(KernelConfig)
+  out = {}
+  for f in dataclasses.fields(KernelConfig):
+    value = getattr(kernel, f.name)
+    if value is None:
+      args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)]
+      # Optional[int] -> int; ``interpret`` (Any) is a bool from a config.
+      out[f.name] = config_dict.placeholder(args[0] if args else bool)
+    else:
+      out[f.name] = value
+  return ml_collections.ConfigDict(out)
 
 
 def base_config(preset: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # Model: the fields of gaze_jax.model.config dataclasses (decoder, vision, gaze, dtypes).
-  c.model = ml_collections.ConfigDict(model_fields(get_preset(preset)))
+  preset_cfg = get_preset(preset)
+  c.model = ml_collections.ConfigDict(model_fields(preset_cfg))
+  c.model.gaze.kernel = kernel_fields(preset_cfg.gaze.kernel)
   c.model.init = ""                       # "", "gguf:smollm2" or a .gguf file (decoder weights)
   c.init_from_checkpoint = ""             # another run's workdir: start from its parameters
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gaze_jax.gaze.layout import CTX, PAD, PATCH, TEXT
+from gaze_jax.gaze.layout import PAD
+from gaze_jax.gaze.masks import base_rule, region_rule
 
 NEG = -1e30   # finite "minus infinity": masked logits, and the lse of a row that sees nothing
 
@@ -24,19 +25,13 @@ def mask_parts(mode: str, qkind, qpos, qframe, qrouted, kkind, kpos, kframe, rid
   the block's region id, -1 for a text/context chunk) and the rules are elementwise, so the
   result has the broadcast shape: rows ``[M, 1]`` with keys ``[1, BK]`` give ``[M, BK]``, and
   rows ``[1, M]`` with keys ``[BK, 1]`` give the transposed ``[BK, M]`` (the dk/dv kernels).
-  PAD rows and PAD keys are never visible.
+  PAD rows and PAD keys are never visible. The rules are ``gaze_jax.gaze.masks``'.
   """
-  routed_row = (qkind == TEXT) & (qrouted > 0)
-  causal = kpos <= qpos
   base = cand = None
   if mode in ("base", "full"):
-    dense_row = (qkind == PATCH) | ((qkind == TEXT) & (qrouted == 0))
-    k_ctx = kkind == CTX
-    base = ((dense_row & causal & (kkind != PAD))
-            | ((qkind == CTX) & (kframe == qframe) & ((kkind == PATCH) | (k_ctx & causal)))
-            | (routed_row & causal & ((kkind == TEXT) | k_ctx)))
+    base = base_rule(qkind, qpos, qframe, qrouted, kkind, kpos, kframe)
   if mode in ("routed", "full"):
-    cand = routed_row & (kkind == PATCH) & causal & (rid >= 0)
+    cand = region_rule(qkind, qpos, qrouted, kkind, kpos) & (rid >= 0)
   return base, cand
 
 

@@ -9,14 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gaze_jax.gaze.chunks import map_query_chunks
 from gaze_jax.gaze.layout import TokenLayout
-from gaze_jax.gaze.masks import routed_rows, token_info
+from gaze_jax.gaze.plan import IMPLEMENTATIONS, AttentionPlan, build_plan
 from gaze_jax.gaze.reference import reference_attention
 from gaze_jax.gaze.regions import region_descriptors
-from gaze_jax.gaze.routing import ROUTINGS, SCORES, Selection, resolve_top_k, route
+from gaze_jax.gaze.routing import ROUTINGS, SCORES, Selection, resolve_top_k, route, unique_ids
 from gaze_jax.gaze.xla import xla_attention
-
-IMPLEMENTATIONS = ("reference", "xla", "pallas")
 
 
 def _check_rank(name, x, rank):
@@ -64,33 +63,6 @@ def _check_inputs(q, k, v, q_route, k_route, layout, q_index, descriptors, selec
       raise ValueError(f"selection ids must be [B={B}, T={T}, Hq={Hq}, K], got {ids.shape}")
 
 
-def _map_query_chunks(fn, chunk: int, *xs):
-  """Applies ``fn`` to chunks of ``chunk`` rows of every ``[B, T, ...]`` array in ``xs`` in turn
-  (``lax.map``), bounding the per-row working set; pads T with rows whose q_index is -1."""
-  B, T = xs[0].shape[:2]
-  n = -(-T // chunk)
-  pad = n * chunk - T
-
-  def split(x, fill):
-    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-    return jnp.moveaxis(x.reshape(B, n, chunk, *x.shape[2:]), 1, 0)
-
-  # q_index (xs[1]) pads with -1 (a PAD row); the others with zeros.
-  chunks = [split(x, -1 if i == 1 else 0) for i, x in enumerate(xs)]
-  outs = jax.lax.map(lambda c: fn(*c), chunks)
-  return jax.tree_util.tree_map(
-      lambda y: jnp.moveaxis(y, 0, 1).reshape(B, n * chunk, *y.shape[3:])[:, :T], outs)
-
-
-def _unique_ids(ids: jax.Array) -> jax.Array:
-  """A caller's selection ``[..., K]`` with repeated ids (per row and head) set to -1: a region
-  is a set member, so the gather path must not read its block twice (the mask path can't)."""
-  ids = ids.astype(jnp.int32)
-  earlier = (ids[..., :, None] == ids[..., None, :]) & jnp.tril(
-      jnp.ones((ids.shape[-1],) * 2, bool), -1)
-  return jnp.where(earlier.any(-1), -1, ids)
-
-
 def gaze_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_route: Optional[jax.Array],
                    k_route: Optional[jax.Array], layout: TokenLayout, *, top_k,
                    active_k=None, score: str = "dot", routing: str = "head",
@@ -98,7 +70,8 @@ def gaze_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_route: Optional[j
                    descriptors: Optional[jax.Array] = None, selection=None,
                    decode: Optional[bool] = None, scale: Optional[float] = None,
                    query_chunk: Optional[int] = None, implementation: str = "xla",
-                   kernel_config=None, return_selected: bool = False):
+                   kernel_config=None, plan: Optional[AttentionPlan] = None,
+                   return_selected: bool = False):
   """Gaze attention (METHOD.md): each text query attends to causal text, all earlier context
   tokens and the patches of its top-K regions; patch rows are dense causal and context rows see
   their own frame.
@@ -128,7 +101,9 @@ def gaze_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_route: Optional[j
     scale: logit scale, default ``1 / sqrt(D)``.
     query_chunk: process this many query rows at a time (bounds memory of scores and gathers).
     implementation: "xla" (gather, default), "reference" (dense masked) or "pallas".
-    kernel_config: ``pallas_kernels.ops.KernelConfig`` for "pallas" (None: the defaults).
+    kernel_config: ``pallas_kernels.config.KernelConfig`` for "pallas" (None: the defaults).
+    plan: the layout's ``AttentionPlan`` (``build_plan``) for these rows and options: build it
+      once per forward pass and pass it to every layer; None builds it here.
     return_selected: also return the selected region ids.
   Returns:
     ``out [B, T, Hq, D]`` in q's dtype, and with ``return_selected`` also int32 ids
@@ -145,6 +120,15 @@ def gaze_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_route: Optional[j
   if isinstance(active_k, (int, np.integer)):  # a traced active_k is clipped by the ranks
     if not 0 <= int(active_k) <= K:
       raise ValueError(f"active_k={int(active_k)} must be in [0, top_k={K}]")
+  B, T, Hq, D = q.shape
+  if decode is None:
+    decode = q_index is not None
+  if plan is None:
+    plan = build_plan(layout, q_index, route_prompt=route_prompt, implementation=implementation,
+                      decode=decode, heads=(Hq, k.shape[2], D), dtype=q.dtype,
+                      kernel_config=kernel_config)
+  plan.check(rows=(B, T), implementation=implementation, route_prompt=route_prompt,
+             decode=decode)
   if implementation == "pallas":
     # Imported here so that gaze_jax never imports Pallas unless asked to.
     from pallas_kernels import ops as pallas_ops
@@ -152,13 +136,8 @@ def gaze_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_route: Optional[j
         q, k, v, q_route, k_route, layout, top_k=K, active_k=active_k, score=score,
         routing=routing, route_prompt=route_prompt, q_index=q_index, descriptors=descriptors,
         selection=selection, scale=scale, query_chunk=query_chunk,
-        return_selected=return_selected, config=kernel_config)
-  B, T, Hq, D = q.shape
-  S = k.shape[1]
-  if decode is None:
-    decode = q_index is not None
-  if q_index is None:
-    q_index = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+        return_selected=return_selected,
+        config=kernel_config, plan=plan)
   if scale is None:
     scale = 1.0 / math.sqrt(D)
   if selection is not None:
@@ -168,29 +147,24 @@ def gaze_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_route: Optional[j
     if descriptors is None:
       descriptors = region_descriptors(k_route, layout)
 
-  def rows(q_blk, qi_blk, qr_blk, ids_blk):
-    query = token_info(layout, qi_blk)
-    routed = routed_rows(query, route_prompt)
+  def rows(q_blk, query, routed, base, qr_blk, ids_blk):
     if ids_blk is None:
       sel = route(qr_blk, descriptors, layout.region_valid, layout.region_last_pos,
                   query.position, routed, top_k=K, active_k=active_k, score=score,
                   routing=routing)
     else:
-      sel = Selection(ids=_unique_ids(jnp.where(routed[:, :, None, None], ids_blk, -1)))
+      sel = Selection(ids=unique_ids(jnp.where(routed[:, :, None, None], ids_blk, -1)))
     if implementation == "reference":
       out = reference_attention(q_blk, k, v, layout, query, routed, sel, scale=scale)
     else:
-      out = xla_attention(q_blk, k, v, layout, query, routed, sel, scale=scale, decode=decode,
-                          group_routing=routing == "group" and ids_blk is None)
+      out = xla_attention(q_blk, k, v, layout, query, routed, base, sel, scale=scale,
+                          decode=decode, group_routing=routing == "group" and ids_blk is None)
     return out, sel.ids
 
-  route_in = sel_ids if sel_ids is not None else q_route
+  row_plan = (plan.query, plan.routed, plan.base)
+  route_in = (q_route, None) if sel_ids is None else (None, sel_ids)
   if query_chunk is None or query_chunk >= T:
-    out, ids = rows(q, q_index, route_in if sel_ids is None else None, sel_ids)
+    out, ids = rows(q, *row_plan, *route_in)
   else:
-    if sel_ids is None:
-      fn = lambda qb, ib, rb: rows(qb, ib, rb, None)
-    else:
-      fn = lambda qb, ib, sb: rows(qb, ib, None, sb)
-    out, ids = _map_query_chunks(fn, int(query_chunk), q, q_index, route_in)
+    out, ids = map_query_chunks(rows, int(query_chunk), q, *row_plan, *route_in)
   return (out, ids) if return_selected else out

@@ -32,6 +32,10 @@ class TokenInfo:
   generated: Any
 
 
+jax.tree_util.register_dataclass(
+    TokenInfo, data_fields=["kind", "position", "frame", "region", "generated"], meta_fields=[])
+
+
 def token_info(layout: TokenLayout, index: jax.Array) -> TokenInfo:
   """Fields of the slots ``index`` (int32 ``[B, N]``; -1 = padding query/key)."""
   ok = index >= 0
@@ -55,6 +59,30 @@ def routed_rows(query: TokenInfo, route_prompt: bool) -> jax.Array:
   return routed
 
 
+def base_rule(qkind, qpos, qframe, qrouted, kkind, kpos, kframe):
+  """The visibility rules without the routed regions, elementwise (the one definition that the
+  xla, reference and kernel paths all use).
+
+  Every argument is an int (or bool, for ``qrouted``) array; they broadcast, so query fields
+  ``[..., T, 1]`` with key fields ``[..., 1, N]`` give ``[..., T, N]`` (and the kernels' row
+  ``[M, 1]`` x key ``[1, BK]`` tiles, or the transposed ``[BK, 1]`` x ``[1, M]``). ``qrouted``
+  marks routed rows (``routed_rows``). PAD rows and PAD keys are never visible.
+  """
+  causal = kpos <= qpos
+  routed = (qkind == TEXT) & (qrouted != 0)
+  dense = (qkind == PATCH) | ((qkind == TEXT) & (qrouted == 0))
+  k_ctx = kkind == CTX
+  return ((dense & causal & (kkind != PAD))
+          | ((qkind == CTX) & (kframe == qframe) & ((kkind == PATCH) | (k_ctx & causal)))
+          | (routed & causal & ((kkind == TEXT) | k_ctx)))
+
+
+def region_rule(qkind, qpos, qrouted, kkind, kpos):
+  """Elementwise: the key is a patch that the row sees if it selected the key's region (a
+  routed text row and a causal patch key; broadcasting as in ``base_rule``)."""
+  return (qkind == TEXT) & (qrouted != 0) & (kkind == PATCH) & (kpos <= qpos)
+
+
 def base_mask(query: TokenInfo, key: TokenInfo, routed: jax.Array) -> jax.Array:
   """Visibility of ``key`` slots for ``query`` rows, without the routed regions.
 
@@ -67,20 +95,8 @@ def base_mask(query: TokenInfo, key: TokenInfo, routed: jax.Array) -> jax.Array:
   """
   qk = lambda a: a[:, :, None]
   kk = lambda a: a[:, None, :]
-  causal = kk(key.position) <= qk(query.position)
-  k_text, k_patch, k_ctx = (kk(key.kind) == c for c in (TEXT, PATCH, CTX))
-  k_real = kk(key.kind) != PAD
-  same_frame = kk(key.frame) == qk(query.frame)
-
-  dense_row = causal & k_real
-  ctx_row = same_frame & (k_patch | (k_ctx & causal))
-  routed_text_row = causal & (k_text | k_ctx)
-  text_row = jnp.where(qk(routed), routed_text_row, dense_row)
-
-  q_kind = qk(query.kind)
-  return jnp.where(q_kind == PATCH, dense_row,
-                   jnp.where(q_kind == CTX, ctx_row,
-                             jnp.where(q_kind == TEXT, text_row, False)))
+  return base_rule(qk(query.kind), qk(query.position), qk(query.frame), qk(routed),
+                   kk(key.kind), kk(key.position), kk(key.frame))
 
 
 def masked_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:

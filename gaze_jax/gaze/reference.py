@@ -9,8 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gaze_jax.gaze.layout import PATCH, TokenLayout
-from gaze_jax.gaze.masks import TokenInfo, base_mask, masked_softmax, token_info
+from gaze_jax.gaze.layout import TokenLayout
+from gaze_jax.gaze.masks import TokenInfo, base_mask, masked_softmax, region_rule, token_info
 from gaze_jax.gaze.routing import Selection
 
 _HI = jax.lax.Precision.HIGHEST
@@ -32,9 +32,10 @@ def gaze_mask(layout: TokenLayout, query: TokenInfo, routed: jax.Array,
   # A key is selected when it is a patch of a selected region.
   key_region = jnp.broadcast_to(jnp.clip(key.region, 0)[:, None, None, :],
                                 chosen.shape[:3] + (S,))
-  key_chosen = jnp.take_along_axis(chosen, key_region, axis=-1) & (key.kind == PATCH)[:, None, None]
-  causal = key.position[:, None, :] <= query.position[:, :, None]
-  return visible | (key_chosen & (routed[:, :, None] & causal)[:, :, None, :])
+  key_chosen = jnp.take_along_axis(chosen, key_region, axis=-1)
+  candidate = region_rule(query.kind[:, :, None], query.position[:, :, None],
+                          routed[:, :, None], key.kind[:, None, :], key.position[:, None, :])
+  return visible | (key_chosen & candidate[:, :, None, :])
 
 
 def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: TokenLayout,

@@ -40,6 +40,22 @@ def resolve_top_k(top_k, n_regions: int) -> int:
   return k
 
 
+def unique_ids(ids: jax.Array) -> jax.Array:
+  """Region ids ``[..., K]`` (-1 none) with every repeat within a row after its first
+  occurrence set to -1, in place: a region is a set member, so a path that gathers or counts
+  selections must see it once. A stable sort per row (cheap even at K = all regions); top-K
+  output never repeats and needs no call."""
+  ids = ids.astype(jnp.int32)
+  if ids.shape[-1] < 2:
+    return ids
+  order = jnp.argsort(ids, axis=-1, stable=True)      # equal ids keep their index order
+  srt = jnp.take_along_axis(ids, order, axis=-1)
+  repeat = jnp.concatenate([jnp.zeros_like(srt[..., :1], bool),
+                            srt[..., 1:] == srt[..., :-1]], axis=-1)
+  back = jnp.argsort(order, axis=-1)
+  return jnp.where(jnp.take_along_axis(repeat, back, axis=-1), -1, ids)
+
+
 @dataclasses.dataclass(frozen=True)
 class Selection:
   """Selected regions per (query, head).

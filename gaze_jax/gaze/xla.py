@@ -15,21 +15,19 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gaze_jax.gaze.layout import PATCH, TokenLayout
-from gaze_jax.gaze.masks import TokenInfo, base_mask, masked_softmax, token_info
+from gaze_jax.gaze.layout import TokenLayout
+from gaze_jax.gaze.masks import TokenInfo, masked_softmax, region_rule
 from gaze_jax.gaze.routing import Selection
 
 _HI = jax.lax.Precision.HIGHEST
 
 
 def _slot_keys(k, v, layout: TokenLayout, decode: bool):
-  """Key set A: (k, v ``[B, Na, Hkv, D]``, TokenInfo ``[B, Na]``)."""
-  B, S = layout.kind.shape
+  """Key set A: k, v ``[B, Na, Hkv, D]`` (the plan holds their fields and the base mask)."""
   if not decode:
-    return k, v, token_info(layout, jnp.broadcast_to(jnp.arange(S), (B, S)))
-  index = layout.nonvisual_index                                      # [B, N_nv]
-  take = lambda x: jnp.take_along_axis(x, jnp.clip(index, 0)[:, :, None, None], axis=1)
-  return take(k), take(v), token_info(layout, index)
+    return k, v
+  index = jnp.clip(layout.nonvisual_index, 0)[:, :, None, None]      # [B, N_nv, 1, 1]
+  return jnp.take_along_axis(k, index, axis=1), jnp.take_along_axis(v, index, axis=1)
 
 
 def _region_blocks(k, v, layout: TokenLayout, ids: jax.Array, query: TokenInfo,
@@ -56,15 +54,18 @@ def _region_blocks(k, v, layout: TokenLayout, ids: jax.Array, query: TokenInfo,
   kind = jnp.take_along_axis(layout.kind, flat, axis=1).reshape(slot.shape)
   pos = jnp.take_along_axis(layout.position, flat, axis=1).reshape(slot.shape)
   chosen = jnp.repeat(ids >= 0, R, axis=-1)
-  mask = (chosen & (kind == PATCH) & routed[:, :, None, None]
-          & (pos <= query.position[:, :, None, None]))
+  q4 = lambda a: a[:, :, None, None]
+  mask = chosen & region_rule(q4(query.kind), q4(query.position), q4(routed), kind, pos)
   return gather(k), gather(v), mask
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: TokenLayout,
-                  query: TokenInfo, routed: jax.Array, selection: Selection, *, scale: float,
-                  decode: bool, group_routing: bool) -> jax.Array:
+                  query: TokenInfo, routed: jax.Array, base: jax.Array, selection: Selection, *,
+                  scale: float, decode: bool, group_routing: bool) -> jax.Array:
   """Gaze attention by gathering. q ``[B, T, Hq, D]``, k/v ``[B, S, Hkv, D]`` -> ``[B, T, Hq, D]``.
+
+  ``query``, ``routed`` and ``base`` (bool ``[B, T, Na]``, the base mask over key set A) are
+  the rows' part of the attention plan (``gaze_jax.gaze.plan``).
 
   ``decode=True`` reads only text/context slots besides the selected regions; it is exact when
   every query row is a routed text row (or padding), as generated tokens are.
@@ -76,8 +77,8 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: TokenLayout,
   qg = q.reshape(B, T, Hkv, G, D)
   f32 = jnp.float32
 
-  ka, va, key_a = _slot_keys(k, v, layout, decode)
-  mask_a = base_mask(query, key_a, routed)[:, :, None, None, :]       # [B, T, 1, 1, Na]
+  ka, va = _slot_keys(k, v, layout, decode)
+  mask_a = base[:, :, None, None, :]                                  # [B, T, 1, 1, Na]
   logits_a = jnp.einsum("btkgd,bskd->btkgs", qg, ka, precision=_HI, preferred_element_type=f32)
 
   if group_routing:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gaze_jax.gaze import PAD, TokenLayout, causal_attention, gaze_attention, region_descriptors
+from gaze_jax.gaze.plan import AttentionPlan, build_plan
 from gaze_jax.model.config import DecoderConfig, GazeConfig
 from gaze_jax.model.layers import RMSNorm, dense, rope
 
@@ -47,6 +48,18 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
   return causal_attention(q, k, v, None if full else q_pos, k_pos, k_valid)
 
 
+def attention_plan(cfg: DecoderConfig, gaze: GazeConfig, layout: TokenLayout,
+                   q_index: Optional[jax.Array] = None, dtype=jnp.float32):
+  """The gaze ``AttentionPlan`` that every layer of one forward pass shares (None for dense
+  attention). q_index: int32 ``[B, T]`` slots of the query rows (None: T == S)."""
+  if gaze.attention != "gaze":
+    return None
+  return build_plan(layout, q_index, route_prompt=gaze.route_prompt,
+                    implementation=gaze.implementation,
+                    heads=(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim), dtype=dtype,
+                    kernel_config=gaze.kernel)
+
+
 def write_cache(buf: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
   """Writes ``new [B, T, ...]`` into ``buf [B, S, ...]`` at per-example slot ``start [B]``."""
   def one(b, n, s):
@@ -72,7 +85,8 @@ class Attention(nnx.Module):
 
   def __call__(self, x: jax.Array, layout: TokenLayout, *, cache: Optional[LayerCache] = None,
                q_index: Optional[jax.Array] = None, active_k=None, want_cache: bool = False,
-               return_selected: bool = False, selection: Optional[jax.Array] = None):
+               return_selected: bool = False, selection: Optional[jax.Array] = None,
+               plan: Optional[AttentionPlan] = None):
     """Self-attention.
 
     Args:
@@ -86,6 +100,8 @@ class Attention(nnx.Module):
       return_selected: return the selected region ids ``[B, T, Hq, K]`` (gaze only).
       selection: region ids ``[B, T, Hq, K']`` (-1 = none) used instead of routing (gaze only),
         e.g. regions fixed once from the question (the KV-eviction baseline).
+      plan: the gaze ``AttentionPlan`` of these rows (``attention_plan``), shared by the layers
+        of a forward pass; None builds it here.
     Returns:
       ``(y [B, T, E], cache or None, selected ids or None)``.
     """
@@ -124,7 +140,8 @@ class Attention(nnx.Module):
           q, k_all, v_all, q_pre, None, layout, top_k=gz.top_k, active_k=active_k,
           score=gz.score, routing=gz.routing, route_prompt=gz.route_prompt, q_index=q_index,
           descriptors=descriptors, selection=selection, query_chunk=gz.query_chunk,
-          implementation=gz.implementation, kernel_config=gz.kernel, return_selected=True)
+          implementation=gz.implementation, kernel_config=gz.kernel, plan=plan,
+          return_selected=True)
     y = self.o_proj(out.reshape(B, T, H * D))
     new_cache = None
     if want_cache or cache is not None:

@@ -38,7 +38,9 @@ class VisionConfig:
 class DecoderConfig:
   """Llama / Qwen2 / Qwen3 decoder: GQA, RoPE, RMSNorm, SwiGLU; Qwen2 adds ``qkv_bias``,
   Qwen3 ``qk_norm``. ``remat`` recomputes each layer's activations in the backward pass
-  (``nnx.remat`` around every layer of a full-sequence forward) to save memory in training."""
+  (``nnx.remat`` around every layer of a full-sequence forward) to save memory in training.
+  ``scan_layers`` runs the layers of a full-sequence forward as one scan over their stacked
+  weights (same results as the loop; the layer compiles once, so deep models compile fast)."""
   vocab_size: int = 32000
   hidden_size: int = 4096
   intermediate_size: int = 11008
@@ -52,6 +54,7 @@ class DecoderConfig:
   qk_norm: bool = False
   tie_embeddings: bool = False
   remat: bool = False
+  scan_layers: bool = False
 
   def __post_init__(self):
     if self.head_dim is None:
@@ -66,7 +69,7 @@ class GazeConfig:
   """Decoder attention: ``attention="dense"`` or ``"gaze"`` with the routing options of
   ``gaze_attention``; ``region_shape`` and ``num_ctx`` must match the batches' LayoutSpec.
   ``kernel``: options of the Pallas kernels (``implementation="pallas"``): None for the
-  defaults of the current backend, a ``pallas_kernels.ops.KernelConfig`` or a dict of its
+  defaults of the current backend, a ``pallas_kernels.config.KernelConfig`` or a dict of its
   fields (e.g. ``{"kernel": "tpu", "interpret": False}`` to compile for a TPU from a CPU)."""
   attention: str = "gaze"
   top_k: Union[int, float] = 4
@@ -85,7 +88,7 @@ class GazeConfig:
     if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, float)):
       raise ValueError(f"top_k must be an int count or a float ratio, got {self.top_k!r}")
     if isinstance(self.kernel, Mapping):
-      from pallas_kernels.ops import KernelConfig   # only when kernel options are given
+      from pallas_kernels.config import KernelConfig   # no Pallas import
       try:
         kernel = KernelConfig(**self.kernel)
       except TypeError as e:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gaze_jax.gaze import TokenLayout
-from gaze_jax.model.attention import Attention, LayerCache
+from gaze_jax.model.attention import Attention, LayerCache, attention_plan
 from gaze_jax.model.config import DecoderConfig, GazeConfig
 from gaze_jax.model.layers import RMSNorm, dense, named
 
@@ -46,12 +46,18 @@ class DecoderLayer(nnx.Module):
     return x + self.mlp(self.post_attn_norm(x)), cache, selected
 
 
-@nnx.remat(static_argnums=(5,))
-def _remat_layer(layer, x, layout, active_k, selection, return_selected):
-  """One layer of a full-sequence forward under ``nnx.remat`` (``DecoderConfig.remat``)."""
-  x, _, s = layer(x, layout, active_k=active_k, return_selected=return_selected,
+def _full_layer(layer, x, layout, plan, active_k, selection, return_selected):
+  """One layer of a full-sequence forward (no cache): ``x [B, T, E]`` -> ``(x, selected)``."""
+  x, _, s = layer(x, layout, plan=plan, active_k=active_k, return_selected=return_selected,
                   selection=selection)
   return x, s
+
+
+# ``DecoderConfig.remat``: only the layer's inputs are kept for the backward pass.
+_remat_layer = nnx.remat(_full_layer, static_argnums=(6,))
+# Inside a scan the loop already keeps XLA from merging the recomputation into the forward,
+# so the optimisation barrier of prevent_cse is not needed (jax.checkpoint's docs).
+_remat_scan_layer = nnx.remat(_full_layer, static_argnums=(6,), prevent_cse=False)
 
 
 class Decoder(nnx.Module):
@@ -59,7 +65,7 @@ class Decoder(nnx.Module):
 
   def __init__(self, cfg: DecoderConfig, gaze: GazeConfig = GazeConfig(), *, rngs: nnx.Rngs,
                dtype=None, param_dtype=jnp.float32):
-    self.cfg = cfg
+    self.cfg, self.gaze = cfg, gaze
     self.dtype = dtype
     self.embed = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
                            embedding_init=named(nnx.initializers.normal(0.02), ("vocab", "embed")),
@@ -83,6 +89,33 @@ class Decoder(nnx.Module):
     out = self.embed.attend(x) if self.cfg.tie_embeddings else self.lm_head(x)
     return out.astype(jnp.float32)
 
+  def _scan_layers(self, x, layout, plan, active_k, selections, return_selected):
+    """The layers of a full-sequence forward as one ``nnx.scan`` (``DecoderConfig.scan_layers``;
+    with ``remat``, ``nnx.remat`` inside the body), so the layer is traced and compiled once.
+
+    The layers stay stored one by one (``decoder/layers/<i>/...``: checkpoints, conversion,
+    param groups and sharding rules unchanged); their states are stacked here into one
+    DecoderLayer with ``[L, ...]`` weights that the scan slices. The stack is a copy of the
+    layer weights for the pass; gradients flow back through it to each layer.
+
+    x ``[B, T, E]``; selections: None or per layer ``[B, T, Hq, K']``.
+    Returns ``(x [B, T, E], selected)``: a list per layer of ids ``[B, T, Hq, K]`` (or of None).
+    """
+    graphdefs, states = zip(*(nnx.split(layer) for layer in self.layers))
+    if any(g != graphdefs[0] for g in graphdefs[1:]):
+      raise ValueError("scan_layers needs decoder layers of one structure")
+    stacked = nnx.merge(graphdefs[0], jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+    sel = None if selections is None else jnp.stack(list(selections))
+    step = _remat_scan_layer if self.cfg.remat else _full_layer
+
+    # graph_updates=False: the layers only read their weights, nothing to write back.
+    @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0), graph_updates=False)
+    def body(x, layer, selection):
+      return step(layer, x, layout, plan, active_k, selection, return_selected)
+
+    x, s = body(x, stacked, sel)
+    return x, [None if s is None else s[i] for i in range(len(self.layers))]
+
   def __call__(self, x: jax.Array, layout: TokenLayout, *,
                cache: Optional[Sequence[LayerCache]] = None, q_index=None, active_k=None,
                want_cache: bool = False, return_selected: bool = False,
@@ -90,21 +123,29 @@ class Decoder(nnx.Module):
     """Runs the layers on embeddings ``x [B, T, E]``.
 
     ``selections``: optional region ids per layer (``[B, T, Hq, K']``) that replace routing.
+    The attention plan of the layout (``attention_plan``) is built once here and shared by
+    every layer. With ``cfg.scan_layers`` the full-sequence form (no cache in or out) runs the
+    layers as one scan (``_scan_layers``); prefill and decode, with per-layer caches, loop.
 
     Returns ``(logits [B, T, V], caches or None, selected or None)``; ``selected`` is a list
     per layer of ids ``[B, T, Hq, K]`` (gaze) or None (dense).
     """
     caches, selected = [], []
+    plan = attention_plan(self.cfg, self.gaze, layout, q_index, self.dtype or x.dtype)
+    if self.cfg.scan_layers and cache is None and not want_cache:
+      x, selected = self._scan_layers(x, layout, plan, active_k, selections, return_selected)
+      return self.logits(x), None, (selected if return_selected else None)
     if self.cfg.remat and cache is None and not want_cache:
       # Training form: recompute each layer in the backward pass instead of keeping its
       # activations (only the layer inputs are saved).
       for i, layer in enumerate(self.layers):
-        x, s = _remat_layer(layer, x, layout, active_k,
+        x, s = _remat_layer(layer, x, layout, plan, active_k,
                             None if selections is None else selections[i], return_selected)
         selected.append(s)
       return self.logits(x), None, (selected if return_selected else None)
     for i, layer in enumerate(self.layers):
-      x, c, s = layer(x, layout, cache=None if cache is None else cache[i], q_index=q_index,
+      x, c, s = layer(x, layout, plan=plan, cache=None if cache is None else cache[i],
+                      q_index=q_index,
                       active_k=active_k, want_cache=want_cache, return_selected=return_selected,
                       selection=None if selections is None else selections[i])
       caches.append(c)

@@ -12,6 +12,7 @@ import pytest
 from gaze_jax.gaze import (PATCH, TEXT, Image, LayoutSpec, Text, build_layout, gaze_attention,
                            region_descriptors)
 from pallas_kernels import ops
+from pallas_kernels import plan as kplan
 from tests.gaze.random_cases import Case, random_case
 from tests.kernels.helpers import SMALL, assert_close, check_nan_in_pad_slots, decode_slots, run
 
@@ -79,7 +80,7 @@ def test_dense_rows_by_dot_product_attention_match_reference():
   case = _long_answer_case()
   routed = np.asarray(case.layout.kind) == TEXT
   routed &= np.asarray(case.layout.generated)
-  assert ops._static_dense_len(case.layout, routed, None) < case.layout.seq_len
+  assert kplan.static_dense_len(case.layout, routed, None) < case.layout.seq_len
   config = dataclasses.replace(SMALL, dense_rows="xla")
   out_r, _, g_r = run(case)
   out_p, _, g_p = run(case, config=config)

@@ -1,0 +1,107 @@
+"""The attention plan of one forward pass: everything that depends on the layout alone, built
+once per training step, prefill or decode step and handed to every layer (as splash
+attention's ``MaskInfo``). Routing ids are then the only per-layer input besides q, k and v.
+
+What it holds, by implementation:
+  * all: the query rows' token fields, the routed rows, the slots of the query rows;
+  * "xla": the fields of the keys addressed by slot (all slots, or in the decode form the
+    text and context slots only) and the base mask of query rows x those keys;
+  * "pallas": ``pallas_kernels.plan.KernelPlan`` (the KV block table, the packed rows, the
+    routing-independent block lists and the static dense length).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from gaze_jax.gaze.layout import TokenLayout
+from gaze_jax.gaze.masks import TokenInfo, base_mask, routed_rows, token_info
+
+IMPLEMENTATIONS = ("reference", "xla", "pallas")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionPlan:
+  """Layout-derived work of a forward pass (``build_plan``); every array is ``[B, ...]``.
+
+  q_index: int32 ``[B, T]`` slots of the query rows.
+  query: TokenInfo ``[B, T]`` of the query rows; routed: bool ``[B, T]`` (``routed_rows``).
+  key: TokenInfo ``[B, Na]`` of the keys addressed by slot ("xla"; else None).
+  base: bool ``[B, T, Na]`` base mask of the rows over those keys ("xla"; else None).
+  kernel: ``pallas_kernels.plan.KernelPlan`` ("pallas"; else None).
+  Static: implementation, route_prompt, decode (the xla path reads only text/context slots
+  besides the regions), full_sequence (q_index was None: T == S, row t is slot t).
+  """
+  q_index: Any
+  query: TokenInfo
+  routed: Any
+  key: Optional[TokenInfo]
+  base: Any
+  kernel: Any
+  implementation: str
+  route_prompt: bool
+  decode: bool
+  full_sequence: bool
+
+  def check(self, *, rows: tuple, implementation: str, route_prompt: bool, decode: bool):
+    """Raises ValueError when the plan was built for other rows or options than a call's."""
+    want = dict(rows=rows, implementation=implementation, route_prompt=route_prompt,
+                decode=decode)
+    have = dict(rows=tuple(self.routed.shape), implementation=self.implementation,
+                route_prompt=self.route_prompt, decode=self.decode)
+    bad = {k: (have[k], v) for k, v in want.items() if have[k] != v}
+    if bad:
+      what = ", ".join(f"{k}={h!r} (the call has {w!r})" for k, (h, w) in bad.items())
+      raise ValueError(f"the attention plan does not match this call: it was built for {what}; "
+                       "build it with the same layout, q_index and options")
+
+
+jax.tree_util.register_dataclass(
+    AttentionPlan, data_fields=["q_index", "query", "routed", "key", "base", "kernel"],
+    meta_fields=["implementation", "route_prompt", "decode", "full_sequence"])
+
+
+def build_plan(layout: TokenLayout, q_index: Optional[jax.Array] = None, *,
+               route_prompt: bool = True, implementation: str = "xla",
+               decode: Optional[bool] = None, heads: Optional[tuple] = None,
+               dtype: Any = None, kernel_config: Any = None) -> AttentionPlan:
+  """The attention plan of ``layout`` for query rows ``q_index``.
+
+  Args:
+    layout: TokenLayout ``[B, S]``.
+    q_index: int32 ``[B, T]`` slots of the query rows (decode form); None: T == S.
+    route_prompt, decode: as in ``gaze_attention`` (decode defaults to ``q_index is not None``).
+    implementation: "xla", "reference" or "pallas".
+    heads: ``(Hq, Hkv, D)`` of the attention ("pallas": the kernels' tiles depend on them).
+    dtype: the dtype of q/k/v ("pallas": launch defaults depend on it).
+    kernel_config: ``pallas_kernels.config.KernelConfig`` ("pallas"; None: the defaults).
+  """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+  B, S = layout.kind.shape
+  full = q_index is None
+  if decode is None:
+    decode = not full
+  qi = (jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S)) if full
+        else jnp.asarray(q_index, jnp.int32))
+  query = token_info(layout, qi)
+  routed = routed_rows(query, route_prompt)
+  key = base = kernel = None
+  if implementation == "xla":
+    index = layout.nonvisual_index if decode else jnp.broadcast_to(jnp.arange(S), (B, S))
+    key = token_info(layout, index)
+    base = base_mask(query, key, routed)
+  elif implementation == "pallas":
+    if heads is None or dtype is None:
+      raise ValueError("a plan for implementation='pallas' needs heads=(Hq, Hkv, D) and dtype")
+    from pallas_kernels import plan as kernel_plan   # only when the kernels are asked for
+    kernel = kernel_plan.build_plan(layout, None if full else qi, routed, heads=heads,
+                                    dtype=dtype, config=kernel_config)
+  return AttentionPlan(q_index=qi, query=query, routed=routed, key=key, base=base,
+                       kernel=kernel, implementation=implementation,
+                       route_prompt=bool(route_prompt), decode=bool(decode),
+                       full_sequence=full)
