@@ -13,6 +13,9 @@ Where the numbers come from (the published ``config.json`` of each checkpoint):
 
 The gaze settings follow METHOD.md: 4 context tokens, K = 4 regions, the grid cut 4 x 4 into
 regions (6 x 6 on 24 x 24; 7 x 7 on 27 x 27, the last row/column of regions padded).
+
+The presets of 0.5B parameters and more scan their decoder layers (``scan_layers``: the layer
+compiles once); ``tiny`` and ``smollm2_135m`` (CPU / one-GPU runs) loop.
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ def cambrian_4b() -> MLLMConfig:
       decoder=DecoderConfig(vocab_size=151936, hidden_size=2560, intermediate_size=9728,
                             num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128,
                             rope_theta=1000000.0, rms_norm_eps=1e-6, qkv_bias=False,
-                            qk_norm=True, tie_embeddings=True),
+                            qk_norm=True, tie_embeddings=True, scan_layers=True),
       gaze=GazeConfig(attention="gaze", top_k=4, region_shape=(6, 6), num_ctx=4))
 
 
@@ -78,7 +81,7 @@ def qwen2_5_7b() -> MLLMConfig:
       decoder=DecoderConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
                             num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128,
                             rope_theta=1000000.0, rms_norm_eps=1e-6, qkv_bias=True,
-                            qk_norm=False, tie_embeddings=False),
+                            qk_norm=False, tie_embeddings=False, scan_layers=True),
       gaze=GazeConfig(attention="gaze", top_k=4, region_shape=(6, 6), num_ctx=4))
 
 
@@ -94,7 +97,7 @@ def llava_onevision_0_5b() -> MLLMConfig:
       decoder=DecoderConfig(vocab_size=152000, hidden_size=896, intermediate_size=4864,
                             num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64,
                             rope_theta=1000000.0, rms_norm_eps=1e-6, qkv_bias=True,
-                            qk_norm=False, tie_embeddings=True),
+                            qk_norm=False, tie_embeddings=True, scan_layers=True),
       gaze=GazeConfig(attention="gaze", top_k=4, region_shape=(7, 7), num_ctx=4))
 
 

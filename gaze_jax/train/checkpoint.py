@@ -262,7 +262,9 @@ def restore_model(workdir, config, step: Optional[int] = None, *, mesh=None, rul
   if meta_model is not None:
     want = dataclasses.asdict(cfg.decoder)
     have = {k: v for k, v in meta_model.get("decoder", {}).items() if k in want}
-    diff = {k: (have[k], want[k]) for k in have if have[k] != want[k] and k != "remat"}
+    # remat and scan_layers change how the forward runs, not the parameters.
+    diff = {k: (have[k], want[k]) for k in have
+            if have[k] != want[k] and k not in ("remat", "scan_layers")}
     if diff:
       raise CheckpointError(f"checkpoint step {got.step} in {workdir} was trained with a "
                             f"different decoder: {diff} (checkpoint, config)")
