@@ -7,7 +7,9 @@ with 4-way tensor parallelism on top of FSDP (heads, MLP and vocabulary split ov
 
 See configs/cambrian_4b.py for multi-host flags and real instruction data. Memory plan:
 ``python -m gaze_jax.model.memory --preset qwen2_5_7b --batch 64 --seq-len 1024 --devices 16
---remat``.
+--remat --attention-impl pallas``
+(the Pallas kernels: ``--config.model.gaze.implementation=pallas``; the xla path sizes its
+gathers for K_max, the schedule's start of all regions, and needs 5-7x more here).
 """
 
 import ml_collections

@@ -31,7 +31,7 @@ class KernelConfig:
   splits: split-K programs per (example, KV head) in the decode form; None fills one wave
     of the GPU (``default_splits``).
   min_rows: smallest tile (Triton's ``tl.dot`` needs 16 rows; TPU tiles are at least 8).
-  dense_rows: None, "cudnn" or "xla" (see the module docstring).
+  dense_rows: None, "cudnn" or "xla" (see ``pallas_kernels.plan``).
   dense_len: static bound (positions) on the dense rows; default: found from the layout when it
     is concrete (built on the host and closed over), else the whole sequence. Rounded up to a
     multiple of 128 for the dense kernel.

@@ -13,6 +13,7 @@ program grows with depth: the per-layer slope is extrapolated to all 36 layers),
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Optional
 
 import jax
@@ -24,6 +25,7 @@ from jax.sharding import NamedSharding
 from benchmarks.aot import targets as tg
 from gaze_jax.gaze import Image, Text, Video, build_layout
 from gaze_jax.model.attention import LayerCache
+from gaze_jax.model.partitioning import activation_rules
 from gaze_jax.model.presets import get_preset
 from gaze_jax.train import checkpoint as ckpt_lib
 from gaze_jax.train import trainer
@@ -105,15 +107,33 @@ def _with(tree, shardings):
                       shardings)
 
 
-def _compile(t: tg.Target, mesh, name, fn, args, **kw):
-  """``tg.compile_fn`` under ``mesh`` (as the trainer traces its steps) and the gaze kernels
-  the program holds (Triton kernels with their registers from the XLA dump on a GPU, Mosaic
-  kernel names on a TPU)."""
-  with tg.dump_dir(t.platform == "cuda") as dump, jax.set_mesh(mesh):
+def _compile(t: tg.Target, mesh, name, fn, args, *, rules=None, kv_shape=None, **kw):
+  """``tg.compile_fn`` under ``mesh`` and the activation ``rules`` (as the trainer traces its
+  steps) and the gaze kernels the program holds (Triton kernels with their registers from the
+  XLA dump on a GPU, Mosaic kernel names on a TPU). With ``kv_shape`` (the global
+  ``(B, S, Hkv, D)`` of the keys), also the all-gathers of K/V-sized arrays the partitioner
+  inserted (``kv_all_gathers``: none when the kernels run in shard_map)."""
+  with tg.dump_dir(t.platform == "cuda") as dump, jax.set_mesh(mesh), activation_rules(rules):
     rec, compiled = tg.compile_fn(name, fn, args, dump_dir=dump, **kw)
     if compiled is not None:
       rec["kernels"] = (tg.triton_kernels(dump) if dump else tg.mosaic_kernels(compiled))
+      if kv_shape is not None:
+        rec["kv_all_gathers"] = kv_all_gathers(compiled.as_text(), kv_shape)
   return rec, compiled
+
+
+_ALL_GATHER = re.compile(r"= \w+\[([0-9,]+)\][^ ]* all-gather\(")
+
+
+def kv_all_gathers(hlo: str, kv_shape) -> int:
+  """All-gathers in compiled HLO text whose result is K/V-sized: rank 4, ``[B', S, H', D]``
+  with the keys' sequence length S and head dim D (any batch or head extent)."""
+  _, S, _, D = kv_shape
+  n = 0
+  for dims in _ALL_GATHER.findall(hlo):
+    d = [int(x) for x in dims.split(",")]
+    n += len(d) == 4 and d[1] == S and d[3] == D
+  return n
 
 
 def _record(rec: dict, compiled, t: tg.Target, extra: dict) -> dict:
@@ -146,10 +166,12 @@ def compile_case(case: StepCase, t: tg.Target, *, log=print) -> list[dict]:
       state = _with(state, s.state_shardings)
       fn = s.train_step.__call__
       name = f"train_{case.label}_{impl}"
-      rec, comp = _compile(t, mesh, name, fn, (state, batch),
-                                in_shardings=(s.state_shardings, s.batch_sharding),
-                                out_shardings=(s.state_shardings, tg.replicated(mesh)),
-                                donate_argnums=(0,))
+      dec = s.model_cfg.decoder
+      rec, comp = _compile(t, mesh, name, fn, (state, batch), rules=s.rules,
+                           kv_shape=(case.batch, lay.seq_len, dec.num_kv_heads, dec.head_dim),
+                           in_shardings=(s.state_shardings, s.batch_sharding),
+                           out_shardings=(s.state_shardings, tg.replicated(mesh)),
+                           donate_argnums=(0,))
       out.append(_record(rec, comp, t, {**base, "step": "train"}))
       _log_rec(log, out[-1])
     if "prefill" in case.steps or "decode" in case.steps:
@@ -179,7 +201,8 @@ def _serve_steps(case, t, s, config, lay, mesh, base, log) -> list[dict]:
 
   if "prefill" in case.steps:
     name = f"prefill_{case.label}_{base['implementation']}"
-    rec, comp = _compile(t, mesh, name, prefill, (params, feats), in_shardings=(pshard, bsh))
+    rec, comp = _compile(t, mesh, name, prefill, (params, feats), rules=s.rules,
+                         in_shardings=(pshard, bsh))
     out.append(_record(rec, comp, t, {**base, "step": "prefill"}))
     _log_rec(log, out[-1])
   if "decode" in case.steps:
@@ -204,8 +227,8 @@ def _serve_steps(case, t, s, config, lay, mesh, base, log) -> list[dict]:
 
     name = f"decode_{case.label}_{base['implementation']}"
     rec, comp = _compile(t, mesh, name, decode, (params, tok, tok, lay_feats, caches),
-                              in_shardings=(pshard, bsh, bsh, lsh, csh),
-                              out_shardings=(bsh, csh), donate_argnums=(4,))
+                         rules=s.rules, in_shardings=(pshard, bsh, bsh, lsh, csh),
+                         out_shardings=(bsh, csh), donate_argnums=(4,))
     out.append(_record(rec, comp, t, {**base, "step": "decode",
                                       "cache_slots": S}))
     _log_rec(log, out[-1])

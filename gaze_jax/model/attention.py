@@ -9,7 +9,6 @@ in the cache, never recomputed while decoding.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Optional
 
 import jax
@@ -20,6 +19,7 @@ from gaze_jax.gaze import PAD, TokenLayout, causal_attention, gaze_attention, re
 from gaze_jax.gaze.plan import AttentionPlan, build_plan
 from gaze_jax.model.config import DecoderConfig, GazeConfig
 from gaze_jax.model.layers import RMSNorm, dense, rope
+from gaze_jax.model.partitioning import constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +117,7 @@ class Attention(nnx.Module):
         layout.position, q_index, axis=1)
     q_pre, k_pre = q, k
     q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+    q, k, v = constrain(q, "q"), constrain(k, "kv"), constrain(v, "kv")
 
     descriptors = None
     if cache is not None:
@@ -142,7 +143,7 @@ class Attention(nnx.Module):
           descriptors=descriptors, selection=selection, query_chunk=gz.query_chunk,
           implementation=gz.implementation, kernel_config=gz.kernel, plan=plan,
           return_selected=True)
-    y = self.o_proj(out.reshape(B, T, H * D))
+    y = self.o_proj(constrain(out, "q").reshape(B, T, H * D))
     new_cache = None
     if want_cache or cache is not None:
       new_cache = LayerCache(k=k_all, v=v_all, descriptors=descriptors)

@@ -12,6 +12,7 @@ from gaze_jax.gaze import TokenLayout
 from gaze_jax.model.attention import Attention, LayerCache, attention_plan
 from gaze_jax.model.config import DecoderConfig, GazeConfig
 from gaze_jax.model.layers import RMSNorm, dense, named
+from gaze_jax.model.partitioning import constrain
 
 
 class MLP(nnx.Module):
@@ -25,7 +26,7 @@ class MLP(nnx.Module):
     self.down_proj = dense(F, E, ("mlp", "embed"), **kw)
 
   def __call__(self, x):
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    return self.down_proj(constrain(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x), "mlp"))
 
 
 class DecoderLayer(nnx.Module):
@@ -43,7 +44,7 @@ class DecoderLayer(nnx.Module):
   def __call__(self, x, layout, **attn_kw):
     h, cache, selected = self.attn(self.input_norm(x), layout, **attn_kw)
     x = x + h
-    return x + self.mlp(self.post_attn_norm(x)), cache, selected
+    return constrain(x + self.mlp(self.post_attn_norm(x)), "hidden"), cache, selected
 
 
 def _full_layer(layer, x, layout, plan, active_k, selection, return_selected):
@@ -57,7 +58,8 @@ def _full_layer(layer, x, layout, plan, active_k, selection, return_selected):
 _remat_layer = nnx.remat(_full_layer, static_argnums=(6,))
 # Inside a scan the loop already keeps XLA from merging the recomputation into the forward,
 # so the optimisation barrier of prevent_cse is not needed (jax.checkpoint's docs).
-_remat_scan_layer = nnx.remat(_full_layer, static_argnums=(6,), prevent_cse=False)
+_remat_scan_layer = nnx.remat(_full_layer, static_argnums=(6,), prevent_cse=False,
+                              graph_updates=False)
 
 
 class Decoder(nnx.Module):

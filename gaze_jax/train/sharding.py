@@ -19,17 +19,18 @@ The mesh uses ``AxisType.Auto`` axes: shardings are given to ``jax.jit`` (``in_s
 
 from __future__ import annotations
 
-import logging
 import math
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+# One logical -> mesh resolution, shared with the model (it constrains activations by it).
+from gaze_jax.model.partitioning import BATCH, Rules, logical_to_spec, rule_axes
+
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH = "batch"
 
 # Logical name -> mesh axis (or axes, or None = replicated). First match wins.
 DEFAULT_RULES = (
@@ -47,8 +48,6 @@ DEFAULT_RULES = (
     ("norm", None),
 )
 
-Rules = Sequence[tuple[str, Union[None, str, Sequence[str]]]]
-_warned: set = set()
 
 
 def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
@@ -84,47 +83,6 @@ def make_mesh(sizes: Mapping[str, int], devices: Optional[Sequence[Any]] = None)
   if len(devices) == len(jax.devices()):
     return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
   return jax.sharding.Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
-
-
-def _rule_axes(name: Optional[str], rules: Rules) -> tuple[str, ...]:
-  if name is None:
-    return ()
-  for logical, axes in rules:
-    if logical == name:
-      if axes is None:
-        return ()
-      return (axes,) if isinstance(axes, str) else tuple(axes)
-  return ()
-
-
-def logical_to_spec(names: Sequence[Optional[str]], shape: Sequence[int], rules: Rules,
-                    mesh: jax.sharding.Mesh, where: str = "") -> P:
-  """PartitionSpec of an array with logical axis ``names`` and ``shape`` under ``rules``.
-
-  Mesh axes of size 1 are dropped; an axis already used by an earlier dimension is skipped; a
-  dimension the axes do not divide keeps only the leading axes that do (logged).
-  """
-  if len(names) != len(shape):
-    raise ValueError(f"{where}: {len(names)} logical axis names {tuple(names)} for shape "
-                     f"{tuple(shape)}")
-  used: set = set()
-  out = []
-  for name, dim in zip(names, shape):
-    axes = [a for a in _rule_axes(name, rules) if a not in used and mesh.shape.get(a, 1) > 1]
-    for a in axes:
-      if a not in mesh.shape:
-        raise ValueError(f"logical_axis_rules map {name!r} to {a!r}, not a mesh axis "
-                         f"{tuple(mesh.shape)}")
-    while axes and dim % math.prod(mesh.shape[a] for a in axes):
-      dropped = axes.pop()
-      key = (where, name, dropped)
-      if key not in _warned:
-        _warned.add(key)
-        logging.info("sharding: %s dim %s=%d is not divisible by mesh axes; %r left out",
-                     where, name, dim, dropped)
-    used.update(axes)
-    out.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
-  return P(*out)
 
 
 def param_specs(abstract_params: nnx.State, rules: Rules, mesh: jax.sharding.Mesh) -> dict:
@@ -186,13 +144,13 @@ def like_params(tree: Any, params: Any, param_shardings: Any, default: Any) -> A
 
 def batch_spec(rules: Rules, mesh: jax.sharding.Mesh) -> P:
   """Spec of a batch-leading array: ``P(batch_axes)`` (trailing dims replicated)."""
-  axes = [a for a in _rule_axes(BATCH, rules) if mesh.shape.get(a, 1) > 1]
+  axes = [a for a in rule_axes(BATCH, rules) if mesh.shape.get(a, 1) > 1]
   return P(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
 
 
 def batch_shards(rules: Rules, mesh: jax.sharding.Mesh) -> int:
   """Number of ways the batch is split (its global size must be a multiple of this)."""
-  return math.prod(mesh.shape[a] for a in _rule_axes(BATCH, rules) if a in mesh.shape)
+  return math.prod(mesh.shape[a] for a in rule_axes(BATCH, rules) if a in mesh.shape)
 
 
 def shard_batch(batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict:

@@ -21,6 +21,7 @@ forward pass.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Mapping, Optional
 
 import jax
@@ -31,6 +32,7 @@ from flax import nnx
 from gaze_jax.gaze.accounting import selected_union_size
 from gaze_jax.gaze.layout import LayoutSpec, TokenLayout
 from gaze_jax.gaze.schedules import progressive_top_k
+from gaze_jax.model.partitioning import activation_rules
 from gaze_jax.train.config import TopKPlan
 
 
@@ -70,6 +72,28 @@ def batch_layout(batch: Mapping[str, jax.Array], spec: LayoutSpec) -> TokenLayou
   return TokenLayout.from_features(batch, spec)
 
 
+class MeshJit:
+  """A jitted function that traces, lowers and runs under ``mesh`` (``jax.set_mesh`` can only
+  be entered outside ``jax.jit``) and the activation ``rules``."""
+
+  def __init__(self, fn, mesh, rules=None):
+    self.fn, self.mesh, self.rules = fn, mesh, rules
+
+  def _context(self):
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(self.mesh))
+    stack.enter_context(activation_rules(self.rules))
+    return stack
+
+  def __call__(self, *args):
+    with self._context():
+      return self.fn(*args)
+
+  def lower(self, *args):
+    with self._context():
+      return self.fn.lower(*args)
+
+
 class TrainStep:
   """Builds the (un-jitted) step and its jitted form with shardings.
 
@@ -80,13 +104,15 @@ class TrainStep:
     spec: LayoutSpec of the batches; plan: the top-K plan.
     trainable: bool tree like params (False = frozen for the whole run: gradient dropped).
     num_kv_heads: Hkv of the decoder (routing statistics).
+    rules: logical axis rules; the jitted step constrains the model's activations by them.
   """
 
   def __init__(self, graphdef, rest, tx: optax.GradientTransformation, lr_fn: Callable,
-               spec: LayoutSpec, plan: TopKPlan, trainable: Any, num_kv_heads: int):
+               spec: LayoutSpec, plan: TopKPlan, trainable: Any, num_kv_heads: int,
+               rules=None):
     self.graphdef, self.rest, self.tx, self.lr_fn = graphdef, rest, tx, lr_fn
     self.spec, self.plan, self.trainable = spec, plan, trainable
-    self.num_kv_heads = num_kv_heads
+    self.num_kv_heads, self.rules = num_kv_heads, rules
     self.traces = 0
 
   def active_k(self, step) -> Optional[jax.Array]:
@@ -126,9 +152,12 @@ class TrainStep:
     return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
 
   def jit(self, state_shardings, batch_shardings, metric_sharding) -> Callable:
-    """``jax.jit`` of the step with explicit shardings; the old state is donated."""
-    return jax.jit(self.__call__, in_shardings=(state_shardings, batch_shardings),
-                   out_shardings=(state_shardings, metric_sharding), donate_argnums=(0,))
+    """``jax.jit`` of the step with explicit shardings; the old state is donated. It traces and
+    runs under the shardings' mesh (``jax.set_mesh``), from which the Pallas kernels take the
+    axes of their ``shard_map``: without it XLA would gather their inputs."""
+    fn = jax.jit(self.__call__, in_shardings=(state_shardings, batch_shardings),
+                 out_shardings=(state_shardings, metric_sharding), donate_argnums=(0,))
+    return MeshJit(fn, metric_sharding.mesh, self.rules)
 
   def eval_fn(self, params, batch, active_k=None):
     """Teacher-forced answer metrics on one batch (no update): loss, accuracy and

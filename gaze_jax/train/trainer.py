@@ -123,7 +123,7 @@ def build(config: Any, mesh=None) -> Setup:
   state_shardings = {"params": pshard, "opt_state": oshard, "step": repl}
   groups = get(config.optim, "param_groups", ())
   step = TrainStep(gd, rest, tx, lr_fn, spec, plan, trainable_mask(abs_params, groups),
-                   model_cfg.decoder.num_kv_heads)
+                   model_cfg.decoder.num_kv_heads, rules)
   return Setup(config, model_cfg, spec, plan, mesh, rules, gd, rest, abs_params, abs_opt, tx,
                lr_fn, state_shardings, NamedSharding(mesh, shard_lib.batch_spec(rules, mesh)),
                step)

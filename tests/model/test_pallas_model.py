@@ -57,11 +57,13 @@ def test_pallas_model_matches_xla_in_loss_and_every_gradient(routing, kernel):
   flat_b = dict(jax.tree_util.tree_leaves_with_path(g_b))
   assert flat_a.keys() == flat_b.keys()
   assert len(flat_a) > 20
+  overall = max(float(np.max(np.abs(g))) for g in flat_a.values())
   for path, ga in flat_a.items():
     ga, gb = np.asarray(ga), np.asarray(flat_b[path])
-    scale = max(float(np.max(np.abs(ga))), 1e-6)
-    np.testing.assert_allclose(gb, ga, atol=1e-4 * scale, rtol=1e-3,
-                               err_msg=jax.tree_util.keystr(path))
+    # Relative to the parameter's own gradient; gradients that are zero up to round-off
+    # (~1e-10) are compared against the largest one.
+    atol = max(1e-4 * float(np.max(np.abs(ga))), 1e-6 * overall)
+    np.testing.assert_allclose(gb, ga, atol=atol, rtol=1e-3, err_msg=jax.tree_util.keystr(path))
 
 
 def _count_calls(monkeypatch, module, name):
@@ -78,13 +80,14 @@ def _count_calls(monkeypatch, module, name):
 
 @pytest.mark.parametrize("implementation", ["xla", "pallas"])
 def test_the_plan_is_built_once_per_step(monkeypatch, implementation):
-  """Tracing a training step (forward, remat and backward) of a 3-layer model builds the
-  layout's block table (pallas) or base mask (xla) once, not once per layer."""
+  """Tracing a training step (forward and backward) of a 3-layer model builds the layout's
+  block table (pallas) or base mask (xla) once, not once per layer. (A layer loop without
+  remat or scan: those trace the layer body once and would hide a per-layer rebuild.)"""
   from gaze_jax.gaze import plan as plan_lib
   from pallas_kernels import blocks
   cfg = _with(_cfg(top_k=2), implementation=implementation, kernel={"interpret": True})
   cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, num_layers=3,
-                                                             remat=True))
+                                                             remat=False))
   builds = (_count_calls(monkeypatch, blocks, "build_kv_blocks") if implementation == "pallas"
             else _count_calls(monkeypatch, plan_lib, "base_mask"))
   model = nnx.eval_shape(lambda: MLLM(cfg, rngs=nnx.Rngs(0)))

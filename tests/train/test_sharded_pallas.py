@@ -1,11 +1,11 @@
 """The training step with the Pallas kernels (interpret mode) on 8 simulated CPU devices
-(``data=2, fsdp=2, tensor=2``) gives the loss and updated parameters of the single-device step,
-and its compiled HLO gathers no K/V: the kernels run in ``shard_map`` on each shard's examples
-and heads. The same HLO check on a step whose ``shard_map`` is taken away finds the
-partitioner's K/V all-gathers, so the check can fail."""
+(``data=2, fsdp=2, tensor=2``) gives the loss and updated parameters of the single-device step.
+Its compiled HLO gathers no K/V: the kernels run in ``shard_map`` on each shard's examples and
+heads (the same check on a step whose ``shard_map`` is taken away finds the partitioner's K/V
+all-gathers, so it can fail). The activations carry sharding constraints by the logical
+rules."""
 
 import json
-import re
 
 import numpy as np
 import pytest
@@ -44,11 +44,14 @@ def run(s):
   return losses, jax.device_get(state["params"])
 
 def kv_gathers(s):
-  # all-gathers whose result has the global batch (8) and sequence (80) dims: K/V-sized.
   state = jax.device_put(init, s.state_shardings)
-  text = step_fn(s).lower(state, shard_lib.shard_batch(batches[0], s.batch_sharding)).compile().as_text()
+  lowered = step_fn(s).lower(state, shard_lib.shard_batch(batches[0], s.batch_sharding))
+  pre = lowered.as_text()
+  text = lowered.compile().as_text()
   shapes = re.findall(r"= \w+\[([0-9,]+)\]\{[^}]*\} all-gather", text)
-  return [x for x in shapes if x.split(",")[:2] == ["8", "80"]], len(text)
+  constraints = pre.count("sdy.sharding_constraint") + pre.count("@Sharding")
+  # K/V-sized: rank 4 over the 80 slots ([B', S, H', D']); the plan's [B, S] fields may move.
+  return [x for x in shapes if len(x.split(",")) == 4 and x.split(",")[1] == "80"], constraints
 
 ref_loss, ref = run(s1)
 mesh = shard_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
@@ -57,7 +60,7 @@ losses, got = run(s)
 out = dict(ref_loss=ref_loss, loss=losses,
            param_diff=max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref))),
            update_scale=max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(init["params"]))))
-out["gathers"], _ = kv_gathers(s)
+out["gathers"], out["constraints"] = kv_gathers(s)
 ops._mesh_specs = lambda *a: None      # the same step without shard_map
 out["gathers_without_shard_map"], _ = kv_gathers(trainer.build(c, mesh))
 print("RESULT" + json.dumps(out))
@@ -77,6 +80,11 @@ def test_sharded_pallas_step_matches_the_single_device_step(result):
   np.testing.assert_allclose(result["loss"], result["ref_loss"], rtol=1e-5)
   assert result["update_scale"] > 1e-3
   assert result["param_diff"] < 1e-6, result["param_diff"]
+
+
+def test_activations_carry_sharding_constraints(result):
+  # q, k, v, the attention output, the MLP hidden layer and the residual stream, per layer.
+  assert result["constraints"] >= 2 * 6, result["constraints"]
 
 
 def test_sharded_pallas_step_gathers_no_kv(result):
