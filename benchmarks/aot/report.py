@@ -83,8 +83,9 @@ def step_table(reports: list[dict], title: str) -> str:
 
 
 def slope_table(report: dict) -> str:
-  """Per-layer slope of the training step's peak memory (2 and 4 decoder layers) and its
-  linear extrapolation to the preset's depth."""
+  """Peak HBM per chip of the training step at two decoder depths, its per-layer slope, and
+  the preset's full depth: compiled when the deeper case is the full depth, else a linear
+  extrapolation (marked); with the compile times (a scanned decoder's stay nearly flat)."""
   by = {}
   for r in report.get("steps", []):
     if r.get("step") == "train" and (r.get("memory") or {}).get("peak") is not None:
@@ -97,16 +98,18 @@ def slope_table(report: dict) -> str:
     p1, p2 = r1["memory"]["peak"], r2["memory"]["peak"]
     slope = (p2 - p1) / (l2 - l1)
     full = r1.get("full_layers", 36)
-    est = p1 + slope * (full - l1)
-    lines.append(f"| {impl} | {batch} | {_gib(p1)} | {_gib(p2)} | {_gib(slope)} | "
-                 f"{_gib(est)} | {_gib(r1.get('hbm_bytes'))} |")
+    est = _gib(p2) + " (compiled)" if l2 == full else (
+        _gib(p1 + slope * (full - l1)) + " (**extrapolated**)")
+    lines.append(f"| {impl} | {batch} | {l1}: {_gib(p1)} | {l2}: {_gib(p2)} | {_gib(slope)} | "
+                 f"{est} | {r1.get('compile_s', '-')} / {r2.get('compile_s', '-')} | "
+                 f"{_gib(r1.get('hbm_bytes'))} |")
   if not lines:
     return ""
   return "\n".join(["Peak HBM per chip of the training step by decoder depth (compiled, or the "
-                    "compiler's out-of-memory figure), and a **linear extrapolation** (not a "
-                    "compile) to all 36 layers:", "",
-                    "| implementation | batch | 2 layers | 4 layers | per layer | 36 layers "
-                    "(extrapolated) | chip HBM |", "|---|---:|---:|---:|---:|---:|---:|"] + lines)
+                    "compiler's out-of-memory figure) and at the preset's full depth:", "",
+                    "| implementation | batch | layers: peak | layers: peak | per layer | "
+                    "full depth | compile (s) | chip HBM |",
+                    "|---|---:|---:|---:|---:|---:|---:|---:|"] + lines)
 
 
 def table(results: Path) -> str:

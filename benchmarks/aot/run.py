@@ -164,6 +164,8 @@ def main(argv=None) -> int:
   ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
   ap.add_argument("--dump", default=None, help="keep XLA dumps under this folder")
   ap.add_argument("--only", default="", help="kernels | steps (default both)")
+  ap.add_argument("--case", default="", help="--full: only the step cases whose label "
+                  "contains this")
   ap.add_argument("--readme", default=None, help="rewrite the aot table of this README")
   a = ap.parse_args(argv)
   if a.what == "table":
@@ -185,7 +187,7 @@ def main(argv=None) -> int:
     if a.only in ("", "steps"):
       from benchmarks.aot import steps as st
       _log("H100 model steps")
-      report["steps"] = st.full_steps("h100") if a.full else st.small_steps(t)
+      report["steps"] = st.full_steps("h100", a.case) if a.full else st.small_steps(t)
   else:
     if not a.full and a.only in ("", "kernels"):
       _log("TPU kernels")
@@ -193,7 +195,7 @@ def main(argv=None) -> int:
     if a.only in ("", "steps"):
       from benchmarks.aot import steps as st
       _log("TPU model steps")
-      report["steps"] = st.full_steps("tpu") if a.full else st.small_steps(tg.tpu("v5p:2x2x2"))
+      report["steps"] = st.full_steps("tpu", a.case) if a.full else st.small_steps(tg.tpu("v5p:2x2x2"))
   report["wall_s"] = round(time.time() - t0, 1)
   problems = check(report)
   report["problems"] = problems

@@ -57,3 +57,21 @@ def test_kernels_in_shard_map_match_the_reference(result, kernel):
   assert r["ids"]
   assert r["out"] < 2e-5, r
   assert max(r["grads"]) < 2e-5, r
+
+
+def test_heads_the_tensor_axis_does_not_divide_are_an_error():
+  """3 KV heads on a 2-way ``tensor`` axis: a ValueError naming both numbers (not a silent
+  replication of the heads); with ``head_axis=None`` the heads replicate."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import AbstractMesh, AxisType
+  from pallas_kernels import ops
+  mesh = AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+  q = jax.ShapeDtypeStruct((4, 16, 6, 8), jnp.float32)
+  k = jax.ShapeDtypeStruct((4, 16, 3, 8), jnp.float32)
+  args = (q, k, k, q, k, None, None, None, None, None)
+  with jax.sharding.use_abstract_mesh(mesh):
+    with pytest.raises(ValueError, match=r"'tensor' has 2 devices.*3 KV heads"):
+      ops._mesh_specs(ops.KernelConfig(), q, k, args)
+    in_specs, _ = ops._mesh_specs(ops.KernelConfig(head_axis=None), q, k, args)
+  assert in_specs[0] == jax.sharding.PartitionSpec(("data", "fsdp"), None, None, None)
