@@ -11,6 +11,7 @@ import numpy as np
 
 from gaze_jax.gaze.chunks import map_query_chunks
 from gaze_jax.gaze.layout import TokenLayout
+from gaze_jax.gaze.masks import base_mask
 from gaze_jax.gaze.plan import IMPLEMENTATIONS, AttentionPlan, build_plan
 from gaze_jax.gaze.reference import reference_attention
 from gaze_jax.gaze.regions import region_descriptors
@@ -147,7 +148,7 @@ def gaze_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_route: Optional[j
     if descriptors is None:
       descriptors = region_descriptors(k_route, layout)
 
-  def rows(q_blk, query, routed, base, qr_blk, ids_blk):
+  def rows(q_blk, query, routed, qr_blk, ids_blk):
     if ids_blk is None:
       sel = route(qr_blk, descriptors, layout.region_valid, layout.region_last_pos,
                   query.position, routed, top_k=K, active_k=active_k, score=score,
@@ -157,11 +158,12 @@ def gaze_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_route: Optional[j
     if implementation == "reference":
       out = reference_attention(q_blk, k, v, layout, query, routed, sel, scale=scale)
     else:
+      base = base_mask(query, plan.key, routed)     # per layer: cheaper than holding it
       out = xla_attention(q_blk, k, v, layout, query, routed, base, sel, scale=scale,
                           decode=decode, group_routing=routing == "group" and ids_blk is None)
     return out, sel.ids
 
-  row_plan = (plan.query, plan.routed, plan.base)
+  row_plan = (plan.query, plan.routed)
   route_in = (q_route, None) if sel_ids is None else (None, sel_ids)
   if query_chunk is None or query_chunk >= T:
     out, ids = rows(q, *row_plan, *route_in)

@@ -64,8 +64,8 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: TokenLayout,
                   scale: float, decode: bool, group_routing: bool) -> jax.Array:
   """Gaze attention by gathering. q ``[B, T, Hq, D]``, k/v ``[B, S, Hkv, D]`` -> ``[B, T, Hq, D]``.
 
-  ``query``, ``routed`` and ``base`` (bool ``[B, T, Na]``, the base mask over key set A) are
-  the rows' part of the attention plan (``gaze_jax.gaze.plan``).
+  ``query`` and ``routed`` are the rows' part of the attention plan (``gaze_jax.gaze.plan``),
+  ``base`` (bool ``[B, T, Na]``) their base mask over key set A (the plan's keys).
 
   ``decode=True`` reads only text/context slots besides the selected regions; it is exact when
   every query row is a routed text row (or padding), as generated tokens are.

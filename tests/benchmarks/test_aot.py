@@ -78,18 +78,19 @@ def test_checks_fail_on_bf16_spills_wrong_occupancy_and_compile_failures():
   assert "did not compile" in run.check(bad)[0]
 
 
-def _step(impl, layers, peak):
+def _step(impl, layers, peak, compile_s=30.0):
   return {"name": f"train_{layers}_{impl}", "case": "c", "preset": "cambrian_4b",
           "implementation": impl, "target": "v5p:4x4x4", "mesh": {"fsdp": 16, "tensor": 4},
           "batch": 256, "seq_len": 4096, "decoder_layers": layers, "full_layers": 36,
           "step": "train", "compiled": True, "memory": {"peak": peak}, "hbm_bytes": 95 * 2**30,
-          "cost": {"flops": 1e15, "bytes_accessed": 2e12}}
+          "cost": {"flops": 1e15, "bytes_accessed": 2e12}, "compile_s": compile_s}
 
 
-def test_table_renders_every_file_and_extrapolates_the_layer_slope(tmp_path):
+def test_table_renders_every_file_and_the_layer_slope(tmp_path):
   gib = 2 ** 30
   full = {"target": "tpu", "date": "2026-12-02", "jax": "0.10.2", "problems": [],
-          "steps": [_step("xla", 2, 10 * gib), _step("xla", 4, 14 * gib)]}
+          "steps": [_step("xla", 2, 10 * gib), _step("xla", 4, 14 * gib),
+                    _step("pallas", 2, 5 * gib, 40.0), _step("pallas", 36, 22 * gib, 41.0)]}
   (tmp_path / "aot_full_tpu.json").write_text(json.dumps(full))
   h100 = {"target": "h100", "date": "2026-12-02", "jax": "0.10.2", "problems": [],
           "kernels": _report()["kernels"], "steps": []}
@@ -97,12 +98,29 @@ def test_table_renders_every_file_and_extrapolates_the_layer_slope(tmp_path):
   text = report.table(tmp_path)
   assert "| decode_bfloat16 | gaze_fwd_full | yes | 158 | 0 |" in text
   # 10 GiB at 2 layers, 14 GiB at 4: 2 GiB per layer, 10 + 2 * 34 = 78 GiB at 36 layers.
-  assert "| xla | 256 | 10.00 GiB | 14.00 GiB | 2.00 GiB | 78.00 GiB | 95.00 GiB |" in text
+  assert ("| xla | 256 | 2: 10.00 GiB | 4: 14.00 GiB | 2.00 GiB | 78.00 GiB (**extrapolated**) "
+          "| 30.0 / 30.0 | 95.00 GiB |") in text
+  # The full depth compiled: its own figure, and 17 GiB over 34 layers = 512 MiB per layer.
+  assert ("| pallas | 256 | 2: 5.00 GiB | 36: 22.00 GiB | 512.0 MiB | 22.00 GiB (compiled) "
+          "| 40.0 / 41.0 | 95.00 GiB |") in text
   readme = tmp_path / "README.md"
   readme.write_text(f"intro\n{report.BEGIN}\nold\n{report.END}\noutro\n")
   report.update_readme(readme, text)
   out = readme.read_text()
   assert "old" not in out and "78.00 GiB" in out and out.endswith("outro\n")
+
+
+def test_kv_all_gathers_are_counted_and_fail_a_kernels_step():
+  from benchmarks.aot.steps import kv_all_gathers
+  hlo = ("%ag.1 = bf16[8,80,2,16]{3,2,1,0} all-gather(%a), dimensions={0}\n"
+         "%ag.2 = bf16[4,80,1,16]{3,2,1,0} all-gather(%b), dimensions={2}\n"
+         "%ag.3 = f32[8,80]{1,0} all-gather(%c), dimensions={0}\n"       # a layout field
+         "%ag.4 = bf16[64,256]{1,0} all-gather(%w), dimensions={0}\n")   # an FSDP weight
+  assert kv_all_gathers(hlo, (8, 80, 2, 16)) == 2
+  rec = {"name": "train_tiny_pallas", "target": "v5p:2x2x2", "compiled": True,
+         "implementation": "pallas", "kv_all_gathers": 2}
+  assert "all-gathers of K/V" in run.check({"target": "tpu", "steps": [rec]})[0]
+  assert run.check({"target": "tpu", "steps": [dict(rec, implementation="xla")]}) == []
 
 
 def test_out_of_memory_reports_give_the_bytes_needed():

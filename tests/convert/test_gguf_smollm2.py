@@ -257,5 +257,7 @@ def test_text_only_gaze_equals_dense(gaze_model, dense_logits, prompts):
   logits = np.asarray(_jit_forward(gaze_model)(tokens, layout))
   for b, n in enumerate(lengths):
     diff = float(np.abs(logits[b, :n] - dense_logits[b]).max())
-    assert diff <= 1e-4, (b, diff)
+    # Float32 round-off over 30 layers: dense attention runs jax.nn.dot_product_attention on
+    # the position-sorted sequence, gaze its masked einsum (logits of magnitude ~20).
+    assert diff <= 3e-4, (b, diff)
     print(f"max |gaze - dense| logits, example {b}: {diff:.2e}")
