@@ -164,8 +164,9 @@ def main(argv=None) -> int:
   ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
   ap.add_argument("--dump", default=None, help="keep XLA dumps under this folder")
   ap.add_argument("--only", default="", help="kernels | steps (default both)")
-  ap.add_argument("--case", default="", help="--full: only the step cases whose label "
-                  "contains this")
+  ap.add_argument("--case", default="", help="--full: only the step cases whose "
+                  "<label>_<implementation> contains this (e.g. b256_xla); their records "
+                  "replace those of the same name in the JSON")
   ap.add_argument("--readme", default=None, help="rewrite the aot table of this README")
   a = ap.parse_args(argv)
   if a.what == "table":
@@ -197,9 +198,14 @@ def main(argv=None) -> int:
       _log("TPU model steps")
       report["steps"] = st.full_steps("tpu", a.case) if a.full else st.small_steps(tg.tpu("v5p:2x2x2"))
   report["wall_s"] = round(time.time() - t0, 1)
+  out = Path(a.out) if a.out else RESULTS / f"{name}.json"
+  if a.case and out.exists():   # a partial run: keep the other cases' records
+    new = {r["name"] for r in report.get("steps", [])}
+    old = json.loads(out.read_text()).get("steps", [])
+    report["steps"] = [r for r in old if r["name"] not in new] + report.get("steps", [])
   problems = check(report)
   report["problems"] = problems
-  _write(report, Path(a.out) if a.out else RESULTS / f"{name}.json")
+  _write(report, out)
   for p in problems:
     _log(f"PROBLEM: {p}")
   return 1 if problems else 0

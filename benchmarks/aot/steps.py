@@ -46,6 +46,8 @@ class StepCase:
   steps: tuple = ("train", "prefill", "decode")
   dtype: str = "bfloat16"
   remat: bool = True
+  attention: str = "gaze"   # "dense": the dense model of the same preset (the baseline)
+  implementations: tuple = IMPLEMENTATIONS
 
 
 def _config(case: StepCase, implementation: str, kernel: str):
@@ -56,6 +58,7 @@ def _config(case: StepCase, implementation: str, kernel: str):
   if case.decoder_layers is not None:
     c.model.decoder.num_layers = case.decoder_layers
   c.model.gaze.implementation = implementation
+  c.model.gaze.attention = case.attention
   if implementation == "pallas":
     c.model.gaze.kernel = {"kernel": kernel, "interpret": False}
   lay = _layout(case, c)
@@ -145,15 +148,19 @@ def _record(rec: dict, compiled, t: tg.Target, extra: dict) -> dict:
   return rec
 
 
-def compile_case(case: StepCase, t: tg.Target, *, log=print) -> list[dict]:
-  """Every step of ``case`` on ``t`` with both implementations."""
+def compile_case(case: StepCase, t: tg.Target, *, log=print, only: str = "") -> list[dict]:
+  """Every step of ``case`` on ``t`` with each of its implementations (those for which
+  ``only`` is in ``<label>_<implementation>``)."""
   out = []
   kernel = "tpu" if t.platform == "tpu" else "gpu"
-  for impl in IMPLEMENTATIONS:
+  for impl in case.implementations:
+    if only not in f"{case.label}_{impl}":
+      continue
     config, lay = _config(case, impl, kernel)
     mesh = t.mesh(case.mesh)
     s = trainer.build(config, mesh=mesh)
-    base = {"case": case.label, "preset": case.preset, "implementation": impl,
+    base = {"case": case.label, "preset": case.preset,
+            "implementation": impl if case.attention == "gaze" else "dense",
             "target": t.name, "mesh": dict(case.mesh), "batch": case.batch,
             "seq_len": lay.seq_len, "decoder_layers": s.model_cfg.decoder.num_layers,
             "dtype": case.dtype, "remat": case.remat,
@@ -273,8 +280,8 @@ def _cambrian_segments(tokens: int = 4096):
 
 
 def full_steps(platform: str, only: str = "") -> list[dict]:
-  """``make aot-full``: see the module docstring. ``only``: compile just the cases whose label
-  contains it."""
+  """``make aot-full``: see the module docstring. ``only``: compile just the cases whose
+  ``<label>_<implementation>`` contains it."""
   out = []
   if platform == "tpu":
     t = tg.tpu("v5p:4x4x4")
@@ -284,6 +291,10 @@ def full_steps(platform: str, only: str = "") -> list[dict]:
     cases = [StepCase(f"cambrian_4b_{layers}l_b{batch}", "cambrian_4b", _cambrian_segments(),
                       batch=batch, mesh=mesh, decoder_layers=layers, steps=("train",))
              for batch in (256, 16) for layers in (2, 36)]
+    # The dense model at full depth: the baseline of the kernels' temporaries.
+    cases += [StepCase(f"cambrian_4b_dense_36l_b{batch}", "cambrian_4b", _cambrian_segments(),
+                       batch=batch, mesh=mesh, decoder_layers=36, steps=("train",),
+                       attention="dense", implementations=("xla",)) for batch in (256, 16)]
   else:
     t = tg.h100()
     # 64 frames, each 2 x 2-pooled to 12 x 12 patches (the video path of the vision tower).
@@ -291,6 +302,5 @@ def full_steps(platform: str, only: str = "") -> list[dict]:
     cases = [StepCase("qwen2_5_7b_video64", "qwen2_5_7b", segs, batch=32, mesh={"data": 1},
                       steps=("decode",))]
   for case in cases:
-    if only in case.label:
-      out += compile_case(case, t)
+    out += compile_case(case, t, only=only)
   return out
