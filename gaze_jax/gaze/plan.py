@@ -8,7 +8,7 @@ What it holds, by implementation:
     text and context slots only). The base mask over them is one elementwise op per layer
     (``masks.base_rule``): held in the plan, the ``[B, T, Na]`` mask and its broadcasts stayed
     alive across the remat'd layers (the tiny preset's training step on a v5p slice: 76.0
-    against 66.5 MiB per chip; ``cambrian_4b`` at batch 256: 1.46 TB against 0.92 TB);
+    against 66.5 MiB per chip);
   * "pallas": ``pallas_kernels.plan.KernelPlan`` (the KV block table, the packed rows, the
     routing-independent block lists and the static dense length).
 """
