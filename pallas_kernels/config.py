@@ -1,6 +1,7 @@
-"""Kernel options: ``KernelConfig`` (static choices of tiles, passes and launches) and the
-defaults that fill what it leaves as None. Importing this module does not import Pallas, so
-model configs can hold a ``KernelConfig``."""
+"""Kernel options: ``KernelConfig`` (static choices of tiles, passes and launches), the
+defaults that fill what it leaves as None, and the mesh axes a kernel call is split over
+(``mesh_axes``). Importing this module does not import Pallas, so model configs can hold a
+``KernelConfig``."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 from pallas_kernels import blocks as blk
 
 KERNELS = ("auto", "gpu", "tpu")
-DENSE_ROWS = (None, "cudnn", "xla")
+DENSE_ROWS = (None, "cudnn", "xla", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +32,11 @@ class KernelConfig:
   splits: split-K programs per (example, KV head) in the decode form; None fills one wave
     of the GPU (``default_splits``).
   min_rows: smallest tile (Triton's ``tl.dot`` needs 16 rows; TPU tiles are at least 8).
-  dense_rows: None, "cudnn" or "xla" (see ``pallas_kernels.plan``).
+  dense_rows: None or an implementation of dense causal attention: "xla", "cudnn" or "splash"
+    (TPU). In the gaze kernels (T == S), the dense rows (patch rows, unrouted text) go to it
+    (``pallas_kernels.plan``); None keeps them in the kernels. In the dense model
+    (``attention="dense"``) it is the attention's implementation; None picks cuDNN on a CUDA
+    GPU, splash on a TPU, else XLA (``gaze_jax.gaze.dense.pick_implementation``).
   dense_len: static bound (positions) on the dense rows; default: found from the layout when it
     is concrete (built on the host and closed over), else the whole sequence. Rounded up to a
     multiple of 128 for the dense kernel.
@@ -118,6 +123,37 @@ def resolve_kernel(config: KernelConfig) -> tuple[str, Any]:
       from jax.experimental.pallas import tpu as pltpu
       interpret = pltpu.InterpretParams()
   return kernel, interpret
+
+
+def mesh_axes(cfg: KernelConfig, batch: int, q_heads: int, kv_heads: int):
+  """``(batch axes or None, head axis or None)`` that split a Pallas call's examples and heads
+  under the context mesh, or None when there is nothing to split (no mesh of more than one
+  device, or inside a ``shard_map`` already). Examples go over the axes of ``cfg.batch_axes``
+  that divide them (the others replicate); heads over ``cfg.head_axis``, which must divide both
+  head counts."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1 or mesh.are_all_axes_manual:
+    return None
+  sizes = dict(mesh.shape)
+  batch_axes, n = [], 1
+  for a in cfg.batch_axes:
+    if a in sizes and batch % (n * sizes[a]) == 0:
+      batch_axes.append(a)
+      n *= sizes[a]
+  head = None
+  if cfg.head_axis in sizes and sizes[cfg.head_axis] > 1:
+    t = sizes[cfg.head_axis]
+    if kv_heads % t or q_heads % t:
+      raise ValueError(f"the mesh axis {cfg.head_axis!r} has {t} devices, which do not divide "
+                       f"the {kv_heads} KV heads (and {q_heads} query heads) of the attention: "
+                       f"use a '{cfg.head_axis}' size that divides {kv_heads}, or set "
+                       "KernelConfig.head_axis=None to replicate the heads")
+    head = cfg.head_axis
+  bat = tuple(batch_axes) or None
+  if bat is None and head is None:
+    return None
+  return bat, head
+
 
 
 # Programs of the decode kernel (``gaze_fwd_full`` at the default launch parameters) that fit

@@ -10,7 +10,8 @@ How a call runs:
   3. Kernels: "gpu" = ``gaze_gpu`` (generic Pallas, Triton on the GPU, ``interpret=True`` on
      CPU); "tpu" = ``gaze_tpu`` (Mosaic; ``pltpu.InterpretParams()`` on CPU), under the
      ``custom_vjp`` of ``pallas_kernels.core``.
-  4. ``KernelConfig.dense_rows``: the dense rows go to ``jax.nn.dot_product_attention``.
+  4. ``KernelConfig.dense_rows``: the dense rows go to ``jax.nn.dot_product_attention``
+     (XLA or cuDNN) or to splash attention on a TPU (``pallas_kernels.splash``).
 ``pallas_kernels.reference`` is the same contract in plain jnp, for tests.
 """
 
@@ -31,7 +32,7 @@ from gaze_jax.gaze.routing import Selection, resolve_top_k, route
 from pallas_kernels import plan as kplan
 from pallas_kernels.config import (DECODE_PROGRAMS_PER_SM, DENSE_ROWS, KERNELS,  # noqa: F401
                                    KernelConfig, default_block_k, default_splits,
-                                   launch_defaults, resolve_kernel)
+                                   launch_defaults, mesh_axes, resolve_kernel)
 from pallas_kernels.core import core
 from pallas_kernels.plan import Prepared, build_blocks, prepare, read_stats  # noqa: F401
 
@@ -69,7 +70,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: TokenLayout, ids
   if plan.dense_row is not None:
     dense_out = causal_attention(q, k, v, None, layout.position, layout.kind != PAD,
                                  scale=scale, implementation=plan.tiling.config.dense_rows,
-                                 length=plan.tiling.dense_len)
+                                 length=plan.tiling.dense_len,
+                                 kernel_config=plan.tiling.config)
     out = jnp.where(plan.dense_row[:, :, None, None], dense_out.astype(out.dtype), out)
   if not return_stats:
     return out
@@ -151,33 +153,12 @@ def gaze_attention(q, k, v, q_route, k_route, layout: TokenLayout, *, top_k, act
 
 
 def _mesh_specs(cfg: KernelConfig, q, k, args):
-  """shard_map in/out specs for ``gaze_attention``'s arguments under the context mesh, or None
-  when there is no mesh of more than one device. Examples are split over the batch axes that
-  divide them (the others replicate); heads over ``cfg.head_axis``, which must divide both
-  head counts."""
+  """shard_map in/out specs for ``gaze_attention``'s arguments (``mesh_axes``), or None."""
   from jax.sharding import PartitionSpec as P
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
+  axes = mesh_axes(cfg, q.shape[0], q.shape[2], k.shape[2])
+  if axes is None:
     return None
-  sizes = dict(mesh.shape)
-  B, Hq, Hkv = q.shape[0], q.shape[2], k.shape[2]
-  batch, n = [], 1
-  for a in cfg.batch_axes:
-    if a in sizes and B % (n * sizes[a]) == 0:
-      batch.append(a)
-      n *= sizes[a]
-  head = None
-  if cfg.head_axis in sizes and sizes[cfg.head_axis] > 1:
-    t = sizes[cfg.head_axis]
-    if Hkv % t or Hq % t:
-      raise ValueError(f"the mesh axis {cfg.head_axis!r} has {t} devices, which do not divide "
-                       f"the {Hkv} KV heads (and {Hq} query heads) of the attention: use a "
-                       f"'{cfg.head_axis}' size that divides {Hkv}, or set "
-                       "KernelConfig.head_axis=None to replicate the heads")
-    head = cfg.head_axis
-  bat = tuple(batch) or None
-  if bat is None and head is None:
-    return None
+  bat, head = axes
   per_head = P(bat, None, head, None)           # [B, T or S or NR, heads, D or K]
   per_example = lambda tree: jax.tree.map(lambda _: P(bat), tree)
   # q, k, v, q_route, k_route, layout, plan, descriptors, selection, active_k

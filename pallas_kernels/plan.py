@@ -10,8 +10,9 @@ Tiling and passes (``KernelConfig``):
     of ``base_rows`` rows and a "routed" pass (the selected regions) with small tiles of
     ``routed_rows`` rows, so the union of selections per tile stays small; the two disjoint
     key sets are merged by log-sum-exp. ``passes="full"`` uses one pass.
-  * ``dense_rows`` ("cudnn" or "xla", T == S only): the dense rows (patch rows, unrouted text)
-    go to ``jax.nn.dot_product_attention`` over the first ``dense_len`` positions; the kernels
+  * ``dense_rows`` ("cudnn", "xla" or "splash", T == S only): the dense rows (patch rows,
+    unrouted text) go to ``jax.nn.dot_product_attention`` or to splash attention
+    (``pallas_kernels.splash``) over the first ``dense_len`` positions; the kernels
     then run only the context and routed text rows.
 The plan holds the KV block table, the packed row fields, the lists of the passes that do not
 depend on the selections (the base pass) with their transposes, and the static dense length;

@@ -122,7 +122,8 @@ def tpu_kernels() -> list[dict]:
 
 def check(report: dict) -> list[str]:
   """What makes ``make aot`` fail: compile failures, bf16 GPU spills, a decode occupancy other
-  than ``ops.DECODE_PROGRAMS_PER_SM``, and K/V all-gathers in a step with the kernels."""
+  than ``ops.DECODE_PROGRAMS_PER_SM``, K/V all-gathers in a step with the kernels (ours or
+  splash), and a splash step whose program holds no splash kernel."""
   from pallas_kernels import ops
   problems = []
   for section in ("kernels", "steps"):
@@ -131,7 +132,11 @@ def check(report: dict) -> list[str]:
       if not rec.get("compiled") and not (report.get("full") and rec.get("out_of_memory")):
         # At pod scale "does not fit" is a finding (recorded with the compiler's figure).
         problems.append(f"{where}: did not compile: {rec.get('error', '')[:300]}")
-      if rec.get("implementation") == "pallas" and rec.get("kv_all_gathers"):
+      impl = rec.get("implementation", "")
+      if impl == "dense_splash" and rec.get("compiled") and not any(
+          str(k).startswith("splash_") for k in rec.get("kernels", [])):
+        problems.append(f"{where}: no splash kernel in the compiled program")
+      if impl in ("pallas", "dense_splash") and rec.get("kv_all_gathers"):
         problems.append(f"{where}: {rec['kv_all_gathers']} all-gathers of K/V: the kernels "
                         "did not run in shard_map")
       for k in rec.get("kernels", []):

@@ -47,6 +47,7 @@ class StepCase:
   dtype: str = "bfloat16"
   remat: bool = True
   attention: str = "gaze"   # "dense": the dense model of the same preset (the baseline)
+  # gaze: "xla" / "pallas"; dense: "xla" (jax.nn.dot_product_attention) / "splash" (TPU)
   implementations: tuple = IMPLEMENTATIONS
 
 
@@ -57,10 +58,14 @@ def _config(case: StepCase, implementation: str, kernel: str):
   c.model.decoder.remat = case.remat
   if case.decoder_layers is not None:
     c.model.decoder.num_layers = case.decoder_layers
-  c.model.gaze.implementation = implementation
   c.model.gaze.attention = case.attention
-  if implementation == "pallas":
-    c.model.gaze.kernel = {"kernel": kernel, "interpret": False}
+  if case.attention == "dense":
+    # The dense model's attention: XLA, or splash (KernelConfig.dense_rows) on a TPU.
+    c.model.gaze.kernel = {"kernel": kernel, "interpret": False, "dense_rows": implementation}
+  else:
+    c.model.gaze.implementation = implementation
+    if implementation == "pallas":
+      c.model.gaze.kernel = {"kernel": kernel, "interpret": False}
   lay = _layout(case, c)
   c.data.seq_len = lay.seq_len
   c.data.max_regions = lay.max_regions
@@ -160,7 +165,7 @@ def compile_case(case: StepCase, t: tg.Target, *, log=print, only: str = "") -> 
     mesh = t.mesh(case.mesh)
     s = trainer.build(config, mesh=mesh)
     base = {"case": case.label, "preset": case.preset,
-            "implementation": impl if case.attention == "gaze" else "dense",
+            "implementation": impl if case.attention == "gaze" else _dense_name(impl),
             "target": t.name, "mesh": dict(case.mesh), "batch": case.batch,
             "seq_len": lay.seq_len, "decoder_layers": s.model_cfg.decoder.num_layers,
             "dtype": case.dtype, "remat": case.remat,
@@ -184,6 +189,11 @@ def compile_case(case: StepCase, t: tg.Target, *, log=print, only: str = "") -> 
     if "prefill" in case.steps or "decode" in case.steps:
       out += _serve_steps(case, t, s, config, lay, mesh, base, log)
   return out
+
+
+def _dense_name(impl: str) -> str:
+  """The record's implementation of a dense-model case: "dense" (XLA) or "dense_splash"."""
+  return "dense" if impl == "xla" else f"dense_{impl}"
 
 
 def _serve_steps(case, t, s, config, lay, mesh, base, log) -> list[dict]:
@@ -265,8 +275,14 @@ def small_steps(t: tg.Target) -> list[dict]:
   """``make aot``: the tiny preset (64 px images, 16 regions of 2 x 2 patches, 2-layer GQA
   decoder), batch 8, on an H100 (one device) or a TPU slice of 8 chips (fsdp 4 x tensor 2)."""
   mesh = {"data": 1, "fsdp": 4, "tensor": 2} if t.platform == "tpu" else {"data": 1}
-  case = StepCase("tiny", "tiny", _tiny_segments(), batch=8, mesh=mesh)
-  return compile_case(case, t)
+  out = compile_case(StepCase("tiny", "tiny", _tiny_segments(), batch=8, mesh=mesh), t)
+  if t.platform == "tpu":
+    # The dense model with XLA's attention and with splash (the decode step is a masked
+    # attention, XLA in both, so it is left out).
+    out += compile_case(StepCase("tiny_dense", "tiny", _tiny_segments(), batch=8, mesh=mesh,
+                                 attention="dense", steps=("train", "prefill"),
+                                 implementations=("xla", "splash")), t)
+  return out
 
 
 def _cambrian_segments(tokens: int = 4096):
@@ -294,7 +310,8 @@ def full_steps(platform: str, only: str = "") -> list[dict]:
     # The dense model at full depth: the baseline of the kernels' temporaries.
     cases += [StepCase(f"cambrian_4b_dense_36l_b{batch}", "cambrian_4b", _cambrian_segments(),
                        batch=batch, mesh=mesh, decoder_layers=36, steps=("train",),
-                       attention="dense", implementations=("xla",)) for batch in (256, 16)]
+                       attention="dense", implementations=("xla", "splash"))
+              for batch in (256, 16)]
   else:
     t = tg.h100()
     # 64 frames, each 2 x 2-pooled to 12 x 12 patches (the video path of the vision tower).

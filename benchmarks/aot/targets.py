@@ -311,4 +311,5 @@ def mosaic_kernels(compiled) -> list[str]:
     text = compiled.as_text()
   except Exception:  # noqa: BLE001
     return []
-  return sorted(set(re.findall(r"gaze_tpu_[a-z_]+", text)))
+  # Ours (gaze_tpu_*) and jax's splash attention (splash_{mha,mqa}_{fwd,dq,dkv}...).
+  return sorted(set(re.findall(r"(?:gaze_tpu|splash_m[hq]a)_[a-z_]+", text)))

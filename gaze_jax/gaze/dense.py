@@ -1,10 +1,11 @@
-"""Dense causal attention by RoPE position, through ``jax.nn.dot_product_attention``.
+"""Dense causal attention by RoPE position: ``jax.nn.dot_product_attention`` (XLA, or cuDNN on a
+CUDA GPU), or jax's Pallas splash attention on a TPU (``pallas_kernels.splash``).
 
 Causality is by position, not slot order: the layout stores image patches region-major, so the
 slots are not in position order. Two forms:
   * full sequence (the queries are the S key slots): the slots are sorted by position (PAD
     last), so that position causality becomes index causality, and the fused kernel runs with
-    ``is_causal=True`` (no mask tensor; cuDNN skips the masked blocks);
+    ``is_causal=True`` (no mask tensor; cuDNN and splash skip the masked blocks);
   * decode (T query rows at any positions): a boolean ``[B, 1, T, S]`` mask.
 PAD rows, and rows that see no key, give zeros.
 """
@@ -29,22 +30,28 @@ def _on_cuda() -> bool:
   return backend.platform == "gpu" and "cuda" in backend.platform_version.lower()
 
 
+IMPLEMENTATIONS = ("xla", "cudnn", "splash")
+
+
 def pick_implementation(q: jax.Array, *, masked: bool) -> str:
-  """``jax.nn.dot_product_attention``'s implementation for ``q [B, T, Hq, D]``: "cudnn" for the
-  unmasked (causal) form on a CUDA GPU where cuDNN takes the dtype and head dim, else "xla".
-  (Its own default, None, is XLA everywhere in jax 0.10.) A ``masked`` call stays on XLA: cuDNN
-  would turn the mask into a dense additive bias."""
+  """The implementation for ``q [B, T, Hq, D]``: for the unmasked (causal) form, "cudnn" on a
+  CUDA GPU where cuDNN takes the dtype and head dim, "splash" on a TPU; else "xla" (which is
+  ``jax.nn.dot_product_attention``'s own default everywhere in jax 0.10). A ``masked`` call
+  stays on XLA: cuDNN would turn the mask into a dense additive bias."""
+  if masked:
+    return "xla"
   D = q.shape[-1]
-  if (not masked and _on_cuda() and q.dtype in _CUDNN_DTYPES and D % 8 == 0
-      and D <= _CUDNN_MAX_HEAD_DIM):
+  if _on_cuda() and q.dtype in _CUDNN_DTYPES and D % 8 == 0 and D <= _CUDNN_MAX_HEAD_DIM:
     return "cudnn"
+  if jax.default_backend() == "tpu":
+    return "splash"
   return "xla"
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: Optional[jax.Array],
                      k_pos: jax.Array, k_valid: jax.Array, *, scale: Optional[float] = None,
                      implementation: Optional[str] = None,
-                     length: Optional[int] = None) -> jax.Array:
+                     length: Optional[int] = None, kernel_config=None) -> jax.Array:
   """Causal attention by position: row t sees the valid keys s with ``k_pos[s] <= q_pos[t]``.
 
   Args:
@@ -55,10 +62,13 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: Optional[j
     k_pos: int ``[B, S]`` key positions; unique among the valid slots of an example.
     k_valid: bool ``[B, S]``, False for PAD slots.
     scale: logit scale; default ``1 / sqrt(D)``.
-    implementation: "xla", "cudnn" or None (``pick_implementation``).
+    implementation: "xla", "cudnn", "splash" or None (``pick_implementation``). "splash" is
+      for the full-sequence form; the decode form takes "xla" instead.
     length: full-sequence form only: a static bound on the sorted positions to run, rounded
       up to a multiple of 128 (cuDNN's tile) and capped at S. Only rows whose position rank
       (index in position order) is below it are computed; the others give zeros.
+    kernel_config: a ``pallas_kernels.config.KernelConfig`` for "splash" (its interpreter
+      flag and mesh axes); None for the defaults.
   Returns:
     ``[B, T, Hq, D]`` in q's dtype; zero for PAD rows (full form) and rows with no visible key.
   """
@@ -66,11 +76,16 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: Optional[j
     scale = 1.0 / math.sqrt(q.shape[-1])
   if implementation is None:
     implementation = pick_implementation(q, masked=q_pos is not None)
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"causal_attention: implementation must be one of {IMPLEMENTATIONS} or "
+                     f"None, got {implementation!r}")
   if q_pos is None:
     return _sorted_causal(q, k, v, k_pos, k_valid, scale=scale,
-                          implementation=implementation, length=length)
+                          implementation=implementation, length=length, config=kernel_config)
   if length is not None:
     raise ValueError("length bounds the full-sequence form only (q_pos=None)")
+  if implementation == "splash":
+    implementation = "xla"
   mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]    # [B, T, S]
   out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale,
                                      implementation=implementation)
@@ -78,22 +93,31 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: Optional[j
   return jnp.where(mask.any(-1)[:, :, None, None], out, 0)
 
 
-def _sorted_causal(q, k, v, pos, valid, *, scale, implementation, length):
+def _sorted_causal(q, k, v, pos, valid, *, scale, implementation, length, config):
   """The full-sequence form of ``causal_attention``: the first ``length`` slots in position
-  order, through ``is_causal=True``, scattered back to slot order."""
-  B, S = pos.shape
+  order, through ``is_causal=True``, gathered back to slot order."""
+  S = pos.shape[1]
   if q.shape[1] != S:
     raise ValueError(f"the full-sequence form needs T == S, got T={q.shape[1]}, S={S}")
   n = S if length is None else min(S, -(-max(1, int(length)) // 128) * 128)
   # PAD slots sort last (stable argsort: ties keep slot order); valid positions are unique, so
   # rank order is position order and a valid row sees exactly the keys at or before it.
   key = jnp.where(valid, pos, jnp.iinfo(pos.dtype).max)
-  perm = jnp.argsort(key, axis=1)[:, :n]                                  # [B, n] slots
+  order = jnp.argsort(key, axis=1)                                        # [B, S] slots
+  perm = order[:, :n]
   take = lambda x: jnp.take_along_axis(x, perm[:, :, None, None], axis=1)
-  out = jax.nn.dot_product_attention(take(q), take(k), take(v), is_causal=True, scale=scale,
-                                     implementation=implementation)
+  if implementation == "splash":
+    from pallas_kernels import splash
+    out = splash.causal(take(q), take(k), take(v), scale=scale, config=config)
+  else:
+    out = jax.nn.dot_product_attention(take(q), take(k), take(v), is_causal=True, scale=scale,
+                                       implementation=implementation)
   # PAD rows sort after every valid key, so they see all of them: zero them.
   keep = jnp.take_along_axis(valid, perm, axis=1)
   out = jnp.where(keep[:, :, None, None], out, 0)
-  full = jnp.zeros(q.shape, out.dtype)
-  return full.at[jnp.arange(B)[:, None], perm].set(out, unique_indices=True)
+  # Back to slot order by a gather at each slot's rank (rank >= n: the zero row appended), not
+  # a scatter at perm: the partitioner splits a batched gather over the examples, but it
+  # all-gathered the scatter's [B, S, H, D] output over them (a v5p step at fsdp 16).
+  rank = jnp.minimum(jnp.argsort(order, axis=1), n)                       # [B, S]
+  out = jnp.concatenate([out, jnp.zeros_like(out[:, :1])], axis=1)
+  return jnp.take_along_axis(out, rank[:, :, None, None], axis=1)

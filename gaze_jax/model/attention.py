@@ -36,16 +36,20 @@ jax.tree_util.register_dataclass(LayerCache, data_fields=["k", "v", "descriptors
 
 
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
-                    k_pos: jax.Array, k_valid: jax.Array) -> jax.Array:
+                    k_pos: jax.Array, k_valid: jax.Array, kernel_config=None) -> jax.Array:
   """Plain causal attention by position (the dense baseline), by ``causal_attention``.
 
   q ``[B, T, Hq, D]``, k/v ``[B, S, Hkv, D]``, q_pos ``[B, T]``, k_pos / k_valid ``[B, S]``
   -> ``[B, T, Hq, D]``. T == S is the full-sequence form: the queries are the S slots, so
   ``q_pos`` must equal ``k_pos``; T < S is the decode form (any ``q_pos``).
+  ``kernel_config`` (``GazeConfig.kernel``): its ``dense_rows`` picks the implementation
+  (None: cuDNN on a CUDA GPU, splash on a TPU, else XLA).
   """
   # The full form runs the fused kernel causally on the position-sorted sequence, no mask.
   full = q.shape[1] == k.shape[1]
-  return causal_attention(q, k, v, None if full else q_pos, k_pos, k_valid)
+  impl = None if kernel_config is None else kernel_config.dense_rows
+  return causal_attention(q, k, v, None if full else q_pos, k_pos, k_valid,
+                          implementation=impl, kernel_config=kernel_config)
 
 
 def attention_plan(cfg: DecoderConfig, gaze: GazeConfig, layout: TokenLayout,
@@ -135,7 +139,8 @@ class Attention(nnx.Module):
 
     selected = None
     if gz.attention == "dense":
-      out = dense_attention(q, k_all, v_all, positions, layout.position, layout.kind != PAD)
+      out = dense_attention(q, k_all, v_all, positions, layout.position, layout.kind != PAD,
+                            kernel_config=gz.kernel)
     else:
       out, selected = gaze_attention(
           q, k_all, v_all, q_pre, None, layout, top_k=gz.top_k, active_k=active_k,

@@ -123,6 +123,17 @@ def test_kv_all_gathers_are_counted_and_fail_a_kernels_step():
   assert run.check({"target": "tpu", "steps": [dict(rec, implementation="xla")]}) == []
 
 
+def test_a_splash_step_needs_splash_kernels_and_no_kv_gathers():
+  rec = {"name": "train_tiny_dense_splash", "target": "v5p:2x2x2", "compiled": True,
+         "implementation": "dense_splash", "kv_all_gathers": 0,
+         "kernels": ["splash_mha_dkv_no_residuals", "splash_mha_fwd_residuals"]}
+  assert run.check({"target": "tpu", "steps": [rec]}) == []
+  missing = run.check({"target": "tpu", "steps": [dict(rec, kernels=[])]})
+  assert len(missing) == 1 and "no splash kernel" in missing[0]
+  gathered = run.check({"target": "tpu", "steps": [dict(rec, kv_all_gathers=1)]})
+  assert len(gathered) == 1 and "all-gathers of K/V" in gathered[0]
+
+
 def test_out_of_memory_reports_give_the_bytes_needed():
   msg = ("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 1.2T of 95.74G hbm. "
          "Exceeded hbm capacity by ... the total memory required for HLO temporaries (922.36G) "

@@ -73,15 +73,17 @@ def _long_answer_case():
               score="dot", routing="head", route_prompt=False)
 
 
-def test_dense_rows_by_dot_product_attention_match_reference():
-  """dense_rows="xla": patch and unrouted rows through jax.nn.dot_product_attention on the
-  position-sorted sequence, over only the first ``dense_len`` positions (found from the
-  concrete layout), the other rows through the kernels (cuDNN on a GPU)."""
+@pytest.mark.parametrize("dense_rows", ["xla", "splash"])
+def test_dense_rows_by_a_dense_kernel_match_reference(dense_rows):
+  """dense_rows="xla" / "splash": patch and unrouted rows through jax.nn.dot_product_attention
+  (cuDNN on a GPU) or splash attention (TPU; interpreted here) on the position-sorted sequence,
+  over only the first ``dense_len`` positions (found from the concrete layout), the other rows
+  through the kernels."""
   case = _long_answer_case()
   routed = np.asarray(case.layout.kind) == TEXT
   routed &= np.asarray(case.layout.generated)
   assert kplan.static_dense_len(case.layout, routed, None) < case.layout.seq_len
-  config = dataclasses.replace(SMALL, dense_rows="xla")
+  config = dataclasses.replace(SMALL, dense_rows=dense_rows)
   out_r, _, g_r = run(case)
   out_p, _, g_p = run(case, config=config)
   assert_close(out_p, out_r, "out")

@@ -1,7 +1,8 @@
 """Dense causal attention by position (``gaze_jax.gaze.causal_attention`` and the model's
 ``dense_attention``) against a plain einsum + mask reference: forward and gradients, on a
 layout whose patches are stored region-major, with GQA, PAD slots inside and after the
-sequence, the decode form and rows that see nothing."""
+sequence, the decode form and rows that see nothing. Each full-sequence case runs with XLA and
+with splash attention (the TPU kernel, in the Pallas interpreter here)."""
 
 import functools
 
@@ -12,6 +13,7 @@ import pytest
 
 from gaze_jax.gaze import PAD, Image, LayoutSpec, Text, build_layout, causal_attention
 from gaze_jax.model import dense_attention
+from pallas_kernels.config import KernelConfig
 
 HQ, HKV, D = 4, 2, 8
 
@@ -74,23 +76,35 @@ def _assert_matches(fn, ref, w, q, k, v, *args):
 
 
 # The full-sequence form (queries = the S slots) by both entry points, and its reference.
-def _full(q, k, v, pos, valid, length=None):
-  return causal_attention(q, k, v, None, pos, valid, length=length)
+def _full(q, k, v, pos, valid, length=None, implementation=None):
+  return causal_attention(q, k, v, None, pos, valid, length=length,
+                          implementation=implementation)
+
+
+def _full_splash(q, k, v, pos, valid):
+  return _full(q, k, v, pos, valid, implementation="splash")
 
 
 def _full_model(q, k, v, pos, valid):
   return dense_attention(q, k, v, pos, pos, valid)
 
 
+def _full_model_splash(q, k, v, pos, valid):
+  return dense_attention(q, k, v, pos, pos, valid, KernelConfig(dense_rows="splash"))
+
+
 def _full_reference(q, k, v, pos, valid):
   return _reference(q, k, v, pos, pos, valid, valid)
 
 
-_full_forward = jax.jit(_full, static_argnums=5)
+_full_forward = jax.jit(_full, static_argnums=(5, 6))
 _full_reference_forward = jax.jit(_full_reference)
+IMPLS = ["xla", "splash"]
 
 
-@pytest.mark.parametrize("fn", [_full, _full_model], ids=["causal_attention", "dense_attention"])
+@pytest.mark.parametrize("fn", [_full, _full_model, _full_splash, _full_model_splash],
+                         ids=["causal_attention", "dense_attention", "causal_attention-splash",
+                              "dense_attention-splash"])
 def test_full_form_matches_reference_on_region_major_layout(fn):
   pos, valid = _layout()
   q, k, v, w = _qkv(0, 64, 64)
@@ -114,12 +128,13 @@ def test_decode_form_matches_reference(fn):
   assert not out[~sees].any() and out[sees].all(axis=-1).all()
 
 
-def test_length_bounds_the_rows_by_position_rank():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_length_bounds_the_rows_by_position_rank(impl):
   """length=100 rounds up to 128 of S=160 sorted positions: rows ranked below 128 in position
   order are exact, the others zero."""
   pos, valid = _layout(seq_len=160, long_answer=100)
   q, k, v, _ = _qkv(3, 160, 160)
-  out = np.asarray(_full_forward(q, k, v, pos, valid, 100))
+  out = np.asarray(_full_forward(q, k, v, pos, valid, 100, impl))
   want = np.asarray(_full_reference_forward(q, k, v, pos, valid))
   key = np.where(np.asarray(valid), np.asarray(pos), np.iinfo(np.int32).max)
   rank = np.argsort(np.argsort(key, axis=1, kind="stable"), axis=1)
@@ -129,11 +144,19 @@ def test_length_bounds_the_rows_by_position_rank():
   assert not out[~run].any()
 
 
-def test_bfloat16_stays_close_to_float32():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bfloat16_stays_close_to_float32(impl):
   pos, valid = _layout(seq_len=160, long_answer=100)
   q, k, v, _ = _qkv(3, 160, 160)
   bf = lambda x: x.astype(jnp.bfloat16)
-  out = _full_forward(bf(q), bf(k), bf(v), pos, valid)
+  out = _full_forward(bf(q), bf(k), bf(v), pos, valid, None, impl)
   assert out.dtype == jnp.bfloat16
   want = _full_reference_forward(q, k, v, pos, valid)
   np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=3e-2, rtol=3e-2)
+
+
+def test_unknown_implementation_is_an_error():
+  pos, valid = _layout()
+  q, k, v, _ = _qkv(0, 64, 64)
+  with pytest.raises(ValueError, match="implementation must be one of.*'flash'"):
+    causal_attention(q, k, v, None, pos, valid, implementation="flash")

@@ -1,6 +1,7 @@
 """The model with the Pallas kernels (interpret mode on CPU) against the xla path: the loss and
-the gradient of every parameter of a training step; and the attention plan, built once per
-forward pass for all layers."""
+the gradient of every parameter of a training step (the gaze kernels, and the dense model's
+splash attention against XLA's); and the attention plan, built once per forward pass for all
+layers."""
 
 import dataclasses
 
@@ -48,7 +49,21 @@ def _with(cfg, **gaze):
 def test_pallas_model_matches_xla_in_loss_and_every_gradient(routing, kernel):
   ref = _with(_cfg(top_k=2), routing=routing)
   pallas = _with(ref, implementation="pallas", kernel={"kernel": kernel, "interpret": True})
-  a, b = _pair(ref, pallas)
+  _assert_same_loss_and_grads(*_pair(ref, pallas))
+
+
+def test_dense_model_with_splash_matches_xla_in_loss_and_every_gradient(monkeypatch):
+  from pallas_kernels import splash as splash_lib
+  calls = _count_calls(monkeypatch, splash_lib, "causal")
+  ref = _with(_cfg(top_k=2), attention="dense")
+  splash = _with(ref, kernel={"dense_rows": "splash"})
+  _assert_same_loss_and_grads(*_pair(ref, splash))
+  assert len(calls) == splash.decoder.num_layers           # every layer, traced once
+
+
+def _assert_same_loss_and_grads(a, b):
+  """Models a and b (the same parameters) give the same loss and gradients on a batch of
+  images and a video."""
   batch = _batch(a, MIXED, seq_len=160, max_regions=32, max_images=2)
   loss_a, g_a = _loss_and_grads(a, batch)
   loss_b, g_b = _loss_and_grads(b, batch)
