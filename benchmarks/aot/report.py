@@ -98,8 +98,10 @@ def slope_table(report: dict) -> str:
     p1, p2 = r1["memory"]["peak"], r2["memory"]["peak"]
     slope = (p2 - p1) / (l2 - l1)
     full = r1.get("full_layers", 36)
-    est = _gib(p2) + " (compiled)" if l2 == full else (
-        _gib(p1 + slope * (full - l1)) + " (**extrapolated**)")
+    if l2 == full:
+      est = _gib(p2) + (" (compiled)" if r2.get("compiled") else " (out of HBM)")
+    else:
+      est = _gib(p1 + slope * (full - l1)) + " (**extrapolated**)"
     lines.append(f"| {impl} | {batch} | {l1}: {_gib(p1)} | {l2}: {_gib(p2)} | {_gib(slope)} | "
                  f"{est} | {r1.get('compile_s', '-')} / {r2.get('compile_s', '-')} | "
                  f"{_gib(r1.get('hbm_bytes'))} |")

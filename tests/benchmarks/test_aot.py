@@ -91,6 +91,9 @@ def test_table_renders_every_file_and_the_layer_slope(tmp_path):
   full = {"target": "tpu", "date": "2026-12-02", "jax": "0.10.2", "problems": [],
           "steps": [_step("xla", 2, 10 * gib), _step("xla", 4, 14 * gib),
                     _step("pallas", 2, 5 * gib, 40.0), _step("pallas", 36, 22 * gib, 41.0)]}
+  # A full depth that ran out of HBM: the compiler's figure, marked as such.
+  oom = dict(_step("xla", 36, 900 * gib), compiled=False, out_of_memory=True)
+  full["steps"] += [dict(s, batch=16) for s in (_step("xla", 2, 800 * gib), oom)]
   (tmp_path / "aot_full_tpu.json").write_text(json.dumps(full))
   h100 = {"target": "h100", "date": "2026-12-02", "jax": "0.10.2", "problems": [],
           "kernels": _report()["kernels"], "steps": []}
@@ -103,6 +106,7 @@ def test_table_renders_every_file_and_the_layer_slope(tmp_path):
   # The full depth compiled: its own figure, and 17 GiB over 34 layers = 512 MiB per layer.
   assert ("| pallas | 256 | 2: 5.00 GiB | 36: 22.00 GiB | 512.0 MiB | 22.00 GiB (compiled) "
           "| 40.0 / 41.0 | 95.00 GiB |") in text
+  assert "| xla | 16 | 2: 800.00 GiB | 36: 900.00 GiB | 2.94 GiB | 900.00 GiB (out of HBM) |" in text
   readme = tmp_path / "README.md"
   readme.write_text(f"intro\n{report.BEGIN}\nold\n{report.END}\noutro\n")
   report.update_readme(readme, text)
