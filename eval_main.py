@@ -23,8 +23,9 @@ flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 flags.DEFINE_list("splits", ["validation"], "Dataset splits to evaluate.")
 flags.DEFINE_integer("max_batches", None, "Batches per split (default: config.train.eval_batches,"
                      " 0 = the whole split).")
-flags.DEFINE_list("baselines", ["dense", "token_matched", "fixed_from_question"],
-                  "Baselines from the same weights.")
+flags.DEFINE_list("baselines", ["dense", "token_matched", "fixed_from_question",
+                                "random_routing"], "Baselines from the same weights.")
+flags.DEFINE_integer("random_seed", 0, "Seed of the random-routing baseline's draws.")
 flags.DEFINE_integer("num_gaze_maps", 4, "Gaze-map PNGs per split.")
 flags.DEFINE_bool("answer_prior", True, "Add the answer-prior row (most common training answer "
                   "per question, no image) and accuracy per question type.")
@@ -89,7 +90,7 @@ def main(argv):
     res = evaluate(model, batches, spec, baselines=tuple(FLAGS.baselines), split=split,
                    max_batches=max_batches, tokenizer=tok,
                    gaze_maps_dir=out / "gaze_maps" / split, num_gaze_maps=FLAGS.num_gaze_maps,
-                   groups=groups, log=logging.info)
+                   groups=groups, random_seed=FLAGS.random_seed, log=logging.info)
     if other is not None:
       o_model, o_step, o_cfg, o_spec, o_tok = other
       _, o_batches = _batches(FLAGS.compare_config, FLAGS.compare_workdir, o_cfg, o_spec,

@@ -10,6 +10,10 @@
   routing), and every answer row attends to those instead of routing again. Two forward passes:
   the first routes, the second runs with the first pass's last-prompt-row regions copied to the
   answer rows through ``MLLM.__call__(selections=...)``.
+* ``random_selections``: random routing, the same model with each row's regions drawn at random
+  (K distinct causal candidates per row and query head, or per GQA group with group routing;
+  a fresh draw per layer), through ``MLLM.__call__(selections=...)``: what the model gets
+  from K regions it did not choose.
 """
 
 from __future__ import annotations
@@ -17,13 +21,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from gaze_jax.data.features import ModelInputs
 from gaze_jax.eval import layouts
-from gaze_jax.gaze.routing import resolve_top_k
+from gaze_jax.gaze.routing import random_selection, resolve_top_k
 
 
 def dense_twin(model):
@@ -93,3 +98,18 @@ def routing_layout(layout, anchor_rows, route_prompt: bool):
     moved = anchors[b] != np.arange(gen.shape[1])
     gen[b, anchors[b][moved]] = True
   return dataclasses.replace(layout, generated=gen)
+
+
+def random_selections(cfg, layout, key: jax.Array) -> list:
+  """Per decoder layer, int32 ``[B, S, Hq, K]`` random region ids for every row of ``layout``
+  (``gaze.random_selection`` with the model's K and routing; layer l draws with
+  ``fold_in(key, l)``). Rows the model does not route ignore them."""
+  dec, gz = cfg.decoder, cfg.gaze
+  K = resolve_top_k(gz.top_k, layout.max_regions)
+  pos = jnp.asarray(layout.position, jnp.int32)
+  every_row = jnp.ones(pos.shape, bool)
+  return [random_selection(jax.random.fold_in(key, layer), jnp.asarray(layout.region_valid),
+                           jnp.asarray(layout.region_last_pos), pos, every_row,
+                           num_heads=dec.num_heads, num_kv_heads=dec.num_kv_heads, top_k=K,
+                           routing=gz.routing).ids
+          for layer in range(dec.num_layers)]

@@ -9,6 +9,8 @@ For each batch (a dict of stacked features from ``gaze_jax.data``, or a ``ModelI
 * ``dense``: the dense twin (same weights, ``bl.dense_twin``) on the same batch;
 * ``token_matched``: the dense twin on downsampled images (``bl.token_matched_inputs``);
 * ``fixed_from_question``: two passes, regions fixed at the last prompt row;
+* ``random_routing``: the model with random regions at the same K (``bl.random_selections``;
+  a fresh draw per batch and layer from ``random_seed``);
 * optionally (``generate_text=True`` with a tokenizer) greedy generation of each example's first
   answer with ``gaze_jax.model.generate`` and normalised text exact match.
 
@@ -36,7 +38,7 @@ from gaze_jax.eval.prior import by_group
 from gaze_jax.eval.text import text_exact_match
 from gaze_jax.gaze.layout import PATCH, LayoutSpec
 
-BASELINES = ("dense", "token_matched", "fixed_from_question")
+BASELINES = ("dense", "token_matched", "fixed_from_question", "random_routing")
 
 
 # ------------------------------------------------------------------ compiled forwards
@@ -68,6 +70,25 @@ def _forward_fixed(model, tokens, route_layout, layout, images, targets, anchor_
   logits, applied = model(tokens, layout, images, selections=fixed, return_selected=True)
   pred, tgt = _outputs(logits, targets)
   return pred, tgt, applied
+
+
+@nnx.jit
+def _forward_given(model, tokens, layout, images, targets, selections):
+  logits, applied = model(tokens, layout, images, selections=selections, return_selected=True)
+  pred, tgt = _outputs(logits, targets)
+  return pred, tgt, applied
+
+
+def predict_random_routing(model, inputs: ModelInputs, key: jax.Array):
+  """The random-routing baseline's pass: like ``predict`` with ``return_selected``, the ids
+  being the random regions attended at routed rows."""
+  if not _is_gaze(model):
+    raise ValueError("the random-routing baseline needs a gaze model")
+  sel = bl.random_selections(model.cfg, inputs.layout, key)
+  pred, tgt, applied = _forward_given(model, jnp.asarray(inputs.tokens, jnp.int32),
+                                      inputs.layout, _images_for(model, inputs),
+                                      jnp.asarray(inputs.targets, jnp.int32), sel)
+  return np.asarray(pred), np.asarray(tgt), [np.asarray(s) for s in applied]
 
 
 def predict(model, inputs: ModelInputs, *, return_selected: bool = False):
@@ -284,15 +305,17 @@ def evaluate(model, batches: Iterable, spec: Optional[LayoutSpec] = None, *,
              gaze_maps_dir: Union[str, Path, None] = None, num_gaze_maps: int = 4,
              gaze_map_layer: Optional[int] = None, gaze_map_tokens: int = 4,
              image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
-             groups: Optional[Sequence[str]] = None, log=None) -> dict[str, Any]:
+             groups: Optional[Sequence[str]] = None, random_seed: int = 0,
+             log=None) -> dict[str, Any]:
   """Evaluates ``model`` and its baselines on the batches of one split.
 
   Args:
     model: an ``MLLM`` (gaze or dense attention).
     batches: an iterable of feature dicts (``gaze_jax.data`` pipeline batches) or ModelInputs.
     spec: the LayoutSpec the feature dicts were built with (not needed for ModelInputs).
-    baselines: any of "dense", "token_matched", "fixed_from_question" (the last two need a gaze
-      model; for a dense model they are skipped and noted under ``skipped``).
+    baselines: any of "dense", "token_matched", "fixed_from_question", "random_routing" (all
+      but "dense" need a gaze model; for a dense model they are skipped and noted under
+      ``skipped``).
     split, name: labels in the result (``name`` is the main model's row).
     max_batches: stop after this many batches.
     token_matched_grid: force the token-matched grid height (default: matched to the budget).
@@ -305,6 +328,7 @@ def evaluate(model, batches: Iterable, spec: Optional[LayoutSpec] = None, *,
     image_mean, image_std: the images' normalisation, undone for the gaze maps.
     groups: a label per example in batch order (e.g. ``prior.question_types``): each variant
       also reports ``by_type`` accuracy per label.
+    random_seed: the seed of the random-routing baseline's draws.
     log: optional ``print``-like callable for progress lines.
   Returns:
     ``{"split", "batches", "examples", "model": {...}, "results": {variant: {...}},
@@ -327,7 +351,7 @@ def evaluate(model, batches: Iterable, spec: Optional[LayoutSpec] = None, *,
   skipped = {}
   wanted = []
   for b in baselines:
-    if b in ("token_matched", "fixed_from_question") and not gaze:
+    if b in ("token_matched", "fixed_from_question", "random_routing") and not gaze:
       skipped[b] = "needs a gaze model (the model is dense)"
     elif b == "token_matched" and model.cfg.vision is None:
       skipped[b] = "needs a vision tower"
@@ -342,7 +366,7 @@ def evaluate(model, batches: Iterable, spec: Optional[LayoutSpec] = None, *,
   accs = {name: _Acc(name, model.cfg)}
   for b in wanted:
     accs[b] = _Acc(b, dense.cfg if b in ("dense", "token_matched") else model.cfg,
-                   fixed=b == "fixed_from_question")
+                   fixed=b in ("fixed_from_question", "random_routing"))
   maps: list[str] = []
   n_batches = n_examples = 0
   stop_ids = tuple(getattr(tokenizer, "stop_ids", ())) if tokenizer is not None else ()
@@ -385,6 +409,12 @@ def evaluate(model, batches: Iterable, spec: Optional[LayoutSpec] = None, *,
       out = predict_fixed_from_question(model, inputs)
       accs["fixed_from_question"].seconds += time.perf_counter() - t0
       accs["fixed_from_question"].add(inputs, *out)
+    if "random_routing" in wanted:
+      t0 = time.perf_counter()
+      key = jax.random.fold_in(jax.random.PRNGKey(random_seed), n_batches)
+      out = predict_random_routing(model, inputs, key)
+      accs["random_routing"].seconds += time.perf_counter() - t0
+      accs["random_routing"].add(inputs, *out)
 
     if generate_text:
       runs = {"gaze": (name, model, inputs)}          # "gaze" names the main model here

@@ -16,9 +16,10 @@ from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
-ROW_ORDER = ("dense", "token_matched", "fixed_from_question", "answer_prior")
+ROW_ORDER = ("dense", "token_matched", "fixed_from_question", "random_routing", "answer_prior")
 ROW_LABELS = {"dense": "dense (same weights)", "token_matched": "dense, token-matched input",
               "fixed_from_question": "fixed-from-question eviction",
+              "random_routing": "random routing (same K)",
               "answer_prior": "answer prior (no image)"}
 
 

@@ -13,6 +13,6 @@ from gaze_jax.gaze.masks import (base_mask, base_rule, masked_softmax, region_ru
 from gaze_jax.gaze.plan import AttentionPlan, build_plan
 from gaze_jax.gaze.reference import gaze_mask
 from gaze_jax.gaze.regions import region_descriptors
-from gaze_jax.gaze.routing import (Selection, candidate_regions, region_scores, resolve_top_k,
-                                   route, select_top_k, unique_ids)
+from gaze_jax.gaze.routing import (Selection, candidate_regions, random_selection, region_scores,
+                                   resolve_top_k, route, select_top_k, unique_ids)
 from gaze_jax.gaze.schedules import progressive_top_k

@@ -147,6 +147,29 @@ def select_top_k(scores: jax.Array, candidates: jax.Array, *, top_k: int, active
   return Selection(ids=ids)
 
 
+def random_selection(key: jax.Array, region_valid: jax.Array, region_last_pos: jax.Array,
+                     q_pos: jax.Array, routed_rows: jax.Array, *, num_heads: int,
+                     num_kv_heads: int, top_k: int, active_k=None,
+                     routing: str = "head") -> Selection:
+  """Random routing (the random-routing baseline): for every routed row and query head (or
+  GQA group with ``routing="group"``), ``top_k`` distinct regions drawn uniformly from the
+  row's causal candidates. It is the top-K of i.i.d. uniform scores through the same candidate
+  rule and ``select_top_k`` as ``route``, so only the scores differ from the model's routing.
+
+  Args:
+    key: a PRNG key; region_valid, region_last_pos: ``[B, NR]``; q_pos: int32 ``[B, T]``;
+    routed_rows: bool ``[B, T]``; num_heads, num_kv_heads: Hq, Hkv; top_k, active_k, routing
+      as in ``select_top_k``.
+  Returns:
+    Selection with ids ``[B, T, Hq, K]`` (-1 where fewer candidates than K, or not routed).
+  """
+  B, T = q_pos.shape
+  scores = jax.random.uniform(key, (B, T, num_heads, region_valid.shape[1]))
+  cand = candidate_regions(region_valid, region_last_pos, q_pos) & routed_rows[:, :, None]
+  return select_top_k(scores, cand, top_k=top_k, active_k=active_k, routing=routing,
+                      num_kv_heads=num_kv_heads)
+
+
 def route(q_route: jax.Array, descriptors: jax.Array, region_valid: jax.Array,
           region_last_pos: jax.Array, q_pos: jax.Array, routed_rows: jax.Array, *, top_k: int,
           active_k=None, score: str = "dot", routing: str = "head") -> Selection:

@@ -1,6 +1,7 @@
 """The evaluation on a tiny random model: teacher-forced exact match against greedy ``generate``,
-the dense twin against gaze with every region, the fixed-from-question baseline's regions, and
-``evaluate`` + ``write_report`` end to end (numbers checked against independent counts)."""
+the dense twin against gaze with every region, the fixed-from-question and random-routing
+baselines' regions, and ``evaluate`` + ``write_report`` end to end (numbers checked against
+independent counts)."""
 
 import dataclasses
 import json
@@ -13,7 +14,8 @@ from flax import nnx
 from gaze_jax.data.features import ModelInputs, next_token_targets
 from gaze_jax.eval import (dense_twin, evaluate, predict, predict_fixed_from_question,
                            teacher_forced_exact_match, write_report)
-from gaze_jax.eval.evaluate import generate_answers
+from gaze_jax.eval import baselines as bl
+from gaze_jax.eval.evaluate import _forward_given, generate_answers, predict_random_routing
 from gaze_jax.gaze import CTX, PAD, PATCH, TEXT, Image, LayoutSpec, Text, build_layout
 from gaze_jax.model import MLLM, DecoderConfig, GazeConfig, MLLMConfig, VisionConfig, pack_images
 from gaze_jax.model.generate import generate
@@ -147,7 +149,7 @@ def test_dense_twin_equals_gaze_with_every_region_and_no_context_tokens():
   # A dense model evaluates alone: the baselines that need routing are skipped with a reason.
   alone = evaluate(dense, [inputs], name="dense")
   assert set(alone["results"]) == {"dense"} and set(alone["skipped"]) == {
-      "dense", "token_matched", "fixed_from_question"}
+      "dense", "token_matched", "fixed_from_question", "random_routing"}
   assert alone["results"]["dense"]["visual_kv"]["measured"] == res["dense"]["visual_kv"][
       "measured"]
   assert "routing" not in alone["results"]["dense"]
@@ -202,6 +204,47 @@ def test_fixed_from_question_without_prompt_routing():
     np.testing.assert_allclose(lf[b, :anchor + 1], lp[b, :anchor + 1], atol=1e-5)
 
 
+# ------------------------------------------------------------------ random routing
+
+
+def _twin(model, **gaze):
+  """``model``'s parameters under a changed GazeConfig (like ``dense_twin``)."""
+  cfg = dataclasses.replace(model.cfg, gaze=dataclasses.replace(model.cfg.gaze, **gaze))
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: MLLM(cfg, rngs=nnx.Rngs(0))))
+  return nnx.merge(graphdef, nnx.state(model))
+
+
+def test_random_routing_attends_fresh_random_candidates_per_layer(model):
+  inputs = batch(with_answer(prompts()))
+  lay = inputs.layout
+  key = jax.random.PRNGKey(3)
+  _, lr, applied = predict_random_routing(model, inputs, key)
+  drawn = bl.random_selections(model.cfg, lay, key)
+  routed = np.asarray(lay.kind) == TEXT
+  cand = (np.asarray(lay.region_valid)[:, None, :]
+          & (np.asarray(lay.region_last_pos)[:, None, :] < np.asarray(lay.position)[:, :, None]))
+  for a, d in zip(applied, drawn):
+    np.testing.assert_array_equal(a[routed], np.asarray(d)[routed])
+    assert (a[~routed] == -1).all()
+    b, t, _, _ = np.nonzero(a >= 0)
+    assert cand[b, t, a[a >= 0]].all()                    # causal candidates only
+    # K = 2 per (row, head) wherever the row has 2 candidates.
+    n = ((a >= 0).sum(-1))[routed]
+    np.testing.assert_array_equal(n, np.minimum(2, cand.sum(-1)[routed])[:, None]
+                                  .repeat(n.shape[-1], -1))
+  assert (applied[0] != applied[1]).any()                # a fresh draw per layer
+  # The same regions through the reference implementation give the same log-probabilities;
+  # the model's own routing gives others.
+  ref = _twin(model, implementation="reference")
+  _, lref, _ = _forward_given(ref, jax.numpy.asarray(inputs.tokens), lay,
+                              jax.numpy.asarray(inputs.images),
+                              jax.numpy.asarray(inputs.targets), drawn)
+  ans = inputs.loss_mask > 0
+  np.testing.assert_allclose(np.asarray(lref)[ans], lr[ans], atol=1e-5)
+  _, lp, _ = predict(model, inputs)
+  assert np.abs(lp[ans] - lr[ans]).max() > 1e-4
+
+
 # ------------------------------------------------------------------ evaluate end to end
 
 
@@ -239,9 +282,10 @@ def test_evaluate_and_report(model, tmp_path):
                  max_new_tokens=M, gaze_maps_dir=tmp_path / "maps", num_gaze_maps=2,
                  split="validation", groups=["x", "y", "y", "x", "y", "y"])
   res = out["results"]
-  assert set(res) == {"gaze", "dense", "token_matched", "fixed_from_question"}
+  assert set(res) == {"gaze", "dense", "token_matched", "fixed_from_question", "random_routing"}
   assert out["examples"] == 6 and out["batches"] == 2
   g, d, tm, fx = res["gaze"], res["dense"], res["token_matched"], res["fixed_from_question"]
+  rr = res["random_routing"]
   # Accuracy: example 0 of each batch reproduces greedy decoding, the random answers do not.
   assert g["accuracy"] == pytest.approx(1 / 3) and g["examples"] == 6
   assert g["text_accuracy"] == pytest.approx(1 / 3)
@@ -259,6 +303,7 @@ def test_evaluate_and_report(model, tmp_path):
   assert g["visual_kv"]["measured"] == pytest.approx(want)
   assert g["visual_kv"]["fraction_of_dense"] == pytest.approx(want / dense_kv)
   assert fx["visual_kv"]["measured"] == pytest.approx(want)
+  assert rr["visual_kv"]["measured"] == pytest.approx(want)   # the same K regions, at random
   # Configured: 2 * 4 + 2 per frame; dense: 16 patches + 2 per image.
   assert g["visual_kv"]["configured"] == pytest.approx((10 + 12 + 10) / 3)
   assert d["visual_kv"]["configured"] == pytest.approx((18 + 36 + 18) / 3)
@@ -276,6 +321,8 @@ def test_evaluate_and_report(model, tmp_path):
   cand = sum(r * (8 if b == 1 else 4) for b, r in enumerate(rows_per)) / sum(rows_per)
   assert g["attention_gflops_per_query"] == pytest.approx((4 * want + 2 * cand) * hdl / 1e9)
   assert fx["flops"]["measured"]["routing"] == 0 and fx["flops"]["configured"]["routing"] == 0
+  assert rr["flops"]["measured"]["routing"] == 0
+  assert rr["routing"]["random"] == pytest.approx(rate)
   assert g["flops"]["configured"]["routing"] == pytest.approx(2 * (4 + 8 + 4) / 3 * hdl)
   # Gaze maps.
   assert len(out["gaze_maps"]) == 2 and all((tmp_path / "maps" / p).exists()
@@ -295,5 +342,6 @@ def test_evaluate_and_report(model, tmp_path):
   assert f"{100 * g['routing']['random']:.1f}%" in gaze_line
   assert f"{100 * want / dense_kv:.1f}%" in gaze_line
   assert "dense, token-matched input (2x2 grid)" in md and "fixed-from-question" in md
+  assert "random routing (same K)" in md
   x_line = next(line for line in md.splitlines() if line.startswith("| x |"))
   assert x_line.startswith("| x | 2 | 100.0% |")

@@ -1,12 +1,13 @@
-"""Descriptors, routing scores, causal candidates, top-K and K as count or ratio."""
+"""Descriptors, routing scores, causal candidates, top-K, K as count or ratio, and random
+routing (the baseline)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gaze_jax.gaze import (PATCH, candidate_regions, region_descriptors, region_scores,
-                           resolve_top_k, route, select_top_k)
+from gaze_jax.gaze import (PATCH, candidate_regions, random_selection, region_descriptors,
+                           region_scores, resolve_top_k, route, select_top_k)
 from tests.gaze.random_cases import random_case
 
 
@@ -109,6 +110,44 @@ def test_rows_that_do_not_route_select_nothing():
   sel = route(case.q_route, desc, lay.region_valid, lay.region_last_pos, lay.position, routed,
               top_k=2)
   assert (np.asarray(sel.ids) == -1).all()
+
+
+def _random_draws(n_draws, routing="head"):
+  """``n_draws`` random selections over 6 regions (one invalid), 4 rows at positions that see
+  0, 2, 3 and 5 candidates, 4 query heads over 2 KV heads, K = 3; the last row unrouted."""
+  valid = jnp.array([[True, True, True, True, True, False]])
+  last_pos = jnp.array([[3, 5, 8, 11, 14, 0]])
+  q_pos = jnp.array([[2, 6, 9, 20, 20]])
+  routed = jnp.array([[True, True, True, True, False]])
+  draw = jax.jit(lambda key: random_selection(key, valid, last_pos, q_pos, routed, num_heads=4,
+                                              num_kv_heads=2, top_k=3, routing=routing).ids)
+  return np.stack([np.asarray(draw(jax.random.PRNGKey(i)))[0] for i in range(n_draws)])
+
+
+def test_random_routing_draws_k_distinct_candidates_uniformly():
+  ids = _random_draws(600)                                 # [draws, T, Hq, K]
+  n_cand = [0, 2, 3, 5]
+  for t, n in enumerate(n_cand):
+    row = ids[:, t]
+    assert ((row >= 0).sum(-1) == min(3, n)).all()       # min(K, candidates), -1 after
+    chosen = row[row >= 0]
+    assert chosen.size == 0 or chosen.max() < n          # only causal candidates
+    for d, h in np.ndindex(row.shape[:2]):
+      got = row[d, h][row[d, h] >= 0]
+      assert len(set(got.tolist())) == got.size          # distinct
+  assert (ids[:, 4] == -1).all()                          # the unrouted row
+  # Uniform over the 5 candidates of row 3: each is in a draw with probability 3/5; heads
+  # draw independently.
+  freq = np.stack([(ids[:, 3] == r).any(-1).mean(0) for r in range(5)])   # [5, Hq]
+  np.testing.assert_allclose(freq, 0.6, atol=0.07)
+  assert (ids[:, 3, 0] != ids[:, 3, 1]).any()
+
+
+def test_random_group_routing_shares_a_draw_per_group():
+  ids = _random_draws(50, routing="group")
+  np.testing.assert_array_equal(ids[:, :, 0], ids[:, :, 1])
+  np.testing.assert_array_equal(ids[:, :, 2], ids[:, :, 3])
+  assert (ids[:, 3, 0] != ids[:, 3, 2]).any()
 
 
 @pytest.mark.parametrize("top_k, n, want", [
