@@ -268,11 +268,7 @@ class _Acc:
         "seconds": self.seconds,
     }
     if self.routing is not None:
-      r = self.routing
-      out["routing"] = {"accuracy": r.accuracy, "random": r.random,
-                        "per_layer": r.accuracy_per_layer.tolist(),
-                        "random_per_layer": r.random_per_layer.tolist(),
-                        "selections": float(r.selections.sum())}
+      out["routing"] = self.routing.summary()
     if self.text_examples:
       out["text_accuracy"] = self.text_correct / self.text_examples
       out["text_examples"] = self.text_examples

@@ -23,7 +23,14 @@ Routing accuracy. For an answer row, layer and query head, each valid selected r
 by the answer's boxes). The random-choice rate is the expected hit share had the same number of
 regions been drawn uniformly without replacement from that row's causal candidates ``C`` (valid
 regions whose tokens all precede the row): ``|G & C| / |C|`` per drawn region. Examples without
-ground-truth regions are left out of both.
+ground-truth regions are left out of both. Three more measures (``RoutingStats``):
+  * the share's ceiling: with k regions selected and g ground-truth candidates at most
+    ``min(k, g)`` can hit;
+  * top-1: at the row that predicts an answer's first token (the last prompt row of its turn),
+    whether the best-scoring region of each head is a ground-truth region, against the uniform
+    rate ``|G & C| / |C|``;
+  * coverage: the share of a row's candidates in the union of its selections over all heads
+    (near 1, the heads read the whole image between them and accuracy does not need routing).
 
 Visual KV entries per query (measured). For a routed row: the valid patch tokens of its selected
 regions (region padding excluded) plus the context tokens before it; for a dense row (dense
@@ -149,44 +156,107 @@ def gt_membership(gt_regions, num_regions: int) -> np.ndarray:
 
 @dataclasses.dataclass
 class RoutingStats:
-  """Sums per layer (float ``[L]``): hits, valid selections and expected random hits."""
+  """Sums per layer (float ``[L]`` each) of the routing measures (module docstring).
+
+  share: ``hits`` of ``selections``; ``random_hits`` expected of uniform draws; ``ceiling``
+    the most hits the same selections could make (per row and head ``min(selections, |G & C|)``).
+  top-1: at the rows that predict an answer's first token, per query head, whether the
+    best-scoring region (rank 0) is a ground-truth region (``top1_hits`` of ``top1_samples``),
+    and the uniform rate ``|G & C| / |C|`` summed (``top1_random``).
+  coverage: at answer rows with candidates, the share of candidates in the union of the
+    selections over all heads (``coverage`` summed over ``coverage_rows``).
+  """
   hits: np.ndarray
   selections: np.ndarray
   random_hits: np.ndarray
+  ceiling: np.ndarray
+  top1_hits: np.ndarray
+  top1_samples: np.ndarray
+  top1_random: np.ndarray
+  coverage: np.ndarray
+  coverage_rows: np.ndarray
+
+  @classmethod
+  def zeros(cls, num_layers: int) -> "RoutingStats":
+    return cls(*(np.zeros(num_layers) for _ in dataclasses.fields(cls)))
 
   def __add__(self, other: "RoutingStats") -> "RoutingStats":
-    return RoutingStats(self.hits + other.hits, self.selections + other.selections,
-                        self.random_hits + other.random_hits)
+    return RoutingStats(*(getattr(self, f.name) + getattr(other, f.name)
+                          for f in dataclasses.fields(self)))
 
-  def _share(self, x) -> np.ndarray:
+  @staticmethod
+  def _ratio(x, n) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
-      return np.where(self.selections > 0, x / np.maximum(self.selections, 1), np.nan)
+      return np.where(n > 0, x / np.maximum(n, 1), np.nan)
+
+  @staticmethod
+  def _mean(per_layer) -> float:
+    """Mean over the layers that have samples."""
+    return float(np.nanmean(per_layer)) if np.isfinite(per_layer).any() else float("nan")
 
   @property
   def accuracy_per_layer(self) -> np.ndarray:
-    return self._share(self.hits)
+    return self._ratio(self.hits, self.selections)
 
   @property
   def random_per_layer(self) -> np.ndarray:
-    return self._share(self.random_hits)
+    return self._ratio(self.random_hits, self.selections)
+
+  @property
+  def ceiling_per_layer(self) -> np.ndarray:
+    return self._ratio(self.ceiling, self.selections)
+
+  @property
+  def top1_per_layer(self) -> np.ndarray:
+    return self._ratio(self.top1_hits, self.top1_samples)
+
+  @property
+  def top1_random_per_layer(self) -> np.ndarray:
+    return self._ratio(self.top1_random, self.top1_samples)
+
+  @property
+  def coverage_per_layer(self) -> np.ndarray:
+    return self._ratio(self.coverage, self.coverage_rows)
 
   @property
   def accuracy(self) -> float:
     """Mean over layers (that made any selection) of the per-layer hit share."""
-    a = self.accuracy_per_layer
-    return float(np.nanmean(a)) if np.isfinite(a).any() else float("nan")
+    return self._mean(self.accuracy_per_layer)
 
   @property
   def random(self) -> float:
-    r = self.random_per_layer
-    return float(np.nanmean(r)) if np.isfinite(r).any() else float("nan")
+    return self._mean(self.random_per_layer)
+
+  def summary(self) -> dict:
+    """The JSON form: every measure overall (mean over layers) and per layer."""
+    out = {"accuracy": self.accuracy, "random": self.random,
+           "per_layer": self.accuracy_per_layer.tolist(),
+           "random_per_layer": self.random_per_layer.tolist(),
+           "selections": float(self.selections.sum())}
+    for name in ("ceiling", "top1", "top1_random", "coverage"):
+      per = getattr(self, f"{name}_per_layer")
+      key = "share_ceiling" if name == "ceiling" else name
+      out[key] = self._mean(per)
+      out[f"{key}_per_layer"] = per.tolist()
+    return out
+
+
+def first_answer_rows(layout, rows) -> tuple[np.ndarray, np.ndarray]:
+  """The rows among ``rows`` that predict an answer's first token: those whose position is
+  not one after another answer row of the same example (the last prompt row of each turn)."""
+  b, t = _rows(rows)
+  pos = _np(layout.position)[b, t]
+  taken = set(zip(b.tolist(), pos.tolist()))
+  first = np.array([(bi, p - 1) not in taken for bi, p in zip(b.tolist(), pos.tolist())], bool)
+  return b[first], t[first]
 
 
 def routing_accuracy(selected: Sequence, gt_regions, layout, rows) -> RoutingStats:
-  """Hit counts of the routing choices at answer rows against ground-truth regions.
+  """The routing measures (``RoutingStats``) of the choices at answer rows against the
+  ground-truth regions.
 
   Args:
-    selected: per layer, int ``[B, S, Hq, K]`` region ids (-1 = none).
+    selected: per layer, int ``[B, S, Hq, K]`` region ids (-1 = none), ranked by score.
     gt_regions: int ``[B, G]`` ground-truth region ids, -1 padded.
     layout: the batch's TokenLayout.
     rows: ``(b, t)`` from ``answer_rows`` (or a ``[B, S]`` mask).
@@ -198,21 +268,35 @@ def routing_accuracy(selected: Sequence, gt_regions, layout, rows) -> RoutingSta
   gt = gt_membership(gt_regions, NR)
   keep = gt[b].any(-1)                          # examples with ground truth
   b, t = b[keep], t[keep]
-  L = len(selected)
-  out = RoutingStats(np.zeros(L), np.zeros(L), np.zeros(L))
+  out = RoutingStats.zeros(len(selected))
   if b.size == 0:
     return out
   cand = candidate_mask(layout, b, t)                                   # [n, NR]
   n_cand = cand.sum(-1)
-  rate = np.where(n_cand > 0, (cand & gt[b]).sum(-1) / np.maximum(n_cand, 1), 0.0)   # [n]
+  n_gt = (cand & gt[b]).sum(-1)
+  rate = np.where(n_cand > 0, n_gt / np.maximum(n_cand, 1), 0.0)       # [n]
+  first = np.zeros(b.size, bool)
+  fb, ft = first_answer_rows(layout, (b, t))
+  first[np.isin(b * (1 << 32) + t, fb * (1 << 32) + ft)] = True
   for layer, ids in enumerate(selected):
     ids = _np(ids)[b, t]                                                # [n, Hq, K]
     valid = ids >= 0
     hit = valid & _gather_regions(gt[b], ids)
-    n_sel = valid.sum(axis=(1, 2))                                      # [n]
+    n_sel = valid.sum(-1)                                               # [n, Hq]
     out.hits[layer] = hit.sum()
     out.selections[layer] = n_sel.sum()
-    out.random_hits[layer] = (n_sel * rate).sum()
+    out.random_hits[layer] = (n_sel.sum(-1) * rate).sum()
+    out.ceiling[layer] = np.minimum(n_sel, n_gt[:, None]).sum()
+    top = valid[first, :, 0]                                            # [n1, Hq]
+    out.top1_hits[layer] = (top & hit[first, :, 0]).sum()
+    out.top1_samples[layer] = top.sum()
+    out.top1_random[layer] = (top * rate[first, None]).sum()
+    union = np.zeros(cand.shape, bool)                                  # [n, NR]
+    rr, _, _ = np.nonzero(valid)
+    union[rr, ids[valid]] = True
+    has = n_cand > 0
+    out.coverage[layer] = (union[has].sum(-1) / n_cand[has]).sum()
+    out.coverage_rows[layer] = has.sum()
   return out
 
 

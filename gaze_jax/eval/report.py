@@ -135,6 +135,17 @@ def markdown_report(results) -> str:
       per = ", ".join(f"{_pct(a, 0)}/{_pct(b, 0)}" for a, b in zip(rt["per_layer"],
                                                                   rt["random_per_layer"]))
       out += [f"Routing accuracy per layer (hit / random): {per}", ""]
+    if rt and rt.get("top1_per_layer"):
+      out += ["Routing per layer (share of selections that hit / its ceiling; top-1 / uniform "
+              "at the row that predicts the answer; coverage of the candidates by the union "
+              "over heads):", "",
+              "| layer | share | ceiling | top-1 | top-1 uniform | coverage |",
+              "|---:|---:|---:|---:|---:|---:|"]
+      for i, row in enumerate(zip(rt["per_layer"], rt["share_ceiling_per_layer"],
+                                  rt["top1_per_layer"], rt["top1_random_per_layer"],
+                                  rt["coverage_per_layer"])):
+        out.append(f"| {i} | " + " | ".join(_pct(x) for x in row) + " |")
+      out.append("")
     if res.get("skipped"):
       out += ["Skipped: " + "; ".join(f"{k}: {v}" for k, v in res["skipped"].items()), ""]
   out += ["Visual KV / query: patch tokens of the selected regions (all earlier patches for "

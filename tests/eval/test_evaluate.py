@@ -314,6 +314,12 @@ def test_evaluate_and_report(model, tmp_path):
   rate = sum(r * (0.25 if b == 1 else 0.5) for b, r in enumerate(rows_per)) / sum(rows_per)
   assert g["routing"]["random"] == pytest.approx(rate)
   assert 0.0 <= g["routing"]["accuracy"] <= 1.0 and len(g["routing"]["per_layer"]) == 2
+  # Top-1 at the last prompt rows: uniform rate 2 of 4 candidates (2 of 8 with two images);
+  # ceiling: 2 selections and 2 ground-truth candidates per head; coverage: the 4 heads' 2
+  # regions each cover at least 2 of the 8 candidates.
+  assert g["routing"]["top1_random"] == pytest.approx((0.5 + 0.25 + 0.5) / 3)
+  assert g["routing"]["share_ceiling"] == pytest.approx(1.0)
+  assert 0.25 <= g["routing"]["coverage"] <= 1.0
   assert "routing" not in d
   # FLOPs: 4 * entries * Hq * D * L (+ routing 2 * candidates * Hq * D * L for gaze).
   hdl = 4 * 8 * 2
@@ -343,5 +349,8 @@ def test_evaluate_and_report(model, tmp_path):
   assert f"{100 * want / dense_kv:.1f}%" in gaze_line
   assert "dense, token-matched input (2x2 grid)" in md and "fixed-from-question" in md
   assert "random routing (same K)" in md
+  layer0 = next(line for line in md.splitlines() if line.startswith("| 0 | "))
+  assert f"{100 * g['routing']['top1_per_layer'][0]:.1f}%" in layer0
+  assert f"{100 * g['routing']['coverage_per_layer'][0]:.1f}%" in layer0
   x_line = next(line for line in md.splitlines() if line.startswith("| x |"))
   assert x_line.startswith("| x | 2 | 100.0% |")

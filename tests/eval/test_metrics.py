@@ -59,6 +59,29 @@ def test_routing_accuracy_and_random_rate_by_hand():
   # Sums add up over batches.
   both = stats + stats
   np.testing.assert_allclose(both.accuracy_per_layer, [0.4, 1.0])
+  # Ceiling min(selections, |G & C|) per (row, head): r0 1 + 1, ra 1 + 1, rb 2 + 1 of 10;
+  # layer 1: 1 of 1.
+  np.testing.assert_allclose(stats.ceiling_per_layer, [0.7, 1.0])
+  # Top-1 at the rows that predict an answer (r0, ra, rb: none follows another answer row):
+  # rank 0 of each head, r0 1 (hit) / 2, ra 2 (hit) / 0, rb 5 (hit) / 7; layer 1 only r0's
+  # head 0 selects (a hit). Uniform rates 1/4, 1/4, 3/8 per head.
+  np.testing.assert_allclose(stats.top1_per_layer, [0.5, 1.0])
+  np.testing.assert_allclose(stats.top1_random_per_layer, [(2 / 4 + 2 / 4 + 6 / 8) / 6, 0.25])
+  # Coverage: the union over heads of r0 {0, 1, 2} of 4, ra {0..3} of 4, rb {5, 6, 7} of 8;
+  # layer 1: r0 {1} of 4, nothing at ra and rb.
+  np.testing.assert_allclose(stats.coverage_per_layer, [(0.75 + 1 + 0.375) / 3, 0.25 / 3])
+  summary = stats.summary()
+  assert summary["share_ceiling"] == pytest.approx(0.85)
+  assert summary["top1"] == pytest.approx(0.75)
+  assert summary["coverage_per_layer"] == pytest.approx([2.125 / 3, 0.25 / 3])
+
+
+def test_first_answer_rows_are_the_rows_before_each_answer():
+  spec = LayoutSpec(seq_len=32, max_regions=4, max_images=1, region_shape=(2, 2), num_ctx=0)
+  layout = build_layout([[Text(2), Image(4, 4), Text(3), Text(2), Text(2)]], spec)
+  t = [_slots(layout, 0, i) for i in (2, 3, 5, 6)]     # two answers of two rows each
+  b, first = metrics.first_answer_rows(layout, (np.zeros(4, np.int64), np.asarray(t)))
+  np.testing.assert_array_equal(first, [t[0], t[2]])
 
 
 def test_routing_accuracy_rejects_bad_ground_truth():
