@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all demo bench clean aot aot-h100 aot-tpu aot-full gpu-check
+.PHONY: install test test-all demo bench clean aot aot-h100 aot-tpu aot-full gpu-check study
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,14 @@ demo: install
 	  --compare_config=configs/demo_dense.py --compare_workdir=$(DEMO_DIR)/dense \
 	  --compare_config.data.data_dir=$(DEMO_DIR)/tfds --compare_name=demo_dense \
 	  --out_dir=$(DEMO_DIR)/eval
+
+# The study (not in CI; hours on 2 cores): each run of a sweep trained and evaluated per seed,
+# one JSON each under benchmarks/results/study/<sweep>/ and their summary; resumes where it
+# stopped. STUDY_SWEEP names a sweep of benchmarks/study.py.
+STUDY_SWEEP ?= demo_seeds
+STUDY_SEEDS ?= 0,1,2
+study: install
+	$(PY) -m benchmarks.study --sweep=$(STUDY_SWEEP) --seeds=$(STUDY_SEEDS)
 
 clean:
 	rm -rf $(VENV) $(AOT_GPU_VENV) $(AOT_TPU_VENV) .pytest_cache build *.egg-info

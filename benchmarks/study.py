@@ -1,0 +1,190 @@
+"""The study runner (``make study``): train and evaluate each run of a sweep for every seed,
+one JSON per (run, seed) under ``benchmarks/results/study/<sweep>/``, then mean +- std over seeds.
+
+  python -m benchmarks.study --sweep=demo_seeds --seeds=0,1,2     # trains, evaluates, resumes
+  python -m benchmarks.study --sweep=demo_seeds --summarize        # the summary only
+
+A run is a config file and its overrides; each (run, seed) trains with ``train_main.py`` into
+``<out>/<sweep>/<run>/s<seed>`` (``--config.train.seed`` and ``--config.data.seed`` set to the
+seed), evaluates on the held-out split with ``eval_main.py`` and writes its JSON last, so a
+sweep stopped half way resumes at the first (run, seed) without one (a checkpointed but
+unfinished training run resumes from its checkpoint). Every run shares one data directory, so
+each dataset is generated once. The JSON keeps the commands, the wall time of each step, the
+date, the machine and the evaluation's rows (accuracy, visual KV, routing measures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "study"
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One model of a sweep: ``config`` (a file under configs/) with ``overrides`` (config
+  fields -> values, as ``--config.<field>=<value>``) and the eval baselines to report."""
+  name: str
+  config: str
+  overrides: tuple = ()
+  baselines: tuple = ("dense", "token_matched", "fixed_from_question", "random_routing")
+  split: str = "test"
+
+
+SWEEPS: dict[str, tuple[Run, ...]] = {
+    # The README's demo pair across seeds: how much its figures move from seed to seed.
+    "demo_seeds": (Run("demo_gaze", "configs/demo.py"),
+                   Run("demo_dense", "configs/demo_dense.py", baselines=())),
+}
+
+# The figures a summary keeps per evaluation row (dotted paths into the row's dict).
+METRICS = ("accuracy", "visual_kv.fraction_of_dense", "routing.accuracy", "routing.random",
+           "routing.share_ceiling", "routing.top1", "routing.top1_random", "routing.coverage")
+
+
+def overrides_flags(overrides: Sequence) -> list[str]:
+  return [f"--config.{k}={v}" for k, v in overrides]
+
+
+def commands(run: Run, seed: int, workdir: Path, data_dir: Path,
+             python: str = sys.executable) -> dict[str, list[str]]:
+  """The train and eval command lines of ``run`` at ``seed``."""
+  common = [f"--config={ROOT / run.config}", f"--workdir={workdir}",
+            f"--config.data.data_dir={data_dir}", *overrides_flags(run.overrides)]
+  train = [python, str(ROOT / "train_main.py"), *common, f"--config.train.seed={seed}",
+           f"--config.data.seed={seed}"]
+  evaluate = [python, str(ROOT / "eval_main.py"), *common, f"--splits={run.split}",
+              f"--baselines={','.join(run.baselines)}", f"--random_seed={seed}",
+              f"--out_dir={workdir / 'eval'}"]
+  return {"train": train, "eval": evaluate}
+
+
+def result_path(results: Path, sweep: str, run: Run, seed: int) -> Path:
+  return results / sweep / f"{run.name}_s{seed}.json"
+
+
+def _machine() -> str:
+  import os
+  return f"{os.cpu_count()}-core {platform.machine()} CPU machine ({platform.system()})"
+
+
+def run_one(sweep: str, run: Run, seed: int, *, out: Path, results: Path,
+            execute: Callable[[list[str]], None], log=print) -> Optional[dict]:
+  """Trains and evaluates ``run`` at ``seed`` unless its JSON exists; returns the record (None
+  when skipped)."""
+  path = result_path(results, sweep, run, seed)
+  if path.exists():
+    log(f"[study] {run.name} seed {seed}: done before ({path.name}), skipped")
+    return None
+  workdir = out / sweep / run.name / f"s{seed}"
+  cmds = commands(run, seed, workdir, out / "tfds")
+  seconds = {}
+  for step in ("train", "eval"):
+    log(f"[study] {run.name} seed {seed}: {step} ...")
+    t0 = time.time()
+    execute(cmds[step])
+    seconds[step] = round(time.time() - t0, 1)
+  evaluated = json.loads((workdir / "eval" / "eval_results.json").read_text())
+  split = evaluated["splits"][0]
+  record = {"sweep": sweep, "run": run.name, "seed": seed, "config": run.config,
+            "overrides": dict(run.overrides), "split": split["split"],
+            "examples": split["examples"], "model": split.get("model", {}),
+            "results": split["results"], "seconds": seconds, "commands": cmds,
+            "date": datetime.date.today().isoformat(), "machine": _machine()}
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(record, indent=1) + "\n")
+  tmp.replace(path)                 # the JSON appears whole, or not at all
+  return record
+
+
+def _get(d: Mapping, dotted: str):
+  for part in dotted.split("."):
+    if not isinstance(d, Mapping) or part not in d:
+      return None
+    d = d[part]
+  return d
+
+
+def summarize(records: Sequence[Mapping]) -> dict:
+  """``{run: {"seeds": [...], "rows": {row: {metric: {"mean", "std", "n"}}}}}`` over the
+  records' seeds (std: the sample standard deviation, 0 for one seed)."""
+  out: dict = {}
+  for rec in sorted(records, key=lambda r: (r["run"], r["seed"])):
+    entry = out.setdefault(rec["run"], {"seeds": [], "rows": {}, "values": {}})
+    entry["seeds"].append(rec["seed"])
+    for row, res in rec["results"].items():
+      for m in METRICS:
+        v = _get(res, m)
+        if isinstance(v, (int, float)) and math.isfinite(v):
+          entry["values"].setdefault(row, {}).setdefault(m, []).append(float(v))
+  for entry in out.values():
+    for row, ms in entry.pop("values").items():
+      entry["rows"][row] = {m: _stats(vs) for m, vs in ms.items()}
+  return out
+
+
+def _stats(values: Sequence[float]) -> dict:
+  n = len(values)
+  mean = sum(values) / n
+  var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+  return {"mean": mean, "std": math.sqrt(var), "n": n}
+
+
+def load_records(results: Path, sweep: str) -> list[dict]:
+  return [json.loads(p.read_text()) for p in sorted((results / sweep).glob("*_s*.json"))]
+
+
+def run_sweep(sweep: str, seeds: Sequence[int], *, out: Path, results: Path = RESULTS,
+              execute: Optional[Callable[[list[str]], None]] = None, log=print) -> dict:
+  """Every (run, seed) of ``sweep`` (resuming), then its summary, written beside the runs."""
+  if sweep not in SWEEPS:
+    raise ValueError(f"unknown sweep {sweep!r}; known: {sorted(SWEEPS)}")
+  execute = execute or (lambda cmd: subprocess.run(cmd, check=True, cwd=ROOT))
+  todo = [(run, s) for run in SWEEPS[sweep] for s in seeds]
+  t0, done = time.time(), 0
+  for i, (run, seed) in enumerate(todo):
+    if run_one(sweep, run, seed, out=out, results=results, execute=execute, log=log):
+      done += 1
+      per = (time.time() - t0) / done
+      left = sum(not result_path(results, sweep, r, s).exists() for r, s in todo[i + 1:])
+      log(f"[study] {i + 1}/{len(todo)} runs; about {per * left / 60:.0f} min left")
+  summary = {"sweep": sweep, "date": datetime.date.today().isoformat(),
+             "machine": _machine(), "runs": summarize(load_records(results, sweep))}
+  (results / sweep).mkdir(parents=True, exist_ok=True)
+  (results / sweep / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+  return summary
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--sweep", required=True, choices=sorted(SWEEPS))
+  ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, one run each")
+  ap.add_argument("--out", default=str(ROOT / "out" / "study"),
+                  help="workdirs and the shared data directory")
+  ap.add_argument("--summarize", action="store_true", help="only rewrite summary.json")
+  a = ap.parse_args(argv)
+  seeds = [] if a.summarize else [int(s) for s in a.seeds.split(",") if s.strip()]
+  summary = run_sweep(a.sweep, seeds, out=Path(a.out))
+  for run, entry in summary["runs"].items():
+    for row, ms in entry["rows"].items():
+      acc = ms.get("accuracy")
+      if acc:
+        print(f"{run:>24} {row:>24}: accuracy {100 * acc['mean']:.1f} +- "
+              f"{100 * acc['std']:.1f} (n={acc['n']})")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
