@@ -37,7 +37,11 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # Model: the fields of gaze_jax.model.config dataclasses (decoder, vision, gaze, dtypes).
   preset_cfg = get_preset(preset)
-  c.model = ml_collections.ConfigDict(model_fields(preset_cfg))
+  fields = model_fields(preset_cfg)
+  # top_k is a count (int) or a ratio (float): an object-typed field takes either, from a
+  # config file or the command line (--config.model.gaze.top_k=0.25).
+  fields["gaze"]["top_k"] = config_dict.FieldReference(preset_cfg.gaze.top_k, field_type=object)
+  c.model = ml_collections.ConfigDict(fields)
   c.model.gaze.kernel = kernel_fields(preset_cfg.gaze.kernel)
   c.model.init = ""                       # "", "gguf:smollm2" or a .gguf file (decoder weights)
   c.init_from_checkpoint = ""             # another run's workdir: start from its parameters

@@ -80,10 +80,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: TokenLayout, ids
 
 def select(q_route, k_route, layout: TokenLayout, q_index, routed, *, top_k: int,
            active_k=None, score="dot", routing="head", descriptors=None,
-           query_chunk: Optional[int] = None, position=None) -> jax.Array:
+           query_chunk: Optional[int] = None, position=None, k_ratio=None) -> jax.Array:
   """Routing only (plain jnp): selected ids int32 ``[B, T, Hq, K]``, -1 for unrouted rows.
   ``query_chunk`` scores that many rows at a time (bounds the ``[rows, Hq, NR]`` scores);
-  ``position`` (int32 ``[B, T]``, the rows' positions) saves the lookup from ``q_index``."""
+  ``position`` (int32 ``[B, T]``, the rows' positions) saves the lookup from ``q_index``;
+  ``k_ratio``: a per-example K (``routing.route``)."""
   if descriptors is None:
     descriptors = region_descriptors(k_route, layout)
   if position is None:
@@ -91,7 +92,8 @@ def select(q_route, k_route, layout: TokenLayout, q_index, routed, *, top_k: int
 
   def one(qr, p, r):
     return route(qr, descriptors, layout.region_valid, layout.region_last_pos, p, r,
-                 top_k=top_k, active_k=active_k, score=score, routing=routing).ids
+                 top_k=top_k, active_k=active_k, score=score, routing=routing,
+                 k_ratio=k_ratio).ids
 
   if query_chunk is None or query_chunk >= routed.shape[1]:
     return one(q_route, position, routed)
@@ -103,10 +105,11 @@ def gaze_attention(q, k, v, q_route, k_route, layout: TokenLayout, *, top_k, act
                    q_index=None, descriptors=None, selection=None, scale=None,
                    query_chunk=None, return_selected: bool = False,
                    config: Optional[KernelConfig] = None,
-                   plan: Optional[AttentionPlan] = None):
+                   plan: Optional[AttentionPlan] = None, k_ratio=None):
   """``gaze_jax.gaze.gaze_attention`` with the Pallas kernels (same arguments and returns;
   inputs are assumed checked by the caller). ``config`` picks tiles and kernels; ``plan`` is
-  the layout's ``AttentionPlan`` for implementation "pallas" (None builds it).
+  the layout's ``AttentionPlan`` for implementation "pallas" (None builds it); ``k_ratio``
+  a per-example K (``routing.route``), computed on each shard's examples.
 
   Under a device mesh (``jax.set_mesh``) the whole call runs in ``jax.shard_map``: XLA cannot
   partition a Pallas kernel (Mosaic refuses; Triton calls would be gathered), and the work is
@@ -129,7 +132,7 @@ def gaze_attention(q, k, v, q_route, k_route, layout: TokenLayout, *, top_k, act
     else:
       ids = select(q_route, k_route, layout, plan.q_index, routed, top_k=K, active_k=active_k,
                    score=score, routing=routing, descriptors=descriptors,
-                   query_chunk=query_chunk, position=plan.query.position)
+                   query_chunk=query_chunk, position=plan.query.position, k_ratio=k_ratio)
     out = attention(q, k, v, layout, ids, routed=routed, scale=scale, config=cfg,
                     unique_ids=selection is None, plan=plan.kernel)
     return out, ids

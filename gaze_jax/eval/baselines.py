@@ -102,14 +102,16 @@ def routing_layout(layout, anchor_rows, route_prompt: bool):
 
 def random_selections(cfg, layout, key: jax.Array) -> list:
   """Per decoder layer, int32 ``[B, S, Hq, K]`` random region ids for every row of ``layout``
-  (``gaze.random_selection`` with the model's K and routing; layer l draws with
+  (``gaze.random_selection`` with the model's K, per example where the model's is, and routing;
+  layer l draws with
   ``fold_in(key, l)``). Rows the model does not route ignore them."""
   dec, gz = cfg.decoder, cfg.gaze
-  K = resolve_top_k(gz.top_k, layout.max_regions)
+  k_ratio = gz.top_k if gz.top_k_per_example else None
+  K = layout.max_regions if k_ratio else resolve_top_k(gz.top_k, layout.max_regions)
   pos = jnp.asarray(layout.position, jnp.int32)
   every_row = jnp.ones(pos.shape, bool)
   return [random_selection(jax.random.fold_in(key, layer), jnp.asarray(layout.region_valid),
                            jnp.asarray(layout.region_last_pos), pos, every_row,
                            num_heads=dec.num_heads, num_kv_heads=dec.num_kv_heads, top_k=K,
-                           routing=gz.routing).ids
+                           routing=gz.routing, k_ratio=k_ratio).ids
           for layer in range(dec.num_layers)]

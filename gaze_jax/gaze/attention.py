@@ -72,7 +72,7 @@ def gaze_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_route: Optional[j
                    decode: Optional[bool] = None, scale: Optional[float] = None,
                    query_chunk: Optional[int] = None, implementation: str = "xla",
                    kernel_config=None, plan: Optional[AttentionPlan] = None,
-                   return_selected: bool = False):
+                   top_k_per_example: bool = False, return_selected: bool = False):
   """Gaze attention (METHOD.md): each text query attends to causal text, all earlier context
   tokens and the patches of its top-K regions; patch rows are dense causal and context rows see
   their own frame.
@@ -105,6 +105,10 @@ def gaze_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_route: Optional[j
     kernel_config: ``pallas_kernels.config.KernelConfig`` for "pallas" (None: the defaults).
     plan: the layout's ``AttentionPlan`` (``build_plan``) for these rows and options: build it
       once per forward pass and pass it to every layer; None builds it here.
+    top_k_per_example: ``top_k`` is a ratio applied per example, the paper's semantics: example
+      b keeps ``ceil(top_k * its valid regions)`` (``routing.per_example_k``, with
+      ``active_k`` a count of the batch's ``max_regions`` that lowers it from all regions)
+      under the static K_max = all regions.
     return_selected: also return the selected region ids.
   Returns:
     ``out [B, T, Hq, D]`` in q's dtype, and with ``return_selected`` also int32 ids
@@ -117,6 +121,12 @@ def gaze_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_route: Optional[j
   if routing not in ROUTINGS:
     raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
   _check_inputs(q, k, v, q_route, k_route, layout, q_index, descriptors, selection)
+  k_ratio = None
+  if top_k_per_example:
+    if not isinstance(top_k, float):
+      raise ValueError(f"top_k_per_example needs top_k as a ratio (a float in (0, 1]), got "
+                       f"{top_k!r}")
+    k_ratio, top_k = top_k, layout.max_regions
   K = resolve_top_k(top_k, layout.max_regions)
   if isinstance(active_k, (int, np.integer)):  # a traced active_k is clipped by the ranks
     if not 0 <= int(active_k) <= K:
@@ -136,7 +146,7 @@ def gaze_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_route: Optional[j
     return pallas_ops.gaze_attention(
         q, k, v, q_route, k_route, layout, top_k=K, active_k=active_k, score=score,
         routing=routing, route_prompt=route_prompt, q_index=q_index, descriptors=descriptors,
-        selection=selection, scale=scale, query_chunk=query_chunk,
+        selection=selection, scale=scale, query_chunk=query_chunk, k_ratio=k_ratio,
         return_selected=return_selected,
         config=kernel_config, plan=plan)
   if scale is None:
@@ -152,7 +162,7 @@ def gaze_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_route: Optional[j
     if ids_blk is None:
       sel = route(qr_blk, descriptors, layout.region_valid, layout.region_last_pos,
                   query.position, routed, top_k=K, active_k=active_k, score=score,
-                  routing=routing)
+                  routing=routing, k_ratio=k_ratio)
     else:
       sel = Selection(ids=unique_ids(jnp.where(routed[:, :, None, None], ids_blk, -1)))
     if implementation == "reference":

@@ -118,8 +118,8 @@ def select_top_k(scores: jax.Array, candidates: jax.Array, *, top_k: int, active
     scores: float32 ``[B, T, Hq, NR]``.
     candidates: bool ``[B, T, NR]`` (or ``[B, T, Hq, NR]``).
     top_k: static K_max.
-    active_k: optional traced int (<= K_max); ranks ``>= active_k`` are dropped, so a
-      progressive schedule lowers K without recompiling.
+    active_k: optional traced int (<= K_max), or int ``[B]`` per example; ranks
+      ``>= active_k`` are dropped, so a progressive schedule lowers K without recompiling.
     routing: "head" (each query head picks its own) or "group" (the heads of a GQA group pick
       one set together, scored by the sum of their scores).
     num_kv_heads: Hkv.
@@ -140,17 +140,38 @@ def select_top_k(scores: jax.Array, candidates: jax.Array, *, top_k: int, active
   _, ids = jax.lax.top_k(masked, top_k)                              # [B, T, H', K]
   ok = jnp.take_along_axis(candidates, ids, axis=-1)
   if active_k is not None:
-    ok &= jnp.arange(top_k) < jnp.asarray(active_k, jnp.int32)
+    ak = jnp.asarray(active_k, jnp.int32)
+    ok &= jnp.arange(top_k) < (ak if ak.ndim == 0 else ak.reshape(B, 1, 1, 1))
   ids = jnp.where(ok, ids, -1).astype(jnp.int32)
   if routing == "group":
     ids = jnp.repeat(ids, G, axis=2)
   return Selection(ids=ids)
 
 
+def per_example_k(ratio: float, region_valid: jax.Array, active_k=None) -> jax.Array:
+  """K of each example for a per-example ratio (the paper's semantics): int32 ``[B]``,
+  ``ceil(r * n_b)`` with ``n_b`` the example's valid regions and ``r = max(ratio, active_k /
+  NR)`` (NR = ``region_valid.shape[1]``, the batch's static max), at least 1. A progressive
+  schedule's count ``active_k`` thus lowers the ratio from all regions towards ``ratio``, and
+  once ``active_k <= ratio * NR`` every example keeps exactly ``ceil(ratio * n_b)``."""
+  if not 0.0 < float(ratio) <= 1.0:
+    raise ValueError(f"a per-example K needs a ratio in (0, 1], got {ratio!r}")
+  n = jnp.sum(region_valid, axis=-1).astype(jnp.float32)                    # [B]
+  r = jnp.float32(ratio)
+  if active_k is not None:
+    r = jnp.maximum(r, jnp.asarray(active_k, jnp.float32) / region_valid.shape[1])
+  return jnp.maximum(1, jnp.ceil(r * n - 1e-6)).astype(jnp.int32)
+
+
+def _active(k_ratio, region_valid, active_k):
+  """``active_k`` for ``select_top_k``: the per-example K (``[B]``) when ``k_ratio`` is set."""
+  return active_k if k_ratio is None else per_example_k(k_ratio, region_valid, active_k)
+
+
 def random_selection(key: jax.Array, region_valid: jax.Array, region_last_pos: jax.Array,
                      q_pos: jax.Array, routed_rows: jax.Array, *, num_heads: int,
                      num_kv_heads: int, top_k: int, active_k=None,
-                     routing: str = "head") -> Selection:
+                     routing: str = "head", k_ratio=None) -> Selection:
   """Random routing (the random-routing baseline): for every routed row and query head (or
   GQA group with ``routing="group"``), ``top_k`` distinct regions drawn uniformly from the
   row's causal candidates. It is the top-K of i.i.d. uniform scores through the same candidate
@@ -159,23 +180,28 @@ def random_selection(key: jax.Array, region_valid: jax.Array, region_last_pos: j
   Args:
     key: a PRNG key; region_valid, region_last_pos: ``[B, NR]``; q_pos: int32 ``[B, T]``;
     routed_rows: bool ``[B, T]``; num_heads, num_kv_heads: Hq, Hkv; top_k, active_k, routing
-      as in ``select_top_k``.
+      as in ``select_top_k``; k_ratio as in ``route``.
   Returns:
     Selection with ids ``[B, T, Hq, K]`` (-1 where fewer candidates than K, or not routed).
   """
   B, T = q_pos.shape
   scores = jax.random.uniform(key, (B, T, num_heads, region_valid.shape[1]))
   cand = candidate_regions(region_valid, region_last_pos, q_pos) & routed_rows[:, :, None]
-  return select_top_k(scores, cand, top_k=top_k, active_k=active_k, routing=routing,
-                      num_kv_heads=num_kv_heads)
+  return select_top_k(scores, cand, top_k=top_k, active_k=_active(k_ratio, region_valid,
+                                                                  active_k),
+                      routing=routing, num_kv_heads=num_kv_heads)
 
 
 def route(q_route: jax.Array, descriptors: jax.Array, region_valid: jax.Array,
           region_last_pos: jax.Array, q_pos: jax.Array, routed_rows: jax.Array, *, top_k: int,
-          active_k=None, score: str = "dot", routing: str = "head") -> Selection:
+          active_k=None, score: str = "dot", routing: str = "head",
+          k_ratio=None) -> Selection:
   """Scores, causal candidates and top-K in one call; rows where ``routed_rows`` (bool
-  ``[B, T]``) is False select nothing. Shapes as in ``region_scores`` / ``select_top_k``."""
+  ``[B, T]``) is False select nothing. Shapes as in ``region_scores`` / ``select_top_k``.
+  ``k_ratio``: a per-example K, ``per_example_k(k_ratio, region_valid, active_k)`` (static
+  ``top_k`` must hold it: all regions)."""
   scores = region_scores(q_route, descriptors, score=score)
   cand = candidate_regions(region_valid, region_last_pos, q_pos) & routed_rows[:, :, None]
-  return select_top_k(scores, cand, top_k=top_k, active_k=active_k, routing=routing,
-                      num_kv_heads=descriptors.shape[2])
+  return select_top_k(scores, cand, top_k=top_k, active_k=_active(k_ratio, region_valid,
+                                                                  active_k),
+                      routing=routing, num_kv_heads=descriptors.shape[2])

@@ -147,7 +147,7 @@ class Attention(nnx.Module):
           score=gz.score, routing=gz.routing, route_prompt=gz.route_prompt, q_index=q_index,
           descriptors=descriptors, selection=selection, query_chunk=gz.query_chunk,
           implementation=gz.implementation, kernel_config=gz.kernel, plan=plan,
-          return_selected=True)
+          top_k_per_example=gz.top_k_per_example, return_selected=True)
     y = self.o_proj(constrain(out, "q").reshape(B, T, H * D))
     new_cache = None
     if want_cache or cache is not None:

@@ -70,7 +70,10 @@ class GazeConfig:
   ``gaze_attention``; ``region_shape`` and ``num_ctx`` must match the batches' LayoutSpec.
   ``kernel``: options of the Pallas kernels (``implementation="pallas"``): None for the
   defaults of the current backend, a ``pallas_kernels.config.KernelConfig`` or a dict of its
-  fields (e.g. ``{"kernel": "tpu", "interpret": False}`` to compile for a TPU from a CPU)."""
+  fields (e.g. ``{"kernel": "tpu", "interpret": False}`` to compile for a TPU from a CPU).
+  ``top_k_per_example``: a ratio ``top_k`` applies to each example's own regions (the paper's
+  semantics: ``ceil(ratio * regions)`` per example, a traced K under the static K_max of all
+  regions) rather than to the batch's ``max_regions``; off by default."""
   attention: str = "gaze"
   top_k: Union[int, float] = 4
   score: str = "dot"
@@ -81,12 +84,16 @@ class GazeConfig:
   region_shape: tuple[int, int] = (6, 6)
   num_ctx: int = 4
   kernel: Any = None
+  top_k_per_example: bool = False
 
   def __post_init__(self):
     if self.attention not in ("dense", "gaze"):
       raise ValueError(f"attention must be 'dense' or 'gaze', got {self.attention!r}")
     if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, float)):
       raise ValueError(f"top_k must be an int count or a float ratio, got {self.top_k!r}")
+    if self.top_k_per_example and not isinstance(self.top_k, float):
+      raise ValueError("GazeConfig.top_k_per_example needs top_k as a ratio (a float in "
+                       f"(0, 1]), got top_k={self.top_k!r}")
     if isinstance(self.kernel, Mapping):
       from pallas_kernels.config import KernelConfig   # no Pallas import
       try:

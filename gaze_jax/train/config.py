@@ -114,6 +114,10 @@ def topk_plan(config: Any, model: MLLMConfig, spec: LayoutSpec) -> TopKPlan:
   if model.gaze.attention != "gaze":
     return TopKPlan(False, 0, 0, 0, "linear")
   target = resolve_top_k(model.gaze.top_k, spec.max_regions)
+  if model.gaze.top_k_per_example:
+    # K per example is ceil(ratio * its regions) once active_k <= ratio * max_regions
+    # (routing.per_example_k): the schedule ends at the floor.
+    target = max(1, int(math.floor(model.gaze.top_k * spec.max_regions + 1e-9)))
   sched = get(config, "topk_schedule")
   if not get(sched, "enabled", True):
     return TopKPlan(True, target, target, 0, "linear")
@@ -137,7 +141,8 @@ def train_model_config(config: Any) -> tuple[MLLMConfig, LayoutSpec, TopKPlan]:
   target_cfg = mllm_config(config.model)
   spec = layout_spec(config, target_cfg)
   plan = topk_plan(config, target_cfg, spec)
-  if plan.gaze:
+  if plan.gaze and not target_cfg.gaze.top_k_per_example:
+    # The static K_max of the one compiled program (per example: all regions already).
     return mllm_config(config.model, top_k=plan.start), spec, plan
   return target_cfg, spec, plan
 

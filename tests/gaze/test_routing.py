@@ -8,6 +8,7 @@ import pytest
 
 from gaze_jax.gaze import (PATCH, candidate_regions, random_selection, region_descriptors,
                            region_scores, resolve_top_k, route, select_top_k)
+from gaze_jax.gaze.routing import per_example_k
 from tests.gaze.random_cases import random_case
 
 
@@ -110,6 +111,29 @@ def test_rows_that_do_not_route_select_nothing():
   sel = route(case.q_route, desc, lay.region_valid, lay.region_last_pos, lay.position, routed,
               top_k=2)
   assert (np.asarray(sel.ids) == -1).all()
+
+
+def test_per_example_k_by_hand():
+  valid = jnp.array([[True] * 4 + [False] * 4, [True] * 8])          # 4 and 8 regions of 8
+  k = lambda r, a=None: np.asarray(per_example_k(r, valid, a)).tolist()
+  assert k(0.25) == [1, 2] and k(0.3) == [2, 3] and k(1.0) == [4, 8]
+  # A schedule's count a of the 8: the ratio is max(0.25, a / 8).
+  assert k(0.25, 8) == [4, 8] and k(0.25, 4) == [2, 4] and k(0.25, 2) == [1, 2]
+  assert k(0.01) == [1, 1]                                           # at least one
+  with pytest.raises(ValueError, match="ratio in"):
+    per_example_k(1.5, valid)
+
+
+def test_select_top_k_takes_a_k_per_example():
+  rng = np.random.default_rng(4)
+  scores = jnp.asarray(rng.normal(size=(2, 3, 2, 6)).astype(np.float32))
+  cand = jnp.ones((2, 3, 6), bool)
+  full = np.asarray(select_top_k(scores, cand, top_k=5, num_kv_heads=2).ids)
+  got = np.asarray(select_top_k(scores, cand, top_k=5, active_k=jnp.array([2, 4]),
+                                num_kv_heads=2).ids)
+  np.testing.assert_array_equal(got[0, ..., :2], full[0, ..., :2])
+  np.testing.assert_array_equal(got[1, ..., :4], full[1, ..., :4])
+  assert (got[0, ..., 2:] == -1).all() and (got[1, ..., 4:] == -1).all()
 
 
 def _random_draws(n_draws, routing="head"):

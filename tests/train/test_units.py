@@ -55,6 +55,22 @@ def test_recipes_build_the_preset_models(name, preset):
   assert plan.target == want.gaze.top_k
 
 
+def test_per_example_top_k_keeps_the_ratio_and_ends_the_schedule_at_its_floor():
+  """demo (16 regions) at ratio 0.3, per example: the model keeps the ratio (its static K is
+  all regions), the schedule runs 16 -> floor(0.3 * 16) = 4, where per_example_k gives each
+  example exactly ceil(0.3 * its regions)."""
+  from configs import demo
+  c = demo.get_config()
+  c.model.gaze.top_k = 0.3
+  c.model.gaze.top_k_per_example = True
+  m, spec, plan = cfg_lib.train_model_config(c)
+  assert m.gaze.top_k == 0.3 and m.gaze.top_k_per_example
+  assert (plan.start, plan.target) == (16, 4) and spec.max_regions == 16
+  c.model.gaze.top_k = 4
+  with pytest.raises(ValueError, match="top_k_per_example needs top_k as a ratio"):
+    cfg_lib.train_model_config(c)
+
+
 def test_dense_recipe_and_config_errors():
   from configs import demo, demo_dense
   c = demo_dense.get_config()
