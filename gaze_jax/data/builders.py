@@ -148,9 +148,11 @@ class GazeShapes(_DrawnScenes, tfds.core.GeneratorBasedBuilder):
 @dataclasses.dataclass(kw_only=True)
 class DigitGridConfig(tfds.core.BuilderConfig):
   """``n x n`` digits on an image_size px image; ``validation_fraction`` / ``test_fraction`` of
-  the 1797 source digit images are reserved for those splits (partition drawn with ``seed``)."""
+  the 1797 source digit images are reserved for those splits (partition drawn with ``seed``);
+  each question's type is drawn from ``question_types`` (``scenes.DIGIT_QUESTION_TYPES``)."""
   image_size: int = 64
   n: int = 4
+  question_types: tuple[str, ...] = scenes.DIGIT_QUESTION_TYPES
   num_train: int = 20_000
   num_validation: int = 1_000
   num_test: int = 1_000
@@ -195,6 +197,7 @@ class DigitGrid(tfds.core.GeneratorBasedBuilder):
     cfg = self.builder_config
     if cfg.image_size % cfg.n:
       raise ValueError(f"{cfg.name}: image_size={cfg.image_size} must be a multiple of n={cfg.n}")
+    scenes.check_question_types(cfg.question_types, scenes.DIGIT_QUESTION_TYPES)
     digits = load_digits()
     pools = digit_source_pools(cfg.seed, cfg.validation_fraction, cfg.test_fraction,
                                len(digits.target))
@@ -206,7 +209,8 @@ class DigitGrid(tfds.core.GeneratorBasedBuilder):
     for i in range(n):
       ex = scenes.digit_grid_example(
           np.random.default_rng([cfg.seed, _scene_id(split, i)]), images=images, labels=labels,
-          pool=pool, image_size=cfg.image_size, n=cfg.n, example_id=f"{split}-{i:07d}")
+          pool=pool, image_size=cfg.image_size, n=cfg.n, example_id=f"{split}-{i:07d}",
+          question_types=tuple(cfg.question_types))
       yield ex["id"], ex
 
 

@@ -131,11 +131,12 @@ def shapes_scene(rng: np.random.Generator, image_size: int, grid: int,
 SHAPES_QUESTION_TYPES = ("colour", "size", "relation", "count", "colour_at", "shape_at")
 
 
-def check_question_types(types: Sequence[str]) -> tuple[str, ...]:
-  """``types`` as a tuple; ValueError unless it is a non-empty subset of the known types."""
+def check_question_types(types: Sequence[str],
+                         known: Sequence[str] = SHAPES_QUESTION_TYPES) -> tuple[str, ...]:
+  """``types`` as a tuple; ValueError unless it is a non-empty subset of ``known``."""
   types = tuple(types)
-  if not types or set(types) - set(SHAPES_QUESTION_TYPES):
-    raise ValueError(f"question_types must be a non-empty subset of {SHAPES_QUESTION_TYPES}, "
+  if not types or set(types) - set(known):
+    raise ValueError(f"question_types must be a non-empty subset of {tuple(known)}, "
                      f"got {types}")
   return types
 
@@ -227,10 +228,19 @@ def digit_grid_image(digits: np.ndarray, image_size: int, n: int) -> np.ndarray:
   return np.repeat(canvas[..., None], 3, axis=-1)
 
 
+# "which": the digit at a named cell (one region answers it); "sum": a row's digits; "where":
+# the cell of a digit that appears once.
+DIGIT_QUESTION_TYPES = ("which", "sum", "where")
+
+
 def digit_grid_example(rng: np.random.Generator, *, images: np.ndarray, labels: np.ndarray,
-                       pool: np.ndarray, image_size: int, n: int, example_id: str) -> dict:
+                       pool: np.ndarray, image_size: int, n: int, example_id: str,
+                       question_types: Sequence[str] = DIGIT_QUESTION_TYPES) -> dict:
   """One digit_grid example built from the source digits ``pool`` (indices into
-  ``images [N, 8, 8]`` / ``labels [N]``); ``source`` records which source images were used."""
+  ``images [N, 8, 8]`` / ``labels [N]``); ``source`` records which source images were used,
+  cell by cell in row-major order. The question's type is drawn uniformly among those of
+  ``question_types`` that the grid allows ("where" needs a digit that appears once)."""
+  question_types = check_question_types(question_types, DIGIT_QUESTION_TYPES)
   chosen = rng.choice(pool, size=n * n, replace=len(pool) < n * n)
   grid_labels = labels[chosen].reshape(n, n)
   image = digit_grid_image(images[chosen], image_size, n)
@@ -239,11 +249,12 @@ def digit_grid_example(rng: np.random.Generator, *, images: np.ndarray, labels: 
   def cell_box(r, c):
     return (c * cell, r * cell, (c + 1) * cell, (r + 1) * cell)
 
-  options = ["which", "sum"]
   counts = np.bincount(grid_labels.reshape(-1), minlength=10)
   unique = [d for d in range(10) if counts[d] == 1]
-  if unique:
-    options.append("where")
+  options = [t for t in DIGIT_QUESTION_TYPES if t in question_types and (t != "where" or unique)]
+  if not options:
+    raise ValueError(f"{example_id}: no digit appears once in the grid, so none of "
+                     f"question_types={question_types} can be asked")
   qtype = options[rng.integers(len(options))]
   if qtype == "which":
     r, c = (int(v) for v in rng.integers(n, size=2))

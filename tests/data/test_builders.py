@@ -105,6 +105,36 @@ def test_gaze_shapes_question_types_field(tmp_path):
     builders.prepare("gaze_shapes", tmp_path, "tiny", question_types=("colour", "shape"))
 
 
+def test_digit_grid_question_types_field_and_which_depends_on_its_cell_only(tmp_path):
+  """question_types=("which",) asks only about a named cell; its box holds everything the
+  answer depends on: with every other cell's digit replaced, the box's pixels and the answer
+  (that cell's label) stay the same."""
+  from sklearn.datasets import load_digits
+  from gaze_jax.data import scenes
+  digits = load_digits()
+  rng = np.random.default_rng(0)
+  pool = np.arange(len(digits.target))
+  for i in range(20):
+    ex = scenes.digit_grid_example(np.random.default_rng([1, i]), images=digits.images,
+                                   labels=digits.target, pool=pool, image_size=64, n=4,
+                                   example_id=str(i), question_types=("which",))
+    assert ex["question_type"] == "which"
+    r, c = (int(v) - 1 for v in re.match(r"Which digit is at row (\d), column (\d)\?",
+                                         ex["turns"][0]["question"]).groups())
+    source = ex["source"].copy()
+    others = np.arange(16) != r * 4 + c
+    source[others] = rng.choice(pool, others.sum())            # every other cell changes
+    image = scenes.digit_grid_image(digits.images[source], 64, 4)
+    x0, y0, x1, y1 = ex["boxes"][0].astype(int)
+    # The box (its cell, border lines aside) is unchanged, and so is the answer.
+    np.testing.assert_array_equal(image[y0 + 1:y1 - 1, x0 + 1:x1 - 1],
+                                  ex["images"][0][y0 + 1:y1 - 1, x0 + 1:x1 - 1])
+    assert ex["turns"][0]["answer"] == str(digits.target[source[r * 4 + c]])
+    assert (image != ex["images"][0]).any()
+  with pytest.raises(ValueError, match="question_types"):
+    builders.prepare("digit_grid", tmp_path, "tiny", question_types=("colour",))
+
+
 def test_digit_grid_answers_agree_with_sklearn_labels(tiny_builders):
   from sklearn.datasets import load_digits
   labels = load_digits().target
