@@ -217,7 +217,9 @@ def _estimate(cfg: MLLMConfig, *, batch: int, seq_len: int, devices: int = 1,
   gaze = gz.attention == "gaze" and NR > 0
   train = mode == "train"
   K = resolve_top_k(gz.top_k, NR) if gaze else 0
-  K_max = _compiled_k(gz.top_k, compiled_top_k, NR, train) if gaze else 0
+  # Per-example K compiles K_max = all regions (the per-example K is traced under it).
+  K_max = ((NR if gz.top_k_per_example else _compiled_k(gz.top_k, compiled_top_k, NR, train))
+           if gaze else 0)
   R = gz.region_shape[0] * gz.region_shape[1]
   shards = devices if fsdp else 1
   N = count_params(cfg)["total"]

@@ -240,6 +240,14 @@ def test_activation_levers():
   infer = dict(base, mode="infer")
   assert estimate_memory(chunked, **infer)["activations"] < \
       estimate_memory(cfg, **infer)["activations"] / 2
+  # A per-example ratio K compiles K_max = all regions, in inference too.
+  per_ex = dataclasses.replace(cfg, gaze=dataclasses.replace(cfg.gaze, top_k=0.25,
+                                                             top_k_per_example=True))
+  assert estimate_memory(per_ex, **infer) == estimate_memory(per_ex, compiled_top_k=1.0,
+                                                            **infer)
+  assert estimate_memory(per_ex, **infer)["activations"] > \
+      estimate_memory(dataclasses.replace(per_ex, gaze=dataclasses.replace(
+          per_ex.gaze, top_k_per_example=False)), **infer)["activations"]
 
 
 @pytest.mark.parametrize("attention", ["dense", "gaze"])
