@@ -46,6 +46,12 @@ SWEEPS: dict[str, tuple[Run, ...]] = {
     # The README's demo pair across seeds: how much its figures move from seed to seed.
     "demo_seeds": (Run("demo_gaze", "configs/demo.py"),
                    Run("demo_dense", "configs/demo_dense.py", baselines=())),
+    # A first look at the digit task: gaze K = 2 of 16 (group routing) against dense, short.
+    "digits_probe": (
+        Run("gaze_k2", "configs/study_digits.py", overrides=(("train.num_steps", 1500),)),
+        Run("dense", "configs/study_digits.py", overrides=(("train.num_steps", 1500),
+                                                           ("model.gaze.attention", "dense")),
+            baselines=())),
 }
 
 # The figures a summary keeps per evaluation row (dotted paths into the row's dict).

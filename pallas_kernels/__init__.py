@@ -2,7 +2,8 @@
 
 ``gaze_jax.gaze.gaze_attention(..., implementation="pallas")`` calls ``ops.gaze_attention``;
 ``ops.attention`` takes selected region ids directly. Modules:
-  * ``config``: ``KernelConfig`` (tiles, passes, launches) and its defaults (no Pallas import);
+  * ``config``: ``KernelConfig`` (tiles, passes, launches), its defaults and the mesh axes a
+    kernel call is split over (no Pallas import);
   * ``blocks``: the KV block table (regions and text/context chunks) and the per-tile block
     lists, built with plain jnp outside the kernels;
   * ``plan``: the layout-derived plan of a forward pass (block table, packed rows, base-pass
@@ -14,7 +15,9 @@
   * ``gaze_tpu``: Mosaic forward, decode and backward with ``pltpu.PrefetchScalarGridSpec``
     (one program holds every KV head, so that K/V windows start at any slot);
   * ``ops``: routing, the dense-rows split and ``shard_map`` under a device mesh;
-  * ``reference``: ``ops.attention``'s contract in plain jnp (tests).
+  * ``reference``: ``ops.attention``'s contract in plain jnp (tests);
+  * ``splash``: dense causal attention on a TPU by jax's splash attention kernel (the dense
+    model and the kernels' dense rows), in ``shard_map`` under a mesh.
 See ``pallas_kernels/README.md`` for the designs and their costs. Nothing here is imported by
 ``gaze_jax`` unless the Pallas implementation is asked for.
 """
