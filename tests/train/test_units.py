@@ -55,6 +55,18 @@ def test_recipes_build_the_preset_models(name, preset):
   assert plan.target == want.gaze.top_k
 
 
+def test_study_digits_recipe():
+  """The study's digit task: tiny at 4 decoder layers, group routing, K = 2 of the 16 one-digit
+  regions, digit_grid with "which" questions only."""
+  from configs import study_digits
+  c = study_digits.get_config()
+  m, spec, plan = cfg_lib.train_model_config(c)
+  assert m.decoder.num_layers == 4 and m.gaze.routing == "group"
+  assert spec.max_regions == 16 and (plan.start, plan.target) == (16, 2)
+  assert c.data.name == "digit_grid" and tuple(c.data.builder_overrides.question_types) == (
+      "which",)
+
+
 def test_per_example_top_k_keeps_the_ratio_and_ends_the_schedule_at_its_floor():
   """demo (16 regions) at ratio 0.3, per example: the model keeps the ratio (its static K is
   all regions), the schedule runs 16 -> floor(0.3 * 16) = 4, where per_example_k gives each
