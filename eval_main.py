@@ -87,7 +87,11 @@ def main(argv):
       groups = [r.type for r in records]
       if train_records is None:
         train_records = qa_records(data_source(builder, config.data.train_split))
+    # The main row is "gaze", or "dense_trained" for a model trained with dense attention
+    # ("dense" is the gaze model's dense twin).
+    main = "gaze" if cfg.gaze.attention == "gaze" else "dense_trained"
     res = evaluate(model, batches, spec, baselines=tuple(FLAGS.baselines), split=split,
+                   name=main,
                    max_batches=max_batches, tokenizer=tok,
                    gaze_maps_dir=out / "gaze_maps" / split, num_gaze_maps=FLAGS.num_gaze_maps,
                    groups=groups, random_seed=FLAGS.random_seed, log=logging.info)

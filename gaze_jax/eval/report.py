@@ -20,6 +20,7 @@ ROW_ORDER = ("dense", "token_matched", "fixed_from_question", "random_routing", 
 ROW_LABELS = {"dense": "dense (same weights)", "token_matched": "dense, token-matched input",
               "fixed_from_question": "fixed-from-question eviction",
               "random_routing": "random routing (same K)",
+              "dense_trained": "trained with dense attention",
               "answer_prior": "answer prior (no image)"}
 
 

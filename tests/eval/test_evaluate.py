@@ -354,3 +354,13 @@ def test_evaluate_and_report(model, tmp_path):
   assert f"{100 * g['routing']['coverage_per_layer'][0]:.1f}%" in layer0
   x_line = next(line for line in md.splitlines() if line.startswith("| x |"))
   assert x_line.startswith("| x | 2 | 100.0% |")
+
+
+def test_a_model_trained_dense_is_its_own_row(model, tmp_path):
+  """eval_main names a dense model's row "dense_trained" (not "gaze", and not "dense", the
+  gaze model's dense twin); the report labels it so."""
+  from gaze_jax.eval.report import markdown_table
+  inputs = batch(with_answer(prompts()))
+  out = evaluate(dense_twin(model), [inputs], name="dense_trained")
+  assert set(out["results"]) == {"dense_trained"}
+  assert markdown_table(out).splitlines()[2].startswith("| trained with dense attention |")
