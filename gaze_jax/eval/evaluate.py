@@ -61,22 +61,23 @@ def _forward(model, tokens, layout, images, targets, return_selected=False):
   return pred, tgt, selected
 
 
+def _run_given(model, tokens, layout, images, targets, selections):
+  """A pass with the given per-layer selections: outputs and the ids actually applied."""
+  logits, applied = model(tokens, layout, images, selections=selections, return_selected=True)
+  pred, tgt = _outputs(logits, targets)
+  return pred, tgt, applied
+
+
+_forward_given = nnx.jit(_run_given)
+
+
 @nnx.jit
 def _forward_fixed(model, tokens, route_layout, layout, images, targets, anchor_rows):
   """Fixed-from-question: route once (first pass), copy each answer row's anchor selection,
   then run with those selections. Returns the second pass's outputs and applied ids."""
   _, selected = model(tokens, route_layout, images, return_selected=True)
-  fixed = bl.fixed_selections(selected, anchor_rows)
-  logits, applied = model(tokens, layout, images, selections=fixed, return_selected=True)
-  pred, tgt = _outputs(logits, targets)
-  return pred, tgt, applied
-
-
-@nnx.jit
-def _forward_given(model, tokens, layout, images, targets, selections):
-  logits, applied = model(tokens, layout, images, selections=selections, return_selected=True)
-  pred, tgt = _outputs(logits, targets)
-  return pred, tgt, applied
+  return _run_given(model, tokens, layout, images, targets,
+                    bl.fixed_selections(selected, anchor_rows))
 
 
 def predict_random_routing(model, inputs: ModelInputs, key: jax.Array):
