@@ -56,7 +56,8 @@ SWEEPS: dict[str, tuple[Run, ...]] = {
 
 # The figures a summary keeps per evaluation row (dotted paths into the row's dict).
 METRICS = ("accuracy", "visual_kv.fraction_of_dense", "routing.accuracy", "routing.random",
-           "routing.share_ceiling", "routing.top1", "routing.top1_random", "routing.coverage")
+           "routing.share_ceiling", "routing.top1", "routing.top1_random", "routing.top1_salience",
+           "routing.coverage")
 
 
 def overrides_flags(overrides: Sequence) -> list[str]:

@@ -13,7 +13,9 @@ Schema (one example): ``id`` text; ``images`` a sequence of RGB images (the fram
 ``is_video``); ``turns`` a sequence of ``{question, answer}`` texts (``<image>`` markers allowed
 in questions); ``boxes`` float32 ``[n, 4]`` pixel boxes ``(x0, y0, x1, y1)`` (exclusive ends,
 original image size) of what the answer depends on, ``box_image`` int32 ``[n]`` the image / frame
-of each; ``question_type`` text; ``source`` int64 ``[k]`` ids of the source material.
+of each; ``object_boxes`` / ``object_box_image`` the same for every object in view (what a
+question-blind "salience" pick could choose; empty where unknown, as for ``llava_json``);
+``question_type`` text; ``source`` int64 ``[k]`` ids of the source material.
 
 Usage::
 
@@ -43,7 +45,7 @@ from gaze_jax.data import llava, scenes
 
 SPLITS = ("train", "validation", "test")
 _SPLIT_CODE = {"train": 0, "validation": 1, "test": 2}
-_VERSION = tfds.core.Version("1.0.0")
+_VERSION = tfds.core.Version("1.1.0")   # 1.1.0: object_boxes
 
 
 def common_features(image_shape=(None, None, 3), image_format: str = "png"):
@@ -56,6 +58,8 @@ def common_features(image_shape=(None, None, 3), image_format: str = "png"):
       "turns": f.Sequence({"question": f.Text(), "answer": f.Text()}),
       "boxes": f.Tensor(shape=(None, 4), dtype=np.float32),
       "box_image": f.Tensor(shape=(None,), dtype=np.int32),
+      "object_boxes": f.Tensor(shape=(None, 4), dtype=np.float32),
+      "object_box_image": f.Tensor(shape=(None,), dtype=np.int32),
       "question_type": f.Text(),
       "source": f.Tensor(shape=(None,), dtype=np.int64),
   })
@@ -120,7 +124,7 @@ class _DrawnScenes:
 
 class GazeShapes(_DrawnScenes, tfds.core.GeneratorBasedBuilder):
   """Procedural shapes with templated questions that need one or two specific regions."""
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("1.2.0")   # 1.2.0: object_boxes
   RELEASE_NOTES = {"1.0.0": "colour, size, relation and count questions",
                    "1.1.0": "colour_at / shape_at questions; question_types config field"}
   BUILDER_CONFIGS = [

@@ -11,6 +11,9 @@ F = ``spec.max_images``, G = ``max_gt_regions``):
   loss_mask  float32[S]   1 where the target is an answer token (``generated``);
   images     float32[F, H, W, C]  resized, normalised to [-1, 1] (SigLIP), zero-padded;
   gt_regions int32[G]     region ids hit by the answer's ground-truth boxes, -1 padded;
+  object_regions int32[R] region ids hit by any object in view (``object_boxes``; R =
+                          ``spec.max_regions``), -1 padded: what a question-blind "salience"
+                          pick chooses among (all -1 where the data has no object boxes);
   + the layout features of ``TokenLayout.to_features()`` (one row, no batch axis).
 
 A batch is these stacked on a leading axis; ``batch_to_model_inputs`` unpacks one for the
@@ -264,20 +267,27 @@ class ExampleProcessor:
     for f, im in enumerate(images):
       pix[f] = preprocess_image(im, cfg)
     out = {"tokens": tokens, "targets": targets, "loss_mask": loss_mask, "images": pix,
-           "gt_regions": self._gt_regions(example, images, layout, where)}
+           "gt_regions": self._box_regions(example, images, layout, where, "boxes", "box_image",
+                                           cfg.max_gt_regions),
+           "object_regions": self._box_regions(example, images, layout, where, "object_boxes",
+                                               "object_box_image", spec.max_regions)}
     out.update(layout)
     return out
 
-  def _gt_regions(self, example, images, layout, where) -> np.ndarray:
+  def _box_regions(self, example, images, layout, where, boxes_key: str, image_key: str,
+                   size: int) -> np.ndarray:
+    """The region ids hit by ``example[boxes_key]`` (on the images ``example[image_key]``),
+    padded to ``size`` with -1; none when the example has no such boxes."""
     cfg = self.cfg
-    boxes = np.asarray(example.get("boxes", np.zeros((0, 4))), np.float64).reshape(-1, 4)
-    box_image = np.asarray(example.get("box_image", np.zeros(0)), np.int64).reshape(-1)
+    boxes = np.asarray(example.get(boxes_key, np.zeros((0, 4))), np.float64).reshape(-1, 4)
+    box_image = np.asarray(example.get(image_key, np.zeros(0)), np.int64).reshape(-1)
     if len(boxes) != len(box_image):
-      raise ValueError(f"{where}: {len(boxes)} boxes but {len(box_image)} box_image entries")
+      raise ValueError(f"{where}: {len(boxes)} {boxes_key} but {len(box_image)} {image_key} "
+                       "entries")
     if not len(boxes):
-      return pad_ids(np.zeros(0, np.int32), cfg.max_gt_regions, where)
+      return pad_ids(np.zeros(0, np.int32), size, where)
     if box_image.min() < 0 or box_image.max() >= len(images):
-      raise ValueError(f"{where}: box_image {box_image.tolist()} out of range for "
+      raise ValueError(f"{where}: {image_key} {box_image.tolist()} out of range for "
                        f"{len(images)} images")
     # Boxes are in original pixels; scale them to the resized image.
     hw = np.asarray([np.asarray(images[i]).shape[:2] for i in box_image], np.float64)
@@ -285,7 +295,7 @@ class ExampleProcessor:
     # Frame f of the layout is the f-th image / video frame (images are placed in order).
     ids = boxes_to_regions(layout, boxes * scale, box_image, (cfg.image_size, cfg.image_size),
                            cfg.spec.region_shape)
-    return pad_ids(ids, cfg.max_gt_regions, where)
+    return pad_ids(ids, size, where)
 
   def __call__(self, example: Mapping[str, Any]) -> Optional[dict[str, np.ndarray]]:
     """``features(example)``, or None (counted) for a too-long one with ``skip_too_long``."""
@@ -310,6 +320,7 @@ class ModelInputs(NamedTuple):
   targets: Any         # int32[B, S]
   loss_mask: Any       # float32[B, S]
   gt_regions: Any      # int32[B, G]
+  object_regions: Any = None   # int32[B, R] or None (data without object boxes)
 
 
 def batch_to_model_inputs(batch: Mapping[str, np.ndarray], spec: LayoutSpec) -> ModelInputs:
@@ -334,4 +345,6 @@ def batch_to_model_inputs(batch: Mapping[str, np.ndarray], spec: LayoutSpec) -> 
                      f"is {spec.max_regions}")
   layout = TokenLayout.from_features(batch, spec)
   return ModelInputs(tokens, images, layout, np.asarray(batch["targets"]),
-                     np.asarray(batch["loss_mask"]), np.asarray(batch["gt_regions"]))
+                     np.asarray(batch["loss_mask"]), np.asarray(batch["gt_regions"]),
+                     None if "object_regions" not in batch
+                     else np.asarray(batch["object_regions"]))

@@ -137,5 +137,7 @@ def record_example(rec: LlavaRecord, json_path=None) -> dict:
       "id": rec.id, "images": images, "is_video": False,
       "turns": [{"question": q, "answer": a} for q, a in rec.turns],
       "boxes": np.zeros((0, 4), np.float32), "box_image": np.zeros((0,), np.int32),
+      "object_boxes": np.zeros((0, 4), np.float32),
+      "object_box_image": np.zeros((0,), np.int32),
       "question_type": "llava", "source": np.asarray([rec.index], np.int64),
   }

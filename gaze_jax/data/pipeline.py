@@ -13,7 +13,7 @@ Usage::
   batch = next(it)                                          # dict of [B, ...] numpy arrays
   state = it.get_state()                                    # save with the checkpoint ...
   it.set_state(state)                                       # ... and resume exactly there
-  tokens, images, layout, targets, loss_mask, gt = batch_to_model_inputs(batch, spec)
+  tokens, images, layout, targets, loss_mask, gt, objects = batch_to_model_inputs(batch, spec)
 
 Determinism: the order depends only on ``seed`` and the shard; each epoch is reshuffled
 (``repeat(reseed_each_epoch=True)``). tfds and grain are imported inside the functions, so

@@ -202,6 +202,7 @@ def shapes_example(rng: np.random.Generator, *, image_size: int, grid: int,
       "id": example_id, "images": [image], "is_video": False,
       "turns": [{"question": question, "answer": answer}],
       "boxes": _boxes(needed), "box_image": np.zeros(len(needed), np.int32),
+      "object_boxes": _boxes(objs), "object_box_image": np.zeros(len(objs), np.int32),
       "question_type": qtype, "source": np.asarray([source], np.int64),
   }
 
@@ -274,6 +275,9 @@ def digit_grid_example(rng: np.random.Generator, *, images: np.ndarray, labels: 
       "turns": [{"question": question, "answer": answer}],
       "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
       "box_image": np.zeros(len(boxes), np.int32),
+      "object_boxes": np.asarray([cell_box(r, c) for r in range(n) for c in range(n)],
+                                 np.float32),
+      "object_box_image": np.zeros(n * n, np.int32),
       "question_type": qtype, "source": np.asarray(chosen, np.int64),
   }
 
@@ -381,6 +385,12 @@ def video_questions(tracks: Sequence[_Track], frames: int):
   return out
 
 
+def _object_boxes(frame_boxes) -> dict:
+  """The schema's ``object_boxes`` / ``object_box_image`` from ``(frame, box)`` pairs."""
+  return {"object_boxes": np.asarray([b for _, b in frame_boxes], np.float32).reshape(-1, 4),
+          "object_box_image": np.asarray([f for f, _ in frame_boxes], np.int32)}
+
+
 def video_example(rng: np.random.Generator, *, image_size: int, frames: int, min_objects: int,
                   max_objects: int, example_id: str, source: int) -> dict:
   """One gaze_video example: the frames of a short clip and one question about one frame."""
@@ -397,5 +407,6 @@ def video_example(rng: np.random.Generator, *, image_size: int, frames: int, min
       "turns": [{"question": question, "answer": answer}],
       "boxes": np.asarray([b for _, b in needed], np.float32).reshape(-1, 4),
       "box_image": np.asarray([f for f, _ in needed], np.int32),
+      **_object_boxes([(t, tr.boxes[t]) for tr in tracks for t in range(tr.appear, frames)]),
       "question_type": qtype, "source": np.asarray([source], np.int64),
   }

@@ -212,7 +212,8 @@ class _Acc:
                                            route_prompt=gz.route_prompt,
                                            num_kv_heads=self.cfg.decoder.num_kv_heads,
                                            scores_routing=not self.fixed)
-      stats = metrics.routing_accuracy(selected, inputs.gt_regions, inputs.layout, rows)
+      stats = metrics.routing_accuracy(selected, inputs.gt_regions, inputs.layout, rows,
+                                       inputs.object_regions)
       self.routing = stats if self.routing is None else self.routing + stats
     conf = configured_budget(self.cfg, inputs.layout)
     self.configured.append((conf["examples"], conf))

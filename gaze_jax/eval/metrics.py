@@ -162,7 +162,9 @@ class RoutingStats:
     the most hits the same selections could make (per row and head ``min(selections, |G & C|)``).
   top-1: at the rows that predict an answer's first token, per query head, whether the
     best-scoring region (rank 0) is a ground-truth region (``top1_hits`` of ``top1_samples``),
-    and the uniform rate ``|G & C| / |C|`` summed (``top1_random``).
+    and the uniform rate ``|G & C| / |C|`` summed (``top1_random``); where the data has object
+    boxes O, the salience rate ``|G & C & O| / |C & O|`` of a random region that holds an
+    object, which needs no question (``top1_salience`` of ``top1_salience_samples``).
   coverage: at answer rows with candidates, the share of candidates in the union of the
     selections over all heads (``coverage`` summed over ``coverage_rows``).
   """
@@ -173,6 +175,8 @@ class RoutingStats:
   top1_hits: np.ndarray
   top1_samples: np.ndarray
   top1_random: np.ndarray
+  top1_salience: np.ndarray
+  top1_salience_samples: np.ndarray
   coverage: np.ndarray
   coverage_rows: np.ndarray
 
@@ -215,6 +219,10 @@ class RoutingStats:
     return self._ratio(self.top1_random, self.top1_samples)
 
   @property
+  def top1_salience_per_layer(self) -> np.ndarray:
+    return self._ratio(self.top1_salience, self.top1_salience_samples)
+
+  @property
   def coverage_per_layer(self) -> np.ndarray:
     return self._ratio(self.coverage, self.coverage_rows)
 
@@ -233,7 +241,7 @@ class RoutingStats:
            "per_layer": self.accuracy_per_layer.tolist(),
            "random_per_layer": self.random_per_layer.tolist(),
            "selections": float(self.selections.sum())}
-    for name in ("ceiling", "top1", "top1_random", "coverage"):
+    for name in ("ceiling", "top1", "top1_random", "top1_salience", "coverage"):
       per = getattr(self, f"{name}_per_layer")
       key = "share_ceiling" if name == "ceiling" else name
       out[key] = self._mean(per)
@@ -251,7 +259,8 @@ def first_answer_rows(layout, rows) -> tuple[np.ndarray, np.ndarray]:
   return b[first], t[first]
 
 
-def routing_accuracy(selected: Sequence, gt_regions, layout, rows) -> RoutingStats:
+def routing_accuracy(selected: Sequence, gt_regions, layout, rows,
+                     object_regions=None) -> RoutingStats:
   """The routing measures (``RoutingStats``) of the choices at answer rows against the
   ground-truth regions.
 
@@ -260,6 +269,8 @@ def routing_accuracy(selected: Sequence, gt_regions, layout, rows) -> RoutingSta
     gt_regions: int ``[B, G]`` ground-truth region ids, -1 padded.
     layout: the batch's TokenLayout.
     rows: ``(b, t)`` from ``answer_rows`` (or a ``[B, S]`` mask).
+    object_regions: optional int ``[B, R]`` ids of the regions that hold an object, -1
+      padded: the salience baseline (none where an example has no object among its candidates).
   Returns:
     RoutingStats with per-layer sums (see the module docstring for the random rate).
   """
@@ -275,6 +286,13 @@ def routing_accuracy(selected: Sequence, gt_regions, layout, rows) -> RoutingSta
   n_cand = cand.sum(-1)
   n_gt = (cand & gt[b]).sum(-1)
   rate = np.where(n_cand > 0, n_gt / np.maximum(n_cand, 1), 0.0)       # [n]
+  if object_regions is None:
+    obj = np.zeros_like(cand)
+  else:
+    obj = cand & gt_membership(object_regions, NR)[b]                   # [n, NR]
+  n_obj = obj.sum(-1)
+  salient = n_obj > 0
+  sal_rate = np.where(salient, (obj & gt[b]).sum(-1) / np.maximum(n_obj, 1), 0.0)
   first = np.zeros(b.size, bool)
   fb, ft = first_answer_rows(layout, (b, t))
   first[np.isin(b * (1 << 32) + t, fb * (1 << 32) + ft)] = True
@@ -291,6 +309,8 @@ def routing_accuracy(selected: Sequence, gt_regions, layout, rows) -> RoutingSta
     out.top1_hits[layer] = (top & hit[first, :, 0]).sum()
     out.top1_samples[layer] = top.sum()
     out.top1_random[layer] = (top * rate[first, None]).sum()
+    out.top1_salience[layer] = (top * sal_rate[first, None]).sum()
+    out.top1_salience_samples[layer] = (top & salient[first, None]).sum()
     union = np.zeros(cand.shape, bool)                                  # [n, NR]
     rr, _, _ = np.nonzero(valid)
     union[rr, ids[valid]] = True

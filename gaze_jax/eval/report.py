@@ -137,13 +137,15 @@ def markdown_report(results) -> str:
                                                                   rt["random_per_layer"]))
       out += [f"Routing accuracy per layer (hit / random): {per}", ""]
     if rt and rt.get("top1_per_layer"):
-      out += ["Routing per layer (share of selections that hit / its ceiling; top-1 / uniform "
-              "at the row that predicts the answer; coverage of the candidates by the union "
+      out += ["Routing per layer (share of selections that hit / its ceiling; top-1 at the "
+              "row that predicts the answer against a uniform pick and a salience pick, a "
+              "random region that holds an object; coverage of the candidates by the union "
               "over heads):", "",
-              "| layer | share | ceiling | top-1 | top-1 uniform | coverage |",
-              "|---:|---:|---:|---:|---:|---:|"]
+              "| layer | share | ceiling | top-1 | top-1 uniform | top-1 salience | coverage |",
+              "|---:|---:|---:|---:|---:|---:|---:|"]
+      salience = rt.get("top1_salience_per_layer") or [float("nan")] * len(rt["per_layer"])
       for i, row in enumerate(zip(rt["per_layer"], rt["share_ceiling_per_layer"],
-                                  rt["top1_per_layer"], rt["top1_random_per_layer"],
+                                  rt["top1_per_layer"], rt["top1_random_per_layer"], salience,
                                   rt["coverage_per_layer"])):
         out.append(f"| {i} | " + " | ".join(_pct(x) for x in row) + " |")
       out.append("")

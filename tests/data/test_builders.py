@@ -96,6 +96,24 @@ def test_gaze_shapes_answers_agree_with_the_pixels(tiny_builders):
   assert {"colour", "count"} <= seen
 
 
+@pytest.mark.parametrize("name", PROCEDURAL)
+def test_object_boxes_hold_every_answer_box(tiny_builders, name):
+  """``object_boxes`` lists every object in view (the salience baseline's choices): each box
+  the answer depends on is one of them, on the same image, and each lies inside its image."""
+  b = tiny_builders[name]
+  size = b.builder_config.image_size
+  for ex in all_examples(b, "train"):
+    objs = {(int(f), tuple(box.tolist()))
+            for f, box in zip(ex["object_box_image"], ex["object_boxes"])}
+    assert objs and len(objs) == len(ex["object_boxes"])
+    assert {(int(f), tuple(box.tolist())) for f, box in zip(ex["box_image"], ex["boxes"])} <= objs
+    assert all(0 <= f < len(ex["images"]) and min(box) >= 0 and max(box) <= size
+               for f, box in objs)
+  if name == "digit_grid":               # every cell holds a digit
+    n = b.builder_config.n
+    assert len(ex["object_boxes"]) == n * n
+
+
 def test_gaze_shapes_question_types_field(tmp_path):
   b = builders.prepare("gaze_shapes", tmp_path, "tiny", question_types=("colour_at", "size"))
   got = {text(ex["question_type"]) for split in ("train", "validation")

@@ -101,7 +101,10 @@ def test_processor_on_a_hand_made_example():
         "turns": {"question": [b"Left <image> right <image>\nWhat is white?"],
                   "answer": [b"top left"]},
         "boxes": np.asarray([[0, 0, 20, 20], [56, 56, 64, 64]], np.float32),
-        "box_image": np.asarray([0, 1], np.int32)}
+        "box_image": np.asarray([0, 1], np.int32),
+        "object_boxes": np.asarray([[0, 0, 20, 20], [56, 56, 64, 64], [32, 0, 48, 16]],
+                                   np.float32),
+        "object_box_image": np.asarray([0, 1, 1], np.int32)}
   f = ExampleProcessor(tok, cfg)(ex)
   S = cfg.spec.seq_len
   assert f["tokens"].shape == (S,) and f["tokens"].dtype == np.int32
@@ -122,6 +125,9 @@ def test_processor_on_a_hand_made_example():
   # Box (0, 0, 20, 20) on the 128 px image is (0, 0, 10, 10) on the 64 px one: region 0 only
   # (unscaled it would hit regions 0, 1, 4, 5); the bottom-right box hits image 1's region 15.
   assert f["gt_regions"].tolist() == [0, 31] + [-1] * 14
+  # Object boxes the same way, padded to max_regions: (32, 0, 48, 16) on the 64 px image 1 is
+  # its region (row 0, column 2) = 16 + 2.
+  assert f["object_regions"].tolist() == [0, 18, 31] + [-1] * 29
   # SigLIP normalisation: white -> 1, black -> -1, grey 128 -> 0.0039.
   np.testing.assert_allclose(f["images"][0, 0, 0], 1.0, atol=1e-6)
   np.testing.assert_allclose(f["images"][0, 63, 63], -1.0, atol=1e-6)
@@ -184,11 +190,15 @@ def test_batch_to_model_inputs():
           "turns": [{"question": "q" * i, "answer": "a"}]} for i in range(3)]
   feats = [proc(e) for e in exs]
   batch = {k: np.stack([f[k] for f in feats]) for k in feats[0]}
-  tokens, images, layout, targets, loss_mask, gt = batch_to_model_inputs(batch, cfg.spec)
+  tokens, images, layout, targets, loss_mask, gt, objects = batch_to_model_inputs(batch,
+                                                                                 cfg.spec)
   assert tokens.shape == (3, 160) and images.shape == (3, 2, 64, 64, 3)
   assert layout.kind.shape == (3, 160) and layout.region_valid.shape == (3, 32)
   np.testing.assert_array_equal(layout.position, batch["position"])
   assert targets.shape == loss_mask.shape == (3, 160) and gt.shape == (3, 16)
+  assert objects.shape == (3, 32) and (objects == -1).all()      # no object boxes given
+  assert batch_to_model_inputs({k: v for k, v in batch.items() if k != "object_regions"},
+                               cfg.spec).object_regions is None
   other = LayoutSpec(seq_len=128, max_regions=32, max_images=2, region_shape=(2, 2), num_ctx=2)
   with pytest.raises(ValueError, match="seq_len=128"):
     batch_to_model_inputs(batch, other)

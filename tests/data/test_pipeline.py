@@ -126,7 +126,8 @@ def test_tiny_model_runs_on_a_pipeline_batch(tiny_builders, data_dir):
                     video_pool=cfg.vision.video_pool),
       batch_size=2, config="tiny", process_index=0, process_count=1)
   batch = next(iter(ds))
-  tokens, images, layout, targets, loss_mask, gt = batch_to_model_inputs(batch, proc.cfg.spec)
+  tokens, images, layout, targets, loss_mask, gt, _ = batch_to_model_inputs(batch,
+                                                                            proc.cfg.spec)
   assert np.asarray(layout.frame_grid)[:, :4].tolist() == [[[4, 4]] * 4] * 2   # pooled frames
   model = MLLM(cfg, rngs=nnx.Rngs(0))
   logits = nnx.jit(lambda m, t, lay, im: m(t, lay, im))(model, jnp.asarray(tokens), layout,

@@ -74,6 +74,20 @@ def test_routing_accuracy_and_random_rate_by_hand():
   assert summary["share_ceiling"] == pytest.approx(0.85)
   assert summary["top1"] == pytest.approx(0.75)
   assert summary["coverage_per_layer"] == pytest.approx([2.125 / 3, 0.25 / 3])
+  # No object boxes: no salience baseline.
+  assert np.isnan(summary["top1_salience"])
+  # Salience |G & C & O| / |C & O|: objects in regions {1, 3} (example 0) and {2, 3, 5}
+  # (example 1). r0: {1} of {1, 3} = 1/2; ra (candidates 0..3): {2} of {2, 3} = 1/2; rb: {2, 5}
+  # of {2, 3, 5} = 2/3; two heads each at layer 0, r0's head 0 alone at layer 1.
+  objects = np.array([[1, 3, -1], [2, 3, 5], [0, -1, -1]], np.int32)
+  sal = metrics.routing_accuracy(sel, gt, layout, metrics.answer_rows(mask), objects)
+  np.testing.assert_allclose(sal.top1_salience_per_layer, [(1 + 1 + 4 / 3) / 6, 0.5])
+  np.testing.assert_allclose(sal.top1_per_layer, stats.top1_per_layer)
+  # An example without objects among its candidates leaves the salience samples.
+  objects[1] = -1
+  sal = metrics.routing_accuracy(sel, gt, layout, metrics.answer_rows(mask), objects)
+  np.testing.assert_allclose(sal.top1_salience_samples, [2, 1])
+  np.testing.assert_allclose(sal.top1_salience_per_layer, [0.5, 0.5])
 
 
 def test_first_answer_rows_are_the_rows_before_each_answer():

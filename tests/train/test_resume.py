@@ -153,7 +153,7 @@ def test_restore_model_runs_and_uses_the_target_k(runs, train_data_dir):
   it = data_lib.make_iterator(cfg, b, data_lib.make_tokenizer("byte"), model.cfg, spec,
                               train=False)
   from gaze_jax.data.features import batch_to_model_inputs
-  tokens, images, layout, targets, mask, _ = batch_to_model_inputs(next(it), spec)
+  tokens, images, layout, targets, mask, *_ = batch_to_model_inputs(next(it), spec)
   logits = model(tokens, layout, images)
   assert np.isfinite(np.asarray(logits)).all()
 
