@@ -52,6 +52,12 @@ SWEEPS: dict[str, tuple[Run, ...]] = {
         Run("dense", "configs/study_digits.py", overrides=(("train.num_steps", 1500),
                                                            ("model.gaze.attention", "dense")),
             baselines=())),
+    # The cell-question shapes task (configs/study_shapes.py): gaze K = 2 of 16 (group routing)
+    # against dense, with the salience baseline.
+    "shapes_probe": (
+        Run("gaze_k2", "configs/study_shapes.py"),
+        Run("dense", "configs/study_shapes.py", overrides=(("model.gaze.attention", "dense"),),
+            baselines=())),
 }
 
 # The figures a summary keeps per evaluation row (dotted paths into the row's dict).
