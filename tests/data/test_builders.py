@@ -114,6 +114,30 @@ def test_object_boxes_hold_every_answer_box(tiny_builders, name):
     assert len(ex["object_boxes"]) == n * n
 
 
+def test_gaze_shapes_cell_questions_depend_on_their_cell_only():
+  """"colour_at" / "shape_at" name a cell: the answer's box lies inside that cell, no other
+  object reaches into it, and the box's centre shows the answered colour, so changing any
+  other cell cannot change what the answer depends on."""
+  size, grid = 64, 4
+  cell = size // grid
+  for i in range(40):
+    ex = scenes.shapes_example(np.random.default_rng([2, i]), image_size=size, grid=grid,
+                               min_objects=6, max_objects=10, example_id=str(i), source=i,
+                               question_types=("colour_at", "shape_at"))
+    q, a = ex["turns"][0]["question"], ex["turns"][0]["answer"]
+    r, c = (int(v) - 1 for v in re.search(r"row (\d), column (\d)", q).groups())
+    (x0, y0, x1, y1), = ex["boxes"].tolist()
+    assert c * cell <= x0 < x1 <= (c + 1) * cell and r * cell <= y0 < y1 <= (r + 1) * cell, q
+    others = [b for b in ex["object_boxes"].tolist() if b != [x0, y0, x1, y1]]
+    assert len(others) == len(ex["object_boxes"]) - 1
+    assert all(b[2] <= c * cell or b[0] >= (c + 1) * cell or b[3] <= r * cell
+               or b[1] >= (r + 1) * cell for b in others), q
+    if ex["question_type"] == "colour_at":
+      assert _centre_rgb(ex["images"][0], ex["boxes"][0]) == scenes.COLOURS[a], q
+    else:
+      assert a in scenes.SHAPES
+
+
 def test_gaze_shapes_question_types_field(tmp_path):
   b = builders.prepare("gaze_shapes", tmp_path, "tiny", question_types=("colour_at", "size"))
   got = {text(ex["question_type"]) for split in ("train", "validation")
