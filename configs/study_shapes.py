@@ -11,33 +11,14 @@ baseline). The decoder has 4 layers, and the query heads of a GQA group route to
 2 groups x K = 2 regions cover at most 4 of the 16 cells, so accuracy needs routing.
 """
 
-from configs import common
+from configs import study_digits
 
 
 def get_config():
-  c = common.base_config("tiny")
-  c.model.decoder.num_layers = 4
-  c.model.gaze.routing = "group"
-  c.model.gaze.top_k = 2
+  """study_digits' model, schedule and budget, on gaze_shapes cell questions."""
+  c = study_digits.get_config()
   c.data.name = "gaze_shapes"
-  c.data.builder_config = "64px"
-  c.data.builder_overrides.num_train = 10_000
-  c.data.builder_overrides.num_validation = 512
-  c.data.builder_overrides.num_test = 512
   c.data.builder_overrides.min_objects = 6
   c.data.builder_overrides.max_objects = 10
   c.data.builder_overrides.question_types = ("colour_at", "shape_at")
-  c.data.tokenizer = "words"
-  c.data.seq_len = 96
-  c.data.max_regions = 16
-  c.data.batch_size = 32
-  c.optim.learning_rate = 1e-3
-  c.optim.warmup_steps = 50
-  c.train.num_steps = 2_000
-  c.train.log_every = 100
-  c.train.eval_every = 500
-  c.train.eval_batches = 16
-  c.topk_schedule.warmup_fraction = 0.3
-  c.checkpoint.save_every = 500
-  c.checkpoint.keep = 1
   return c
