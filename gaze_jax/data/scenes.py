@@ -92,8 +92,11 @@ def _canvas(size: int, rng) -> tuple[PILImage.Image, ImageDraw.ImageDraw]:
   return im, ImageDraw.Draw(im)
 
 
-def _boxes(objs: Sequence[Obj]) -> np.ndarray:
-  return np.asarray([o.box for o in objs], np.float32).reshape(-1, 4)
+def _frame_boxes(frame_boxes, prefix: str = "") -> dict:
+  """The schema's ``{prefix}boxes`` float32 ``[n, 4]`` and ``{prefix}box_image`` int32 ``[n]``
+  from ``(image / frame index, box)`` pairs."""
+  return {f"{prefix}boxes": np.asarray([b for _, b in frame_boxes], np.float32).reshape(-1, 4),
+          f"{prefix}box_image": np.asarray([f for f, _ in frame_boxes], np.int32)}
 
 
 # --------------------------------------------------------------------------- gaze_shapes
@@ -201,8 +204,8 @@ def shapes_example(rng: np.random.Generator, *, image_size: int, grid: int,
   return {
       "id": example_id, "images": [image], "is_video": False,
       "turns": [{"question": question, "answer": answer}],
-      "boxes": _boxes(needed), "box_image": np.zeros(len(needed), np.int32),
-      "object_boxes": _boxes(objs), "object_box_image": np.zeros(len(objs), np.int32),
+      **_frame_boxes([(0, o.box) for o in needed]),
+      **_frame_boxes([(0, o.box) for o in objs], "object_"),
       "question_type": qtype, "source": np.asarray([source], np.int64),
   }
 
@@ -273,11 +276,8 @@ def digit_grid_example(rng: np.random.Generator, *, images: np.ndarray, labels: 
   return {
       "id": example_id, "images": [image], "is_video": False,
       "turns": [{"question": question, "answer": answer}],
-      "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
-      "box_image": np.zeros(len(boxes), np.int32),
-      "object_boxes": np.asarray([cell_box(r, c) for r in range(n) for c in range(n)],
-                                 np.float32),
-      "object_box_image": np.zeros(n * n, np.int32),
+      **_frame_boxes([(0, box) for box in boxes]),
+      **_frame_boxes([(0, cell_box(r, c)) for r in range(n) for c in range(n)], "object_"),
       "question_type": qtype, "source": np.asarray(chosen, np.int64),
   }
 
@@ -385,12 +385,6 @@ def video_questions(tracks: Sequence[_Track], frames: int):
   return out
 
 
-def _object_boxes(frame_boxes) -> dict:
-  """The schema's ``object_boxes`` / ``object_box_image`` from ``(frame, box)`` pairs."""
-  return {"object_boxes": np.asarray([b for _, b in frame_boxes], np.float32).reshape(-1, 4),
-          "object_box_image": np.asarray([f for f, _ in frame_boxes], np.int32)}
-
-
 def video_example(rng: np.random.Generator, *, image_size: int, frames: int, min_objects: int,
                   max_objects: int, example_id: str, source: int) -> dict:
   """One gaze_video example: the frames of a short clip and one question about one frame."""
@@ -405,8 +399,8 @@ def video_example(rng: np.random.Generator, *, image_size: int, frames: int, min
   return {
       "id": example_id, "images": images, "is_video": True,
       "turns": [{"question": question, "answer": answer}],
-      "boxes": np.asarray([b for _, b in needed], np.float32).reshape(-1, 4),
-      "box_image": np.asarray([f for f, _ in needed], np.int32),
-      **_object_boxes([(t, tr.boxes[t]) for tr in tracks for t in range(tr.appear, frames)]),
+      **_frame_boxes(needed),
+      **_frame_boxes([(t, tr.boxes[t]) for tr in tracks for t in range(tr.appear, frames)],
+                     "object_"),
       "question_type": qtype, "source": np.asarray([source], np.int64),
   }

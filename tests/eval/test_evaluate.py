@@ -277,6 +277,7 @@ def test_evaluate_and_report(model, tmp_path):
   inputs = batch(examples, answers=answers, gt=gt)
   feats = {"tokens": inputs.tokens, "targets": inputs.targets, "loss_mask": inputs.loss_mask,
            "images": inputs.images, "gt_regions": inputs.gt_regions,
+           "object_regions": np.array([[1, 2, 3, -1]] * 3, np.int32),
            **inputs.layout.to_features()}
   out = evaluate(model, [feats, feats], SPEC, tokenizer=IdTokenizer(), generate_text=True,
                  max_new_tokens=M, gaze_maps_dir=tmp_path / "maps", num_gaze_maps=2,
@@ -320,6 +321,10 @@ def test_evaluate_and_report(model, tmp_path):
   assert g["routing"]["top1_random"] == pytest.approx((0.5 + 0.25 + 0.5) / 3)
   assert g["routing"]["share_ceiling"] == pytest.approx(1.0)
   assert 0.25 <= g["routing"]["coverage"] <= 1.0
+  # Salience: objects in regions 1, 2 and 3, all candidates at those rows: 2 of 3 hold the
+  # ground truth, in every layer.
+  assert g["routing"]["top1_salience"] == pytest.approx(2 / 3)
+  assert g["routing"]["top1_salience_per_layer"] == pytest.approx([2 / 3, 2 / 3])
   assert "routing" not in d
   # FLOPs: 4 * entries * Hq * D * L (+ routing 2 * candidates * Hq * D * L for gaze).
   hdl = 4 * 8 * 2
