@@ -88,7 +88,7 @@ class GazeShapesConfig(tfds.core.BuilderConfig):
   grid: int = 4
   min_objects: int = 3
   max_objects: int = 8
-  question_types: tuple[str, ...] = scenes.SHAPES_QUESTION_TYPES
+  question_types: tuple[str, ...] = scenes.SHAPES_DEFAULT_QUESTION_TYPES
   num_train: int = 20_000
   num_validation: int = 1_000
   num_test: int = 1_000
@@ -124,9 +124,11 @@ class _DrawnScenes:
 
 class GazeShapes(_DrawnScenes, tfds.core.GeneratorBasedBuilder):
   """Procedural shapes with templated questions that need one or two specific regions."""
-  VERSION = tfds.core.Version("1.2.0")   # 1.2.0: object_boxes
+  VERSION = tfds.core.Version("1.3.0")
   RELEASE_NOTES = {"1.0.0": "colour, size, relation and count questions",
-                   "1.1.0": "colour_at / shape_at questions; question_types config field"}
+                   "1.1.0": "colour_at / shape_at questions; question_types config field",
+                   "1.2.0": "object_boxes",
+                   "1.3.0": "where questions (the cell of the one shape of a colour)"}
   BUILDER_CONFIGS = [
       GazeShapesConfig(name="tiny", num_train=32, num_validation=8, num_test=8),
       GazeShapesConfig(name="64px", image_size=64),

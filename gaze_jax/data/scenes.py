@@ -129,9 +129,12 @@ def shapes_scene(rng: np.random.Generator, image_size: int, grid: int,
 
 
 # Question types of gaze_shapes. The "_at" types name a grid cell, so the question says where
-# to look; the others name an object by its kind (colour, size, relation) or ask for all
-# objects of a colour (count).
-SHAPES_QUESTION_TYPES = ("colour", "size", "relation", "count", "colour_at", "shape_at")
+# to look; the others name an object by its kind (colour, size, relation), ask for all objects
+# of a colour (count), or ask for the cell of the one shape of a colour (where: the answer's
+# first token, its row, already needs that shape). "where" is known but not drawn by default,
+# so the default datasets stay as they were.
+SHAPES_QUESTION_TYPES = ("colour", "size", "relation", "count", "colour_at", "shape_at", "where")
+SHAPES_DEFAULT_QUESTION_TYPES = SHAPES_QUESTION_TYPES[:-1]
 
 
 def check_question_types(types: Sequence[str],
@@ -177,12 +180,16 @@ def shapes_questions(objs: Sequence[Obj]) -> list[tuple[str, str, str, list[Obj]
     group = [o for o in objs if o.colour == colour]
     if group:
       out.append(("count", f"How many {colour} shapes are there?", str(len(group)), group))
+    if len(group) == 1:
+      o = group[0]
+      out.append(("where", f"Where is the {colour} shape?", f"{o.row + 1}, {o.col + 1}", group))
   return out
 
 
 def shapes_example(rng: np.random.Generator, *, image_size: int, grid: int,
                    min_objects: int, max_objects: int, example_id: str,
-                   source: int, question_types: Sequence[str] = SHAPES_QUESTION_TYPES) -> dict:
+                   source: int,
+                   question_types: Sequence[str] = SHAPES_DEFAULT_QUESTION_TYPES) -> dict:
   """One gaze_shapes example: a scene and one templated question about it.
 
   The question type is drawn uniformly among those of ``question_types`` that the scene allows,
@@ -191,8 +198,8 @@ def shapes_example(rng: np.random.Generator, *, image_size: int, grid: int,
   question_types = check_question_types(question_types)
   n = int(rng.integers(min_objects, max_objects + 1))
   image, objs = shapes_scene(rng, image_size, grid, n)
-  # Never empty: count, colour_at and shape_at questions always exist; the other types exist
-  # only when a referent is unique, so a scene without one is redrawn.
+  # count, colour_at and shape_at questions always exist; the other types exist only when a
+  # referent is unique, so a scene without one is redrawn.
   qs = [q for q in shapes_questions(objs) if q[0] in question_types]
   while not qs:
     image, objs = shapes_scene(rng, image_size, grid, n)

@@ -138,6 +138,28 @@ def test_gaze_shapes_cell_questions_depend_on_their_cell_only():
       assert a in scenes.SHAPES
 
 
+def test_gaze_shapes_where_questions_agree_with_the_pixels():
+  """"where" names a colour that exactly one shape has (no other pixel of that colour is drawn
+  outside its box) and answers that shape's cell, "row, column", counted from 1."""
+  size, grid = 64, 4
+  cell = size // grid
+  for i in range(40):
+    ex = scenes.shapes_example(np.random.default_rng([3, i]), image_size=size, grid=grid,
+                               min_objects=6, max_objects=10, example_id=str(i), source=i,
+                               question_types=("where",))
+    q, a = ex["turns"][0]["question"], ex["turns"][0]["answer"]
+    colour = re.fullmatch(r"Where is the (\w+) shape\?", q).group(1)
+    (x0, y0, x1, y1), = ex["boxes"].astype(int).tolist()
+    image = ex["images"][0]
+    assert _centre_rgb(image, ex["boxes"][0]) == scenes.COLOURS[colour], q
+    mask = (image == np.asarray(scenes.COLOURS[colour])).all(-1)
+    mask[y0:y1, x0:x1] = False
+    assert not mask.any(), q
+    assert a == f"{y0 // cell + 1}, {x0 // cell + 1}", (q, a, ex["boxes"])
+  # Not drawn unless asked for: the default types leave the default datasets as they were.
+  assert "where" not in scenes.SHAPES_DEFAULT_QUESTION_TYPES
+
+
 def test_gaze_shapes_question_types_field(tmp_path):
   b = builders.prepare("gaze_shapes", tmp_path, "tiny", question_types=("colour_at", "size"))
   got = {text(ex["question_type"]) for split in ("train", "validation")
