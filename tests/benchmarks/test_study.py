@@ -57,3 +57,47 @@ def test_sweep_runs_each_seed_once_resumes_and_summarizes(tmp_path, monkeypatch)
 def test_unknown_sweep_is_an_error(tmp_path):
   with pytest.raises(ValueError, match="unknown sweep 'nope'"):
     study.run_sweep("nope", [0], out=tmp_path)
+
+
+def _record(tmp, sweep, run, seed, acc, top1_layers, salience_layers):
+  rec = {"run": run, "seed": seed, "date": "2026-12-03", "machine": "test machine",
+         "seconds": {"train": 120.0 * (seed + 1), "eval": 1.0},
+         "results": {"gaze": {"accuracy": acc, "visual_kv": {"fraction_of_dense": 0.25},
+                              "routing": {"top1": sum(top1_layers) / len(top1_layers),
+                                          "top1_per_layer": top1_layers,
+                                          "top1_salience_per_layer": salience_layers,
+                                          "top1_random_per_layer": [0.0625] * len(top1_layers),
+                                          "accuracy": 0.2, "share_ceiling": 0.5}},
+                     "dense": {"accuracy": 0.9, "visual_kv": {"fraction_of_dense": 1.0}}}}
+  path = tmp / sweep / f"{run}_s{seed}.json"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(rec))
+
+
+def test_study_report_tables_plots_and_markers(tmp_path):
+  """The doc's marked section is replaced by tables whose figures are the seeds' mean ± std
+  (worked out by hand), per layer with top-1 / salience, and the two plots are written."""
+  from benchmarks import study_report
+
+  pytest.importorskip("matplotlib")
+  res = tmp_path / "res"
+  _record(res, "sw", "g", 0, 0.5, [0.1, 0.4], [0.2, 0.2])
+  _record(res, "sw", "g", 1, 0.7, [0.1, 0.6], [0.2, 0.2])
+  doc = tmp_path / "docs" / "study.md"
+  doc.parent.mkdir()
+  doc.write_text("# Study\n\nintro\n<!-- study:sw begin -->\nold\n<!-- study:sw end -->\ntail\n")
+  assert study_report.main([f"--doc={doc}", f"--results={res}"]) == 0
+  text = doc.read_text()
+  assert "old" not in text and text.startswith("# Study\n\nintro\n") and text.endswith("tail\n")
+  # accuracy 60.0 ± 14.1 (sample std of 50, 70); visual KV 25; share / ceiling 0.2 / 0.5;
+  # train minutes (2 + 4) / 2 = 3.0 ± 1.4.
+  row = next(l for l in text.splitlines() if l.startswith("| g | gaze | 2 |"))
+  assert "| 60.0 ± 14.1 | 25 ± 0 |" in row and "| 0.40 |" in row and "| 3.0 ± 1.4 |" in row
+  # Layer 1: top-1 50.0 ± 14.1, salience 20.0, ratio 2.50.
+  layer = next(l for l in text.splitlines() if l.startswith("| g | gaze | 1 |"))
+  assert "| 50.0 ± 14.1 | 6.2 ± 0.0 | 20.0 ± 0.0 | 2.50 |" in layer
+  for kind in ("accuracy", "routing"):
+    png = tmp_path / "docs" / "study" / f"sw_{kind}.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"(study/sw_{kind}.png)" in text
+  with pytest.raises(ValueError, match="no results for sweep 'none'"):
+    study_report.sweep_section("none", results=res)

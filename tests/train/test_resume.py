@@ -97,6 +97,7 @@ def runs(train_data_dir, tmp_path_factory):
   assert rc_a == 0, out_a[-4000:]
   assert rc_end == 0, out_end[-4000:]
   return dict(a=a, b=b, cfg=cfg, killed_at=killed_at, rc_term=rc_term, out_term=out_term,
+              out_a=out_a,
               first_steps=first_steps,
               summary_term=summary_term, steps_after_term=steps_after_term)
 
@@ -138,6 +139,9 @@ def test_resumed_run_matches_the_uninterrupted_run(runs):
   for key in ("loss", "accuracy", "grad_norm", "lr", "k", "union_per_kv_head", "tokens_per_s"):
     assert key in rec
   assert list((runs["a"] / "tb").glob("events.out.tfevents.*"))
+  # Past the 3-step K warm-up the run switched, once, to the step compiled for the target K.
+  assert runs["out_a"].count("K reached its target 1") == 1, runs["out_a"][-3000:]
+  assert json.loads((runs["a"] / "summary.json").read_text())["traces"] == 2
 
 
 def test_restore_model_runs_and_uses_the_target_k(runs, train_data_dir):

@@ -322,6 +322,27 @@ def test_progressive_top_k_lowers_routing_k_in_one_compile():
   assert st.traces == 1
 
 
+def test_settled_step_compiled_for_the_target_k_matches_the_k_max_step():
+  """Past the warm-up the trainer switches to a step compiled with the static target K. At
+  the same state it gives the K_max step's loss, metrics and update (K_max = 16 with
+  active K = 4 vs static K = 4)."""
+  cfg = get_preset("tiny")
+  spec, batch = _tiny_batch(cfg)
+  plan = cfg_lib.TopKPlan(True, 16, 4, 6, "linear")
+  wide, state = _train_step(dataclasses.replace(cfg, gaze=dataclasses.replace(cfg.gaze,
+                                                                              top_k=16)),
+                            spec, plan)
+  settled, _ = _train_step(cfg, spec, dataclasses.replace(plan, start=4, warmup_steps=0))
+  state = {**state, "step": jnp.int32(6)}          # the first step at the target K
+  (a_state, a), (b_state, b) = jax.jit(wide.__call__)(state, batch), \
+      jax.jit(settled.__call__)(state, batch)
+  assert int(a["k"]) == int(b["k"]) == 4
+  for key in a:
+    np.testing.assert_allclose(float(a[key]), float(b[key]), rtol=1e-5, atol=1e-6, err_msg=key)
+  for x, y in zip(jax.tree.leaves(a_state["params"]), jax.tree.leaves(b_state["params"])):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- FLOPs, logs
 
 def test_train_flops_matmul_part_is_six_n_t():

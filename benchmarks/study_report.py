@@ -1,0 +1,214 @@
+"""docs/study.md's tables and plots, regenerated from the study's JSON (``make study-report``).
+
+  python -m benchmarks.study_report --doc=docs/study.md
+
+For every sweep named by a pair of marker lines in the doc (``<!-- study:<sweep> begin -->`` ...
+``<!-- study:<sweep> end -->``) the text between them is replaced by the sweep's tables, read
+from ``benchmarks/results/study/<sweep>/*_s<seed>.json``: one row per (run, evaluation row)
+with mean +- std over seeds, the routing measures per layer of each gaze row, and the PNGs
+(``docs/study/<sweep>_accuracy.png``: accuracy against the visual KV budget per method;
+``docs/study/<sweep>_routing.png``: top-1 routing per layer against its baselines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+from benchmarks.readme import replace_between
+from benchmarks.study import RESULTS, ROOT, _get, _stats, load_records
+
+# The figures the tables keep per evaluation row (dotted paths into a row's dict).
+_METRICS = ("accuracy", "visual_kv.fraction_of_dense", "routing.accuracy", "routing.share_ceiling",
+            "routing.top1", "routing.top1_random", "routing.top1_salience", "routing.coverage")
+_PER_LAYER = ("top1", "top1_random", "top1_salience", "coverage")
+
+
+def _pm(stats: Optional[Mapping], scale: float = 100.0, digits: int = 1) -> str:
+  """``mean +- std`` of ``stats`` (``_stats``' dict) times ``scale``; "-" when missing."""
+  if not stats:
+    return "-"
+  m, s = stats["mean"] * scale, stats["std"] * scale
+  return f"{m:.{digits}f} ± {s:.{digits}f}" if stats["n"] > 1 else f"{m:.{digits}f}"
+
+
+def collect(records: Sequence[Mapping]) -> dict:
+  """``{(run, row): {"seeds": [...], metric: stats, ..., "train_s": stats}}`` over seeds, for
+  the metrics of the tables, plus per-layer stats under ``"<metric>_per_layer"`` (lists)."""
+  values: dict = {}
+  for rec in sorted(records, key=lambda r: (r["run"], r["seed"])):
+    for row, res in rec["results"].items():
+      entry = values.setdefault((rec["run"], row), {"seeds": []})
+      entry["seeds"].append(rec["seed"])
+      entry.setdefault("train_s", []).append(float(rec["seconds"]["train"]))
+      for m in _METRICS:
+        v = _get(res, m)
+        if isinstance(v, (int, float)) and math.isfinite(v):
+          entry.setdefault(m, []).append(float(v))
+      for m in _PER_LAYER:
+        layers = _get(res, f"routing.{m}_per_layer")
+        if layers:
+          entry.setdefault(f"{m}_per_layer", []).append([float(x) for x in layers])
+  out = {}
+  for key, entry in values.items():
+    stats = {"seeds": entry.pop("seeds")}
+    for m, vs in entry.items():
+      if m.endswith("_per_layer"):
+        stats[m] = [_stats(list(col)) for col in zip(*vs)]
+      else:
+        stats[m] = _stats(vs)
+    out[key] = stats
+  return out
+
+
+def results_table(stats: Mapping) -> str:
+  """Markdown: one line per (run, evaluation row), figures in % as mean ± std over seeds."""
+  lines = ["| run | evaluated as | seeds | accuracy | visual KV | top-1 routing | uniform | "
+           "salience | coverage | share / ceiling | train min |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for (run, row), s in stats.items():
+    share = s.get("routing.accuracy")
+    ceiling = s.get("routing.share_ceiling")
+    ratio = (f"{share['mean'] / ceiling['mean']:.2f}" if share and ceiling and ceiling["mean"]
+             else "-")
+    lines.append(
+        f"| {run} | {row} | {len(s['seeds'])} | {_pm(s.get('accuracy'))} | "
+        f"{_pm(s.get('visual_kv.fraction_of_dense'), digits=0)} | {_pm(s.get('routing.top1'))} | "
+        f"{_pm(s.get('routing.top1_random'))} | {_pm(s.get('routing.top1_salience'))} | "
+        f"{_pm(s.get('routing.coverage'), 1.0, 2)} | {ratio} | "
+        f"{_pm(s.get('train_s'), 1 / 60, 1)} |")
+  return "\n".join(lines)
+
+
+def per_layer_table(stats: Mapping) -> str:
+  """Markdown: top-1 routing, salience and coverage per decoder layer of every routed row."""
+  lines = ["| run | evaluated as | layer | top-1 routing | uniform | salience | top-1 / salience "
+           "| coverage |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+  for (run, row), s in stats.items():
+    top1 = s.get("top1_per_layer")
+    if not top1:
+      continue
+    uni = s.get("top1_random_per_layer") or [None] * len(top1)
+    sal = s.get("top1_salience_per_layer") or [None] * len(top1)
+    cov = s.get("coverage_per_layer") or [None] * len(top1)
+    for layer, (t, u, a, c) in enumerate(zip(top1, uni, sal, cov)):
+      x = f"{t['mean'] / a['mean']:.2f}" if a and a["mean"] else "-"
+      lines.append(f"| {run} | {row} | {layer} | {_pm(t)} | {_pm(u)} | {_pm(a)} | {x} | "
+                   f"{_pm(c, 1.0, 2)} |")
+  return "\n".join(lines)
+
+
+def plot_accuracy(stats: Mapping, path: Path, title: str) -> None:
+  """Accuracy (%) against the visual KV budget (% of dense), one marker series per method
+  (evaluation row), error bars = std over seeds."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6, 4))
+  by_row: dict = {}
+  for (run, row), s in stats.items():
+    if s.get("accuracy") and s.get("visual_kv.fraction_of_dense"):
+      by_row.setdefault(row, []).append((s["visual_kv.fraction_of_dense"], s["accuracy"], run))
+  for row, pts in sorted(by_row.items()):
+    pts.sort(key=lambda p: p[0]["mean"])
+    ax.errorbar([100 * b["mean"] for b, _, _ in pts], [100 * a["mean"] for _, a, _ in pts],
+                yerr=[100 * a["std"] for _, a, _ in pts], marker="o", capsize=3, label=row)
+  ax.set_xlabel("visual KV entries per query (% of dense)")
+  ax.set_ylabel("exact-match accuracy (%)")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_routing(stats: Mapping, path: Path, title: str) -> None:
+  """Top-1 routing accuracy (%) per decoder layer of each routed row, with the uniform and
+  salience baselines (dashed / dotted in the same colour)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for (run, row), s in stats.items():
+    top1 = s.get("top1_per_layer")
+    if not top1 or row != "gaze":           # the trained routing, not the baselines' rows
+      continue
+    layers = list(range(len(top1)))
+    line = ax.errorbar(layers, [100 * t["mean"] for t in top1],
+                       yerr=[100 * t["std"] for t in top1], marker="o", capsize=3,
+                       label=f"{run}")
+    colour = line[0].get_color()
+    for key, style in (("top1_salience_per_layer", ":"), ("top1_random_per_layer", "--")):
+      base = s.get(key)
+      if base:
+        ax.plot(layers, [100 * b["mean"] for b in base], style, color=colour, alpha=0.7)
+  ax.set_xlabel("decoder layer")
+  ax.set_ylabel("top-1 routing accuracy (%)")
+  ax.set_title(f"{title}\n(dotted: salience baseline; dashed: uniform random)", fontsize=10)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def sweep_section(sweep: str, *, results: Path = RESULTS, figures: Optional[Path] = None,
+                  doc_dir: Optional[Path] = None) -> str:
+  """The markdown between a sweep's markers: provenance, tables and (when ``figures`` is
+  given) the two plots, written there and linked relative to ``doc_dir``."""
+  records = load_records(results, sweep)
+  if not records:
+    raise ValueError(f"no results for sweep {sweep!r} under {results / sweep}")
+  stats = collect(records)
+  dates = sorted({r["date"] for r in records})
+  machines = sorted({r["machine"] for r in records})
+  parts = [f"Regenerated from `benchmarks/results/study/{sweep}/` ({len(records)} runs, "
+           f"{', '.join(dates)}, {'; '.join(machines)}); figures in %, mean ± std over seeds.",
+           "", results_table(stats)]
+  layers = per_layer_table(stats)
+  if layers.count("\n") > 1:
+    parts += ["", "Routing per layer (top-1 at the row that predicts the answer's first token):",
+              "", layers]
+  if figures is not None:
+    doc_dir = doc_dir or figures.parent
+    for kind, fn in (("accuracy", plot_accuracy), ("routing", plot_routing)):
+      png = figures / f"{sweep}_{kind}.png"
+      fn(stats, png, sweep)
+      parts += ["", f"![{sweep}: {kind}]({png.relative_to(doc_dir).as_posix()})"]
+  return "\n".join(parts)
+
+
+def marked_sweeps(doc: str) -> list[str]:
+  """The sweeps whose ``<!-- study:<sweep> begin -->`` marker the doc holds, in order."""
+  out = []
+  for line in doc.splitlines():
+    line = line.strip()
+    if line.startswith("<!-- study:") and line.endswith(" begin -->"):
+      out.append(line[len("<!-- study:"):-len(" begin -->")])
+  return out
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--doc", default=str(ROOT / "docs" / "study.md"))
+  ap.add_argument("--results", default=str(RESULTS))
+  a = ap.parse_args(argv)
+  doc = Path(a.doc)
+  for sweep in marked_sweeps(doc.read_text()):
+    text = sweep_section(sweep, results=Path(a.results), figures=doc.parent / "study",
+                         doc_dir=doc.parent)
+    replace_between(doc, f"<!-- study:{sweep} begin -->", f"<!-- study:{sweep} end -->", text)
+    print(f"[study_report] {doc}: {sweep}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
