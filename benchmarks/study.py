@@ -34,12 +34,17 @@ RESULTS = ROOT / "benchmarks" / "results" / "study"
 @dataclasses.dataclass(frozen=True)
 class Run:
   """One model of a sweep: ``config`` (a file under configs/) with ``overrides`` (config
-  fields -> values, as ``--config.<field>=<value>``) and the eval baselines to report."""
+  fields -> values, as ``--config.<field>=<value>``) and the eval baselines to report.
+
+  ``init_from`` names an earlier run of the same sweep, or ``"<sweep>/<run>"`` of another: this
+  run starts from that run's final parameters at the same seed (``config.init_from_checkpoint``;
+  a fresh optimizer), so that several variants share one dense first stage."""
   name: str
   config: str
   overrides: tuple = ()
   baselines: tuple = ("dense", "token_matched", "fixed_from_question", "random_routing")
   split: str = "test"
+  init_from: str = ""
 
 
 SWEEPS: dict[str, tuple[Run, ...]] = {
@@ -70,12 +75,19 @@ def overrides_flags(overrides: Sequence) -> list[str]:
   return [f"--config.{k}={v}" for k, v in overrides]
 
 
+def workdir_of(out: Path, sweep: str, run_name: str, seed: int) -> Path:
+  return out / sweep / run_name / f"s{seed}"
+
+
 def commands(run: Run, seed: int, workdir: Path, data_dir: Path,
-             python: str = sys.executable) -> dict[str, list[str]]:
-  """The train and eval command lines of ``run`` at ``seed``."""
+             python: str = sys.executable,
+             init_dir: Optional[Path] = None) -> dict[str, list[str]]:
+  """The train and eval command lines of ``run`` at ``seed`` (starting from the parameters in
+  ``init_dir``, a workdir, when given)."""
   common = [f"--config={ROOT / run.config}", f"--workdir={workdir}",
             f"--config.data.data_dir={data_dir}", *overrides_flags(run.overrides)]
-  train = [python, str(ROOT / "train_main.py"), *common, f"--config.train.seed={seed}",
+  init = [f"--config.init_from_checkpoint={init_dir}"] if init_dir else []
+  train = [python, str(ROOT / "train_main.py"), *common, *init, f"--config.train.seed={seed}",
            f"--config.data.seed={seed}"]
   evaluate = [python, str(ROOT / "eval_main.py"), *common, f"--splits={run.split}",
               f"--baselines={','.join(run.baselines)}", f"--random_seed={seed}",
@@ -100,8 +112,17 @@ def run_one(sweep: str, run: Run, seed: int, *, out: Path, results: Path,
   if path.exists():
     log(f"[study] {run.name} seed {seed}: done before ({path.name}), skipped")
     return None
-  workdir = out / sweep / run.name / f"s{seed}"
-  cmds = commands(run, seed, workdir, out / "tfds")
+  workdir = workdir_of(out, sweep, run.name, seed)
+  init_dir = None
+  if run.init_from:
+    base_sweep, _, base_name = run.init_from.rpartition("/")
+    base_sweep = base_sweep or sweep
+    done = result_path(results, base_sweep, dataclasses.replace(run, name=base_name), seed)
+    if not done.exists():
+      raise RuntimeError(f"run {run.name!r} starts from run {run.init_from!r}, which has not "
+                         f"finished for seed {seed} (no {done})")
+    init_dir = workdir_of(out, base_sweep, base_name, seed)
+  cmds = commands(run, seed, workdir, out / "tfds", init_dir=init_dir)
   seconds = {}
   for step in ("train", "eval"):
     log(f"[study] {run.name} seed {seed}: {step} ...")
@@ -111,7 +132,8 @@ def run_one(sweep: str, run: Run, seed: int, *, out: Path, results: Path,
   evaluated = json.loads((workdir / "eval" / "eval_results.json").read_text())
   split = evaluated["splits"][0]
   record = {"sweep": sweep, "run": run.name, "seed": seed, "config": run.config,
-            "overrides": dict(run.overrides), "split": split["split"],
+            "overrides": dict(run.overrides), "init_from": run.init_from,
+            "split": split["split"],
             "examples": split["examples"], "model": split.get("model", {}),
             "results": split["results"], "seconds": seconds, "commands": cmds,
             "date": datetime.date.today().isoformat(), "machine": _machine()}
@@ -164,6 +186,11 @@ def run_sweep(sweep: str, seeds: Sequence[int], *, out: Path, results: Path = RE
   """Every (run, seed) of ``sweep`` (resuming), then its summary, written beside the runs."""
   if sweep not in SWEEPS:
     raise ValueError(f"unknown sweep {sweep!r}; known: {sorted(SWEEPS)}")
+  names = [r.name for r in SWEEPS[sweep]]
+  for i, r in enumerate(SWEEPS[sweep]):
+    if r.init_from and "/" not in r.init_from and r.init_from not in names[:i]:
+      raise ValueError(f"sweep {sweep!r}: run {r.name!r} starts from {r.init_from!r}, which is "
+                       f"not an earlier run of the sweep ({names[:i]})")
   execute = execute or (lambda cmd: subprocess.run(cmd, check=True, cwd=ROOT))
   todo = [(run, s) for run in SWEEPS[sweep] for s in seeds]
   t0, done = time.time(), 0

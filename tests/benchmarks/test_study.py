@@ -101,3 +101,30 @@ def test_study_report_tables_plots_and_markers(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"(study/sw_{kind}.png)" in text
   with pytest.raises(ValueError, match="no results for sweep 'none'"):
     study_report.sweep_section("none", results=res)
+
+
+def test_runs_start_from_an_earlier_run_of_the_same_seed(tmp_path, monkeypatch):
+  """``init_from``: the later run's training starts from the earlier run's workdir at the same
+  seed; a run naming a later (or missing) run is refused before anything trains."""
+  monkeypatch.setitem(study.SWEEPS, "t", (study.Run("base", "configs/demo.py", baselines=()),
+                                          study.Run("ft", "configs/demo.py", init_from="base")))
+  calls = []
+  kw = dict(out=tmp_path / "out", results=tmp_path / "res", log=lambda m: None)
+  study.run_sweep("t", [0, 1], execute=_fake_executor(calls, {0: 0.2, 1: 0.4}), **kw)
+  trains = [c for c in calls if c[1].endswith("train_main.py")]
+  assert len(trains) == 4
+  base_runs = [c for c in trains if any(a.endswith("/base/s0") or a.endswith("/base/s1")
+                                        for a in c if a.startswith("--workdir="))]
+  assert all(not any(a.startswith("--config.init_from_checkpoint") for a in c)
+             for c in base_runs)
+  ft1 = next(c for c in trains if f"--workdir={tmp_path / 'out' / 't' / 'ft' / 's1'}" in c)
+  assert f"--config.init_from_checkpoint={tmp_path / 'out' / 't' / 'base' / 's1'}" in ft1
+  assert json.loads((tmp_path / "res" / "t" / "ft_s1.json").read_text())["init_from"] == "base"
+  monkeypatch.setitem(study.SWEEPS, "bad", (study.Run("ft", "configs/demo.py", init_from="base"),
+                                            study.Run("base", "configs/demo.py")))
+  with pytest.raises(ValueError, match="not an earlier run"):
+    study.run_sweep("bad", [0], execute=_fake_executor([], {0: 0.1}), **kw)
+  monkeypatch.setitem(study.SWEEPS, "other", (study.Run("x", "configs/demo.py",
+                                                        init_from="nosuch/base"),))
+  with pytest.raises(RuntimeError, match="has not finished for seed 0"):
+    study.run_sweep("other", [0], execute=_fake_executor([], {0: 0.1}), **kw)
