@@ -1,5 +1,6 @@
 # The README's commands. `make test` and `make demo` work on a fresh machine: they create (or
-# reuse) the virtual environment $(VENV) and install the package with its test, data and study extras.
+# reuse) the virtual environment $(VENV) and install the package with its test, data and study
+# extras.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python

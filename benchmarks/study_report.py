@@ -41,6 +41,8 @@ def collect(records: Sequence[Mapping]) -> dict:
   values: dict = {}
   for rec in sorted(records, key=lambda r: (r["run"], r["seed"])):
     for row, res in rec["results"].items():
+      if row == "gaze" and (rec.get("model") or {}).get("attention") == "dense":
+        row = "dense (as trained)"        # eval_main names a model's own row "gaze"
       entry = values.setdefault((rec["run"], row), {"seeds": []})
       entry["seeds"].append(rec["seed"])
       entry.setdefault("train_s", []).append(float(rec["seconds"]["train"]))
@@ -84,12 +86,13 @@ def results_table(stats: Mapping) -> str:
 
 
 def per_layer_table(stats: Mapping) -> str:
-  """Markdown: top-1 routing, salience and coverage per decoder layer of every routed row."""
+  """Markdown: top-1 routing, salience and coverage per decoder layer of each run's trained
+  routing (the ``gaze`` row)."""
   lines = ["| run | evaluated as | layer | top-1 routing | uniform | salience | top-1 / salience "
            "| coverage |", "|---|---|---:|---:|---:|---:|---:|---:|"]
   for (run, row), s in stats.items():
     top1 = s.get("top1_per_layer")
-    if not top1:
+    if not top1 or row != "gaze":           # the trained routing, not the baselines' rows
       continue
     uni = s.get("top1_random_per_layer") or [None] * len(top1)
     sal = s.get("top1_salience_per_layer") or [None] * len(top1)
@@ -166,7 +169,7 @@ def sweep_section(sweep: str, *, results: Path = RESULTS, figures: Optional[Path
   given) the two plots, written there and linked relative to ``doc_dir``."""
   records = load_records(results, sweep)
   if not records:
-    raise ValueError(f"no results for sweep {sweep!r} under {results / sweep}")
+    return f"No results yet: `make study STUDY_SWEEP={sweep}` writes them."
   stats = collect(records)
   dates = sorted({r["date"] for r in records})
   machines = sorted({r["machine"] for r in records})
