@@ -21,6 +21,7 @@ import datetime
 import json
 import math
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -115,6 +116,14 @@ def result_path(results: Path, sweep: str, run: Run, seed: int) -> Path:
   return results / sweep / f"{run.name}_s{seed}.json"
 
 
+# Gaze maps of the first examples of each (run, seed), copied beside its JSON.
+GAZE_MAPS = 3
+
+
+def gaze_map_path(results: Path, sweep: str, run: Run, seed: int, i: int) -> Path:
+  return results / sweep / "gaze_maps" / f"{run.name}_s{seed}_{i}.png"
+
+
 def _machine() -> str:
   import os
   return f"{os.cpu_count()}-core {platform.machine()} CPU machine ({platform.system()})"
@@ -147,6 +156,11 @@ def run_one(sweep: str, run: Run, seed: int, *, out: Path, results: Path,
     seconds[step] = round(time.time() - t0, 1)
   evaluated = json.loads((workdir / "eval" / "eval_results.json").read_text())
   split = evaluated["splits"][0]
+  maps = sorted((workdir / "eval" / "gaze_maps" / split["split"]).glob("*.png"))[:GAZE_MAPS]
+  for i, png in enumerate(maps):            # kept beside the JSON (workdirs are not committed)
+    dst = gaze_map_path(results, sweep, run, seed, i)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(png, dst)
   record = {"sweep": sweep, "run": run.name, "seed": seed, "config": run.config,
             "overrides": dict(run.overrides), "init_from": run.init_from,
             "split": split["split"],

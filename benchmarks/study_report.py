@@ -7,7 +7,8 @@ For every sweep named by a pair of marker lines in the doc (``<!-- study:<sweep>
 from ``benchmarks/results/study/<sweep>/*_s<seed>.json``: one row per (run, evaluation row)
 with mean +- std over seeds, the routing measures per layer of each gaze row, and the PNGs
 (``docs/study/<sweep>_accuracy.png``: accuracy against the visual KV budget per method;
-``docs/study/<sweep>_routing.png``: top-1 routing per layer against its baselines).
+``docs/study/<sweep>_routing.png``: top-1 routing per layer against its baselines;
+``docs/study/<sweep>_gaze_maps.png``: the gaze maps the runs kept).
 """
 
 from __future__ import annotations
@@ -163,6 +164,40 @@ def plot_routing(stats: Mapping, path: Path, title: str) -> None:
   plt.close(fig)
 
 
+def gaze_map_grid(results: Path, sweep: str, path: Path) -> bool:
+  """One PNG of the gaze maps that the sweep's runs kept (``study.gaze_map_path``): a row per
+  run, its lowest seed's maps side by side under the run's name. False when none were kept."""
+  from PIL import Image, ImageDraw
+
+  by_run: dict = {}
+  for png in sorted((results / sweep / "gaze_maps").glob("*_s*_*.png")):
+    run, seed, i = png.stem.rsplit("_", 2)
+    by_run.setdefault(run, {}).setdefault(int(seed[1:]), []).append((int(i), png))
+  if not by_run:
+    return False
+  rows = []
+  for run, seeds in sorted(by_run.items()):
+    seed = min(seeds)
+    tiles = [Image.open(p).convert("RGB") for _, p in sorted(seeds[seed])]
+    w, h = sum(t.width for t in tiles) + 4 * (len(tiles) - 1), max(t.height for t in tiles)
+    row = Image.new("RGB", (w, h + 14), (255, 255, 255))
+    ImageDraw.Draw(row).text((2, 1), f"{run}, seed {seed}", fill=(0, 0, 0))
+    x = 0
+    for t in tiles:
+      row.paste(t, (x, 14))
+      x += t.width + 4
+    rows.append(row)
+  grid = Image.new("RGB", (max(r.width for r in rows), sum(r.height + 6 for r in rows)),
+                   (255, 255, 255))
+  y = 0
+  for r in rows:
+    grid.paste(r, (0, y))
+    y += r.height + 6
+  path.parent.mkdir(parents=True, exist_ok=True)
+  grid.save(path)
+  return True
+
+
 def sweep_section(sweep: str, *, results: Path = RESULTS, figures: Optional[Path] = None,
                   doc_dir: Optional[Path] = None) -> str:
   """The markdown between a sweep's markers: provenance, tables and (when ``figures`` is
@@ -186,6 +221,11 @@ def sweep_section(sweep: str, *, results: Path = RESULTS, figures: Optional[Path
       png = figures / f"{sweep}_{kind}.png"
       fn(stats, png, sweep)
       parts += ["", f"![{sweep}: {kind}]({png.relative_to(doc_dir).as_posix()})"]
+    png = figures / f"{sweep}_gaze_maps.png"
+    if gaze_map_grid(results, sweep, png):
+      parts += ["", "Gaze maps (the regions each answer token's heads selected, middle layer; "
+                "outlined: the ground truth):", "",
+                f"![{sweep}: gaze maps]({png.relative_to(doc_dir).as_posix()})"]
   return "\n".join(parts)
 
 

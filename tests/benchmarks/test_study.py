@@ -25,6 +25,9 @@ def _fake_executor(calls, accuracy_by_seed):
              "dense": {"accuracy": 0.5}}
       (out / "eval_results.json").write_text(json.dumps(
           {"splits": [{"split": "test", "examples": 10, "results": res}]}))
+      (out / "gaze_maps" / "test").mkdir(parents=True)
+      for i in range(study.GAZE_MAPS + 1):
+        (out / "gaze_maps" / "test" / f"gaze_map_{i:04d}.png").write_bytes(b"png %d" % i)
   return execute
 
 
@@ -48,6 +51,10 @@ def test_sweep_runs_each_seed_once_resumes_and_summarizes(tmp_path, monkeypatch)
   assert acc["std"] == pytest.approx(((0.09 + 0.01 + 0.16) / 2) ** 0.5)
   assert summary["runs"]["a"]["rows"]["dense"]["accuracy"]["std"] == 0.0
   assert "routing.coverage" not in summary["runs"]["a"]["rows"]["gaze"]   # NaN is left out
+  # The first GAZE_MAPS gaze maps of each (run, seed) are kept beside the JSON, in order.
+  kept = sorted(p.name for p in (tmp_path / "res" / "t" / "gaze_maps").iterdir())
+  assert kept == [f"a_s{s}_{i}.png" for s in range(3) for i in range(study.GAZE_MAPS)]
+  assert (tmp_path / "res" / "t" / "gaze_maps" / "a_s1_2.png").read_bytes() == b"png 2"
   rec = json.loads((tmp_path / "res" / "t" / "a_s2.json").read_text())
   assert rec["seed"] == 2 and set(rec["seconds"]) == {"train", "eval"}
   assert json.loads((tmp_path / "res" / "t" / "summary.json").read_text())["runs"] == \
@@ -83,6 +90,12 @@ def test_study_report_tables_plots_and_markers(tmp_path):
   res = tmp_path / "res"
   _record(res, "sw", "g", 0, 0.5, [0.1, 0.4], [0.2, 0.2])
   _record(res, "sw", "g", 1, 0.7, [0.1, 0.6], [0.2, 0.2])
+  from PIL import Image
+  maps = res / "sw" / "gaze_maps"
+  maps.mkdir(parents=True)
+  for seed in (0, 1):
+    for i in range(2):
+      Image.new("RGB", (20, 10), (200, 0, 0)).save(maps / f"g_s{seed}_{i}.png")
   doc = tmp_path / "docs" / "study.md"
   doc.parent.mkdir()
   doc.write_text("# Study\n\nintro\n<!-- study:sw begin -->\nold\n<!-- study:sw end -->\ntail\n")
@@ -96,6 +109,8 @@ def test_study_report_tables_plots_and_markers(tmp_path):
   # Layer 1: top-1 50.0 ± 14.1, salience 20.0, ratio 2.50.
   layer = next(l for l in text.splitlines() if l.startswith("| g | gaze | 1 |"))
   assert "| 50.0 ± 14.1 | 6.2 ± 0.0 | 20.0 ± 0.0 | 2.50 |" in layer
+  grid = Image.open(tmp_path / "docs" / "study" / "sw_gaze_maps.png")
+  assert grid.size == (44, 30) and "(study/sw_gaze_maps.png)" in text     # one row: seed 0's 2
   for kind in ("accuracy", "routing"):
     png = tmp_path / "docs" / "study" / f"sw_{kind}.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"(study/sw_{kind}.png)" in text
