@@ -65,7 +65,7 @@ SWEEPS: dict[str, tuple[Run, ...]] = {
         Run("dense", "configs/study_shapes.py", overrides=(("model.gaze.attention", "dense"),),
             baselines=())),
     # The main study (configs/study_where.py, "Where is the red shape?"), in two stages: a dense
-    # first stage (3,000 steps at a constant learning rate), then 1,500 steps from it for each
+    # first stage (3,000 steps at a constant learning rate), then 2,000 steps from it for each
     # variant: dense; gaze at K = 3 of 16 regions (16 of 68 visual KV entries per query, 24%)
     # and K = 1 (8 of 68, 12%), each evaluated with eviction, token-matched and random routing
     # at its own budget.
@@ -74,11 +74,11 @@ SWEEPS: dict[str, tuple[Run, ...]] = {
             ("model.gaze.attention", "dense"), ("train.num_steps", 3000),
             ("optim.end_lr_ratio", 1.0))),
         Run("dense", "configs/study_where.py", baselines=(), init_from="base", overrides=(
-            ("model.gaze.attention", "dense"), ("train.num_steps", 1500))),
+            ("model.gaze.attention", "dense"), ("train.num_steps", 2000))),
         Run("gaze_k3", "configs/study_where.py", init_from="base", overrides=(
-            ("model.gaze.top_k", 3), ("train.num_steps", 1500))),
+            ("model.gaze.top_k", 3), ("train.num_steps", 2000))),
         Run("gaze_k1", "configs/study_where.py", init_from="base", overrides=(
-            ("model.gaze.top_k", 1), ("train.num_steps", 1500))),
+            ("model.gaze.top_k", 1), ("train.num_steps", 2000))),
     ),
 }
 
