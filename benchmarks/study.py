@@ -80,6 +80,28 @@ SWEEPS: dict[str, tuple[Run, ...]] = {
         Run("gaze_k1", "configs/study_where.py", init_from="base", overrides=(
             ("model.gaze.top_k", 1), ("train.num_steps", 2000))),
     ),
+    # Ablations of where's gaze_k3, from the same dense first stage (where/base) unless they
+    # change the parameters (no context tokens: a first stage of their own).
+    "where_ablations": (
+        Run("gaze_k3_sparse_from_step_0", "configs/study_where.py", init_from="where/base",
+            overrides=(("model.gaze.top_k", 3), ("train.num_steps", 2000),
+                       ("topk_schedule.enabled", False))),
+        Run("gaze_k3_head_routing", "configs/study_where.py", init_from="where/base",
+            overrides=(("model.gaze.top_k", 3), ("train.num_steps", 2000),
+                       ("model.gaze.routing", "head"))),
+        Run("gaze_k3_cosine", "configs/study_where.py", init_from="where/base",
+            overrides=(("model.gaze.top_k", 3), ("train.num_steps", 2000),
+                       ("model.gaze.score", "cosine"))),
+        # 1 x 1 regions (64 per image): K = 12 keeps the budget at 16 entries per query.
+        Run("gaze_k12_regions_1x1", "configs/study_where.py", init_from="where/base",
+            overrides=(("model.gaze.top_k", 12), ("train.num_steps", 2000),
+                       ("model.gaze.region_shape", (1, 1)), ("data.max_regions", 64))),
+        Run("base_ctx0", "configs/study_where.py", baselines=(), overrides=(
+            ("model.gaze.attention", "dense"), ("model.gaze.num_ctx", 0),
+            ("train.num_steps", 3000), ("optim.end_lr_ratio", 1.0))),
+        Run("gaze_k3_ctx0", "configs/study_where.py", init_from="base_ctx0", overrides=(
+            ("model.gaze.top_k", 3), ("model.gaze.num_ctx", 0), ("train.num_steps", 2000))),
+    ),
 }
 
 # The figures a summary keeps per evaluation row (dotted paths into the row's dict).

@@ -142,3 +142,39 @@ def test_runs_start_from_an_earlier_run_of_the_same_seed(tmp_path, monkeypatch):
                                                         init_from="nosuch/base"),))
   with pytest.raises(RuntimeError, match="has not finished for seed 0"):
     study.run_sweep("other", [0], execute=_fake_executor([], {0: 0.1}), **kw)
+
+
+def _run_config(run):
+  """The run's config file with its overrides set (as the command line would)."""
+  import importlib
+  module = importlib.import_module(run.config.removesuffix(".py").replace("/", "."))
+  c = module.get_config()
+  for dotted, value in run.overrides:
+    *path, field = dotted.split(".")
+    node = c
+    for p in path:
+      node = node[p]
+    node[field] = value
+  return c
+
+
+@pytest.mark.parametrize("sweep", sorted(study.SWEEPS))
+def test_every_sweep_run_builds_and_starts_from_matching_parameters(sweep):
+  """Each run's overrides name real fields and give a valid model and top-K plan; a run with
+  ``init_from`` has exactly its first stage's parameter shapes (else the restore would fail
+  an hour into the sweep)."""
+  import jax
+  from gaze_jax.train import checkpoint as ckpt_lib
+  from gaze_jax.train.config import train_model_config
+
+  def shapes(run):
+    model_cfg, _, _ = train_model_config(_run_config(run))
+    _, params, _ = ckpt_lib.abstract_params(model_cfg)
+    return jax.tree.map(lambda x: (x.shape, x.dtype), params)
+
+  for run in study.SWEEPS[sweep]:
+    got = shapes(run)
+    if run.init_from:
+      base_sweep, _, base = run.init_from.rpartition("/")
+      first = next(r for r in study.SWEEPS[base_sweep or sweep] if r.name == base)
+      assert got == shapes(first), (run.name, run.init_from)
