@@ -25,7 +25,11 @@ from benchmarks.study import RESULTS, ROOT, _get, _stats, load_records
 # The figures the tables keep per evaluation row (dotted paths into a row's dict).
 _METRICS = ("accuracy", "visual_kv.fraction_of_dense", "routing.accuracy", "routing.share_ceiling",
             "routing.top1", "routing.top1_random", "routing.top1_salience", "routing.coverage")
-_PER_LAYER = ("top1", "top1_random", "top1_salience", "coverage")
+# Per-layer lists kept as "<name>_per_layer": name -> dotted path.
+_PER_LAYER = {"top1": "routing.top1_per_layer", "top1_random": "routing.top1_random_per_layer",
+              "top1_salience": "routing.top1_salience_per_layer",
+              "coverage": "routing.coverage_per_layer", "share": "routing.per_layer",
+              "share_ceiling": "routing.share_ceiling_per_layer"}
 
 
 def _pm(stats: Optional[Mapping], scale: float = 100.0, digits: int = 1) -> str:
@@ -51,8 +55,8 @@ def collect(records: Sequence[Mapping]) -> dict:
         v = _get(res, m)
         if isinstance(v, (int, float)) and math.isfinite(v):
           entry.setdefault(m, []).append(float(v))
-      for m in _PER_LAYER:
-        layers = _get(res, f"routing.{m}_per_layer")
+      for m, dotted in _PER_LAYER.items():
+        layers = _get(res, dotted)
         if layers:
           entry.setdefault(f"{m}_per_layer", []).append([float(x) for x in layers])
   out = {}
@@ -102,6 +106,64 @@ def per_layer_table(stats: Mapping) -> str:
       x = f"{t['mean'] / a['mean']:.2f}" if a and a["mean"] else "-"
       lines.append(f"| {run} | {row} | {layer} | {_pm(t)} | {_pm(u)} | {_pm(a)} | {x} | "
                    f"{_pm(c, 1.0, 2)} |")
+  return "\n".join(lines)
+
+
+def _mean(stats: Mapping, key) -> Optional[float]:
+  s = stats.get(key)
+  return None if not s else s["mean"]
+
+
+def goals_table(main: Mapping, ablations: Optional[Mapping] = None) -> str:
+  """Markdown: the study's goals, each with its figure and whether it is met, from the
+  ``collect`` stats of the where sweep (and of where_ablations when given)."""
+  def acc(stats, run, row="gaze"):
+    return _mean(stats.get((run, row), {}), "accuracy")
+
+  def diff(a, b):
+    return None if a is None or b is None else 100 * (a - b)
+
+  def fmt(x, unit=" points"):
+    return "-" if x is None else f"{x:+.1f}{unit}"
+
+  lines = ["| goal | figure | met |", "|---|---|---|"]
+
+  def add(goal, figure, met):
+    lines.append(f"| {goal} | {figure} | {'-' if met is None else ('yes' if met else 'no')} |")
+
+  d = diff(acc(main, "gaze_k3"), acc(main, "dense", "dense (as trained)"))
+  add("gaze at 24% of the visual KV within 1 point of dense, or better",
+      f"{fmt(d)} (gaze_k3 - dense)", None if d is None else d >= -1)
+  e = diff(acc(main, "gaze_k1"), acc(main, "gaze_k1", "fixed_from_question"))
+  r = diff(acc(main, "gaze_k1"), acc(main, "gaze_k1", "random_routing"))
+  add("at 12%, clearly (> 2 points) better than eviction and than random routing",
+      f"{fmt(e)} vs eviction, {fmt(r)} vs random routing",
+      None if e is None or r is None else min(e, r) > 2)
+  for run in ("gaze_k3", "gaze_k1"):
+    s = main.get((run, "gaze"), {})
+    top1, sal = s.get("top1_per_layer"), s.get("top1_salience_per_layer")
+    cov, share, ceil = (s.get("coverage_per_layer"), s.get("share_per_layer"),
+                        s.get("share_ceiling_per_layer"))
+    if not (top1 and sal and cov and share and ceil) or len(top1) < 2:
+      add(f"{run}: routing goals", "no per-layer routing", None)
+      continue
+    later = range(1, len(top1))
+    ratio = [top1[i]["mean"] / sal[i]["mean"] for i in later if sal[i]["mean"]]
+    add(f"{run}, layers after the first: top-1 >= 2x salience",
+        " / ".join(f"{x:.2f}x" for x in ratio), bool(ratio) and min(ratio) >= 2)
+    add(f"{run}, layers after the first: coverage <= 0.5",
+        " / ".join(f"{cov[i]['mean']:.2f}" for i in later), max(cov[i]["mean"] for i in later)
+        <= 0.5)
+    part = [share[i]["mean"] / ceil[i]["mean"] for i in later if ceil[i]["mean"]]
+    add(f"{run}, layers after the first: share >= half its ceiling",
+        " / ".join(f"{x:.2f}" for x in part), bool(part) and min(part) >= 0.5)
+  if ablations is not None:
+    k3 = acc(main, "gaze_k3")
+    for name, run in (("context tokens help (4 vs 0)", "gaze_k3_ctx0"),
+                      ("the progressive schedule helps (vs sparse from step 0)",
+                       "gaze_k3_sparse_from_step_0")):
+      d = diff(k3, acc(ablations, run))
+      add(name, f"{fmt(d)} (gaze_k3 - {run})", None if d is None else d > 0)
   return "\n".join(lines)
 
 
@@ -229,6 +291,20 @@ def sweep_section(sweep: str, *, results: Path = RESULTS, figures: Optional[Path
   return "\n".join(parts)
 
 
+GOALS_BEGIN, GOALS_END = "<!-- study-goals begin -->", "<!-- study-goals end -->"
+
+
+def goals_section(results: Path = RESULTS) -> str:
+  main = load_records(results, "where")
+  if not main:
+    return "No results yet: `make study STUDY_SWEEP=where` writes them."
+  abl = load_records(results, "where_ablations")
+  seeds = sorted({r["seed"] for r in main})
+  return (f"From the where sweep (seeds {', '.join(map(str, seeds))}) and its ablations; "
+          "figures are means over seeds.\n\n"
+          + goals_table(collect(main), collect(abl) if abl else None))
+
+
 def marked_sweeps(doc: str) -> list[str]:
   """The sweeps whose ``<!-- study:<sweep> begin -->`` marker the doc holds, in order."""
   out = []
@@ -250,6 +326,9 @@ def main(argv=None) -> int:
                          doc_dir=doc.parent)
     replace_between(doc, f"<!-- study:{sweep} begin -->", f"<!-- study:{sweep} end -->", text)
     print(f"[study_report] {doc}: {sweep}")
+  if GOALS_BEGIN in doc.read_text():
+    replace_between(doc, GOALS_BEGIN, GOALS_END, goals_section(Path(a.results)))
+    print(f"[study_report] {doc}: goals")
   return 0
 
 

@@ -178,3 +178,39 @@ def test_every_sweep_run_builds_and_starts_from_matching_parameters(sweep):
       base_sweep, _, base = run.init_from.rpartition("/")
       first = next(r for r in study.SWEEPS[base_sweep or sweep] if r.name == base)
       assert got == shapes(first), (run.name, run.init_from)
+
+
+def test_goals_table_figures_and_verdicts():
+  """Each goal's figure from hand-made results: gaze_k3 0.5 points under dense (met), gaze_k1
+  3 points over eviction but 1 over random routing (not met), per-layer ratios, and the
+  ablations' differences."""
+  from benchmarks import study_report
+
+  def rec(run, results, attention="gaze"):
+    return {"run": run, "seed": 0, "seconds": {"train": 1.0}, "model": {"attention": attention},
+            "results": results}
+
+  routing = {"top1_per_layer": [0.1, 0.5, 0.3], "top1_salience_per_layer": [0.2, 0.2, 0.2],
+             "coverage_per_layer": [0.4, 0.3, 0.6], "per_layer": [0.1, 0.2, 0.1],
+             "share_ceiling_per_layer": [0.3, 0.3, 0.3]}
+  main = study_report.collect([
+      rec("dense", {"gaze": {"accuracy": 0.600}}, attention="dense"),
+      rec("gaze_k3", {"gaze": {"accuracy": 0.595, "routing": routing}}),
+      rec("gaze_k1", {"gaze": {"accuracy": 0.50, "routing": routing},
+                      "fixed_from_question": {"accuracy": 0.47},
+                      "random_routing": {"accuracy": 0.49}})])
+  abl = study_report.collect([rec("gaze_k3_ctx0", {"gaze": {"accuracy": 0.60}}),
+                              rec("gaze_k3_sparse_from_step_0", {"gaze": {"accuracy": 0.55}})])
+  lines = study_report.goals_table(main, abl).splitlines()
+
+  def line(start):
+    return next(l for l in lines if l.startswith(f"| {start}"))
+
+  assert line("gaze at 24%").endswith("| -0.5 points (gaze_k3 - dense) | yes |")
+  assert line("at 12%").endswith("| +3.0 points vs eviction, +1.0 points vs random routing | no |")
+  assert line("gaze_k3, layers after the first: top-1").endswith("| 2.50x / 1.50x | no |")
+  assert line("gaze_k3, layers after the first: coverage").endswith("| 0.30 / 0.60 | no |")
+  assert line("gaze_k3, layers after the first: share").endswith("| 0.67 / 0.33 | no |")
+  assert line("context tokens help").endswith("| -0.5 points (gaze_k3 - gaze_k3_ctx0) | no |")
+  assert line("the progressive schedule").endswith(
+      "| +4.5 points (gaze_k3 - gaze_k3_sparse_from_step_0) | yes |")
