@@ -3,19 +3,21 @@
 For one example, a layer and some answer rows, the heat of region r at row t is the share of
 query heads that selected r (``selection_heat``). ``render_gaze_map`` draws it over the
 example's images / video frames, side by side: the image is dimmed, and each selected region
-is blended towards a bright warm colour with weight ``0.2 + 0.6 * heat`` (so selected regions
-come out brighter than the rest). Region rectangles in pixels come from the layout
+is blended towards white with weight ``0.15 + 0.45 * heat`` (so selected regions come out
+brighter than the rest; white because no drawn shape has that colour, so the heat cannot be
+mistaken for an object). Region rectangles in pixels come from the layout
 (``gaze_jax.data.boxes.region_pixel_extents``: ``region_row / region_col`` times the region
 shape in patches, times the patch size in pixels of that frame's grid, so pooled video frames
 get larger regions, and padded regions at a grid edge are cut at the image border).
-Ground-truth regions are outlined in cyan, ground-truth boxes in green.
+Ground-truth regions are outlined in cyan, ground-truth boxes in magenta. An optional title
+(the question) takes one caption line above everything.
 
 Canvas geometry (what the tests check): every frame becomes a panel of ``(ph, pw)`` pixels with
 ``s = panel_size / max(H, W)`` (``ph = round(H * s)``, ``pw = round(W * s)``; ``panel_size``
 shrinks to ``max(48, max_width // F)`` when F panels would exceed ``max_width``); one row per
 answer token, a ``label_height`` pixel caption above each panel row, ``gap`` pixels between
 panels and rows: width ``F * pw + (F - 1) * gap``, height ``T * (label_height + ph) +
-(T - 1) * gap``.
+(T - 1) * gap``, plus ``label_height`` with a title.
 """
 
 from __future__ import annotations
@@ -27,10 +29,10 @@ import numpy as np
 
 from gaze_jax.data.boxes import region_pixel_extents
 
-HOT = np.array([255.0, 210.0, 40.0])      # selected regions blend towards this colour
+HOT = np.array([255.0, 255.0, 255.0])     # selected regions blend towards this colour
 DIM = 0.45                                # brightness of the image under the map
 GT_REGION = (0, 220, 255)
-GT_BOX = (40, 255, 40)
+GT_BOX = (255, 0, 255)
 
 
 def selection_heat(selected: Sequence, b: int, rows: Sequence[int], num_regions: int,
@@ -81,8 +83,9 @@ def panel_geometry(image_hw: tuple[int, int], n_frames: int, *, panel_size: int 
 
 def render_gaze_map(frames: np.ndarray, layout_row: dict, heat: np.ndarray, *,
                     region_shape: tuple[int, int], gt_regions=None, gt_boxes=None,
-                    labels: Optional[Sequence[str]] = None, panel_size: int = 256,
-                    max_width: int = 2048, gap: int = 4, label_height: int = 14) -> np.ndarray:
+                    labels: Optional[Sequence[str]] = None, title: Optional[str] = None,
+                    panel_size: int = 256, max_width: int = 2048, gap: int = 4,
+                    label_height: int = 14) -> np.ndarray:
   """Draws an example's gaze map.
 
   Args:
@@ -94,6 +97,7 @@ def render_gaze_map(frames: np.ndarray, layout_row: dict, heat: np.ndarray, *,
     gt_regions: optional int ids of ground-truth regions (-1 ignored): outlined.
     gt_boxes: optional float ``[n, 5]`` ``(frame, x0, y0, x1, y1)`` in image pixels: outlined.
     labels: optional caption per row.
+    title: optional line above everything (the question).
   Returns:
     uint8 ``[height, width, 3]`` (geometry in the module docstring).
   """
@@ -124,7 +128,7 @@ def render_gaze_map(frames: np.ndarray, layout_row: dict, heat: np.ndarray, *,
       panel = bases[list(valid).index(f)] * DIM
       for r in np.flatnonzero((region_frame == f) & (heat[row] > 0)):
         a, b_, c, d = _px(ext[r], pw, ph)
-        w = 0.2 + 0.6 * min(1.0, float(heat[row, r]))     # the image stays visible
+        w = 0.15 + 0.45 * min(1.0, float(heat[row, r]))   # the image stays visible
         panel[b_:d, a:c] = (1 - w) * panel[b_:d, a:c] + w * HOT
       canvas[y0:y0 + ph, x0:x0 + pw] = panel
   img = PILImage.fromarray(np.clip(np.round(canvas), 0, 255).astype(np.uint8))
@@ -146,7 +150,12 @@ def render_gaze_map(frames: np.ndarray, layout_row: dict, heat: np.ndarray, *,
         x = panel_x[int(f)]
         draw.rectangle([x + bx0 * s, y0 + by0 * s, x + bx1 * s - 1, y0 + by1 * s - 1],
                        outline=GT_BOX, width=2)
-  return np.asarray(img)
+  out = np.asarray(img)
+  if title is not None:
+    band = PILImage.new("RGB", (out.shape[1], label_height), (0, 0, 0))
+    ImageDraw.Draw(band).text((2, 1), str(title), fill=(255, 255, 255))
+    out = np.concatenate([np.asarray(band), out], axis=0)
+  return out
 
 
 def _px(rect, pw: int, ph: int) -> tuple[int, int, int, int]:
@@ -157,9 +166,9 @@ def _px(rect, pw: int, ph: int) -> tuple[int, int, int, int]:
 
 def write_gaze_maps(out_dir: Union[str, Path], images, layout, selected, rows: dict, *,
                     gt_regions=None, gt_boxes: Optional[dict] = None, layer: Optional[int] = None,
-                    labels: Optional[dict] = None, image_mean=(0.5, 0.5, 0.5),
-                    image_std=(0.5, 0.5, 0.5), prefix: str = "gaze_map_", start: int = 0,
-                    **render_kw) -> list[str]:
+                    labels: Optional[dict] = None, titles: Optional[dict] = None,
+                    image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
+                    prefix: str = "gaze_map_", start: int = 0, **render_kw) -> list[str]:
   """Writes one PNG per example of ``rows``.
 
   Args:
@@ -172,6 +181,7 @@ def write_gaze_maps(out_dir: Union[str, Path], images, layout, selected, rows: d
     gt_boxes: optional ``{b: [n, 5] (frame, x0, y0, x1, y1)}`` in model-image pixels.
     layer: layer to show (None: the mean over layers).
     labels: optional ``{b: [caption per row]}``.
+    titles: optional ``{b: title}`` (the question).
     image_mean, image_std: the images' normalisation.
     prefix, start: files are ``{prefix}{start + i:04d}.png``.
     render_kw: passed to ``render_gaze_map`` (panel_size, max_width, gap, label_height).
@@ -192,7 +202,8 @@ def write_gaze_maps(out_dir: Union[str, Path], images, layout, selected, rows: d
     img = render_gaze_map(pix[b], row, heat, region_shape=layout.spec.region_shape,
                           gt_regions=None if gt_regions is None else np.asarray(gt_regions)[b],
                           gt_boxes=None if gt_boxes is None else gt_boxes.get(b),
-                          labels=None if labels is None else labels.get(b), **render_kw)
+                          labels=None if labels is None else labels.get(b),
+                          title=None if titles is None else titles.get(b), **render_kw)
     path = out_dir / f"{prefix}{start + i:04d}.png"
     PILImage.fromarray(img).save(path)
     paths.append(str(path))
@@ -205,15 +216,17 @@ def write_batch_gaze_maps(out_dir, inputs, selected, *, limit: int, start: int =
                           **render_kw) -> list[str]:
   """Gaze maps of the first ``limit`` examples of a batch that have images and answer rows:
   ``tokens_per_example`` answer rows spread evenly over the answer, the middle layer by default,
-  captions naming the token each row produces (with a tokenizer) and the ground-truth regions
-  outlined."""
+  captions naming the token each row produces (with a tokenizer), the question above them (the
+  text before the answer) and the ground-truth regions outlined."""
   from gaze_jax.eval.evaluate import decode
+  from gaze_jax.gaze.layout import TEXT
 
   L = len(selected)
   layer = L // 2 if layer is None else layer
   mask = np.asarray(inputs.loss_mask) > 0
   has_frames = np.asarray(inputs.layout.frame_valid).astype(bool).any(1)
-  rows, labels = {}, {}
+  rows, labels, titles = {}, {}, {}
+  kind, tokens = np.asarray(inputs.layout.kind), np.asarray(inputs.tokens)
   for b in range(mask.shape[0]):
     if len(rows) >= limit:
       break
@@ -228,8 +241,12 @@ def write_batch_gaze_maps(out_dir, inputs, selected, *, limit: int, start: int =
                  + (repr(decode(tokenizer, [int(tg[t])], skip_special=False))
                     if tokenizer is not None else f"id {int(tg[t])}")
                  for k, t in zip(pick, slots[pick])]
+    if tokenizer is not None:          # the prompt's text up to the row of the first answer token
+      prompt = tokens[b, :slots[0] + 1][kind[b, :slots[0] + 1] == TEXT]
+      titles[b] = " ".join(decode(tokenizer, prompt).split())
   if not rows:
     return []
   return write_gaze_maps(out_dir, inputs.images, inputs.layout, selected, rows,
                          gt_regions=inputs.gt_regions, layer=layer, labels=labels,
-                         image_mean=image_mean, image_std=image_std, start=start, **render_kw)
+                         titles=titles or None, image_mean=image_mean, image_std=image_std,
+                         start=start, **render_kw)

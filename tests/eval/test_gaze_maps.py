@@ -95,3 +95,43 @@ def test_panel_geometry_shrinks_for_many_frames():
   ph, pw, _ = gaze_maps.panel_geometry((64, 64), 64, max_width=2048)
   assert ph == pw == 48
   assert gaze_maps.panel_geometry((32, 64), 1)[:2] == (128, 256)
+
+
+def test_batch_gaze_maps_put_the_question_above_the_map(tmp_path, monkeypatch):
+  """The title is the prompt's text up to the row that predicts the first answer token (no
+  image tokens, no answer); it takes one caption line more."""
+  from gaze_jax.data.features import ModelInputs
+
+  spec = LayoutSpec(seq_len=32, max_regions=4, max_images=1, region_shape=(2, 2), num_ctx=0)
+  layout = build_layout([[Text(2), Image(4, 4), Text(3), Text(2, generated=True)]], spec)
+  kind = np.asarray(layout.kind)[0]
+  text = np.flatnonzero(kind == 0)
+  tokens = np.zeros((1, 32), np.int32)
+  tokens[0, text] = np.arange(1, len(text) + 1)             # 1 2 | image | 3 4 5 | answer 6 7
+  loss = np.zeros((1, 32), np.float32)
+  loss[0, text[4:6]] = 1.0                                  # rows of prompt token 5 and answer 6
+
+  class Words:
+    vocab_size = 100
+
+    def decode(self, ids, skip_special=True):
+      return " ".join(f"w{i}" for i in ids)
+
+  inputs = ModelInputs(tokens=tokens, targets=np.roll(tokens, -1, axis=1), loss_mask=loss,
+                       layout=layout, images=np.zeros((1, 1, 32, 32, 3), np.float32),
+                       gt_regions=np.array([[0, -1]], np.int32))
+  seen = {}
+  real = gaze_maps.write_gaze_maps
+
+  def spy(*args, **kw):
+    seen.update(kw)
+    return real(*args, **kw)
+
+  monkeypatch.setattr(gaze_maps, "write_gaze_maps", spy)
+  sel = [np.zeros((1, 32, 2, 1), np.int32)]
+  paths = gaze_maps.write_batch_gaze_maps(tmp_path, inputs, sel, limit=1, tokenizer=Words())
+  assert seen["titles"] == {0: "w1 w2 w3 w4 w5"}
+  img = np.asarray(PILImage.open(paths[0]).convert("RGB"))
+  T = len(seen["labels"][0])
+  assert img.shape[0] == 14 + T * (14 + 256) + (T - 1) * 4
+  assert img[:14].max() > 200                               # the title's white text
