@@ -47,7 +47,7 @@ def collect(records: Sequence[Mapping]) -> dict:
   for rec in sorted(records, key=lambda r: (r["run"], r["seed"])):
     for row, res in rec["results"].items():
       if row == "gaze" and (rec.get("model") or {}).get("attention") == "dense":
-        row = "dense (as trained)"        # eval_main names a model's own row "gaze"
+        row = "dense_trained"             # the name eval_main gives it since 2026-12-02
       entry = values.setdefault((rec["run"], row), {"seeds": []})
       entry["seeds"].append(rec["seed"])
       entry.setdefault("train_s", []).append(float(rec["seconds"]["train"]))
@@ -131,7 +131,7 @@ def goals_table(main: Mapping, ablations: Optional[Mapping] = None) -> str:
   def add(goal, figure, met):
     lines.append(f"| {goal} | {figure} | {'-' if met is None else ('yes' if met else 'no')} |")
 
-  d = diff(acc(main, "gaze_k3"), acc(main, "dense", "dense (as trained)"))
+  d = diff(acc(main, "gaze_k3"), acc(main, "dense", "dense_trained"))
   add("gaze at 24% of the visual KV within 1 point of dense, or better",
       f"{fmt(d)} (gaze_k3 - dense)", None if d is None else d >= -1)
   e = diff(acc(main, "gaze_k1"), acc(main, "gaze_k1", "fixed_from_question"))

@@ -194,7 +194,7 @@ def test_goals_table_figures_and_verdicts():
              "coverage_per_layer": [0.4, 0.3, 0.6], "per_layer": [0.1, 0.2, 0.1],
              "share_ceiling_per_layer": [0.3, 0.3, 0.3]}
   main = study_report.collect([
-      rec("dense", {"gaze": {"accuracy": 0.600}}, attention="dense"),
+      rec("dense", {"dense_trained": {"accuracy": 0.600}}, attention="dense"),
       rec("gaze_k3", {"gaze": {"accuracy": 0.595, "routing": routing}}),
       rec("gaze_k1", {"gaze": {"accuracy": 0.50, "routing": routing},
                       "fixed_from_question": {"accuracy": 0.47},
