@@ -174,15 +174,19 @@ def plot_accuracy(stats: Mapping, path: Path, title: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = plt.subplots(figsize=(6.5, 4))
   by_row: dict = {}
   for (run, row), s in stats.items():
     if s.get("accuracy") and s.get("visual_kv.fraction_of_dense"):
-      by_row.setdefault(row, []).append((s["visual_kv.fraction_of_dense"], s["accuracy"], run))
-  for row, pts in sorted(by_row.items()):
+      # Sparse methods: one line per method across budgets; dense points: one per run.
+      dense = s["visual_kv.fraction_of_dense"]["mean"] > 0.999
+      by_row.setdefault(f"{row} ({run})" if dense else row, []).append(
+          (s["visual_kv.fraction_of_dense"], s["accuracy"]))
+  for label, pts in sorted(by_row.items()):
     pts.sort(key=lambda p: p[0]["mean"])
-    ax.errorbar([100 * b["mean"] for b, _, _ in pts], [100 * a["mean"] for _, a, _ in pts],
-                yerr=[100 * a["std"] for _, a, _ in pts], marker="o", capsize=3, label=row)
+    ax.errorbar([100 * b["mean"] for b, _ in pts], [100 * a["mean"] for _, a in pts],
+                yerr=[100 * a["std"] for _, a in pts], marker="o", capsize=3, label=label,
+                linestyle="-" if len(pts) > 1 else "none")
   ax.set_xlabel("visual KV entries per query (% of dense)")
   ax.set_ylabel("exact-match accuracy (%)")
   ax.set_title(title)
@@ -215,6 +219,8 @@ def plot_routing(stats: Mapping, path: Path, title: str) -> None:
       base = s.get(key)
       if base:
         ax.plot(layers, [100 * b["mean"] for b in base], style, color=colour, alpha=0.7)
+  ax.set_xticks(range(max((len(s.get("top1_per_layer") or []) for s in stats.values()),
+                          default=0)))
   ax.set_xlabel("decoder layer")
   ax.set_ylabel("top-1 routing accuracy (%)")
   ax.set_title(f"{title}\n(dotted: salience baseline; dashed: uniform random)", fontsize=10)
