@@ -276,7 +276,8 @@ def sweep_section(sweep: str, *, results: Path = RESULTS, figures: Optional[Path
   stats = collect(records)
   dates = sorted({r["date"] for r in records})
   machines = sorted({r["machine"] for r in records})
-  parts = [f"Regenerated from `benchmarks/results/study/{sweep}/` ({len(records)} runs, "
+  n = len(records)
+  parts = [f"Regenerated from `benchmarks/results/study/{sweep}/` ({n} run{'s' * (n != 1)}, "
            f"{', '.join(dates)}, {'; '.join(machines)}); figures in %, mean ± std over seeds.",
            "", results_table(stats)]
   layers = per_layer_table(stats)
