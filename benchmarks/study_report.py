@@ -167,14 +167,27 @@ def goals_table(main: Mapping, ablations: Optional[Mapping] = None) -> str:
   return "\n".join(lines)
 
 
+def _figure(size):
+  import matplotlib
+  matplotlib.use("Agg")               # files only, no display
+  import matplotlib.pyplot as plt
+  return plt.subplots(figsize=size)
+
+
+def _save(fig, ax, path: Path) -> None:
+  import matplotlib.pyplot as plt
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def plot_accuracy(stats: Mapping, path: Path, title: str) -> None:
   """Accuracy (%) against the visual KV budget (% of dense), one marker series per method
   (evaluation row), error bars = std over seeds."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(6.5, 4))
+  fig, ax = _figure((6.5, 4))
   by_row: dict = {}
   for (run, row), s in stats.items():
     if s.get("accuracy") and s.get("visual_kv.fraction_of_dense"):
@@ -190,22 +203,13 @@ def plot_accuracy(stats: Mapping, path: Path, title: str) -> None:
   ax.set_xlabel("visual KV entries per query (% of dense)")
   ax.set_ylabel("exact-match accuracy (%)")
   ax.set_title(title)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save(fig, ax, path)
 
 
 def plot_routing(stats: Mapping, path: Path, title: str) -> None:
   """Top-1 routing accuracy (%) per decoder layer of each routed row, with the uniform and
   salience baselines (dashed / dotted in the same colour)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = _figure((6, 4))
   for (run, row), s in stats.items():
     top1 = s.get("top1_per_layer")
     if not top1 or row != "gaze":           # the trained routing, not the baselines' rows
@@ -224,12 +228,7 @@ def plot_routing(stats: Mapping, path: Path, title: str) -> None:
   ax.set_xlabel("decoder layer")
   ax.set_ylabel("top-1 routing accuracy (%)")
   ax.set_title(f"{title}\n(dotted: salience baseline; dashed: uniform random)", fontsize=10)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save(fig, ax, path)
 
 
 def gaze_map_grid(results: Path, sweep: str, path: Path) -> bool:
