@@ -324,19 +324,24 @@ def test_progressive_top_k_lowers_routing_k_in_one_compile():
 
 def test_settled_step_compiled_for_the_target_k_matches_the_k_max_step():
   """Past the warm-up the trainer switches to a step compiled with the static target K. At
-  the same state it gives the K_max step's loss, metrics and update (K_max = 16 with
-  active K = 4 vs static K = 4)."""
+  the same state it gives the K_max step's loss, metrics and update (K_max = 9 with
+  active K = 2 vs static K = 2, on a shrunk tiny model)."""
   cfg = get_preset("tiny")
-  spec, batch = _tiny_batch(cfg)
-  plan = cfg_lib.TopKPlan(True, 16, 4, 6, "linear")
+  cfg = dataclasses.replace(
+      cfg, vision=dataclasses.replace(cfg.vision, image_size=48, num_layers=1),
+      decoder=dataclasses.replace(cfg.decoder, hidden_size=32, intermediate_size=64,
+                                  head_dim=8),
+      gaze=dataclasses.replace(cfg.gaze, top_k=2))
+  spec, batch = _tiny_batch(cfg, grid=6)
+  plan = cfg_lib.TopKPlan(True, 9, 2, 6, "linear")
   wide, state = _train_step(dataclasses.replace(cfg, gaze=dataclasses.replace(cfg.gaze,
-                                                                              top_k=16)),
+                                                                              top_k=9)),
                             spec, plan)
-  settled, _ = _train_step(cfg, spec, dataclasses.replace(plan, start=4, warmup_steps=0))
+  settled, _ = _train_step(cfg, spec, dataclasses.replace(plan, start=2, warmup_steps=0))
   state = {**state, "step": jnp.int32(6)}          # the first step at the target K
   (a_state, a), (b_state, b) = jax.jit(wide.__call__)(state, batch), \
       jax.jit(settled.__call__)(state, batch)
-  assert int(a["k"]) == int(b["k"]) == 4
+  assert int(a["k"]) == int(b["k"]) == 2
   for key in a:
     np.testing.assert_allclose(float(a[key]), float(b[key]), rtol=1e-5, atol=1e-6, err_msg=key)
   for x, y in zip(jax.tree.leaves(a_state["params"]), jax.tree.leaves(b_state["params"])):
