@@ -169,6 +169,13 @@ def run_one(sweep: str, run: Run, seed: int, *, out: Path, results: Path,
       raise RuntimeError(f"run {run.name!r} starts from run {run.init_from!r}, which has not "
                          f"finished for seed {seed} (no {done})")
     init_dir = workdir_of(out, base_sweep, base_name, seed)
+    if not (init_dir / "checkpoints").is_dir():
+      # A fresh clone has the first stage's JSON but not its workdir (not committed): train
+      # it again (the same seed gives the same run) before starting from it.
+      base = next(r for r in SWEEPS[base_sweep] if r.name == base_name)
+      log(f"[study] {run.name} seed {seed} starts from {run.init_from}, whose checkpoint is "
+          f"not in {init_dir}: training {base_name} seed {seed} again (its JSON is kept)")
+      execute(commands(base, seed, init_dir, out / "tfds")["train"])
   cmds = commands(run, seed, workdir, out / "tfds", init_dir=init_dir)
   seconds = {}
   for step in ("train", "eval"):

@@ -15,6 +15,9 @@ def _fake_executor(calls, accuracy_by_seed):
   ``accuracy_by_seed[seed]``."""
   def execute(cmd):
     calls.append(cmd)
+    if cmd[1].endswith("train_main.py"):
+      workdir = next(a for a in cmd if a.startswith("--workdir=")).split("=", 1)[1]
+      (Path(workdir) / "checkpoints").mkdir(parents=True, exist_ok=True)
     if cmd[1].endswith("eval_main.py"):
       flags = dict(a[2:].split("=", 1) for a in cmd[2:] if a.startswith("--"))
       seed = int(flags["random_seed"])
@@ -134,6 +137,19 @@ def test_runs_start_from_an_earlier_run_of_the_same_seed(tmp_path, monkeypatch):
   ft1 = next(c for c in trains if f"--workdir={tmp_path / 'out' / 't' / 'ft' / 's1'}" in c)
   assert f"--config.init_from_checkpoint={tmp_path / 'out' / 't' / 'base' / 's1'}" in ft1
   assert json.loads((tmp_path / "res" / "t" / "ft_s1.json").read_text())["init_from"] == "base"
+  # A fresh clone: base's JSON is there, its workdir is not. A new run starting from it trains
+  # base again into its workdir first (and does not rewrite its JSON).
+  import shutil
+  shutil.rmtree(tmp_path / "out")
+  base_json = (tmp_path / "res" / "t" / "base_s0.json").read_text()
+  monkeypatch.setitem(study.SWEEPS, "t2", (study.Run("ft2", "configs/demo.py",
+                                                     init_from="t/base"),))
+  calls.clear()
+  study.run_sweep("t2", [0], execute=_fake_executor(calls, {0: 0.3}), **kw)
+  assert [c[1].rsplit("/", 1)[1] for c in calls] == ["train_main.py"] * 2 + ["eval_main.py"]
+  assert f"--workdir={tmp_path / 'out' / 't' / 'base' / 's0'}" in calls[0]
+  assert f"--config.init_from_checkpoint={tmp_path / 'out' / 't' / 'base' / 's0'}" in calls[1]
+  assert (tmp_path / "res" / "t" / "base_s0.json").read_text() == base_json
   monkeypatch.setitem(study.SWEEPS, "bad", (study.Run("ft", "configs/demo.py", init_from="base"),
                                             study.Run("base", "configs/demo.py")))
   with pytest.raises(ValueError, match="not an earlier run"):
