@@ -104,14 +104,33 @@ SWEEPS: dict[str, tuple[Run, ...]] = {
     ),
 }
 
-# The figures a summary keeps per evaluation row (dotted paths into the row's dict).
+# The figures kept per evaluation row (dotted paths into the row's dict), and the per-layer
+# lists, kept as "<name>_per_layer".
 METRICS = ("accuracy", "visual_kv.fraction_of_dense", "routing.accuracy", "routing.random",
            "routing.share_ceiling", "routing.top1", "routing.top1_random", "routing.top1_salience",
            "routing.coverage")
+PER_LAYER = {"top1": "routing.top1_per_layer", "top1_random": "routing.top1_random_per_layer",
+             "top1_salience": "routing.top1_salience_per_layer",
+             "coverage": "routing.coverage_per_layer", "share": "routing.per_layer",
+             "share_ceiling": "routing.share_ceiling_per_layer"}
 
 
 def overrides_flags(overrides: Sequence) -> list[str]:
   return [f"--config.{k}={v}" for k, v in overrides]
+
+
+def first_stage(sweep: str, run: Run) -> tuple[str, Run]:
+  """``(sweep, Run)`` that ``run.init_from`` names: an earlier run of ``sweep``, or
+  ``"<sweep>/<run>"`` of another. ValueError when there is none."""
+  other, _, name = run.init_from.rpartition("/")
+  runs = SWEEPS.get(other or sweep, ())
+  if not other:
+    runs = runs[:[r.name for r in runs].index(run.name)] if run in runs else runs
+  for r in runs:
+    if r.name == name:
+      return other or sweep, r
+  raise ValueError(f"sweep {sweep!r}: run {run.name!r} starts from {run.init_from!r}, which is "
+                   f"not {'a run of sweep ' + repr(other) if other else 'an earlier run of it'}")
 
 
 def workdir_of(out: Path, sweep: str, run_name: str, seed: int) -> Path:
@@ -162,19 +181,17 @@ def run_one(sweep: str, run: Run, seed: int, *, out: Path, results: Path,
   workdir = workdir_of(out, sweep, run.name, seed)
   init_dir = None
   if run.init_from:
-    base_sweep, _, base_name = run.init_from.rpartition("/")
-    base_sweep = base_sweep or sweep
-    done = result_path(results, base_sweep, dataclasses.replace(run, name=base_name), seed)
+    base_sweep, base = first_stage(sweep, run)
+    done = result_path(results, base_sweep, base, seed)
     if not done.exists():
       raise RuntimeError(f"run {run.name!r} starts from run {run.init_from!r}, which has not "
                          f"finished for seed {seed} (no {done})")
-    init_dir = workdir_of(out, base_sweep, base_name, seed)
+    init_dir = workdir_of(out, base_sweep, base.name, seed)
     if not (init_dir / "checkpoints").is_dir():
       # A fresh clone has the first stage's JSON but not its workdir (not committed): train
       # it again (the same seed gives the same run) before starting from it.
-      base = next(r for r in SWEEPS[base_sweep] if r.name == base_name)
       log(f"[study] {run.name} seed {seed} starts from {run.init_from}, whose checkpoint is "
-          f"not in {init_dir}: training {base_name} seed {seed} again (its JSON is kept)")
+          f"not in {init_dir}: training {base.name} seed {seed} again (its JSON is kept)")
       execute(commands(base, seed, init_dir, out / "tfds")["train"])
   cmds = commands(run, seed, workdir, out / "tfds", init_dir=init_dir)
   seconds = {}
@@ -203,7 +220,8 @@ def run_one(sweep: str, run: Run, seed: int, *, out: Path, results: Path,
   return record
 
 
-def _get(d: Mapping, dotted: str):
+def get_dotted(d: Mapping, dotted: str):
+  """``d["a"]["b"]`` for ``"a.b"``; None where a part is missing."""
   for part in dotted.split("."):
     if not isinstance(d, Mapping) or part not in d:
       return None
@@ -211,29 +229,53 @@ def _get(d: Mapping, dotted: str):
   return d
 
 
-def summarize(records: Sequence[Mapping]) -> dict:
-  """``{run: {"seeds": [...], "rows": {row: {metric: {"mean", "std", "n"}}}}}`` over the
-  records' seeds (std: the sample standard deviation, 0 for one seed)."""
-  out: dict = {}
-  for rec in sorted(records, key=lambda r: (r["run"], r["seed"])):
-    entry = out.setdefault(rec["run"], {"seeds": [], "rows": {}, "values": {}})
-    entry["seeds"].append(rec["seed"])
-    for row, res in rec["results"].items():
-      for m in METRICS:
-        v = _get(res, m)
-        if isinstance(v, (int, float)) and math.isfinite(v):
-          entry["values"].setdefault(row, {}).setdefault(m, []).append(float(v))
-  for entry in out.values():
-    for row, ms in entry.pop("values").items():
-      entry["rows"][row] = {m: _stats(vs) for m, vs in ms.items()}
-  return out
-
-
-def _stats(values: Sequence[float]) -> dict:
+def mean_std(values: Sequence[float]) -> dict:
+  """``{"mean", "std", "n"}``; std is the sample standard deviation (0 for one value)."""
   n = len(values)
   mean = sum(values) / n
   var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
   return {"mean": mean, "std": math.sqrt(var), "n": n}
+
+
+def collect(records: Sequence[Mapping]) -> dict:
+  """``{(run, row): {"seeds": [...], metric: stats, ..., "train_s": stats}}`` over seeds, for
+  the metrics of the tables, plus per-layer stats under ``"<metric>_per_layer"`` (lists)."""
+  values: dict = {}
+  for rec in sorted(records, key=lambda r: (r["run"], r["seed"])):
+    for row, res in rec["results"].items():
+      if row == "gaze" and (rec.get("model") or {}).get("attention") == "dense":
+        row = "dense_trained"             # the name eval_main gives it since 2026-12-02
+      entry = values.setdefault((rec["run"], row), {"seeds": []})
+      entry["seeds"].append(rec["seed"])
+      entry.setdefault("train_s", []).append(float(rec["seconds"]["train"]))
+      for m in METRICS:
+        v = get_dotted(res, m)
+        if isinstance(v, (int, float)) and math.isfinite(v):
+          entry.setdefault(m, []).append(float(v))
+      for m, dotted in PER_LAYER.items():
+        layers = get_dotted(res, dotted)
+        if layers:
+          entry.setdefault(f"{m}_per_layer", []).append([float(x) for x in layers])
+  out = {}
+  for key, entry in values.items():
+    stats = {"seeds": entry.pop("seeds")}
+    for m, vs in entry.items():
+      if m.endswith("_per_layer"):
+        stats[m] = [mean_std(list(col)) for col in zip(*vs)]
+      else:
+        stats[m] = mean_std(vs)
+    out[key] = stats
+  return out
+
+
+def summarize(records: Sequence[Mapping]) -> dict:
+  """``{run: {"seeds": [...], "rows": {row: {metric: {"mean", "std", "n"}}}}}`` of ``METRICS``
+  over the records' seeds (``collect`` reshaped for summary.json)."""
+  out: dict = {}
+  for (run, row), stats in collect(records).items():
+    entry = out.setdefault(run, {"seeds": stats["seeds"], "rows": {}})
+    entry["rows"][row] = {m: stats[m] for m in METRICS if m in stats}
+  return out
 
 
 def load_records(results: Path, sweep: str) -> list[dict]:
@@ -245,11 +287,9 @@ def run_sweep(sweep: str, seeds: Sequence[int], *, out: Path, results: Path = RE
   """Every (run, seed) of ``sweep`` (resuming), then its summary, written beside the runs."""
   if sweep not in SWEEPS:
     raise ValueError(f"unknown sweep {sweep!r}; known: {sorted(SWEEPS)}")
-  names = [r.name for r in SWEEPS[sweep]]
-  for i, r in enumerate(SWEEPS[sweep]):
-    if r.init_from and "/" not in r.init_from and r.init_from not in names[:i]:
-      raise ValueError(f"sweep {sweep!r}: run {r.name!r} starts from {r.init_from!r}, which is "
-                       f"not an earlier run of the sweep ({names[:i]})")
+  for r in SWEEPS[sweep]:
+    if r.init_from:
+      first_stage(sweep, r)                 # every first stage exists, before anything trains
   execute = execute or (lambda cmd: subprocess.run(cmd, check=True, cwd=ROOT))
   todo = [(run, s) for run in SWEEPS[sweep] for s in seeds]
   t0, done = time.time(), 0

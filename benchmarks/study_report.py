@@ -20,55 +20,15 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 from benchmarks.readme import replace_between
-from benchmarks.study import RESULTS, ROOT, _get, _stats, load_records
-
-# The figures the tables keep per evaluation row (dotted paths into a row's dict).
-_METRICS = ("accuracy", "visual_kv.fraction_of_dense", "routing.accuracy", "routing.share_ceiling",
-            "routing.top1", "routing.top1_random", "routing.top1_salience", "routing.coverage")
-# Per-layer lists kept as "<name>_per_layer": name -> dotted path.
-_PER_LAYER = {"top1": "routing.top1_per_layer", "top1_random": "routing.top1_random_per_layer",
-              "top1_salience": "routing.top1_salience_per_layer",
-              "coverage": "routing.coverage_per_layer", "share": "routing.per_layer",
-              "share_ceiling": "routing.share_ceiling_per_layer"}
-
+from benchmarks.study import RESULTS, ROOT, collect, load_records
 
 def _pm(stats: Optional[Mapping], scale: float = 100.0, digits: int = 1) -> str:
-  """``mean +- std`` of ``stats`` (``_stats``' dict) times ``scale``; "-" when missing."""
+  """``mean +- std`` of ``stats`` (``study.mean_std``' dict) times ``scale``; "-" when
+  missing."""
   if not stats:
     return "-"
   m, s = stats["mean"] * scale, stats["std"] * scale
   return f"{m:.{digits}f} ± {s:.{digits}f}" if stats["n"] > 1 else f"{m:.{digits}f}"
-
-
-def collect(records: Sequence[Mapping]) -> dict:
-  """``{(run, row): {"seeds": [...], metric: stats, ..., "train_s": stats}}`` over seeds, for
-  the metrics of the tables, plus per-layer stats under ``"<metric>_per_layer"`` (lists)."""
-  values: dict = {}
-  for rec in sorted(records, key=lambda r: (r["run"], r["seed"])):
-    for row, res in rec["results"].items():
-      if row == "gaze" and (rec.get("model") or {}).get("attention") == "dense":
-        row = "dense_trained"             # the name eval_main gives it since 2026-12-02
-      entry = values.setdefault((rec["run"], row), {"seeds": []})
-      entry["seeds"].append(rec["seed"])
-      entry.setdefault("train_s", []).append(float(rec["seconds"]["train"]))
-      for m in _METRICS:
-        v = _get(res, m)
-        if isinstance(v, (int, float)) and math.isfinite(v):
-          entry.setdefault(m, []).append(float(v))
-      for m, dotted in _PER_LAYER.items():
-        layers = _get(res, dotted)
-        if layers:
-          entry.setdefault(f"{m}_per_layer", []).append([float(x) for x in layers])
-  out = {}
-  for key, entry in values.items():
-    stats = {"seeds": entry.pop("seeds")}
-    for m, vs in entry.items():
-      if m.endswith("_per_layer"):
-        stats[m] = [_stats(list(col)) for col in zip(*vs)]
-      else:
-        stats[m] = _stats(vs)
-    out[key] = stats
-  return out
 
 
 def results_table(stats: Mapping) -> str:

@@ -156,8 +156,13 @@ def test_runs_start_from_an_earlier_run_of_the_same_seed(tmp_path, monkeypatch):
     study.run_sweep("bad", [0], execute=_fake_executor([], {0: 0.1}), **kw)
   monkeypatch.setitem(study.SWEEPS, "other", (study.Run("x", "configs/demo.py",
                                                         init_from="nosuch/base"),))
-  with pytest.raises(RuntimeError, match="has not finished for seed 0"):
+  with pytest.raises(ValueError, match="not a run of sweep 'nosuch'"):
     study.run_sweep("other", [0], execute=_fake_executor([], {0: 0.1}), **kw)
+  # A first stage that exists but has not run for this seed.
+  monkeypatch.setitem(study.SWEEPS, "later", (study.Run("y", "configs/demo.py",
+                                                        init_from="t/base"),))
+  with pytest.raises(RuntimeError, match="has not finished for seed 5"):
+    study.run_sweep("later", [5], execute=_fake_executor([], {5: 0.1}), **kw)
 
 
 def _run_config(run):
@@ -191,8 +196,7 @@ def test_every_sweep_run_builds_and_starts_from_matching_parameters(sweep):
   for run in study.SWEEPS[sweep]:
     got = shapes(run)
     if run.init_from:
-      base_sweep, _, base = run.init_from.rpartition("/")
-      first = next(r for r in study.SWEEPS[base_sweep or sweep] if r.name == base)
+      _, first = study.first_stage(sweep, run)
       assert got == shapes(first), (run.name, run.init_from)
 
 
