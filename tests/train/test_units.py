@@ -346,6 +346,11 @@ def test_settled_step_compiled_for_the_target_k_matches_the_k_max_step():
     np.testing.assert_allclose(float(a[key]), float(b[key]), rtol=1e-5, atol=1e-6, err_msg=key)
   for x, y in zip(jax.tree.leaves(a_state["params"]), jax.tree.leaves(b_state["params"])):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+  # Every gradient, not only the Adam update (whose first step is about lr * sign(g)).
+  ga, gb = (jax.jit(jax.grad(lambda p, st=st: st.loss_fn(p, batch, st.active_k(6))[0]))(
+      state["params"]) for st in (wide, settled))
+  for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------- FLOPs, logs
