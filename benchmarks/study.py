@@ -165,7 +165,8 @@ def gaze_map_path(results: Path, sweep: str, run: Run, seed: int, i: int) -> Pat
   return results / sweep / "gaze_maps" / f"{run.name}_s{seed}_{i}.png"
 
 
-def _machine() -> str:
+def machine() -> str:
+  """The machine, in words, as the JSON records name it."""
   import os
   return f"{os.cpu_count()}-core {platform.machine()} CPU machine ({platform.system()})"
 
@@ -212,7 +213,7 @@ def run_one(sweep: str, run: Run, seed: int, *, out: Path, results: Path,
             "split": split["split"],
             "examples": split["examples"], "model": split.get("model", {}),
             "results": split["results"], "seconds": seconds, "commands": cmds,
-            "date": datetime.date.today().isoformat(), "machine": _machine()}
+            "date": datetime.date.today().isoformat(), "machine": machine()}
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(".tmp")
   tmp.write_text(json.dumps(record, indent=1) + "\n")
@@ -300,7 +301,7 @@ def run_sweep(sweep: str, seeds: Sequence[int], *, out: Path, results: Path = RE
       left = sum(not result_path(results, sweep, r, s).exists() for r, s in todo[i + 1:])
       log(f"[study] {i + 1}/{len(todo)} runs; about {per * left / 60:.0f} min left")
   summary = {"sweep": sweep, "date": datetime.date.today().isoformat(),
-             "machine": _machine(), "runs": summarize(load_records(results, sweep))}
+             "machine": machine(), "runs": summarize(load_records(results, sweep))}
   (results / sweep).mkdir(parents=True, exist_ok=True)
   (results / sweep / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
   return summary

@@ -35,7 +35,7 @@ from gaze_jax.eval import baselines as bl
 from gaze_jax.eval import layouts, metrics
 from gaze_jax.eval.budget import configured_budget, measured_flops
 from gaze_jax.eval.prior import by_group
-from gaze_jax.eval.text import text_exact_match
+from gaze_jax.eval.text import decode, text_exact_match
 from gaze_jax.gaze.layout import PATCH, LayoutSpec
 
 BASELINES = ("dense", "token_matched", "fixed_from_question", "random_routing")
@@ -301,7 +301,7 @@ def evaluate(model, batches: Iterable, spec: Optional[LayoutSpec] = None, *,
              tokenizer=None, generate_text: bool = False, max_new_tokens: Optional[int] = None,
              text_variants: Sequence[str] = ("gaze", "dense"), num_samples: int = 8,
              gaze_maps_dir: Union[str, Path, None] = None, num_gaze_maps: int = 4,
-             gaze_map_layer: Optional[int] = None, gaze_map_tokens: int = 4,
+             gaze_map_layers: Optional[Sequence[int]] = None, gaze_map_tokens: int = 4,
              image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
              groups: Optional[Sequence[str]] = None, random_seed: int = 0,
              log=None) -> dict[str, Any]:
@@ -321,8 +321,9 @@ def evaluate(model, batches: Iterable, spec: Optional[LayoutSpec] = None, *,
       exact match for ``text_variants`` (of "gaze", "dense", "token_matched").
     max_new_tokens: generation length (default: longest reference + 8).
     num_samples: generated (prediction, reference) pairs kept per variant.
-    gaze_maps_dir: write gaze maps of the first ``num_gaze_maps`` examples there (layer
-      ``gaze_map_layer``, default the middle one; ``gaze_map_tokens`` answer rows each).
+    gaze_maps_dir: write gaze maps of the first ``num_gaze_maps`` examples there (the layers
+      ``gaze_map_layers`` side by side, default all; ``gaze_map_tokens`` answer rows each; the
+      question, the predicted and the true answer above).
     image_mean, image_std: the images' normalisation, undone for the gaze maps.
     groups: a label per example in batch order (e.g. ``prior.question_types``): each variant
       also reports ``by_type`` accuracy per label.
@@ -384,7 +385,8 @@ def evaluate(model, batches: Iterable, spec: Optional[LayoutSpec] = None, *,
       from gaze_jax.eval.gaze_maps import write_batch_gaze_maps
       maps += write_batch_gaze_maps(
           gaze_maps_dir, inputs, sel, limit=num_gaze_maps - len(maps), start=len(maps),
-          layer=gaze_map_layer, tokens_per_example=gaze_map_tokens, tokenizer=tokenizer,
+          layers=gaze_map_layers, tokens_per_example=gaze_map_tokens, pred=pred,
+          tokenizer=tokenizer,
           image_mean=image_mean, image_std=image_std)
 
     if "dense" in wanted:
@@ -449,14 +451,6 @@ def evaluate(model, batches: Iterable, spec: Optional[LayoutSpec] = None, *,
                 "head_dim": cfg.decoder.head_dim},
       "results": results, "skipped": skipped, "gaze_maps": maps,
   }
-
-
-def decode(tokenizer, ids, skip_special: bool = True) -> str:
-  """``tokenizer.decode`` of the ids inside its vocabulary (a model's vocabulary may be larger
-  than its tokenizer's, e.g. the tiny preset's 512 ids with the 264-id byte tokenizer)."""
-  n = getattr(tokenizer, "vocab_size", None)
-  ids = [int(i) for i in ids if n is None or 0 <= int(i) < n]
-  return tokenizer.decode(ids, skip_special=skip_special)
 
 
 def _strip(ids, stop_ids) -> list[int]:

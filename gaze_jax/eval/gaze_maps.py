@@ -2,22 +2,24 @@
 
 For one example, a layer and some answer rows, the heat of region r at row t is the share of
 query heads that selected r (``selection_heat``). ``render_gaze_map`` draws it over the
-example's images / video frames, side by side: the image is dimmed, and each selected region
-is blended towards white with weight ``0.15 + 0.45 * heat`` (so selected regions come out
-brighter than the rest; white because no drawn shape has that colour, so the heat cannot be
-mistaken for an object). Region rectangles in pixels come from the layout
-(``gaze_jax.data.boxes.region_pixel_extents``: ``region_row / region_col`` times the region
-shape in patches, times the patch size in pixels of that frame's grid, so pooled video frames
-get larger regions, and padded regions at a grid edge are cut at the image border).
-Ground-truth regions are outlined in cyan, ground-truth boxes in magenta. An optional title
-(the question) takes one caption line above everything.
+example's images / video frames: one row per answer token, one column per layer (each column
+holds the frames side by side). Unselected regions are dimmed to ``DIM``; a selected region is
+lit (brightness ``DIM + (1 - DIM) * (0.5 + 0.5 * heat)``, so the image stays readable) and
+framed in a cyan ramp (``selection_colour``), with the number of heads that chose it. Cyan and
+the magenta of the ground-truth regions are colours that no shape or digit of the datasets has.
+Region rectangles in pixels come from the layout (``gaze_jax.data.boxes.region_pixel_extents``:
+``region_row / region_col`` times the region shape in patches, times the patch size in pixels
+of that frame's grid, so pooled video frames get larger regions, and padded regions at a grid
+edge are cut at the image border). Ground-truth boxes, when given, are outlined in white.
+Title lines (the question, the predicted and true answers, a legend) go above everything.
 
 Canvas geometry (what the tests check): every frame becomes a panel of ``(ph, pw)`` pixels with
 ``s = panel_size / max(H, W)`` (``ph = round(H * s)``, ``pw = round(W * s)``; ``panel_size``
-shrinks to ``max(48, max_width // F)`` when F panels would exceed ``max_width``); one row per
-answer token, a ``label_height`` pixel caption above each panel row, ``gap`` pixels between
-panels and rows: width ``F * pw + (F - 1) * gap``, height ``T * (label_height + ph) +
-(T - 1) * gap``, plus ``label_height`` with a title.
+shrinks when the C * F panels would exceed ``max_width``); a column is ``F * pw + (F - 1) * gap``
+wide and columns are ``2 * gap`` apart; one row per answer token with a ``label_height`` pixel
+caption above it and ``gap`` pixels between rows; ``label_height`` more per title line and for
+the column captions: width ``C * col_w + (C - 1) * 2 * gap``, height ``top + T * (label_height +
+ph) + (T - 1) * gap``.
 """
 
 from __future__ import annotations
@@ -29,10 +31,19 @@ import numpy as np
 
 from gaze_jax.data.boxes import region_pixel_extents
 
-HOT = np.array([255.0, 255.0, 255.0])     # selected regions blend towards this colour
-DIM = 0.45                                # brightness of the image under the map
-GT_REGION = (0, 220, 255)
-GT_BOX = (255, 0, 255)
+DIM = 0.4                                 # brightness of unselected regions
+GT_REGION = (255, 0, 255)                 # magenta: no shape of the datasets has it
+GT_BOX = (255, 255, 255)
+TEXT = (255, 255, 255)
+LEGEND = ("lit, cyan frame: selected regions (the number: how many query heads chose it); "
+          "magenta: ground truth")
+
+
+def selection_colour(heat: float) -> tuple[int, int, int]:
+  """The frame colour of a selected region, a cyan ramp from dim (one head of many) to bright
+  (every head): cyan, like magenta, is no colour of the datasets' shapes or digits."""
+  h = min(1.0, max(0.0, float(heat)))
+  return (0, int(round(110 + 145 * h)), int(round(130 + 125 * h)))
 
 
 def selection_heat(selected: Sequence, b: int, rows: Sequence[int], num_regions: int,
@@ -83,7 +94,9 @@ def panel_geometry(image_hw: tuple[int, int], n_frames: int, *, panel_size: int 
 
 def render_gaze_map(frames: np.ndarray, layout_row: dict, heat: np.ndarray, *,
                     region_shape: tuple[int, int], gt_regions=None, gt_boxes=None,
-                    labels: Optional[Sequence[str]] = None, title: Optional[str] = None,
+                    labels: Optional[Sequence[str]] = None,
+                    column_labels: Optional[Sequence[str]] = None,
+                    title: Union[str, Sequence[str], None] = None, num_heads: Optional[int] = None,
                     panel_size: int = 256, max_width: int = 2048, gap: int = 4,
                     label_height: int = 14) -> np.ndarray:
   """Draws an example's gaze map.
@@ -92,12 +105,15 @@ def render_gaze_map(frames: np.ndarray, layout_row: dict, heat: np.ndarray, *,
     frames: uint8 ``[F, H, W, 3]`` the example's images / frames (layout frame order; the
       valid frames ``layout_row["frame_valid"]`` are drawn).
     layout_row: the example's layout features (``TokenLayout.to_features()`` row, no batch axis).
-    heat: float ``[T, NR]`` in [0, 1], one row per answer token.
+    heat: float in [0, 1], ``[T, NR]`` (one row per answer token) or ``[T, C, NR]`` (C columns
+      side by side, e.g. one per layer).
     region_shape: (rh, rw) patches per region.
     gt_regions: optional int ids of ground-truth regions (-1 ignored): outlined.
     gt_boxes: optional float ``[n, 5]`` ``(frame, x0, y0, x1, y1)`` in image pixels: outlined.
-    labels: optional caption per row.
-    title: optional line above everything (the question).
+    labels: optional caption per row; column_labels: optional caption per column.
+    title: optional line(s) above everything (the question, the answers, a legend).
+    num_heads: when given, each selected region shows ``round(heat * num_heads)``, the number
+      of heads that chose it.
   Returns:
     uint8 ``[height, width, 3]`` (geometry in the module docstring).
   """
@@ -106,56 +122,77 @@ def render_gaze_map(frames: np.ndarray, layout_row: dict, heat: np.ndarray, *,
 
   frames = np.asarray(frames)
   heat = np.asarray(heat, np.float64)
+  if heat.ndim == 2:
+    heat = heat[:, None]
   valid = np.flatnonzero(np.asarray(layout_row["frame_valid"]).astype(bool))
   if valid.size == 0:
     raise ValueError("the example has no images / frames to draw a gaze map on")
+  T, C = heat.shape[:2]
   F = len(valid)
   H, W = frames.shape[1:3]
-  ph, pw, s = panel_geometry((H, W), F, panel_size=panel_size, max_width=max_width, gap=gap)
-  T = heat.shape[0]
-  width = F * pw + (F - 1) * gap
-  height = T * (label_height + ph) + (T - 1) * gap
+  # Columns are 2 * gap apart so that they read as groups of frames.
+  ph, pw, s = panel_geometry((H, W), C * F, panel_size=panel_size,
+                             max_width=max_width - (C - 1) * gap, gap=gap)
+  col_w = F * pw + (F - 1) * gap
+  titles = [] if title is None else [title] if isinstance(title, str) else list(title)
+  top = label_height * (len(titles) + (column_labels is not None))
+  width = C * col_w + (C - 1) * 2 * gap
+  height = top + T * (label_height + ph) + (T - 1) * gap
   canvas = np.zeros((height, width, 3), np.float64)
   ext = region_pixel_extents(layout_row, (H, W), region_shape) * s   # [NR, 4] in panel pixels
   region_frame = np.asarray(layout_row["region_frame"])
-  bases = [np.asarray(PILImage.fromarray(frames[f]).resize((pw, ph), PILImage.Resampling.BICUBIC),
-                      np.float64) for f in valid]
-  panel_x = {int(f): i * (pw + gap) for i, f in enumerate(valid)}
+  bases = {int(f): np.asarray(PILImage.fromarray(frames[f]).resize(
+      (pw, ph), PILImage.Resampling.BICUBIC), np.float64) for f in valid}
+
+  def origin(row, col, f):               # top-left pixel of a panel
+    x = col * (col_w + 2 * gap) + list(valid).index(f) * (pw + gap)
+    return x, top + row * (label_height + ph + gap) + label_height
+
+  lit = []                               # (row, col, region, heat) drawn with a frame
   for row in range(T):
-    y0 = row * (label_height + ph + gap) + label_height
-    for f in valid:
-      x0 = panel_x[int(f)]
-      panel = bases[list(valid).index(f)] * DIM
-      for r in np.flatnonzero((region_frame == f) & (heat[row] > 0)):
-        a, b_, c, d = _px(ext[r], pw, ph)
-        w = 0.15 + 0.45 * min(1.0, float(heat[row, r]))   # the image stays visible
-        panel[b_:d, a:c] = (1 - w) * panel[b_:d, a:c] + w * HOT
-      canvas[y0:y0 + ph, x0:x0 + pw] = panel
+    for col in range(C):
+      for f in valid:
+        x0, y0 = origin(row, col, int(f))
+        panel = bases[int(f)] * DIM
+        for r in np.flatnonzero((region_frame == f) & (heat[row, col] > 0)):
+          a, b_, c, d = _px(ext[r], pw, ph)
+          h = min(1.0, float(heat[row, col, r]))
+          # Selected regions are lit (brighter with more heads), so the image stays readable.
+          panel[b_:d, a:c] = bases[int(f)][b_:d, a:c] * (DIM + (1 - DIM) * (0.5 + 0.5 * h))
+          lit.append((row, col, int(r), h))
+        canvas[y0:y0 + ph, x0:x0 + pw] = panel
   img = PILImage.fromarray(np.clip(np.round(canvas), 0, 255).astype(np.uint8))
   draw = ImageDraw.Draw(img)
+  for row, col, r, h in lit:
+    x0, y0 = origin(row, col, int(region_frame[r]))
+    a, b_, c, d = _px(ext[r], pw, ph)
+    draw.rectangle([x0 + a, y0 + b_, x0 + c - 1, y0 + d - 1], outline=selection_colour(h),
+                   width=2 if h >= 0.5 else 1)
+    if num_heads:
+      draw.text((x0 + a + 3, y0 + b_ + 2), str(int(round(h * num_heads))), fill=TEXT)
   gt = [] if gt_regions is None else [int(g) for g in np.asarray(gt_regions).reshape(-1) if g >= 0]
   boxes = np.zeros((0, 5)) if gt_boxes is None else np.asarray(gt_boxes, np.float64).reshape(-1, 5)
+  for i, line in enumerate(titles):
+    draw.text((2, i * label_height + 1), str(line), fill=TEXT)
+  for col, text in enumerate(column_labels or ()):
+    draw.text((col * (col_w + 2 * gap) + 2, top - label_height + 1), str(text), fill=TEXT)
   for row in range(T):
-    y0 = row * (label_height + ph + gap) + label_height
     if labels is not None and row < len(labels):
-      draw.text((2, y0 - label_height + 1), str(labels[row]), fill=(255, 255, 255))
-    for g in gt:
-      f = int(region_frame[g])
-      if f in panel_x and np.isfinite(ext[g]).all():
-        a, b_, c, d = _px(ext[g], pw, ph)
-        draw.rectangle([panel_x[f] + a, y0 + b_, panel_x[f] + c - 1, y0 + d - 1],
-                       outline=GT_REGION, width=1)
-    for f, bx0, by0, bx1, by1 in boxes:
-      if int(f) in panel_x:
-        x = panel_x[int(f)]
-        draw.rectangle([x + bx0 * s, y0 + by0 * s, x + bx1 * s - 1, y0 + by1 * s - 1],
-                       outline=GT_BOX, width=2)
-  out = np.asarray(img)
-  if title is not None:
-    band = PILImage.new("RGB", (out.shape[1], label_height), (0, 0, 0))
-    ImageDraw.Draw(band).text((2, 1), str(title), fill=(255, 255, 255))
-    out = np.concatenate([np.asarray(band), out], axis=0)
-  return out
+      _, y0 = origin(row, 0, int(valid[0]))
+      draw.text((2, y0 - label_height + 1), str(labels[row]), fill=TEXT)
+    for col in range(C):
+      for g in gt:
+        f = int(region_frame[g])
+        if f in bases and np.isfinite(ext[g]).all():
+          x0, y0 = origin(row, col, f)
+          a, b_, c, d = _px(ext[g], pw, ph)
+          draw.rectangle([x0 + a, y0 + b_, x0 + c - 1, y0 + d - 1], outline=GT_REGION, width=1)
+      for f, bx0, by0, bx1, by1 in boxes:
+        if int(f) in bases:
+          x0, y0 = origin(row, col, int(f))
+          draw.rectangle([x0 + bx0 * s, y0 + by0 * s, x0 + bx1 * s - 1, y0 + by1 * s - 1],
+                         outline=GT_BOX, width=2)
+  return np.asarray(img)
 
 
 def _px(rect, pw: int, ph: int) -> tuple[int, int, int, int]:
@@ -165,7 +202,8 @@ def _px(rect, pw: int, ph: int) -> tuple[int, int, int, int]:
 
 
 def write_gaze_maps(out_dir: Union[str, Path], images, layout, selected, rows: dict, *,
-                    gt_regions=None, gt_boxes: Optional[dict] = None, layer: Optional[int] = None,
+                    gt_regions=None, gt_boxes: Optional[dict] = None,
+                    layers: Union[int, Sequence[int], None] = None,
                     labels: Optional[dict] = None, titles: Optional[dict] = None,
                     image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
                     prefix: str = "gaze_map_", start: int = 0, **render_kw) -> list[str]:
@@ -179,9 +217,10 @@ def write_gaze_maps(out_dir: Union[str, Path], images, layout, selected, rows: d
     rows: ``{b: [answer slots]}`` examples to draw and the rows of each.
     gt_regions: optional int ``[B, G]`` (-1 padded).
     gt_boxes: optional ``{b: [n, 5] (frame, x0, y0, x1, y1)}`` in model-image pixels.
-    layer: layer to show (None: the mean over layers).
+    layers: the layers to show, side by side (an int: that layer alone, with no column
+      caption; None: the mean over all layers).
     labels: optional ``{b: [caption per row]}``.
-    titles: optional ``{b: title}`` (the question).
+    titles: optional ``{b: line or lines}`` (the question, the answers).
     image_mean, image_std: the images' normalisation.
     prefix, start: files are ``{prefix}{start + i:04d}.png``.
     render_kw: passed to ``render_gaze_map`` (panel_size, max_width, gap, label_height).
@@ -195,14 +234,20 @@ def write_gaze_maps(out_dir: Union[str, Path], images, layout, selected, rows: d
   feats = layout.to_features()
   NR = np.asarray(layout.region_valid).shape[1]
   pix = to_uint8(images, image_mean, image_std)
+  columns = [layers] if layers is None or isinstance(layers, int) else list(layers)
+  column_labels = None if layers is None or isinstance(layers, int) else \
+      [f"layer {l}" for l in columns]
+  # Head counts are whole numbers for one layer; a mean over layers has none.
+  num_heads = None if layers is None else int(np.asarray(selected[0]).shape[2])
   paths = []
   for i, (b, r) in enumerate(rows.items()):
     row = {k: np.asarray(v)[b] for k, v in feats.items()}
-    heat = selection_heat(selected, b, r, NR, layer)
+    heat = np.stack([selection_heat(selected, b, r, NR, l) for l in columns], axis=1)
     img = render_gaze_map(pix[b], row, heat, region_shape=layout.spec.region_shape,
                           gt_regions=None if gt_regions is None else np.asarray(gt_regions)[b],
                           gt_boxes=None if gt_boxes is None else gt_boxes.get(b),
                           labels=None if labels is None else labels.get(b),
+                          column_labels=column_labels, num_heads=num_heads,
                           title=None if titles is None else titles.get(b), **render_kw)
     path = out_dir / f"{prefix}{start + i:04d}.png"
     PILImage.fromarray(img).save(path)
@@ -211,22 +256,34 @@ def write_gaze_maps(out_dir: Union[str, Path], images, layout, selected, rows: d
 
 
 def write_batch_gaze_maps(out_dir, inputs, selected, *, limit: int, start: int = 0,
-                          layer: Optional[int] = None, tokens_per_example: int = 4,
-                          tokenizer=None, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
+                          layers: Optional[Sequence[int]] = None, tokens_per_example: int = 4,
+                          pred=None, tokenizer=None, image_mean=(0.5, 0.5, 0.5),
+                          image_std=(0.5, 0.5, 0.5), panel_size: int = 160,
                           **render_kw) -> list[str]:
   """Gaze maps of the first ``limit`` examples of a batch that have images and answer rows:
-  ``tokens_per_example`` answer rows spread evenly over the answer, the middle layer by default,
-  captions naming the token each row produces (with a tokenizer), the question above them (the
-  text before the answer) and the ground-truth regions outlined."""
-  from gaze_jax.eval.evaluate import decode
-  from gaze_jax.gaze.layout import TEXT
+  ``tokens_per_example`` answer rows spread evenly over the answer, one column per layer
+  (``layers``, default all), the ground-truth regions outlined, and above them the question
+  (the text before the answer), the true answer and, given ``pred`` (int ``[B, S]``, the
+  teacher-forced argmax at every row), the predicted one, each token's caption naming both."""
+  from gaze_jax.eval.text import decode
+  from gaze_jax.gaze.layout import TEXT as TEXT_KIND
 
-  L = len(selected)
-  layer = L // 2 if layer is None else layer
+  layers = list(range(len(selected))) if layers is None else list(layers)
   mask = np.asarray(inputs.loss_mask) > 0
   has_frames = np.asarray(inputs.layout.frame_valid).astype(bool).any(1)
   rows, labels, titles = {}, {}, {}
   kind, tokens = np.asarray(inputs.layout.kind), np.asarray(inputs.tokens)
+  tg = np.asarray(inputs.targets)
+  pr = None if pred is None else np.asarray(pred)
+
+  def word(i):
+    return (repr(decode(tokenizer, [int(i)], skip_special=False)) if tokenizer is not None
+            else f"id {int(i)}")
+
+  def text(ids):
+    return (" ".join(decode(tokenizer, [int(i) for i in ids]).split()) if tokenizer is not None
+            else " ".join(str(int(i)) for i in ids))
+
   for b in range(mask.shape[0]):
     if len(rows) >= limit:
       break
@@ -236,17 +293,18 @@ def write_batch_gaze_maps(out_dir, inputs, selected, *, limit: int, start: int =
     pick = np.unique(np.linspace(0, slots.size - 1, min(tokens_per_example, slots.size))
                      .round().astype(int))
     rows[b] = slots[pick].tolist()
-    tg = np.asarray(inputs.targets)[b]
-    labels[b] = [f"layer {layer}, answer token {int(k)}: "
-                 + (repr(decode(tokenizer, [int(tg[t])], skip_special=False))
-                    if tokenizer is not None else f"id {int(tg[t])}")
+    labels[b] = [f"answer token {int(k)}: {word(tg[b, t])}"
+                 + ("" if pr is None else f", predicted {word(pr[b, t])}")
                  for k, t in zip(pick, slots[pick])]
-    if tokenizer is not None:          # the prompt's text up to the row of the first answer token
-      prompt = tokens[b, :slots[0] + 1][kind[b, :slots[0] + 1] == TEXT]
-      titles[b] = " ".join(decode(tokenizer, prompt).split())
+    # The prompt's text up to the row of the first answer token.
+    prompt = tokens[b, :slots[0] + 1][kind[b, :slots[0] + 1] == TEXT_KIND]
+    answer = f"true answer: {text(tg[b, slots])}"
+    if pr is not None:
+      answer = f"predicted: {text(pr[b, slots])}   {answer}"
+    titles[b] = [text(prompt), answer, LEGEND]
   if not rows:
     return []
   return write_gaze_maps(out_dir, inputs.images, inputs.layout, selected, rows,
-                         gt_regions=inputs.gt_regions, layer=layer, labels=labels,
-                         titles=titles or None, image_mean=image_mean, image_std=image_std,
-                         start=start, **render_kw)
+                         gt_regions=inputs.gt_regions, layers=layers, labels=labels,
+                         titles=titles, image_mean=image_mean, image_std=image_std,
+                         start=start, panel_size=panel_size, **render_kw)

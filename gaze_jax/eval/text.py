@@ -32,3 +32,11 @@ def text_exact_match(prediction: str, references: Union[str, Iterable[str]]) -> 
     raise ValueError("text_exact_match needs at least one reference answer")
   pred = normalize_answer(prediction)
   return any(pred == normalize_answer(r) for r in refs)
+
+
+def decode(tokenizer, ids, skip_special: bool = True) -> str:
+  """``tokenizer.decode`` of the ids inside its vocabulary (a model's vocabulary may be larger
+  than its tokenizer's, e.g. the tiny preset's 512 ids with the 264-id byte tokenizer)."""
+  n = getattr(tokenizer, "vocab_size", None)
+  ids = [int(i) for i in ids if n is None or 0 <= int(i) < n]
+  return tokenizer.decode(ids, skip_special=skip_special)

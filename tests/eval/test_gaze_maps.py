@@ -1,5 +1,6 @@
 """Gaze maps: heat from hand-made selections, PNG files of the documented size, selected regions
-brighter than the others (padded edge regions, pooled video frames, frames side by side)."""
+brighter than the others (padded edge regions, pooled video frames, frames and layers side by
+side), the question and the predicted and true answers above."""
 
 import numpy as np
 import pytest
@@ -86,7 +87,7 @@ def test_video_frames_side_by_side_pooled_regions(tmp_path):
   half = _luma(img, y + 5, y + 59, x2 + 5, x2 + 59)
   rest = _luma(img, y + 70, y + 250, x2 + 70, x2 + 250)
   assert rest + 20 < half < hot
-  # The ground-truth box (frame 2, 16 px) is outlined in green.
+  # The ground-truth box (frame 2, 16 px) is outlined.
   np.testing.assert_array_equal(img[y + 30, x2], gaze_maps.GT_BOX)
 
 
@@ -97,9 +98,10 @@ def test_panel_geometry_shrinks_for_many_frames():
   assert gaze_maps.panel_geometry((32, 64), 1)[:2] == (128, 256)
 
 
-def test_batch_gaze_maps_put_the_question_above_the_map(tmp_path, monkeypatch):
+def test_batch_gaze_maps_show_question_answers_and_layers(tmp_path, monkeypatch):
   """The title is the prompt's text up to the row that predicts the first answer token (no
-  image tokens, no answer); it takes one caption line more."""
+  image tokens, no answer), then the predicted and true answers, then the legend; every layer
+  gets a column, and each selected region the number of heads that chose it."""
   from gaze_jax.data.features import ModelInputs
 
   spec = LayoutSpec(seq_len=32, max_regions=4, max_images=1, region_shape=(2, 2), num_ctx=0)
@@ -110,6 +112,9 @@ def test_batch_gaze_maps_put_the_question_above_the_map(tmp_path, monkeypatch):
   tokens[0, text] = np.arange(1, len(text) + 1)             # 1 2 | image | 3 4 5 | answer 6 7
   loss = np.zeros((1, 32), np.float32)
   loss[0, text[4:6]] = 1.0                                  # rows of prompt token 5 and answer 6
+  targets = np.roll(tokens, -1, axis=1)
+  pred = targets.copy()
+  pred[0, text[5]] = 9                                      # the second answer token is wrong
 
   class Words:
     vocab_size = 100
@@ -117,8 +122,8 @@ def test_batch_gaze_maps_put_the_question_above_the_map(tmp_path, monkeypatch):
     def decode(self, ids, skip_special=True):
       return " ".join(f"w{i}" for i in ids)
 
-  inputs = ModelInputs(tokens=tokens, targets=np.roll(tokens, -1, axis=1), loss_mask=loss,
-                       layout=layout, images=np.zeros((1, 1, 32, 32, 3), np.float32),
+  inputs = ModelInputs(tokens=tokens, targets=targets, loss_mask=loss, layout=layout,
+                       images=np.zeros((1, 1, 32, 32, 3), np.float32),
                        gt_regions=np.array([[0, -1]], np.int32))
   seen = {}
   real = gaze_maps.write_gaze_maps
@@ -128,10 +133,34 @@ def test_batch_gaze_maps_put_the_question_above_the_map(tmp_path, monkeypatch):
     return real(*args, **kw)
 
   monkeypatch.setattr(gaze_maps, "write_gaze_maps", spy)
-  sel = [np.zeros((1, 32, 2, 1), np.int32)]
-  paths = gaze_maps.write_batch_gaze_maps(tmp_path, inputs, sel, limit=1, tokenizer=Words())
-  assert seen["titles"] == {0: "w1 w2 w3 w4 w5"}
+  # 3 layers, 2 query heads: layer 1 has both heads on region 3, the others one head on 1.
+  sel = [np.full((1, 32, 2, 1), -1, np.int32) for _ in range(3)]
+  for l in range(3):
+    sel[l][0, text[4:6], 0] = 3 if l == 1 else 1
+    if l == 1:
+      sel[l][0, text[4:6], 1] = 3
+  paths = gaze_maps.write_batch_gaze_maps(tmp_path, inputs, sel, limit=1, tokenizer=Words(),
+                                          pred=pred)
+  question, answers, legend = seen["titles"][0]
+  assert question == "w1 w2 w3 w4 w5"
+  assert answers == "predicted: w6 w9   true answer: w6 w7"
+  assert legend == gaze_maps.LEGEND
+  assert seen["labels"][0] == ["answer token 0: 'w6', predicted 'w6'",
+                               "answer token 1: 'w7', predicted 'w9'"]
   img = np.asarray(PILImage.open(paths[0]).convert("RGB"))
-  T = len(seen["labels"][0])
-  assert img.shape[0] == 14 + T * (14 + 256) + (T - 1) * 4
-  assert img[:14].max() > 200                               # the title's white text
+  P, gap, lab, T, L = 160, 4, 14, 2, 3
+  top = 4 * lab                                             # 3 title lines + the layer captions
+  assert img.shape == (top + T * (lab + P) + (T - 1) * gap, L * P + (L - 1) * 2 * gap, 3)
+  assert img[:lab].max() > 200                              # the title's white text
+  # Layer 1 (the middle column): region 3 (bottom right) framed in full-heat cyan.
+  x1, y0 = P + 2 * gap, top + lab
+  np.testing.assert_array_equal(img[y0 + P - 1, x1 + P - 10], gaze_maps.selection_colour(1.0))
+  # Layer 0: region 1 (top right) framed at half heat; the ground truth, region 0, in magenta.
+  np.testing.assert_array_equal(img[y0, P - 10], gaze_maps.selection_colour(0.5))
+  np.testing.assert_array_equal(img[y0 + 40, 0], gaze_maps.GT_REGION)
+
+
+def test_selection_colour_ramps_towards_bright_cyan():
+  low, high = gaze_maps.selection_colour(0.25), gaze_maps.selection_colour(1.0)
+  assert high == (0, 255, 255)
+  assert low[0] == 0 and low[1] < high[1] and low[2] < high[2]

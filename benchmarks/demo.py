@@ -1,0 +1,211 @@
+"""The README's demo (``make demo``): trains the tiny gaze model (configs/demo.py) and its dense
+twin (configs/demo_dense.py) on "Where is the red shape?" on a CPU, evaluates both on the test
+split with the baselines from the gaze model's weights, and writes ``benchmarks/results/demo.json``
+(the evaluation, the minutes of every step, the date and the machine), the README's demo table
+and ``docs/demo_gaze_map.png`` from it.
+
+  python -m benchmarks.demo --out=out/demo --readme=README.md    # train, evaluate, report
+  python -m benchmarks.demo --table_only --readme=README.md       # the README table from the JSON
+
+Rerunning resumes: a trained run restores its last checkpoint and stops at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Mapping, Optional
+
+from benchmarks.readme import replace_between
+from benchmarks.study import ROOT, get_dotted, machine
+
+RESULT = ROOT / "benchmarks" / "results" / "demo.json"
+GAZE_MAP = ROOT / "docs" / "demo_gaze_map.png"
+COMPARE = "demo_dense"
+BEGIN, END = "<!-- demo begin -->", "<!-- demo end -->"
+# The demo's targets (issue: the model learns where to look): gaze within 2 points of its dense
+# twin, and top-1 routing at least twice the salience baseline at coverage at most 0.5 in some
+# layer after the first (the first cannot know the question when it routes).
+MAX_GAP_POINTS = 2.0
+MIN_SALIENCE_RATIO = 2.0
+MAX_COVERAGE = 0.5
+
+
+def commands(out: Path, python: str = sys.executable) -> dict[str, list[str]]:
+  """The demo's steps in order: train the dense twin, train the gaze model, evaluate both."""
+  data = f"--config.data.data_dir={out / 'tfds'}"
+  gaze, dense = ROOT / "configs" / "demo.py", ROOT / "configs" / "demo_dense.py"
+  train, evaluate = str(ROOT / "train_main.py"), str(ROOT / "eval_main.py")
+  return {
+      "train_dense": [python, train, f"--config={dense}", f"--workdir={out / 'dense'}", data],
+      "train_gaze": [python, train, f"--config={gaze}", f"--workdir={out / 'gaze'}", data],
+      "eval": [python, evaluate, f"--config={gaze}", f"--workdir={out / 'gaze'}", data,
+               "--splits=test", f"--compare_config={dense}",
+               f"--compare_workdir={out / 'dense'}", f"--compare_config.data.data_dir={out / 'tfds'}",
+               f"--compare_name={COMPARE}", f"--out_dir={out / 'eval'}"],
+  }
+
+
+def install_seconds(venv: Path = ROOT / ".venv") -> Optional[float]:
+  """Seconds the Makefile's install took when it made ``venv`` (None if it did not record)."""
+  try:
+    return float((venv / ".install_seconds").read_text())
+  except (OSError, ValueError):
+    return None
+
+
+def run_demo(out: Path, *, execute: Optional[Callable[[list[str]], None]] = None,
+             log=print) -> dict:
+  """Runs every step, timing each; returns the record that ``demo.json`` keeps."""
+  execute = execute or (lambda cmd: subprocess.run(cmd, check=True, cwd=ROOT))
+  cmds = commands(out)
+  seconds = {}
+  for i, (step, cmd) in enumerate(cmds.items()):
+    log(f"[demo] step {i + 1}/{len(cmds)}: {step} ...")
+    t0 = time.time()
+    execute(cmd)
+    seconds[step] = round(time.time() - t0, 1)
+    log(f"[demo] {step}: {seconds[step] / 60:.1f} min")
+  inst = install_seconds()
+  if inst is not None:
+    seconds["install"] = inst
+  evaluated = json.loads((out / "eval" / "eval_results.json").read_text())
+  split = evaluated["splits"][0]
+  return {"split": split["split"], "examples": split["examples"], "model": split.get("model", {}),
+          "results": split["results"], "gaze_maps": split.get("gaze_maps", []),
+          "seconds": seconds, "commands": cmds, "date": datetime.date.today().isoformat(),
+          "machine": machine()}
+
+
+def _pct(x, digits: int = 1) -> str:
+  return "-" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def _trained_dense_key(results: Mapping) -> str:
+  keys = [k for k in results if k.startswith(COMPARE)]
+  if len(keys) != 1:
+    raise ValueError(f"the demo record needs one {COMPARE!r} row, has {sorted(results)}")
+  return keys[0]
+
+
+def best_routing_layer(routing: Mapping) -> Optional[int]:
+  """The layer after the first with the highest top-1 / salience ratio among those with
+  coverage at most ``MAX_COVERAGE`` (None without per-layer figures)."""
+  top1 = routing.get("top1_per_layer") or []
+  sal = routing.get("top1_salience_per_layer") or []
+  cov = routing.get("coverage_per_layer") or []
+  ok = [l for l in range(1, len(top1))
+        if l < len(sal) and sal[l] and l < len(cov) and cov[l] <= MAX_COVERAGE]
+  return max(ok, key=lambda l: top1[l] / sal[l]) if ok else None
+
+
+def checks(record: Mapping) -> list[tuple[str, str, bool]]:
+  """``(target, figure, met)`` for the demo's two targets."""
+  res = record["results"]
+  gaze, dense = res["gaze"], res[_trained_dense_key(res)]
+  gap = 100 * (gaze["accuracy"] - dense["accuracy"])
+  out = [(f"gaze within {MAX_GAP_POINTS:g} points of its dense twin, or better",
+          f"{gap:+.1f} points", gap >= -MAX_GAP_POINTS)]
+  rt = gaze.get("routing") or {}
+  best = best_routing_layer(rt)
+  target = (f"top-1 routing at least {MIN_SALIENCE_RATIO:g}x the salience baseline at coverage "
+            f"at most {MAX_COVERAGE:g}, in a layer after the first")
+  if best is None:
+    out.append((target, "no layer after the first has the figures", False))
+  else:
+    ratio = rt["top1_per_layer"][best] / rt["top1_salience_per_layer"][best]
+    out.append((target, f"layer {best}: {ratio:.2f}x at coverage "
+                f"{rt['coverage_per_layer'][best]:.2f}", ratio >= MIN_SALIENCE_RATIO))
+  return out
+
+
+ROWS = (("gaze", "gaze"), ("dense", "the same weights, dense attention"),
+        ("token_matched", "the same weights, dense on a token-matched image"),
+        ("fixed_from_question", "the same weights, regions fixed from the question (eviction)"),
+        ("random_routing", "the same weights, random regions at the same K"),
+        (COMPARE, "`demo_dense`: trained with dense attention"),
+        ("answer_prior", "answer prior (most common training answer, no image)"))
+
+
+def readme_table(record: Mapping) -> str:
+  """The README's demo section: when and where it ran, the minutes of each step, the table of
+  every row, the routing per layer, the targets and the first gaze map."""
+  res = record["results"]
+  secs = record["seconds"]
+  total = sum(secs.values())
+  parts = ", ".join(f"{name.replace('_', ' ')} {secs[k] / 60:.1f}" for k, name in (
+      ("install", "install"), ("train_dense", "dense twin"), ("train_gaze", "gaze model"),
+      ("eval", "evaluation")) if k in secs)
+  cfg = res["gaze"].get("configured", {})
+  lines = [f"`make demo`, {record['date']} on a {record['machine']}: {total / 60:.1f} min "
+           f"({parts}). {record['split'].capitalize()} split, {record['examples']} examples, "
+           "exact match of the teacher-forced answer; top-1 routing is at the row that "
+           "predicts the answer, in its best layer after the first (uniform and salience: "
+           "the chance rates of a random region and of a random region that holds a shape).",
+           "",
+           "| model | accuracy | visual KV / query | % of dense | top-1 routing (uniform, salience) "
+           "| coverage |", "|---|---:|---:|---:|---:|---:|"]
+  key = {COMPARE: _trained_dense_key(res)}
+  for row, label in ROWS:
+    r = res.get(key.get(row, row))
+    if r is None:
+      continue
+    kv = r.get("visual_kv", {})
+    if row == "gaze" and cfg.get("top_k") and kv.get("routing_candidates"):
+      label += f" (K = {cfg['top_k']} of {kv['routing_candidates']:.0f} regions)"
+    rt = r.get("routing") or {}
+    best = best_routing_layer(rt)
+    routing = cov = "-"
+    if best is not None:
+      routing = (f"{_pct(rt['top1_per_layer'][best])} ({_pct(rt['top1_random_per_layer'][best])}"
+                 f", {_pct(rt['top1_salience_per_layer'][best])}), layer {best}")
+      cov = f"{rt['coverage_per_layer'][best]:.2f}"
+    measured = kv.get("measured")
+    lines.append(f"| {label} | {_pct(r.get('accuracy'))} | "
+                 f"{'-' if measured is None else f'{measured:.1f}'} | "
+                 f"{_pct(kv.get('fraction_of_dense'), 0)} | {routing} | {cov} |")
+  rt = res["gaze"].get("routing") or {}
+  if rt.get("top1_per_layer"):
+    per = ", ".join(f"layer {l}: {_pct(t, 0)} ({t / s:.1f}x salience, coverage {c:.2f})"
+                    if s else f"layer {l}: {_pct(t, 0)}"
+                    for l, (t, s, c) in enumerate(zip(rt["top1_per_layer"],
+                                                      rt["top1_salience_per_layer"],
+                                                      rt["coverage_per_layer"])))
+    lines += ["", f"Gaze routing per layer, top-1: {per}."]
+  lines += ["", "| target | figure | met |", "|---|---|---|"]
+  lines += [f"| {t} | {f} | {'yes' if m else 'no'} |" for t, f, m in checks(record)]
+  lines += ["", "![A gaze map of the demo: the question, the predicted and true answers, and "
+            "the regions each layer's heads selected](docs/demo_gaze_map.png)"]
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--out", default=str(ROOT / "out" / "demo"), help="workdirs and the data")
+  ap.add_argument("--readme", default="", help="rewrite this README's demo section")
+  ap.add_argument("--table_only", action="store_true",
+                  help=f"no training: the README section from {RESULT.relative_to(ROOT)}")
+  a = ap.parse_args(argv)
+  if a.table_only:
+    record = json.loads(RESULT.read_text())
+  else:
+    record = run_demo(Path(a.out))
+    RESULT.write_text(json.dumps(record, indent=1) + "\n")
+    if record["gaze_maps"]:
+      shutil.copyfile(record["gaze_maps"][0], GAZE_MAP)
+  table = readme_table(record)
+  if a.readme:
+    replace_between(Path(a.readme), BEGIN, END, table)
+  print(table)
+  print(f"results: {RESULT}  evaluation: {Path(a.out) / 'eval'}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
