@@ -160,9 +160,11 @@ class MLLM(nnx.Module):
       f = jnp.clip(layout.frame, 0)
       i = jnp.clip(layout.patch_index, 0)
       full_gh = images.shape[2] // self.cfg.vision.patch_size
-      is_pooled = jnp.take_along_axis(layout.frame_grid[..., 0], f, axis=1) != full_gh
-      patch = jnp.where(is_pooled[..., None], pooled[b, f, jnp.minimum(i, pooled.shape[2] - 1)],
-                        feats[b, f, i])
+      patch = feats[b, f, i]
+      if pooled.shape[2]:         # images smaller than the video pool have no pooled grid
+        is_pooled = jnp.take_along_axis(layout.frame_grid[..., 0], f, axis=1) != full_gh
+        patch = jnp.where(is_pooled[..., None],
+                          pooled[b, f, jnp.minimum(i, pooled.shape[2] - 1)], patch)
       x = jnp.where((kind == PATCH)[..., None], patch.astype(x.dtype), x)
     elif _concrete(kind) is not None and (np.asarray(kind) == PATCH).any():
       raise ValueError("the layout has image/frame placeholders but no images were given")

@@ -169,6 +169,25 @@ def test_video_frames_use_pooled_features():
   np.testing.assert_allclose(x[0, text], table[tokens[0, text]], atol=1e-6)
 
 
+def test_an_image_smaller_than_the_video_pool_embeds_its_patch():
+  # A 1x1 grid (the token-matched baseline of a 16 px patch model at a tiny budget) has no
+  # 2x2-pooled grid; its one patch slot holds the full-grid feature.
+  cfg = _cfg("gaze", num_ctx=0)
+  model = MLLM(dataclasses.replace(cfg, gaze=dataclasses.replace(cfg.gaze, region_shape=(1, 1))),
+               rngs=nnx.Rngs(0))
+  spec = LayoutSpec(seq_len=16, max_regions=4, max_images=1, region_shape=(1, 1), num_ctx=0)
+  layout = build_layout([[Text(2), Image(1, 1), Text(3)]], spec)
+  rng = np.random.default_rng(0)
+  P = model.cfg.vision.patch_size
+  images = rng.uniform(-1, 1, (1, 1, P, P, 3)).astype(np.float32)
+  tokens = np.zeros(layout.kind.shape, np.int32)
+  feats, pooled = nnx.jit(lambda m, i: m.image_features(i))(model, images)
+  assert np.asarray(pooled).shape[2] == 0
+  x = np.asarray(nnx.jit(lambda m, t, l, i: m.embed(t, l, i))(model, tokens, layout, images))
+  (slot,) = np.flatnonzero(np.asarray(layout.kind)[0] == PATCH)
+  np.testing.assert_allclose(x[0, slot], np.asarray(feats)[0, 0, 0], atol=1e-6)
+
+
 def test_bfloat16_compute_stays_close_to_float32():
   f32, bf16 = _pair(_cfg("gaze", top_k=4), _cfg("gaze", top_k=4, dtype="bfloat16"))
   tokens, layout, images = _batch(f32, MIXED, seq_len=160, max_regions=32, max_images=2)
