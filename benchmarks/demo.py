@@ -1,6 +1,7 @@
-"""The README's demo (``make demo``): trains the tiny gaze model (configs/demo.py) and its dense
-twin (configs/demo_dense.py) on "Where is the red shape?" on a CPU, evaluates both on the test
-split with the baselines from the gaze model's weights, and writes ``benchmarks/results/demo.json``
+"""The README's demo (``make demo``): on "Where is the red shape?" and a CPU, trains a tiny model
+with dense attention (configs/demo_base.py), then from it the gaze model (configs/demo.py) and
+its dense twin (configs/demo_dense.py), evaluates both on the test split with the baselines
+from the gaze model's weights, and writes ``benchmarks/results/demo.json``
 (the evaluation, the minutes of every step, the date and the machine), the README's demo table
 and ``docs/demo_gaze_map.png`` from it.
 
@@ -29,6 +30,7 @@ RESULT = ROOT / "benchmarks" / "results" / "demo.json"
 GAZE_MAP = ROOT / "docs" / "demo_gaze_map.png"
 COMPARE = "demo_dense"
 BEGIN, END = "<!-- demo begin -->", "<!-- demo end -->"
+SUMMARY_BEGIN, SUMMARY_END = "<!-- demo-summary begin -->", "<!-- demo-summary end -->"
 # The demo's targets (issue: the model learns where to look): gaze within 2 points of its dense
 # twin, and top-1 routing at least twice the salience baseline at coverage at most 0.5 in some
 # layer after the first (the first cannot know the question when it routes).
@@ -38,15 +40,19 @@ MAX_COVERAGE = 0.5
 
 
 def commands(out: Path, python: str = sys.executable) -> dict[str, list[str]]:
-  """The demo's steps in order: train the dense twin, train the gaze model, evaluate both."""
+  """The demo's steps in order: the dense first stage, from it the dense twin and the gaze
+  model (the same steps each), then the evaluation of both."""
   data = f"--config.data.data_dir={out / 'tfds'}"
-  gaze, dense = ROOT / "configs" / "demo.py", ROOT / "configs" / "demo_dense.py"
+  init = f"--config.init_from_checkpoint={out / 'base'}"
+  cfg = {name: f"--config={ROOT / 'configs' / f'{name}.py'}"
+         for name in ("demo_base", "demo_dense", "demo")}
   train, evaluate = str(ROOT / "train_main.py"), str(ROOT / "eval_main.py")
   return {
-      "train_dense": [python, train, f"--config={dense}", f"--workdir={out / 'dense'}", data],
-      "train_gaze": [python, train, f"--config={gaze}", f"--workdir={out / 'gaze'}", data],
-      "eval": [python, evaluate, f"--config={gaze}", f"--workdir={out / 'gaze'}", data,
-               "--splits=test", f"--compare_config={dense}",
+      "train_base": [python, train, cfg["demo_base"], f"--workdir={out / 'base'}", data],
+      "train_dense": [python, train, cfg["demo_dense"], f"--workdir={out / 'dense'}", data, init],
+      "train_gaze": [python, train, cfg["demo"], f"--workdir={out / 'gaze'}", data, init],
+      "eval": [python, evaluate, cfg["demo"], f"--workdir={out / 'gaze'}", data,
+               "--splits=test", f"--compare_config={ROOT / 'configs' / 'demo_dense.py'}",
                f"--compare_workdir={out / 'dense'}", f"--compare_config.data.data_dir={out / 'tfds'}",
                f"--compare_name={COMPARE}", f"--out_dir={out / 'eval'}"],
   }
@@ -140,8 +146,8 @@ def readme_table(record: Mapping) -> str:
   secs = record["seconds"]
   total = sum(secs.values())
   parts = ", ".join(f"{name.replace('_', ' ')} {secs[k] / 60:.1f}" for k, name in (
-      ("install", "install"), ("train_dense", "dense twin"), ("train_gaze", "gaze model"),
-      ("eval", "evaluation")) if k in secs)
+      ("install", "install"), ("train_base", "dense first stage"), ("train_dense", "dense twin"),
+      ("train_gaze", "gaze model"), ("eval", "evaluation")) if k in secs)
   cfg = res["gaze"].get("configured", {})
   lines = [f"`make demo`, {record['date']} on a {record['machine']}: {total / 60:.1f} min "
            f"({parts}). {record['split'].capitalize()} split, {record['examples']} examples, "
@@ -185,23 +191,42 @@ def readme_table(record: Mapping) -> str:
   return "\n".join(lines)
 
 
+def summary_line(record: Mapping) -> str:
+  """The README's one-sentence result, from the same record as its table."""
+  res = record["results"]
+  gaze, dense = res["gaze"], res[_trained_dense_key(res)]
+  rt = gaze.get("routing") or {}
+  best = best_routing_layer(rt)
+  where = ""
+  if best is not None:
+    ratio = rt["top1_per_layer"][best] / rt["top1_salience_per_layer"][best]
+    where = (f"; in layer {best}, the region it scores highest holds the shape {ratio:.1f}x as "
+             "often as a shape picked at random")
+  return (f"The tiny CPU demo learns where to look. Asked \"Where is the red shape?\", gaze "
+          f"attention answers {_pct(gaze['accuracy'])} of the test questions with "
+          f"{_pct(gaze['visual_kv']['fraction_of_dense'], 0)} of the visual KV entries per "
+          f"query, against {_pct(dense['accuracy'])} for its dense twin{where} (`make demo`, "
+          f"{record['date']}; see below).")
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--out", default=str(ROOT / "out" / "demo"), help="workdirs and the data")
   ap.add_argument("--readme", default="", help="rewrite this README's demo section")
   ap.add_argument("--table_only", action="store_true",
-                  help=f"no training: the README section from {RESULT.relative_to(ROOT)}")
+                  help="no training: the README section from benchmarks/results/demo.json")
   a = ap.parse_args(argv)
   if a.table_only:
     record = json.loads(RESULT.read_text())
   else:
-    record = run_demo(Path(a.out))
+    record = run_demo(Path(a.out).resolve())
     RESULT.write_text(json.dumps(record, indent=1) + "\n")
     if record["gaze_maps"]:
       shutil.copyfile(record["gaze_maps"][0], GAZE_MAP)
   table = readme_table(record)
   if a.readme:
     replace_between(Path(a.readme), BEGIN, END, table)
+    replace_between(Path(a.readme), SUMMARY_BEGIN, SUMMARY_END, summary_line(record))
   print(table)
   print(f"results: {RESULT}  evaluation: {Path(a.out) / 'eval'}")
   return 0

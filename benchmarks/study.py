@@ -49,9 +49,11 @@ class Run:
 
 
 SWEEPS: dict[str, tuple[Run, ...]] = {
-    # The README's demo pair across seeds: how much its figures move from seed to seed.
-    "demo_seeds": (Run("demo_gaze", "configs/demo.py"),
-                   Run("demo_dense", "configs/demo_dense.py", baselines=())),
+    # The README's demo across seeds (its dense first stage, then the dense twin and the gaze
+    # model from it): how much its figures move from seed to seed.
+    "demo_seeds": (Run("base", "configs/demo_base.py", baselines=()),
+                   Run("dense", "configs/demo_dense.py", init_from="base", baselines=()),
+                   Run("gaze", "configs/demo.py", init_from="base")),
     # A first look at the digit task: gaze K = 2 of 16 (group routing) against dense, short.
     "digits_probe": (
         Run("gaze_k2", "configs/study_digits.py", overrides=(("train.num_steps", 1500),)),

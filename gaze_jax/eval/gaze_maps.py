@@ -5,8 +5,9 @@ query heads that selected r (``selection_heat``). ``render_gaze_map`` draws it o
 example's images / video frames: one row per answer token, one column per layer (each column
 holds the frames side by side). Unselected regions are dimmed to ``DIM``; a selected region is
 lit (brightness ``DIM + (1 - DIM) * (0.5 + 0.5 * heat)``, so the image stays readable) and
-framed in a cyan ramp (``selection_colour``), with the number of heads that chose it. Cyan and
-the magenta of the ground-truth regions are colours that no shape or digit of the datasets has.
+framed in a cyan ramp (``selection_colour``), with the number of heads that chose it.
+Ground-truth regions are framed in magenta, a few pixels inside their border. Cyan and magenta
+are colours that no shape or digit of the datasets has.
 Region rectangles in pixels come from the layout (``gaze_jax.data.boxes.region_pixel_extents``:
 ``region_row / region_col`` times the region shape in patches, times the patch size in pixels
 of that frame's grid, so pooled video frames get larger regions, and padded regions at a grid
@@ -33,6 +34,7 @@ from gaze_jax.data.boxes import region_pixel_extents
 
 DIM = 0.4                                 # brightness of unselected regions
 GT_REGION = (255, 0, 255)                 # magenta: no shape of the datasets has it
+GT_INSET = 3                              # pixels between a region's frame and its ground-truth one
 GT_BOX = (255, 255, 255)
 TEXT = (255, 255, 255)
 LEGEND = ("lit, cyan frame: selected regions (the number: how many query heads chose it); "
@@ -186,7 +188,10 @@ def render_gaze_map(frames: np.ndarray, layout_row: dict, heat: np.ndarray, *,
         if f in bases and np.isfinite(ext[g]).all():
           x0, y0 = origin(row, col, f)
           a, b_, c, d = _px(ext[g], pw, ph)
-          draw.rectangle([x0 + a, y0 + b_, x0 + c - 1, y0 + d - 1], outline=GT_REGION, width=1)
+          # Inset, so that a selected ground-truth region shows both frames.
+          i = min(GT_INSET, max(0, (c - a) // 4), max(0, (d - b_) // 4))
+          draw.rectangle([x0 + a + i, y0 + b_ + i, x0 + c - 1 - i, y0 + d - 1 - i],
+                         outline=GT_REGION, width=2)
       for f, bx0, by0, bx1, by1 in boxes:
         if int(f) in bases:
           x0, y0 = origin(row, col, int(f))

@@ -20,7 +20,8 @@ def _record(gaze_acc=0.80, dense_acc=0.81):
           "routing": _routing([0.9, 0.30, 0.40, 0.95], [0.1, 0.125, 0.125, 0.125],
                               [0.2, 0.25, 0.25, 0.6])}
   return {"split": "test", "examples": 512, "date": "2026-12-03", "machine": "2-core test box",
-          "seconds": {"install": 120.0, "train_dense": 240.0, "train_gaze": 300.0, "eval": 60.0},
+          "seconds": {"install": 120.0, "train_base": 240.0, "train_dense": 60.0,
+                      "train_gaze": 90.0, "eval": 30.0},
           "results": {"gaze": gaze,
                       "dense": {"accuracy": 0.5, "visual_kv": {"measured": 20.0,
                                                                "fraction_of_dense": 1.0}},
@@ -50,8 +51,8 @@ def test_checks_figures_and_verdicts():
 
 def test_readme_table_rows_times_and_targets():
   text = demo.readme_table(_record())
-  assert "2026-12-03 on a 2-core test box: 12.0 min (install 2.0, dense twin 4.0, gaze model " \
-         "5.0, evaluation 1.0)" in text
+  assert "2026-12-03 on a 2-core test box: 9.0 min (install 2.0, dense first stage 4.0, dense " \
+         "twin 1.0, gaze model 1.5, evaluation 0.5)" in text
   assert "| gaze (K = 2 of 16 regions) | 80.0% | 6.0 | 30% | 40.0% (6.2%, 12.5%), layer 2 " \
          "| 0.25 |" in text
   assert "| `demo_dense`: trained with dense attention | 81.0% | 20.0 | 100% | - | - |" in text
@@ -81,11 +82,32 @@ def test_run_demo_times_each_step_in_order(tmp_path, monkeypatch):
 
   monkeypatch.setattr(demo, "install_seconds", lambda: 99.0)
   rec = demo.run_demo(tmp_path, execute=execute, log=lambda *_: None)
-  assert [c[1].rsplit("/", 1)[-1] for c in ran] == ["train_main.py", "train_main.py",
-                                                    "eval_main.py"]
-  assert "--config=" + str(demo.ROOT / "configs" / "demo_dense.py") in ran[0]
-  assert f"--compare_workdir={tmp_path / 'dense'}" in ran[2]
-  assert "--splits=test" in ran[2]
-  assert list(rec["seconds"]) == ["train_dense", "train_gaze", "eval", "install"]
+  assert [c[1].rsplit("/", 1)[-1] for c in ran] == ["train_main.py"] * 3 + ["eval_main.py"]
+  configs = [next(a for a in c if a.startswith("--config=")) for c in ran]
+  assert [c.rsplit("/", 1)[-1] for c in configs] == ["demo_base.py", "demo_dense.py",
+                                                     "demo.py", "demo.py"]
+  # Both second stages start from the first stage's parameters.
+  init = f"--config.init_from_checkpoint={tmp_path / 'base'}"
+  assert init not in ran[0] and init in ran[1] and init in ran[2]
+  assert f"--compare_workdir={tmp_path / 'dense'}" in ran[3]
+  assert "--splits=test" in ran[3]
+  assert list(rec["seconds"]) == ["train_base", "train_dense", "train_gaze", "eval", "install"]
   assert rec["seconds"]["install"] == 99.0
   assert rec["examples"] == 512 and rec["split"] == "test"
+
+
+def test_summary_line_and_readme_markers(tmp_path, monkeypatch):
+  line = demo.summary_line(_record())
+  assert "answers 80.0% of the test questions with 30% of the visual KV entries per query, " \
+         "against 81.0% for its dense twin; in layer 2, the region it scores highest holds " \
+         "the shape 3.2x as often" in line
+  readme = tmp_path / "README.md"
+  readme.write_text(f"top\n{demo.SUMMARY_BEGIN}\nold\n{demo.SUMMARY_END}\nmid\n{demo.BEGIN}\n"
+                    f"old table\n{demo.END}\nend\n")
+  result = tmp_path / "demo.json"
+  result.write_text(json.dumps(_record()))
+  monkeypatch.setattr(demo, "RESULT", result)
+  assert demo.main(["--table_only", f"--readme={readme}"]) == 0
+  text = readme.read_text()
+  assert "old table" not in text and "\nold\n" not in text and line in text and demo.readme_table(_record()) in text
+  assert text.startswith("top\n") and text.endswith("end\n")

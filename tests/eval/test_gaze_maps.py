@@ -79,7 +79,7 @@ def test_video_frames_side_by_side_pooled_regions(tmp_path):
   cold_frame0 = _luma(img, lab + 133, lab + 250, 5, 123)
   assert hot > cold_same_frame + 40 and hot > cold_frame0 + 40
   # The ground-truth region is outlined (cyan) at its border.
-  np.testing.assert_array_equal(img[lab + 200, x1], gaze_maps.GT_REGION)
+  np.testing.assert_array_equal(img[lab + 200, x1 + gaze_maps.GT_INSET], gaze_maps.GT_REGION)
   # Row 1: image region 0 (64 px patches grid 8 -> region = 16 px = 64 panel px) at heat 0.5,
   # dimmer than a full-heat region but brighter than the rest.
   y = 2 * lab + P + gap
@@ -157,7 +157,7 @@ def test_batch_gaze_maps_show_question_answers_and_layers(tmp_path, monkeypatch)
   np.testing.assert_array_equal(img[y0 + P - 1, x1 + P - 10], gaze_maps.selection_colour(1.0))
   # Layer 0: region 1 (top right) framed at half heat; the ground truth, region 0, in magenta.
   np.testing.assert_array_equal(img[y0, P - 10], gaze_maps.selection_colour(0.5))
-  np.testing.assert_array_equal(img[y0 + 40, 0], gaze_maps.GT_REGION)
+  np.testing.assert_array_equal(img[y0 + 40, gaze_maps.GT_INSET], gaze_maps.GT_REGION)
 
 
 def test_selection_colour_ramps_towards_bright_cyan():

@@ -38,13 +38,15 @@ def test_recipes_build_the_preset_models(name, preset):
   c = importlib.import_module(f"configs.{name}").get_config()
   got = cfg_lib.eval_model_config(c)
   want = get_preset(preset)
-  if name == "demo":                 # the demo's one change: 16 px patches, one per region
+  if name == "demo":   # 16 px patches, one per region; 4 decoder layers; K = 3, group routing
     want = dataclasses.replace(
         want, vision=dataclasses.replace(want.vision, patch_size=16),
-        gaze=dataclasses.replace(want.gaze, region_shape=(1, 1)))
+        decoder=dataclasses.replace(want.decoder, num_layers=4),
+        gaze=dataclasses.replace(want.gaze, region_shape=(1, 1), top_k=3, routing="group"))
   assert dataclasses.replace(got.decoder, remat=False) == want.decoder
   assert got.vision == want.vision
   assert got.gaze.region_shape == want.gaze.region_shape and got.gaze.num_ctx == want.gaze.num_ctx
+  assert got.gaze.routing == want.gaze.routing
   spec = cfg_lib.layout_spec(c, got)
   grid = want.vision.image_size // want.vision.patch_size
   rh, rw = want.gaze.region_shape
@@ -65,6 +67,23 @@ def test_study_digits_recipe():
   assert spec.max_regions == 16 and (plan.start, plan.target) == (16, 2)
   assert c.data.name == "digit_grid" and tuple(c.data.builder_overrides.question_types) == (
       "which",)
+
+
+def test_demo_recipes_share_the_model_and_data_and_differ_in_stage():
+  """demo_base (dense, from scratch, constant lr), demo_dense and demo (from it, the same steps,
+  dense and gaze attention) build the same parameters from the same data."""
+  from configs import demo, demo_base, demo_dense
+  base, dense, gaze = (m.get_config() for m in (demo_base, demo_dense, demo))
+  assert (base.model.gaze.attention, dense.model.gaze.attention,
+          gaze.model.gaze.attention) == ("dense", "dense", "gaze")
+  assert base.optim.end_lr_ratio == 1.0 and gaze.optim.end_lr_ratio < 1.0
+  assert dense.train.num_steps == gaze.train.num_steps
+  assert base.data.to_dict() == dense.data.to_dict() == gaze.data.to_dict()
+  assert tuple(gaze.data.builder_overrides.question_types) == ("where",)
+  shapes = [jax.tree.map(lambda x: x.shape, nnx.state(
+      nnx.eval_shape(lambda: MLLM(cfg_lib.eval_model_config(c), rngs=nnx.Rngs(0))),
+      nnx.Param)) for c in (base, dense, gaze)]
+  assert shapes[0] == shapes[1] == shapes[2]
 
 
 def test_per_example_top_k_keeps_the_ratio_and_ends_the_schedule_at_its_floor():
@@ -89,7 +108,7 @@ def test_dense_recipe_and_config_errors():
   m, _, plan = cfg_lib.train_model_config(c)
   assert m.gaze.attention == "dense" and not plan.gaze
   c = demo.get_config()
-  c.topk_schedule.start = 2          # below the target K=4
+  c.topk_schedule.start = 2          # below the target K=3
   with pytest.raises(ValueError, match="topk_schedule.start"):
     cfg_lib.train_model_config(c)
   with pytest.raises(ValueError, match="unknown fields.*nonsense"):

@@ -1,0 +1,23 @@
+"""Demo, first stage: the dense model that both demo models start from (``make demo``).
+
+  python train_main.py --config=configs/demo_base.py --workdir=/tmp/gaze_demo_base
+
+configs/demo.py's model and data with dense attention, trained from scratch at a constant
+learning rate (no decay: the second stages warm up and decay on their own). Dense attention
+first learns to find the shape of the named colour; the second stages then go on with dense
+attention (configs/demo_dense.py) or convert the model to gaze attention (configs/demo.py), the
+way a pretrained multimodal LLM would be converted. From scratch, gaze attention learns this task
+far more slowly: the uniform attention of an untrained model says nothing about where the shape
+is, so sparse routing has nothing to follow.
+"""
+
+from configs import demo
+
+
+def get_config():
+  c = demo.get_config()
+  c.model.gaze.attention = "dense"
+  c.init_from_checkpoint = ""
+  c.train.num_steps = 1_500
+  c.optim.end_lr_ratio = 1.0
+  return c
