@@ -152,12 +152,16 @@ def readme_table(record: Mapping) -> str:
   lines = [f"`make demo`, {record['date']} on a {record['machine']}: {total / 60:.1f} min "
            f"({parts}). {record['split'].capitalize()} split, {record['examples']} examples, "
            "exact match of the teacher-forced answer; top-1 routing is at the row that "
-           "predicts the answer, in its best layer after the first (uniform and salience: "
-           "the chance rates of a random region and of a random region that holds a shape).",
+           "predicts the answer, in the gaze model's best layer after the first (uniform and "
+           "salience: the chance rates of a random region and of a random region that holds a "
+           "shape).",
            "",
            "| model | accuracy | visual KV / query | % of dense | top-1 routing (uniform, salience) "
            "| coverage |", "|---|---:|---:|---:|---:|---:|"]
   key = {COMPARE: _trained_dense_key(res)}
+  # Every row's routing at the gaze model's best layer (a baseline's own best of several
+  # layers would flatter it).
+  best = best_routing_layer(res["gaze"].get("routing") or {})
   for row, label in ROWS:
     r = res.get(key.get(row, row))
     if r is None:
@@ -166,9 +170,8 @@ def readme_table(record: Mapping) -> str:
     if row == "gaze" and cfg.get("top_k") and kv.get("routing_candidates"):
       label += f" (K = {cfg['top_k']} of {kv['routing_candidates']:.0f} regions)"
     rt = r.get("routing") or {}
-    best = best_routing_layer(rt)
     routing = cov = "-"
-    if best is not None:
+    if best is not None and rt.get("top1_per_layer"):
       routing = (f"{_pct(rt['top1_per_layer'][best])} ({_pct(rt['top1_random_per_layer'][best])}"
                  f", {_pct(rt['top1_salience_per_layer'][best])}), layer {best}")
       cov = f"{rt['coverage_per_layer'][best]:.2f}"

@@ -25,6 +25,12 @@ def _record(gaze_acc=0.80, dense_acc=0.81):
           "results": {"gaze": gaze,
                       "dense": {"accuracy": 0.5, "visual_kv": {"measured": 20.0,
                                                                "fraction_of_dense": 1.0}},
+                      # Its own best layer would be 3; the table shows the gaze model's, 2.
+                      "random_routing": {
+                          "accuracy": 0.2, "visual_kv": {"measured": 6.0,
+                                                         "fraction_of_dense": 0.3},
+                          "routing": _routing([0.1, 0.1, 0.07, 0.2], [0.125] * 4,
+                                              [0.3] * 4)},
                       "demo_dense (trained, step 2000)": {
                           "accuracy": dense_acc,
                           "visual_kv": {"measured": 20.0, "fraction_of_dense": 1.0}},
@@ -55,6 +61,8 @@ def test_readme_table_rows_times_and_targets():
          "twin 1.0, gaze model 1.5, evaluation 0.5)" in text
   assert "| gaze (K = 2 of 16 regions) | 80.0% | 6.0 | 30% | 40.0% (6.2%, 12.5%), layer 2 " \
          "| 0.25 |" in text
+  assert "| the same weights, random regions at the same K | 20.0% | 6.0 | 30% | 7.0% (6.2%, " \
+         "12.5%), layer 2 | 0.30 |" in text
   assert "| `demo_dense`: trained with dense attention | 81.0% | 20.0 | 100% | - | - |" in text
   assert "| answer prior (most common training answer, no image) | 6.0% | - | - | - | - |" in text
   assert "layer 2: 40% (3.2x salience, coverage 0.25)" in text
