@@ -49,11 +49,36 @@ class Run:
 
 
 SWEEPS: dict[str, tuple[Run, ...]] = {
-    # The README's demo across seeds (its dense first stage, then the dense twin and the gaze
-    # model from it): how much its figures move from seed to seed.
-    "demo_seeds": (Run("base", "configs/demo_base.py", baselines=()),
-                   Run("dense", "configs/demo_dense.py", init_from="base", baselines=()),
-                   Run("gaze", "configs/demo.py", init_from="base")),
+    # The README's demo across seeds (configs/demo*.py: "Where is the red shape?" with one 16 px
+    # patch per cell and region): its dense first stage, then from it the dense twin, gaze at
+    # K = 3 of 16 regions (the demo: 7 of 20 visual KV entries per query, 35%) and K = 1 (5 of
+    # 20, 25%), each evaluated with eviction, token-matched and random routing at its budget.
+    "demo_seeds": (
+        Run("base", "configs/demo_base.py", baselines=()),
+        Run("dense", "configs/demo_dense.py", init_from="base", baselines=()),
+        Run("gaze_k3", "configs/demo.py", init_from="base"),
+        Run("gaze_k1", "configs/demo.py", init_from="base", overrides=(("model.gaze.top_k", 1),)),
+    ),
+    # Ablations of demo_seeds' gaze_k3, from its first stage unless they change the parameters.
+    "demo_ablations": (
+        Run("gaze_k3_sparse_from_step_0", "configs/demo.py", init_from="demo_seeds/base",
+            overrides=(("topk_schedule.enabled", False),)),
+        Run("gaze_k3_head_routing", "configs/demo.py", init_from="demo_seeds/base",
+            overrides=(("model.gaze.routing", "head"),)),
+        Run("gaze_k3_cosine", "configs/demo.py", init_from="demo_seeds/base",
+            overrides=(("model.gaze.score", "cosine"),)),
+        # Region size at one budget, 4 patch tokens per query: K = 4 of 16 one-patch regions
+        # against K = 1 of 4 regions of 2 x 2 patches.
+        Run("gaze_k4", "configs/demo.py", init_from="demo_seeds/base",
+            overrides=(("model.gaze.top_k", 4),)),
+        Run("gaze_k1_regions_2x2", "configs/demo.py", init_from="demo_seeds/base",
+            overrides=(("model.gaze.top_k", 1), ("model.gaze.region_shape", (2, 2)),
+                       ("data.max_regions", 4))),
+        Run("base_ctx0", "configs/demo_base.py", baselines=(),
+            overrides=(("model.gaze.num_ctx", 0),)),
+        Run("gaze_k3_ctx0", "configs/demo.py", init_from="base_ctx0",
+            overrides=(("model.gaze.num_ctx", 0),)),
+    ),
     # A first look at the digit task: gaze K = 2 of 16 (group routing) against dense, short.
     "digits_probe": (
         Run("gaze_k2", "configs/study_digits.py", overrides=(("train.num_steps", 1500),)),
