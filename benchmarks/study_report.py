@@ -74,9 +74,11 @@ def _mean(stats: Mapping, key) -> Optional[float]:
   return None if not s else s["mean"]
 
 
-def goals_table(main: Mapping, ablations: Optional[Mapping] = None) -> str:
+def goals_table(main: Mapping, ablations: Optional[Mapping] = None,
+                runs: Sequence[str] = ("gaze_k3", "gaze_k1")) -> str:
   """Markdown: the study's goals, each with its figure and whether it is met, from the
-  ``collect`` stats of the where sweep (and of where_ablations when given)."""
+  ``collect`` stats of a main sweep (and of its ablations when given), for the gaze ``runs``
+  at their measured share of the visual KV."""
   def acc(stats, run, row="gaze"):
     return _mean(stats.get((run, row), {}), "accuracy")
 
@@ -91,15 +93,18 @@ def goals_table(main: Mapping, ablations: Optional[Mapping] = None) -> str:
   def add(goal, figure, met):
     lines.append(f"| {goal} | {figure} | {'-' if met is None else ('yes' if met else 'no')} |")
 
-  d = diff(acc(main, "gaze_k3"), acc(main, "dense", "dense_trained"))
-  add("gaze at 24% of the visual KV within 1 point of dense, or better",
-      f"{fmt(d)} (gaze_k3 - dense)", None if d is None else d >= -1)
-  e = diff(acc(main, "gaze_k1"), acc(main, "gaze_k1", "fixed_from_question"))
-  r = diff(acc(main, "gaze_k1"), acc(main, "gaze_k1", "random_routing"))
-  add("at 12%, clearly (> 2 points) better than eviction and than random routing",
-      f"{fmt(e)} vs eviction, {fmt(r)} vs random routing",
-      None if e is None or r is None else min(e, r) > 2)
-  for run in ("gaze_k3", "gaze_k1"):
+  for run in runs:
+    kv = _mean(main.get((run, "gaze"), {}), "visual_kv.fraction_of_dense")
+    at = "?" if kv is None else f"{100 * kv:.0f}%"
+    d = diff(acc(main, run), acc(main, "dense", "dense_trained"))
+    add(f"{run} at {at} of the visual KV: within 1 point of dense, or better",
+        f"{fmt(d)} ({run} - dense)", None if d is None else d >= -1)
+    e = diff(acc(main, run), acc(main, run, "fixed_from_question"))
+    r = diff(acc(main, run), acc(main, run, "random_routing"))
+    add(f"{run} at {at}: clearly (> 2 points) better than eviction and than random routing",
+        f"{fmt(e)} vs eviction, {fmt(r)} vs random routing",
+        None if e is None or r is None else min(e, r) > 2)
+  for run in runs:
     s = main.get((run, "gaze"), {})
     top1, sal = s.get("top1_per_layer"), s.get("top1_salience_per_layer")
     cov, share, ceil = (s.get("coverage_per_layer"), s.get("share_per_layer"),
@@ -251,23 +256,32 @@ def sweep_section(sweep: str, *, results: Path = RESULTS, figures: Optional[Path
       parts += ["", f"![{sweep}: {kind}]({png.relative_to(doc_dir).as_posix()})"]
     png = figures / f"{sweep}_gaze_maps.png"
     if gaze_map_grid(results, sweep, png):
-      parts += ["", "Gaze maps (the regions each answer token's heads selected, middle layer; "
-                "outlined: the ground truth):", "",
+      parts += ["", "Gaze maps of the first test examples, as eval_main drew them when the run "
+                "was made (the regions the heads selected for each answer token; the ground "
+                "truth outlined):", "",
                 f"![{sweep}: gaze maps]({png.relative_to(doc_dir).as_posix()})"]
   return "\n".join(parts)
 
 
-GOALS_BEGIN, GOALS_END = "<!-- study-goals begin -->", "<!-- study-goals end -->"
+# The goals of each main sweep (``<!-- study-goals:<sweep> begin -->`` ... ``end -->``), with
+# the sweep of its ablations.
+GOAL_SWEEPS = {"where": "where_ablations", "demo_seeds": "demo_ablations"}
 
 
-def goals_section(results: Path = RESULTS) -> str:
-  main = load_records(results, "where")
+def goal_markers(sweep: str) -> tuple[str, str]:
+  return f"<!-- study-goals:{sweep} begin -->", f"<!-- study-goals:{sweep} end -->"
+
+
+def goals_section(sweep: str, results: Path = RESULTS) -> str:
+  main = load_records(results, sweep)
   if not main:
-    return "No results yet: `make study STUDY_SWEEP=where` writes them."
-  abl = load_records(results, "where_ablations")
+    return f"No results yet: `make study STUDY_SWEEP={sweep}` writes them."
+  abl = load_records(results, GOAL_SWEEPS[sweep])
   seeds = sorted({r["seed"] for r in main})
-  return (f"From the where sweep (seeds {', '.join(map(str, seeds))}) and its ablations; "
-          "figures are means over seeds.\n\n"
+  abl_seeds = sorted({r["seed"] for r in abl})
+  return (f"From the {sweep} sweep (seeds {', '.join(map(str, seeds))})"
+          + (f" and {GOAL_SWEEPS[sweep]} (seeds {', '.join(map(str, abl_seeds))})" if abl else "")
+          + "; figures are means over seeds.\n\n"
           + goals_table(collect(main), collect(abl) if abl else None))
 
 
@@ -292,9 +306,11 @@ def main(argv=None) -> int:
                          doc_dir=doc.parent)
     replace_between(doc, f"<!-- study:{sweep} begin -->", f"<!-- study:{sweep} end -->", text)
     print(f"[study_report] {doc}: {sweep}")
-  if GOALS_BEGIN in doc.read_text():
-    replace_between(doc, GOALS_BEGIN, GOALS_END, goals_section(Path(a.results)))
-    print(f"[study_report] {doc}: goals")
+  for sweep in GOAL_SWEEPS:
+    begin, end = goal_markers(sweep)
+    if begin in doc.read_text():
+      replace_between(doc, begin, end, goals_section(sweep, Path(a.results)))
+      print(f"[study_report] {doc}: goals of {sweep}")
   return 0
 
 

@@ -215,8 +215,12 @@ def test_goals_table_figures_and_verdicts():
              "share_ceiling_per_layer": [0.3, 0.3, 0.3]}
   main = study_report.collect([
       rec("dense", {"dense_trained": {"accuracy": 0.600}}, attention="dense"),
-      rec("gaze_k3", {"gaze": {"accuracy": 0.595, "routing": routing}}),
-      rec("gaze_k1", {"gaze": {"accuracy": 0.50, "routing": routing},
+      rec("gaze_k3", {"gaze": {"accuracy": 0.595, "routing": routing,
+                               "visual_kv": {"fraction_of_dense": 0.24}},
+                      "fixed_from_question": {"accuracy": 0.5},
+                      "random_routing": {"accuracy": 0.3}}),
+      rec("gaze_k1", {"gaze": {"accuracy": 0.50, "routing": routing,
+                               "visual_kv": {"fraction_of_dense": 0.12}},
                       "fixed_from_question": {"accuracy": 0.47},
                       "random_routing": {"accuracy": 0.49}})])
   abl = study_report.collect([rec("gaze_k3_ctx0", {"gaze": {"accuracy": 0.60}}),
@@ -226,8 +230,14 @@ def test_goals_table_figures_and_verdicts():
   def line(start):
     return next(l for l in lines if l.startswith(f"| {start}"))
 
-  assert line("gaze at 24%").endswith("| -0.5 points (gaze_k3 - dense) | yes |")
-  assert line("at 12%").endswith("| +3.0 points vs eviction, +1.0 points vs random routing | no |")
+  assert line("gaze_k3 at 24% of the visual KV: within").endswith(
+      "| -0.5 points (gaze_k3 - dense) | yes |")
+  assert line("gaze_k1 at 12% of the visual KV: within").endswith(
+      "| -10.0 points (gaze_k1 - dense) | no |")
+  assert line("gaze_k3 at 24%: clearly").endswith(
+      "| +9.5 points vs eviction, +29.5 points vs random routing | yes |")
+  assert line("gaze_k1 at 12%: clearly").endswith(
+      "| +3.0 points vs eviction, +1.0 points vs random routing | no |")
   assert line("gaze_k3, layers after the first: top-1").endswith("| 2.50x / 1.50x | no |")
   assert line("gaze_k3, layers after the first: coverage").endswith("| 0.30 / 0.60 | no |")
   assert line("gaze_k3, layers after the first: share").endswith("| 0.67 / 0.33 | no |")
