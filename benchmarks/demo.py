@@ -71,8 +71,13 @@ def run_demo(out: Path, *, execute: Optional[Callable[[list[str]], None]] = None
   """Runs every step, timing each; returns the record that ``demo.json`` keeps."""
   execute = execute or (lambda cmd: subprocess.run(cmd, check=True, cwd=ROOT))
   cmds = commands(out)
-  seconds = {}
+  seconds, resumed = {}, []
   for i, (step, cmd) in enumerate(cmds.items()):
+    workdir = next((Path(a.split("=", 1)[1]) for a in cmd if a.startswith("--workdir=")), None)
+    if step.startswith("train") and workdir is not None and (workdir / "checkpoints").is_dir():
+      resumed.append(step)
+      log(f"[demo] {step}: {workdir} holds an earlier run, which resumes: its minutes are not "
+          f"a fresh run's (remove {out} to measure one)")
     log(f"[demo] step {i + 1}/{len(cmds)}: {step} ...")
     t0 = time.time()
     execute(cmd)
@@ -85,8 +90,8 @@ def run_demo(out: Path, *, execute: Optional[Callable[[list[str]], None]] = None
   split = evaluated["splits"][0]
   return {"split": split["split"], "examples": split["examples"], "model": split.get("model", {}),
           "results": split["results"], "gaze_maps": split.get("gaze_maps", []),
-          "seconds": seconds, "commands": cmds, "date": datetime.date.today().isoformat(),
-          "machine": machine()}
+          "seconds": seconds, "resumed": resumed, "commands": cmds,
+          "date": datetime.date.today().isoformat(), "machine": machine()}
 
 
 def _pct(x, digits: int = 1) -> str:
@@ -154,7 +159,8 @@ def readme_table(record: Mapping) -> str:
            "exact match of the teacher-forced answer; top-1 routing is at the row that "
            "predicts the answer, in the gaze model's best layer after the first (uniform and "
            "salience: the chance rates of a random region and of a random region that holds a "
-           "shape).",
+           "shape)." + (f" Resumed from earlier runs, so not a fresh run's minutes: "
+                        f"{', '.join(record['resumed'])}." if record.get("resumed") else ""),
            "",
            "| model | accuracy | visual KV / query | % of dense | top-1 routing (uniform, salience) "
            "| coverage |", "|---|---:|---:|---:|---:|---:|"]

@@ -119,3 +119,22 @@ def test_summary_line_and_readme_markers(tmp_path, monkeypatch):
   text = readme.read_text()
   assert "old table" not in text and "\nold\n" not in text and line in text and demo.readme_table(_record()) in text
   assert text.startswith("top\n") and text.endswith("end\n")
+
+
+def test_a_rerun_says_which_steps_resumed(tmp_path, monkeypatch):
+  (tmp_path / "base" / "checkpoints").mkdir(parents=True)     # an earlier first stage
+
+  def execute(cmd):
+    if cmd[1].endswith("eval_main.py"):
+      (tmp_path / "eval").mkdir()
+      (tmp_path / "eval" / "eval_results.json").write_text(json.dumps({"splits": [
+          {"split": "test", "examples": 512, "results": _record()["results"]}]}))
+
+  said = []
+  monkeypatch.setattr(demo, "install_seconds", lambda: None)
+  rec = demo.run_demo(tmp_path, execute=execute, log=said.append)
+  assert rec["resumed"] == ["train_base"] and "install" not in rec["seconds"]
+  assert any("holds an earlier run" in m for m in said)
+  text = demo.readme_table({**_record(), "resumed": rec["resumed"]})
+  assert "Resumed from earlier runs, so not a fresh run's minutes: train_base." in text
+  assert "Resumed" not in demo.readme_table(_record())
