@@ -196,9 +196,10 @@ def plot_routing(stats: Mapping, path: Path, title: str) -> None:
   _save(fig, ax, path)
 
 
-def gaze_map_grid(results: Path, sweep: str, path: Path) -> bool:
+def gaze_map_grid(results: Path, sweep: str, path: Path, max_width: int = 1400) -> bool:
   """One PNG of the gaze maps that the sweep's runs kept (``study.gaze_map_path``): a row per
-  run, its lowest seed's maps side by side under the run's name. False when none were kept."""
+  run, its lowest seed's maps side by side under the run's name, as many as fit in
+  ``max_width`` pixels (at least one). False when none were kept."""
   from PIL import Image, ImageDraw
 
   by_run: dict = {}
@@ -210,7 +211,12 @@ def gaze_map_grid(results: Path, sweep: str, path: Path) -> bool:
   rows = []
   for run, seeds in sorted(by_run.items()):
     seed = min(seeds)
-    tiles = [Image.open(p).convert("RGB") for _, p in sorted(seeds[seed])]
+    tiles = []
+    for _, p in sorted(seeds[seed]):
+      tile = Image.open(p).convert("RGB")
+      if tiles and sum(t.width + 4 for t in tiles) + tile.width > max_width:
+        break
+      tiles.append(tile)
     w, h = sum(t.width for t in tiles) + 4 * (len(tiles) - 1), max(t.height for t in tiles)
     row = Image.new("RGB", (w, h + 14), (255, 255, 255))
     ImageDraw.Draw(row).text((2, 1), f"{run}, seed {seed}", fill=(0, 0, 0))

@@ -114,6 +114,9 @@ def test_study_report_tables_plots_and_markers(tmp_path):
   assert "| 50.0 ± 14.1 | 6.2 ± 0.0 | 20.0 ± 0.0 | 2.50 |" in layer
   grid = Image.open(tmp_path / "docs" / "study" / "sw_gaze_maps.png")
   assert grid.size == (44, 30) and "(study/sw_gaze_maps.png)" in text     # one row: seed 0's 2
+  narrow = tmp_path / "narrow.png"                        # only one 20 px map fits in 30 px
+  assert study_report.gaze_map_grid(res, "sw", narrow, max_width=30)
+  assert Image.open(narrow).size == (20, 30)
   for kind in ("accuracy", "routing"):
     png = tmp_path / "docs" / "study" / f"sw_{kind}.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"(study/sw_{kind}.png)" in text
