@@ -247,3 +247,8 @@ def test_goals_table_figures_and_verdicts():
   assert line("context tokens help").endswith("| -0.5 points (gaze_k3 - gaze_k3_ctx0) | no |")
   assert line("the progressive schedule").endswith(
       "| +4.5 points (gaze_k3 - gaze_k3_sparse_from_step_0) | yes |")
+  # Against the main sweep on the ablations' seeds only (gaze_k3 at 0.65 there).
+  on_seeds = study_report.collect([rec("gaze_k3", {"gaze": {"accuracy": 0.65}})])
+  lines = study_report.goals_table(main, abl, main_on_ablation_seeds=on_seeds).splitlines()
+  assert line("the progressive schedule").endswith(
+      "| +10.0 points (gaze_k3 - gaze_k3_sparse_from_step_0) | yes |")
