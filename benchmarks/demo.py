@@ -14,7 +14,6 @@ Rerunning resumes: a trained run restores its last checkpoint and stops at once.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import shutil
 import subprocess
@@ -24,7 +23,8 @@ from pathlib import Path
 from typing import Callable, Mapping, Optional
 
 from benchmarks.readme import replace_between
-from benchmarks.study import ROOT, get_dotted, machine
+from benchmarks.study import ROOT, SWEEPS, Run, evaluation_record
+from benchmarks.study import commands as study_commands
 
 RESULT = ROOT / "benchmarks" / "results" / "demo.json"
 GAZE_MAP = ROOT / "docs" / "demo_gaze_map.png"
@@ -39,23 +39,25 @@ MIN_SALIENCE_RATIO = 2.0
 MAX_COVERAGE = 0.5
 
 
+def runs() -> dict[str, Run]:
+  """The demo's runs, the study's demo_seeds runs (one definition of the recipe): the dense
+  first stage, and from it the dense twin and the gaze model (K = 3)."""
+  by_name = {r.name: r for r in SWEEPS["demo_seeds"]}
+  return {"base": by_name["base"], "dense": by_name["dense"], "gaze": by_name["gaze_k3"]}
+
+
 def commands(out: Path, python: str = sys.executable) -> dict[str, list[str]]:
-  """The demo's steps in order: the dense first stage, from it the dense twin and the gaze
-  model (the same steps each), then the evaluation of both."""
-  data = f"--config.data.data_dir={out / 'tfds'}"
-  init = f"--config.init_from_checkpoint={out / 'base'}"
-  cfg = {name: f"--config={ROOT / 'configs' / f'{name}.py'}"
-         for name in ("demo_base", "demo_dense", "demo")}
-  train, evaluate = str(ROOT / "train_main.py"), str(ROOT / "eval_main.py")
-  return {
-      "train_base": [python, train, cfg["demo_base"], f"--workdir={out / 'base'}", data],
-      "train_dense": [python, train, cfg["demo_dense"], f"--workdir={out / 'dense'}", data, init],
-      "train_gaze": [python, train, cfg["demo"], f"--workdir={out / 'gaze'}", data, init],
-      "eval": [python, evaluate, cfg["demo"], f"--workdir={out / 'gaze'}", data,
-               "--splits=test", f"--compare_config={ROOT / 'configs' / 'demo_dense.py'}",
-               f"--compare_workdir={out / 'dense'}", f"--compare_config.data.data_dir={out / 'tfds'}",
-               f"--compare_name={COMPARE}", f"--out_dir={out / 'eval'}"],
-  }
+  """The demo's steps in order (seed 0): the first stage, from it the dense twin and the gaze
+  model, then the evaluation of the gaze model with the dense twin beside it."""
+  r = runs()
+  data = out / "tfds"
+  cmd = {name: study_commands(run, 0, out / name, data, python=python,
+                              init_dir=out / "base" if run.init_from else None)
+         for name, run in r.items()}
+  compare = [f"--compare_config={ROOT / r['dense'].config}", f"--compare_workdir={out / 'dense'}",
+             f"--compare_config.data.data_dir={data}", f"--compare_name={COMPARE}"]
+  return {"train_base": cmd["base"]["train"], "train_dense": cmd["dense"]["train"],
+          "train_gaze": cmd["gaze"]["train"], "eval": cmd["gaze"]["eval"] + compare}
 
 
 def install_seconds(venv: Path = ROOT / ".venv") -> Optional[float]:
@@ -86,12 +88,9 @@ def run_demo(out: Path, *, execute: Optional[Callable[[list[str]], None]] = None
   inst = install_seconds()
   if inst is not None:
     seconds["install"] = inst
-  evaluated = json.loads((out / "eval" / "eval_results.json").read_text())
-  split = evaluated["splits"][0]
-  return {"split": split["split"], "examples": split["examples"], "model": split.get("model", {}),
-          "results": split["results"], "gaze_maps": split.get("gaze_maps", []),
-          "seconds": seconds, "resumed": resumed, "commands": cmds,
-          "date": datetime.date.today().isoformat(), "machine": machine()}
+  record = evaluation_record(out / "gaze" / "eval", seconds, cmds)
+  maps = sorted((out / "gaze" / "eval" / "gaze_maps" / record["split"]).glob("*.png"))
+  return {**record, "resumed": resumed, "gaze_maps": [str(p) for p in maps]}
 
 
 def _pct(x, digits: int = 1) -> str:
@@ -105,6 +104,11 @@ def _trained_dense_key(results: Mapping) -> str:
   return keys[0]
 
 
+def salience_ratio(routing: Mapping, layer: int) -> float:
+  """Top-1 routing over the salience baseline in ``layer``."""
+  return routing["top1_per_layer"][layer] / routing["top1_salience_per_layer"][layer]
+
+
 def best_routing_layer(routing: Mapping) -> Optional[int]:
   """The layer after the first with the highest top-1 / salience ratio among those with
   coverage at most ``MAX_COVERAGE`` (None without per-layer figures)."""
@@ -113,7 +117,7 @@ def best_routing_layer(routing: Mapping) -> Optional[int]:
   cov = routing.get("coverage_per_layer") or []
   ok = [l for l in range(1, len(top1))
         if l < len(sal) and sal[l] and l < len(cov) and cov[l] <= MAX_COVERAGE]
-  return max(ok, key=lambda l: top1[l] / sal[l]) if ok else None
+  return max(ok, key=lambda l: salience_ratio(routing, l)) if ok else None
 
 
 def checks(record: Mapping) -> list[tuple[str, str, bool]]:
@@ -130,7 +134,7 @@ def checks(record: Mapping) -> list[tuple[str, str, bool]]:
   if best is None:
     out.append((target, "no layer after the first has the figures", False))
   else:
-    ratio = rt["top1_per_layer"][best] / rt["top1_salience_per_layer"][best]
+    ratio = salience_ratio(rt, best)
     out.append((target, f"layer {best}: {ratio:.2f}x at coverage "
                 f"{rt['coverage_per_layer'][best]:.2f}", ratio >= MIN_SALIENCE_RATIO))
   return out
@@ -150,7 +154,7 @@ def readme_table(record: Mapping) -> str:
   res = record["results"]
   secs = record["seconds"]
   total = sum(secs.values())
-  parts = ", ".join(f"{name.replace('_', ' ')} {secs[k] / 60:.1f}" for k, name in (
+  parts = ", ".join(f"{name} {secs[k] / 60:.1f}" for k, name in (
       ("install", "install"), ("train_base", "dense first stage"), ("train_dense", "dense twin"),
       ("train_gaze", "gaze model"), ("eval", "evaluation")) if k in secs)
   cfg = res["gaze"].get("configured", {})
@@ -208,7 +212,7 @@ def summary_line(record: Mapping) -> str:
   best = best_routing_layer(rt)
   where = ""
   if best is not None:
-    ratio = rt["top1_per_layer"][best] / rt["top1_salience_per_layer"][best]
+    ratio = salience_ratio(rt, best)
     where = (f"; in layer {best}, the region it scores highest holds the shape {ratio:.1f}x as "
              "often as a shape picked at random")
   return (f"The tiny CPU demo learns where to look. Asked \"Where is the red shape?\", gaze "
@@ -237,7 +241,7 @@ def main(argv=None) -> int:
     replace_between(Path(a.readme), BEGIN, END, table)
     replace_between(Path(a.readme), SUMMARY_BEGIN, SUMMARY_END, summary_line(record))
   print(table)
-  print(f"results: {RESULT}  evaluation: {Path(a.out) / 'eval'}")
+  print(f"results: {RESULT}  evaluation: {Path(a.out) / 'gaze' / 'eval'}")
   return 0
 
 

@@ -198,6 +198,16 @@ def machine() -> str:
   return f"{os.cpu_count()}-core {platform.machine()} CPU machine ({platform.system()})"
 
 
+def evaluation_record(eval_dir: Path, seconds: Mapping, cmds: Mapping) -> dict:
+  """What a run's JSON keeps of an ``eval_main`` output directory (its first split), with the
+  seconds and command lines of the steps that made it, the date and the machine."""
+  split = json.loads((Path(eval_dir) / "eval_results.json").read_text())["splits"][0]
+  return {"split": split["split"], "examples": split["examples"],
+          "model": split.get("model", {}), "results": split["results"],
+          "seconds": dict(seconds), "commands": dict(cmds),
+          "date": datetime.date.today().isoformat(), "machine": machine()}
+
+
 def run_one(sweep: str, run: Run, seed: int, *, out: Path, results: Path,
             execute: Callable[[list[str]], None], log=print) -> Optional[dict]:
   """Trains and evaluates ``run`` at ``seed`` unless its JSON exists; returns the record (None
@@ -228,19 +238,14 @@ def run_one(sweep: str, run: Run, seed: int, *, out: Path, results: Path,
     t0 = time.time()
     execute(cmds[step])
     seconds[step] = round(time.time() - t0, 1)
-  evaluated = json.loads((workdir / "eval" / "eval_results.json").read_text())
-  split = evaluated["splits"][0]
-  maps = sorted((workdir / "eval" / "gaze_maps" / split["split"]).glob("*.png"))[:GAZE_MAPS]
-  for i, png in enumerate(maps):            # kept beside the JSON (workdirs are not committed)
+  evaluation = evaluation_record(workdir / "eval", seconds, cmds)
+  maps = sorted((workdir / "eval" / "gaze_maps" / evaluation["split"]).glob("*.png"))
+  for i, png in enumerate(maps[:GAZE_MAPS]):  # kept beside the JSON (workdirs are not committed)
     dst = gaze_map_path(results, sweep, run, seed, i)
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(png, dst)
   record = {"sweep": sweep, "run": run.name, "seed": seed, "config": run.config,
-            "overrides": dict(run.overrides), "init_from": run.init_from,
-            "split": split["split"],
-            "examples": split["examples"], "model": split.get("model", {}),
-            "results": split["results"], "seconds": seconds, "commands": cmds,
-            "date": datetime.date.today().isoformat(), "machine": machine()}
+            "overrides": dict(run.overrides), "init_from": run.init_from, **evaluation}
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(".tmp")
   tmp.write_text(json.dumps(record, indent=1) + "\n")

@@ -74,12 +74,15 @@ def _mean(stats: Mapping, key) -> Optional[float]:
   return None if not s else s["mean"]
 
 
+# The gaze runs of every main sweep, at its larger and its smaller visual KV budget.
+GOAL_RUNS = ("gaze_k3", "gaze_k1")
+
+
 def goals_table(main: Mapping, ablations: Optional[Mapping] = None,
-                runs: Sequence[str] = ("gaze_k3", "gaze_k1"),
                 main_on_ablation_seeds: Optional[Mapping] = None) -> str:
   """Markdown: the study's goals, each with its figure and whether it is met, from the
-  ``collect`` stats of a main sweep (and of its ablations when given), for the gaze ``runs``
-  at their measured share of the visual KV. The ablations are compared with
+  ``collect`` stats of a main sweep (and of its ablations when given), for the gaze runs
+  ``GOAL_RUNS`` at their measured share of the visual KV. The ablations are compared with
   ``main_on_ablation_seeds`` (the main sweep's stats over the ablations' seeds only; default
   ``main``), so that a seed the ablations lack cannot move the difference."""
   def acc(stats, run, row="gaze"):
@@ -96,7 +99,7 @@ def goals_table(main: Mapping, ablations: Optional[Mapping] = None,
   def add(goal, figure, met):
     lines.append(f"| {goal} | {figure} | {'-' if met is None else ('yes' if met else 'no')} |")
 
-  for run in runs:
+  for run in GOAL_RUNS:
     kv = _mean(main.get((run, "gaze"), {}), "visual_kv.fraction_of_dense")
     at = "?" if kv is None else f"{100 * kv:.0f}%"
     d = diff(acc(main, run), acc(main, "dense", "dense_trained"))
@@ -107,7 +110,7 @@ def goals_table(main: Mapping, ablations: Optional[Mapping] = None,
     add(f"{run} at {at}: clearly (> 2 points) better than eviction and than random routing",
         f"{fmt(e)} vs eviction, {fmt(r)} vs random routing",
         None if e is None or r is None else min(e, r) > 2)
-  for run in runs:
+  for run in GOAL_RUNS:
     s = main.get((run, "gaze"), {})
     top1, sal = s.get("top1_per_layer"), s.get("top1_salience_per_layer")
     cov, share, ceil = (s.get("coverage_per_layer"), s.get("share_per_layer"),

@@ -83,8 +83,8 @@ def test_run_demo_times_each_step_in_order(tmp_path, monkeypatch):
   def execute(cmd):
     ran.append(cmd)
     if cmd[1].endswith("eval_main.py"):
-      out = tmp_path / "eval"
-      out.mkdir()
+      out = tmp_path / "gaze" / "eval"
+      out.mkdir(parents=True)
       (out / "eval_results.json").write_text(json.dumps({"splits": [
           {"split": "test", "examples": 512, "results": _record()["results"]}]}))
 
@@ -98,7 +98,10 @@ def test_run_demo_times_each_step_in_order(tmp_path, monkeypatch):
   init = f"--config.init_from_checkpoint={tmp_path / 'base'}"
   assert init not in ran[0] and init in ran[1] and init in ran[2]
   assert f"--compare_workdir={tmp_path / 'dense'}" in ran[3]
-  assert "--splits=test" in ran[3]
+  assert "--splits=test" in ran[3] and f"--out_dir={tmp_path / 'gaze' / 'eval'}" in ran[3]
+  # The demo's runs are the study's demo_seeds runs at seed 0.
+  assert all("--config.train.seed=0" in c for c in ran[:3])
+  assert "--config.model.gaze.top_k" not in " ".join(ran[2])   # gaze_k3: the config's K
   assert list(rec["seconds"]) == ["train_base", "train_dense", "train_gaze", "eval", "install"]
   assert rec["seconds"]["install"] == 99.0
   assert rec["examples"] == 512 and rec["split"] == "test"
@@ -126,8 +129,8 @@ def test_a_rerun_says_which_steps_resumed(tmp_path, monkeypatch):
 
   def execute(cmd):
     if cmd[1].endswith("eval_main.py"):
-      (tmp_path / "eval").mkdir()
-      (tmp_path / "eval" / "eval_results.json").write_text(json.dumps({"splits": [
+      (tmp_path / "gaze" / "eval").mkdir(parents=True)
+      (tmp_path / "gaze" / "eval" / "eval_results.json").write_text(json.dumps({"splits": [
           {"split": "test", "examples": 512, "results": _record()["results"]}]}))
 
   said = []
