@@ -78,7 +78,7 @@ def test_video_frames_side_by_side_pooled_regions(tmp_path):
   cold_same_frame = _luma(img, lab + 5, lab + 123, x1 + 5, x1 + 123)
   cold_frame0 = _luma(img, lab + 133, lab + 250, 5, 123)
   assert hot > cold_same_frame + 40 and hot > cold_frame0 + 40
-  # The ground-truth region is outlined (cyan) at its border.
+  # The ground-truth region is framed (magenta), just inside its border.
   np.testing.assert_array_equal(img[lab + 200, x1 + gaze_maps.GT_INSET], gaze_maps.GT_REGION)
   # Row 1: image region 0 (64 px patches grid 8 -> region = 16 px = 64 panel px) at heat 0.5,
   # dimmer than a full-heat region but brighter than the rest.
