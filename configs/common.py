@@ -55,7 +55,7 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
       batch_size=32, seed=0, num_threads=2, skip_too_long=False, train_split="train",
       eval_split="validation"))
 
-  # Progressive top-K (METHOD.md step 10): start (<= 0: all regions) -> model.gaze.top_k.
+  # Progressive top-K (docs/method.md step 10): start (<= 0: all regions) -> model.gaze.top_k.
   c.topk_schedule = ml_collections.ConfigDict(dict(
       enabled=True, shape="linear", warmup_fraction=0.3, warmup_steps=-1, start=0))
 

@@ -1,4 +1,4 @@
-"""Baselines built from the gaze model's own weights (METHOD.md results section).
+"""Baselines built from the gaze model's own weights (docs/method.md, the paper's baselines).
 
 * ``dense_twin(model)``: the same parameters under ``GazeConfig(attention="dense")``; the context
   tokens stay in the sequence (the twin reads them like any other token).

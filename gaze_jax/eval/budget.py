@@ -1,6 +1,6 @@
 """Configured visual KV budget and decode FLOPs of a model on a batch layout.
 
-Built on ``gaze_jax.gaze.accounting`` (METHOD.md step 12): a gaze query reads
+Built on ``gaze_jax.gaze.accounting`` (docs/method.md step 12): a gaze query reads
 ``K * region_size + N * n_frames`` visual entries (K resolved against ``layout.max_regions`` as
 the model resolves it; ``region_size`` counts padding slots, so this is an upper bound where
 regions are padded). A dense query reads every patch token, plus the ``N * n_frames`` context

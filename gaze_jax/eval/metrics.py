@@ -127,7 +127,7 @@ def candidate_mask(layout, b: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 
 def routed_mask(layout, b: np.ndarray, t: np.ndarray, route_prompt: bool = True) -> np.ndarray:
-  """Rows a gaze model routes (METHOD.md step 8): text rows, only generated ones when
+  """Rows a gaze model routes (docs/method.md step 8): text rows, only generated ones when
   ``route_prompt`` is False. bool ``[n]``."""
   routed = _np(layout.kind)[b, t] == TEXT
   if not route_prompt:
@@ -362,7 +362,7 @@ class KVStats:
 
   @property
   def mean_union(self) -> float:
-    """Distinct regions one KV head reads for a routed row (METHOD.md efficiency notes)."""
+    """Distinct regions one KV head reads for a routed row (docs/method.md, Efficiency)."""
     return self.union / self.union_samples if self.union_samples else float("nan")
 
 

@@ -1,5 +1,5 @@
 """Gaze Attention as pure, jit-able JAX functions (no Flax): layout, regions, routing,
-attention and accounting. See METHOD.md."""
+attention and accounting. See docs/method.md."""
 
 from gaze_jax.gaze.accounting import (KVBudget, attention_flops, decode_flops, routing_flops,
                                       selected_union_size, visual_kv_budget)

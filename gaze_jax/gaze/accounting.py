@@ -1,4 +1,4 @@
-"""Budget accounting (METHOD.md step 12 and the FLOP figures of its results section).
+"""Budget accounting (docs/method.md step 12, and the FLOP figures of the paper).
 
 "Visual KV entries per query" = ``K * region_size + N * n_frames``; dense = all visual tokens.
 FLOPs count a multiply-add as 2: one query head reading one key costs ``2 * D`` for ``q . k``
@@ -62,7 +62,7 @@ def decode_flops(*, top_k: int, region_size: int, num_ctx: int, n_frames: int, n
 
 def selected_union_size(ids: jax.Array, num_kv_heads: int) -> jax.Array:
   """Distinct regions that the query heads of each GQA group selected: the blocks one KV head
-  must read for that query (METHOD.md efficiency notes).
+  must read for that query (docs/method.md, Efficiency).
 
   Args:
     ids: int32 ``[B, T, Hq, K]`` selected ids, -1 = none.

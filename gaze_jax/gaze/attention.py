@@ -73,7 +73,7 @@ def gaze_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_route: Optional[j
                    query_chunk: Optional[int] = None, implementation: str = "xla",
                    kernel_config=None, plan: Optional[AttentionPlan] = None,
                    top_k_per_example: bool = False, return_selected: bool = False):
-  """Gaze attention (METHOD.md): each text query attends to causal text, all earlier context
+  """Gaze attention (docs/method.md): each text query attends to causal text, all earlier context
   tokens and the patches of its top-K regions; patch rows are dense causal and context rows see
   their own frame.
 

@@ -8,8 +8,8 @@ structure, so examples may differ in text lengths and image counts without retra
 Storage order. Patches are stored **region-major**: the ``rh * rw`` tokens of one gaze region
 are contiguous, so a region is one contiguous KV block starting at ``region_first``. A grid that
 the region shape does not divide is padded to whole regions; the missing tokens are ``PAD``
-slots, masked everywhere. RoPE positions are those of the dense raster-order sequence (METHOD.md
-step 1): patch ``(i, j)`` of a ``gh x gw`` grid starting at position ``p`` has position
+slots, masked everywhere. RoPE positions are those of the dense raster-order sequence
+(docs/method.md step 1): patch ``(i, j)`` of a ``gh x gw`` grid starting at position ``p`` has position
 ``p + i * gw + j``, and padding slots consume no position. All causality is by position.
 
 Sequence (per example): ``[text][frame 0 patches][ctx x N][frame 1 patches][ctx x N]...[text]``
@@ -49,7 +49,7 @@ class Image:
 
 @dataclasses.dataclass(frozen=True)
 class Video:
-  """``frames`` frames, each a ``gh x gw`` grid (each frame is one grid, METHOD.md step 11)."""
+  """``frames`` frames, each a ``gh x gw`` grid (each frame is one grid, docs/method.md step 11)."""
   frames: int
   gh: int
   gw: int
@@ -64,7 +64,7 @@ class LayoutSpec:
 
   Attributes:
     seq_len: S, storage slots per example (text + patches + region padding + ctx + batch pad).
-    region_shape: (rh, rw) tokens per gaze region; default 6 x 6 (METHOD.md step 2).
+    region_shape: (rh, rw) tokens per gaze region; default 6 x 6 (docs/method.md step 2).
     max_regions: NR, gaze regions per example, summed over all images and frames.
     max_images: F, images plus video frames per example.
     num_ctx: N learnable context tokens inserted after every image / frame (default 4).
@@ -293,7 +293,7 @@ class _ExampleWriter:
     self.pos += gh * gw
     self.n_regions += nr
     self.n_frames += 1
-    # Context tokens after every image / frame (METHOD.md step 9).
+    # Context tokens after every image / frame (docs/method.md step 9).
     c = self._reserve(spec.num_ctx, where + " context tokens")
     a["kind"][b, c] = CTX
     a["position"][b, c] = self.pos + np.arange(spec.num_ctx)

@@ -1,4 +1,4 @@
-"""Which keys each query row may see (METHOD.md steps 6 to 8), apart from the routed regions.
+"""Which keys each query row may see (docs/method.md steps 6 to 8), apart from the routed regions.
 
 Rows by kind of query token:
   * PATCH rows: plain dense causal attention, as in the dense model.
@@ -51,7 +51,7 @@ def token_info(layout: TokenLayout, index: jax.Array) -> TokenInfo:
 
 
 def routed_rows(query: TokenInfo, route_prompt: bool) -> jax.Array:
-  """Rows that route (METHOD.md step 8): text rows, or only generated text rows when
+  """Rows that route (docs/method.md step 8): text rows, or only generated text rows when
   ``route_prompt`` is False. bool ``[B, T]``."""
   routed = query.kind == TEXT
   if not route_prompt:

@@ -1,6 +1,6 @@
 """Reference gaze attention: dense attention under the full gaze mask.
 
-Written to read like METHOD.md steps 5 to 8, not to be fast: it materialises the whole
+Written to read like docs/method.md steps 5 to 8, not to be fast: it materialises the whole
 ``[B, T, Hq, S]`` mask. Every faster implementation is tested against it.
 """
 

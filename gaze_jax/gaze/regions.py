@@ -1,4 +1,4 @@
-"""Gaze regions: descriptor pooling (METHOD.md step 3).
+"""Gaze regions: descriptor pooling (docs/method.md step 3).
 
 A region's descriptor is the mean of its pre-RoPE keys over its valid (PATCH) tokens, per KV
 head. Padding slots of a non-divisible grid are left out of the mean.

@@ -1,7 +1,7 @@
-"""Routing: region scores, the causal candidate mask and the static top-K (METHOD.md 4, 5).
+"""Routing: region scores, the causal candidate mask and the static top-K (docs/method.md 4-5).
 
 Selection is hard and non-differentiable: only integer region ids leave this module, so no
-gradient flows through routing (METHOD.md step 5).
+gradient flows through routing (docs/method.md step 5).
 """
 
 from __future__ import annotations

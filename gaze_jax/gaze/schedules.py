@@ -1,4 +1,4 @@
-"""Progressive top-K schedules (METHOD.md step 10).
+"""Progressive top-K schedules (docs/method.md step 10).
 
 Training starts dense (K = all regions) and lowers K to the target over a warm-up. The value is
 a traced int32, fed to ``gaze_attention(active_k=...)`` with a static ``top_k`` equal to the

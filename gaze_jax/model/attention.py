@@ -1,7 +1,7 @@
 """Decoder self-attention: dense or gaze, for full sequences, prefill and decode.
 
 The pre-RoPE q and k (after the Qwen3 q/k norm) are the routing inputs of gaze attention
-(METHOD.md steps 3-4). The KV cache is a fixed-size ``[B, S, Hkv, D]`` buffer per layer,
+(docs/method.md steps 3-4). The KV cache is a fixed-size ``[B, S, Hkv, D]`` buffer per layer,
 written with ``dynamic_update_slice``; gaze region descriptors are computed at prefill and kept
 in the cache, never recomputed while decoding.
 """

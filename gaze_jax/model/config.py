@@ -15,7 +15,7 @@ class VisionConfig:
   ``i`` = output of block i, -1 = last block); ``post_layernorm`` applies the final LayerNorm to
   the chosen features (SigLIP's ``last_hidden_state`` is feature_layer=-1 with it; LLaVA models
   take ``hidden_states[-1]`` without it). ``video_pool`` pools video frame features
-  ``video_pool x video_pool`` (METHOD.md: 2x2-pooled 24x24 frames).
+  ``video_pool x video_pool`` (docs/method.md: 2x2-pooled 24x24 frames).
   """
   image_size: int = 384
   patch_size: int = 16

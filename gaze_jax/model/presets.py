@@ -11,7 +11,7 @@ Where the numbers come from (the published ``config.json`` of each checkpoint):
   features are ``hidden_states[-1]`` without the post-LayerNorm; 27 x 27 patches.
 - Qwen3-4B, Qwen2.5-7B, Qwen2-0.5B (Qwen): see each function.
 
-The gaze settings follow METHOD.md: 4 context tokens, K = 4 regions, the grid cut 4 x 4 into
+The gaze settings follow docs/method.md: 4 context tokens, K = 4 regions, the grid cut 4 x 4 into
 regions (6 x 6 on 24 x 24; 7 x 7 on 27 x 27, the last row/column of regions padded).
 
 The presets of 0.5B parameters and more scan their decoder layers (``scan_layers``: the layer

@@ -94,7 +94,7 @@ def layout_spec(config: Any, model: MLLMConfig) -> LayoutSpec:
 
 @dataclasses.dataclass(frozen=True)
 class TopKPlan:
-  """Progressive top-K of a run (METHOD.md step 10): K goes from ``start`` to ``target`` over
+  """Progressive top-K of a run (docs/method.md step 10): K goes from ``start`` to ``target`` over
   ``warmup_steps``; the model is compiled once with the static ``start`` as K_max.
   ``gaze`` is False for dense attention (no schedule)."""
   gaze: bool
