@@ -168,6 +168,31 @@ def test_runs_start_from_an_earlier_run_of_the_same_seed(tmp_path, monkeypatch):
     study.run_sweep("later", [5], execute=_fake_executor([], {5: 0.1}), **kw)
 
 
+def test_init_seed_converts_one_first_stage_at_every_seed(tmp_path, monkeypatch):
+  """``init_seed``: every seed of the later run starts from the first stage of that one seed
+  (retrained first when its workdir is missing), and its own seed flags stay its own."""
+  monkeypatch.setitem(study.SWEEPS, "t", (
+      study.Run("base", "configs/demo.py", baselines=()),
+      study.Run("ft", "configs/demo.py", init_from="base", init_seed=0)))
+  calls = []
+  kw = dict(out=tmp_path / "out", results=tmp_path / "res", log=lambda m: None)
+  study.run_sweep("t", [0, 1, 2], execute=_fake_executor(calls, {0: .2, 1: .4, 2: .6}), **kw)
+  base0 = f"--config.init_from_checkpoint={tmp_path / 'out' / 't' / 'base' / 's0'}"
+  for seed in (1, 2):
+    ft = next(c for c in calls if f"--workdir={tmp_path / 'out' / 't' / 'ft' / f's{seed}'}" in c
+              and c[1].endswith("train_main.py"))
+    assert base0 in ft and f"--config.train.seed={seed}" in ft
+    rec = json.loads((tmp_path / "res" / "t" / f"ft_s{seed}.json").read_text())
+    assert (rec["init_from"], rec["init_seed"]) == ("base", 0)
+  # Seed 0's first stage missing on disk (a fresh clone): trained again at seed 0, not at 5.
+  import shutil
+  shutil.rmtree(tmp_path / "out" / "t" / "base" / "s0")
+  calls.clear()
+  study.run_sweep("t", [5], execute=_fake_executor(calls, {5: .1}), **kw)
+  retrain = next(c for c in calls if f"--workdir={tmp_path / 'out' / 't' / 'base' / 's0'}" in c)
+  assert "--config.train.seed=0" in retrain
+
+
 def _run_config(run):
   """The run's config file with its overrides set (as the command line would)."""
   import importlib
