@@ -31,12 +31,15 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger("gaze_jax").setLevel(logging.INFO)
   config = _CONFIG.value
+  from configs import common       # base_config: the one definition of every field
+  common.check_config(
+      config, f"--config={config_flags.get_config_filename(flags.FLAGS['config'])}")
   # jax.distributed must be initialised before anything touches the devices.
   from gaze_jax.train import trainer
   trainer.maybe_initialize_distributed(config)
   summary = trainer.train(config, _WORKDIR.value)
-  logging.getLogger("gaze_jax").info("done: %s", json.dumps({k: summary[k] for k in ("step", "eval", "preempted",
-                                                                "wall_s")}, default=str))
+  done = {k: summary[k] for k in ("step", "eval", "preempted", "wall_s")}
+  logging.getLogger("gaze_jax").info("done: %s", json.dumps(done, default=str))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Fields shared by every recipe: ``base_config(preset)`` returns a complete ConfigDict that the
 recipes then adjust. Every field a recipe may override from the command line exists here
-(``lock_config=True`` rejects unknown fields).
+(``lock_config=True`` rejects unknown fields), with its default: ``gaze_jax.train`` reads the
+fields by attribute and has no defaults of its own, so this is their one definition.
+``check_config`` names the fields a hand-built config lacks.
 """
 
 import dataclasses
@@ -10,7 +12,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from gaze_jax.model.presets import get_preset
-from gaze_jax.train.config import model_fields
+from gaze_jax.train.config import model_fields, to_dict
 from gaze_jax.train.sharding import DEFAULT_RULES
 from pallas_kernels.config import KernelConfig
 
@@ -78,3 +80,34 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
       coordinator_address="", num_processes=0, process_id=-1, auto=False,
       cpu_collectives="gloo"))
   return c
+
+
+# Subtrees not compared by ``missing_fields``: the model dataclasses' fields (absent ones take
+# the dataclass defaults, unknown ones raise; vision may be None) and the builder's keywords.
+FREE_FORM = ("model.decoder", "model.vision", "model.gaze", "data.builder_overrides")
+
+
+def missing_fields(config) -> list[str]:
+  """The dotted names (``"checkpoint.fallback"``) of the fields of ``base_config`` that
+  ``config`` (a ConfigDict, or nested mappings / namespaces) lacks."""
+  out = []
+
+  def walk(have, want, path):
+    for key, value in want.items():
+      name = f"{path}{key}"
+      if name in FREE_FORM:
+        continue
+      if not isinstance(have, dict) or key not in have:
+        out.append(name)
+      elif isinstance(value, dict):
+        walk(have[key], value, name + ".")
+  walk(to_dict(config), base_config("tiny").to_dict(), "")
+  return out
+
+
+def check_config(config, where: str = "config") -> None:
+  """Raises ValueError naming every field of ``base_config`` that ``config`` lacks."""
+  missing = missing_fields(config)
+  if missing:
+    raise ValueError(f"{where} lacks the fields {', '.join(missing)}: build it from "
+                     "configs/common.py base_config, which defines every field and its default")

@@ -1,9 +1,10 @@
 """Training configs -> model dataclasses, and the derived static shapes of a run.
 
-The configs in ``configs/`` are ml_collections ``ConfigDict`` trees; this module reads them
-through plain attribute / item access, so anything with the same fields (a ConfigDict, a
-``types.SimpleNamespace``, nested dicts) works, and ``gaze_jax.model`` never imports
-ml_collections.
+The configs in ``configs/`` are ml_collections ``ConfigDict`` trees built from
+``configs/common.py: base_config``, which defines every field and its default (the one
+definition: this package reads fields by plain attribute access and has no defaults of its
+own). Anything with the same attributes works (a ConfigDict, nested namespaces), and
+``gaze_jax.model`` never imports ml_collections.
 
 Config layout (see ``configs/demo.py`` for a complete example)::
 
@@ -25,17 +26,6 @@ from typing import Any, Mapping, Optional
 from gaze_jax.gaze.layout import LayoutSpec
 from gaze_jax.gaze.routing import resolve_top_k
 from gaze_jax.model.config import DecoderConfig, GazeConfig, MLLMConfig, VisionConfig
-
-
-def get(cfg: Any, name: str, default: Any = None) -> Any:
-  """``cfg.name`` for a ConfigDict / namespace / mapping, ``default`` when absent or None."""
-  if cfg is None:
-    return default
-  if isinstance(cfg, Mapping):
-    value = cfg.get(name, default)
-  else:
-    value = getattr(cfg, name, default)
-  return default if value is None else value
 
 
 def to_dict(cfg: Any) -> Optional[dict]:
@@ -78,8 +68,9 @@ def mllm_config(model_cfg: Any, *, top_k=None) -> MLLMConfig:
   if top_k is not None:
     gaze["top_k"] = top_k
   gz = _dataclass_from(GazeConfig, gaze, "config.model.gaze")
-  return MLLMConfig(decoder=dec, vision=vis, gaze=gz, projector=d.get("projector", "mlp2x_gelu"),
-                    dtype=d.get("dtype", "float32"), param_dtype=d.get("param_dtype", "float32"))
+  # Absent top-level fields keep MLLMConfig's defaults (``init`` is the trainer's, not a field).
+  top = {k: d[k] for k in ("projector", "dtype", "param_dtype") if k in d}
+  return MLLMConfig(decoder=dec, vision=vis, gaze=gz, **top)
 
 
 def layout_spec(config: Any, model: MLLMConfig) -> LayoutSpec:
@@ -87,9 +78,9 @@ def layout_spec(config: Any, model: MLLMConfig) -> LayoutSpec:
   settings)."""
   data = config.data
   return LayoutSpec(seq_len=int(data.seq_len), max_regions=int(data.max_regions),
-                    max_images=int(get(data, "max_images", 1)),
+                    max_images=int(data.max_images),
                     region_shape=tuple(model.gaze.region_shape), num_ctx=model.gaze.num_ctx,
-                    max_nonvisual=get(data, "max_nonvisual", None))
+                    max_nonvisual=data.max_nonvisual)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,21 +109,21 @@ def topk_plan(config: Any, model: MLLMConfig, spec: LayoutSpec) -> TopKPlan:
     # K per example is ceil(ratio * its regions) once active_k <= ratio * max_regions
     # (routing.per_example_k): the schedule ends at the floor.
     target = max(1, int(math.floor(model.gaze.top_k * spec.max_regions + 1e-9)))
-  sched = get(config, "topk_schedule")
-  if not get(sched, "enabled", True):
+  sched = config.topk_schedule
+  if not sched.enabled:
     return TopKPlan(True, target, target, 0, "linear")
-  start = int(get(sched, "start", 0))
+  start = int(sched.start)
   start = spec.max_regions if start <= 0 else start
   if not target <= start <= spec.max_regions:
     raise ValueError(f"config.topk_schedule.start={start} must be in [target K={target}, "
                      f"max_regions={spec.max_regions}]")
-  warm = int(get(sched, "warmup_steps", -1))
+  warm = int(sched.warmup_steps)
   if warm < 0:
-    frac = float(get(sched, "warmup_fraction", 0.3))
+    frac = float(sched.warmup_fraction)
     if not 0.0 <= frac <= 1.0:
       raise ValueError(f"config.topk_schedule.warmup_fraction must be in [0, 1], got {frac}")
     warm = int(math.ceil(frac * int(config.train.num_steps)))
-  return TopKPlan(True, start, target, warm, str(get(sched, "shape", "linear")))
+  return TopKPlan(True, start, target, warm, str(sched.shape))
 
 
 def train_model_config(config: Any) -> tuple[MLLMConfig, LayoutSpec, TopKPlan]:

@@ -19,7 +19,7 @@ import numpy as np
 
 from gaze_jax.gaze.layout import LayoutSpec
 from gaze_jax.model.config import MLLMConfig
-from gaze_jax.train.config import get, to_dict
+from gaze_jax.train.config import to_dict
 
 
 def make_tokenizer(name: str):
@@ -52,11 +52,11 @@ def feature_config(config: Any, model: MLLMConfig, spec: LayoutSpec):
   v = model.vision
   return FeatureConfig(spec=spec, image_size=v.image_size, patch_size=v.patch_size,
                        video_pool=v.video_pool if v.video_pool > 1 else 1,
-                       skip_too_long=bool(get(config.data, "skip_too_long", False)))
+                       skip_too_long=bool(config.data.skip_too_long))
 
 
 def data_dir(config: Any, workdir) -> Path:
-  d = get(config.data, "data_dir", "")
+  d = config.data.data_dir
   return Path(d) if d else Path(workdir) / "tfds"
 
 
@@ -65,9 +65,9 @@ def prepare(config: Any, workdir):
   from gaze_jax.data import builders
 
   d = config.data
-  overrides = to_dict(get(d, "builder_overrides", {})) or {}
-  kw = dict(name=d.name, data_dir=data_dir(config, workdir),
-            config=get(d, "builder_config", "tiny"), **overrides)
+  overrides = to_dict(d.builder_overrides) or {}
+  kw = dict(name=d.name, data_dir=data_dir(config, workdir), config=d.builder_config,
+            **overrides)
   if jax.process_index() == 0:
     b = builders.prepare(kw.pop("name"), kw.pop("data_dir"), kw.pop("config"), **kw)
   if jax.process_count() > 1:
@@ -95,14 +95,13 @@ def make_iterator(config: Any, builder, tokenizer, model: MLLMConfig, spec: Layo
   from gaze_jax.data.features import ExampleProcessor
 
   d = config.data
-  split = split or (get(d, "train_split", "train") if train else get(d, "eval_split",
-                                                                     "validation"))
+  split = split or (d.train_split if train else d.eval_split)
   src = pipeline.data_source(builder, split)
   proc = ExampleProcessor(tokenizer, feature_config(config, model, spec))
   ds = pipeline.make_dataset(src, proc, batch_size=local_batch_size(config),
-                             seed=int(get(d, "seed", 0)), shuffle=train,
+                             seed=int(d.seed), shuffle=train,
                              num_epochs=None if train else 1,
-                             num_threads=int(get(d, "num_threads", 2)))
+                             num_threads=int(d.num_threads))
   it = iter(ds)
   if state is not None:
     it.set_state(dict(state))

@@ -25,8 +25,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gaze_jax.train.config import get
-
 
 def path_str(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
@@ -79,8 +77,8 @@ def learning_rate_schedule(optim_cfg: Any, num_steps: int) -> Callable:
   """Linear warm-up from 0 to ``learning_rate`` over ``warmup_steps``, then cosine decay to
   ``learning_rate * end_lr_ratio`` at ``num_steps``."""
   lr = float(optim_cfg.learning_rate)
-  warm = int(get(optim_cfg, "warmup_steps", 0))
-  end = lr * float(get(optim_cfg, "end_lr_ratio", 0.0))
+  warm = int(optim_cfg.warmup_steps)
+  end = lr * float(optim_cfg.end_lr_ratio)
   if warm >= num_steps:
     return optax.linear_schedule(0.0, lr, max(warm, 1))
   return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps=warm, decay_steps=num_steps,
@@ -92,12 +90,12 @@ def make_optimizer(optim_cfg: Any, params: Any, num_steps: int
   """The optax transformation for ``params`` (a pure dict or its abstract shapes) and the base
   learning-rate schedule (for logging)."""
   base = learning_rate_schedule(optim_cfg, num_steps)
-  groups = parse_groups(get(optim_cfg, "param_groups", ()))
-  labels = param_labels(params, get(optim_cfg, "param_groups", ()))
-  wd = float(get(optim_cfg, "weight_decay", 0.0))
-  decay_all = bool(get(optim_cfg, "decay_all", False))
-  b1, b2 = float(get(optim_cfg, "b1", 0.9)), float(get(optim_cfg, "b2", 0.95))
-  eps = float(get(optim_cfg, "eps", 1e-8))
+  groups = parse_groups(optim_cfg.param_groups)
+  labels = param_labels(params, optim_cfg.param_groups)
+  wd = float(optim_cfg.weight_decay)
+  decay_all = bool(optim_cfg.decay_all)
+  b1, b2 = float(optim_cfg.b1), float(optim_cfg.b2)
+  eps = float(optim_cfg.eps)
 
   def adamw(mult: float, start: int):
     def lr(step):
@@ -113,7 +111,7 @@ def make_optimizer(optim_cfg: Any, params: Any, num_steps: int
   used = set(jax.tree.leaves(labels))
   transforms = {k: v for k, v in transforms.items() if k in used}
   tx = optax.multi_transform(transforms, labels)
-  clip = float(get(optim_cfg, "clip_norm", 0.0))
+  clip = float(optim_cfg.clip_norm)
   if clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(clip), tx)
   return tx, base

@@ -43,14 +43,14 @@ from gaze_jax.train import checkpoint as ckpt_lib
 from gaze_jax.train import data as data_lib
 from gaze_jax.train import metrics as metrics_lib
 from gaze_jax.train import sharding as shard_lib
-from gaze_jax.train.config import eval_model_config, get, to_dict, train_model_config
+from gaze_jax.train.config import eval_model_config, to_dict, train_model_config
 from gaze_jax.train.optim import make_optimizer, trainable_mask
 from gaze_jax.train.step import TrainStep
 
 log = logging.getLogger("gaze_jax.train")
 
 
-def maybe_initialize_distributed(config: Any = None) -> bool:
+def maybe_initialize_distributed(config: Any) -> bool:
   """Calls ``jax.distributed.initialize`` for a multi-process run, before any device use.
 
   Multi-process when ``config.distributed.coordinator_address`` is set (with
@@ -59,22 +59,21 @@ def maybe_initialize_distributed(config: Any = None) -> bool:
   ``config.distributed.auto=True``). On CPU, cross-process collectives use gloo.
   Returns whether it initialised.
   """
-  dist = get(config, "distributed")
-  addr = get(dist, "coordinator_address", "") or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
-  auto = bool(get(dist, "auto", False))
+  dist = config.distributed
+  addr = dist.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+  auto = bool(dist.auto)
   if not addr and not auto:
     return False
-  if get(dist, "cpu_collectives", "gloo"):
+  if dist.cpu_collectives:
     try:
-      jax.config.update("jax_cpu_collectives_implementation", get(dist, "cpu_collectives", "gloo"))
+      jax.config.update("jax_cpu_collectives_implementation", dist.cpu_collectives)
     except Exception as e:  # older / newer jax without the option
       log.info("cpu collectives option not set: %s", e)
   kw = {}
   if addr:
     kw = dict(coordinator_address=addr,
-              num_processes=int(get(dist, "num_processes", 0)
-                                or os.environ.get("JAX_NUM_PROCESSES", 1)),
-              process_id=int(get(dist, "process_id", -1) if get(dist, "process_id", -1) >= 0
+              num_processes=int(dist.num_processes or os.environ.get("JAX_NUM_PROCESSES", 1)),
+              process_id=int(dist.process_id if dist.process_id >= 0
                              else os.environ.get("JAX_PROCESS_ID", 0)))
   jax.distributed.initialize(**kw)
   log.info("jax.distributed: process %d of %d, %d local / %d global devices",
@@ -109,8 +108,8 @@ def build(config: Any, mesh=None) -> Setup:
   """Model, optimizer and shardings for ``config`` (on ``mesh``, default from
   ``config.mesh``)."""
   model_cfg, spec, plan = train_model_config(config)
-  mesh = mesh or shard_lib.make_mesh(dict(to_dict(get(config, "mesh", {})) or {}))
-  rules = shard_lib.rules_from_config(get(config, "logical_axis_rules", None))
+  mesh = mesh or shard_lib.make_mesh(to_dict(config.mesh))
+  rules = shard_lib.rules_from_config(config.logical_axis_rules)
   shards = shard_lib.batch_shards(rules, mesh)
   if int(config.data.batch_size) % shards:
     raise ValueError(f"config.data.batch_size={config.data.batch_size} must be a multiple of "
@@ -124,8 +123,7 @@ def build(config: Any, mesh=None) -> Setup:
   repl = NamedSharding(mesh, P())
   oshard = shard_lib.like_params(abs_opt, abs_params, pshard, repl)
   state_shardings = {"params": pshard, "opt_state": oshard, "step": repl}
-  groups = get(config.optim, "param_groups", ())
-  mask = trainable_mask(abs_params, groups)
+  mask = trainable_mask(abs_params, config.optim.param_groups)
   kv_heads = model_cfg.decoder.num_kv_heads
   step = TrainStep(gd, rest, tx, lr_fn, spec, plan, mask, kv_heads, rules)
   settled = None
@@ -174,7 +172,7 @@ def _meta(s: Setup, tokenizer) -> dict:
   from gaze_jax.data.tokenizers import fingerprint
   return {"model": dataclasses.asdict(s.model_cfg), "config": _jsonable(to_dict(s.config)),
           "topk_plan": dataclasses.asdict(s.plan),
-          "tokenizer": {"name": str(get(s.config.data, "tokenizer", "byte")),
+          "tokenizer": {"name": str(s.config.data.tokenizer),
                         "fingerprint": fingerprint(tokenizer)}}
 
 
@@ -258,17 +256,15 @@ def train(config: Any, workdir, *, mesh=None, stop_after: Optional[int] = None) 
            if s.plan.gaze else "")
 
   builder = data_lib.prepare(config, workdir)
-  tokenizer = data_lib.make_tokenizer(get(config.data, "tokenizer", "byte"))
+  tokenizer = data_lib.make_tokenizer(config.data.tokenizer)
 
-  cc = get(config, "checkpoint")
-  ckpt = ckpt_lib.Checkpointer(workdir / ckpt_lib.CHECKPOINT_DIR,
-                               save_every=int(get(cc, "save_every", 1000)),
-                               keep=int(get(cc, "keep", 3)),
-                               async_save=bool(get(cc, "async_save", True)))
+  cc = config.checkpoint
+  ckpt = ckpt_lib.Checkpointer(workdir / ckpt_lib.CHECKPOINT_DIR, save_every=int(cc.save_every),
+                               keep=int(cc.keep), async_save=bool(cc.async_save))
   restored = ckpt.restore(ckpt_lib.abstract_like(s.abstract_params, s.state_shardings["params"]),
                           ckpt_lib.abstract_like(s.abstract_opt_state,
                                                  s.state_shardings["opt_state"]),
-                          fallback=bool(get(cc, "fallback", True)))
+                          fallback=bool(cc.fallback))
   data_state = None
   if restored is not None:
     ckpt_lib.check_tokenizer(restored.meta, tokenizer,
@@ -284,11 +280,10 @@ def train(config: Any, workdir, *, mesh=None, stop_after: Optional[int] = None) 
                   jax.process_count())
     log.info("resumed from step %d of %s", restored.step, ckpt.directory)
   else:
-    state = init_state(s, int(get(tc, "seed", 0)))
-    init = get(config.model, "init", "")
-    if init:
-      state = _load_decoder_init(s, state, init)
-    src = get(config, "init_from_checkpoint", "")
+    state = init_state(s, int(tc.seed))
+    if config.model.init:
+      state = _load_decoder_init(s, state, config.model.init)
+    src = config.init_from_checkpoint
     if src:
       other = ckpt_lib.Checkpointer(Path(src) / ckpt_lib.CHECKPOINT_DIR, read_only=True)
       got = other.restore(ckpt_lib.abstract_like(s.abstract_params, s.state_shardings["params"]))
@@ -311,16 +306,16 @@ def train(config: Any, workdir, *, mesh=None, stop_after: Optional[int] = None) 
                     out_shardings=metric_sharding)
   logger = metrics_lib.MetricsLogger(workdir, enabled=primary)
   fp_log = (metrics_lib.JsonlWriter(workdir / f"data_log.{jax.process_index()}.jsonl")
-            if get(tc, "log_fingerprints", False) else None)
-  log_every = max(1, int(get(tc, "log_every", 50)))
-  eval_every = int(get(tc, "eval_every", 0))
-  eval_batches = int(get(tc, "eval_batches", 8))
+            if tc.log_fingerprints else None)
+  log_every = max(1, int(tc.log_every))
+  eval_every = int(tc.eval_every)
+  eval_batches = int(tc.eval_batches)
   B, S = int(config.data.batch_size), s.spec.seq_len
   v = s.model_cfg.vision
   flops = metrics_lib.train_flops(s.model_cfg, batch=B, seq_len=S, frames=s.spec.max_images,
                                   patches=(v.image_size // v.patch_size) ** 2)
   peak = metrics_lib.peak_flops(jax.devices()[0].device_kind,
-                                float(get(tc, "peak_flops_per_device", 0.0)))
+                                float(tc.peak_flops_per_device))
   log.info("train FLOPs per step %.3g; peak %s FLOP/s per device; %d devices", flops,
            f"{peak:.3g}" if peak else "unknown", jax.device_count())
   meta = _meta(s, tokenizer)

@@ -115,6 +115,22 @@ def test_dense_recipe_and_config_errors():
     c.train.no_such_field = 1
 
 
+def test_base_config_defines_every_field_and_check_config_names_the_missing():
+  """The trainer has no defaults of its own: every recipe is complete, and a config built by
+  hand without some fields is refused with their names."""
+  import importlib
+  from configs import common
+  for name in ("demo", "demo_base", "demo_dense", "smollm2_135m", "cambrian_4b", "qwen2_5_7b",
+               "study_digits", "study_shapes", "study_where"):
+    assert common.missing_fields(importlib.import_module(f"configs.{name}").get_config()) == []
+  d = common.base_config("tiny").to_dict()
+  del d["checkpoint"]["fallback"], d["topk_schedule"]
+  d["data"]["builder_overrides"] = {"question_types": ("where",)}     # free-form: not compared
+  with pytest.raises(ValueError, match=r"mine lacks the fields checkpoint\.fallback, "
+                                       r"topk_schedule: build it from configs/common\.py"):
+    common.check_config(ml_collections.ConfigDict(d), "mine")
+
+
 def test_model_imports_without_ml_collections():
   code = ("import sys; import gaze_jax.model, gaze_jax.train.config, gaze_jax.train.step; "
           "assert 'ml_collections' not in sys.modules, 'ml_collections imported'")
@@ -175,18 +191,18 @@ def test_every_parameter_of_the_real_presets_gets_a_valid_spec():
 
 # ----------------------------------------------------------------------------- optimizer
 
-class _Optim:
-  learning_rate = 0.1
-  warmup_steps = 3
-  end_lr_ratio = 0.1
-  weight_decay = 0.0
-  clip_norm = 0.0
-  b1, b2, eps = 0.9, 0.95, 1e-8
-  param_groups = ()
+def _optim(**fields):
+  """``base_config``'s optim section with these test settings and ``fields`` on top."""
+  from configs import common
+  o = common.base_config("tiny").optim
+  o.update(dict(learning_rate=0.1, warmup_steps=3, end_lr_ratio=0.1, weight_decay=0.0,
+                clip_norm=0.0, b1=0.9, b2=0.95, eps=1e-8, param_groups=()))
+  o.update(fields)
+  return o
 
 
 def test_schedule_is_linear_warmup_then_cosine():
-  lr = optim.learning_rate_schedule(_Optim, num_steps=13)
+  lr = optim.learning_rate_schedule(_optim(), num_steps=13)
   want = []
   for s in range(14):
     if s < 3:
@@ -200,8 +216,8 @@ def test_schedule_is_linear_warmup_then_cosine():
 def test_param_groups_freeze_scale_and_start_late():
   params = {"vision": {"w": jnp.ones((2, 2))}, "projector": {"w": jnp.ones((2, 2))},
             "decoder": {"w": jnp.ones((2, 2)), "late": jnp.ones((2, 2))}}
-  o = type("O", (_Optim,), {"warmup_steps": 0, "end_lr_ratio": 1.0, "param_groups": (
-      ("vision/.*", 0.0), ("projector/.*", 0.5), ("decoder/late", 1.0, 2))})
+  o = _optim(warmup_steps=0, end_lr_ratio=1.0, param_groups=(
+      ("vision/.*", 0.0), ("projector/.*", 0.5), ("decoder/late", 1.0, 2)))
   tx, _ = optim.make_optimizer(o, params, num_steps=10)
   assert optim.param_labels(params, o.param_groups) == {
       "vision": {"w": "frozen"}, "projector": {"w": "group1"},
@@ -290,7 +306,7 @@ def _train_step(cfg, spec, plan, lr=1e-2):
   from gaze_jax.train.step import TrainStep
   gd, abs_state, rest = abstract_params(cfg)
   params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(MLLM(cfg, rngs=nnx.Rngs(0)), nnx.Param)))()
-  o = type("O", (_Optim,), {"learning_rate": lr, "warmup_steps": 0})
+  o = _optim(learning_rate=lr, warmup_steps=0)
   tx, lr_fn = optim.make_optimizer(o, params, num_steps=10)
   st = TrainStep(gd, rest, tx, lr_fn, spec, plan, jax.tree.map(lambda _: True, params),
                  cfg.decoder.num_kv_heads)
