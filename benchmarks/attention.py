@@ -36,9 +36,7 @@ import dataclasses
 import json
 import math
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -52,6 +50,7 @@ from gaze_jax.gaze import (Image, LayoutSpec, Selection, Text, Video, build_layo
                            slots_needed)
 from gaze_jax.gaze.layout import PATCH  # noqa: E402
 from benchmarks.readme import replace_between  # noqa: E402
+from benchmarks.timing import median_seconds  # noqa: E402
 from pallas_kernels import ops  # noqa: E402
 from pallas_kernels import plan as kplan  # noqa: E402
 
@@ -76,27 +75,10 @@ class Shapes:
   num_ctx: int = 4
 
 
-# ---------------------------------------------------------------- timing
-
-
-def _time(fn, args, *, repeats: int, inner: int) -> float:
-  f = jax.jit(fn)
-  jax.block_until_ready(f(*args))
-  ts = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    out = None
-    for _ in range(inner):
-      out = f(*args)
-    jax.block_until_ready(out)
-    ts.append((time.perf_counter() - t0) / inner)
-  return statistics.median(ts)
-
-
 def _run_impl(name, fn, args, a, extra=None):
   """Times one implementation; failures (e.g. out of memory) become a note."""
   try:
-    t = _time(fn, args, repeats=a.repeats, inner=a.inner)
+    t = median_seconds(jax.jit(fn), *args, repeats=a.repeats, inner=a.inner)
   except Exception as e:  # noqa: BLE001 - a benchmark records why a case could not run
     msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
     print(f"    {name}: failed: {msg}", flush=True)

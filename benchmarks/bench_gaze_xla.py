@@ -12,26 +12,18 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
+import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gaze_jax.gaze import (LayoutSpec, Text, Video, build_layout, gaze_attention, num_regions,
-                           region_descriptors, slots_needed, visual_kv_budget)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run as a script from anywhere
 
-
-def _time(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))
-  ts = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    ts.append(time.perf_counter() - t0)
-  return statistics.median(ts)
+from benchmarks.timing import median_seconds  # noqa: E402
+from gaze_jax.gaze import (LayoutSpec, Text, Video, build_layout, gaze_attention,  # noqa: E402
+                           num_regions, region_descriptors, slots_needed, visual_kv_budget)
 
 
 def _dense_decode(q, k, v, pos_q, pos_k, valid_k):
@@ -85,10 +77,10 @@ def main():
   for impl in ("reference", "xla"):
     f = jax.jit(lambda q, k, v, d, i, impl=impl: gaze_attention(
         q, k, v, q, None, layout, top_k=a.top_k, descriptors=d, q_index=i, implementation=impl))
-    results[f"decode_{impl}_s"] = _time(f, q_new, k, v, desc, q_index, repeats=a.repeats)
+    results[f"decode_{impl}_s"] = median_seconds(f, q_new, k, v, desc, q_index, repeats=a.repeats)
   pos_q = jnp.take_along_axis(jnp.asarray(layout.position), q_index, axis=1)
   dense = jax.jit(_dense_decode)
-  results["decode_dense_s"] = _time(dense, q_new, k, v, pos_q, jnp.asarray(layout.position),
+  results["decode_dense_s"] = median_seconds(dense, q_new, k, v, pos_q, jnp.asarray(layout.position),
                                     jnp.asarray(layout.kind) != 3, repeats=a.repeats)
   results["decode_xla_vs_reference"] = results["decode_reference_s"] / results["decode_xla_s"]
   results["decode_xla_vs_dense"] = results["decode_dense_s"] / results["decode_xla_s"]
@@ -98,7 +90,7 @@ def main():
     for impl in ("reference", "xla"):
       f = jax.jit(lambda q, k, v, impl=impl: gaze_attention(
           q, k, v, q, k, layout, top_k=a.top_k, implementation=impl, query_chunk=512))
-      results[f"prefill_{impl}_s"] = _time(f, q, k, v, repeats=max(1, a.repeats // 2))
+      results[f"prefill_{impl}_s"] = median_seconds(f, q, k, v, repeats=max(1, a.repeats // 2))
 
   budget = visual_kv_budget(top_k=a.top_k, region_size=a.region ** 2, num_ctx=a.num_ctx,
                             n_frames=a.frames, tokens_per_frame=a.grid * a.grid)
