@@ -1,9 +1,7 @@
 """Training metrics: TensorBoard event files, a JSONL log, the progress line, FLOPs and MFU.
 
-TensorBoard files are written by ``EventWriter`` directly (TFRecord framing of ``Event``
-protocol buffers with scalar ``simple_value`` summaries, encoded by hand), so training needs
-neither TensorFlow nor tensorboard installed; TensorBoard and ``tf.compat.v1.train.
-summary_iterator`` read them.
+TensorBoard files are written by tensorboardX's ``SummaryWriter`` (scalar ``simple_value``
+summaries), so training needs neither TensorFlow nor tensorboard installed.
 
 FLOPs per train step (``train_flops``), counting a multiply-add as 2 and the backward pass as
 twice the forward (so train = 3 x forward):
@@ -24,10 +22,6 @@ dense); unknown devices (CPU) report no MFU.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import struct
-import time
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -67,94 +61,6 @@ def train_flops(cfg: MLLMConfig, *, batch: int, seq_len: int, frames: int,
     fwd += 2.0 * n * (Lv * (4 * Ev * Ev + 2 * Ev * Fv) + Ev * E + E * E)
     fwd += 4.0 * batch * frames * Lv * Ev * patches * patches
   return 3.0 * fwd
-
-
-# ----------------------------------------------------------------------------- TensorBoard
-
-def _crc32c_table():
-  table = []
-  for i in range(256):
-    c = i
-    for _ in range(8):
-      c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-    table.append(c)
-  return table
-
-
-_CRC_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-  """CRC-32C (Castagnoli), as TFRecord files use."""
-  c = 0xFFFFFFFF
-  for b in data:
-    c = _CRC_TABLE[(c ^ b) & 0xFF] ^ (c >> 8)
-  return c ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-  c = crc32c(data)
-  return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(n: int) -> bytes:
-  out = bytearray()
-  n &= (1 << 64) - 1
-  while True:
-    b = n & 0x7F
-    n >>= 7
-    if n:
-      out.append(b | 0x80)
-    else:
-      out.append(b)
-      return bytes(out)
-
-
-def _field_bytes(number: int, payload: bytes) -> bytes:
-  return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _event(wall_time: float, step: int, *, summary: bytes = b"", file_version: str = "") -> bytes:
-  """An ``Event`` message: wall_time (1, double), step (2, int64), file_version (3),
-  summary (5)."""
-  out = _varint(1 << 3 | 1) + struct.pack("<d", wall_time) + _varint(2 << 3 | 0) + _varint(step)
-  if file_version:
-    out += _field_bytes(3, file_version.encode())
-  if summary:
-    out += _field_bytes(5, summary)
-  return out
-
-
-def _scalar_summary(scalars: Mapping[str, float]) -> bytes:
-  """A ``Summary`` with one ``Value{tag (1), simple_value (2, float)}`` per scalar."""
-  out = b""
-  for tag, value in scalars.items():
-    v = _field_bytes(1, tag.encode()) + _varint(2 << 3 | 5) + struct.pack("<f", float(value))
-    out += _field_bytes(1, v)
-  return out
-
-
-class EventWriter:
-  """Appends scalar summaries to ``logdir/events.out.tfevents.<time>.<host>``."""
-
-  def __init__(self, logdir):
-    Path(logdir).mkdir(parents=True, exist_ok=True)
-    name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-    self.path = Path(logdir) / name
-    self._f = open(self.path, "ab")
-    self._write(_event(time.time(), 0, file_version="brain.Event:2"))
-
-  def _write(self, record: bytes):
-    header = struct.pack("<Q", len(record))
-    self._f.write(header + struct.pack("<I", _masked_crc(header)) + record
-                  + struct.pack("<I", _masked_crc(record)))
-
-  def scalars(self, step: int, values: Mapping[str, float]):
-    self._write(_event(time.time(), int(step), summary=_scalar_summary(values)))
-    self._f.flush()
-
-  def close(self):
-    self._f.close()
 
 
 # ----------------------------------------------------------------------------- JSONL + progress
@@ -205,15 +111,21 @@ class MetricsLogger:
 
   def __init__(self, workdir, enabled: bool = True):
     self.enabled = enabled
-    self.jsonl = JsonlWriter(Path(workdir) / "metrics.jsonl") if enabled else None
-    self.tb = EventWriter(Path(workdir) / "tb") if enabled else None
+    self.jsonl = self.tb = None
+    if enabled:
+      # Imported here: tensorboardX imports torch whenever that is installed.
+      from tensorboardX import SummaryWriter
+      self.jsonl = JsonlWriter(Path(workdir) / "metrics.jsonl")
+      self.tb = SummaryWriter(str(Path(workdir) / "tb"))
 
   def write(self, step: int, values: Mapping[str, float], prefix: str = "train"):
     if not self.enabled:
       return
     clean = {k: float(v) for k, v in values.items() if v is not None}
     self.jsonl.write({"step": int(step), "split": prefix, **clean})
-    self.tb.scalars(step, {f"{prefix}/{k}": v for k, v in clean.items()})
+    for k, v in clean.items():
+      self.tb.add_scalar(f"{prefix}/{k}", v, int(step))
+    self.tb.flush()          # readable while the run goes (not after flush_secs)
 
   def close(self):
     if self.enabled:
