@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, MutableMapping, Optional, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -155,7 +155,7 @@ def _find_optional(tensors: Mapping[str, np.ndarray], name: str, where: str) -> 
   return hits[0] if hits else None
 
 
-def _drop_buffers(tensors: dict[str, np.ndarray]) -> list[str]:
+def _drop_buffers(tensors: MutableMapping[str, np.ndarray]) -> list[str]:
   """Removes saved non-learned buffers from ``tensors`` in place; returns their keys."""
   dropped = sorted(k for k in tensors if k.endswith(_BUFFER_SUFFIXES))
   for k in dropped:
@@ -163,8 +163,8 @@ def _drop_buffers(tensors: dict[str, np.ndarray]) -> list[str]:
   return dropped
 
 
-def _keep_initial(model: nnx.Module, tensors: dict[str, np.ndarray], paths: Sequence[str]
-                  ) -> list[Rule]:
+def _keep_initial(model: nnx.Module, tensors: MutableMapping[str, np.ndarray],
+                  paths: Sequence[str]) -> list[Rule]:
   """Rules that keep the initial value of parameters no checkpoint has (context tokens)."""
   params = param_paths(model)
   rules = []
@@ -232,7 +232,8 @@ def load_siglip_vision(model_dir: PathLike, feature_layer: int = -1, post_layern
   vp = find_prefix(tensors, "embeddings.patch_embedding.weight", "SigLIP vision tower", where)
   # Another tower of the same checkpoint (SiglipModel's text_model, logit_scale): not ours.
   other = sorted(k for k in tensors if not k.startswith(vp))
-  tensors = {k: v for k, v in tensors.items() if k.startswith(vp)}
+  for k in other:                     # by name, so that their data is never read
+    del tensors[k]
   tower = VisionTower(vcfg, rngs=nnx.Rngs(seed), dtype=jnp.dtype(dtype),
                       param_dtype=jnp.dtype(param_dtype))
   unused = _load(tower, tensors, vision_rules(vcfg, vp), {"vision": len(tower.blocks)},

@@ -1,110 +1,115 @@
 """Reading Hugging Face checkpoints: safetensors files (single or sharded) and ``config.json``.
 
-The safetensors reader is our own (the format is an 8-byte little-endian header length, a JSON
-header ``{name: {dtype, shape, data_offsets}}`` and the raw bytes), so neither torch nor the
-``safetensors`` package is needed. bfloat16 and float8 go through ``ml_dtypes`` (a jax
-dependency). Floating tensors come back as float32 numpy arrays; integer and bool tensors (rare
-buffers) keep their dtype.
+Files are read with the ``safetensors`` library (``safe_open``, numpy framework). A checkpoint
+opens lazily: ``load_safetensors`` reads only the headers, and a tensor is read from disk when
+it is asked for, so a converter touches each tensor once and never holds the whole checkpoint.
+bfloat16 and float8 tensors come through ``ml_dtypes`` (a jax dependency): importing it
+registers their numpy dtypes, which safetensors looks up by name. Floating tensors come back as
+float32 numpy arrays; integer and bool tensors (rare buffers) keep their dtype.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import struct
+from collections.abc import Iterator, MutableMapping
 from typing import Any, Union
 
-import ml_dtypes
+import ml_dtypes  # noqa: F401  (registers bfloat16 / float8 with numpy for safetensors)
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 PathLike = Union[str, os.PathLike]
 
-# safetensors dtype tag -> numpy dtype (little-endian, as the format stores them).
-_DTYPES = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
-    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
-    "BOOL": np.dtype(np.bool_),
-}
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 
-def _corrupt(path: PathLike, why: str) -> ValueError:
-  return ValueError(f"{path}: not a valid safetensors file ({why})")
+def _tensor_names(path: str) -> list[str]:
+  """The tensor names in one file's header (the data is not read).
 
-
-def _to_numpy(raw: np.ndarray, dtype: np.dtype) -> np.ndarray:
-  """Bytes ``raw`` viewed as ``dtype`` -> float32 for floating types, a copy otherwise."""
-  arr = raw.view(dtype)
-  if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
-    return np.array(arr)
-  return arr.astype(np.float32)
-
-
-def read_safetensors_file(path: PathLike) -> dict[str, np.ndarray]:
-  """One ``.safetensors`` file -> ``{name: array}`` (floats as float32).
-
-  Raises:
-    FileNotFoundError: the file does not exist.
-    ValueError: the header or the byte ranges are inconsistent (truncated or corrupt file).
+  Raises FileNotFoundError for a missing file, ValueError naming the file for a corrupt one.
   """
-  path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"safetensors file not found: {path}")
-  size = os.path.getsize(path)
-  with open(path, "rb") as f:
-    head = f.read(8)
-    if len(head) < 8:
-      raise _corrupt(path, f"only {size} bytes, shorter than the 8-byte header length")
-    (n,) = struct.unpack("<Q", head)
-    if n > size - 8:
-      raise _corrupt(path, f"header claims {n} bytes but the file has {size - 8} after it")
-    try:
-      header = json.loads(f.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise _corrupt(path, f"header is not JSON: {e}") from None
-  if not isinstance(header, dict):
-    raise _corrupt(path, "header is not a JSON object")
-  header.pop("__metadata__", None)
-  n_data = size - 8 - n
-  # Memory-mapped, so a large checkpoint is read tensor by tensor (a plain ndarray view, so
-  # that the converted arrays are plain ndarrays too).
-  data = (np.asarray(np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n, shape=(n_data,)))
-          if n_data else np.zeros((0,), np.uint8))
-  out = {}
-  for name, info in header.items():
-    try:
-      tag, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-    except (KeyError, TypeError, ValueError):
-      raise _corrupt(path, f"tensor {name!r} has a malformed entry {info!r}") from None
-    if tag not in _DTYPES:
-      raise ValueError(f"{path}: tensor {name!r} has dtype {tag}, which we cannot read "
-                       f"(known: {sorted(_DTYPES)})")
-    dtype = _DTYPES[tag]
-    want = math.prod(shape) * dtype.itemsize
-    if not 0 <= begin <= end <= n_data or end - begin != want:
-      raise _corrupt(path, f"tensor {name!r} {tag}{list(shape)} needs {want} bytes at "
-                     f"[{begin}, {end}) of a {n_data}-byte data section (truncated file?)")
-    out[name] = _to_numpy(data[begin:end], dtype).reshape(shape)
-  del data
-  return out
+  try:
+    with safe_open(path, framework="numpy") as f:
+      return list(f.keys())
+  except SafetensorError as e:
+    raise ValueError(f"{path}: not a valid safetensors file, truncated or corrupt ({e})"
+                     ) from None
 
 
-def load_safetensors(path: PathLike) -> dict[str, np.ndarray]:
-  """Loads a checkpoint: a ``.safetensors`` file, or a directory holding ``model.safetensors``
+def _read_tensor(path: str, name: str) -> np.ndarray:
+  """Tensor ``name`` of file ``path``: float32 for floating dtypes, its own dtype otherwise."""
+  try:
+    with safe_open(path, framework="numpy") as f:
+      arr = f.get_tensor(name)
+  except (SafetensorError, TypeError, OSError) as e:
+    # TypeError: a dtype numpy does not know (one ml_dtypes lacks too).
+    raise ValueError(f"{path}: cannot read tensor {name!r}: {e}") from None
+  if np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_:
+    return arr
+  return arr.astype(np.float32, copy=False)
+
+
+class Checkpoint(MutableMapping):
+  """``{tensor name: numpy array}`` over safetensors files, read from disk on access.
+
+  Setting a name stores that array in memory; deleting one hides the tensor (converters drop
+  saved buffers and add initial values this way). Each access reads the tensor again.
+  """
+
+  def __init__(self, files: dict[str, str], where: str):
+    self._files = dict(files)        # tensor name -> the file that holds it
+    self._set: dict[str, np.ndarray] = {}
+    self._where = where
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    if name in self._set:
+      return self._set[name]
+    if name not in self._files:
+      raise KeyError(f"{self._where} has no tensor {name!r}")
+    return _read_tensor(self._files[name], name)
+
+  def __setitem__(self, name: str, value: np.ndarray) -> None:
+    self._files.pop(name, None)
+    self._set[name] = value
+
+  def __delitem__(self, name: str) -> None:
+    if self._set.pop(name, None) is None and self._files.pop(name, None) is None:
+      raise KeyError(f"{self._where} has no tensor {name!r}")
+
+  def __iter__(self) -> Iterator[str]:
+    yield from self._files
+    yield from self._set
+
+  def __len__(self) -> int:
+    return len(self._files) + len(self._set)
+
+  def __contains__(self, name: object) -> bool:
+    return name in self._set or name in self._files
+
+  def __repr__(self) -> str:
+    return f"Checkpoint({self._where!r}, {len(self)} tensors)"
+
+
+def _one_file(path: str) -> Checkpoint:
+  return Checkpoint({name: path for name in _tensor_names(path)}, path)
+
+
+def load_safetensors(path: PathLike) -> Checkpoint:
+  """Opens a checkpoint: a ``.safetensors`` file, or a directory holding ``model.safetensors``
   or a sharded ``model.safetensors.index.json`` (or exactly one other ``*.safetensors``).
 
-  Returns ``{tensor name: numpy array}``; floating tensors (bf16, f16, f32, ...) as float32.
+  Returns a lazy ``{tensor name: numpy array}`` mapping (``Checkpoint``); floating tensors
+  (bf16, f16, f32, ...) come out as float32. Only the headers are read here.
   Raises FileNotFoundError for a missing file or shard, ValueError for a corrupt one or an
   index whose weight map disagrees with its shards.
   """
   path = os.fspath(path)
   if os.path.isfile(path):
-    return read_safetensors_file(path)
+    return _one_file(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"no checkpoint at {path} (neither a file nor a directory)")
   index = os.path.join(path, INDEX_NAME)
@@ -112,10 +117,10 @@ def load_safetensors(path: PathLike) -> dict[str, np.ndarray]:
     return _load_sharded(path, index)
   single = os.path.join(path, SINGLE_NAME)
   if os.path.isfile(single):
-    return read_safetensors_file(single)
+    return _one_file(single)
   found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
   if len(found) == 1:
-    return read_safetensors_file(os.path.join(path, found[0]))
+    return _one_file(os.path.join(path, found[0]))
   if not found:
     raise FileNotFoundError(f"{path} has no {SINGLE_NAME}, no {INDEX_NAME} and no other "
                             "*.safetensors file")
@@ -123,24 +128,25 @@ def load_safetensors(path: PathLike) -> dict[str, np.ndarray]:
                    "saying how they fit together")
 
 
-def _load_sharded(root: str, index: str) -> dict[str, np.ndarray]:
+def _load_sharded(root: str, index: str) -> Checkpoint:
   try:
     with open(index) as f:
       weight_map = json.load(f)["weight_map"]
   except (json.JSONDecodeError, KeyError, TypeError) as e:
     raise ValueError(f"{index}: not a valid shard index (needs a 'weight_map'): {e}") from None
-  out: dict[str, np.ndarray] = {}
+  files: dict[str, str] = {}
   for shard in sorted(set(weight_map.values())):
-    tensors = read_safetensors_file(os.path.join(root, shard))
-    dup = sorted(set(tensors) & set(out))
+    file = os.path.join(root, shard)
+    names = _tensor_names(file)
+    dup = sorted(set(names) & set(files))
     if dup:
       raise ValueError(f"{index}: tensors {dup[:5]} appear in more than one shard")
-    out.update(tensors)
-  missing = sorted(k for k in weight_map if k not in out)
+    files.update((name, file) for name in names)
+  missing = sorted(k for k in weight_map if k not in files)
   if missing:
     raise ValueError(f"{index} lists {len(missing)} tensors that its shards lack, e.g. "
                      f"{missing[:5]}")
-  return out
+  return Checkpoint(files, root)
 
 
 def read_hf_config(path: PathLike) -> dict[str, Any]:

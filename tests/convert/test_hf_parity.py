@@ -310,16 +310,36 @@ def test_load_safetensors_missing_and_corrupt(tmp_path):
     load_safetensors(tmp_path)
   f = tmp_path / "model.safetensors"
   safetensors_numpy.save_file({"w": np.ones((64, 64), np.float32)}, str(f))
+  # A tensor the file lacks is named with the file.
+  with pytest.raises(KeyError, match=r"model.safetensors has no tensor 'v'"):
+    load_safetensors(f)["v"]
   data = f.read_bytes()
-  f.write_bytes(data[:-100])                                  # truncated data
-  with pytest.raises(ValueError, match="truncated"):
-    load_safetensors(tmp_path)
-  f.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
-  with pytest.raises(ValueError, match="not JSON"):
-    load_safetensors(f)
-  f.write_bytes(b"\x01\x02")
-  with pytest.raises(ValueError, match="not a valid safetensors file"):
-    load_safetensors(f)
+  not_json = (16).to_bytes(8, "little") + b"not json at all!"
+  # Truncated data, a header that is not JSON, a file shorter than the header length.
+  for content in (data[:-100], not_json, b"\x01\x02"):
+    f.write_bytes(content)
+    with pytest.raises(ValueError, match=r"model.safetensors: not a valid safetensors file"):
+      load_safetensors(tmp_path)
+
+
+def test_load_safetensors_is_lazy(tmp_path, monkeypatch):
+  """Opening reads headers only; a tensor's data is read when it is asked for, and a deleted
+  or replaced tensor is never read."""
+  import gaze_jax.convert.hf_io as hf_io
+  f = tmp_path / "x.safetensors"
+  safetensors_numpy.save_file({k: np.full((2, 3), i, np.float16) for i, k in enumerate("abc")},
+                              str(f))
+  read = []
+  real = hf_io._read_tensor
+  monkeypatch.setattr(hf_io, "_read_tensor", lambda p, n: read.append(n) or real(p, n))
+  ckpt = load_safetensors(f)
+  assert sorted(ckpt) == ["a", "b", "c"] and read == []
+  del ckpt["a"]
+  ckpt["b"] = np.zeros(4, np.float32)
+  assert sorted(ckpt) == ["b", "c"] and "a" not in ckpt and len(ckpt) == 2
+  c = ckpt["c"]
+  assert c.dtype == np.float32 and ckpt["b"].shape == (4,) and read == ["c"]
+  np.testing.assert_array_equal(c, np.full((2, 3), 2, np.float32))
 
 
 # ------------------------------------------------------------------ clear errors
@@ -328,7 +348,7 @@ def _copy_with(src, dst, edit_tensors=None, edit_config=None):
   """Copies a model directory, editing its tensors dict and/or its config dict in place."""
   shutil.copytree(src, dst)
   if edit_tensors:
-    tensors = load_safetensors(src)
+    tensors = dict(load_safetensors(src))
     edit_tensors(tensors)
     safetensors_numpy.save_file(tensors, str(dst / "model.safetensors"))
   if edit_config:
