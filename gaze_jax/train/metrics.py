@@ -81,18 +81,18 @@ class JsonlWriter:
     self._f.close()
 
 
-def format_duration(seconds: float) -> str:
-  seconds = max(0, int(round(seconds)))
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
-
-
 def progress_line(step: int, num_steps: int, m: Mapping[str, float], tokens_per_s: float,
                   eta_s: Optional[float]) -> str:
-  """``step 120/600 | loss 1.234 | acc 0.512 | 12.3k tok/s | K 8 | lr 1.0e-03 | ETA 3m12s``."""
+  """``step 120/600 | loss 1.2345 | acc 0.500 | 12.3k tok/s | K 8 | union 9.5 | lr 1.0e-03 |
+  MFU 41.0% | ETA 03:12``: one line per logged step, which the trainer logs.
+
+  A tqdm bar redraws itself with carriage returns, one endless line in a log file; only
+  tqdm's formatters are used here, for the speed and the ETA (``[H:]MM:SS``).
+  """
+  from tqdm import tqdm          # installed with the [data] extra that training needs
+
   parts = [f"step {step}/{num_steps}", f"loss {m['loss']:.4f}", f"acc {m['accuracy']:.3f}",
-           f"{tokens_per_s / 1e3:.1f}k tok/s"]
+           f"{tqdm.format_sizeof(tokens_per_s)} tok/s"]
   if m.get("k", 0) > 0:
     parts.append(f"K {int(m['k'])}")
     if "union_per_kv_head" in m:
@@ -101,7 +101,7 @@ def progress_line(step: int, num_steps: int, m: Mapping[str, float], tokens_per_
   if m.get("mfu") is not None:
     parts.append(f"MFU {100 * m['mfu']:.1f}%")
   parts.append("ETA -- (first step: compiling)" if eta_s is None else
-               f"ETA {format_duration(eta_s)}")
+               f"ETA {tqdm.format_interval(eta_s)}")
   return " | ".join(parts)
 
 

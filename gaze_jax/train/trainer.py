@@ -11,7 +11,8 @@ What it does, in order:
    by ``jax.jit(out_shardings=...)``; optionally decoder weights from a GGUF file, or the
    parameters of another run's checkpoint, ``config.init_from_checkpoint``).
 5. The loop: jitted step (K of the progressive top-K is computed inside it: one compile),
-   progress line, metrics to ``<workdir>/metrics.jsonl`` and TensorBoard ``<workdir>/tb``,
+   a progress line logged every ``train.log_every`` steps (``logging`` under the
+   ``gaze_jax.train`` name, which absl's handler formats under ``train_main.py``), metrics to ``<workdir>/metrics.jsonl`` and TensorBoard ``<workdir>/tb``,
    periodic teacher-forced evaluation, asynchronous checkpoints.
 6. SIGTERM (preemption): the current step finishes, a checkpoint is written, the loop stops;
    rerunning the same command resumes.
@@ -332,8 +333,8 @@ def train(config: Any, workdir, *, mesh=None, stop_after: Optional[int] = None) 
       fn = step_fn
       if settled_fn is not None and s_done - 1 >= s.plan.warmup_steps:
         if s_done - 1 == max(start, s.plan.warmup_steps) and primary:
-          print(f"step {s_done}: K reached its target {s.plan.target}; compiling the step for "
-                f"K = {s.plan.target} (K_max was {s.plan.start})", flush=True)
+          log.info("step %d: K reached its target %d; compiling the step for K = %d (K_max was "
+                   "%d)", s_done, s.plan.target, s.plan.target, s.plan.start)
         fn = settled_fn
       state, metrics = fn(state, shard_lib.shard_batch(batch, s.batch_sharding))
       if s_done % log_every == 0 or s_done == num_steps or s_done == start + 1:
@@ -349,8 +350,7 @@ def train(config: Any, workdir, *, mesh=None, stop_after: Optional[int] = None) 
         eta = (None if s_done == start + 1 else
                (num_steps - s_done) / max(m["steps_per_s"], 1e-9))
         if primary:
-          print(metrics_lib.progress_line(s_done, num_steps, m, m["tokens_per_s"], eta),
-                flush=True)
+          log.info("%s", metrics_lib.progress_line(s_done, num_steps, m, m["tokens_per_s"], eta))
         logger.write(s_done, m)
         last = m
         t_mark, step_mark = time.time(), s_done
@@ -360,9 +360,9 @@ def train(config: Any, workdir, *, mesh=None, stop_after: Optional[int] = None) 
         if last_eval:
           logger.write(s_done, last_eval, prefix="eval")
           if primary:
-            print(f"eval step {s_done}: loss {last_eval['loss']:.4f} | token acc "
-                  f"{last_eval['accuracy']:.3f} | exact {last_eval['exact']:.3f} "
-                  f"({int(last_eval['examples'])} examples)", flush=True)
+            log.info("eval step %d: loss %.4f | token acc %.3f | exact %.3f (%d examples)",
+                     s_done, last_eval["loss"], last_eval["accuracy"], last_eval["exact"],
+                     int(last_eval["examples"]))
         t_mark = time.time()      # do not count eval time in tokens/s
       stop = pre.agreed() or (stop_after is not None and s_done - start >= stop_after)
       force = stop or s_done == num_steps

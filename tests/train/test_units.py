@@ -403,11 +403,18 @@ def test_train_flops_matmul_part_is_six_n_t():
 
 
 def test_progress_line_has_step_loss_speed_k_eta():
-  line = metrics_lib.progress_line(120, 600, {"loss": 1.2345, "accuracy": 0.5, "k": 8,
-                                              "union_per_kv_head": 9.5, "lr": 1e-3},
-                                   12345.0, 192)
-  for part in ("step 120/600", "loss 1.2345", "12.3k tok/s", "K 8", "ETA 3m12s"):
-    assert part in line
+  m = {"loss": 1.2345, "accuracy": 0.5, "k": 8, "union_per_kv_head": 9.5, "lr": 1e-3,
+       "mfu": 0.41}
+  line = metrics_lib.progress_line(120, 600, m, 12345.0, 192)
+  assert line == ("step 120/600 | loss 1.2345 | acc 0.500 | 12.3k tok/s | K 8 | union 9.5 | "
+                  "lr 1.0e-03 | MFU 41.0% | ETA 03:12")
+  assert "\r" not in line
+  m = {"loss": 1.0, "accuracy": 0.25, "k": 0, "lr": 0.0}           # dense: no K; no MFU
+  line = metrics_lib.progress_line(1, 7200, m, 950.0, None)
+  assert line == ("step 1/7200 | loss 1.0000 | acc 0.250 | 950 tok/s | lr 0.0e+00 | "
+                  "ETA -- (first step: compiling)")
+  assert metrics_lib.progress_line(2, 7200, m, 2.5e6, 3725.0).endswith(
+      "2.50M tok/s | lr 0.0e+00 | ETA 1:02:05")
 
 
 def _event_scalars(logdir) -> list[tuple[int, str, float]]:
