@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from gaze_jax.gaze import PAD, PATCH, TokenLayout
+from gaze_jax.model.mllm import concrete
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,12 +87,13 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature, top_p) -> jax.
 # ------------------------------------------------------------------ host-side checks
 
 
-def _concrete(x, what: str) -> np.ndarray:
-  try:
-    return np.asarray(x)
-  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+def _host(x, what: str) -> np.ndarray:
+  """x as numpy; a ValueError naming ``what`` when it is traced."""
+  out = concrete(x)
+  if out is None:
     raise ValueError(f"generate needs a concrete (host) {what}, got a traced value; call it "
-                     "outside jax.jit (it is compiled inside)") from None
+                     "outside jax.jit (it is compiled inside)")
+  return out
 
 
 def generated_span(layout: TokenLayout) -> tuple[np.ndarray, np.ndarray]:
@@ -101,8 +103,8 @@ def generated_span(layout: TokenLayout) -> tuple[np.ndarray, np.ndarray]:
   example has no ``Text(n, generated=True)`` span, no prompt before it, or anything but
   padding after it.
   """
-  gen = _concrete(layout.generated, "layout").astype(bool)
-  kind = _concrete(layout.kind, "layout")
+  gen = _host(layout.generated, "layout").astype(bool)
+  kind = _host(layout.kind, "layout")
   first = np.zeros(gen.shape[0], np.int64)
   count = np.zeros(gen.shape[0], np.int64)
   for b in range(gen.shape[0]):
@@ -142,7 +144,7 @@ def _check_args(model, tokens, layout, images, max_new_tokens, rng, temperature,
     raise ValueError(f"max_new_tokens={max_new_tokens} exceeds the generated span reserved in "
                      f"the layout for example {b} ({int(count[b])} slots); reserve it with "
                      f"Text({max_new_tokens}, generated=True)")
-  has_patches = bool((_concrete(layout.kind, "layout") == PATCH).any())
+  has_patches = bool((_host(layout.kind, "layout") == PATCH).any())
   if has_patches and images is None:
     raise ValueError("the layout has image/frame placeholders but images is None "
                      "(pack them with pack_images)")

@@ -16,7 +16,7 @@ from gaze_jax.model.decoder import Decoder
 from gaze_jax.model.vision import Projector, VisionTower
 
 
-def _concrete(x) -> Optional[np.ndarray]:
+def concrete(x) -> Optional[np.ndarray]:
   """x as numpy when it is not traced (so host-side checks can run), else None."""
   try:
     return np.asarray(x)
@@ -116,8 +116,7 @@ class MLLM(nnx.Module):
       raise ValueError(f"images are [B={B}, F={F}, ...] but the layout has B="
                        f"{layout.batch_size} and max_images={layout.spec.max_images}")
     self.vision.check_images(images[0])
-    grid = np.asarray(_concrete(layout.frame_grid)) if _concrete(layout.frame_grid) is not None else None
-    valid = _concrete(layout.frame_valid)
+    grid, valid = concrete(layout.frame_grid), concrete(layout.frame_valid)
     if grid is None or valid is None:
       return
     p, pool = vcfg.patch_size, vcfg.video_pool
@@ -166,7 +165,7 @@ class MLLM(nnx.Module):
         patch = jnp.where(is_pooled[..., None],
                           pooled[b, f, jnp.minimum(i, pooled.shape[2] - 1)], patch)
       x = jnp.where((kind == PATCH)[..., None], patch.astype(x.dtype), x)
-    elif _concrete(kind) is not None and (np.asarray(kind) == PATCH).any():
+    elif (host_kind := concrete(kind)) is not None and (host_kind == PATCH).any():
       raise ValueError("the layout has image/frame placeholders but no images were given")
     if self.cfg.gaze.num_ctx:
       ctx = self.ctx_embed[...][jnp.clip(layout.patch_index, 0, self.cfg.gaze.num_ctx - 1)]
