@@ -7,7 +7,8 @@ relative to an image folder. Turns alternate human / gpt, starting with human. T
 ``<image>`` markers must equal the number of images, or be 0 (the images then go before the
 first question, LLaVA's convention, which the pipeline applies).
 
-A bad record (missing field, wrong roles, marker count, missing or unreadable image) raises
+A bad record (missing field, wrong roles, marker count, empty answer, an image that is missing,
+unreadable or outside the image folder) raises
 ``LlavaRecordError`` naming the JSON file, the record id and the file; with ``skip_bad=True``
 it is skipped and listed in the returned ``skipped`` list instead (nothing is dropped silently).
 """
@@ -68,6 +69,8 @@ def parse_record(rec, index: int, json_path, image_dir) -> LlavaRecord:
     if k % 2:
       if IMAGE_MARKER in msg["value"]:
         raise _fail(json_path, index, rid, f"conversations[{k}] (an answer) holds {IMAGE_MARKER}")
+      if not msg["value"].strip():      # nothing to learn, and no answer to score
+        raise _fail(json_path, index, rid, f"conversations[{k}] (an answer) is empty")
       turns.append((conv[k - 1]["value"], msg["value"]))
   image = rec.get("image", [])
   names = [image] if isinstance(image, str) else image
@@ -79,8 +82,13 @@ def parse_record(rec, index: int, json_path, image_dir) -> LlavaRecord:
     raise _fail(json_path, index, rid, f"has {markers} {IMAGE_MARKER} markers but "
                 f"{len(names)} images")
   paths = []
+  root = Path(image_dir).resolve()
   for n in names:
     p = Path(image_dir) / n
+    # A name may use sub-folders, but must stay inside the image folder (no "../", no
+    # absolute path, no link out of it).
+    if not p.resolve().is_relative_to(root):
+      raise _fail(json_path, index, rid, f"image {n!r} lies outside the image folder {root}")
     if not p.is_file():
       raise _fail(json_path, index, rid, f"image file {p} does not exist")
     try:

@@ -129,6 +129,9 @@ def test_skip_bad_counts_the_skipped_records(folder, data_dir):
     ({"id": "r", "image": 5, "conversations": [
         {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}, "'image' must be"),
     ("just a string", "expected a JSON object"),
+    ({"id": "r", "conversations": [{"from": "human", "value": "q"},
+                                   {"from": "gpt", "value": " "}]},
+     "record 'r' .*conversations\\[1\\] \\(an answer\\) is empty"),
 ])
 def test_malformed_records(folder, record, message):
   tmp, imgs, _ = folder
@@ -138,6 +141,20 @@ def test_malformed_records(folder, record, message):
   records, skipped = parse_json(js, imgs, skip_bad=True)
   assert [r.id for r in records] == ["17"] and len(skipped) == 1
   assert skipped[0]["index"] == 1
+
+
+def test_image_paths_stay_inside_the_image_folder(folder):
+  """A readable image outside the folder ("../", an absolute path) is refused, naming the
+  record; sub-folders inside it are fine (GOOD's "sub/b.png")."""
+  tmp, imgs, _ = folder
+  PILImage.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp / "outside.png")
+  for name in ("../outside.png", str(tmp / "outside.png"), "sub/../../outside.png"):
+    rec = {"id": "escape", "image": name, "conversations": GOOD[1]["conversations"]}
+    with pytest.raises(LlavaRecordError, match="record 'escape'.*outside the image folder"):
+      parse_json(_write(tmp, [GOOD[1], rec]), imgs)
+  ok = {"id": "inside", "image": "sub/../a.png", "conversations": GOOD[1]["conversations"]}
+  records, _ = parse_json(_write(tmp, [ok]), imgs)
+  assert records[0].images[0].name == "a.png"
 
 
 def test_not_a_list(tmp_path):
