@@ -8,9 +8,9 @@ relative to an image folder. Turns alternate human / gpt, starting with human. T
 first question, LLaVA's convention, which the pipeline applies).
 
 A bad record (missing field, wrong roles, marker count, empty answer, an image that is missing,
-unreadable or outside the image folder) raises
-``LlavaRecordError`` naming the JSON file, the record id and the file; with ``skip_bad=True``
-it is skipped and listed in the returned ``skipped`` list instead (nothing is dropped silently).
+unreadable or outside the image folder) raises ``LlavaRecordError`` naming the JSON file, the
+record id and the file; with ``skip_bad=True`` it is skipped and listed in the returned
+``skipped`` list instead (nothing is dropped silently).
 """
 
 from __future__ import annotations
