@@ -58,6 +58,16 @@ class Video:
 Segment = Union[Text, Image, Video]
 
 
+def _whole(name: str, value, low: int) -> int:
+  """``value`` as a Python int >= ``low``; a float, string or bool is refused (a static shape
+  must be a whole number, and 2.7 or "64" are mistakes, not sizes)."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+  if value < low:
+    raise ValueError(f"{name} must be >= {low}, got {value}")
+  return int(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class LayoutSpec:
   """Static shape of a layout: everything here is a compile-time constant.
@@ -79,20 +89,21 @@ class LayoutSpec:
   max_nonvisual: int | None = None
 
   def __post_init__(self):
-    for name in ("seq_len", "max_regions", "max_images"):
-      if int(getattr(self, name)) < 1:
-        raise ValueError(f"LayoutSpec.{name} must be >= 1, got {getattr(self, name)}")
-    rs = tuple(int(x) for x in self.region_shape)
-    if len(rs) != 2 or min(rs) < 1:
-      raise ValueError(f"LayoutSpec.region_shape must be two positive ints, got {self.region_shape}")
-    object.__setattr__(self, "region_shape", rs)
-    if self.num_ctx < 0:
-      raise ValueError(f"LayoutSpec.num_ctx must be >= 0, got {self.num_ctx}")
+    for name, low in (("seq_len", 1), ("max_regions", 1), ("max_images", 1), ("num_ctx", 0)):
+      object.__setattr__(self, name, _whole(f"LayoutSpec.{name}", getattr(self, name), low))
+    shape = self.region_shape
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__len__") or len(shape) != 2:
+      raise ValueError(f"LayoutSpec.region_shape must be two positive ints, got {shape!r}")
+    object.__setattr__(self, "region_shape",
+                       tuple(_whole("LayoutSpec.region_shape", x, 1) for x in shape))
     if self.max_nonvisual is None:
       object.__setattr__(self, "max_nonvisual", self.seq_len)
-    elif not 1 <= self.max_nonvisual <= self.seq_len:
-      raise ValueError(
-          f"LayoutSpec.max_nonvisual must be in [1, seq_len={self.seq_len}], got {self.max_nonvisual}")
+    else:
+      nv = _whole("LayoutSpec.max_nonvisual", self.max_nonvisual, 1)
+      if nv > self.seq_len:
+        raise ValueError(f"LayoutSpec.max_nonvisual must be in [1, seq_len={self.seq_len}], "
+                         f"got {nv}")
+      object.__setattr__(self, "max_nonvisual", nv)
 
   @property
   def region_size(self) -> int:

@@ -34,7 +34,9 @@ def resolve_top_k(top_k, n_regions: int) -> int:
     raise ValueError(f"top_k must be an int count or a float ratio, got {top_k!r}") from None
   if k != top_k:
     raise ValueError(f"top_k must be an int count or a float ratio, got {top_k!r}")
-  if not 1 <= k <= n_regions:
+  if k < 1:
+    raise ValueError(f"top_k={k} must be at least 1 (a count of regions; 0 selects nothing)")
+  if k > n_regions:
     raise ValueError(f"top_k={k} must be in [1, max_regions={n_regions}] "
                      "(K larger than the number of regions)")
   return k

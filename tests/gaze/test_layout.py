@@ -101,12 +101,25 @@ def test_bad_structure_names_the_field(segments, spec_kw, match):
 @pytest.mark.parametrize("kw, match", [
     (dict(seq_len=0), "seq_len"), (dict(region_shape=(0, 2)), "region_shape"),
     (dict(num_ctx=-1), "num_ctx"), (dict(max_nonvisual=100), "max_nonvisual"),
+    # Not whole numbers: refused when the spec is made, not later inside build_layout.
+    (dict(seq_len=2.7), r"LayoutSpec.seq_len must be an int, got 2.7 \(float\)"),
+    (dict(seq_len="64"), r"LayoutSpec.seq_len must be an int, got '64' \(str\)"),
+    (dict(max_regions=True), "LayoutSpec.max_regions must be an int"),
+    (dict(region_shape=(2.0, 2)), "LayoutSpec.region_shape must be an int"),
+    (dict(region_shape="22"), "LayoutSpec.region_shape must be two positive ints"),
+    (dict(max_nonvisual=3.5), "LayoutSpec.max_nonvisual must be an int"),
 ])
 def test_bad_spec(kw, match):
   base = dict(seq_len=50, max_regions=8, max_images=2)
   base.update(kw)
   with pytest.raises(ValueError, match=match):
     LayoutSpec(**base)
+
+
+def test_spec_accepts_numpy_ints():
+  spec = LayoutSpec(seq_len=np.int64(50), max_regions=np.int32(8), max_images=2,
+                    region_shape=(np.int64(2), 2))
+  assert type(spec.seq_len) is int and spec.region_shape == (2, 2) and spec.max_nonvisual == 50
 
 
 def test_error_names_the_example():

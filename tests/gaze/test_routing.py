@@ -182,7 +182,7 @@ def test_top_k_as_count_or_ratio(top_k, n, want):
 
 
 @pytest.mark.parametrize("top_k, match", [
-    (17, "K larger than the number of regions"), (0, r"must be in \[1"),
+    (17, "K larger than the number of regions"), (0, r"top_k=0 must be at least 1"),
     (1.2, "ratio"), (0.0, "ratio"), (True, "int count or a float ratio"),
     ("4", "int count or a float ratio")])
 def test_bad_top_k(top_k, match):
