@@ -327,7 +327,9 @@ def make_config(name: str, config: Union[str, tfds.core.BuilderConfig, None] = "
 
   With overrides the config is renamed ``config_name`` or ``<base>-<hash of the overrides>``,
   so that its data get their own directory. ``llava_json`` has no presets: pass
-  ``json_files=`` and ``image_dir=``.
+  ``json_files=`` and ``image_dir=``; its name also carries a hash of its sources
+  (``llava_source_fingerprint``: the JSON files' bytes, and the size and modification time of
+  each image they name), so editing either prepares the data again.
   """
   if name not in BUILDERS:
     raise ValueError(f"unknown dataset {name!r}; known: {sorted(BUILDERS)}")
@@ -347,11 +349,40 @@ def make_config(name: str, config: Union[str, tfds.core.BuilderConfig, None] = "
   unknown = sorted(set(overrides) - (fields - {"name"}))
   if unknown:
     raise ValueError(f"{name}: unknown config fields {unknown}; known: {sorted(fields)}")
-  new_name = config_name
-  if new_name is None:
-    blob = json.dumps({k: str(v) for k, v in sorted(overrides.items())}).encode()
-    new_name = f"{base.name}-{hashlib.sha1(blob).hexdigest()[:10]}"
-  return dataclasses.replace(base, name=new_name, **overrides)
+  cfg = dataclasses.replace(base, **overrides)
+  keyed = {k: str(v) for k, v in overrides.items()}
+  if name == "llava_json":
+    # Its examples come from files, not from the overrides: key the folder by their contents
+    # too, so that an edited JSON or a replaced image is prepared again, not reused stale.
+    keyed["_source"] = llava_source_fingerprint(cfg.json_files, cfg.image_dir)
+  blob = hashlib.sha1(json.dumps(dict(sorted(keyed.items()))).encode()).hexdigest()[:10]
+  if config_name is None:
+    new_name = f"{base.name}-{blob}"
+  else:
+    new_name = f"{config_name}-{blob[:6]}" if name == "llava_json" else config_name
+  return dataclasses.replace(cfg, name=new_name)
+
+
+def llava_source_fingerprint(json_files: dict, image_dir) -> str:
+  """A hash of what a llava_json dataset is built from: the bytes of each split's JSON file and
+  the size and modification time of every image file its records name (read, not decoded).
+  A missing file counts as missing, so the parse of the prepare step reports it."""
+  h = hashlib.sha1()
+  for split, path in sorted(json_files.items()):
+    path = Path(path)
+    raw = path.read_bytes() if path.is_file() else b"<missing>"
+    h.update(f"{split}\0{path}\0".encode() + hashlib.sha1(raw).digest())
+    try:
+      records = json.loads(raw)
+    except ValueError:
+      continue                     # parse_json names the bad file when the data are prepared
+    for rec in records if isinstance(records, list) else []:
+      image = rec.get("image", []) if isinstance(rec, dict) else []
+      for n in [image] if isinstance(image, str) else image if isinstance(image, list) else []:
+        p = Path(image_dir) / str(n)
+        st = p.stat() if p.is_file() else None
+        h.update(f"{n}\0{st.st_size if st else -1}\0{st.st_mtime_ns if st else -1}\0".encode())
+  return h.hexdigest()
 
 
 def builder(name: str, data_dir, config: Union[str, tfds.core.BuilderConfig, None] = "tiny",

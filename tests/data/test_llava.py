@@ -85,6 +85,33 @@ def test_builds_turns_and_images(folder, data_dir):
   assert f["images"][0, ..., 0].mean() > 0.5 and f["images"][1, ..., 2].mean() > 0.3
 
 
+def test_edited_sources_are_prepared_again(folder, data_dir):
+  """The prepared folder is keyed by the sources' contents: editing the JSON or replacing an
+  image it names prepares the data again (same overrides, new examples); unchanged sources
+  reuse the prepared data."""
+  import os
+  tmp, imgs, _ = folder
+  js = _write(tmp, GOOD[1:2])
+  kw = dict(json_files={"train": str(js)}, image_dir=str(imgs))
+  answers = lambda b: [text(e["turns"]["answer"][0]) for e in all_examples(b, "train")]  # noqa: E731
+  first = builders.prepare("llava_json", data_dir, **kw)
+  assert answers(first) == ["Grey."]
+  assert builders.builder("llava_json", data_dir, **kw).info.config_name == \
+      first.info.config_name                                    # nothing changed: reused
+  edited = json.loads(js.read_text())
+  edited[0]["conversations"][1]["value"] = "Dark grey."
+  js.write_text(json.dumps(edited))
+  second = builders.prepare("llava_json", data_dir, **kw)
+  assert second.info.config_name != first.info.config_name
+  assert answers(second) == ["Dark grey."]
+  # A replaced image (same name, new size and time) gives a new folder too.
+  PILImage.fromarray(np.full((16, 16), 30, np.uint8), mode="L").save(imgs / "grey.jpg")
+  os.utime(imgs / "grey.jpg", ns=(1, 1))
+  third = builders.prepare("llava_json", data_dir, **kw)
+  assert third.info.config_name not in (first.info.config_name, second.info.config_name)
+  assert (all_examples(third, "train")[0]["images"][0] == 30).all()
+
+
 def test_bad_record_error_names_the_record_and_file(folder, data_dir):
   tmp, imgs, _ = folder
   bad = GOOD + [{"id": "lost", "image": "missing.png", "conversations": GOOD[1]["conversations"]}]
