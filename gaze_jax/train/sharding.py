@@ -13,6 +13,12 @@ A dimension that the mapped axes do not divide evenly stays replicated (logged o
 rule set serves every model size. Batches are sharded over ``("data", "fsdp")`` on their
 leading axis.
 
+The names are read from the parameters' metadata by ``nnx.get_partition_spec`` and resolved
+by ``gaze_jax.model.partitioning.logical_to_spec``, the resolution the model constrains its
+activations by; flax's own (``nn.logical_to_mesh_axes``, ``nnx.logical_axis_rules``) does not
+see dimension sizes, so it cannot leave an indivisible dimension replicated. The optimizer
+state's shardings follow the parameters' through ``optax.tree_utils.tree_map_params``.
+
 The mesh uses ``AxisType.Auto`` axes: shardings are given to ``jax.jit`` (``in_shardings`` /
 ``out_shardings``) and XLA's partitioner inserts the collectives.
 """
@@ -24,6 +30,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -87,25 +94,17 @@ def make_mesh(sizes: Mapping[str, int], devices: Optional[Sequence[Any]] = None)
 
 def param_specs(abstract_params: nnx.State, rules: Rules, mesh: jax.sharding.Mesh) -> dict:
   """PartitionSpecs (a pure dict shaped like ``nnx.to_pure_dict(params)``) from the parameters'
-  ``out_sharding`` logical names."""
-  flat = {}
-  for path, var in nnx.to_flat_state(abstract_params):
-    names = var.get_metadata().get("out_sharding")
-    shape = var.get_value().shape
-    where = ".".join(map(str, path))
-    names = (None,) * len(shape) if names is None else tuple(names)
-    flat[path] = logical_to_spec(names, shape, rules, mesh, where)
-  return _unflatten(flat)
+  ``out_sharding`` logical names (``nnx.get_partition_spec``; P() for a parameter without
+  names), resolved for their shapes by ``logical_to_spec``."""
+  logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
+  shapes = nnx.to_pure_dict(abstract_params)
 
-
-def _unflatten(flat: Mapping[tuple, Any]) -> dict:
-  out: dict = {}
-  for path, value in flat.items():
-    d = out
-    for k in path[:-1]:
-      d = d.setdefault(k, {})
-    d[path[-1]] = value
-  return out
+  def resolve(path, names, x):
+    names = tuple(names) or (None,) * len(x.shape)
+    where = jax.tree_util.keystr(path, simple=True, separator=".")
+    return logical_to_spec(names, x.shape, rules, mesh, where)
+  return jax.tree_util.tree_map_with_path(resolve, logical, shapes,
+                                          is_leaf=lambda x: isinstance(x, P))
 
 
 def named(mesh: jax.sharding.Mesh, specs: Any) -> Any:
@@ -114,32 +113,17 @@ def named(mesh: jax.sharding.Mesh, specs: Any) -> Any:
                       is_leaf=lambda x: isinstance(x, P))
 
 
-def _key(k):
-  for attr in ("key", "idx", "name"):
-    if hasattr(k, attr):
-      return getattr(k, attr)
-  return k
-
-
-def like_params(tree: Any, params: Any, param_shardings: Any, default: Any) -> Any:
-  """Shardings for a tree that holds copies of the parameters (an optax state: ``mu``, ``nu``
-  under wrapper nodes): a leaf whose key path ends with a parameter's path and has its shape
-  gets that parameter's sharding; other leaves (counters, masked nodes) get ``default``."""
-  by_path = {}
-  for path, (p, s) in zip(
-      [tuple(_key(k) for k in kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]],
-      zip(jax.tree.leaves(params), jax.tree.leaves(param_shardings))):
-    by_path[path] = (tuple(p.shape), s)
-  depths = sorted({len(p) for p in by_path}, reverse=True)
-
-  def pick(kp, leaf):
-    keys = tuple(_key(k) for k in kp)
-    for d in depths:
-      hit = by_path.get(keys[-d:]) if len(keys) >= d else None
-      if hit is not None and hit[0] == tuple(getattr(leaf, "shape", ())):
-        return hit[1]
-    return default
-  return jax.tree_util.tree_map_with_path(pick, tree)
+def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state: Any,
+                        param_shardings: Any, default: Any) -> Any:
+  """Shardings of ``tx``'s state: every copy of the parameters in it (Adam's ``mu``, ``nu``)
+  takes the parameters' shardings, found by ``optax.tree_utils.tree_map_params``; the other
+  leaves (step counts) get ``default``. Masked-out entries (``optax.MaskedNode``: parameters
+  of another group, frozen ones) stay as they are."""
+  def masked(x):
+    return isinstance(x, optax.MaskedNode)
+  return optax.tree_utils.tree_map_params(
+      tx, lambda p, s: p if masked(p) else s, abstract_opt_state, param_shardings,
+      transform_non_params=lambda _: default, is_leaf=masked)
 
 
 def batch_spec(rules: Rules, mesh: jax.sharding.Mesh) -> P:

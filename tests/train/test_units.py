@@ -189,6 +189,32 @@ def test_every_parameter_of_the_real_presets_gets_a_valid_spec():
     assert sharded > len(flat_params)     # most 2-D weights are sharded on both dims
 
 
+def test_optimizer_state_shardings_follow_the_parameters():
+  """Adam's mu and nu of each trained parameter get its spec, whatever group holds it; the
+  step counts get the default; frozen parameters have no state."""
+  params = {"vision": {"w": jnp.ones((2, 2))}, "projector": {"w": jnp.ones((2, 3))},
+            "decoder": {"w": jnp.ones((4, 2)), "b": jnp.ones((4,))}}
+  specs = {"vision": {"w": P("a")}, "projector": {"w": P("b")},
+           "decoder": {"w": P("c"), "b": P("d")}}
+  tx, _ = optim.make_optimizer(
+      _optim(param_groups=(("vision/.*", 0.0), ("projector/.*", 0.5))), params, num_steps=10)
+  state = jax.eval_shape(tx.init, params)
+  got = sharding.opt_state_shardings(tx, state, specs, "default")
+  assert jax.tree.structure(got, is_leaf=lambda x: isinstance(x, P)) == jax.tree.structure(state)
+  mirrored = []
+  for path, spec in jax.tree_util.tree_flatten_with_path(
+      got, is_leaf=lambda x: isinstance(x, P))[0]:
+    keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    if "mu" in keys or "nu" in keys:
+      group, name = keys[-2:]
+      assert spec == specs[group][name], (keys, spec)
+      mirrored.append(("mu" if "mu" in keys else "nu", group, name))
+    else:
+      assert spec == "default", keys
+  assert sorted(mirrored) == sorted((m, *p) for m in ("mu", "nu") for p in (
+      ("projector", "w"), ("decoder", "w"), ("decoder", "b")))
+
+
 # ----------------------------------------------------------------------------- optimizer
 
 def _optim(**fields):
