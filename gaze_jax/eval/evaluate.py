@@ -37,6 +37,7 @@ from gaze_jax.eval.budget import configured_budget, measured_flops
 from gaze_jax.eval.prior import by_group
 from gaze_jax.eval.text import decode, text_exact_match
 from gaze_jax.gaze.layout import PATCH, LayoutSpec
+from gaze_jax.metrics import target_logp
 
 BASELINES = ("dense", "token_matched", "fixed_from_question", "random_routing")
 
@@ -47,10 +48,7 @@ BASELINES = ("dense", "token_matched", "fixed_from_question", "random_routing")
 def _outputs(logits, targets):
   """Argmax ids ``[B, S]`` and the log-probability of each target ``[B, S]`` (the vocabulary
   axis never leaves the device)."""
-  pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  tgt = jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  return pred, tgt
+  return jnp.argmax(logits, axis=-1).astype(jnp.int32), target_logp(logits, targets)
 
 
 @nnx.jit(static_argnames=("return_selected",))

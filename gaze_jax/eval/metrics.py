@@ -47,6 +47,7 @@ import numpy as np
 
 from gaze_jax.gaze.accounting import selected_union_size
 from gaze_jax.gaze.layout import CTX, PATCH, TEXT
+from gaze_jax.metrics import answer_hits, exact_match
 
 
 def _np(x) -> np.ndarray:
@@ -64,7 +65,8 @@ def answer_rows(loss_mask) -> tuple[np.ndarray, np.ndarray]:
 
 
 def teacher_forced_exact_match(predictions, targets, loss_mask) -> tuple[np.ndarray, np.ndarray]:
-  """Greedy exact match of each example from one teacher-forced pass (module docstring).
+  """Greedy exact match of each example from one teacher-forced pass (module docstring;
+  the rule is ``gaze_jax.metrics.exact_match``).
 
   Args:
     predictions: int ``[B, S]`` argmax token ids, or float logits ``[B, S, V]``.
@@ -73,24 +75,23 @@ def teacher_forced_exact_match(predictions, targets, loss_mask) -> tuple[np.ndar
   Returns:
     ``(match bool[B], has_answer bool[B])``; ``match`` is False where ``has_answer`` is False.
   """
-  pred = _np(predictions)
-  if pred.ndim == 3:
-    pred = pred.argmax(-1)
-  targets, mask = _np(targets), _np(loss_mask) > 0
+  pred, targets, mask = _argmax_ids(predictions), _np(targets), _np(loss_mask) > 0
   if pred.shape != targets.shape or mask.shape != targets.shape:
     raise ValueError(f"predictions {pred.shape}, targets {targets.shape} and loss_mask "
                      f"{mask.shape} must all be [B, S]")
-  wrong = (pred != targets) & mask
-  has = mask.any(axis=1)
-  return has & ~wrong.any(axis=1), has
+  return exact_match(pred, targets, mask)
 
 
 def token_accuracy(predictions, targets, loss_mask) -> tuple[int, int]:
   """``(correct, total)`` answer tokens whose argmax equals the target."""
-  pred, mask = _np(predictions), _np(loss_mask) > 0
-  if pred.ndim == 3:
-    pred = pred.argmax(-1)
-  return int(((pred == _np(targets)) & mask).sum()), int(mask.sum())
+  mask = _np(loss_mask) > 0
+  return int(answer_hits(_argmax_ids(predictions), _np(targets), mask).sum()), int(mask.sum())
+
+
+def _argmax_ids(predictions) -> np.ndarray:
+  """int ``[B, S]`` ids as given, or the argmax of float logits ``[B, S, V]``."""
+  pred = _np(predictions)
+  return pred.argmax(-1) if pred.ndim == 3 else pred
 
 
 # ------------------------------------------------------------------ layout helpers

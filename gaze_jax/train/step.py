@@ -10,10 +10,10 @@ The model's graph definition is static; the step merges it with the params
 from ``state["step"]`` inside the step (a traced int fed as ``active_k`` under the static
 K_max): lowering K never recompiles. ``TrainStep.traces`` counts Python traces.
 
-Metrics (float32 scalars): ``loss`` (mean NLL of answer tokens), ``accuracy`` (argmax hit rate
-on answer tokens), ``answer_tokens``, ``grad_norm`` (global, trainable params, before
-clipping), ``lr`` (base schedule), ``k`` (active K; 0 for dense), and for gaze
-``selected_per_head`` (valid ids per routed row and query head, = K when enough regions are
+Metrics (float32 scalars; the rules are ``gaze_jax.metrics``, shared with the evaluation):
+``loss`` (mean NLL of answer tokens), ``accuracy`` (argmax hit rate on answer tokens),
+``answer_tokens``, ``grad_norm`` (global, trainable params, before clipping), ``lr`` (base
+schedule), ``k`` (active K; 0 for dense), and for gaze ``selected_per_head`` (valid ids per routed row and query head, = K when enough regions are
 candidates) and ``union_per_kv_head`` (distinct regions a KV head serves for one routed row,
 ``selected_union_size``), averaged over layers, KV heads and routed rows of this step's own
 forward pass.
@@ -32,24 +32,9 @@ from flax import nnx
 from gaze_jax.gaze.accounting import selected_union_size
 from gaze_jax.gaze.layout import LayoutSpec, TokenLayout
 from gaze_jax.gaze.schedules import progressive_top_k
+from gaze_jax.metrics import exact_match, masked_nll
 from gaze_jax.model.partitioning import activation_rules
 from gaze_jax.train.config import TopKPlan
-
-
-def masked_nll(logits: jax.Array, targets: jax.Array, mask: jax.Array):
-  """Cross-entropy and argmax accuracy over ``mask``-ed positions.
-
-  logits float ``[B, S, V]``, targets int ``[B, S]``, mask float ``[B, S]``.
-  Returns (mean nll, accuracy, number of masked tokens) as float32 scalars.
-  """
-  logits = logits.astype(jnp.float32)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  mask = mask.astype(jnp.float32)
-  n = jnp.sum(mask)
-  denom = jnp.maximum(n, 1.0)
-  hit = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-  return jnp.sum(nll * mask) / denom, jnp.sum(hit * mask) / denom, n
 
 
 def routing_stats(selected, num_kv_heads: int) -> dict:
@@ -167,9 +152,7 @@ class TrainStep:
     images = batch.get("images") if model.cfg.vision is not None else None
     logits = model(batch["tokens"], layout, images, active_k=active_k)
     loss, acc, n = masked_nll(logits, batch["targets"], batch["loss_mask"])
-    mask = batch["loss_mask"] > 0
-    wrong = jnp.sum(((jnp.argmax(logits, -1) != batch["targets"]) & mask).astype(jnp.int32), -1)
-    has = jnp.any(mask, -1)
-    exact = jnp.sum(((wrong == 0) & has).astype(jnp.float32)) / jnp.maximum(jnp.sum(has), 1)
+    match, has = exact_match(jnp.argmax(logits, -1), batch["targets"], batch["loss_mask"] > 0)
+    exact = jnp.sum(match.astype(jnp.float32)) / jnp.maximum(jnp.sum(has), 1)
     return {"loss": loss, "accuracy": acc, "exact": exact, "answer_tokens": n,
             "examples": jnp.sum(has).astype(jnp.float32)}

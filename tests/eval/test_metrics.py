@@ -3,12 +3,15 @@ number is worked out by hand in the test."""
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from gaze_jax.eval import budget, metrics
 from gaze_jax.eval.text import normalize_answer, text_exact_match
 from gaze_jax.gaze import Image, LayoutSpec, Text, Video, build_layout
+from gaze_jax.metrics import exact_match, masked_nll, target_logp
 from gaze_jax.model import GazeConfig
 from gaze_jax.model.presets import cambrian_4b, tiny
 
@@ -156,6 +159,14 @@ def test_teacher_forced_exact_match_on_hand_made_logits():
   assert metrics.token_accuracy(logits, targets, mask) == (5, 6)
   with pytest.raises(ValueError, match="must all be"):
     metrics.teacher_forced_exact_match(logits[:, :4], targets, mask)
+  # The same rules under jit (the train step's loss, accuracy and exact match).
+  loss, acc, n = jax.jit(masked_nll)(jnp.asarray(logits, jnp.float32), targets, mask)
+  assert float(n) == 6 and float(acc) == pytest.approx(5 / 6)
+  logp = np.asarray(target_logp(jnp.asarray(logits, jnp.float32), targets))
+  assert float(loss) == pytest.approx(-(logp * mask).sum() / 6, rel=1e-6)
+  jit_match, jit_has = jax.jit(exact_match)(jnp.asarray(want_argmax), targets, mask > 0)
+  np.testing.assert_array_equal(jit_match, match)
+  np.testing.assert_array_equal(jit_has, has)
 
 
 def test_text_normalisation():
