@@ -40,20 +40,13 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def _load(config, workdir, step=None):
   """``(model, step, model config, layout spec, tokenizer)`` of a run."""
-  from gaze_jax.train import data as tdata
-  from gaze_jax.train.checkpoint import restore_model
-  from gaze_jax.train.config import eval_model_config, layout_spec
-
-  tok = tdata.make_tokenizer(config.data.tokenizer)
-  model, step = restore_model(workdir, config, step, tokenizer=tok)
-  cfg = eval_model_config(config)
-  return model, step, cfg, layout_spec(config, cfg), tok
+  from gaze_jax import runs
+  return runs.restore(config, workdir, step)
 
 
 def _batches(config, workdir, cfg, spec, tok, split):
-  from gaze_jax.train import data as tdata
-  builder = tdata.prepare(config, workdir)
-  return builder, tdata.make_iterator(config, builder, tok, cfg, spec, split=split, train=False)
+  from gaze_jax import runs
+  return runs.eval_batches(config, workdir, cfg, spec, tok, split)
 
 
 def main(argv):

@@ -2,10 +2,11 @@
 
 ``config.data`` fields: ``name`` (a ``gaze_jax.data.builders`` dataset), ``builder_config``
 (its preset, e.g. "64px"), ``builder_overrides`` (dict of builder fields, e.g. ``num_train``),
-``data_dir`` (default ``<workdir>/tfds``), ``tokenizer`` ("byte", "words", "gguf:smollm2", a ``.gguf``
-file or a folder with ``tokenizer.json``), ``seq_len``, ``max_regions``, ``max_images``,
-``max_nonvisual``, ``batch_size`` (global; each host reads ``batch_size / process_count``),
-``seed``, ``num_threads``, ``skip_too_long``, ``train_split``, ``eval_split``.
+``data_dir`` (default ``<workdir>/tfds``), ``tokenizer`` (``gaze_jax.runs.make_tokenizer``:
+"byte", "words", "gguf:smollm2", a ``.gguf`` file or a folder with ``tokenizer.json``),
+``seq_len``, ``max_regions``, ``max_images``, ``max_nonvisual``, ``batch_size`` (global; each
+host reads ``batch_size / process_count``), ``seed``, ``num_threads``, ``skip_too_long``,
+``train_split``, ``eval_split``.
 """
 
 from __future__ import annotations
@@ -20,28 +21,6 @@ import numpy as np
 from gaze_jax.gaze.layout import LayoutSpec
 from gaze_jax.model.config import MLLMConfig
 from gaze_jax.train.config import to_dict
-
-
-def make_tokenizer(name: str):
-  """"byte" -> ``ByteTokenizer``; "words" -> ``WordTokenizer`` over the synthetic datasets'
-  vocabulary (``scenes.VOCABULARY``); "gguf:smollm2" -> SmolLM2's GGUF tokenizer (ChatML); a
-  ``.gguf`` path -> its tokenizer; a folder -> its ``tokenizer.json``."""
-  from gaze_jax.data import tokenizers
-
-  if name == "byte":
-    return tokenizers.ByteTokenizer()
-  if name == "words":
-    from gaze_jax.data.scenes import VOCABULARY
-    return tokenizers.WordTokenizer(VOCABULARY)
-  if name == "gguf:smollm2":
-    from gaze_jax.convert.gguf import find_smollm2_gguf
-    return tokenizers.load_gguf_tokenizer(find_smollm2_gguf())
-  if name.endswith(".gguf"):
-    return tokenizers.load_gguf_tokenizer(name)
-  if Path(name).is_dir():
-    return tokenizers.load_hf_tokenizer(name)
-  raise ValueError(f"config.data.tokenizer={name!r}: use 'byte', 'words', 'gguf:smollm2', a "
-                   ".gguf file or a folder with tokenizer.json")
 
 
 def feature_config(config: Any, model: MLLMConfig, spec: LayoutSpec):

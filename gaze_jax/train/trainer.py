@@ -40,6 +40,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gaze_jax.model.mllm import MLLM
+from gaze_jax.runs import make_tokenizer
 from gaze_jax.train import checkpoint as ckpt_lib
 from gaze_jax.train import data as data_lib
 from gaze_jax.train import metrics as metrics_lib
@@ -257,7 +258,7 @@ def train(config: Any, workdir, *, mesh=None, stop_after: Optional[int] = None) 
            if s.plan.gaze else "")
 
   builder = data_lib.prepare(config, workdir)
-  tokenizer = data_lib.make_tokenizer(config.data.tokenizer)
+  tokenizer = make_tokenizer(config.data.tokenizer)
 
   cc = config.checkpoint
   ckpt = ckpt_lib.Checkpointer(workdir / ckpt_lib.CHECKPOINT_DIR, save_every=int(cc.save_every),

@@ -144,18 +144,19 @@ def test_resumed_run_matches_the_uninterrupted_run(runs):
   assert json.loads((runs["a"] / "summary.json").read_text())["traces"] == 2
 
 
-def test_restore_model_runs_and_uses_the_target_k(runs, train_data_dir):
-  from gaze_jax.train import data as data_lib
-  from gaze_jax.train.checkpoint import restore_model
+def test_restored_run_uses_the_target_k_on_its_eval_batches(runs, train_data_dir):
+  """``gaze_jax.runs`` (what eval_main.py loads a run with): the model of a step at the target
+  K, its layout spec and tokenizer, and one ordered pass over a split."""
+  from gaze_jax import runs as run_lib
   from gaze_jax.train.config import train_model_config
   from tests.train.helpers import small_config
   cfg = small_config(train_data_dir)
-  model, step = restore_model(runs["a"], cfg, step=36)
+  model, step, model_cfg, spec, tok = run_lib.restore(cfg, runs["a"], step=36)
   assert step == 36 and model.cfg.gaze.top_k == 1         # the target K, not the start
-  _, spec, _ = train_model_config(cfg)
-  b = data_lib.prepare(cfg, runs["a"])
-  it = data_lib.make_iterator(cfg, b, data_lib.make_tokenizer("byte"), model.cfg, spec,
-                              train=False)
+  assert model_cfg == model.cfg and spec == train_model_config(cfg)[1]
+  _, it = run_lib.eval_batches(cfg, runs["a"], model_cfg, spec, tok, "validation")
+  assert len(list(it)) == 1                   # 8 validation examples, batch 8
+  _, it = run_lib.eval_batches(cfg, runs["a"], model_cfg, spec, tok, "validation")
   from gaze_jax.data.features import batch_to_model_inputs
   tokens, images, layout, targets, mask, *_ = batch_to_model_inputs(next(it), spec)
   logits = model(tokens, layout, images)

@@ -17,6 +17,7 @@ import json, re, sys
 import jax, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tests.train.helpers import small_config
+from gaze_jax import runs
 from gaze_jax.train import trainer, data as data_lib, sharding as shard_lib
 from pallas_kernels import ops
 
@@ -27,7 +28,7 @@ c.model.gaze.kernel.interpret = True
 single = shard_lib.make_mesh({"data": 1}, devices=jax.devices()[:1])
 s1 = trainer.build(c, single)
 builder = data_lib.prepare(c, WORK)
-it = data_lib.make_iterator(c, builder, data_lib.make_tokenizer("byte"), s1.model_cfg, s1.spec)
+it = data_lib.make_iterator(c, builder, runs.make_tokenizer("byte"), s1.model_cfg, s1.spec)
 batches = [next(it) for _ in range(2)]
 init = jax.device_get(trainer.init_state(s1, 0))
 
