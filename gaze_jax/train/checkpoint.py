@@ -57,6 +57,12 @@ class Restored(NamedTuple):
   meta: Optional[dict]
 
 
+# The data item is not grain's orbax handler (grain.checkpoint.CheckpointSave / Restore, grain
+# 0.2.18): it writes one process_<i>-of-<n>.json per process but restores only onto the same
+# process count (an error otherwise, where a run here restarts its data order with a warning
+# and keeps the weights), and it needs the live iterator at restore time, while ``restore``
+# (and its fallback past damaged steps) runs before the iterator exists; the checkpoints
+# already written also hold this JSON item.
 def gather_json(obj: Any) -> list:
   """``obj`` (JSON-serialisable) of every process, in process order (a list of one on a single
   host)."""
