@@ -2,7 +2,8 @@
 
 * ``trainer.train(config, workdir)``: the whole loop (what ``train_main.py`` runs).
 * ``checkpoint.restore_model(workdir, config, step=None) -> (MLLM, step)``: a trained model
-  for evaluation; ``checkpoint.Checkpointer`` / ``CheckpointError``.
+  for evaluation (``gaze_jax.runs.restore`` adds its tokenizer and layout spec);
+  ``checkpoint.Checkpointer`` / ``CheckpointError``.
 * ``step.TrainStep``: the jitted step (loss on answer tokens, AdamW, routing statistics).
 * ``optim.make_optimizer``: AdamW + warm-up/cosine + clipping + regex parameter groups.
 * ``sharding``: the ``data x fsdp x tensor`` mesh and logical axis rules.

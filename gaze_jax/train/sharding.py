@@ -82,7 +82,8 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
   return tuple(shape)
 
 
-def make_mesh(sizes: Mapping[str, int], devices: Optional[Sequence[Any]] = None) -> jax.sharding.Mesh:
+def make_mesh(sizes: Mapping[str, int],
+              devices: Optional[Sequence[Any]] = None) -> jax.sharding.Mesh:
   """A ``data x fsdp x tensor`` mesh (Auto axes) over ``devices`` (default: all devices)."""
   devices = jax.devices() if devices is None else list(devices)
   shape = mesh_shape(dict(sizes), len(devices))

@@ -12,8 +12,9 @@ What it does, in order:
    parameters of another run's checkpoint, ``config.init_from_checkpoint``).
 5. The loop: jitted step (K of the progressive top-K is computed inside it: one compile),
    a progress line logged every ``train.log_every`` steps (``logging`` under the
-   ``gaze_jax.train`` name, which absl's handler formats under ``train_main.py``), metrics to ``<workdir>/metrics.jsonl`` and TensorBoard ``<workdir>/tb``,
-   periodic teacher-forced evaluation, asynchronous checkpoints.
+   ``gaze_jax.train`` name, which absl's handler formats under ``train_main.py``), metrics
+   to ``<workdir>/metrics.jsonl`` and TensorBoard ``<workdir>/tb``, periodic teacher-forced
+   evaluation, asynchronous checkpoints.
 6. SIGTERM (preemption): the current step finishes, a checkpoint is written, the loop stops;
    rerunning the same command resumes.
 
