@@ -42,7 +42,8 @@ class Run:
   optimizer), so that several variants share one dense first stage. By default the first stage
   of the same seed; ``init_seed`` fixes it to one seed's, so that every seed converts the same
   pretrained model and the seeds vary only this run (its initial new parameters, such as the
-  context tokens, and its data order)."""
+  context tokens, and its data order). ``only_seeds``: when set, the run trains only at these
+  seeds (a first stage that every seed converts) and is skipped at the others."""
   name: str
   config: str
   overrides: tuple = ()
@@ -50,6 +51,7 @@ class Run:
   split: str = "test"
   init_from: str = ""
   init_seed: Optional[int] = None
+  only_seeds: tuple = ()
 
 
 SWEEPS: dict[str, tuple[Run, ...]] = {
@@ -61,7 +63,7 @@ SWEEPS: dict[str, tuple[Run, ...]] = {
     # plateau in 1,500 steps; like the paper, which converts one pretrained model, every seed
     # converts seed 0's (init_seed), so the seeds vary the conversion alone.
     "demo_seeds": (
-        Run("base", "configs/demo_base.py", baselines=()),
+        Run("base", "configs/demo_base.py", baselines=(), only_seeds=(0,)),
         Run("dense", "configs/demo_dense.py", init_from="base", init_seed=0, baselines=()),
         Run("gaze_k3", "configs/demo.py", init_from="base", init_seed=0),
         Run("gaze_k1", "configs/demo.py", init_from="base", init_seed=0,
@@ -333,10 +335,14 @@ def run_sweep(sweep: str, seeds: Sequence[int], *, out: Path, results: Path = RE
   if sweep not in SWEEPS:
     raise ValueError(f"unknown sweep {sweep!r}; known: {sorted(SWEEPS)}")
   for r in SWEEPS[sweep]:
-    if r.init_from:
-      first_stage(sweep, r)                 # every first stage exists, before anything trains
+    if r.init_from:                         # every first stage exists, before anything trains
+      _, base = first_stage(sweep, r)
+      if base.only_seeds and r.init_seed not in base.only_seeds:
+        raise ValueError(f"sweep {sweep!r}: run {r.name!r} starts from {r.init_from!r}, which "
+                         f"trains only at seeds {base.only_seeds}; give init_seed one of them")
   execute = execute or (lambda cmd: subprocess.run(cmd, check=True, cwd=ROOT))
-  todo = [(run, s) for run in SWEEPS[sweep] for s in seeds]
+  todo = [(run, s) for run in SWEEPS[sweep] for s in seeds
+          if not run.only_seeds or s in run.only_seeds]
   t0, done = time.time(), 0
   for i, (run, seed) in enumerate(todo):
     if run_one(sweep, run, seed, out=out, results=results, execute=execute, log=log):

@@ -193,6 +193,27 @@ def test_init_seed_converts_one_first_stage_at_every_seed(tmp_path, monkeypatch)
   assert "--config.train.seed=0" in retrain
 
 
+def test_only_seeds_trains_a_first_stage_once(tmp_path, monkeypatch):
+  """``only_seeds``: the first stage trains at seed 0 alone, every seed converts it; a run that
+  would start from a seed it skips is refused before anything trains."""
+  monkeypatch.setitem(study.SWEEPS, "t", (
+      study.Run("base", "configs/demo.py", baselines=(), only_seeds=(0,)),
+      study.Run("ft", "configs/demo.py", init_from="base", init_seed=0)))
+  calls = []
+  kw = dict(out=tmp_path / "out", results=tmp_path / "res", log=lambda m: None)
+  summary = study.run_sweep("t", [0, 1, 2], execute=_fake_executor(calls, {0: .2, 1: .4, 2: .6}),
+                            **kw)
+  trained = sorted(next(a for a in c if a.startswith("--workdir=")).rsplit("/", 2)[1:]
+                   for c in calls if c[1].endswith("train_main.py"))
+  assert trained == [["base", "s0"], ["ft", "s0"], ["ft", "s1"], ["ft", "s2"]]
+  assert summary["runs"]["base"]["seeds"] == [0] and summary["runs"]["ft"]["seeds"] == [0, 1, 2]
+  monkeypatch.setitem(study.SWEEPS, "bad", (
+      study.Run("base", "configs/demo.py", baselines=(), only_seeds=(0,)),
+      study.Run("ft", "configs/demo.py", init_from="base")))
+  with pytest.raises(ValueError, match="trains only at seeds \\(0,\\); give init_seed"):
+    study.run_sweep("bad", [1], execute=_fake_executor([], {1: .1}), **kw)
+
+
 def _run_config(run):
   """The run's config file with its overrides set (as the command line would)."""
   import importlib
