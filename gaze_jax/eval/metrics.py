@@ -45,9 +45,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from gaze_jax.gaze.accounting import selected_union_size
 from gaze_jax.gaze.layout import CTX, PATCH, TEXT
-from gaze_jax.metrics import answer_hits, exact_match
+from gaze_jax.metrics import answer_hits, exact_match, routing_counts
 
 
 def _np(x) -> np.ndarray:
@@ -405,7 +404,7 @@ def routed_kv_entries(selected: Sequence, layout, rows, *, route_prompt: bool = 
       out.candidates += float(n_cand[routed].sum())
       out.candidate_rows += float(routed.sum())
     if num_kv_heads and routed.any():
-      union = np.asarray(selected_union_size(ids[routed][None], num_kv_heads))
-      out.union += float(union.sum())
-      out.union_samples += float(union.size)
+      _, union, n = routing_counts(ids[None], routed[None], num_kv_heads)
+      out.union += float(union)
+      out.union_samples += float(n) * num_kv_heads
   return out

@@ -29,28 +29,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from gaze_jax.gaze.accounting import selected_union_size
 from gaze_jax.gaze.layout import LayoutSpec, TokenLayout
 from gaze_jax.gaze.schedules import progressive_top_k
-from gaze_jax.metrics import exact_match, masked_nll
+from gaze_jax.metrics import exact_match, masked_nll, routing_stats
 from gaze_jax.model.partitioning import activation_rules
 from gaze_jax.train.config import TopKPlan
-
-
-def routing_stats(selected, num_kv_heads: int) -> dict:
-  """Mean valid ids per (routed row, query head) and mean union per (routed row, KV head) over
-  a list of per-layer ids ``[B, S, Hq, K]``."""
-  sel_sum = union_sum = rows = 0.0
-  for ids in selected:
-    valid = ids >= 0
-    routed = jnp.any(valid, axis=(-1, -2)).astype(jnp.float32)            # [B, S]
-    hq = ids.shape[2]
-    sel_sum += jnp.sum(valid.sum(-1).astype(jnp.float32) * routed[..., None]) / hq
-    union = selected_union_size(ids, num_kv_heads).astype(jnp.float32)   # [B, S, Hkv]
-    union_sum += jnp.sum(union * routed[..., None]) / num_kv_heads
-    rows += jnp.sum(routed)
-  rows = jnp.maximum(rows, 1.0)
-  return {"selected_per_head": sel_sum / rows, "union_per_kv_head": union_sum / rows}
 
 
 def batch_layout(batch: Mapping[str, jax.Array], spec: LayoutSpec) -> TokenLayout:
