@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,49 +20,44 @@ from gaze_jax.gaze.routing import ROUTINGS, SCORES, Selection, resolve_top_k, ro
 from gaze_jax.gaze.xla import xla_attention
 
 
-def _check_rank(name, x, rank):
-  if x is None or getattr(x, "ndim", None) != rank:
-    shape = None if x is None else getattr(x, "shape", type(x).__name__)
-    raise ValueError(f"{name} must be a rank-{rank} array, got {shape}")
-
-
 def _check_inputs(q, k, v, q_route, k_route, layout, q_index, descriptors, selection):
+  """Raises ValueError naming the argument whose type, rank or shape is wrong (chex asserts
+  with our message appended; ValueError, not chex's AssertionError, as for every bad input)."""
   if not isinstance(layout, TokenLayout):
     raise ValueError(f"layout must be a TokenLayout, got {type(layout).__name__}")
-  for name, x in (("q", q), ("k", k), ("v", v)):
-    _check_rank(name, x, 4)
+  err = dict(exception_type=ValueError)
+  chex.assert_rank(q, 4, custom_message="q must be [B, T, Hq, D]", **err)
   B, T, Hq, D = q.shape
+  chex.assert_shape(k, (B, None, None, D), custom_message=f"k must be [B={B}, S, Hkv, D={D}]",
+                    **err)
+  chex.assert_equal_shape([k, v], custom_message="k and v must both be [B, S, Hkv, D]", **err)
   S, Hkv = k.shape[1], k.shape[2]
-  if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
-    raise ValueError(f"k {k.shape} and v {v.shape} must be [B={B}, S, Hkv, D={D}]")
-  if Hq % Hkv:
-    raise ValueError(f"query heads Hq={Hq} must be a multiple of KV heads Hkv={Hkv}")
-  if layout.kind.shape != (B, S):
-    raise ValueError(f"layout is [B, S] = {tuple(layout.kind.shape)}, but k is [B={B}, S={S}]")
+  chex.assert_is_divisible(Hq, Hkv, custom_message=f"query heads Hq={Hq} must be a multiple of "
+                           f"KV heads Hkv={Hkv}", **err)
+  chex.assert_shape(layout.kind, (B, S), custom_message=f"layout must be [B, S] = {(B, S)} "
+                    "like k", **err)
   if q_index is None:
-    if T != S:
-      raise ValueError(f"q has T={T} rows but the cache has S={S} slots: pass q_index "
-                       "(the slots of the queries) for the decode form")
-  elif tuple(q_index.shape) != (B, T):
-    raise ValueError(f"q_index must be [B, T] = {(B, T)}, got {tuple(q_index.shape)}")
+    chex.assert_axis_dimension(q, 1, S, custom_message=f"q has T={T} rows but the cache has "
+                               f"S={S} slots: pass q_index (the slots of the queries) for the "
+                               "decode form", **err)
+  else:
+    chex.assert_shape(q_index, (B, T), custom_message=f"q_index must be [B, T] = {(B, T)}",
+                      **err)
   if selection is None:
-    _check_rank("q_route", q_route, 4)
-    if q_route.shape[:3] != (B, T, Hq):
-      raise ValueError(f"q_route {q_route.shape} must be [B={B}, T={T}, Hq={Hq}, Dr]")
+    chex.assert_shape(q_route, (B, T, Hq, None), custom_message=f"q_route must be [B={B}, "
+                      f"T={T}, Hq={Hq}, Dr]", **err)
+    Dr = q_route.shape[3]
     if descriptors is None:
-      _check_rank("k_route (or descriptors)", k_route, 4)
-      if k_route.shape[:3] != (B, S, Hkv) or k_route.shape[3] != q_route.shape[3]:
-        raise ValueError(f"k_route {k_route.shape} must be [B={B}, S={S}, Hkv={Hkv}, "
-                         f"Dr={q_route.shape[3]}]")
+      chex.assert_shape(k_route, (B, S, Hkv, Dr), custom_message=f"k_route (or descriptors) "
+                        f"must be [B={B}, S={S}, Hkv={Hkv}, Dr={Dr}]", **err)
     else:
-      want = (B, layout.max_regions, Hkv, q_route.shape[3])
-      if tuple(descriptors.shape) != want:
-        raise ValueError(f"descriptors must be [B, NR, Hkv, Dr] = {want}, "
-                         f"got {tuple(descriptors.shape)}")
+      chex.assert_shape(descriptors, (B, layout.max_regions, Hkv, Dr), custom_message=
+                        f"descriptors must be [B={B}, NR={layout.max_regions}, Hkv={Hkv}, "
+                        f"Dr={Dr}]", **err)
   else:
     ids = selection.ids if isinstance(selection, Selection) else selection
-    if ids.ndim != 4 or ids.shape[:3] != (B, T, Hq):
-      raise ValueError(f"selection ids must be [B={B}, T={T}, Hq={Hq}, K], got {ids.shape}")
+    chex.assert_shape(ids, (B, T, Hq, None), custom_message=f"selection ids must be [B={B}, "
+                      f"T={T}, Hq={Hq}, K]", **err)
 
 
 def gaze_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_route: Optional[jax.Array],

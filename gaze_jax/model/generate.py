@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional, Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -131,9 +132,8 @@ def _check_args(model, tokens, layout, images, max_new_tokens, rng, temperature,
   if not isinstance(layout, TokenLayout):
     raise ValueError(f"layout must be a TokenLayout, got {type(layout).__name__}")
   B, S = layout.kind.shape
-  if getattr(tokens, "shape", None) is None or tuple(tokens.shape) != (B, S):
-    raise ValueError(f"tokens must be [B, S] = {(B, S)} like the layout, got "
-                     f"{getattr(tokens, 'shape', type(tokens).__name__)}")
+  chex.assert_shape(tokens, (B, S), custom_message=f"tokens must be [B, S] = {(B, S)} like the "
+                    "layout", exception_type=ValueError)
   if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
       or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")

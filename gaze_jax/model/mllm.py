@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,13 +109,11 @@ class MLLM(nnx.Module):
     vcfg = self.cfg.vision
     if vcfg is None:
       raise ValueError("this model has no vision tower, but images were given")
-    if getattr(images, "ndim", None) != 5:
-      raise ValueError(f"images must be [B, F, H, W, C], got {getattr(images, 'shape', None)} "
-                       "(use pack_images to build it)")
-    B, F, H, W, C = images.shape
-    if (B, F) != (layout.batch_size, layout.spec.max_images):
-      raise ValueError(f"images are [B={B}, F={F}, ...] but the layout has B="
-                       f"{layout.batch_size} and max_images={layout.spec.max_images}")
+    B, F = layout.batch_size, layout.spec.max_images
+    chex.assert_shape(images, (B, F, None, None, None), custom_message=f"images must be [B={B}, "
+                      f"F={F}, H, W, C]: the layout's batch size and max_images (use pack_images "
+                      "to build it)", exception_type=ValueError)
+    H, W = images.shape[2:4]
     self.vision.check_images(images[0])
     grid, valid = concrete(layout.frame_grid), concrete(layout.frame_valid)
     if grid is None or valid is None:

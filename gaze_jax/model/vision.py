@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -73,8 +74,8 @@ class VisionTower(nnx.Module):
   def check_images(self, images) -> None:
     """Raises ValueError for a rank, channel count or size the tower cannot take."""
     cfg = self.cfg
-    if getattr(images, "ndim", None) != 4:
-      raise ValueError(f"images must be [N, H, W, C], got shape {getattr(images, 'shape', None)}")
+    chex.assert_rank(images, 4, custom_message="images must be [N, H, W, C]",
+                     exception_type=ValueError)
     _, H, W, C = images.shape
     if C != cfg.num_channels:
       raise ValueError(f"images have {C} channels, the vision tower takes {cfg.num_channels} "

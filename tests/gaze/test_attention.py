@@ -323,8 +323,14 @@ def _small():
     (lambda q, k, lay: dict(active_k=3, top_k=2), r"active_k=3 must be in \[0, top_k=2\]"),
     (lambda q, k, lay: dict(q=jnp.zeros((1, 24, 3, 8))), r"Hq=3 must be a multiple of .*Hkv=2"),
     (lambda q, k, lay: dict(q=jnp.zeros((1, 5, 4, 8))), r"pass q_index"),
-    (lambda q, k, lay: dict(k=jnp.zeros((1, 20, 2, 8))), r"layout is \[B, S\] = \(1, 24\), but k is"),
-    (lambda q, k, lay: dict(k=jnp.zeros((1, 24, 2, 4))), r"must be \[B=1, S, Hkv, D=8\]"),
+    (lambda q, k, lay: dict(k=jnp.zeros((1, 20, 2, 8))), r"layout must be \[B, S\] = \(1, 20\)"),
+    (lambda q, k, lay: dict(k=jnp.zeros((1, 24, 2, 4))), r"k must be \[B=1, S, Hkv, D=8\]"),
+    (lambda q, k, lay: dict(q=jnp.zeros((24, 4, 8))), r"rank 3 .*q must be \[B, T, Hq, D\]"),
+    (lambda q, k, lay: dict(v=jnp.zeros((1, 24, 1, 8))), r"k and v must both be"),
+    (lambda q, k, lay: dict(q_route=jnp.zeros((1, 24, 2, 8))), r"q_route must be \[B=1"),
+    (lambda q, k, lay: dict(q_index=jnp.zeros((1, 23), jnp.int32)), r"q_index must be \[B, T\]"),
+    (lambda q, k, lay: dict(selection=jnp.zeros((1, 24, 4), jnp.int32)),
+     r"selection ids must be \[B=1, T=24, Hq=4, K\]"),
     (lambda q, k, lay: dict(score="l2"), r"score must be one of"),
     (lambda q, k, lay: dict(routing="token"), r"routing must be one of"),
     (lambda q, k, lay: dict(implementation="cuda"), r"implementation must be one of"),
@@ -336,7 +342,7 @@ def test_bad_inputs_get_clear_errors(mutate, match):
   q, k, lay = _small()
   args = dict(q=q, k=k, v=k, q_route=q, k_route=k, layout=lay, top_k=2)
   args.update(mutate(q, k, lay))
-  if "k" in args and args["k"] is not k:
+  if args["k"] is not k and "v" not in mutate(q, k, lay):
     args["v"] = args["k"]
   with pytest.raises(ValueError, match=match):
     gaze_attention(**args)

@@ -216,6 +216,13 @@ def test_input_errors():
     model(tokens, layout, np.zeros((1, 1, 48, 48, 3), np.float32))
   with pytest.raises(ValueError, match="channels"):
     model(tokens, layout, np.zeros((1, 1, 64, 64, 1), np.float32))
+  # Unpacked images, and a batch the layout does not have: the argument is named.
+  with pytest.raises(ValueError, match=r"shape \(1, 64, 64, 3\) .*images must be \[B=1, F=1"):
+    model(tokens, layout, np.zeros((1, 64, 64, 3), np.float32))
+  with pytest.raises(ValueError, match=r"images must be \[B=1, F=1, H, W, C\]"):
+    model(tokens, layout, np.zeros((2, 1, 64, 64, 3), np.float32))
+  with pytest.raises(ValueError, match=r"images must be \[N, H, W, C\]"):
+    model.vision(np.zeros((64, 64, 3), np.float32))
   with pytest.raises(ValueError, match="no images were given"):
     model(tokens, layout, None)
   # One image for an example with two placeholders.
