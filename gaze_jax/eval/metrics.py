@@ -43,9 +43,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
-from gaze_jax.gaze.layout import CTX, PATCH, TEXT
+from gaze_jax.gaze.layout import CTX, PATCH
+from gaze_jax.gaze.masks import routed_rows, token_info
+from gaze_jax.gaze.routing import candidate_regions
 from gaze_jax.metrics import answer_hits, exact_match, routing_counts
 
 
@@ -119,20 +122,21 @@ def visible_visual_tokens(layout, b: np.ndarray, t: np.ndarray) -> tuple[np.ndar
 
 
 def candidate_mask(layout, b: np.ndarray, t: np.ndarray) -> np.ndarray:
-  """Causal routing candidates of each row: bool ``[n, NR]`` (valid regions whose last
-  position precedes the row's position)."""
-  valid, last = _np(layout.region_valid), _np(layout.region_last_pos)
-  q = _np(layout.position)[b, t][:, None]
-  return valid[b] & (last[b] < q)
+  """Causal routing candidates of each row (``gaze.routing.candidate_regions``, the model's
+  rule): bool ``[n, NR]``."""
+  q = jnp.asarray(_np(layout.position)[b, t])[:, None]                  # [n, 1]: a query per row
+  cand = candidate_regions(jnp.asarray(_np(layout.region_valid)[b]),
+                           jnp.asarray(_np(layout.region_last_pos)[b]), q)   # [n, 1, NR]
+  return np.asarray(cand[:, 0])
 
 
 def routed_mask(layout, b: np.ndarray, t: np.ndarray, route_prompt: bool = True) -> np.ndarray:
-  """Rows a gaze model routes (docs/method.md step 8): text rows, only generated ones when
-  ``route_prompt`` is False. bool ``[n]``."""
-  routed = _np(layout.kind)[b, t] == TEXT
-  if not route_prompt:
-    routed &= _np(layout.generated)[b, t].astype(bool)
-  return routed
+  """Rows a gaze model routes (``gaze.masks.routed_rows``, docs/method.md step 8): text rows,
+  only generated ones when ``route_prompt`` is False. bool ``[n]``."""
+  B, S = _np(layout.kind).shape
+  slots = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+  routed = routed_rows(token_info(layout, slots), route_prompt)            # [B, S]
+  return np.asarray(routed, bool)[b, t]
 
 
 def gt_membership(gt_regions, num_regions: int) -> np.ndarray:
