@@ -1,13 +1,18 @@
 """Parameter counts and a per-device memory estimate for an ``MLLMConfig``, without building
-weights (the model is instantiated abstractly with ``nnx.eval_shape``).
+weights (the model is instantiated abstractly with ``nnx.eval_shape``), and the exact bytes of
+the same step from a compile (``compiled_memory``).
 
-CLI (prints a table in GiB per device and what would make it fit)::
+CLI (absl flags; prints a table in GiB per device and what would make it fit)::
 
-  python -m gaze_jax.model.memory --preset cambrian_4b --batch 8 --seq-len 4096 --devices 8
-  python -m gaze_jax.model.memory --preset qwen2_5_7b --batch 16 --seq-len 8192 --devices 8 \\
-      --mode infer --cache-len 9216 --param-bytes 2
-  python -m gaze_jax.model.memory --preset cambrian_4b --batch 8 --seq-len 4096 --devices 8 \\
-      --attention-impl pallas --topk-start 8
+  python -m gaze_jax.model.memory --preset=cambrian_4b --batch=8 --seq_len=4096 --devices=8
+  python -m gaze_jax.model.memory --preset=qwen2_5_7b --batch=16 --seq_len=8192 --devices=8 \\
+      --mode=infer --cache_len=9216 --param_bytes=2
+  python -m gaze_jax.model.memory --preset=cambrian_4b --batch=8 --seq_len=4096 --devices=8 \\
+      --attention_impl=pallas --topk_start=8
+  python -m gaze_jax.model.memory --preset=tiny --batch=2 --seq_len=512 --compute_bytes=4 --exact
+
+``--exact`` also compiles the step for the local backend (one device) and prints XLA's buffer
+assignment next to the estimate.
 
 Training is estimated at the K the trainer compiles (K_max, the progressive top-K schedule's
 start: all regions unless ``config.topk_schedule.start`` says otherwise), not the target K:
@@ -16,12 +21,12 @@ depends on the tile, not on K.
 
 The estimate is a planning aid, accurate to tens of percent: XLA fuses, rematerialises and
 reuses buffers in ways that a formula cannot follow, and adds its own temporaries. Leave
-10-20% headroom.
+10-20% headroom, or measure: ``compiled_memory`` (``--exact``) compiles the step on the local
+backend, and ``make aot`` compiles for an H100 or a TPU without one (benchmarks/aot).
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import functools
@@ -30,9 +35,12 @@ import sys
 from typing import Optional, Sequence, Union
 
 import jax
+import jax.numpy as jnp
+import optax
+from absl import flags
 from flax import nnx
 
-from gaze_jax.gaze.layout import num_regions
+from gaze_jax.gaze.layout import Image, Text, Video, num_regions
 from gaze_jax.gaze.routing import resolve_top_k
 from gaze_jax.model.config import MLLMConfig
 from gaze_jax.model.mllm import MLLM
@@ -388,6 +396,112 @@ def estimate_memory(cfg: MLLMConfig, *, batch: int, seq_len: int, devices: int =
   return out
 
 
+# ------------------------------------------------------------------ exact: a compile
+
+_DTYPE_OF_BYTES = {2: "bfloat16", 4: "float32"}
+
+
+def _segments(cfg: MLLMConfig, seq_len: int, images: int, video_frames: int,
+              generated: int) -> list:
+  """One example of the estimate's shape: a text token, the images and video frames, text up
+  to ``seq_len`` slots, then ``generated`` reserved slots (inference)."""
+  segs = [Text(1)]
+  if cfg.vision is not None:
+    g = cfg.vision.grid
+    gp = g // cfg.vision.video_pool
+    segs += [Image(g, g)] * images + ([Video(video_frames, gp, gp)] if video_frames else [])
+  rest = seq_len - 1 - _visual_shape(cfg, images, video_frames)[2]
+  if rest < 0:
+    raise ValueError(f"seq_len={seq_len} leaves no slot for text next to the images")
+  segs += [Text(rest)] if rest else []
+  return segs + ([Text(generated, generated=True)] if generated else [])
+
+
+def compiled_bytes(compiled) -> dict[str, int]:
+  """Bytes of a compiled program on one device, from XLA's buffer assignment
+  (``compiled.memory_analysis()``): ``argument``, ``output``, ``alias`` (outputs that reuse
+  donated arguments), ``temp``, ``generated_code`` and ``peak`` = argument + output - alias +
+  temp, what the program holds at once. Raises ValueError when the backend reports none."""
+  m = compiled.memory_analysis()
+  if m is None:
+    raise ValueError(f"the {jax.default_backend()} backend reports no memory analysis")
+  out = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in
+         ("argument", "output", "alias", "temp", "generated_code")}
+  out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+  return out
+
+
+def compiled_memory(cfg: MLLMConfig, *, batch: int, seq_len: int, mode: str = "train",
+                    param_bytes: int = 4, compute_bytes: int = 2, remat: bool = False,
+                    cache_len: Optional[int] = None, images: Optional[int] = None,
+                    video_frames: int = 0, attention_impl: Optional[str] = None,
+                    freeze_vision: bool = False,
+                    compiled_top_k: Optional[Union[int, float]] = None) -> dict[str, int]:
+  """Exact memory of the step ``estimate_memory`` describes (one device, no sharding): the step
+  is compiled for the local default backend and XLA's buffer assignment is read
+  (``compiled_bytes``). Nothing runs and no weights are created, but the compile takes seconds
+  to minutes. For a backend without a local device (an H100 or TPU from a CPU machine) use the
+  deviceless compiles of ``make aot`` (benchmarks/aot).
+
+  Train: the forward, a cross-entropy gradient and an AdamW update, the state donated, as the
+  trainer's step (which adds metrics and routing statistics); the model is built at K_max
+  (``compiled_top_k``, as the trainer does at its schedule's start). Infer: ``MLLM.prefill``
+  over ``cache_len`` slots, the prompt and the reserved generated span, as ``generate`` runs
+  it. The arguments mean what they mean for ``estimate_memory``; ``param_bytes`` and
+  ``compute_bytes`` pick float32 (4) or bfloat16 (2), ``attention_impl`` "xla" or "pallas"
+  (the "flash" kernels are not this package's). Returns ``compiled_bytes``' dict.
+  """
+  if attention_impl == "flash":
+    raise ValueError("attention_impl='flash' is an estimate only; the exact mode compiles "
+                     "this package's attention ('xla' or 'pallas')")
+  for name, b in (("param_bytes", param_bytes), ("compute_bytes", compute_bytes)):
+    if b not in _DTYPE_OF_BYTES:
+      raise ValueError(f"{name}={b!r}: the exact mode compiles float32 (4) or bfloat16 (2)")
+  _, _, info = _estimate(cfg, batch=batch, seq_len=seq_len, mode=mode, param_bytes=param_bytes,
+                         compute_bytes=compute_bytes, cache_len=cache_len, images=images,
+                         video_frames=video_frames, attention_impl=attention_impl,
+                         compiled_top_k=compiled_top_k)
+  gz = cfg.gaze
+  if info["regions"] and not gz.top_k_per_example:
+    gz = dataclasses.replace(gz, top_k=info["compiled_top_k"])
+  cfg = dataclasses.replace(
+      cfg, dtype=_DTYPE_OF_BYTES[compute_bytes], param_dtype=_DTYPE_OF_BYTES[param_bytes],
+      decoder=dataclasses.replace(cfg.decoder, remat=remat),
+      gaze=dataclasses.replace(gz, implementation=info["attention_impl"]))
+  generated = (cache_len or seq_len) - seq_len if mode == "infer" else 0
+  segs = _segments(cfg, seq_len, info["images"], info["video_frames"], generated)
+  model = abstract_model(cfg)
+  layout = model.build_layout([segs] * batch, seq_len + generated,
+                              max_regions=max(info["regions"], 1),
+                              max_images=max(info["frames"], 1))
+  sds = jax.ShapeDtypeStruct
+  tokens = sds((batch, seq_len + generated), jnp.int32)
+  pics = None
+  if cfg.vision is not None and info["frames"]:
+    v = cfg.vision
+    pics = sds((batch, info["frames"], v.image_size, v.image_size, v.num_channels), jnp.float32)
+  frozen = nnx.All(nnx.Param, nnx.PathContains("vision")) if freeze_vision else nnx.Nothing
+  graphdef, fixed, params, rest = nnx.split(model, frozen, nnx.Param, ...)
+  if mode == "infer":
+    def prefill(fixed, params, tokens, layout, pics):
+      return nnx.merge(graphdef, fixed, params, rest).prefill(tokens, layout, pics)
+    lowered = jax.jit(prefill).lower(fixed, params, tokens, layout, pics)
+  else:
+    tx = optax.adamw(1e-4)
+
+    def step(fixed, params, opt_state, tokens, layout, pics):
+      def loss(p):
+        logits = nnx.merge(graphdef, fixed, p, rest)(tokens, layout, pics)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens).mean()
+      grads = jax.grad(loss)(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    lowered = jax.jit(step, donate_argnums=(1, 2)).lower(
+        fixed, params, jax.eval_shape(tx.init, params), tokens, layout, pics)
+  return compiled_bytes(lowered.compile())
+
+
 # ------------------------------------------------------------------ CLI
 
 def _gib(x: float) -> str:
@@ -400,67 +514,92 @@ def _count(n: int) -> str:
 
 def _top_k_arg(text: str):
   """A K as ``GazeConfig.top_k`` takes it: ``8`` (count) or ``0.5`` (ratio of the regions)."""
-  return float(text) if any(c in text for c in ".eE") else int(text)
+  try:
+    return float(text) if any(c in text for c in ".eE") else int(text)
+  except ValueError:
+    raise ValueError(f"--topk_start={text!r} is neither a count nor a ratio") from None
 
 
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-      prog="python -m gaze_jax.model.memory",
-      description="Parameter count and rough per-device memory of a model preset.")
-  p.add_argument("--preset", required=True, choices=sorted(PRESETS))
-  p.add_argument("--batch", type=int, default=1, help="global batch (examples)")
-  p.add_argument("--seq-len", type=int, default=2048, help="slots per example (prompt length "
-                 "in infer mode)")
-  p.add_argument("--devices", type=int, default=1)
-  p.add_argument("--no-fsdp", dest="fsdp", action="store_false",
-                 help="replicate parameters and optimizer state (plain data parallel)")
-  p.add_argument("--mode", choices=("train", "infer"), default="train")
-  p.add_argument("--param-bytes", type=int, default=4, help="bytes per stored weight")
-  p.add_argument("--compute-bytes", type=int, default=2, help="bytes per activation")
-  p.add_argument("--remat", action="store_true", help="per-layer activation checkpointing")
-  p.add_argument("--cache-len", type=int, default=None, help="KV cache slots (infer)")
-  p.add_argument("--images", type=int, default=None,
-                 help="full-size images per example (default 1 with a vision tower)")
-  p.add_argument("--video-frames", type=int, default=0,
-                 help="video frames per example (pooled video_pool x video_pool)")
-  p.add_argument("--attention-impl", choices=ATTENTION_IMPLS, default=None,
-                 help="xla: this package's XLA paths (store scores and gathered regions); "
-                 "pallas: its Pallas gaze kernels (working set independent of K); flash: a "
-                 "fused kernel for every attention, vision included (default: the preset's "
-                 "gaze.implementation)")
-  p.add_argument("--topk-start", type=_top_k_arg, default=None,
-                 help="gaze: the K the model is compiled with, K_max (config.topk_schedule."
-                 "start; a count or a ratio); default all regions in train mode (the trainer's "
-                 "default schedule start), the preset's top_k in infer mode")
-  p.add_argument("--attention", choices=("gaze", "dense"), default=None,
-                 help="override the preset's attention")
-  p.add_argument("--query-chunk", type=int, default=None,
-                 help="gaze: process this many query rows at a time (GazeConfig.query_chunk)")
-  p.add_argument("--freeze-vision", action="store_true",
-                 help="no gradients / optimizer state / saved activations for the vision tower")
-  p.add_argument("--hbm-gib", type=float, default=80.0,
-                 help="memory per device to compare against (80 for an H100)")
-  return p
+def _flags() -> flags.FlagValues:
+  """The CLI's flags, in a FlagValues of their own: importing this module (the trainer and the
+  checkpoints do) adds nothing to the program's global flags."""
+  fv = flags.FlagValues()
+  kw = dict(flag_values=fv)
+  flags.DEFINE_enum("preset", None, sorted(PRESETS), "model preset", **kw)
+  flags.DEFINE_integer("batch", 1, "global batch (examples)", lower_bound=1, **kw)
+  flags.DEFINE_integer("seq_len", 2048, "slots per example (prompt length in infer mode)",
+                       lower_bound=1, **kw)
+  flags.DEFINE_integer("devices", 1, "devices the batch and (with fsdp) the weights are split "
+                       "over", lower_bound=1, **kw)
+  flags.DEFINE_boolean("fsdp", True, "shard parameters and optimizer state; --nofsdp "
+                       "replicates them (plain data parallel)", **kw)
+  flags.DEFINE_enum("mode", "train", ["train", "infer"], "training step or prefill", **kw)
+  flags.DEFINE_integer("param_bytes", 4, "bytes per stored weight", lower_bound=1, **kw)
+  flags.DEFINE_integer("compute_bytes", 2, "bytes per activation", lower_bound=1, **kw)
+  flags.DEFINE_boolean("remat", False, "per-layer activation checkpointing", **kw)
+  flags.DEFINE_integer("cache_len", None, "KV cache slots (infer)", lower_bound=1, **kw)
+  flags.DEFINE_integer("images", None, "full-size images per example (default 1 with a vision "
+                       "tower)", lower_bound=0, **kw)
+  flags.DEFINE_integer("video_frames", 0, "video frames per example (pooled video_pool x "
+                       "video_pool)", lower_bound=0, **kw)
+  flags.DEFINE_enum("attention_impl", None, list(ATTENTION_IMPLS),
+                    "xla: this package's XLA paths (store scores and gathered regions); pallas: "
+                    "its Pallas gaze kernels (working set independent of K); flash: a fused "
+                    "kernel for every attention, vision included (default: the preset's "
+                    "gaze.implementation)", **kw)
+  flags.DEFINE_string("topk_start", None, "gaze: the K the model is compiled with, K_max "
+                      "(config.topk_schedule.start; a count or a ratio); default all regions "
+                      "in train mode (the trainer's default schedule start), the preset's top_k "
+                      "in infer mode", **kw)
+  flags.DEFINE_enum("attention", None, ["gaze", "dense"], "override the preset's attention",
+                    **kw)
+  flags.DEFINE_integer("query_chunk", None, "gaze: process this many query rows at a time "
+                       "(GazeConfig.query_chunk)", lower_bound=1, **kw)
+  flags.DEFINE_boolean("freeze_vision", False, "no gradients / optimizer state / saved "
+                       "activations for the vision tower", **kw)
+  flags.DEFINE_float("hbm_gib", 80.0, "memory per device to compare against (80 for an H100)",
+                     **kw)
+  flags.DEFINE_boolean("exact", False, "also compile the step for the local backend (one "
+                       "device) and print XLA's buffer assignment (compiled_memory); seconds "
+                       "to minutes", **kw)
+  flags.mark_flag_as_required("preset", **kw)
+  return fv
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  args = _parser().parse_args(argv)
+  """The CLI; ``argv`` without the program name (default ``sys.argv[1:]``). Returns the exit
+  status: 0, or 2 for bad flags or a setting that cannot describe a run."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  fv = _flags()
+  if {"--help", "-h", "--helpfull"} & set(argv):
+    print(f"usage: python -m gaze_jax.model.memory --preset=NAME [flags]\n{__doc__}\n"
+          f"{fv.get_help()}")
+    return 0
+  try:
+    rest = fv(["gaze_jax.model.memory"] + argv)[1:]
+    if rest:
+      raise flags.Error(f"unexpected arguments {rest}")
+    topk_start = None if fv.topk_start is None else _top_k_arg(fv.topk_start)
+  except (flags.Error, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  args = fv
   cfg = get_preset(args.preset)
   if args.attention is not None:
     cfg = dataclasses.replace(cfg, gaze=dataclasses.replace(cfg.gaze, attention=args.attention))
   if args.query_chunk is not None:
-    if args.query_chunk < 1:
-      print(f"error: --query-chunk must be >= 1, got {args.query_chunk}", file=sys.stderr)
-      return 2
     cfg = dataclasses.replace(cfg, gaze=dataclasses.replace(cfg.gaze,
                                                             query_chunk=args.query_chunk))
   kw = dict(batch=args.batch, seq_len=args.seq_len, devices=args.devices, fsdp=args.fsdp,
             mode=args.mode, param_bytes=args.param_bytes, compute_bytes=args.compute_bytes,
             remat=args.remat, cache_len=args.cache_len, images=args.images,
             video_frames=args.video_frames, attention_impl=args.attention_impl,
-            freeze_vision=args.freeze_vision, compiled_top_k=args.topk_start)
+            freeze_vision=args.freeze_vision, compiled_top_k=topk_start)
   try:
     out, how, info = _estimate(cfg, **kw)
+    if args.exact and args.devices != 1:
+      raise ValueError("--exact compiles for one local device: use --devices=1 (meshes: "
+                       "make aot, benchmarks/aot)")
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -485,6 +624,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if out[k]:
       print(f"{k:<20}{_gib(out[k])}  {how[k]}")
   print(f"{'total':<20}{_gib(total)}")
+  if args.exact:
+    exact_kw = {k: v for k, v in kw.items() if k not in ("devices", "fsdp")}
+    try:
+      c = compiled_memory(cfg, **exact_kw)
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    print(f"compiled for {jax.default_backend()} (XLA buffer assignment, one device):")
+    for k in ("argument", "output", "alias", "temp", "peak"):
+      print(f"{'exact_' + k:<20}{_gib(c[k])}")
+    print(f"estimate / exact peak: {total / max(c['peak'], 1):.2f}")
   if out["logits"] > 0.3 * total:
     print("note: the [T, V] logits are a large share: " + (
         "a chunked or fused cross-entropy avoids materialising them" if args.mode == "train"
@@ -500,26 +650,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if args.mode == "train" and not args.remat:
     tries.append(("--remat", dict(remat=True)))
   if impl == "xla" and gaze:
-    tries.append(("--attention-impl pallas", dict(attention_impl="pallas")))
+    tries.append(("--attention_impl=pallas", dict(attention_impl="pallas")))
   if impl == "xla" and gaze and K_max > K:
-    tries.append((f"--topk-start {K} (fixed K)", dict(compiled_top_k=K)))
+    tries.append((f"--topk_start={K} (fixed K)", dict(compiled_top_k=K)))
   if impl != "flash":
-    tries.append(("--attention-impl flash", dict(attention_impl="flash")))
+    tries.append(("--attention_impl=flash", dict(attention_impl="flash")))
   if args.mode == "train" and not args.remat and impl != "flash":
-    tries.append(("--remat --attention-impl flash", dict(remat=True, attention_impl="flash")))
+    tries.append(("--remat --attention_impl=flash", dict(remat=True, attention_impl="flash")))
   if (args.mode == "infer" and impl == "xla" and gaze and not gz.query_chunk
       and args.seq_len > 512):
     chunked = dataclasses.replace(cfg, gaze=dataclasses.replace(gz, query_chunk=512))
-    tries.append(("--query-chunk 512", dict(cfg=chunked)))
+    tries.append(("--query_chunk=512", dict(cfg=chunked)))
   if not args.fsdp and args.devices > 1:
-    tries.append(("fsdp (drop --no-fsdp)", dict(fsdp=True)))
+    tries.append(("fsdp (drop --nofsdp)", dict(fsdp=True)))
   if args.mode == "train" and not args.freeze_vision and cfg.vision is not None:
-    tries.append(("--freeze-vision", dict(freeze_vision=True)))
+    tries.append(("--freeze_vision", dict(freeze_vision=True)))
   if info["local_batch"] > 1:
-    tries.append((f"--batch {args.batch // 2}", dict(batch=max(1, args.batch // 2))))
-  tries.append((f"--devices {2 * args.devices}", dict(devices=2 * args.devices)))
+    tries.append((f"--batch={args.batch // 2}", dict(batch=max(1, args.batch // 2))))
+  tries.append((f"--devices={2 * args.devices}", dict(devices=2 * args.devices)))
   if args.param_bytes > 2 and args.mode == "infer":
-    tries.append(("--param-bytes 2", dict(param_bytes=2)))
+    tries.append(("--param_bytes=2", dict(param_bytes=2)))
   for flag, change in tries:
     o, _, _ = _estimate(change.pop("cfg", cfg), **{**kw, **change})
     t2 = sum(o.values())

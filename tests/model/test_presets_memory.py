@@ -308,8 +308,8 @@ def _table(out: str) -> dict:
 
 
 def test_cli_prints_table(capsys):
-  argv = ["--preset", "cambrian_4b", "--batch", "8", "--seq-len", "4096", "--devices", "8"]
-  assert memory.main(argv + ["--remat", "--attention-impl", "flash"]) == 0
+  argv = ["--preset=cambrian_4b", "--batch=8", "--seq_len=4096", "--devices", "8"]
+  assert memory.main(argv + ["--remat", "--attention_impl=flash"]) == 0
   out = capsys.readouterr().out
   want = estimate_memory(get_preset("cambrian_4b"), batch=8, seq_len=4096, devices=8,
                          remat=True, attention_impl="flash")
@@ -321,9 +321,18 @@ def test_cli_prints_table(capsys):
   # Over budget: the CLI says so and prices the levers.
   assert memory.main(argv) == 0
   out = capsys.readouterr().out
-  assert "does NOT fit" in out and "--remat" in out and "--attention-impl flash" in out
-  assert memory.main(argv + ["--mode", "infer", "--cache-len", "8192"]) == 0
+  assert "does NOT fit" in out and "--remat" in out and "--attention_impl=flash" in out
+  assert memory.main(argv + ["--mode=infer", "--cache_len=8192"]) == 0
   rows = _table(capsys.readouterr().out)
   assert rows["kv_cache"] == pytest.approx(2 * 36 * 8 * 128 * 8192 * 1 * 2 / GiB, abs=0.006)
   assert memory.main(argv + ["--images", "9"]) == 2                     # does not fit seq_len
   assert "error:" in capsys.readouterr().err
+  # Flags absl rejects: a misspelt one, a value out of range, a stray argument.
+  for bad, why in ((["--seq-len=4096"], "seq-len"), (["--query_chunk=0"], "query_chunk"),
+                   (["extra"], "unexpected arguments")):
+    assert memory.main(argv + bad) == 2
+    assert why in capsys.readouterr().err
+  assert memory.main(["--batch=1"]) == 2
+  assert "--preset" in capsys.readouterr().err
+  assert memory.main(["--help"]) == 0
+  assert "--exact" in capsys.readouterr().out
