@@ -16,8 +16,8 @@ The data default is gaze_shapes at 384 px with the byte tokenizer (runs anywhere
 instruction data copy this file and set ``data.name = "llava_json"``,
 ``data.builder_overrides = {"json_files": {...}, "image_dir": ...}`` and
 ``data.tokenizer`` = a folder with Qwen3's tokenizer.json. Memory plan:
-``python -m gaze_jax.model.memory --preset cambrian_4b --batch 64 --seq-len 1024 --devices 8
---remat --attention-impl pallas``
+``python -m gaze_jax.model.memory --preset=cambrian_4b --batch=64 --seq_len=1024 --devices=8
+--remat --attention_impl=pallas``
 (the Pallas kernels: ``--config.model.gaze.implementation=pallas``; the xla path sizes its
 gathers for K_max, the schedule's start of all regions, and needs 5-7x more here).
 """

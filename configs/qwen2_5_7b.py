@@ -6,8 +6,8 @@ with 4-way tensor parallelism on top of FSDP (heads, MLP and vocabulary split ov
   python train_main.py --config=configs/qwen2_5_7b.py --workdir=/ckpt/q7b --config.mesh.tensor=4
 
 See configs/cambrian_4b.py for multi-host flags and real instruction data. Memory plan:
-``python -m gaze_jax.model.memory --preset qwen2_5_7b --batch 64 --seq-len 1024 --devices 16
---remat --attention-impl pallas``
+``python -m gaze_jax.model.memory --preset=qwen2_5_7b --batch=64 --seq_len=1024 --devices=16
+--remat --attention_impl=pallas``
 (the Pallas kernels: ``--config.model.gaze.implementation=pallas``; the xla path sizes its
 gathers for K_max, the schedule's start of all regions, and needs 5-7x more here).
 """
