@@ -11,6 +11,8 @@ For each batch (a dict of stacked features from ``gaze_jax.data``, or a ``ModelI
 * ``fixed_from_question``: two passes, regions fixed at the last prompt row;
 * ``random_routing``: the model with random regions at the same K (``bl.random_selections``;
   a fresh draw per batch and layer from ``random_seed``);
+* each baseline is one ``Baseline`` entry of ``REGISTRY``: the model it runs (e.g. the dense
+  twin), the batch it sees (e.g. downsampled images) and its teacher-forced pass;
 * optionally (``generate_text=True`` with a tokenizer) greedy generation of each example's first
   answer with ``gaze_jax.model.generate`` and normalised text exact match.
 
@@ -20,10 +22,11 @@ renders. Gaze maps for the first examples can be written along the way (``gaze_m
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -38,9 +41,6 @@ from gaze_jax.eval.prior import by_group
 from gaze_jax.eval.text import decode, text_exact_match
 from gaze_jax.gaze.layout import PATCH, LayoutSpec
 from gaze_jax.metrics import target_logp
-
-BASELINES = ("dense", "token_matched", "fixed_from_question", "random_routing")
-
 
 # ------------------------------------------------------------------ compiled forwards
 
@@ -279,6 +279,112 @@ class _Acc:
     return out
 
 
+# ------------------------------------------------------------------ the rows
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchContext:
+  """What a row's transforms may read besides the model and the batch."""
+  index: int                          # the batch's number, from 1
+  random_seed: int
+  token_matched_grid: Optional[int]
+
+  @property
+  def key(self) -> jax.Array:
+    """This batch's PRNG key: a fresh random draw per batch."""
+    return jax.random.fold_in(jax.random.PRNGKey(self.random_seed), self.index)
+
+
+def _same_model(model):
+  return model
+
+
+def _same_inputs(model, inputs: ModelInputs, ctx: BatchContext):
+  return inputs, {}
+
+
+def _token_matched(model, inputs: ModelInputs, ctx: BatchContext):
+  small, match = bl.token_matched_inputs(model, inputs, grid=ctx.token_matched_grid)
+  return small, {"token_match": {
+      "grid": list(match.grid), "image_hw": list(match.image_hw),
+      "visual_tokens": match.visual_tokens, "target_tokens": match.target_tokens}}
+
+
+def _needs_gaze(model) -> Optional[str]:
+  return None if _is_gaze(model) else "needs a gaze model (the model is dense)"
+
+
+def _needs_gaze_and_vision(model) -> Optional[str]:
+  return _needs_gaze(model) or (None if model.cfg.vision is not None
+                                else "needs a vision tower")
+
+
+def _not_dense(model) -> Optional[str]:
+  return None if _is_gaze(model) else "the model is dense already"
+
+
+@dataclasses.dataclass(frozen=True)
+class Baseline:
+  """One row of the evaluation, computed from the evaluated model's weights.
+
+  name: the row's key in ``baselines``, the results and ``text_variants``.
+  skip: ``model -> reason or None``: why the row cannot be computed for this model.
+  model: ``model -> model`` the row runs (built once per ``evaluate`` and shared by the rows
+    with the same transform: one dense twin).
+  inputs: ``(evaluated model, inputs, ctx) -> (inputs, extra)``: the batch the row sees and
+    fields for its result (the last batch's).
+  predict: ``(model, inputs, ctx) -> (pred [B, S], target_logp [B, S], selected)``: its
+    teacher-forced pass, ``selected`` the regions attended per layer (None for dense rows).
+  fixed: the regions are chosen beforehand: decoding scores no candidates.
+  text: ``generate_text`` can generate its answers.
+  """
+  name: str
+  predict: Callable
+  skip: Callable = lambda model: None
+  model: Callable = _same_model
+  inputs: Callable = _same_inputs
+  fixed: bool = False
+  text: bool = False
+
+
+# The evaluated model itself: the first row (named by ``evaluate``'s ``name``), "gaze" in
+# ``text_variants``.
+MAIN = Baseline("gaze", lambda m, x, ctx: predict(m, x, return_selected=True), text=True)
+
+# A new baseline is one entry; ``evaluate`` runs the requested ones in the order asked.
+REGISTRY = (
+    Baseline("dense", lambda m, x, ctx: predict(m, x), skip=_not_dense, model=bl.dense_twin,
+             text=True),
+    Baseline("token_matched", lambda m, x, ctx: predict(m, x), skip=_needs_gaze_and_vision,
+             model=bl.dense_twin, inputs=_token_matched, text=True),
+    Baseline("fixed_from_question", lambda m, x, ctx: predict_fixed_from_question(m, x),
+             skip=_needs_gaze, fixed=True),
+    Baseline("random_routing", lambda m, x, ctx: predict_random_routing(m, x, ctx.key),
+             skip=_needs_gaze, fixed=True),
+)
+BASELINES = tuple(b.name for b in REGISTRY)
+
+
+def _plan_rows(model, baselines: Sequence[str], name: str
+               ) -> tuple[list[tuple[str, Baseline]], dict[str, str]]:
+  """The rows ``(row name, entry)`` in the order of the results (the main model first, then
+  each requested baseline once, in the order asked) and the skipped baselines with reasons."""
+  by_name = {b.name: b for b in REGISTRY}
+  unknown = set(baselines) - set(by_name)
+  if unknown:
+    raise ValueError(f"unknown baselines {sorted(unknown)}; known: {BASELINES}")
+  rows, skipped = [(name, MAIN)], {}
+  for b in dict.fromkeys(baselines):
+    reason = by_name[b].skip(model)
+    if reason:
+      skipped[b] = reason
+    else:
+      rows.append((b, by_name[b]))
+  if name in [r for r, _ in rows[1:]]:
+    raise ValueError(f"name={name!r} is also the name of a baseline row; pick another")
+  return rows, skipped
+
+
 def _to_inputs(batch, spec: Optional[LayoutSpec]) -> ModelInputs:
   if isinstance(batch, ModelInputs):
     return batch
@@ -309,9 +415,9 @@ def evaluate(model, batches: Iterable, spec: Optional[LayoutSpec] = None, *,
     model: an ``MLLM`` (gaze or dense attention).
     batches: an iterable of feature dicts (``gaze_jax.data`` pipeline batches) or ModelInputs.
     spec: the LayoutSpec the feature dicts were built with (not needed for ModelInputs).
-    baselines: any of "dense", "token_matched", "fixed_from_question", "random_routing" (all
-      but "dense" need a gaze model; for a dense model they are skipped and noted under
-      ``skipped``).
+    baselines: names of ``REGISTRY`` rows: "dense", "token_matched", "fixed_from_question",
+      "random_routing" (all but "dense" need a gaze model; rows a model cannot have are
+      skipped and noted under ``skipped``).
     split, name: labels in the result (``name`` is the main model's row).
     max_batches: stop after this many batches.
     token_matched_grid: force the token-matched grid height (default: matched to the budget).
@@ -335,35 +441,19 @@ def evaluate(model, batches: Iterable, spec: Optional[LayoutSpec] = None, *,
     ``configured`` (the formula budget), ``seconds`` (wall time of its passes, compilation
     included) and, for token_matched, ``token_match`` (the grid of the last batch).
   """
-  unknown = set(baselines) - set(BASELINES)
-  if unknown:
-    raise ValueError(f"unknown baselines {sorted(unknown)}; known: {BASELINES}")
-  bad = set(text_variants) - {"gaze", "dense", "token_matched"}
+  textual = [b.name for b in (MAIN,) + REGISTRY if b.text]
+  bad = set(text_variants) - set(textual)
   if bad:
-    raise ValueError(f"text_variants {sorted(bad)} unknown; use 'gaze' (the main model), "
-                     "'dense' or 'token_matched'")
+    raise ValueError(f"text_variants {sorted(bad)} unknown; use {textual} ('gaze' is the main "
+                     "model)")
   if generate_text and tokenizer is None:
     raise ValueError("generate_text=True needs a tokenizer to decode the answers")
-  gaze = _is_gaze(model)
-  skipped = {}
-  wanted = []
-  for b in baselines:
-    if b in ("token_matched", "fixed_from_question", "random_routing") and not gaze:
-      skipped[b] = "needs a gaze model (the model is dense)"
-    elif b == "token_matched" and model.cfg.vision is None:
-      skipped[b] = "needs a vision tower"
-    elif b == "dense" and not gaze:
-      skipped[b] = "the model is dense already"
-    else:
-      wanted.append(b)
-  if name in wanted:
-    raise ValueError(f"name={name!r} is also the name of a baseline row; pick another")
-  dense = bl.dense_twin(model) if (gaze and set(wanted) & {"dense", "token_matched"}) \
-      else None
-  accs = {name: _Acc(name, model.cfg)}
-  for b in wanted:
-    accs[b] = _Acc(b, dense.cfg if b in ("dense", "token_matched") else model.cfg,
-                   fixed=b in ("fixed_from_question", "random_routing"))
+  rows, skipped = _plan_rows(model, baselines, name)
+  built = {}                                     # model transform -> the model it gives
+  for _, entry in rows:
+    if entry.model not in built:
+      built[entry.model] = entry.model(model)
+  accs = {r: _Acc(r, built[e.model].cfg, fixed=e.fixed) for r, e in rows}
   maps: list[str] = []
   n_batches = n_examples = 0
   stop_ids = tuple(getattr(tokenizer, "stop_ids", ())) if tokenizer is not None else ()
@@ -374,62 +464,29 @@ def evaluate(model, batches: Iterable, spec: Optional[LayoutSpec] = None, *,
     inputs = _to_inputs(batch, spec)
     n_batches += 1
     n_examples += int(np.asarray(inputs.tokens).shape[0])
-
-    t0 = time.perf_counter()
-    pred, tgt, sel = predict(model, inputs, return_selected=True)
-    accs[name].seconds += time.perf_counter() - t0
-    accs[name].add(inputs, pred, tgt, sel)
-    if gaze_maps_dir is not None and sel is not None and len(maps) < num_gaze_maps:
-      from gaze_jax.eval.gaze_maps import write_batch_gaze_maps
-      maps += write_batch_gaze_maps(
-          gaze_maps_dir, inputs, sel, limit=num_gaze_maps - len(maps), start=len(maps),
-          layers=gaze_map_layers, tokens_per_example=gaze_map_tokens, pred=pred,
-          tokenizer=tokenizer,
-          image_mean=image_mean, image_std=image_std)
-
-    if "dense" in wanted:
+    ctx = BatchContext(n_batches, random_seed, token_matched_grid)
+    seen = {}                          # entry name -> (row, its model, the inputs it saw)
+    for row, entry in rows:
       t0 = time.perf_counter()
-      out = predict(dense, inputs)
-      accs["dense"].seconds += time.perf_counter() - t0
-      accs["dense"].add(inputs, *out)
-    tm_inputs = None
-    if "token_matched" in wanted:
-      t0 = time.perf_counter()
-      tm_inputs, match = bl.token_matched_inputs(model, inputs, grid=token_matched_grid)
-      out = predict(dense, tm_inputs)
-      accs["token_matched"].seconds += time.perf_counter() - t0
-      accs["token_matched"].add(tm_inputs, *out)
-      accs["token_matched"].extra["token_match"] = {
-          "grid": list(match.grid), "image_hw": list(match.image_hw),
-          "visual_tokens": match.visual_tokens, "target_tokens": match.target_tokens}
-    if "fixed_from_question" in wanted:
-      t0 = time.perf_counter()
-      out = predict_fixed_from_question(model, inputs)
-      accs["fixed_from_question"].seconds += time.perf_counter() - t0
-      accs["fixed_from_question"].add(inputs, *out)
-    if "random_routing" in wanted:
-      t0 = time.perf_counter()
-      key = jax.random.fold_in(jax.random.PRNGKey(random_seed), n_batches)
-      out = predict_random_routing(model, inputs, key)
-      accs["random_routing"].seconds += time.perf_counter() - t0
-      accs["random_routing"].add(inputs, *out)
-
+      row_inputs, extra = entry.inputs(model, inputs, ctx)
+      pred, tgt, sel = entry.predict(built[entry.model], row_inputs, ctx)
+      accs[row].seconds += time.perf_counter() - t0
+      accs[row].add(row_inputs, pred, tgt, sel)
+      accs[row].extra.update(extra)
+      seen[entry.name] = (row, built[entry.model], row_inputs)
+      if entry is MAIN and gaze_maps_dir is not None and sel is not None \
+          and len(maps) < num_gaze_maps:
+        from gaze_jax.eval.gaze_maps import write_batch_gaze_maps
+        maps += write_batch_gaze_maps(
+            gaze_maps_dir, inputs, sel, limit=num_gaze_maps - len(maps), start=len(maps),
+            layers=gaze_map_layers, tokens_per_example=gaze_map_tokens, pred=pred,
+            tokenizer=tokenizer, image_mean=image_mean, image_std=image_std)
     if generate_text:
-      runs = {"gaze": (name, model, inputs)}          # "gaze" names the main model here
-      if "dense" in wanted:
-        runs["dense"] = ("dense", dense, inputs)
-      if "token_matched" in wanted:
-        runs["token_matched"] = ("token_matched", dense, tm_inputs)
       for v in text_variants:
-        if v not in runs:
-          continue
-        key, m, inp = runs[v]
-        toks, lengths, refs = generate_answers(m, inp, max_new_tokens=max_new_tokens,
-                                               stop_tokens=stop_ids, pad_id=pad_id)
-        preds = [decode(tokenizer, _strip(toks[i, :lengths[i]], stop_ids))
-                 for i in range(len(refs))]
-        texts = [decode(tokenizer, _strip(r, stop_ids)) for r in refs]
-        accs[key].add_text(preds, texts, num_samples)
+        if v in seen:
+          row, m, inp = seen[v]
+          preds, refs = _generated_texts(m, inp, tokenizer, max_new_tokens, stop_ids, pad_id)
+          accs[row].add_text(preds, refs, num_samples)
     if log is not None:
       log(f"[eval {split}] batch {n_batches}: {n_examples} examples, "
           f"{name} accuracy so far {accs[name].correct / max(accs[name].examples, 1):.3f}")
@@ -449,6 +506,15 @@ def evaluate(model, batches: Iterable, spec: Optional[LayoutSpec] = None, *,
                 "head_dim": cfg.decoder.head_dim},
       "results": results, "skipped": skipped, "gaze_maps": maps,
   }
+
+
+def _generated_texts(model, inputs: ModelInputs, tokenizer, max_new_tokens, stop_ids, pad_id
+                     ) -> tuple[list[str], list[str]]:
+  """Greedy answers to each example's first question and their references, decoded."""
+  toks, lengths, refs = generate_answers(model, inputs, max_new_tokens=max_new_tokens,
+                                         stop_tokens=stop_ids, pad_id=pad_id)
+  preds = [decode(tokenizer, _strip(toks[i, :lengths[i]], stop_ids)) for i in range(len(refs))]
+  return preds, [decode(tokenizer, _strip(r, stop_ids)) for r in refs]
 
 
 def _strip(ids, stop_ids) -> list[int]:

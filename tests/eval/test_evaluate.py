@@ -5,6 +5,7 @@ independent counts)."""
 
 import dataclasses
 import json
+import sys
 
 import jax
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from flax import nnx
 
 from gaze_jax.data.features import ModelInputs, next_token_targets
-from gaze_jax.eval import (dense_twin, evaluate, predict, predict_fixed_from_question,
+from gaze_jax.eval import (Baseline, dense_twin, evaluate, predict, predict_fixed_from_question,
                            teacher_forced_exact_match, write_report)
 from gaze_jax.eval import baselines as bl
 from gaze_jax.eval.evaluate import _forward_given, generate_answers, predict_random_routing
@@ -369,3 +370,19 @@ def test_a_model_trained_dense_is_its_own_row(model, tmp_path):
   out = evaluate(dense_twin(model), [inputs], name="dense_trained")
   assert set(out["results"]) == {"dense_trained"}
   assert markdown_table(out).splitlines()[2].startswith("| trained with dense attention |")
+
+
+def test_a_baseline_is_one_registry_entry(model, monkeypatch):
+  """A row added to the registry runs like the built-in ones: here the dense twin again, under
+  another name, gives the dense row's numbers."""
+  ev = sys.modules["gaze_jax.eval.evaluate"]        # the package's ``evaluate`` is the function
+  again = Baseline("dense_again", lambda m, x, ctx: predict(m, x), model=dense_twin)
+  monkeypatch.setattr(ev, "REGISTRY", ev.REGISTRY + (again,))
+  inputs = batch(with_answer(prompts()))
+  res = evaluate(model, [inputs], baselines=("dense_again", "dense"))["results"]
+  assert list(res) == ["gaze", "dense_again", "dense"]
+  for key in ("accuracy", "token_accuracy", "answer_nll", "attention_gflops_per_query"):
+    assert res["dense_again"][key] == res["dense"][key]
+  assert res["dense_again"]["visual_kv"]["measured"] == res["dense"]["visual_kv"]["measured"]
+  with pytest.raises(ValueError, match="unknown baselines"):
+    evaluate(model, [inputs], baselines=("dense_twice",))
