@@ -14,12 +14,15 @@ being hard-coded.
 
 What we do not convert: LLaVA-OneVision's ``image_newline`` and its anyres tiling (our model
 takes each image at the tower's base resolution), and the SigLIP pooling head. These tensors
-are left unused and reported (``return_unused=True``, and an INFO log line). Images for our
+are left unused and reported (``return_unused=True``, and an INFO log line). A config that
+says ``tie_word_embeddings=true`` beside an ``lm_head.weight`` that differs from the embeddings
+loads untied with the checkpoint's head and a warning, as transformers does. Images for our
 towers are ``[N, H, W, C]``, already normalised as the Hugging Face image processor does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Mapping, MutableMapping, Optional, Sequence
@@ -30,7 +33,7 @@ from flax import nnx
 
 from gaze_jax.convert.hf_config import (decoder_config_from_hf, llava_onevision_configs,
                                         vision_config_from_hf)
-from gaze_jax.convert.hf_io import PathLike, load_safetensors, read_hf_config
+from gaze_jax.convert.hf_io import Checkpoint, PathLike, load_safetensors, read_hf_config
 from gaze_jax.convert.mapping import Rule, conv, identity, linear, load_weights, param_paths
 from gaze_jax.model.config import DecoderConfig, GazeConfig, MLLMConfig, VisionConfig
 from gaze_jax.model.mllm import MLLM
@@ -155,6 +158,28 @@ def _find_optional(tensors: Mapping[str, np.ndarray], name: str, where: str) -> 
   return hits[0] if hits else None
 
 
+def _tie_or_untie(cfg: DecoderConfig, tensors: Checkpoint, embed: str,
+                  head: Optional[str], where: str) -> DecoderConfig:
+  """The decoder config the checkpoint really holds.
+
+  A config that says ``tie_word_embeddings=true`` next to an ``lm_head.weight`` that differs
+  from the embeddings is wrong about the checkpoint. transformers (5.x) then keeps the two
+  apart, uses the checkpoint's head and warns; so do we (a logging warning naming the file
+  and the tensor), so that our logits match its. A head equal to the embeddings (as some
+  savers write it) keeps the tie and is reported unused.
+  """
+  if not cfg.tie_embeddings or head is None:
+    return cfg
+  e, h = tensors[embed], tensors[head]
+  if e.shape == h.shape and np.array_equal(e, h):
+    return cfg
+  log.warning("%s: config.json says tie_word_embeddings=true, but tensor %r in %s differs from "
+              "the embeddings %r: using the checkpoint's LM head, untied, as transformers does "
+              "(set tie_word_embeddings=false in config.json to silence this)",
+              where, head, tensors.file_of(head), embed)
+  return dataclasses.replace(cfg, tie_embeddings=False)
+
+
 def _drop_buffers(tensors: MutableMapping[str, np.ndarray]) -> list[str]:
   """Removes saved non-learned buffers from ``tensors`` in place; returns their keys."""
   dropped = sorted(k for k in tensors if k.endswith(_BUFFER_SUFFIXES))
@@ -202,10 +227,11 @@ def load_causal_lm(model_dir: PathLike, gaze: GazeConfig = DENSE_TEXT, *,
   dcfg = decoder_config_from_hf(read_hf_config(model_dir))
   tensors = load_safetensors(model_dir)
   dropped = _drop_buffers(tensors)
-  model = MLLM(MLLMConfig(decoder=dcfg, vision=None, gaze=gaze, dtype=dtype,
-                          param_dtype=param_dtype), rngs=nnx.Rngs(seed))
   dp = find_prefix(tensors, "embed_tokens.weight", "token embedding", where)
   head = _find_optional(tensors, "lm_head.weight", where)
+  dcfg = _tie_or_untie(dcfg, tensors, dp + "embed_tokens.weight", head, where)
+  model = MLLM(MLLMConfig(decoder=dcfg, vision=None, gaze=gaze, dtype=dtype,
+                          param_dtype=param_dtype), rngs=nnx.Rngs(seed))
   rules = decoder_rules(dcfg, dp, head)
   allow = [head] if (dcfg.tie_embeddings and head) else []
   if gaze.num_ctx:
@@ -258,12 +284,13 @@ def load_llava_onevision(model_dir: PathLike, gaze: GazeConfig = DENSE_TEXT, *,
   dcfg, vcfg = llava_onevision_configs(hf)
   tensors = load_safetensors(model_dir)
   dropped = _drop_buffers(tensors)
-  model = MLLM(MLLMConfig(decoder=dcfg, vision=vcfg, gaze=gaze, dtype=dtype,
-                          param_dtype=param_dtype), rngs=nnx.Rngs(seed))
   dp = find_prefix(tensors, "embed_tokens.weight", "language model", where)
   vp = find_prefix(tensors, "embeddings.patch_embedding.weight", "vision tower", where)
   mp = find_prefix(tensors, "multi_modal_projector.linear_1.weight", "projector", where)
   head = _find_optional(tensors, "lm_head.weight", where)
+  dcfg = _tie_or_untie(dcfg, tensors, dp + "embed_tokens.weight", head, where)
+  model = MLLM(MLLMConfig(decoder=dcfg, vision=vcfg, gaze=gaze, dtype=dtype,
+                          param_dtype=param_dtype), rngs=nnx.Rngs(seed))
   rules = (decoder_rules(dcfg, dp, head) + vision_rules(vcfg, vp, ours="vision.") +
            projector_rules(mp + "multi_modal_projector."))
   allow = _vision_unused(vcfg, vp)

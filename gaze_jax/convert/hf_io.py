@@ -93,6 +93,14 @@ class Checkpoint(MutableMapping):
   def __repr__(self) -> str:
     return f"Checkpoint({self._where!r}, {len(self)} tensors)"
 
+  def file_of(self, name: str) -> str:
+    """The file that holds tensor ``name`` (for messages); "<in memory>" for a set one."""
+    if name in self._set:
+      return "<in memory>"
+    if name not in self._files:
+      raise KeyError(f"{self._where} has no tensor {name!r}")
+    return self._files[name]
+
 
 def _one_file(path: str) -> Checkpoint:
   return Checkpoint({name: path for name in _tensor_names(path)}, path)

@@ -135,6 +135,38 @@ def test_causal_lm_logits_match_transformers(saved_lm, name, attention):
   assert diff <= ATOL
 
 
+def test_tied_config_with_its_own_lm_head_loads_untied_like_transformers(saved_lm, tmp_path,
+                                                                         caplog):
+  """config.json says tie_word_embeddings=true but the checkpoint holds an lm_head.weight that
+  differs from the embeddings: transformers keeps them apart and uses the head (with a
+  warning); we match its logits and warn naming the file and the tensor."""
+  path, ids, _ = saved_lm("qwen3_tied")
+  head = np.random.default_rng(7).normal(size=(V, 64)).astype(np.float32)
+  bad = _copy_with(path, tmp_path / "untied",
+                   lambda t: t.update({"lm_head.weight": head}))
+  hf = transformers.AutoModelForCausalLM.from_pretrained(bad, attn_implementation="eager")
+  np.testing.assert_array_equal(hf.lm_head.weight.detach().numpy(), head)
+  with torch.no_grad():
+    want = hf(input_ids=torch.as_tensor(ids)).logits.numpy()
+  with caplog.at_level("WARNING", logger="gaze_jax.convert.hf"):
+    model, unused = load_causal_lm(bad, return_unused=True)
+  assert not model.cfg.decoder.tie_embeddings and unused == []
+  msg = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+  assert "'lm_head.weight'" in msg and "model.safetensors" in msg and "tie_word_embeddings" in msg
+  layout = model.build_layout([[Text(N_TEXT)], [Text(N_TEXT)]], seq_len=N_TEXT)
+  diff = _max_diff(_forward(model, np.asarray(ids, np.int32), layout), want)
+  _report("qwen3 tied config with its own lm_head", diff)
+  assert diff <= ATOL
+  # A head equal to the embeddings keeps the tie (reported unused), without a warning.
+  caplog.clear()
+  same = _copy_with(path, tmp_path / "same", lambda t: t.update(
+      {"lm_head.weight": t["model.embed_tokens.weight"]}))
+  with caplog.at_level("WARNING", logger="gaze_jax.convert.hf"):
+    model, unused = load_causal_lm(same, return_unused=True)
+  assert model.cfg.decoder.tie_embeddings and unused == ["lm_head.weight"]
+  assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
 # ------------------------------------------------------------------ SigLIP
 
 @pytest.fixture(scope="module")
