@@ -23,6 +23,7 @@ renders. Gaze maps for the first examples can be written along the way (``gaze_m
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from pathlib import Path
@@ -51,8 +52,24 @@ def _outputs(logits, targets):
   return jnp.argmax(logits, axis=-1).astype(jnp.int32), target_logp(logits, targets)
 
 
-@nnx.jit(static_argnames=("return_selected",))
-def _forward(model, tokens, layout, images, targets, return_selected=False):
+def _model_jit(fn, static_argnames=()):
+  """``fn(model, *args)`` compiled as the train step and ``generate`` are: ``jax.jit`` over the
+  model's ``nnx.split`` state, its graph definition static (the compile cache key, with
+  ``static_argnames``); the model is merged inside the trace and not mutated."""
+  def merged(graphdef, state, *args, **kwargs):
+    return fn(nnx.merge(graphdef, state), *args, **kwargs)
+
+  jitted = jax.jit(merged, static_argnums=(0,), static_argnames=static_argnames)
+
+  @functools.wraps(fn)
+  def call(model, *args, **kwargs):
+    graphdef, state = nnx.split(model)
+    return jitted(graphdef, state, *args, **kwargs)
+  return call
+
+
+def _run(model, tokens, layout, images, targets, return_selected=False):
+  """The model's own pass: outputs and (with ``return_selected``) its selections."""
   out = model(tokens, layout, images, return_selected=return_selected)
   logits, selected = out if return_selected else (out, None)
   pred, tgt = _outputs(logits, targets)
@@ -66,16 +83,17 @@ def _run_given(model, tokens, layout, images, targets, selections):
   return pred, tgt, applied
 
 
-_forward_given = nnx.jit(_run_given)
-
-
-@nnx.jit
-def _forward_fixed(model, tokens, route_layout, layout, images, targets, anchor_rows):
+def _run_fixed(model, tokens, route_layout, layout, images, targets, anchor_rows):
   """Fixed-from-question: route once (first pass), copy each answer row's anchor selection,
   then run with those selections. Returns the second pass's outputs and applied ids."""
   _, selected = model(tokens, route_layout, images, return_selected=True)
   return _run_given(model, tokens, layout, images, targets,
                     bl.fixed_selections(selected, anchor_rows))
+
+
+_forward = _model_jit(_run, static_argnames=("return_selected",))
+_forward_given = _model_jit(_run_given)
+_forward_fixed = _model_jit(_run_fixed)
 
 
 def predict_random_routing(model, inputs: ModelInputs, key: jax.Array):
