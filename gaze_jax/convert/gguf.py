@@ -195,10 +195,12 @@ def llama_rules(cfg: DecoderConfig) -> list[Rule]:
 
 def causal_lm_from_gguf(metadata: dict[str, Any], tensors: dict[str, np.ndarray],
                         gaze: GazeConfig = GazeConfig(attention="dense", num_ctx=0),
-                        *, dtype: str = "float32", param_dtype: str = "float32") -> MLLM:
+                        *, dtype: str = "float32", param_dtype: str = "float32",
+                        allow_nonfinite: bool = False) -> MLLM:
   """A text-only ``MLLM`` built from already-read GGUF contents (see ``read_gguf``).
 
-  ``gaze.num_ctx`` must be 0: a GGUF LM has no learned context tokens.
+  ``gaze.num_ctx`` must be 0: a GGUF LM has no learned context tokens. A dequantized tensor
+  holding NaN or Inf raises a ValueError naming it, unless ``allow_nonfinite`` (then a warning).
   """
   if gaze.num_ctx:
     raise ValueError(f"gaze.num_ctx={gaze.num_ctx}: a GGUF language model has no context-token "
@@ -207,13 +209,21 @@ def causal_lm_from_gguf(metadata: dict[str, Any], tensors: dict[str, np.ndarray]
   cfg = MLLMConfig(decoder=dcfg, vision=None, gaze=gaze, dtype=dtype, param_dtype=param_dtype)
   # Abstract init: every parameter is overwritten, so skip drawing 135M random numbers.
   model = nnx.eval_shape(lambda: MLLM(cfg, rngs=nnx.Rngs(0)))
-  load_weights(model, tensors, llama_rules(dcfg), {"layers": dcfg.num_layers})
+  load_weights(model, tensors, llama_rules(dcfg), {"layers": dcfg.num_layers},
+               allow_nonfinite=allow_nonfinite)
   return model
 
 
 def load_gguf_causal_lm(path: PathLike,
                         gaze: GazeConfig = GazeConfig(attention="dense", num_ctx=0),
                         **kw) -> MLLM:
-  """Reads a Llama GGUF file into a text-only ``MLLM`` (``vision=None``), float32 by default."""
+  """Reads a Llama GGUF file into a text-only ``MLLM`` (``vision=None``), float32 by default.
+
+  ``kw``: ``dtype``, ``param_dtype``, ``allow_nonfinite`` of ``causal_lm_from_gguf``; its
+  errors (a NaN / Inf tensor, a missing one) name the file.
+  """
   metadata, tensors = read_gguf(path)
-  return causal_lm_from_gguf(metadata, tensors, gaze, **kw)
+  try:
+    return causal_lm_from_gguf(metadata, tensors, gaze, **kw)
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from None

@@ -209,7 +209,7 @@ def _finish(model, unused: list[str], where: str, return_unused: bool):
 
 def load_causal_lm(model_dir: PathLike, gaze: GazeConfig = DENSE_TEXT, *,
                    dtype: str = "float32", param_dtype: str = "float32", seed: int = 0,
-                   return_unused: bool = False):
+                   return_unused: bool = False, allow_nonfinite: bool = False):
   """A Llama / Qwen2 / Qwen3 causal LM directory -> text-only ``MLLM`` (``vision=None``).
 
   Args:
@@ -218,10 +218,12 @@ def load_causal_lm(model_dir: PathLike, gaze: GazeConfig = DENSE_TEXT, *,
       keep their random initialisation (``seed``).
     dtype, param_dtype: compute and parameter dtypes of the MLLM.
     return_unused: also return the checkpoint keys left unused (a tied ``lm_head``, buffers).
+    allow_nonfinite: load weights holding NaN or Inf (with a warning) instead of raising.
   Returns:
     the MLLM, or ``(MLLM, unused keys)``.
   Raises:
-    ValueError: an unsupported config, a missing or wrongly shaped tensor, or an unexpected one.
+    ValueError: an unsupported config, a missing or wrongly shaped tensor, an unexpected one,
+      or one holding NaN / Inf (naming the tensor and its file; see ``allow_nonfinite``).
   """
   where = os.fspath(model_dir)
   dcfg = decoder_config_from_hf(read_hf_config(model_dir))
@@ -236,18 +238,20 @@ def load_causal_lm(model_dir: PathLike, gaze: GazeConfig = DENSE_TEXT, *,
   allow = [head] if (dcfg.tie_embeddings and head) else []
   if gaze.num_ctx:
     rules += _keep_initial(model, tensors, ["ctx_embed"])
-  unused = _load(model, tensors, rules, {"decoder": dcfg.num_layers}, allow, where)
+  unused = _load(model, tensors, rules, {"decoder": dcfg.num_layers}, allow, where,
+                 allow_nonfinite)
   return _finish(model, dropped + unused, where, return_unused)
 
 
 def load_siglip_vision(model_dir: PathLike, feature_layer: int = -1, post_layernorm: bool = True,
                        *, dtype: str = "float32", param_dtype: str = "float32", seed: int = 0,
-                       return_unused: bool = False):
+                       return_unused: bool = False, allow_nonfinite: bool = False):
   """A SigLIP directory (``SiglipVisionModel`` or ``SiglipModel``) -> ``VisionTower``.
 
   ``feature_layer=-1, post_layernorm=True`` gives SigLIP's ``last_hidden_state``;
   ``post_layernorm=False`` gives ``hidden_states[feature_layer]``. The pooling head, the
   blocks after the feature layer and (for a SiglipModel) the text tower are left unused.
+  Weights holding NaN or Inf raise a ValueError naming the tensor, unless ``allow_nonfinite``.
   Returns the tower, or ``(tower, unused keys)`` with ``return_unused``.
   """
   where = os.fspath(model_dir)
@@ -263,18 +267,19 @@ def load_siglip_vision(model_dir: PathLike, feature_layer: int = -1, post_layern
   tower = VisionTower(vcfg, rngs=nnx.Rngs(seed), dtype=jnp.dtype(dtype),
                       param_dtype=jnp.dtype(param_dtype))
   unused = _load(tower, tensors, vision_rules(vcfg, vp), {"vision": len(tower.blocks)},
-                 _vision_unused(vcfg, vp), where)
+                 _vision_unused(vcfg, vp), where, allow_nonfinite)
   return _finish(tower, dropped + other + unused, where, return_unused)
 
 
 def load_llava_onevision(model_dir: PathLike, gaze: GazeConfig = DENSE_TEXT, *,
                          dtype: str = "float32", param_dtype: str = "float32", seed: int = 0,
-                         return_unused: bool = False):
+                         return_unused: bool = False, allow_nonfinite: bool = False):
   """A LLaVA-OneVision directory -> ``MLLM`` (SigLIP tower, ``mlp2x_gelu`` projector, Qwen2).
 
   The tower yields ``hidden_states[vision_feature_layer]`` without the final LayerNorm, as
   LLaVA-OneVision does. ``image_newline``, the SigLIP head and post-LayerNorm stay unused and
   are reported. Context tokens (``gaze.num_ctx > 0``) keep their random initialisation.
+  Weights holding NaN or Inf raise a ValueError naming the tensor, unless ``allow_nonfinite``.
   Returns the MLLM, or ``(MLLM, unused keys)`` with ``return_unused``.
   """
   where = os.fspath(model_dir)
@@ -300,13 +305,15 @@ def load_llava_onevision(model_dir: PathLike, gaze: GazeConfig = DENSE_TEXT, *,
   if gaze.num_ctx:
     rules += _keep_initial(model, tensors, ["ctx_embed"])
   unused = _load(model, tensors, rules, {"decoder": dcfg.num_layers,
-                                         "vision": len(model.vision.blocks)}, allow, where)
+                                         "vision": len(model.vision.blocks)}, allow, where,
+                 allow_nonfinite)
   return _finish(model, dropped + unused, where, return_unused)
 
 
-def _load(model, tensors, rules, counts, allow_unused, where) -> list[str]:
+def _load(model, tensors, rules, counts, allow_unused, where, allow_nonfinite) -> list[str]:
   """``load_weights`` with the checkpoint path added to its errors."""
   try:
-    return load_weights(model, tensors, rules, counts, allow_unused=allow_unused)
+    return load_weights(model, tensors, rules, counts, allow_unused=allow_unused,
+                        allow_nonfinite=allow_nonfinite)
   except ValueError as e:
     raise ValueError(f"{where}: {e}") from None

@@ -3,13 +3,15 @@
 A converter is a list of ``Rule``s. ``{i}`` in a rule stands for a layer index and is expanded
 over ``range(n)`` for the layer counts given. Hooks turn a source tensor into our layout
 (``linear``: ``[out, in] -> [in, out]``; ``conv``: ``[out, in, kh, kw] -> [kh, kw, in, out]``).
-Every model parameter must be covered and every shape must match, or ``load_weights`` raises a
-ValueError that names the parameter and the source key.
+Every model parameter must be covered, every shape must match and every value must be finite
+(no NaN or Inf, unless ``allow_nonfinite``), or ``load_weights`` raises a ValueError that names
+the parameter and the source key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Callable, Mapping, Optional, Sequence
 
 import jax.numpy as jnp
@@ -17,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 Hook = Callable[[np.ndarray], np.ndarray]
+log = logging.getLogger(__name__)
 
 
 def identity(x: np.ndarray) -> np.ndarray:
@@ -59,18 +62,38 @@ def param_paths(model: nnx.Module) -> dict[str, nnx.Variable]:
   return {".".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
+def check_finite(value: np.ndarray, src: str, ours: str, where: str, allow: bool) -> None:
+  """Raises ValueError naming the tensor and its file when ``value`` holds NaN or Inf (a corrupt
+  or diverged checkpoint would otherwise load silently and give NaN logits); with ``allow``
+  only logs a warning."""
+  bad = ~np.isfinite(value)
+  if not bad.any():
+    return
+  nan = int(np.isnan(value).sum())
+  msg = (f"tensor {src!r} in {where} holds {nan} NaN and {int(bad.sum()) - nan} Inf values "
+         f"(of {value.size}; it loads into {ours})")
+  if not allow:
+    raise ValueError(f"{msg}: a corrupt or diverged checkpoint? Pass allow_nonfinite=True to "
+                     "load it anyway")
+  log.warning("%s; loading it anyway (allow_nonfinite=True)", msg)
+
+
 def load_weights(model: nnx.Module, tensors: Mapping[str, np.ndarray], rules: Sequence[Rule],
-                 counts: Mapping[str, int], *, allow_unused: Sequence[str] = ()) -> list[str]:
+                 counts: Mapping[str, int], *, allow_unused: Sequence[str] = (),
+                 allow_nonfinite: bool = False) -> list[str]:
   """Copies ``tensors`` into ``model`` in place, following ``rules``.
 
   Args:
-    tensors: source key -> array (anything ``np.asarray`` takes).
+    tensors: source key -> array (anything ``np.asarray`` takes); a lazy ``Checkpoint`` also
+      says which file holds each tensor (``file_of``), for the error messages.
     allow_unused: source key prefixes that may stay unused (e.g. a vision head we don't build).
+    allow_nonfinite: load tensors holding NaN or Inf (with a warning) instead of raising.
   Returns:
     the source keys left unused (all matching ``allow_unused``).
   Raises:
-    ValueError: a missing source key, a shape mismatch, a parameter no rule covers, or an
-      unused source key outside ``allow_unused``.
+    ValueError: a missing source key, a shape mismatch, a NaN or Inf value (unless
+      ``allow_nonfinite``), a parameter no rule covers, or an unused source key outside
+      ``allow_unused``.
   """
   params = param_paths(model)
   used = set()
@@ -85,6 +108,8 @@ def load_weights(model: nnx.Module, tensors: Mapping[str, np.ndarray], rules: Se
     want = tuple(var.get_value().shape)
     if value.shape != want:
       raise ValueError(f"{src} has shape {value.shape} after conversion, but {ours} is {want}")
+    where = tensors.file_of(src) if hasattr(tensors, "file_of") else "the checkpoint"
+    check_finite(value, src, ours, where, allow_nonfinite)
     var.set_value(jnp.asarray(value, dtype=var.get_value().dtype))
     used.add(src)
     covered.add(ours)

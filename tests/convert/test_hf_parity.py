@@ -416,6 +416,26 @@ def test_clear_errors_for_bad_checkpoints(saved_lm, tmp_path):
     load_llava_onevision(path)
 
 
+def test_nonfinite_weights_are_refused_unless_allowed(saved_lm, tmp_path, caplog):
+  """NaN / Inf in a weight: a ValueError naming the tensor and its file (here a shard of a
+  sharded checkpoint); ``allow_nonfinite=True`` loads it with a warning."""
+  path, _, _ = saved_lm("llama")
+  key = "model.layers.1.mlp.up_proj.weight"
+  hf = transformers.AutoModelForCausalLM.from_pretrained(path)
+  with torch.no_grad():
+    hf.get_parameter(key)[2, 3] = float("nan")
+    hf.get_parameter("model.layers.0.mlp.down_proj.weight")[0, 1] = float("inf")
+  hf.save_pretrained(tmp_path, max_shard_size="20KB")
+  shard = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"][key]
+  with pytest.raises(ValueError, match=rf"tensor '{key}' in \S*{shard} holds 1 NaN and 0 Inf"
+                     r".*allow_nonfinite=True"):
+    load_causal_lm(tmp_path)
+  with caplog.at_level("WARNING", logger="gaze_jax.convert.mapping"):
+    model = load_causal_lm(tmp_path, allow_nonfinite=True)
+  assert key in caplog.text and "model.layers.0.mlp.down_proj.weight" in caplog.text
+  assert np.isinf(np.asarray(model.decoder.layers[0].mlp.down_proj.kernel[...])).any()
+
+
 def test_config_translation():
   base = dict(model_type="llama", vocab_size=10, hidden_size=32, intermediate_size=48,
               num_hidden_layers=1, num_attention_heads=4)
