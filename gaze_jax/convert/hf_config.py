@@ -1,17 +1,18 @@
 """Hugging Face ``config.json`` (as a dict) -> our DecoderConfig / VisionConfig.
 
 Reads plain JSON, so transformers is not needed. Fields a config.json leaves out take
-transformers' defaults for that ``model_type``. Anything we do not implement (another
-architecture, RoPE scaling, sliding windows, biases on o_proj, another activation) raises a
+transformers' defaults for that ``model_type``. RoPE is the default or Llama 3.1's
+``rope_type="llama3"`` scaling. Anything we do not implement (another architecture, another
+RoPE scaling, sliding windows, biases on o_proj, another activation) raises a
 ValueError that names the field, instead of loading a model that silently computes something
 else.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
-from gaze_jax.model.config import DecoderConfig, VisionConfig
+from gaze_jax.model.config import DecoderConfig, RopeScaling, VisionConfig
 
 DECODER_TYPES = ("llama", "qwen2", "qwen3")
 VISION_TYPES = ("siglip_vision_model",)
@@ -39,9 +40,30 @@ _LLAVA_OV_VISION = dict(model_type="siglip_vision_model", hidden_size=1152,
                         num_hidden_layers=26, num_attention_heads=16, vision_use_head=False)
 
 
-def _rope_theta(cfg: Mapping[str, Any], where: str, default: float) -> float:
-  """RoPE base from ``rope_parameters`` (transformers 5) or ``rope_theta`` / ``rope_scaling``
-  (transformers 4); only the default (unscaled) RoPE is supported."""
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
+                "original_max_position_embeddings")
+
+
+def _llama3_scaling(p: Mapping[str, Any], where: str) -> RopeScaling:
+  """Llama 3.1 RoPE scaling from a ``rope_parameters`` / ``rope_scaling`` dict; every field
+  must be given (transformers requires them too)."""
+  missing = [k for k in _LLAMA3_KEYS if p.get(k) is None]
+  if missing:
+    raise ValueError(f"{where}: rope_type='llama3' needs {', '.join(missing)}")
+  try:
+    return RopeScaling(factor=float(p["factor"]), low_freq_factor=float(p["low_freq_factor"]),
+                       high_freq_factor=float(p["high_freq_factor"]),
+                       original_max_position_embeddings=int(
+                           p["original_max_position_embeddings"]))
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{where}: {e}") from None
+
+
+def _rope(cfg: Mapping[str, Any], where: str,
+          default: float) -> tuple[float, Optional[RopeScaling]]:
+  """RoPE base and scaling from ``rope_parameters`` (transformers 5) or ``rope_theta`` /
+  ``rope_scaling`` (transformers 4); the default (unscaled) RoPE and Llama 3.1's
+  ``rope_type="llama3"`` are supported."""
   params = cfg.get("rope_parameters")
   if isinstance(params, Mapping) and params and all(isinstance(v, Mapping)
                                                     for v in params.values()):
@@ -51,25 +73,31 @@ def _rope_theta(cfg: Mapping[str, Any], where: str, default: float) -> float:
                        "supported (only full attention)")
     params = params["full_attention"]
   scaling = cfg.get("rope_scaling")
+  found = []
   for name, p in (("rope_parameters", params), ("rope_scaling", scaling)):
     if p is None:
       continue
     if not isinstance(p, Mapping):
       raise ValueError(f"{where}: {name} must be an object, got {p!r}")
-    kind = p.get("rope_type", p.get("type", "default"))
-    if kind != "default":
-      raise ValueError(f"{where}: {name}.rope_type={kind!r} is not supported (only the "
-                       "default, unscaled RoPE)")
     if p.get("partial_rotary_factor", 1.0) != 1.0:
       raise ValueError(f"{where}: {name}.partial_rotary_factor="
                        f"{p['partial_rotary_factor']} is not supported")
+    kind = p.get("rope_type", p.get("type", "default"))
+    if kind == "llama3":
+      found.append(_llama3_scaling(p, f"{where}: {name}"))
+    elif kind != "default":
+      raise ValueError(f"{where}: {name}.rope_type={kind!r} is not supported (only 'default', "
+                       "unscaled RoPE, and 'llama3')")
+  if len(set(found)) > 1:
+    raise ValueError(f"{where}: rope_parameters and rope_scaling give different llama3 "
+                     f"scalings: {found}")
   if cfg.get("partial_rotary_factor", 1.0) != 1.0:
     raise ValueError(f"{where}: partial_rotary_factor={cfg['partial_rotary_factor']} is not "
                      "supported")
   theta = (params or {}).get("rope_theta")
   if theta is None:
     theta = cfg.get("rope_theta")
-  return float(default if theta is None else theta)
+  return float(default if theta is None else theta), (found[0] if found else None)
 
 
 def decoder_config_from_hf(cfg: Mapping[str, Any]) -> DecoderConfig:
@@ -98,6 +126,7 @@ def decoder_config_from_hf(cfg: Mapping[str, Any]) -> DecoderConfig:
   kv = c.get("num_key_value_heads")
   # An explicit null head_dim means hidden_size / num_attention_heads, not the default.
   head_dim = cfg["head_dim"] if "head_dim" in cfg else c.get("head_dim")
+  theta, scaling = _rope(cfg, where, c["rope_theta"])
   return DecoderConfig(
       vocab_size=int(c["vocab_size"]),
       hidden_size=int(c["hidden_size"]),
@@ -106,7 +135,8 @@ def decoder_config_from_hf(cfg: Mapping[str, Any]) -> DecoderConfig:
       num_heads=heads,
       num_kv_heads=int(heads if kv is None else kv),
       head_dim=None if head_dim is None else int(head_dim),
-      rope_theta=_rope_theta(cfg, where, c["rope_theta"]),
+      rope_theta=theta,
+      rope_scaling=scaling,
       rms_norm_eps=float(c["rms_norm_eps"]),
       qkv_bias=(mt == "qwen2"),
       qk_norm=(mt == "qwen3"),

@@ -2,7 +2,8 @@
 attention, and the multimodal LLM that assembles them."""
 
 from gaze_jax.model.attention import Attention, LayerCache, dense_attention
-from gaze_jax.model.config import DecoderConfig, GazeConfig, MLLMConfig, VisionConfig
+from gaze_jax.model.config import (DecoderConfig, GazeConfig, MLLMConfig, RopeScaling,
+                                   VisionConfig)
 from gaze_jax.model.decoder import Decoder
 from gaze_jax.model.mllm import MLLM, pack_images
 from gaze_jax.model.vision import Projector, VisionTower

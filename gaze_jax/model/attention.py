@@ -120,7 +120,8 @@ class Attention(nnx.Module):
     positions = layout.position if q_index is None else jnp.take_along_axis(
         layout.position, q_index, axis=1)
     q_pre, k_pre = q, k
-    q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+    q = rope(q, positions, cfg.rope_theta, cfg.rope_scaling)
+    k = rope(k, positions, cfg.rope_theta, cfg.rope_scaling)
     q, k, v = constrain(q, "q"), constrain(k, "kv"), constrain(v, "kv")
 
     descriptors = None

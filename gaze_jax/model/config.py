@@ -35,12 +35,42 @@ class VisionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Llama 3.1 RoPE frequency scaling (Hugging Face ``rope_type="llama3"``).
+
+  Frequencies whose wavelength is shorter than ``original_max_position_embeddings /
+  high_freq_factor`` stay; those longer than ``original_max_position_embeddings /
+  low_freq_factor`` are divided by ``factor``; the ones between are blended smoothly.
+  """
+  rope_type: str = "llama3"
+  factor: float = 8.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+  def __post_init__(self):
+    if self.rope_type != "llama3":
+      raise ValueError(f"RopeScaling.rope_type={self.rope_type!r} is not supported (only "
+                       "'llama3')")
+    for name in ("factor", "low_freq_factor", "high_freq_factor",
+                 "original_max_position_embeddings"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+        raise ValueError(f"RopeScaling.{name} must be a number > 0, got {v!r}")
+    if not self.high_freq_factor > self.low_freq_factor:
+      raise ValueError(f"RopeScaling.high_freq_factor={self.high_freq_factor} must exceed "
+                       f"low_freq_factor={self.low_freq_factor}")
+
+
+@dataclasses.dataclass(frozen=True)
 class DecoderConfig:
   """Llama / Qwen2 / Qwen3 decoder: GQA, RoPE, RMSNorm, SwiGLU; Qwen2 adds ``qkv_bias``,
   Qwen3 ``qk_norm``. ``remat`` recomputes each layer's activations in the backward pass
   (``nnx.remat`` around every layer of a full-sequence forward) to save memory in training.
   ``scan_layers`` runs the layers of a full-sequence forward as one scan over their stacked
-  weights (same results as the loop; the layer compiles once, so deep models compile fast)."""
+  weights (same results as the loop; the layer compiles once, so deep models compile fast).
+  ``rope_scaling``: None (plain RoPE) or a ``RopeScaling`` (a dict of its fields is accepted,
+  as configs and checkpoint metadata give it)."""
   vocab_size: int = 32000
   hidden_size: int = 4096
   intermediate_size: int = 11008
@@ -49,6 +79,7 @@ class DecoderConfig:
   num_kv_heads: int = 32
   head_dim: Optional[int] = None
   rope_theta: float = 10000.0
+  rope_scaling: Optional[RopeScaling] = None
   rms_norm_eps: float = 1e-6
   qkv_bias: bool = False
   qk_norm: bool = False
@@ -59,6 +90,15 @@ class DecoderConfig:
   def __post_init__(self):
     if self.head_dim is None:
       object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+    if isinstance(self.rope_scaling, Mapping):
+      try:
+        scaling = RopeScaling(**self.rope_scaling)
+      except TypeError as e:
+        raise ValueError(f"DecoderConfig.rope_scaling: {e}") from None
+      object.__setattr__(self, "rope_scaling", scaling)
+    elif self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+      raise ValueError("DecoderConfig.rope_scaling must be None, a RopeScaling or a dict of its "
+                       f"fields, got {self.rope_scaling!r}")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads={self.num_heads} must be a multiple of "
                        f"num_kv_heads={self.num_kv_heads}")

@@ -8,6 +8,7 @@ created unsharded (``eager_sharding=False``); training shards them through ``jax
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import jax
@@ -52,13 +53,31 @@ class RMSNorm(nnx.Module):
     return (y.astype(x.dtype) * self.scale[...].astype(x.dtype))
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(head_dim: int, theta: float, scaling=None) -> jax.Array:
+  """RoPE inverse frequencies, float32 ``[head_dim / 2]``: ``theta ** (-2i / D)``, rescaled
+  by a ``RopeScaling`` (Llama 3.1: long wavelengths divided by ``factor``, a smooth blend
+  between the two wavelength bounds, short ones kept) when given."""
+  D = head_dim
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D))
+  if scaling is None:
+    return inv_freq
+  s = scaling
+  old_len = s.original_max_position_embeddings
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > old_len / s.low_freq_factor, inv_freq / s.factor, inv_freq)
+  smooth = (old_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+  blended = (1 - smooth) * scaled / s.factor + smooth * scaled
+  medium = (wavelen >= old_len / s.high_freq_factor) & (wavelen <= old_len / s.low_freq_factor)
+  return jnp.where(medium, blended, scaled)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float, scaling=None) -> jax.Array:
   """Rotary embedding, halves layout (Hugging Face ``rotate_half``).
 
-  x: ``[B, T, H, D]``; positions: int ``[B, T]``.
+  x: ``[B, T, H, D]``; positions: int ``[B, T]``; scaling: None or a ``RopeScaling``.
   """
   D = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D))    # [D/2]
+  inv_freq = rope_frequencies(D, theta, scaling)                              # [D/2]
   ang = positions.astype(jnp.float32)[..., None] * inv_freq                   # [B, T, D/2]
   cos = jnp.cos(ang)[:, :, None, :]
   sin = jnp.sin(ang)[:, :, None, :]

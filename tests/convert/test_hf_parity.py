@@ -90,8 +90,20 @@ def _qwen3(tie):
                                   rope_parameters={"rope_type": "default", "rope_theta": 2000.0})
 
 
+# Llama 3.1 RoPE scaling; wavelengths of the 8 frequencies (head_dim 16, theta 1e4) are
+# 6.3, 20, 63, ...: with original_max_position_embeddings=32 one stays (< 32 / 4), one is
+# blended and the rest are divided by the factor.
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+
+
+def _llama3_rope():
+  return transformers.LlamaConfig(**TEXT_KW, rope_parameters=dict(LLAMA3_ROPE))
+
+
 FAMILIES = {"llama": _llama, "qwen2": _qwen2, "qwen3": lambda: _qwen3(False),
-            "qwen3_tied": lambda: _qwen3(True)}
+            "qwen3_tied": lambda: _qwen3(True), "llama3_rope": _llama3_rope}
 N_TEXT = 12
 
 
@@ -126,6 +138,7 @@ def test_causal_lm_logits_match_transformers(saved_lm, name, attention):
   cfg = model.cfg.decoder
   assert (cfg.qkv_bias, cfg.qk_norm, cfg.tie_embeddings) == (
       name == "qwen2", name.startswith("qwen3"), name == "qwen3_tied")
+  assert (cfg.rope_scaling is not None) == (name == "llama3_rope")
   assert unused == []
   layout = model.build_layout([[Text(N_TEXT)], [Text(N_TEXT)]], seq_len=N_TEXT)
   got = np.asarray(_forward(model, np.asarray(ids, np.int32), layout))
@@ -133,6 +146,26 @@ def test_causal_lm_logits_match_transformers(saved_lm, name, attention):
   _report(f"{name} ({attention})", diff)
   assert np.abs(want).max() > 1.0          # logits of a meaningful size
   assert diff <= ATOL
+
+
+def test_llama3_rope_frequencies_match_transformers():
+  """Our Llama 3.1 frequencies against transformers' ``rope_type="llama3"`` init, at Llama 3.1
+  8B's settings (theta 5e5, head_dim 128, factor 8, original context 8192)."""
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+  from gaze_jax.model.layers import rope_frequencies
+  params = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}
+  hf_cfg = transformers.LlamaConfig(hidden_size=4096, num_attention_heads=32,
+                                    max_position_embeddings=131072, rope_parameters=params)
+  want, scale = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
+  cfg = decoder_config_from_hf(dict(model_type="llama", hidden_size=4096, num_attention_heads=32,
+                                    rope_parameters=params))
+  got = np.asarray(rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+  assert scale == 1.0
+  np.testing.assert_allclose(got, want.numpy(), rtol=1e-6, atol=0)
+  plain = np.asarray(rope_frequencies(cfg.head_dim, cfg.rope_theta))
+  assert (got < plain).any() and (got == plain).any()   # some scaled, some kept
 
 
 def test_tied_config_with_its_own_lm_head_loads_untied_like_transformers(saved_lm, tmp_path,
@@ -447,8 +480,21 @@ def test_config_translation():
   with pytest.raises(ValueError, match="rope_parameters.rope_type='yarn'"):
     decoder_config_from_hf(dict(base, rope_parameters={"rope_type": "yarn", "rope_theta": 1.0,
                                                        "factor": 4.0}))
-  with pytest.raises(ValueError, match="rope_scaling.rope_type='llama3'"):
+  # Llama 3.1 scaling, transformers 4 style (rope_scaling with "type" or "rope_type").
+  cfg = decoder_config_from_hf(dict(base, rope_theta=5e5, rope_scaling=dict(
+      type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+      original_max_position_embeddings=8192)))
+  assert (cfg.rope_theta, cfg.rope_scaling.factor) == (5e5, 8.0)
+  assert cfg.rope_scaling.original_max_position_embeddings == 8192
+  with pytest.raises(ValueError, match="rope_scaling: rope_type='llama3' needs low_freq_factor, "
+                     "high_freq_factor, original_max_position_embeddings"):
     decoder_config_from_hf(dict(base, rope_scaling={"rope_type": "llama3", "factor": 8.0}))
+  with pytest.raises(ValueError, match="high_freq_factor=1.0 must exceed low_freq_factor=1.0"):
+    decoder_config_from_hf(dict(base, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=1.0,
+        original_max_position_embeddings=8192)))
+  with pytest.raises(ValueError, match="rope_scaling.rope_type='linear'"):
+    decoder_config_from_hf(dict(base, rope_scaling={"rope_type": "linear", "factor": 8.0}))
   with pytest.raises(ValueError, match="attention_bias"):
     decoder_config_from_hf(dict(base, attention_bias=True))
   with pytest.raises(ValueError, match="hidden_act='gelu'"):
