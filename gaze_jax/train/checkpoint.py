@@ -7,11 +7,16 @@ Layout: ``<workdir>/checkpoints/<step>/{params, opt_state, data, meta}``:
 * ``data``: JSON ``{"process_count": n, "states": [grain iterator state of each process]}``
   (the position after the step's batch), so a resumed run continues the data order exactly;
 * ``meta``: JSON ``{"step", "model" (MLLMConfig fields), "config" (the run config),
-  "tokenizer" ({"name", "fingerprint"}), "topk_plan"}``.
+  "tokenizer" ({"name", "fingerprint"}), "topk_plan"}``;
+* ``checksums.json``: ``{"algorithm": "crc32", "files": {"params/...": {"size", "crc32"}}}``,
+  the size and CRC-32 of every file of the four items, recorded when the step is committed.
 
 Saving is asynchronous (orbax writes in a background thread after copying device arrays to
 host memory), every ``save_every`` steps (``FixedIntervalPolicy``) keeping the last ``keep``
-(``LatestN``); ``save(..., force=True)`` saves now (SIGTERM, the last step).
+(``LatestN``); ``save(..., force=True)`` saves now (SIGTERM, the last step). The checksums are
+computed in that background thread too, from the written files, once every process has written
+its part and before orbax commits the step (renames its temporary folder): a committed step
+always has them.
 
 Restoring goes against an abstract tree of ``jax.ShapeDtypeStruct`` carrying the *target*
 shardings, so a checkpoint written on one mesh restores onto any other mesh / device count.
@@ -20,9 +25,15 @@ Damage is never silently ignored:
 
 * an incomplete save (interrupted job: orbax's ``*.orbax-checkpoint-tmp-*`` folder) is
   reported with a warning naming it and then removed;
-* a step whose restore fails (missing or corrupt files) raises ``CheckpointError`` naming the
-  folder and the cause, or, with ``fallback=True`` (the trainer's default, and only when no
-  step was requested explicitly), is reported with a warning and the previous step is tried.
+* before a step is restored, the files of the items it reads are checked against its
+  ``checksums.json`` (each process checks a share of the files); a missing, truncated or
+  altered file makes the step damaged (``DamagedCheckpoint``, naming the step and the files);
+  a step without ``checksums.json`` (saved before they were recorded) is restored with a
+  warning that it was not verified;
+* a step whose restore fails (damaged, or orbax cannot read it) raises ``CheckpointError``
+  naming the folder and the cause, or, with ``fallback=True`` (the trainer's default, and only
+  when no step was requested explicitly), is reported with a warning and the previous step is
+  tried.
 
 For evaluation: ``restore_model(workdir, config)`` returns ``(MLLM, step)``.
 """
@@ -32,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import zlib
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
@@ -43,10 +55,15 @@ from flax import nnx
 ITEMS = ("params", "opt_state", "data", "meta")
 CHECKPOINT_DIR = "checkpoints"
 TMP_MARKER = ".orbax-checkpoint-tmp"
+CHECKSUMS = "checksums.json"
 
 
 class CheckpointError(RuntimeError):
   """A checkpoint could not be restored (the message names the folder and the cause)."""
+
+
+class DamagedCheckpoint(CheckpointError):
+  """A step's files are missing or differ from the checksums recorded when it was saved."""
 
 
 class Restored(NamedTuple):
@@ -78,6 +95,54 @@ def gather_json(obj: Any) -> list:
   return [json.loads(bytes(b).rstrip(b"\0").decode()) for b in allb]
 
 
+def file_crc32(path, chunk: int = 1 << 24) -> str:
+  """The CRC-32 of a file's bytes, as 8 hex digits (read in chunks of ``chunk`` bytes)."""
+  crc = 0
+  with open(path, "rb") as f:
+    while block := f.read(chunk):
+      crc = zlib.crc32(block, crc)
+  return f"{crc:08x}"
+
+
+def item_files(folder: Path, items) -> list[str]:
+  """The files under ``folder/<item>`` for each of ``items``, as sorted POSIX paths relative to
+  ``folder`` (``"params/manifest.ocdbt"``)."""
+  return sorted(p.relative_to(folder).as_posix() for i in items if (folder / i).is_dir()
+                for p in (folder / i).rglob("*") if p.is_file())
+
+
+def record_checksums(folder: Path) -> dict:
+  """Writes ``folder/checksums.json``: the size and CRC-32 of every file of the items. Returns
+  what it wrote."""
+  files = {rel: {"size": (folder / rel).stat().st_size, "crc32": file_crc32(folder / rel)}
+           for rel in item_files(folder, ITEMS)}
+  record = {"algorithm": "crc32", "files": files}
+  (folder / CHECKSUMS).write_text(json.dumps(record, indent=1))
+  return record
+
+
+def damaged_files(folder: Path, recorded: dict, items, *, index: int = 0,
+                  count: int = 1) -> list[str]:
+  """What differs from ``recorded`` (``checksums.json``) among the files of ``items`` in
+  ``folder``: one line per missing, resized or altered file (empty when all match). Checks the
+  files ``index``, ``index + count``, ... of the sorted list (a share per process)."""
+  names = sorted(rel for rel in recorded["files"] if rel.split("/", 1)[0] in items)
+  out = []
+  for rel in names[index::count]:
+    want, path = recorded["files"][rel], folder / rel
+    try:
+      if not path.is_file():
+        out.append(f"{rel} is missing")
+      elif (size := path.stat().st_size) != want["size"]:
+        out.append(f"{rel} has {size} bytes, {want['size']} when saved")
+      elif (crc := file_crc32(path)) != want["crc32"]:
+        out.append(f"{rel} has CRC-32 {crc}, {want['crc32']} when saved (same size: altered "
+                   "bytes)")
+    except OSError as e:       # reported, not raised: every process must reach the gather
+      out.append(f"{rel} is unreadable ({e})")
+  return out
+
+
 def abstract_like(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs of ``tree`` (arrays or ShapeDtypeStructs) with ``shardings``."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -93,12 +158,17 @@ class Checkpointer:
     if save_every < 1 or keep < 1:
       raise ValueError(f"checkpoint.save_every ({save_every}) and keep ({keep}) must be >= 1")
     self._report_incomplete()
+    self.async_save = async_save
+    self._saving: Optional[int] = None         # the step whose save is in flight
     policies = ocp.checkpoint_managers
+    # Always orbax's asynchronous path, whose post-finalization callback records the checksums
+    # before the commit; a synchronous save waits for it (``save``).
     options = ocp.CheckpointManagerOptions(
         save_decision_policy=policies.FixedIntervalPolicy(save_every),
         preservation_policy=policies.LatestN(keep),
-        enable_async_checkpointing=async_save, create=not read_only, read_only=read_only,
-        cleanup_tmp_directories=not read_only)
+        enable_async_checkpointing=True, create=not read_only, read_only=read_only,
+        cleanup_tmp_directories=not read_only,
+        async_options=ocp.AsyncOptions(post_finalization_callback=self._record_checksums))
     self.mngr = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
   def _report_incomplete(self):
@@ -129,13 +199,31 @@ class Checkpointer:
     state (gathered from all processes). Returns whether a save started."""
     if not force and not self.mngr.should_save(step):
       return False
+    # orbax's save waits for the previous one as well; waiting first keeps ``_saving`` of the
+    # step the callback finalises.
+    self.mngr.wait_until_finished()
+    self._saving = int(step)
     data = {"process_count": jax.process_count(), "states": gather_json(data_state)}
     args = ocp.args.Composite(
         params=ocp.args.StandardSave(state["params"]),
         opt_state=ocp.args.StandardSave(state["opt_state"]),
         data=ocp.args.JsonSave(data),
         meta=ocp.args.JsonSave({"step": int(step), **(meta or {})}))
-    return self.mngr.save(step, args=args, force=force)
+    started = self.mngr.save(step, args=args, force=force)
+    if not self.async_save:
+      self.mngr.wait_until_finished()
+    return started
+
+  def _record_checksums(self):
+    """orbax's post-finalization callback (background thread, primary process, after every
+    process wrote its files): checksums of the step's files, in its temporary folder when the
+    filesystem has one (committed by the rename that follows), else in the step folder (a
+    filesystem without renames commits with a marker written after this)."""
+    step = self._saving
+    tmp = sorted(self.directory.glob(f"{step}{TMP_MARKER}*"))
+    if len(tmp) > 1:
+      raise CheckpointError(f"checkpoint step {step}: several temporary folders {tmp}")
+    record_checksums(tmp[0] if tmp else self.directory / str(step))
 
   def wait(self):
     self.mngr.wait_until_finished()
@@ -146,19 +234,45 @@ class Checkpointer:
 
   # ------------------------------------------------------------------ restore
 
+  def verify(self, step: int, items=ITEMS) -> bool:
+    """Checks the files of ``items`` of ``step`` against its ``checksums.json``; every process
+    checks a share and all see the union. Returns False (with a warning) when the step has no
+    checksums. Raises ``DamagedCheckpoint`` naming the step and the files that differ."""
+    folder = self.directory / str(step)
+    path = folder / CHECKSUMS
+    if not path.is_file():
+      logging.warning("checkpoint %s has no %s (saved before checksums were recorded): its files "
+                      "are not verified", folder, CHECKSUMS)
+      return False
+    try:
+      recorded = json.loads(path.read_text())
+      recorded["files"].items()
+    except (ValueError, KeyError, AttributeError) as e:
+      raise DamagedCheckpoint(f"checkpoint {folder} is damaged (step {step}): its {CHECKSUMS} "
+                              f"is unreadable ({type(e).__name__}: {e})") from None
+    bad = damaged_files(folder, recorded, items, index=jax.process_index(),
+                        count=jax.process_count())
+    bad = sorted(x for part in gather_json(bad) for x in part)
+    if bad:
+      more = f" (and {len(bad) - 8} more)" if len(bad) > 8 else ""
+      raise DamagedCheckpoint(f"checkpoint {folder} is damaged (step {step}): "
+                              + "; ".join(bad[:8]) + more)
+    return True
+
   def _restore_step(self, step: int, abstract_params, abstract_opt_state) -> Restored:
     folder = self.directory / str(step)
-    missing = [i for i in ITEMS if not (folder / i).exists()]
-    if abstract_opt_state is None and "opt_state" in missing:
-      missing.remove("opt_state")
+    items = [i for i in ITEMS if abstract_opt_state is not None or i != "opt_state"]
+    missing = [i for i in items if not (folder / i).exists()]
     if missing:
-      raise CheckpointError(f"checkpoint {folder} is incomplete: no {missing} item(s)")
-    items = {"params": ocp.args.StandardRestore(abstract_params),
-             "data": ocp.args.JsonRestore(), "meta": ocp.args.JsonRestore()}
+      raise DamagedCheckpoint(f"checkpoint {folder} is incomplete (step {step}): no {missing} "
+                              "item(s)")
+    self.verify(step, items)
+    args = {"params": ocp.args.StandardRestore(abstract_params),
+            "data": ocp.args.JsonRestore(), "meta": ocp.args.JsonRestore()}
     if abstract_opt_state is not None:
-      items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+      args["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
     try:
-      out = self.mngr.restore(step, args=ocp.args.Composite(**items))
+      out = self.mngr.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # orbax raises many types for damaged files
       raise CheckpointError(f"checkpoint {folder} could not be restored ({type(e).__name__}: "
                             f"{str(e)[:500]})") from e

@@ -231,10 +231,12 @@ def test_damaged_checkpoints_fall_back_loudly_or_raise(tmp_path, caplog):
   for step in (1, 2, 3):
     ck.save(step, jax.tree.map(jax.numpy.asarray, _small_state(step)), {"pos": step})
   ck.close()
-  # Corrupt step 3's parameters (truncate every data file), remove step 2's parameters.
+  # Corrupt step 3's parameters (truncate every data file) and drop its checksums (as saved
+  # before they were recorded: orbax's own error), remove step 2's parameters.
   for f in (tmp_path / "3" / "params").rglob("*"):
     if f.is_file():
       f.write_bytes(b"garbage")
+  (tmp_path / "3" / "checksums.json").unlink()
   for f in sorted((tmp_path / "2" / "params").rglob("*"), reverse=True):
     f.rmdir() if f.is_dir() else f.unlink()
   (tmp_path / "2" / "params").rmdir()
@@ -246,7 +248,8 @@ def test_damaged_checkpoints_fall_back_loudly_or_raise(tmp_path, caplog):
   got = ck.restore(*_abstract())
   assert got.step == 1 and float(got.params["w"][0, 0]) == 1.0 and got.data["states"] == [{"pos": 1}]
   assert f"checkpoint {tmp_path / '3'} could not be restored" in caplog.text
-  assert f"checkpoint {tmp_path / '2'} is incomplete" in caplog.text
+  assert f"checkpoint {tmp_path / '3'} has no checksums.json" in caplog.text
+  assert f"checkpoint {tmp_path / '2'} is incomplete (step 2)" in caplog.text
   assert "falling back" in caplog.text
   with pytest.raises(CheckpointError, match=f"{tmp_path / '3'} could not be restored"):
     ck.restore(*_abstract(), fallback=False)

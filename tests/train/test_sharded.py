@@ -140,8 +140,13 @@ assert jax.process_count() == 2 and jax.device_count() == 4, (jax.process_count(
 c.mesh.data = 2
 c.mesh.fsdp = 2
 summary = trainer.train(c, {work!r})
+# Both processes check a share of the files against the checksums process 0 recorded.
+from gaze_jax.train import checkpoint as ckpt_lib
+ck = ckpt_lib.Checkpointer({work!r} + "/checkpoints", read_only=True)
+verified = ck.verify(3)
+ck.close()
 print("RESULT" + json.dumps(dict(step=summary["step"], loss=summary["train"].get("loss"),
-                                 process=jax.process_index())))
+                                 process=jax.process_index(), verified=verified)))
 """
 
 
@@ -176,6 +181,10 @@ def test_two_processes_train_through_jax_distributed(train_data_dir, tmp_path):
   lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in lines if r["split"] == "train"] == [1, 2, 3]
   assert (tmp_path / "checkpoints" / "3" / "params").is_dir()
+  # The checksums, recorded once every process had written, cover both processes' files.
+  files = json.loads((tmp_path / "checkpoints" / "3" / "checksums.json").read_text())["files"]
+  assert any("ocdbt.process_1/" in f for f in files) and any("ocdbt.process_0/" in f for f in files)
+  assert all(o["verified"] for o in outs)
   data = json.loads((tmp_path / "checkpoints" / "3" / "data" / "metadata").read_text()) \
       if (tmp_path / "checkpoints" / "3" / "data" / "metadata").exists() else None
   if data is not None:     # both hosts' iterator positions are in the checkpoint
