@@ -1,0 +1,208 @@
+"""Ask a trained run a question about your own image: ``predict(workdir, image, question)``.
+
+The run's model, tokenizer and layout come from its ``--workdir`` (its ``config.json`` and
+latest checkpoint). The image is resized to the model's input size (said in the log) and the
+answer is generated greedily. For a gaze model, ``Prediction.regions`` lists per layer the
+regions that the query heads selected at the row predicting the answer's first token, by the
+number of heads, and ``write_gaze_map`` draws the selections of every answer token.
+
+  from gaze_jax.predict import predict
+  p = predict("/tmp/gaze_demo", "photo.png", "Where is the red shape?")
+  print(p.answer)
+  print(p.summary())
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+ImageLike = Union[str, Path, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class RegionShare:
+  """One gaze region and the share of the query heads that selected it at one layer."""
+  region: int
+  frame: int
+  row: int           # the region's row and column in its frame's region grid (from 0)
+  col: int
+  heads: int         # query heads that selected it
+  of_heads: int      # query heads in all
+
+  @property
+  def share(self) -> float:
+    return self.heads / self.of_heads
+
+
+@dataclasses.dataclass
+class Prediction:
+  """A generated answer. ``regions[layer]`` (most chosen first) are the regions the query heads
+  selected at the row that predicts the answer's first token; empty for a dense model."""
+  answer: str
+  question: str
+  regions: list[list[RegionShare]]
+  image_size: tuple[int, int]          # the input image's (height, width) before resizing
+  model_image_size: int
+  inputs: Any = dataclasses.field(repr=False, default=None)     # the answered example
+  selected: Any = dataclasses.field(repr=False, default=None)   # per layer ids [1, S, Hq, K]
+  tokenizer: Any = dataclasses.field(repr=False, default=None)
+
+  def summary(self, top: int = 3) -> str:
+    """Where the answer's first token looked, one line per layer, rows and columns counted
+    from 1 as in the datasets' answers, e.g. ``layer 1: row 2 col 3 (4 of 4 heads), ...``."""
+    if not self.regions:
+      return "a dense model: every answer token reads every region"
+    lines = []
+    for layer, shares in enumerate(self.regions):
+      picks = ", ".join(f"row {s.row + 1} col {s.col + 1}"
+                        + (f" of frame {s.frame + 1}" if s.frame else "")
+                        + f" ({s.heads} of {s.of_heads} heads)" for s in shares[:top])
+      lines.append(f"layer {layer}: {picks or 'nothing selected'}")
+    return "\n".join(lines)
+
+  def write_gaze_map(self, path) -> Optional[Path]:
+    """Draws the regions each answer token selected, per layer, as a PNG at ``path``; None
+    for a dense model."""
+    from gaze_jax.eval.gaze_maps import write_batch_gaze_maps
+
+    if self.selected is None or self.selected[0] is None:
+      return None
+    with tempfile.TemporaryDirectory() as tmp:
+      written = write_batch_gaze_maps(tmp, self.inputs, self.selected, limit=1,
+                                      tokenizer=self.tokenizer)
+      if not written:
+        return None
+      path = Path(path)
+      path.parent.mkdir(parents=True, exist_ok=True)
+      Path(written[0]).replace(path)
+    return path
+
+
+def load_run_config(workdir):
+  """The ConfigDict a run trained with (``<workdir>/config.json``, written by the trainer)."""
+  import ml_collections
+
+  path = Path(workdir) / "config.json"
+  if not Path(workdir).is_dir():
+    raise FileNotFoundError(f"--workdir {workdir} does not exist")
+  if not path.is_file():
+    raise FileNotFoundError(f"{workdir} has no config.json: is it the --workdir of a training "
+                            "run (train_main.py writes config.json there)?")
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def read_image(image: ImageLike) -> np.ndarray:
+  """uint8 ``[H, W, 3]`` from a file path (any format Pillow reads) or an array."""
+  if isinstance(image, np.ndarray):
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+      arr = np.repeat(arr[..., None], 3, axis=-1)
+    if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+      raise ValueError(f"image array must be [H, W] or [H, W, 3|4], got shape {arr.shape}")
+    if arr.dtype != np.uint8:
+      raise ValueError(f"image array must be uint8 (0-255), got {arr.dtype}")
+    return arr[..., :3]
+  from PIL import Image as PILImage
+
+  path = Path(image)
+  if not path.is_file():
+    raise FileNotFoundError(f"image file {path} does not exist")
+  try:
+    with PILImage.open(path) as im:
+      return np.asarray(im.convert("RGB"))
+  except Exception as e:        # Pillow raises many types for files it cannot read
+    raise ValueError(f"image file {path} cannot be read as an image: {e}") from None
+
+
+def _features(processor, spec, image: np.ndarray, question: str, answer: str):
+  from gaze_jax.data.features import ExampleTooLong, batch_to_model_inputs
+
+  example = {"id": "predict", "images": [image],
+             "turns": {"question": [question], "answer": [answer]}}
+  try:
+    feats = processor.features(example)
+  except ExampleTooLong as e:
+    raise ValueError(f"the question does not fit the model's context: {e} (seq_len="
+                     f"{spec.seq_len}); ask a shorter question") from None
+  return batch_to_model_inputs({k: v[None] for k, v in feats.items()}, spec)
+
+
+def region_shares(inputs, selected) -> list[list[RegionShare]]:
+  """Per layer, the regions the query heads selected at the row that predicts the answer's
+  first token (the first row with ``inputs.loss_mask`` > 0), by share of the heads."""
+  if not selected or selected[0] is None:
+    return []
+  rows = np.flatnonzero(np.asarray(inputs.loss_mask)[0] > 0)
+  if rows.size == 0:
+    return []
+  lay = inputs.layout
+  frame, row, col = (np.asarray(a)[0] for a in (lay.region_frame, lay.region_row, lay.region_col))
+  out = []
+  for ids in selected:
+    per_head = np.asarray(ids)[0, rows[0]]                            # [Hq, K]
+    counts: dict[int, int] = {}
+    for head in per_head:
+      for r in {int(i) for i in head if i >= 0}:
+        counts[r] = counts.get(r, 0) + 1
+    shares = [RegionShare(r, int(frame[r]), int(row[r]), int(col[r]), n, len(per_head))
+              for r, n in counts.items()]
+    out.append(sorted(shares, key=lambda x: (-x.heads, x.region)))
+  return out
+
+
+def predict(workdir, image: ImageLike, question: str, *, max_new_tokens: int = 16,
+            step: Optional[int] = None, restored=None) -> Prediction:
+  """Answers ``question`` about ``image`` with the run in ``workdir``.
+
+  Args:
+    workdir: a training run's ``--workdir`` (``config.json`` and ``checkpoints/``).
+    image: a file path or a uint8 ``[H, W, 3]`` array; resized to the model's image size.
+    question: the question text (the chat template of the run's tokenizer is applied).
+    max_new_tokens: the most answer tokens to generate.
+    step: a checkpoint step (default: the latest).
+    restored: a ``gaze_jax.runs.Restored`` to reuse (skips loading for repeated questions).
+  Raises:
+    FileNotFoundError / ValueError naming the workdir, the image file or the question;
+    ``gaze_jax.train.checkpoint.CheckpointError`` when the workdir holds no checkpoint.
+  """
+  from gaze_jax import runs
+  from gaze_jax.data.features import ExampleProcessor
+  from gaze_jax.eval.evaluate import generate_answers
+  from gaze_jax.eval.text import decode
+  from gaze_jax.train.data import feature_config
+
+  if not isinstance(question, str) or not question.strip():
+    raise ValueError("question must be a non-empty string")
+  pixels = read_image(image)
+  config = load_run_config(workdir)
+  run = restored or runs.restore(config, workdir, step)
+  size = run.model_cfg.vision.image_size
+  if pixels.shape[:2] != (size, size):
+    log.info("resizing the image from %dx%d to the model's %dx%d", pixels.shape[1],
+             pixels.shape[0], size, size)
+  processor = ExampleProcessor(run.tokenizer, feature_config(config, run.model_cfg, run.spec))
+  asked = _features(processor, run.spec, pixels, question, "?")
+  toks, lengths, _ = generate_answers(run.model, asked, max_new_tokens=max_new_tokens,
+                                      stop_tokens=tuple(getattr(run.tokenizer, "stop_ids", ())))
+  ids = [int(i) for i in toks[0, :int(lengths[0])]]
+  stops = set(getattr(run.tokenizer, "stop_ids", ()))
+  ids = ids[:next((i for i, t in enumerate(ids) if t in stops), len(ids))]
+  answer = " ".join(decode(run.tokenizer, ids).split())
+  # The model's own answer, teacher-forced: its rows select what generation selected (routing
+  # at a row depends only on the tokens before it).
+  answered = _features(processor, run.spec, pixels, question, answer or "?")
+  _, selected = run.model(answered.tokens, answered.layout, answered.images,
+                          return_selected=True)
+  return Prediction(answer=answer, question=question,
+                    regions=region_shares(answered, selected),
+                    image_size=tuple(int(x) for x in pixels.shape[:2]), model_image_size=size,
+                    inputs=answered, selected=selected, tokenizer=run.tokenizer)

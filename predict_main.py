@@ -1,0 +1,50 @@
+"""Ask a trained run a question about your own image.
+
+  python predict_main.py --workdir=/tmp/gaze_demo --image=photo.png \\
+      --question="Where is the red shape?"
+
+Loads the run's latest checkpoint (its config comes from ``<workdir>/config.json``), resizes the
+image to the model's input size, generates the answer, prints it with the regions the answer
+looked at (their share of the answer tokens' selections over all layers and heads), and writes
+a gaze map next to the image (``<image>_gaze.png``, or ``--gaze_map``).
+"""
+
+from __future__ import annotations
+
+import logging as pylogging
+import sys
+from pathlib import Path
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "The training run's --workdir.", required=True)
+flags.DEFINE_string("image", None, "An image file (PNG, JPEG, ...).", required=True)
+flags.DEFINE_string("question", None, "The question about the image.", required=True)
+flags.DEFINE_string("gaze_map", None, "Where to write the gaze map (default: next to the image, "
+                    "<image stem>_gaze.png).")
+flags.DEFINE_integer("max_new_tokens", 16, "The most answer tokens to generate.")
+flags.DEFINE_integer("step", None, "A checkpoint step (default: the latest).")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)          # orbax and tfds are chatty at INFO
+  pylogging.getLogger("gaze_jax").setLevel(pylogging.INFO)
+  pylogging.getLogger("gaze_jax").addHandler(pylogging.StreamHandler(sys.stdout))
+  from gaze_jax.predict import predict
+
+  p = predict(FLAGS.workdir, FLAGS.image, FLAGS.question, max_new_tokens=FLAGS.max_new_tokens,
+              step=FLAGS.step)
+  print(f"question: {p.question}")
+  print(f"answer:   {p.answer}")
+  print("where the answer's first token looked (the regions its query heads selected):")
+  print("  " + p.summary().replace("\n", "\n  "))
+  image = Path(FLAGS.image)
+  out = Path(FLAGS.gaze_map) if FLAGS.gaze_map else image.with_name(f"{image.stem}_gaze.png")
+  if p.write_gaze_map(out):
+    print(f"gaze map: {out}")
+
+
+if __name__ == "__main__":
+  app.run(main)
