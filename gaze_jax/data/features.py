@@ -24,6 +24,7 @@ or with ``FeatureConfig.skip_too_long`` are skipped (``__call__`` returns None) 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
 
@@ -33,6 +34,8 @@ from gaze_jax.data.boxes import boxes_to_regions, pad_ids
 from gaze_jax.data.tokenizers import ChatTemplate
 from gaze_jax.gaze.layout import (PAD, TEXT, Image, LayoutSpec, Text, TokenLayout, Video,
                                   build_layout, num_regions, slots_needed)
+
+log = logging.getLogger(__name__)
 
 IMAGE_MARKER = "<image>"
 FEATURE_KEYS = ("tokens", "targets", "loss_mask", "images", "gt_regions")
@@ -57,6 +60,9 @@ class FeatureConfig:
     skip_too_long: skip (and count) examples that do not fit instead of raising.
     mean, std: per-channel normalisation of ``pixels / 255`` (SigLIP: 0.5, 0.5 -> [-1, 1]).
     resample: Pillow resampling filter name for the resize ("bicubic", "bilinear", ...).
+    vocab_size: the model's vocabulary size (``DecoderConfig.vocab_size``): a token id at or
+      above it raises a ValueError naming the example (the model would otherwise clamp it
+      inside jit); None checks only that ids are >= 0.
   """
   spec: LayoutSpec
   image_size: int
@@ -67,6 +73,7 @@ class FeatureConfig:
   mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
   std: tuple[float, float, float] = (0.5, 0.5, 0.5)
   resample: str = "bicubic"
+  vocab_size: Optional[int] = None
 
   def __post_init__(self):
     if self.image_size % self.patch_size:
@@ -77,6 +84,8 @@ class FeatureConfig:
                        f"{self.grid}")
     if self.max_gt_regions < 1:
       raise ValueError(f"FeatureConfig.max_gt_regions must be >= 1, got {self.max_gt_regions}")
+    if self.vocab_size is not None and self.vocab_size < 1:
+      raise ValueError(f"FeatureConfig.vocab_size must be >= 1 or None, got {self.vocab_size}")
 
   @property
   def grid(self) -> int:
@@ -198,6 +207,11 @@ class ExampleProcessor:
   def __init__(self, tokenizer, cfg: FeatureConfig):
     self.tokenizer = tokenizer
     self.cfg = cfg
+    n = getattr(tokenizer, "vocab_size", None)
+    if cfg.vocab_size is not None and isinstance(n, int) and n > cfg.vocab_size:
+      # Not an error yet: the ids this data uses may all fit; each example is checked.
+      log.warning("the tokenizer has %d ids, more than the model's vocab_size=%d: examples "
+                  "whose text uses the others will raise", n, cfg.vocab_size)
     self.skipped = 0
     self.skipped_ids: list[str] = []
     self._lock = threading.Lock()
@@ -228,12 +242,24 @@ class ExampleProcessor:
       toks = self.tokenizer.encode(p[1])
       if not toks:
         continue
+      self._check_ids(toks, p[1], where)
       if segs and isinstance(segs[-1], Text) and segs[-1].generated == p[2]:
         segs[-1] = Text(segs[-1].length + len(toks), p[2])
       else:
         segs.append(Text(len(toks), p[2]))
       ids.extend(toks)
     return segs, ids
+
+  def _check_ids(self, ids: Sequence[int], text: str, where: str) -> None:
+    """Raises ValueError when the tokenizer gave an id outside ``[0, cfg.vocab_size)``."""
+    arr = np.asarray(ids, np.int64)
+    V = self.cfg.vocab_size
+    bad = arr[(arr < 0) | ((arr >= V) if V is not None else False)]
+    if bad.size:
+      vocab = "[0, ...)" if V is None else f"[0, {V})"
+      raise ValueError(f"{where}: the tokenizer gave ids {sorted(set(bad.tolist()))[:5]} outside "
+                       f"the model's vocabulary {vocab} for the text {text[:60]!r}; use the "
+                       "model's tokenizer (or a model whose vocab_size covers it)")
 
   def _check_fits(self, segs, where: str):
     spec = self.cfg.spec

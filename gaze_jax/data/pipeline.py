@@ -7,7 +7,8 @@ Usage::
 
   b = builders.prepare("gaze_shapes", data_dir, "tiny")
   src = pipeline.data_source(b, "train")                    # this host's shard
-  proc = ExampleProcessor(tokenizer, FeatureConfig(spec=spec, image_size=64, patch_size=8))
+  proc = ExampleProcessor(tokenizer, FeatureConfig(spec=spec, image_size=64, patch_size=8,
+                                                   vocab_size=model_cfg.decoder.vocab_size))
   ds = pipeline.make_dataset(src, proc, batch_size=8, seed=0, num_epochs=None)
   it = iter(ds)
   batch = next(it)                                          # dict of [B, ...] numpy arrays

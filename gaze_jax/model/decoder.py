@@ -6,13 +6,30 @@ from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.experimental import checkify
 
 from gaze_jax.gaze import TokenLayout
 from gaze_jax.model.attention import Attention, LayerCache, attention_plan
 from gaze_jax.model.config import DecoderConfig, GazeConfig
-from gaze_jax.model.layers import RMSNorm, dense, named
+from gaze_jax.model.layers import RMSNorm, concrete, dense, named
 from gaze_jax.model.partitioning import constrain
+
+
+def check_token_ids(tokens, vocab_size: int, valid=None, what: str = "tokens") -> None:
+  """Host-side check: every id of ``tokens`` (int ``[B, T]``) where ``valid`` (bool ``[B, T]``,
+  None = everywhere) lies in ``[0, vocab_size)``. Raises ValueError naming the first bad ids and
+  their ``[b, t]`` slots (an id outside the vocabulary would otherwise be clamped silently)."""
+  tokens = np.asarray(tokens)
+  bad = (tokens < 0) | (tokens >= vocab_size)
+  if valid is not None:
+    bad &= np.asarray(valid, bool)
+  if bad.any():
+    where = np.argwhere(bad)[:3]
+    shown = ", ".join(f"{tokens[tuple(w)]} at {what}[{', '.join(map(str, w))}]" for w in where)
+    raise ValueError(f"{what}: {int(bad.sum())} ids outside the model's vocabulary "
+                     f"[0, {vocab_size}): {shown}")
 
 
 class MLP(nnx.Module):
@@ -81,9 +98,32 @@ class Decoder(nnx.Module):
       self.lm_head = dense(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), use_bias=False,
                            rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-  def embed_tokens(self, tokens: jax.Array) -> jax.Array:
-    """int ``[B, T]`` -> ``[B, T, E]``; ids outside the vocabulary raise on the host."""
-    return self.embed(tokens)
+  def embed_tokens(self, tokens: jax.Array, valid: Optional[jax.Array] = None) -> jax.Array:
+    """int ``[B, T]`` -> ``[B, T, E]``.
+
+    ``valid`` (bool ``[B, T]``, None = all) marks the ids that are used; the others (slots
+    whose embedding is replaced, e.g. image patches) may hold anything. A used id outside
+    ``[0, vocab_size)``:
+      - concrete ``tokens`` (an eager call): ValueError on the host, naming the id and slot;
+      - traced ``tokens`` (inside ``jax.jit``): a ``checkify.debug_check``, which raises only
+        when the caller wraps the function with ``checkify.checkify(f,
+        errors=checkify.user_checks)`` and is free otherwise. Entry points check on the host
+        first (``generate``, the data pipeline's ``FeatureConfig.vocab_size``).
+    The lookup clamps ids into the vocabulary, so that unused slots never index out of range.
+    """
+    V = self.cfg.vocab_size
+    host = concrete(tokens)
+    mask = None if valid is None else concrete(valid)
+    if host is not None and (valid is None or mask is not None):
+      check_token_ids(host, V, mask)
+    else:
+      bad = (tokens < 0) | (tokens >= V)
+      if valid is not None:
+        bad = bad & valid
+      first = jnp.argmax(bad.reshape(-1))
+      checkify.debug_check(~jnp.any(bad), f"tokens: id {{}} at flat slot {{}} is outside the "
+                           f"vocabulary [0, {V})", tokens.reshape(-1)[first], first)
+    return self.embed(jnp.clip(tokens, 0, V - 1))
 
   def logits(self, x: jax.Array) -> jax.Array:
     """Final norm and LM head: ``[B, T, E]`` -> float32 ``[B, T, V]``."""

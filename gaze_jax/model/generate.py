@@ -33,8 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gaze_jax.gaze import PAD, PATCH, TokenLayout
-from gaze_jax.model.mllm import concrete
+from gaze_jax.gaze import PAD, PATCH, TEXT, TokenLayout
+from gaze_jax.model.decoder import check_token_ids
+from gaze_jax.model.layers import concrete
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +135,9 @@ def _check_args(model, tokens, layout, images, max_new_tokens, rng, temperature,
   B, S = layout.kind.shape
   chex.assert_shape(tokens, (B, S), custom_message=f"tokens must be [B, S] = {(B, S)} like the "
                     "layout", exception_type=ValueError)
+  # The prompt's ids (TEXT slots before the generated span) must be in the vocabulary.
+  prompt = (_host(layout.kind, "layout") == TEXT) & ~_host(layout.generated, "layout").astype(bool)
+  check_token_ids(_host(tokens, "tokens"), model.cfg.decoder.vocab_size, prompt, "tokens")
   if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
       or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
@@ -252,10 +256,13 @@ def generate(model, tokens, layout: TokenLayout, images=None, *, max_new_tokens:
     GenerateOutput with tokens int32 ``[B, M]``, lengths int32 ``[B]``, num_steps and logits.
   Raises:
     ValueError for a layout without a generated span, a span shorter than ``max_new_tokens``,
-    images missing or unexpected, bad sampling options or stop ids.
+    prompt ids outside the vocabulary (checked on the host), images missing or unexpected,
+    bad sampling options or stop ids.
   """
   temperature, top_p, stops = _check_args(model, tokens, layout, images, max_new_tokens, rng,
                                           temperature, top_p, stop_tokens, pad_id)
+  # The reserved span's placeholders are never read; zero them so no check sees them.
+  tokens = np.where(np.asarray(layout.generated, bool), 0, np.asarray(tokens))
   graphdef, state = nnx.split(model)
   greedy = temperature == 0.0
   if rng is None:

@@ -13,9 +13,18 @@ from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Names = Sequence[Optional[str]]
+
+
+def concrete(x) -> Optional[np.ndarray]:
+  """x as numpy when it is not traced (so host-side checks can run), else None."""
+  try:
+    return np.asarray(x)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return None
 
 
 def named(init, names: Names):

@@ -11,18 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gaze_jax.gaze import CTX, PATCH, LayoutSpec, TokenLayout, build_layout
+from gaze_jax.gaze import CTX, PATCH, TEXT, LayoutSpec, TokenLayout, build_layout
 from gaze_jax.model.config import MLLMConfig
 from gaze_jax.model.decoder import Decoder
+from gaze_jax.model.layers import concrete
 from gaze_jax.model.vision import Projector, VisionTower
-
-
-def concrete(x) -> Optional[np.ndarray]:
-  """x as numpy when it is not traced (so host-side checks can run), else None."""
-  try:
-    return np.asarray(x)
-  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    return None
 
 
 def pack_images(images: Sequence[Sequence[np.ndarray]], layout: TokenLayout) -> np.ndarray:
@@ -148,8 +141,8 @@ class MLLM(nnx.Module):
     (region-major, gathered by ``layout.frame`` / ``layout.patch_index``), learned context
     tokens at CTX slots."""
     self._check_layout(layout)
-    x = self.decoder.embed_tokens(jnp.clip(tokens, 0, self.cfg.decoder.vocab_size - 1))
     kind = layout.kind
+    x = self.decoder.embed_tokens(tokens, valid=kind == TEXT)
     if images is not None:
       self._check_images(images, layout)
       feats, pooled = self.image_features(images.astype(x.dtype))
@@ -195,7 +188,7 @@ class MLLM(nnx.Module):
     """New text tokens ``[B, T]`` at consecutive cache slots ``q_index [B, T]``.
     Returns ``(logits [B, T, V], caches)`` (plus selected ids with ``return_selected``);
     ``selections`` (per layer, ``[B, T, Hq, K']``) replaces routing."""
-    x = self.decoder.embed_tokens(jnp.clip(tokens, 0, self.cfg.decoder.vocab_size - 1))
+    x = self.decoder.embed_tokens(tokens)
     logits, caches, selected = self.decoder(x, layout, cache=caches, q_index=q_index,
                                             active_k=active_k, return_selected=return_selected,
                                             selections=selections)

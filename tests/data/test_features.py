@@ -212,3 +212,27 @@ def test_feature_config_errors():
     FeatureConfig(spec=spec, image_size=60, patch_size=8)
   with pytest.raises(ValueError, match="video_pool=3"):
     FeatureConfig(spec=spec, image_size=64, patch_size=8, video_pool=3)
+
+
+def test_token_ids_outside_the_model_vocabulary_raise(caplog):
+  """A tokenizer whose ids reach past the model's vocabulary: the example is named (the model
+  would clamp such ids silently inside jit); a negative id always raises."""
+  tok = ByteTokenizer()
+  ex = {"id": b"vocab-1", "images": [], "is_video": False,
+        "turns": {"question": [b"hi"], "answer": [b"yo"]}}
+  ExampleProcessor(tok, _cfg(vocab_size=tok.vocab_size))(ex)         # all ids fit
+  with caplog.at_level("WARNING", logger="gaze_jax.data.features"):
+    proc = ExampleProcessor(tok, _cfg(vocab_size=64))
+  assert f"tokenizer has {tok.vocab_size} ids" in caplog.text
+  with pytest.raises(ValueError, match=r"example 'vocab-1': the tokenizer gave ids \[\d+.*"
+                     r"outside the model's vocabulary \[0, 64\)"):
+    proc(ex)
+
+  class Negative(ByteTokenizer):
+    def encode(self, text):
+      return [-3] + super().encode(text)
+
+  with pytest.raises(ValueError, match=r"ids \[-3\] outside"):
+    ExampleProcessor(Negative(), _cfg())(ex)
+  with pytest.raises(ValueError, match="vocab_size must be >= 1"):
+    _cfg(vocab_size=0)

@@ -127,12 +127,14 @@ def test_greedy_equals_naive_loop_of_full_forwards(setup):
 
 
 def test_placeholder_tokens_in_reserved_span_do_not_matter(setup):
-  """Ids stored at the reserved slots are overwritten while decoding, never read."""
+  """Ids stored at the reserved slots are overwritten while decoding, never read; they may
+  even lie outside the vocabulary (only the prompt's ids are checked)."""
   model, tokens, layout, images, out = setup
   first, count = generated_span(layout)
   junk = np.array(tokens)
   for b in range(2):
     junk[b, first[b]:first[b] + count[b]] = (junk[b, first[b]:first[b] + count[b]] + 17) % 64
+  junk[0, first[0]], junk[1, first[1] + 1] = -1, 1000
   again = generate(model, junk, layout, images, max_new_tokens=M, return_logits=True)
   np.testing.assert_array_equal(np.asarray(again.tokens), np.asarray(out.tokens))
   np.testing.assert_allclose(np.asarray(again.logits), np.asarray(out.logits), atol=1e-5)
@@ -324,3 +326,10 @@ def test_errors(dense_setup):
     generate(model, tokens, layout, images, stop_tokens=(3, 64), **kw)
   with pytest.raises(ValueError, match="layout must be a TokenLayout"):
     generate(model, tokens, {"kind": tokens}, images, **kw)
+  # Prompt ids outside the vocabulary (were clamped: 64 gave the logits of 63, -7 those of 0).
+  for bad_id in (64, -7):
+    bad = np.array(tokens)
+    bad[1, 0] = bad_id                                  # example 1 starts with Text(1)
+    with pytest.raises(ValueError, match=rf"tokens: 1 ids outside the model's vocabulary "
+                       rf"\[0, 64\): {bad_id} at tokens\[1, 0\]"):
+      generate(model, bad, layout, images, **kw)
