@@ -33,7 +33,11 @@ Damage is never silently ignored:
 * a step whose restore fails (damaged, or orbax cannot read it) raises ``CheckpointError``
   naming the folder and the cause, or, with ``fallback=True`` (the trainer's default, and only
   when no step was requested explicitly), is reported with a warning and the previous step is
-  tried.
+  tried;
+* once an earlier step restores, the later steps that failed are moved aside (renamed
+  ``<step>.damaged``, kept for inspection and reported at every start) unless the checkpointer
+  is read-only (evaluation): they no longer count towards ``keep``, and the resumed run saves
+  those steps anew. When no step restores (a changed model, say), nothing is moved.
 
 For evaluation: ``restore_model(workdir, config)`` returns ``(MLLM, step)``.
 """
@@ -56,6 +60,7 @@ ITEMS = ("params", "opt_state", "data", "meta")
 CHECKPOINT_DIR = "checkpoints"
 TMP_MARKER = ".orbax-checkpoint-tmp"
 CHECKSUMS = "checksums.json"
+DAMAGED = ".damaged"
 
 
 class CheckpointError(RuntimeError):
@@ -158,7 +163,7 @@ class Checkpointer:
     if save_every < 1 or keep < 1:
       raise ValueError(f"checkpoint.save_every ({save_every}) and keep ({keep}) must be >= 1")
     self._report_incomplete()
-    self.async_save = async_save
+    self.async_save, self.read_only = async_save, read_only
     self._saving: Optional[int] = None         # the step whose save is in flight
     policies = ocp.checkpoint_managers
     # Always orbax's asynchronous path, whose post-finalization callback records the checksums
@@ -178,6 +183,11 @@ class Checkpointer:
     if tmp:
       logging.warning("checkpoints: ignoring and removing %d incomplete checkpoint folder(s) in "
                       "%s (a save was interrupted): %s", len(tmp), self.directory, tmp)
+    damaged = sorted(p.name for p in self.directory.iterdir() if DAMAGED in p.name)
+    if damaged:
+      logging.warning("checkpoints: %d damaged step(s) in %s, moved aside and kept for "
+                      "inspection (never restored; delete them when done): %s", len(damaged),
+                      self.directory, damaged)
 
   # ------------------------------------------------------------------ queries
 
@@ -278,14 +288,33 @@ class Checkpointer:
                             f"{str(e)[:500]})") from e
     return Restored(step, out["params"], out.get("opt_state"), out["data"], out["meta"])
 
+  def _move_aside(self, steps: list[int]) -> None:
+    """Renames the folders of ``steps`` to ``<step>.damaged`` (``-2``, ... if taken) on the
+    primary process, then every process rereads the steps."""
+    if jax.process_index() == 0:
+      for step in steps:
+        dst, n = self.directory / f"{step}{DAMAGED}", 1
+        while dst.exists():
+          n += 1
+          dst = self.directory / f"{step}{DAMAGED}-{n}"
+        (self.directory / str(step)).rename(dst)
+        logging.warning("checkpoints: moved damaged step %d aside to %s (kept for inspection; "
+                        "it no longer counts towards keep, and step %d is saved anew)", step,
+                        dst, step)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("gaze_jax.train.checkpoint.move_aside")
+    self.mngr.reload()
+
   def restore(self, abstract_params, abstract_opt_state=None, *, step: Optional[int] = None,
               fallback: bool = True) -> Optional[Restored]:
     """Restores ``step`` (default: the latest) against abstract trees carrying the target
     shardings (``abstract_opt_state=None`` restores the parameters only).
 
     Returns None when there is no checkpoint. With ``step=None`` and ``fallback``, a damaged
-    latest step is reported (warning) and earlier steps are tried; otherwise, and when every
-    step is damaged, raises ``CheckpointError``.
+    latest step is reported (warning) and earlier steps are tried, and once one restores the
+    failed ones are moved aside (not when read-only); otherwise, and when every step fails,
+    raises ``CheckpointError``.
     """
     steps = self.steps()
     if step is not None:
@@ -295,7 +324,7 @@ class Checkpointer:
       return self._restore_step(step, abstract_params, abstract_opt_state)
     if not steps:
       return None
-    errors = []
+    errors, failed = [], []
     for s in reversed(steps):
       try:
         got = self._restore_step(s, abstract_params, abstract_opt_state)
@@ -303,11 +332,16 @@ class Checkpointer:
         if not fallback:
           raise
         errors.append(str(e))
+        failed.append(s)
         logging.warning("%s; falling back to the previous checkpoint", e)
         continue
       if errors:
         logging.warning("restored step %d of %s after skipping %d damaged checkpoint(s)", s,
                         self.directory, len(errors))
+        # Step s restored against the same abstract trees: the later ones are damaged, not
+        # from another model; left in place they would block the saves of their steps.
+        if not self.read_only:
+          self._move_aside(failed)
       return got
     raise CheckpointError(f"no checkpoint in {self.directory} could be restored:\n  "
                           + "\n  ".join(errors))

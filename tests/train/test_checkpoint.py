@@ -89,7 +89,7 @@ def test_damaged_file_falls_back_naming_the_step_and_file_or_raises(tmp_path, ca
     assert target.stat().st_size == size
   rel = target.relative_to(tmp_path / "6").as_posix()
   caplog.set_level(logging.WARNING)
-  ck = Checkpointer(tmp_path, save_every=2, keep=5)
+  ck = Checkpointer(tmp_path, save_every=2, keep=5, read_only=True)     # damage stays in place
   got = ck.restore(*_abstract())
   assert got.step == 4
   np.testing.assert_array_equal(np.asarray(got.params["w"]), _weights(4))
@@ -147,4 +147,65 @@ def test_unreadable_checksums_are_damage_and_absent_ones_a_warning(tmp_path, cap
   assert "checksums.json is unreadable" in caplog.text
   assert f"checkpoint {tmp_path / '2'} has no checksums.json" in caplog.text
   assert "not verified" in caplog.text
+  ck.close()
+
+
+def test_damaged_step_is_moved_aside_no_longer_counts_and_is_saved_anew(tmp_path, caplog):
+  _save(tmp_path, steps=(2, 4, 6, 8))
+  _flip(_largest_params_file(tmp_path / "8"))
+  _truncate(_largest_params_file(tmp_path / "6"))
+  caplog.set_level(logging.WARNING)
+  ck = Checkpointer(tmp_path, save_every=2, keep=3)
+  assert ck.restore(*_abstract()).step == 4
+  assert ck.steps() == [2, 4] and ck.should_save(6)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["2", "4", "6.damaged", "8.damaged"]
+  assert f"moved damaged step 8 aside to {tmp_path / '8.damaged'}" in caplog.text
+  # The resumed run saves steps 6 and 8 again; keep=3 counts only restorable steps.
+  for step in (6, 8, 10):
+    assert ck.save(step, _state(step + 100), {"pos": step})
+  ck.close()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["10", "6", "6.damaged", "8", "8.damaged"]
+  caplog.clear()
+  ck = Checkpointer(tmp_path, save_every=2, keep=3)
+  assert "2 damaged step(s)" in caplog.text and "'6.damaged', '8.damaged'" in caplog.text
+  assert ck.steps() == [6, 8, 10]
+  got = ck.restore(*_abstract(), step=8)
+  np.testing.assert_array_equal(np.asarray(got.params["w"]), _weights(108))
+  # Damaged again: step 8's second copy goes beside the first.
+  _flip(_largest_params_file(tmp_path / "10"))
+  _remove(_largest_params_file(tmp_path / "8"))
+  assert ck.restore(*_abstract()).step == 6
+  assert ck.steps() == [6]
+  assert (tmp_path / "10.damaged").is_dir() and (tmp_path / "8.damaged-2").is_dir()
+  ck.close()
+
+
+def test_nothing_is_moved_when_no_step_restores_or_read_only(tmp_path):
+  _save(tmp_path, steps=(2, 4))
+  _flip(_largest_params_file(tmp_path / "4"))
+  Checkpointer(tmp_path, read_only=True).restore(*_abstract())      # evaluation: read-only
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["2", "4"]
+  # Another model (other shapes): every step fails, none is damage to move aside.
+  other = jax.ShapeDtypeStruct((3, 3), np.float32,
+                               sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  ck = Checkpointer(tmp_path, save_every=2, keep=3)
+  with pytest.raises(CheckpointError, match="could be restored"):
+    ck.restore({"w": other, "b": other}, None)
+  ck.close()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["2", "4"]
+
+
+def test_trainer_resumes_past_a_damaged_step_and_saves_it_anew(train_data_dir, tmp_path):
+  """The issue's run: step 6 damaged, the trainer falls back to step 4, and its save at step 6
+  is no longer skipped."""
+  from gaze_jax.train.trainer import train
+  from tests.train.helpers import small_config
+  train(small_config(train_data_dir, train__num_steps=6), tmp_path)
+  ckdir = tmp_path / ckpt_lib.CHECKPOINT_DIR
+  assert sorted(p.name for p in ckdir.iterdir()) == ["2", "4", "6"]
+  _flip(_largest_params_file(ckdir / "6"))
+  train(small_config(train_data_dir, train__num_steps=8), tmp_path)
+  assert sorted(p.name for p in ckdir.iterdir()) == ["4", "6", "6.damaged", "8"]
+  ck = Checkpointer(ckdir, read_only=True)
+  assert ck.verify(6)
   ck.close()
