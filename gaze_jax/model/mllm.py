@@ -109,17 +109,27 @@ class MLLM(nnx.Module):
     H, W = images.shape[2:4]
     self.vision.check_images(images[0])
     grid, valid = concrete(layout.frame_grid), concrete(layout.frame_valid)
-    if grid is None or valid is None:
+    media = concrete(layout.frame_media)
+    if grid is None or valid is None or media is None:
       return
     p, pool = vcfg.patch_size, vcfg.video_pool
     full = (H // p, W // p)
     pooled = (full[0] // pool, full[1] // pool)
     for b, f in zip(*np.nonzero(valid)):
       g = tuple(int(x) for x in grid[b, f])
-      if g != full and g != pooled:
-        raise ValueError(f"example {b}, frame {f}: images of {H}x{W} px give a {full[0]}x{full[1]}"
-                         f" patch grid ({pooled[0]}x{pooled[1]} pooled), but the layout says "
-                         f"{g[0]}x{g[1]}: wrong image size")
+      # A frame alone in its media is an image (a one-frame video has the same layout): it
+      # takes the full grid; only the frames of a video may be pooled.
+      video = int((valid[b] & (media[b] == media[b, f])).sum()) > 1
+      if g == full or (video and g == pooled):
+        continue
+      size = f"{g[0] * p}x{g[1] * p} px"
+      if video:
+        size += f" (or {g[0] * p * pool}x{g[1] * p * pool} px, pooled {pool}x{pool})"
+      raise ValueError(f"example {b}, frame {f}: images of {H}x{W} px give a {full[0]}x{full[1]} "
+                       f"patch grid, but the layout's {'video frame' if video else 'image'} "
+                       f"placeholder is {g[0]}x{g[1]}: wrong image size, give it {size}"
+                       + ("" if video else f"; the {pool}x{pool}-pooled grid is only for the "
+                          "frames of a Video with several frames"))
 
   def image_features(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``[B, F, H, W, C]`` -> projected features ``[B, F, P, E]`` (raster order) and their

@@ -5,6 +5,7 @@ from __future__ import annotations
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from gaze_jax.model.config import VisionConfig
@@ -38,12 +39,45 @@ class VisionBlock(nnx.Module):
     return x + self.fc2(jax.nn.gelu(self.fc1(self.norm2(x)), approximate=True))
 
 
+def bicubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
+  """float32 ``[n_out, n_in]`` weights of PyTorch's bicubic resize along one axis
+  (``F.interpolate(mode="bicubic", align_corners=False)``, no antialiasing): Keys' cubic
+  kernel with ``a = -0.75`` at source coordinate ``(i + 0.5) * n_in / n_out - 0.5``, and
+  indices past the border clamped to it (edge replication)."""
+  src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+  base = np.floor(src)
+  t = src - base
+
+  def near(x):                 # |x| <= 1
+    return ((a + 2) * x - (a + 3)) * x * x + 1
+
+  def far(x):                  # 1 < |x| < 2
+    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+  weights = np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=1)   # [n_out, 4]
+  idx = np.clip(base[:, None].astype(np.int64) + np.arange(-1, 3), 0, n_in - 1)
+  out = np.zeros((n_out, n_in), np.float64)
+  np.add.at(out, (np.repeat(np.arange(n_out), 4), idx.ravel()), weights.ravel())
+  return out.astype(np.float32)
+
+
+def resize_pos_embed(pos: jax.Array, grid: int, new_grid: tuple[int, int]) -> jax.Array:
+  """Learned positions ``[grid * grid, E]`` -> ``[gh * gw, E]`` as transformers' SigLIP
+  ``interpolate_pos_encoding=True`` resizes them (PyTorch bicubic, ``bicubic_matrix``)."""
+  gh, gw = new_grid
+  E = pos.shape[-1]
+  rows, cols = bicubic_matrix(grid, gh), bicubic_matrix(grid, gw)
+  out = jnp.einsum("hi,ije,wj->hwe", rows, pos.reshape(grid, grid, E).astype(jnp.float32),
+                   cols, precision=jax.lax.Precision.HIGHEST)
+  return out.reshape(gh * gw, E).astype(pos.dtype)
+
+
 class VisionTower(nnx.Module):
   """Images ``[N, H, W, C]`` -> patch features ``[N, (H/p) * (W/p), E]`` in raster order.
 
   The native size and any size that the patch size divides are accepted; at a size other than
-  ``cfg.image_size`` the learned position embeddings are resized bicubically (close to, not
-  bit-identical with, PyTorch's bicubic interpolation).
+  ``cfg.image_size`` the learned position embeddings are resized as transformers' SiglipVision
+  does with ``interpolate_pos_encoding=True`` (``resize_pos_embed``: PyTorch's bicubic).
   """
 
   def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
@@ -94,7 +128,7 @@ class VisionTower(nnx.Module):
     N, gh, gw, E = x.shape
     pos = self.pos_embed[...]
     if (gh, gw) != (cfg.grid, cfg.grid):
-      pos = jax.image.resize(pos.reshape(cfg.grid, cfg.grid, E), (gh, gw, E), "bicubic")
+      pos = resize_pos_embed(pos, cfg.grid, (gh, gw))
     x = x.reshape(N, gh * gw, E) + pos.reshape(1, gh * gw, E).astype(x.dtype)
     for block in self.blocks:
       x = block(x)

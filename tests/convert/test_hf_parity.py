@@ -231,6 +231,23 @@ def test_siglip_vision_matches_transformers(siglip, feature_layer, post_layernor
   assert (not post_layernorm) == any(k.startswith("post_layernorm.") for k in unused)
 
 
+@pytest.mark.parametrize("hw", [(48, 48), (24, 24), (40, 56)])
+def test_siglip_at_other_sizes_matches_interpolate_pos_encoding(siglip, hw):
+  """At a size other than the native 32 px the position embeddings are resized as
+  transformers' ``interpolate_pos_encoding=True`` does (PyTorch bicubic); our former
+  ``jax.image.resize`` differed by 0.06-0.2."""
+  path, _, _ = siglip
+  hf = transformers.SiglipVisionModel.from_pretrained(path)
+  images = np.random.default_rng(5).normal(size=(2, *hw, 3)).astype(np.float32)
+  with torch.no_grad():
+    want = hf(pixel_values=torch.as_tensor(images.transpose(0, 3, 1, 2)),
+              interpolate_pos_encoding=True).last_hidden_state.numpy()
+  tower = load_siglip_vision(path)
+  diff = _max_diff(_tower(tower, images), want)
+  _report(f"siglip at {hw[0]}x{hw[1]} px (native 32)", diff)
+  assert diff <= ATOL
+
+
 def test_siglip_vision_from_full_siglip_model(tmp_path):
   """A SiglipModel checkpoint (``vision_model.`` prefix beside a text tower) loads its vision
   half."""

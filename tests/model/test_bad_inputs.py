@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from jax.experimental import checkify
 
-from gaze_jax.gaze import PAD, TEXT, Text
+from gaze_jax.gaze import PAD, TEXT, Image, Text, Video
 from gaze_jax.model import MLLM
 from gaze_jax.model.presets import tiny
 
@@ -70,3 +70,38 @@ def test_traced_token_ids_are_checked_under_checkify(text_model):
   err, _ = checked(state, bad, layout)
   assert "tokens: id 10000 at flat slot 8 is outside the vocabulary [0, 512)" in err.get()
   jax.jit(embed)(state, bad, layout)                 # plain jit: no check, no error
+
+
+# ------------------------------------------------------------------ image sizes
+
+
+@pytest.fixture(scope="module")
+def vision_model():
+  """The tiny preset: 64 px images, patch 8 (an 8x8 grid), video pool 2."""
+  return MLLM(tiny(), rngs=nnx.Rngs(0))
+
+
+def _zeros(n, size):
+  return np.zeros((1, n, size, size, 3), np.float32)
+
+
+def test_an_image_whose_pooled_grid_fits_the_placeholder_is_refused(vision_model):
+  """128 px for an Image(8, 8): the full grid is 16x16 and only its 2x2-pooled grid matches;
+  that is the video path, which an image must not take silently."""
+  m = vision_model
+  layout = m.build_layout([[Text(2), Image(8, 8), Text(2)]], seq_len=96, max_regions=16)
+  tokens = np.zeros((1, 96), np.int32)
+  with pytest.raises(ValueError, match=r"images of 128x128 px give a 16x16 patch grid, but the "
+                     r"layout's image placeholder is 8x8: wrong image size, give it 64x64 px; "
+                     r"the 2x2-pooled grid is only for the frames of a Video"):
+    m.embed(tokens, layout, _zeros(1, 128))
+  # The same size as the frames of a video is pooled, and an image at its full grid is taken.
+  video = m.build_layout([[Text(2), Video(2, 8, 8), Text(2)]], seq_len=192, max_regions=32,
+                         max_images=2)
+  assert m.embed(np.zeros((1, 192), np.int32), video, _zeros(2, 128)).shape == (1, 192, 64)
+  big = m.build_layout([[Text(2), Image(16, 16), Text(2)]], seq_len=320, max_regions=64)
+  assert m.embed(np.zeros((1, 320), np.int32), big, _zeros(1, 128)).shape == (1, 320, 64)
+  # A video frame of neither grid names both sizes.
+  with pytest.raises(ValueError, match=r"video frame placeholder is 8x8: wrong image size, give "
+                     r"it 64x64 px \(or 128x128 px, pooled 2x2\)"):
+    m.embed(np.zeros((1, 192), np.int32), video, _zeros(2, 96))
