@@ -22,6 +22,8 @@ dense); unknown devices (CPU) report no MFU.
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -105,18 +107,52 @@ def progress_line(step: int, num_steps: int, m: Mapping[str, float], tokens_per_
   return " | ".join(parts)
 
 
+def drop_records_after(path, step: int) -> int:
+  """Rewrites the JSONL file ``path`` without its records past ``step`` (and without a line
+  that does not parse: a kill mid-write leaves a partial last line). Returns how many lines
+  went; the file is replaced atomically, and left alone when nothing goes."""
+  path = Path(path)
+  if not path.exists():
+    return 0
+  lines = path.read_text().splitlines()
+  keep = []
+  for line in lines:
+    try:
+      rec = json.loads(line)
+    except ValueError:
+      continue
+    if int(rec.get("step", 0)) <= step:
+      keep.append(line)
+  if len(keep) < len(lines):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+  return len(lines) - len(keep)
+
+
 class MetricsLogger:
   """Writes every record to ``workdir/metrics.jsonl`` and TensorBoard (``workdir/tb``) on the
-  primary process; other processes write nothing."""
+  primary process; other processes write nothing.
 
-  def __init__(self, workdir, enabled: bool = True):
+  ``start_step``: the step the run starts after (the restored checkpoint's, 0 for a fresh
+  run). A resumed run redoes the steps after it, so the records past it, written before a kill,
+  are dropped from ``metrics.jsonl`` (``dropped`` counts them) and TensorBoard is told to purge
+  them (``purge_step``): every step appears once."""
+
+  def __init__(self, workdir, enabled: bool = True, start_step: int = 0):
     self.enabled = enabled
     self.jsonl = self.tb = None
+    self.dropped = 0
     if enabled:
       # Imported here: tensorboardX imports torch whenever that is installed.
       from tensorboardX import SummaryWriter
-      self.jsonl = JsonlWriter(Path(workdir) / "metrics.jsonl")
-      self.tb = SummaryWriter(str(Path(workdir) / "tb"))
+      path = Path(workdir) / "metrics.jsonl"
+      self.dropped = drop_records_after(path, start_step)
+      self.jsonl = JsonlWriter(path)
+      # The event file is named by the second it was opened: the nanoseconds keep a restart
+      # within the same second from overwriting it, and in order.
+      self.tb = SummaryWriter(str(Path(workdir) / "tb"), purge_step=start_step + 1,
+                              filename_suffix=f".{time.time_ns()}")
 
   def write(self, step: int, values: Mapping[str, float], prefix: str = "train"):
     if not self.enabled:

@@ -307,7 +307,10 @@ def train(config: Any, workdir, *, mesh=None, stop_after: Optional[int] = None) 
   eval_fn = jax.jit((s.settled_step or s.train_step).eval_fn,
                     in_shardings=(s.state_shardings["params"], s.batch_sharding, None),
                     out_shardings=metric_sharding)
-  logger = metrics_lib.MetricsLogger(workdir, enabled=primary)
+  logger = metrics_lib.MetricsLogger(workdir, enabled=primary, start_step=start)
+  if logger.dropped:
+    log.info("metrics.jsonl: dropped %d record(s) past step %d (logged before the run stopped; "
+             "this run redoes those steps)", logger.dropped, start)
   fp_log = (metrics_lib.JsonlWriter(workdir / f"data_log.{jax.process_index()}.jsonl")
             if tc.log_fingerprints else None)
   log_every = max(1, int(tc.log_every))

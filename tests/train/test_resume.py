@@ -24,7 +24,7 @@ from tests.train.helpers import small_config
 
 def get_config():
   return small_config({data!r}, train__num_steps={n}, checkpoint__save_every=4,
-                      train__log_fingerprints=True, train__log_every=4)
+                      train__log_fingerprints=True, train__log_every=2)
 """
 
 
@@ -60,6 +60,15 @@ def _wait_for(cond, p, timeout=300):
     time.sleep(0.02)
 
 
+def _metric_steps(workdir, split="train"):
+  path = Path(workdir) / "metrics.jsonl"
+  if not path.exists():
+    return []
+  # A line being written may be partial.
+  recs = [json.loads(x) for x in path.read_text().splitlines() if x.endswith("}")]
+  return [r["step"] for r in recs if r["split"] == split]
+
+
 def _fingerprints(workdir):
   """step -> fingerprint, the last record of each step winning (a resumed run redoes the steps
   after its checkpoint), and the list of steps in log order."""
@@ -74,12 +83,14 @@ def runs(train_data_dir, tmp_path_factory):
   cfg.write_text(CONFIG.format(data=str(train_data_dir), n=NUM_STEPS))
   a, b = root / "uninterrupted", root / "interrupted"
   pa = _launch(cfg, a)                          # runs while the interrupted run is driven
-  # 1) SIGKILL as soon as the first checkpoint is complete.
+  # 1) SIGKILL once a checkpoint is complete and metrics were logged past it (steps the resumed
+  #    run redoes).
   pb = _launch(cfg, b)
-  _wait_for(lambda: _ckpt_steps(b), pb)
+  _wait_for(lambda: _ckpt_steps(b) and max(_metric_steps(b), default=0) > max(_ckpt_steps(b)), pb)
   pb.send_signal(signal.SIGKILL)
   pb.wait()
   killed_at = _ckpt_steps(b)
+  logged_past = max(_metric_steps(b)) > max(killed_at)
   # 2) Resume, then SIGTERM once it has gone past its checkpoint.
   logged = len(_fingerprints(b)[1])
   pb = _launch(cfg, b)
@@ -96,7 +107,8 @@ def runs(train_data_dir, tmp_path_factory):
   rc_a, out_a = _finished(pa)
   assert rc_a == 0, out_a[-4000:]
   assert rc_end == 0, out_end[-4000:]
-  return dict(a=a, b=b, cfg=cfg, killed_at=killed_at, rc_term=rc_term, out_term=out_term,
+  return dict(a=a, b=b, cfg=cfg, killed_at=killed_at, logged_past=logged_past,
+              rc_term=rc_term, out_term=out_term,
               out_a=out_a,
               first_steps=first_steps,
               summary_term=summary_term, steps_after_term=steps_after_term)
@@ -104,6 +116,15 @@ def runs(train_data_dir, tmp_path_factory):
 
 def test_killed_run_had_not_finished(runs):
   assert runs["killed_at"] and max(runs["killed_at"]) < NUM_STEPS
+
+
+def test_metrics_hold_every_step_once_after_kill_and_resume(runs):
+  """The steps logged between the last checkpoint and the kill are dropped on resume: the
+  resumed run logs them again."""
+  assert runs["logged_past"]            # the kill did leave records past the checkpoint
+  steps = _metric_steps(runs["b"])
+  assert steps == sorted(set(steps)), steps
+  assert set(_metric_steps(runs["a"])) <= set(steps) and steps[-1] == NUM_STEPS
 
 
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(runs):
@@ -245,16 +266,18 @@ def test_damaged_checkpoints_fall_back_loudly_or_raise(tmp_path, caplog):
   caplog.set_level(logging.WARNING)
   ck = Checkpointer(tmp_path, save_every=1, keep=3, async_save=False)
   assert "4.orbax-checkpoint-tmp-1234" in caplog.text and "incomplete" in caplog.text
-  got = ck.restore(*_abstract())
-  assert got.step == 1 and float(got.params["w"][0, 0]) == 1.0 and got.data["states"] == [{"pos": 1}]
-  assert f"checkpoint {tmp_path / '3'} could not be restored" in caplog.text
-  assert f"checkpoint {tmp_path / '3'} has no checksums.json" in caplog.text
-  assert f"checkpoint {tmp_path / '2'} is incomplete (step 2)" in caplog.text
-  assert "falling back" in caplog.text
   with pytest.raises(CheckpointError, match=f"{tmp_path / '3'} could not be restored"):
     ck.restore(*_abstract(), fallback=False)
   with pytest.raises(CheckpointError, match="no checkpoint for step 7"):
     ck.restore(*_abstract(), step=7)
+  got = ck.restore(*_abstract())
+  assert got.step == 1 and float(got.params["w"][0, 0]) == 1.0
+  assert got.data["states"] == [{"pos": 1}]
+  assert f"checkpoint {tmp_path / '3'} could not be restored" in caplog.text
+  assert f"checkpoint {tmp_path / '3'} has no checksums.json" in caplog.text
+  assert f"checkpoint {tmp_path / '2'} is incomplete (step 2)" in caplog.text
+  assert "falling back" in caplog.text
+  assert ck.steps() == [1] and (tmp_path / "2.damaged").is_dir()     # moved aside
   ck.close()
   # Nothing restorable at all: one error listing every step.
   for f in (tmp_path / "1" / "params").rglob("*"):

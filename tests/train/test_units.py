@@ -474,3 +474,30 @@ def test_metrics_logger_writes_jsonl_and_event_files_tensorboard_reads(tmp_path)
   other = tmp_path / "other"
   metrics_lib.MetricsLogger(other, enabled=False).write(1, {"loss": 1.0})
   assert not other.exists()
+
+
+def test_metrics_logger_drops_the_records_a_resumed_run_redoes(tmp_path):
+  """Killed after logging steps 5 and 6 (and half a line) with its checkpoint at step 4: the run
+  resumed from step 4 logs 5 and 6 again, and each step appears once, in the JSONL file and in
+  what TensorBoard reads."""
+  log = metrics_lib.MetricsLogger(tmp_path)
+  for step in (2, 4, 5, 6):
+    log.write(step, {"loss": float(step)})
+  log.write(4, {"accuracy": 0.5}, prefix="eval")
+  log.close()
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 7, "spl')
+  log = metrics_lib.MetricsLogger(tmp_path, start_step=4)
+  assert log.dropped == 3
+  for step in (5, 6):
+    log.write(step, {"loss": 10.0 + step})
+  log.close()
+  lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [(r["step"], r["split"]) for r in lines] == [(2, "train"), (4, "train"), (4, "eval"),
+                                                      (5, "train"), (6, "train")]
+  assert lines[-1]["loss"] == 16.0
+  got = sorted(x for x in _event_scalars(tmp_path / "tb") if x[1] == "train/loss")
+  assert got == [(2, "train/loss", 2.0), (4, "train/loss", 4.0), (5, "train/loss", 15.0),
+                 (6, "train/loss", 16.0)]
+  # Nothing past the step: the file is left as it is.
+  assert metrics_lib.drop_records_after(tmp_path / "metrics.jsonl", 6) == 0
