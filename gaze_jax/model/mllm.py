@@ -98,6 +98,13 @@ class MLLM(nnx.Module):
 
   # -------------------------------------------------------------- embeddings
 
+  @staticmethod
+  def _check_tokens(tokens, shape: tuple, message: str):
+    """Integer ids of ``shape`` (None: any size on that axis), else a ValueError naming them."""
+    chex.assert_shape(tokens, shape, custom_message=message, exception_type=ValueError)
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+
   def _check_images(self, images, layout: TokenLayout):
     vcfg = self.cfg.vision
     if vcfg is None:
@@ -152,8 +159,15 @@ class MLLM(nnx.Module):
     tokens at CTX slots."""
     self._check_layout(layout)
     kind = layout.kind
+    B, S = kind.shape
+    self._check_tokens(tokens, (B, S), f"tokens must be [B, S] = {(B, S)}, the layout's batch "
+                       "size and seq_len")
     x = self.decoder.embed_tokens(tokens, valid=kind == TEXT)
+    host_kind = concrete(kind)
     if images is not None:
+      if host_kind is not None and not (host_kind == PATCH).any():
+        raise ValueError("images were given but the layout has no image/frame placeholders "
+                         "(they would be dropped); pass images=None for a text-only layout")
       self._check_images(images, layout)
       feats, pooled = self.image_features(images.astype(x.dtype))
       B = x.shape[0]
@@ -167,7 +181,7 @@ class MLLM(nnx.Module):
         patch = jnp.where(is_pooled[..., None],
                           pooled[b, f, jnp.minimum(i, pooled.shape[2] - 1)], patch)
       x = jnp.where((kind == PATCH)[..., None], patch.astype(x.dtype), x)
-    elif (host_kind := concrete(kind)) is not None and (host_kind == PATCH).any():
+    elif host_kind is not None and (host_kind == PATCH).any():
       raise ValueError("the layout has image/frame placeholders but no images were given")
     if self.cfg.gaze.num_ctx:
       ctx = self.ctx_embed[...][jnp.clip(layout.patch_index, 0, self.cfg.gaze.num_ctx - 1)]
@@ -198,6 +212,11 @@ class MLLM(nnx.Module):
     """New text tokens ``[B, T]`` at consecutive cache slots ``q_index [B, T]``.
     Returns ``(logits [B, T, V], caches)`` (plus selected ids with ``return_selected``);
     ``selections`` (per layer, ``[B, T, Hq, K']``) replaces routing."""
+    B = layout.batch_size
+    self._check_tokens(tokens, (B, None), f"tokens must be [B, T] with B = {B}, the layout's "
+                       "batch size")
+    chex.assert_shape(q_index, tokens.shape, custom_message="q_index must be [B, T] like tokens",
+                      exception_type=ValueError)
     x = self.decoder.embed_tokens(tokens)
     logits, caches, selected = self.decoder(x, layout, cache=caches, q_index=q_index,
                                             active_k=active_k, return_selected=return_selected,

@@ -105,3 +105,33 @@ def test_an_image_whose_pooled_grid_fits_the_placeholder_is_refused(vision_model
   with pytest.raises(ValueError, match=r"video frame placeholder is 8x8: wrong image size, give "
                      r"it 64x64 px \(or 128x128 px, pooled 2x2\)"):
     m.embed(np.zeros((1, 192), np.int32), video, _zeros(2, 96))
+
+
+# ------------------------------------------------------------------ tokens vs layout
+
+
+def test_tokens_that_do_not_fit_the_layout_are_named(text_model):
+  """A tokens array of another shape than the layout gave a raw broadcasting error."""
+  m = text_model
+  layout = m.build_layout([[Text(5)], [Text(3)]], seq_len=6)
+  shape_msg = r"tokens must be \[B, S\] = \(2, 6\), the layout's batch size and seq_len"
+  for tokens in (np.ones((2, 5), np.int32), np.ones((1, 6), np.int32), np.ones(6, np.int32)):
+    with pytest.raises(ValueError, match=shape_msg):
+      m(tokens, layout)
+    with pytest.raises(ValueError, match=shape_msg):
+      m.prefill(tokens, layout)
+  with pytest.raises(ValueError, match="tokens must be integer ids, got dtype float32"):
+    m(np.ones((2, 6), np.float32), layout)
+  with pytest.raises(ValueError, match=r"tokens must be \[B, T\] with B = 2"):
+    m.decode(np.ones((3, 1), np.int32), np.zeros((3, 1), np.int32), layout, None)
+  with pytest.raises(ValueError, match=r"q_index must be \[B, T\] like tokens"):
+    m.decode(np.ones((2, 1), np.int32), np.zeros((2, 2), np.int32), layout, None)
+
+
+def test_images_with_a_text_only_layout_are_refused(vision_model):
+  """The images would be dropped without a word."""
+  m = vision_model
+  layout = m.build_layout([[Text(5)]], seq_len=8)
+  with pytest.raises(ValueError, match="images were given but the layout has no image/frame "
+                     "placeholders"):
+    m(np.ones((1, 8), np.int32), layout, _zeros(1, 64))
