@@ -7,6 +7,10 @@ import dataclasses
 from typing import Any, Mapping, Optional, Union
 
 
+def _is_int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
   """SigLIP-style ViT: patch embedding, learned positions, pre-LN blocks, no CLS token.
@@ -127,10 +131,36 @@ class GazeConfig:
   top_k_per_example: bool = False
 
   def __post_init__(self):
-    if self.attention not in ("dense", "gaze"):
-      raise ValueError(f"attention must be 'dense' or 'gaze', got {self.attention!r}")
-    if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, float)):
-      raise ValueError(f"top_k must be an int count or a float ratio, got {self.top_k!r}")
+    # The allowed strings are those gaze_attention dispatches on (imported here, not at the
+    # top, so that this module stays importable without the attention code).
+    from gaze_jax.gaze.plan import IMPLEMENTATIONS
+    from gaze_jax.gaze.routing import ROUTINGS, SCORES
+
+    for name, allowed in (("attention", ("dense", "gaze")), ("score", SCORES),
+                          ("routing", ROUTINGS), ("implementation", IMPLEMENTATIONS)):
+      value = getattr(self, name)
+      if value not in allowed:
+        raise ValueError(f"GazeConfig.{name}={value!r} is not one of "
+                         f"{', '.join(map(repr, allowed))}")
+    k = self.top_k
+    if isinstance(k, bool) or not isinstance(k, (int, float)):
+      raise ValueError(f"GazeConfig.top_k must be an int count or a float ratio, got {k!r}")
+    if isinstance(k, int) and k < 1:
+      raise ValueError(f"GazeConfig.top_k={k} must be >= 1 (a count of regions; 0 selects "
+                       "nothing), or a float ratio in (0, 1]")
+    if isinstance(k, float) and not 0.0 < k <= 1.0:
+      raise ValueError(f"GazeConfig.top_k={k} as a ratio must be in (0, 1]")
+    shape = self.region_shape
+    if (not isinstance(shape, (tuple, list)) or len(shape) != 2
+        or not all(_is_int(n) and n >= 1 for n in shape)):
+      raise ValueError(f"GazeConfig.region_shape must be two ints >= 1 (rows, cols), got "
+                       f"{shape!r}")
+    object.__setattr__(self, "region_shape", tuple(int(n) for n in shape))
+    if not _is_int(self.num_ctx) or self.num_ctx < 0:
+      raise ValueError(f"GazeConfig.num_ctx must be an int >= 0, got {self.num_ctx!r}")
+    if self.query_chunk is not None and (not _is_int(self.query_chunk) or self.query_chunk < 1):
+      raise ValueError(f"GazeConfig.query_chunk must be None or an int >= 1, got "
+                       f"{self.query_chunk!r}")
     if self.top_k_per_example and not isinstance(self.top_k, float):
       raise ValueError("GazeConfig.top_k_per_example needs top_k as a ratio (a float in "
                        f"(0, 1]), got top_k={self.top_k!r}")

@@ -11,7 +11,7 @@ from flax import nnx
 from jax.experimental import checkify
 
 from gaze_jax.gaze import PAD, TEXT, Image, Text, Video
-from gaze_jax.model import MLLM
+from gaze_jax.model import MLLM, GazeConfig
 from gaze_jax.model.presets import tiny
 
 V = 512                  # the tiny preset's vocabulary
@@ -135,3 +135,33 @@ def test_images_with_a_text_only_layout_are_refused(vision_model):
   with pytest.raises(ValueError, match="images were given but the layout has no image/frame "
                      "placeholders"):
     m(np.ones((1, 8), np.int32), layout, _zeros(1, 64))
+
+
+# ------------------------------------------------------------------ configs
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("score", "cos", r"GazeConfig.score='cos' is not one of 'dot', 'cosine'"),
+    ("routing", "query", r"GazeConfig.routing='query' is not one of 'head', 'group'"),
+    ("implementation", "triton",
+     r"GazeConfig.implementation='triton' is not one of 'reference', 'xla', 'pallas'"),
+    ("attention", "sparse", r"GazeConfig.attention='sparse' is not one of 'dense', 'gaze'"),
+    ("top_k", 0, r"GazeConfig.top_k=0 must be >= 1"),
+    ("top_k", -2, r"GazeConfig.top_k=-2 must be >= 1"),
+    ("top_k", 1.5, r"GazeConfig.top_k=1.5 as a ratio must be in \(0, 1\]"),
+    ("top_k", 0.0, r"GazeConfig.top_k=0.0 as a ratio"),
+    ("region_shape", (0, 2), r"GazeConfig.region_shape must be two ints >= 1"),
+    ("region_shape", (2,), r"GazeConfig.region_shape must be two ints >= 1"),
+    ("num_ctx", -1, r"GazeConfig.num_ctx must be an int >= 0"),
+    ("query_chunk", 0, r"GazeConfig.query_chunk must be None or an int >= 1"),
+])
+def test_invalid_gaze_config_is_refused_when_built(field, value, message):
+  """These were accepted and failed only at the first forward pass (or never, when dense)."""
+  with pytest.raises(ValueError, match=message):
+    GazeConfig(**{field: value})
+
+
+def test_valid_gaze_configs_still_build():
+  assert GazeConfig(region_shape=[3, 3]).region_shape == (3, 3)    # JSON gives lists
+  GazeConfig(score="cosine", routing="group", implementation="reference", top_k=1.0,
+             query_chunk=8, num_ctx=0)
