@@ -11,6 +11,15 @@ def _is_int(x) -> bool:
   return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _from_fields(cls, fields: Mapping[str, Any], where: str):
+  """``cls(**fields)`` (a config given as a dict), a ValueError naming ``where`` for an
+  unknown field."""
+  try:
+    return cls(**fields)
+  except TypeError as e:
+    raise ValueError(f"{where}: {e}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
   """SigLIP-style ViT: patch embedding, learned positions, pre-LN blocks, no CLS token.
@@ -95,11 +104,8 @@ class DecoderConfig:
     if self.head_dim is None:
       object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
     if isinstance(self.rope_scaling, Mapping):
-      try:
-        scaling = RopeScaling(**self.rope_scaling)
-      except TypeError as e:
-        raise ValueError(f"DecoderConfig.rope_scaling: {e}") from None
-      object.__setattr__(self, "rope_scaling", scaling)
+      object.__setattr__(self, "rope_scaling", _from_fields(RopeScaling, self.rope_scaling,
+                                                            "DecoderConfig.rope_scaling"))
     elif self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
       raise ValueError("DecoderConfig.rope_scaling must be None, a RopeScaling or a dict of its "
                        f"fields, got {self.rope_scaling!r}")
@@ -166,11 +172,8 @@ class GazeConfig:
                        f"(0, 1]), got top_k={self.top_k!r}")
     if isinstance(self.kernel, Mapping):
       from pallas_kernels.config import KernelConfig   # no Pallas import
-      try:
-        kernel = KernelConfig(**self.kernel)
-      except TypeError as e:
-        raise ValueError(f"GazeConfig.kernel: {e}") from None
-      object.__setattr__(self, "kernel", kernel)
+      object.__setattr__(self, "kernel", _from_fields(KernelConfig, self.kernel,
+                                                      "GazeConfig.kernel"))
 
   # top_k=1 (one region) and top_k=1.0 (all regions) compare equal as numbers; the config is
   # static jit metadata, so equality and hashing must tell them apart.

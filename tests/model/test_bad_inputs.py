@@ -11,7 +11,7 @@ from flax import nnx
 from jax.experimental import checkify
 
 from gaze_jax.gaze import PAD, TEXT, Image, Text, Video
-from gaze_jax.model import MLLM, GazeConfig
+from gaze_jax.model import MLLM, DecoderConfig, GazeConfig, RopeScaling
 from gaze_jax.model.presets import tiny
 
 V = 512                  # the tiny preset's vocabulary
@@ -165,3 +165,14 @@ def test_valid_gaze_configs_still_build():
   assert GazeConfig(region_shape=[3, 3]).region_shape == (3, 3)    # JSON gives lists
   GazeConfig(score="cosine", routing="group", implementation="reference", top_k=1.0,
              query_chunk=8, num_ctx=0)
+
+
+def test_rope_scaling_given_as_a_dict():
+  """Configs and checkpoint metadata give ``DecoderConfig.rope_scaling`` as a dict."""
+  cfg = DecoderConfig(rope_scaling={"factor": 4.0, "original_max_position_embeddings": 64})
+  assert cfg.rope_scaling == RopeScaling(factor=4.0, original_max_position_embeddings=64)
+  assert dataclasses.replace(cfg) == cfg and hash(dataclasses.replace(cfg)) == hash(cfg)
+  with pytest.raises(ValueError, match="DecoderConfig.rope_scaling: .*'nope'"):
+    DecoderConfig(rope_scaling={"nope": 1})
+  with pytest.raises(ValueError, match=r"RopeScaling.rope_type='yarn' is not supported"):
+    DecoderConfig(rope_scaling={"rope_type": "yarn"})
