@@ -32,8 +32,14 @@ def main(argv):
   logging.getLogger("gaze_jax").setLevel(logging.INFO)
   config = _CONFIG.value
   from configs import common       # base_config: the one definition of every field
-  common.check_config(
-      config, f"--config={config_flags.get_config_filename(flags.FLAGS['config'])}")
+  from gaze_jax.train.config import check_train_config
+  where = f"--config={config_flags.get_config_filename(flags.FLAGS['config'])}"
+  # The whole config, before anything is written (train() checks it again, with the devices).
+  try:
+    common.check_config(config, where)
+    check_train_config(config)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   # jax.distributed must be initialised before anything touches the devices.
   from gaze_jax.train import trainer
   trainer.maybe_initialize_distributed(config)

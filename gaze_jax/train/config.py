@@ -25,6 +25,7 @@ from typing import Any, Mapping, Optional
 
 from gaze_jax.gaze.layout import LayoutSpec
 from gaze_jax.gaze.routing import resolve_top_k
+from gaze_jax.gaze.schedules import SHAPES
 from gaze_jax.model.config import DecoderConfig, GazeConfig, MLLMConfig, VisionConfig
 
 
@@ -94,6 +95,10 @@ class TopKPlan:
   warmup_steps: int
   shape: str
 
+  def __post_init__(self):
+    if self.shape not in SHAPES:
+      raise ValueError(f"config.topk_schedule.shape={self.shape!r} must be one of {SHAPES}")
+
 
 def topk_plan(config: Any, model: MLLMConfig, spec: LayoutSpec) -> TopKPlan:
   """Resolves ``config.topk_schedule`` against the model's target K and the layout's regions.
@@ -141,3 +146,32 @@ def train_model_config(config: Any) -> tuple[MLLMConfig, LayoutSpec, TopKPlan]:
 def eval_model_config(config: Any) -> MLLMConfig:
   """The model config for evaluation: the target K of ``config.model.gaze.top_k``."""
   return mllm_config(config.model)
+
+
+# (field, lowest value) of the counts a training run reads.
+_COUNTS = (("train.num_steps", 1), ("train.log_every", 1), ("train.eval_every", 0),
+           ("train.eval_batches", 0), ("checkpoint.save_every", 1), ("checkpoint.keep", 1),
+           ("data.batch_size", 1), ("data.num_threads", 1))
+
+
+def check_train_config(config: Any) -> tuple[MLLMConfig, LayoutSpec, TopKPlan]:
+  """Checks what a training run reads from ``config``, before it writes anything: the model
+  dataclasses (each checks its fields), the layout spec, the top-K plan, the input features,
+  the counts of ``train`` / ``checkpoint`` / ``data`` and the ``optim`` fields. Touches no
+  device (train_main.py runs it before ``jax.distributed.initialize``). Raises ValueError
+  naming the field. Returns ``train_model_config(config)``."""
+  from gaze_jax.train.data import feature_config
+  from gaze_jax.train.optim import check_optim
+
+  model_cfg, spec, plan = train_model_config(config)
+  feature_config(config, model_cfg, spec)
+  for name, low in _COUNTS:
+    section, field = name.split(".")
+    x = getattr(getattr(config, section), field)
+    if isinstance(x, bool) or not isinstance(x, int) or x < low:
+      raise ValueError(f"config.{name}={x!r} must be an int >= {low}")
+  if config.train.eval_every and not config.train.eval_batches:
+    raise ValueError(f"config.train.eval_batches=0 with eval_every={config.train.eval_every} "
+                     "would evaluate nothing: set it >= 1, or eval_every=0")
+  check_optim(config.optim)
+  return model_cfg, spec, plan

@@ -2,6 +2,8 @@
 
 What it does, in order:
 
+0. The config is checked (``check_train_config``; train_main.py runs it first as well), the
+   mesh and the tokenizer are made, before anything is written to the workdir.
 1. ``jax.distributed.initialize`` when the run is multi-process (``maybe_initialize_distributed``).
 2. Mesh ``data x fsdp x tensor`` (``config.mesh``), logical axis rules, parameter / optimizer
    state / batch shardings.
@@ -46,7 +48,8 @@ from gaze_jax.train import checkpoint as ckpt_lib
 from gaze_jax.train import data as data_lib
 from gaze_jax.train import metrics as metrics_lib
 from gaze_jax.train import sharding as shard_lib
-from gaze_jax.train.config import eval_model_config, to_dict, train_model_config
+from gaze_jax.train.config import (check_train_config, eval_model_config, to_dict,
+                                   train_model_config)
 from gaze_jax.train.optim import make_optimizer, trainable_mask
 from gaze_jax.train.step import TrainStep
 
@@ -246,10 +249,13 @@ def train(config: Any, workdir, *, mesh=None, stop_after: Optional[int] = None) 
   t_begin = time.time()
   workdir = Path(workdir)
   primary = jax.process_index() == 0
+  # Everything checkable is checked before the workdir is written.
+  check_train_config(config)
+  s = build(config, mesh)
+  tokenizer = make_tokenizer(config.data.tokenizer)
   if primary:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(_jsonable(to_dict(config)), indent=2))
-  s = build(config, mesh)
   tc = config.train
   num_steps = int(tc.num_steps)
   log.info("mesh %s; model: decoder %d layers x %d, attention %s%s", dict(s.mesh.shape),
@@ -259,7 +265,6 @@ def train(config: Any, workdir, *, mesh=None, stop_after: Optional[int] = None) 
            if s.plan.gaze else "")
 
   builder = data_lib.prepare(config, workdir)
-  tokenizer = make_tokenizer(config.data.tokenizer)
 
   cc = config.checkpoint
   ckpt = ckpt_lib.Checkpointer(workdir / ckpt_lib.CHECKPOINT_DIR, save_every=int(cc.save_every),
