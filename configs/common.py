@@ -12,7 +12,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from gaze_jax.model.presets import get_preset
-from gaze_jax.train.config import model_fields, to_dict
+from gaze_jax.train.config import count_or_ratio, model_fields, to_dict
 from gaze_jax.train.sharding import DEFAULT_RULES
 from pallas_kernels.config import KernelConfig
 
@@ -40,9 +40,10 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
   # Model: the fields of gaze_jax.model.config dataclasses (decoder, vision, gaze, dtypes).
   preset_cfg = get_preset(preset)
   fields = model_fields(preset_cfg)
-  # top_k is a count (int) or a ratio (float): an object-typed field takes either, from a
-  # config file or the command line (--config.model.gaze.top_k=0.25).
-  fields["gaze"]["top_k"] = config_dict.FieldReference(preset_cfg.gaze.top_k, field_type=object)
+  # top_k is a count (int) or a ratio (float), from a config file or the command line
+  # (--config.model.gaze.top_k=0.25). Recipes assign to it (c.model.gaze.top_k = 3), which
+  # keeps the reference; rebuilding model.gaze from a dict would lose it.
+  fields["gaze"]["top_k"] = count_or_ratio(preset_cfg.gaze.top_k)
   c.model = ml_collections.ConfigDict(fields)
   c.model.gaze.kernel = kernel_fields(preset_cfg.gaze.kernel)
   c.model.init = ""                       # "", "gguf:smollm2" or a .gguf file (decoder weights)

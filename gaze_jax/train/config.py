@@ -41,6 +41,37 @@ def to_dict(cfg: Any) -> Optional[dict]:
   return dict(vars(cfg))
 
 
+# The fields that hold an int count or a float ratio (the routing's K).
+COUNT_OR_RATIO = ("model.gaze.top_k",)
+
+
+def count_or_ratio(value):
+  """A ConfigDict field that takes an int count or a float ratio, from a config file or the
+  command line (``--config.model.gaze.top_k=0.25``): an object-typed ml_collections
+  ``FieldReference``. A plain field keeps the type of its first value: an int one refuses 0.25,
+  a float one would turn the count 3 into the ratio 3.0."""
+  from ml_collections import config_dict
+  return config_dict.FieldReference(value, field_type=object)
+
+
+def config_from_dict(d: Mapping[str, Any]):
+  """A ConfigDict of the nested dict ``d`` (a run's ``config.json``) whose ``COUNT_OR_RATIO``
+  fields take either type, as those of ``configs/common.py: base_config`` do."""
+  import copy
+
+  import ml_collections
+
+  d = copy.deepcopy(dict(d))
+  for name in COUNT_OR_RATIO:
+    *path, leaf = name.split(".")
+    node = d
+    for key in path:
+      node = node.get(key) if isinstance(node, dict) else None
+    if isinstance(node, dict) and leaf in node:
+      node[leaf] = count_or_ratio(node[leaf])
+  return ml_collections.ConfigDict(d)
+
+
 def _dataclass_from(cls, fields: Optional[Mapping[str, Any]], where: str):
   names = {f.name for f in dataclasses.fields(cls)}
   fields = dict(fields or {})

@@ -1,8 +1,10 @@
 """An invalid config fails before a run writes anything to its workdir (no dataset, no
 checkpoints/, metrics.jsonl or tb/), in ``trainer.train`` and in ``train_main.py``, with an error
-naming the field; every recipe in configs/ passes the same checks."""
+naming the field; every recipe in configs/ passes the same checks and takes ``top_k`` as a count
+or a ratio, from its file, the command line and a run's config.json."""
 
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -69,3 +71,52 @@ def test_train_main_refuses_an_invalid_config_before_writing_anything(train_data
 @pytest.mark.parametrize("name", RECIPES)
 def test_every_recipe_passes_the_checks(name):
   check_train_config(importlib.import_module(f"configs.{name}").get_config())
+
+
+def _from_command_line(name, *overrides):
+  """The recipe as train_main.py parses it (a locked config file flag)."""
+  from absl import flags
+  from ml_collections import config_flags
+  argv = ["train_main.py", f"--config={ROOT / 'configs' / (name + '.py')}", *overrides]
+  fv = flags.FlagValues()
+  # The override flags are found in the argv given when the flag is defined.
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  fv(argv)
+  return fv.config
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_takes_a_count_or_a_ratio_for_top_k(name):
+  from gaze_jax.train.config import eval_model_config
+  for flag, want in (("0.25", 0.25), ("2", 2), ("1.0", 1.0), ("1", 1)):
+    c = _from_command_line(name, f"--config.model.gaze.top_k={flag}")
+    assert type(c.model.gaze.top_k) is type(want) and c.model.gaze.top_k == want
+    check_train_config(c)
+    got = eval_model_config(c).gaze.top_k
+    assert type(got) is type(want) and got == want         # 1 region vs all regions
+  # In a file: a recipe's count replaced by a ratio and back.
+  c = importlib.import_module(f"configs.{name}").get_config()
+  for value in (0.5, 3, 0.25):
+    c.model.gaze.top_k = value
+    assert type(c.model.gaze.top_k) is type(value)
+  check_train_config(c)
+
+
+def test_a_runs_config_json_takes_a_count_or_a_ratio():
+  """config.json (what the trainer writes, and gaze_jax.predict reads back) loaded with
+  config_from_dict: evaluating the weights at another K, as a count or a ratio."""
+  import ml_collections
+  from gaze_jax.train.config import config_from_dict, eval_model_config, to_dict
+  from configs import demo
+  d = json.loads(json.dumps(to_dict(demo.get_config()), default=str))
+  assert d["model"]["gaze"]["top_k"] == 3
+  plain = ml_collections.ConfigDict(d)
+  with pytest.raises(TypeError, match="top_k"):
+    plain.model.gaze.top_k = 0.25                 # a plain ConfigDict typed the field int
+  c = config_from_dict(d)
+  assert c.model.gaze.top_k == 3 and d["model"]["gaze"]["top_k"] == 3     # d is not changed
+  c.model.gaze.top_k = 0.25
+  assert eval_model_config(c).gaze.top_k == 0.25
+  c.model.gaze.top_k = 2
+  assert type(eval_model_config(c).gaze.top_k) is int
