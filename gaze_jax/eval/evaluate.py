@@ -40,8 +40,9 @@ from gaze_jax.eval import layouts, metrics
 from gaze_jax.eval.budget import configured_budget, measured_flops
 from gaze_jax.eval.prior import by_group
 from gaze_jax.eval.text import decode, text_exact_match
-from gaze_jax.gaze.layout import PATCH, LayoutSpec
+from gaze_jax.gaze.layout import PATCH, TEXT, LayoutSpec
 from gaze_jax.metrics import target_logp
+from gaze_jax.model.decoder import check_token_ids
 
 # ------------------------------------------------------------------ compiled forwards
 
@@ -480,6 +481,9 @@ def evaluate(model, batches: Iterable, spec: Optional[LayoutSpec] = None, *,
     if max_batches is not None and n_batches >= max_batches:
       break
     inputs = _to_inputs(batch, spec)
+    # Ids past the vocabulary would be clamped inside the jitted forward: refuse them here.
+    check_token_ids(inputs.tokens, model.cfg.decoder.vocab_size,
+                    valid=np.asarray(inputs.layout.kind) == TEXT, what=f"batch {n_batches} tokens")
     n_batches += 1
     n_examples += int(np.asarray(inputs.tokens).shape[0])
     ctx = BatchContext(n_batches, random_seed, token_matched_grid)

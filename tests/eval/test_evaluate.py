@@ -386,3 +386,19 @@ def test_a_baseline_is_one_registry_entry(model, monkeypatch):
   assert res["dense_again"]["visual_kv"]["measured"] == res["dense"]["visual_kv"]["measured"]
   with pytest.raises(ValueError, match="unknown baselines"):
     evaluate(model, [inputs], baselines=("dense_twice",))
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(model):
+  """An id past the vocabulary at a text slot would be clamped inside the jitted forward: the
+  evaluation refuses the batch, naming the id and its slot (ids at other slots are ignored)."""
+  inputs = batch(with_answer(prompts()))
+  tokens = np.array(inputs.tokens)
+  text = np.flatnonzero(np.asarray(inputs.layout.kind)[1] == TEXT)[0]
+  tokens[1, text] = V + 7
+  with pytest.raises(ValueError, match=rf"batch 0 tokens: 1 ids .* {V + 7} at batch 0 tokens"
+                                       rf"\[1, {text}\]"):
+    evaluate(model, [inputs._replace(tokens=tokens)], baselines=())
+  patch = np.flatnonzero(np.asarray(inputs.layout.kind)[1] != TEXT)[0]
+  tokens = np.array(inputs.tokens)
+  tokens[1, patch] = V + 7                          # not a text slot: never embedded
+  evaluate(model, [inputs._replace(tokens=tokens)], baselines=())
