@@ -1,8 +1,21 @@
-"""Budget accounting (docs/method.md step 12, and the FLOP figures of the paper).
+"""Budget and FLOP accounting: the one module of these formulas (docs/method.md step 12, the FLOP
+figures of the paper, and the train-step FLOPs behind MFU).
 
 "Visual KV entries per query" = ``K * region_size + N * n_frames``; dense = all visual tokens.
 FLOPs count a multiply-add as 2: one query head reading one key costs ``2 * D`` for ``q . k``
-and ``2 * D`` for ``p * v``.
+and ``2 * D`` for ``p * v`` (``attention_flops``).
+
+FLOPs per train step (``train_flops``), the backward pass counted as twice the forward (so
+train = 3 x forward):
+
+  forward = 2 * B * S * (L * (E * (Hq + 2 * Hkv) * D + Hq * D * E + 3 * E * F) + E * V)  # decoder
+          + B * S * attention_flops(S) / 2           # causal attention: half the keys on average
+          + 2 * B * Fr * P * (Lv * (4 * Ev^2 + 2 * Ev * Fv) + Ev * E + E * E)   # ViT + projector
+          + B * Fr * P * attention_flops(P) of the ViT      # bidirectional: every patch key
+
+with B the global batch, S the sequence slots, Fr the image/frame slots per example, P the
+patches per image. Attention is counted as dense causal (an upper bound for gaze, whose routed
+text rows read fewer keys; patch rows stay dense). Embedding lookups are free.
 """
 
 from __future__ import annotations
@@ -43,6 +56,25 @@ def attention_flops(entries: int, *, num_heads: int, head_dim: int, num_layers: 
   """FLOPs of attention for one decode query over ``entries`` keys, all heads and layers:
   ``4 * entries * Hq * D * L``."""
   return 4 * entries * num_heads * head_dim * num_layers
+
+
+def train_flops(cfg, *, batch: int, seq_len: int, frames: int, patches: int) -> float:
+  """FLOPs of one train step (forward + backward) of an ``MLLMConfig`` by the formula in the
+  module docstring."""
+  d = cfg.decoder
+  E, F, L, V = d.hidden_size, d.intermediate_size, d.num_layers, d.vocab_size
+  Hq, Hkv, D = d.num_heads, d.num_kv_heads, d.head_dim
+  per_layer = E * (Hq + 2 * Hkv) * D + Hq * D * E + 3 * E * F
+  fwd = 2.0 * batch * seq_len * (L * per_layer + E * V)
+  fwd += batch * seq_len * attention_flops(seq_len, num_heads=Hq, head_dim=D, num_layers=L) / 2
+  if cfg.vision is not None and frames:
+    v = cfg.vision
+    Ev, Fv, Lv = v.hidden_size, v.intermediate_size, v.num_layers
+    n = batch * frames * patches
+    fwd += 2.0 * n * (Lv * (4 * Ev * Ev + 2 * Ev * Fv) + Ev * E + E * E)
+    # Summed over the ViT's heads, the attention of one patch is that of one head of width Ev.
+    fwd += n * attention_flops(patches, num_heads=1, head_dim=Ev, num_layers=Lv)
+  return 3.0 * fwd
 
 
 def routing_flops(n_regions: int, *, num_heads: int, head_dim: int, num_layers: int) -> int:

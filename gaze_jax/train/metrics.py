@@ -3,20 +3,10 @@
 TensorBoard files are written by tensorboardX's ``SummaryWriter`` (scalar ``simple_value``
 summaries), so training needs neither TensorFlow nor tensorboard installed.
 
-FLOPs per train step (``train_flops``), counting a multiply-add as 2 and the backward pass as
-twice the forward (so train = 3 x forward):
-
-  forward = 2 * B * S * (L * (E * (Hq + 2 * Hkv) * D + Hq * D * E + 3 * E * F) + E * V)  # decoder
-          + 2 * B * L * Hq * D * S * S                           # causal attention, q.k and p.v
-          + 2 * B * Fr * P * (Lv * (4 * Ev^2 + 2 * Ev * Fv) + Ev * E + E * E)   # ViT + projector
-          + 4 * B * Fr * Lv * Ev * P^2                            # ViT attention (bidirectional)
-
-with B the global batch, S the sequence slots, Fr the image/frame slots per example, P the
-patches per image. Attention is counted as dense causal (an upper bound for gaze, whose
-routed text rows read fewer keys; patch rows stay dense). Embedding lookups are free.
-MFU = FLOPs per step / (step time * devices * peak FLOP/s per device); the peak comes from
-``train.peak_flops_per_device`` or, when that is 0, from ``PEAK_FLOPS`` by device kind (bf16
-dense); unknown devices (CPU) report no MFU.
+FLOPs per train step: ``gaze_jax.gaze.accounting.train_flops`` (re-exported here for the
+trainer). MFU = FLOPs per step / (step time * devices * peak FLOP/s per device); the peak comes
+from ``train.peak_flops_per_device`` or, when that is 0, from ``PEAK_FLOPS`` by device kind
+(bf16 dense); unknown devices (CPU) report no MFU.
 """
 
 from __future__ import annotations
@@ -27,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Mapping, Optional
 
-from gaze_jax.model.config import MLLMConfig
+from gaze_jax.gaze.accounting import train_flops  # noqa: F401  (the trainer's MFU)
 
 # Dense bf16 peak FLOP/s per device (vendor figures), matched as substrings of device_kind.
 PEAK_FLOPS = (
@@ -45,24 +35,6 @@ def peak_flops(device_kind: str, override: float = 0.0) -> Optional[float]:
     if key.lower() in device_kind.lower():
       return value
   return None
-
-
-def train_flops(cfg: MLLMConfig, *, batch: int, seq_len: int, frames: int,
-                patches: int) -> float:
-  """FLOPs of one train step (forward + backward) by the formula in the module docstring."""
-  d = cfg.decoder
-  E, F, L, V = d.hidden_size, d.intermediate_size, d.num_layers, d.vocab_size
-  Hq, Hkv, D = d.num_heads, d.num_kv_heads, d.head_dim
-  per_layer = E * (Hq + 2 * Hkv) * D + Hq * D * E + 3 * E * F
-  fwd = 2.0 * batch * seq_len * (L * per_layer + E * V)
-  fwd += 2.0 * batch * L * Hq * D * seq_len * seq_len
-  if cfg.vision is not None and frames:
-    v = cfg.vision
-    Ev, Fv, Lv = v.hidden_size, v.intermediate_size, v.num_layers
-    n = batch * frames * patches
-    fwd += 2.0 * n * (Lv * (4 * Ev * Ev + 2 * Ev * Fv) + Ev * E + E * E)
-    fwd += 4.0 * batch * frames * Lv * Ev * patches * patches
-  return 3.0 * fwd
 
 
 # ----------------------------------------------------------------------------- JSONL + progress
