@@ -81,18 +81,24 @@ def _split_counts(cfg) -> dict[str, int]:
 # --------------------------------------------------------------------------- gaze_shapes
 
 @dataclasses.dataclass(kw_only=True)
-class GazeShapesConfig(tfds.core.BuilderConfig):
-  """image_size px square images with a ``grid x grid`` cell grid, ``min..max`` objects; each
-  question's type is drawn from ``question_types`` (see ``scenes.SHAPES_QUESTION_TYPES``)."""
+class DrawnConfig(tfds.core.BuilderConfig):
+  """The fields of every generated dataset: ``image_size`` px square images, the size of each
+  split, and the ``seed`` that the examples are drawn from."""
   image_size: int = 64
-  grid: int = 4
-  min_objects: int = 3
-  max_objects: int = 8
-  question_types: tuple[str, ...] = scenes.SHAPES_DEFAULT_QUESTION_TYPES
   num_train: int = 20_000
   num_validation: int = 1_000
   num_test: int = 1_000
   seed: int = 0
+
+
+@dataclasses.dataclass(kw_only=True)
+class GazeShapesConfig(DrawnConfig):
+  """image_size px square images with a ``grid x grid`` cell grid, ``min..max`` objects; each
+  question's type is drawn from ``question_types`` (see ``scenes.SHAPES_QUESTION_TYPES``)."""
+  grid: int = 4
+  min_objects: int = 3
+  max_objects: int = 8
+  question_types: tuple[str, ...] = scenes.SHAPES_DEFAULT_QUESTION_TYPES
 
 
 class _DrawnScenes:
@@ -152,19 +158,14 @@ class GazeShapes(_DrawnScenes, tfds.core.GeneratorBasedBuilder):
 # --------------------------------------------------------------------------- digit_grid
 
 @dataclasses.dataclass(kw_only=True)
-class DigitGridConfig(tfds.core.BuilderConfig):
+class DigitGridConfig(DrawnConfig):
   """``n x n`` digits on an image_size px image; ``validation_fraction`` / ``test_fraction`` of
   the 1797 source digit images are reserved for those splits (partition drawn with ``seed``);
   each question's type is drawn from ``question_types`` (``scenes.DIGIT_QUESTION_TYPES``)."""
-  image_size: int = 64
   n: int = 4
   question_types: tuple[str, ...] = scenes.DIGIT_QUESTION_TYPES
-  num_train: int = 20_000
-  num_validation: int = 1_000
-  num_test: int = 1_000
   validation_fraction: float = 0.1
   test_fraction: float = 0.1
-  seed: int = 0
 
 
 def digit_source_pools(seed: int, validation_fraction: float, test_fraction: float,
@@ -223,16 +224,14 @@ class DigitGrid(tfds.core.GeneratorBasedBuilder):
 # --------------------------------------------------------------------------- gaze_video
 
 @dataclasses.dataclass(kw_only=True)
-class GazeVideoConfig(tfds.core.BuilderConfig):
+class GazeVideoConfig(DrawnConfig):
   """``frames`` frames of image_size px with ``min..max`` moving shapes."""
-  image_size: int = 64
   frames: int = 8
   min_objects: int = 2
   max_objects: int = 4
-  num_train: int = 10_000
+  num_train: int = 10_000         # clips are 8 images each: fewer of them by default
   num_validation: int = 500
   num_test: int = 500
-  seed: int = 0
 
 
 class GazeVideo(_DrawnScenes, tfds.core.GeneratorBasedBuilder):
