@@ -89,7 +89,7 @@ class Prediction:
 
 def load_run_config(workdir):
   """The ConfigDict a run trained with (``<workdir>/config.json``, written by the trainer)."""
-  import ml_collections
+  from gaze_jax.train.config import config_from_dict
 
   path = Path(workdir) / "config.json"
   if not Path(workdir).is_dir():
@@ -97,7 +97,7 @@ def load_run_config(workdir):
   if not path.is_file():
     raise FileNotFoundError(f"{workdir} has no config.json: is it the --workdir of a training "
                             "run (train_main.py writes config.json there)?")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  return config_from_dict(json.loads(path.read_text()))
 
 
 def read_image(image: ImageLike) -> np.ndarray:

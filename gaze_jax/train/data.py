@@ -31,7 +31,8 @@ def feature_config(config: Any, model: MLLMConfig, spec: LayoutSpec):
   v = model.vision
   return FeatureConfig(spec=spec, image_size=v.image_size, patch_size=v.patch_size,
                        video_pool=v.video_pool if v.video_pool > 1 else 1,
-                       skip_too_long=bool(config.data.skip_too_long))
+                       skip_too_long=bool(config.data.skip_too_long),
+                       vocab_size=model.decoder.vocab_size)
 
 
 def data_dir(config: Any, workdir) -> Path:

@@ -501,3 +501,15 @@ def test_metrics_logger_drops_the_records_a_resumed_run_redoes(tmp_path):
                  (6, "train/loss", 16.0)]
   # Nothing past the step: the file is left as it is.
   assert metrics_lib.drop_records_after(tmp_path / "metrics.jsonl", 6) == 0
+
+
+def test_training_features_check_ids_against_the_model_vocabulary():
+  """The pipeline's FeatureConfig carries the model's vocabulary size, so a tokenizer id past
+  it is refused in the data pipeline instead of clamped by the embedding."""
+  from configs import demo
+  from gaze_jax.train.config import eval_model_config, layout_spec
+  from gaze_jax.train.data import feature_config
+
+  c = demo.get_config()
+  cfg = eval_model_config(c)
+  assert feature_config(c, cfg, layout_spec(c, cfg)).vocab_size == cfg.decoder.vocab_size
