@@ -86,7 +86,7 @@ SWEEPS: dict[str, tuple[Run, ...]] = {
             init_seed=0, overrides=(("model.gaze.top_k", 1), ("model.gaze.region_shape", (2, 2)),
                                     ("data.max_regions", 4))),
         # Without context tokens the parameters differ, so from a first stage of their own.
-        Run("base_ctx0", "configs/demo_base.py", baselines=(),
+        Run("base_ctx0", "configs/demo_base.py", baselines=(), only_seeds=(0,),
             overrides=(("model.gaze.num_ctx", 0),)),
         Run("gaze_k3_ctx0", "configs/demo.py", init_from="base_ctx0", init_seed=0,
             overrides=(("model.gaze.num_ctx", 0),)),
