@@ -52,7 +52,7 @@ def _batches(config, workdir, cfg, spec, tok, split):
 def main(argv):
   del argv
   from gaze_jax.data.pipeline import data_source
-  from gaze_jax.eval import evaluate, markdown_report, write_report
+  from gaze_jax.eval import GazeMaps, evaluate, markdown_report, write_report
   from gaze_jax.eval.prior import answer_prior, qa_records
 
   pylogging.getLogger("absl").setLevel(pylogging.INFO)
@@ -86,7 +86,7 @@ def main(argv):
     res = evaluate(model, batches, spec, baselines=tuple(FLAGS.baselines), split=split,
                    name=main,
                    max_batches=max_batches, tokenizer=tok,
-                   gaze_maps_dir=out / "gaze_maps" / split, num_gaze_maps=FLAGS.num_gaze_maps,
+                   gaze_maps=GazeMaps(out / "gaze_maps" / split, count=FLAGS.num_gaze_maps),
                    groups=groups, random_seed=FLAGS.random_seed, log=logging.info)
     if other is not None:
       o_model, o_step, o_cfg, o_spec, o_tok = other

@@ -14,8 +14,9 @@ Submodules: ``metrics`` (numpy metrics per batch), ``budget`` (configured budget
 from gaze_jax.eval.baselines import (dense_twin, fixed_selections, gaze_budget_tokens,
                                      token_matched_inputs)
 from gaze_jax.eval.budget import configured_budget, measured_flops
-from gaze_jax.eval.evaluate import (BASELINES, REGISTRY, Baseline, evaluate, generate_answers,
-                                    predict, predict_fixed_from_question)
+from gaze_jax.eval.evaluate import (BASELINES, REGISTRY, Baseline, GazeMaps, TextGeneration,
+                                    evaluate, generate_answers, predict,
+                                    predict_fixed_from_question)
 from gaze_jax.eval.gaze_maps import (render_gaze_map, selection_heat, write_batch_gaze_maps,
                                      write_gaze_maps)
 from gaze_jax.eval.layouts import (example_segments, match_tokens, question_anchor_rows,

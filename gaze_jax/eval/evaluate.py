@@ -13,11 +13,11 @@ For each batch (a dict of stacked features from ``gaze_jax.data``, or a ``ModelI
   a fresh draw per batch and layer from ``random_seed``);
 * each baseline is one ``Baseline`` entry of ``REGISTRY``: the model it runs (e.g. the dense
   twin), the batch it sees (e.g. downsampled images) and its teacher-forced pass;
-* optionally (``generate_text=True`` with a tokenizer) greedy generation of each example's first
-  answer with ``gaze_jax.model.generate`` and normalised text exact match.
+* optionally (``text=TextGeneration(...)`` with a tokenizer) greedy generation of each example's
+  first answer with ``gaze_jax.model.generate`` and normalised text exact match.
 
 The result is a plain dict (JSON-ready after ``report.to_jsonable``) that ``write_report``
-renders. Gaze maps for the first examples can be written along the way (``gaze_maps_dir``).
+renders. Gaze maps for the first examples can be written along the way (``gaze_maps=GazeMaps``).
 """
 
 from __future__ import annotations
@@ -346,7 +346,7 @@ def _not_dense(model) -> Optional[str]:
 class Baseline:
   """One row of the evaluation, computed from the evaluated model's weights.
 
-  name: the row's key in ``baselines``, the results and ``text_variants``.
+  name: the row's key in ``baselines``, the results and ``TextGeneration.variants``.
   skip: ``model -> reason or None``: why the row cannot be computed for this model.
   model: ``model -> model`` the row runs (built once per ``evaluate`` and shared by the rows
     with the same transform: one dense twin).
@@ -355,7 +355,7 @@ class Baseline:
   predict: ``(model, inputs, ctx) -> (pred [B, S], target_logp [B, S], selected)``: its
     teacher-forced pass, ``selected`` the regions attended per layer (None for dense rows).
   fixed: the regions are chosen beforehand: decoding scores no candidates.
-  text: ``generate_text`` can generate its answers.
+  text: ``TextGeneration`` can generate its answers.
   """
   name: str
   predict: Callable
@@ -367,7 +367,7 @@ class Baseline:
 
 
 # The evaluated model itself: the first row (named by ``evaluate``'s ``name``), "gaze" in
-# ``text_variants``.
+# ``TextGeneration.variants``.
 MAIN = Baseline("gaze", lambda m, x, ctx: predict(m, x, return_selected=True), text=True)
 
 # A new baseline is one entry; ``evaluate`` runs the requested ones in the order asked.
@@ -418,16 +418,37 @@ def _to_inputs(batch, spec: Optional[LayoutSpec]) -> ModelInputs:
 # ------------------------------------------------------------------ the entry point
 
 
+@dataclasses.dataclass(frozen=True)
+class TextGeneration:
+  """``evaluate(text=...)``: greedy generation of each example's first answer for the rows
+  ``variants`` (of "gaze", "dense", "token_matched"), scored by normalised text exact match.
+  ``max_new_tokens`` defaults to the longest reference + 8; ``num_samples`` (prediction,
+  reference) pairs are kept per row."""
+  variants: Sequence[str] = ("gaze", "dense")
+  max_new_tokens: Optional[int] = None
+  num_samples: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class GazeMaps:
+  """``evaluate(gaze_maps=...)``: gaze-map PNGs of the first ``count`` examples in ``out_dir``
+  (the layers ``layers`` side by side, default all; ``tokens`` answer rows each; the question,
+  the predicted and the true answer above). ``image_mean`` / ``image_std``: the images'
+  normalisation, undone for drawing."""
+  out_dir: Union[str, Path]
+  count: int = 4
+  layers: Optional[Sequence[int]] = None
+  tokens: int = 4
+  image_mean: tuple = (0.5, 0.5, 0.5)
+  image_std: tuple = (0.5, 0.5, 0.5)
+
+
 def evaluate(model, batches: Iterable, spec: Optional[LayoutSpec] = None, *,
              baselines: Sequence[str] = BASELINES, split: str = "eval", name: str = "gaze",
              max_batches: Optional[int] = None, token_matched_grid: Optional[int] = None,
-             tokenizer=None, generate_text: bool = False, max_new_tokens: Optional[int] = None,
-             text_variants: Sequence[str] = ("gaze", "dense"), num_samples: int = 8,
-             gaze_maps_dir: Union[str, Path, None] = None, num_gaze_maps: int = 4,
-             gaze_map_layers: Optional[Sequence[int]] = None, gaze_map_tokens: int = 4,
-             image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
-             groups: Optional[Sequence[str]] = None, random_seed: int = 0,
-             log=None) -> dict[str, Any]:
+             tokenizer=None, text: Optional[TextGeneration] = None,
+             gaze_maps: Optional[GazeMaps] = None, groups: Optional[Sequence[str]] = None,
+             random_seed: int = 0, log=None) -> dict[str, Any]:
   """Evaluates ``model`` and its baselines on the batches of one split.
 
   Args:
@@ -440,14 +461,9 @@ def evaluate(model, batches: Iterable, spec: Optional[LayoutSpec] = None, *,
     split, name: labels in the result (``name`` is the main model's row).
     max_batches: stop after this many batches.
     token_matched_grid: force the token-matched grid height (default: matched to the budget).
-    tokenizer: with ``generate_text``, decode greedy generations and score normalised text
-      exact match for ``text_variants`` (of "gaze", "dense", "token_matched").
-    max_new_tokens: generation length (default: longest reference + 8).
-    num_samples: generated (prediction, reference) pairs kept per variant.
-    gaze_maps_dir: write gaze maps of the first ``num_gaze_maps`` examples there (the layers
-      ``gaze_map_layers`` side by side, default all; ``gaze_map_tokens`` answer rows each; the
-      question, the predicted and the true answer above).
-    image_mean, image_std: the images' normalisation, undone for the gaze maps.
+    tokenizer: decodes the generated answers (``text``) and labels the gaze maps.
+    text: a ``TextGeneration`` to also generate and score text answers (needs ``tokenizer``).
+    gaze_maps: a ``GazeMaps`` to draw the main row's selections of the first examples.
     groups: a label per example in batch order (e.g. ``prior.question_types``): each variant
       also reports ``by_type`` accuracy per label.
     random_seed: the seed of the random-routing baseline's draws.
@@ -461,12 +477,14 @@ def evaluate(model, batches: Iterable, spec: Optional[LayoutSpec] = None, *,
     included) and, for token_matched, ``token_match`` (the grid of the last batch).
   """
   textual = [b.name for b in (MAIN,) + REGISTRY if b.text]
+  text_variants = text.variants if text is not None else ()
   bad = set(text_variants) - set(textual)
   if bad:
-    raise ValueError(f"text_variants {sorted(bad)} unknown; use {textual} ('gaze' is the main "
-                     "model)")
-  if generate_text and tokenizer is None:
-    raise ValueError("generate_text=True needs a tokenizer to decode the answers")
+    raise ValueError(f"TextGeneration.variants {sorted(bad)} unknown; use {textual} ('gaze' is "
+                     "the main model)")
+  if text is not None and tokenizer is None:
+    raise ValueError("text generation (text=TextGeneration(...)) needs a tokenizer to decode "
+                     "the answers")
   rows, skipped = _plan_rows(model, baselines, name)
   built = {}                                     # model transform -> the model it gives
   for _, entry in rows:
@@ -496,19 +514,20 @@ def evaluate(model, batches: Iterable, spec: Optional[LayoutSpec] = None, *,
       accs[row].add(row_inputs, pred, tgt, sel)
       accs[row].extra.update(extra)
       seen[entry.name] = (row, built[entry.model], row_inputs)
-      if entry is MAIN and gaze_maps_dir is not None and sel is not None \
-          and len(maps) < num_gaze_maps:
+      if entry is MAIN and gaze_maps is not None and sel is not None \
+          and len(maps) < gaze_maps.count:
         from gaze_jax.eval.gaze_maps import write_batch_gaze_maps
         maps += write_batch_gaze_maps(
-            gaze_maps_dir, inputs, sel, limit=num_gaze_maps - len(maps), start=len(maps),
-            layers=gaze_map_layers, tokens_per_example=gaze_map_tokens, pred=pred,
-            tokenizer=tokenizer, image_mean=image_mean, image_std=image_std)
-    if generate_text:
+            gaze_maps.out_dir, inputs, sel, limit=gaze_maps.count - len(maps), start=len(maps),
+            layers=gaze_maps.layers, tokens_per_example=gaze_maps.tokens, pred=pred,
+            tokenizer=tokenizer, image_mean=gaze_maps.image_mean, image_std=gaze_maps.image_std)
+    if text is not None:
       for v in text_variants:
         if v in seen:
           row, m, inp = seen[v]
-          preds, refs = _generated_texts(m, inp, tokenizer, max_new_tokens, stop_ids, pad_id)
-          accs[row].add_text(preds, refs, num_samples)
+          preds, refs = _generated_texts(m, inp, tokenizer, text.max_new_tokens, stop_ids,
+                                         pad_id)
+          accs[row].add_text(preds, refs, text.num_samples)
     if log is not None:
       log(f"[eval {split}] batch {n_batches}: {n_examples} examples, "
           f"{name} accuracy so far {accs[name].correct / max(accs[name].examples, 1):.3f}")

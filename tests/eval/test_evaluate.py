@@ -13,8 +13,9 @@ import pytest
 from flax import nnx
 
 from gaze_jax.data.features import ModelInputs, next_token_targets
-from gaze_jax.eval import (Baseline, dense_twin, evaluate, predict, predict_fixed_from_question,
-                           teacher_forced_exact_match, write_report)
+from gaze_jax.eval import (Baseline, GazeMaps, TextGeneration, dense_twin, evaluate, predict,
+                           predict_fixed_from_question, teacher_forced_exact_match,
+                           write_report)
 from gaze_jax.eval import baselines as bl
 from gaze_jax.eval.evaluate import _forward_given, generate_answers, predict_random_routing
 from gaze_jax.gaze import CTX, PAD, PATCH, TEXT, Image, LayoutSpec, Text, build_layout
@@ -280,8 +281,9 @@ def test_evaluate_and_report(model, tmp_path):
            "images": inputs.images, "gt_regions": inputs.gt_regions,
            "object_regions": np.array([[1, 2, 3, -1]] * 3, np.int32),
            **inputs.layout.to_features()}
-  out = evaluate(model, [feats, feats], SPEC, tokenizer=IdTokenizer(), generate_text=True,
-                 max_new_tokens=M, gaze_maps_dir=tmp_path / "maps", num_gaze_maps=2,
+  out = evaluate(model, [feats, feats], SPEC, tokenizer=IdTokenizer(),
+                 text=TextGeneration(max_new_tokens=M),
+                 gaze_maps=GazeMaps(tmp_path / "maps", count=2),
                  split="validation", groups=["x", "y", "y", "x", "y", "y"])
   res = out["results"]
   assert set(res) == {"gaze", "dense", "token_matched", "fixed_from_question", "random_routing"}
