@@ -3,10 +3,10 @@
 TensorBoard files are written by tensorboardX's ``SummaryWriter`` (scalar ``simple_value``
 summaries), so training needs neither TensorFlow nor tensorboard installed.
 
-FLOPs per train step: ``gaze_jax.gaze.accounting.train_flops`` (re-exported here for the
-trainer). MFU = FLOPs per step / (step time * devices * peak FLOP/s per device); the peak comes
-from ``train.peak_flops_per_device`` or, when that is 0, from ``PEAK_FLOPS`` by device kind
-(bf16 dense); unknown devices (CPU) report no MFU.
+FLOPs per train step: ``gaze_jax.gaze.accounting.train_flops``. MFU = FLOPs per step / (step
+time * devices * peak FLOP/s per device); the peak comes from ``train.peak_flops_per_device``
+or, when that is 0, from ``PEAK_FLOPS`` by device kind (bf16 dense); unknown devices (CPU)
+report no MFU.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Mapping, Optional
 
-from gaze_jax.gaze.accounting import train_flops  # noqa: F401  (the trainer's MFU)
 
 # Dense bf16 peak FLOP/s per device (vendor figures), matched as substrings of device_kind.
 PEAK_FLOPS = (

@@ -414,6 +414,7 @@ def test_settled_step_compiled_for_the_target_k_matches_the_k_max_step():
 # ----------------------------------------------------------------------------- FLOPs, logs
 
 def test_train_flops_matmul_part_is_six_n_t():
+  from gaze_jax.gaze.accounting import train_flops
   cfg = get_preset("smollm2_135m")
   n = count_params(cfg)
   d = cfg.decoder
@@ -421,7 +422,7 @@ def test_train_flops_matmul_part_is_six_n_t():
   norms = d.num_layers * 2 * d.hidden_size + d.hidden_size
   dec_matmul = n["decoder"] - norms
   B, S = 4, 256
-  no_vision = metrics_lib.train_flops(cfg, batch=B, seq_len=S, frames=0, patches=0)
+  no_vision = train_flops(cfg, batch=B, seq_len=S, frames=0, patches=0)
   attn = 3 * 2 * B * d.num_layers * d.num_heads * d.head_dim * S * S
   np.testing.assert_allclose(no_vision - attn, 6 * dec_matmul * B * S, rtol=1e-9)
   assert metrics_lib.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
