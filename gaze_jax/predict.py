@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -83,7 +84,7 @@ class Prediction:
         return None
       path = Path(path)
       path.parent.mkdir(parents=True, exist_ok=True)
-      Path(written[0]).replace(path)
+      shutil.move(written[0], path)     # the temporary folder may be on another filesystem
     return path
 
 
