@@ -72,8 +72,8 @@ SWEEPS: dict[str, tuple[Run, ...]] = {
     # Ablations of demo_seeds' gaze_k3, from the same first stage (seed 0's) unless they change
     # the parameters.
     "demo_ablations": (
-        Run("gaze_k3_sparse_from_step_0", "configs/demo.py", init_from="demo_seeds/base",
-            init_seed=0, overrides=(("topk_schedule.enabled", False),)),
+        Run("gaze_k3_progressive", "configs/demo.py", init_from="demo_seeds/base",
+            init_seed=0, overrides=(("topk_schedule.enabled", True),)),
         Run("gaze_k3_head_routing", "configs/demo.py", init_from="demo_seeds/base",
             init_seed=0, overrides=(("model.gaze.routing", "head"),)),
         Run("gaze_k3_cosine", "configs/demo.py", init_from="demo_seeds/base",

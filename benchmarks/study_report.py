@@ -130,11 +130,16 @@ def goals_table(main: Mapping, ablations: Optional[Mapping] = None,
         " / ".join(f"{x:.2f}" for x in part), bool(part) and min(part) >= 0.5)
   if ablations is not None:
     k3 = acc(main if main_on_ablation_seeds is None else main_on_ablation_seeds, "gaze_k3")
-    for name, run in (("context tokens help (4 vs 0)", "gaze_k3_ctx0"),
-                      ("the progressive schedule helps (vs sparse from step 0)",
-                       "gaze_k3_sparse_from_step_0")):
-      d = diff(k3, acc(ablations, run))
-      add(name, f"{fmt(d)} (gaze_k3 - {run})", None if d is None else d > 0)
+    progressive = "gaze_k3_progressive"
+    # A sweep whose gaze_k3 trains sparse from step 0 ablates the schedule by adding it.
+    with_without = [("context tokens help (4 vs 0)", "gaze_k3", "gaze_k3_ctx0"),
+                    ("the progressive schedule helps (vs sparse from step 0)",
+                     *((progressive, "gaze_k3") if (progressive, "gaze") in ablations
+                       else ("gaze_k3", "gaze_k3_sparse_from_step_0")))]
+    for name, with_it, without in with_without:
+      d = diff(k3 if with_it == "gaze_k3" else acc(ablations, with_it),
+               k3 if without == "gaze_k3" else acc(ablations, without))
+      add(name, f"{fmt(d)} ({with_it} - {without})", None if d is None else d > 0)
   return "\n".join(lines)
 
 
