@@ -225,10 +225,15 @@ class DigitGrid(tfds.core.GeneratorBasedBuilder):
 
 @dataclasses.dataclass(kw_only=True)
 class GazeVideoConfig(DrawnConfig):
-  """``frames`` frames of image_size px with ``min..max`` moving shapes."""
+  """Clips of ``frames`` frames of image_size px with ``min..max`` moving shapes; with
+  ``min_frames`` (default None: ``frames``) each clip's length is drawn in ``[min_frames,
+  frames]``. Each question's type is drawn from ``question_types``
+  (``scenes.VIDEO_QUESTION_TYPES``)."""
   frames: int = 8
+  min_frames: Optional[int] = None
   min_objects: int = 2
   max_objects: int = 4
+  question_types: tuple[str, ...] = scenes.VIDEO_QUESTION_TYPES
   num_train: int = 10_000         # clips are 8 images each: fewer of them by default
   num_validation: int = 500
   num_test: int = 500
@@ -246,12 +251,24 @@ class GazeVideo(_DrawnScenes, tfds.core.GeneratorBasedBuilder):
   ]
 
   def _object_limit(self, cfg):
-    limit = min(cfg.frames, len(scenes.SHAPES))
-    return limit, f"min(frames, {len(scenes.SHAPES)}) = {limit}"
+    # Every object appears at a frame of its own, so the shortest clip bounds them.
+    shortest = cfg.frames if cfg.min_frames is None else cfg.min_frames
+    limit = min(shortest, len(scenes.SHAPES))
+    return limit, f"min(min_frames or frames, {len(scenes.SHAPES)}) = {limit}"
+
+  def _split_generators(self, dl_manager):
+    cfg = self.builder_config                                          # before any example
+    scenes.check_question_types(cfg.question_types, scenes.VIDEO_QUESTION_TYPES)
+    if cfg.min_frames is not None and not 2 <= cfg.min_frames <= cfg.frames:
+      raise ValueError(f"{cfg.name}: need 2 <= min_frames <= frames={cfg.frames}, got "
+                       f"min_frames={cfg.min_frames}")
+    return super()._split_generators(dl_manager)
 
   def _draw(self, rng, cfg, **ids):
     return scenes.video_example(rng, image_size=cfg.image_size, frames=cfg.frames,
-                                min_objects=cfg.min_objects, max_objects=cfg.max_objects, **ids)
+                                min_frames=cfg.min_frames, min_objects=cfg.min_objects,
+                                max_objects=cfg.max_objects,
+                                question_types=tuple(cfg.question_types), **ids)
 
 
 # --------------------------------------------------------------------------- llava_json

@@ -17,7 +17,7 @@ independent of generation order.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image as PILImage
@@ -370,6 +370,12 @@ def render_video(tracks: Sequence[_Track], image_size: int, frames: int, rng) ->
   return out
 
 
+# Question types of gaze_video. "colour_in_last_frame" is about one region of one frame (the
+# named shape in the clip's last frame); the others need the order of appearance or a change.
+VIDEO_QUESTION_TYPES = ("last_appeared_colour", "first_appeared_shape", "changed_shape",
+                        "change_frame", "colour_in_last_frame")
+
+
 def video_questions(tracks: Sequence[_Track], frames: int):
   """``(type, question, answer, [(frame, box), ...])`` for every question type."""
   last = max(tracks, key=lambda t: t.appear)
@@ -393,12 +399,24 @@ def video_questions(tracks: Sequence[_Track], frames: int):
 
 
 def video_example(rng: np.random.Generator, *, image_size: int, frames: int, min_objects: int,
-                  max_objects: int, example_id: str, source: int) -> dict:
-  """One gaze_video example: the frames of a short clip and one question about one frame."""
+                  max_objects: int, example_id: str, source: int,
+                  min_frames: Optional[int] = None,
+                  question_types: Sequence[str] = VIDEO_QUESTION_TYPES) -> dict:
+  """One gaze_video example: the frames of a short clip and one question about it.
+
+  The clip has ``frames`` frames, or a number drawn uniformly in ``[min_frames, frames]`` when
+  ``min_frames`` is given and smaller (``max_objects`` must not exceed it: each object appears
+  at its own frame). The question type is drawn uniformly among ``question_types``
+  (``VIDEO_QUESTION_TYPES``), then one question of that type.
+  """
+  question_types = check_question_types(question_types, VIDEO_QUESTION_TYPES)
   n = int(rng.integers(min_objects, max_objects + 1))
+  if min_frames is not None and min_frames != frames:
+    # Drawn only when the length varies, so that fixed-length clips keep their bytes.
+    frames = int(rng.integers(min_frames, frames + 1))
   tracks = video_tracks(rng, image_size, frames, n)
   images = render_video(tracks, image_size, frames, rng)
-  qs = video_questions(tracks, frames)
+  qs = [q for q in video_questions(tracks, frames) if q[0] in question_types]
   types = sorted({q[0] for q in qs})
   qtype = types[rng.integers(len(types))]
   pool = [q for q in qs if q[0] == qtype]
