@@ -1,9 +1,10 @@
 """Configured visual KV budget and decode FLOPs of a model on a batch layout.
 
 Built on ``gaze_jax.gaze.accounting`` (docs/method.md step 12): a gaze query reads
-``K * region_size + N * n_frames`` visual entries (K resolved against ``layout.max_regions`` as
-the model resolves it; ``region_size`` counts padding slots, so this is an upper bound where
-regions are padded). A dense query reads every patch token, plus the ``N * n_frames`` context
+``K * region_size + N * n_frames`` visual entries (K resolved as the model resolves it: against
+``layout.max_regions``, or with ``top_k_per_example`` per example, ``ceil(ratio * the example's
+regions)``; ``region_size`` counts padding slots, so this is an upper bound where regions are
+padded). A dense query reads every patch token, plus the ``N * n_frames`` context
 tokens when the model keeps them in the sequence (our dense baselines share the gaze model's
 weights and sequence, context tokens included).
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from gaze_jax.gaze.accounting import (attention_flops, decode_flops, routing_flops,
                                       visual_kv_budget)
-from gaze_jax.gaze.routing import resolve_top_k
+from gaze_jax.gaze.routing import per_example_k, resolve_top_k
 
 
 def frame_stats(layout) -> dict[str, np.ndarray]:
@@ -45,8 +46,9 @@ def configured_budget(cfg, layout) -> dict[str, Any]:
 
   Returns a dict with ``examples`` (how many were averaged), ``visual_kv`` (entries per query),
   ``dense_visual_kv`` (the dense model on the same sequence, context tokens included),
-  ``patches``, ``frames``, ``top_k`` (None for dense) and ``flops`` (a dict: ``regions``,
-  ``context``, ``routing``, ``total`` per decode query, as floats).
+  ``patches``, ``frames``, ``top_k`` (None for dense; the ratio when K is per example) and
+  ``flops`` (a dict: ``regions``, ``context``, ``routing``, ``total`` per decode query, as
+  floats).
   """
   st = frame_stats(layout)
   has = st["frames"] > 0
@@ -66,13 +68,18 @@ def configured_budget(cfg, layout) -> dict[str, Any]:
     return out | {"visual_kv": float(dense.mean()),
                   "flops": {"regions": float(flops.mean()), "context": 0.0, "routing": 0.0,
                             "total": float(flops.mean())}}
-  K = resolve_top_k(cfg.gaze.top_k, layout.max_regions)
+  if cfg.gaze.top_k_per_example:         # the model's own rule: ceil(ratio * n_b), at least 1
+    K = cfg.gaze.top_k
+    ks = np.asarray(per_example_k(K, np.asarray(layout.region_valid)))[has]
+  else:
+    K = resolve_top_k(cfg.gaze.top_k, layout.max_regions)
+    ks = np.full(len(frames), K)
   R = layout.spec.region_size
   entries, parts = [], []
-  for f, p, r in zip(frames, patches, regions):
-    entries.append(visual_kv_budget(top_k=K, region_size=R, num_ctx=N, n_frames=int(f),
+  for k, f, p, r in zip(ks, frames, patches, regions):
+    entries.append(visual_kv_budget(top_k=int(k), region_size=R, num_ctx=N, n_frames=int(f),
                                     tokens_per_frame=max(1, int(p) // int(f))).gaze_entries)
-    parts.append(decode_flops(top_k=K, region_size=R, num_ctx=N, n_frames=int(f),
+    parts.append(decode_flops(top_k=int(k), region_size=R, num_ctx=N, n_frames=int(f),
                               n_regions=int(r), **dims))
   flops = {k: float(np.mean([p[k] for p in parts])) for k in ("regions", "context", "routing")}
   flops["total"] = sum(flops.values())

@@ -210,6 +210,26 @@ def test_configured_budget_and_flops_by_hand():
                                                    "total": 46.0 * hd}
 
 
+def test_configured_budget_with_k_per_example_by_hand():
+  """A ratio K per example (``top_k_per_example``) is ceil(ratio x the example's own regions),
+  not of the batch's max_regions: a short input gets fewer regions."""
+  cfg = tiny()          # 2x2 regions, N=4; 4 heads of 16 dims, 2 layers
+  spec = LayoutSpec(seq_len=160, max_regions=16, max_images=2, region_shape=(2, 2), num_ctx=4)
+  # Example 0: one 8x8 image, 16 regions; example 1: one 4x4 image, 4 regions.
+  layout = build_layout([[Text(3), Image(8, 8), Text(4)], [Text(2), Image(4, 4), Text(3)]], spec)
+  ratio = dataclasses.replace(cfg, gaze=dataclasses.replace(cfg.gaze, top_k=0.25))
+  per = dataclasses.replace(ratio, gaze=dataclasses.replace(ratio.gaze, top_k_per_example=True))
+  # Of max_regions: K = ceil(0.25 * 16) = 4 for both: 4*4 + 4 = 20 entries each.
+  assert budget.configured_budget(ratio, layout)["visual_kv"] == 20
+  # Per example: K = 4 and ceil(0.25 * 4) = 1: 4*4 + 4 = 20 and 1*4 + 4 = 8 entries.
+  c = budget.configured_budget(per, layout)
+  assert c["visual_kv"] == (20 + 8) / 2 and c["top_k"] == 0.25
+  hd = 4 * 16 * 2                                     # Hq * D * L
+  assert c["flops"]["regions"] == 4 * ((16 + 4) / 2) * hd
+  assert c["flops"]["context"] == 4 * 4 * hd
+  assert c["flops"]["routing"] == 2 * ((16 + 4) / 2) * hd
+
+
 def test_paper_budget_on_the_cambrian_shape():
   # One 24x24 image, 6x6 regions, K = 4, N = 4: the paper's "144+4" against 576 dense.
   cfg = cambrian_4b()
