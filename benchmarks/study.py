@@ -141,6 +141,19 @@ SWEEPS: dict[str, tuple[Run, ...]] = {
         Run("gaze_k3_ctx0", "configs/study_where.py", init_from="base_ctx0", overrides=(
             ("model.gaze.top_k", 3), ("model.gaze.num_ctx", 0), ("train.num_steps", 2000))),
     ),
+    # A video question about one frame (configs/study_video.py: "What colour was the triangle in
+    # the last frame?", clips of 2 to 4 frames, 16 one-patch regions per frame, no context
+    # tokens): a dense first stage (seed 0's, converted at every seed), then from it the dense
+    # twin and gaze at the ratio 1/16 with K from the batch's max_regions (K = 4 for every clip)
+    # and per example (the paper's semantics: K = 2, 3, 4 for clips of 2, 3, 4 frames).
+    "video": (
+        Run("base", "configs/study_video_base.py", baselines=(), only_seeds=(0,)),
+        Run("dense", "configs/study_video.py", init_from="base", init_seed=0, baselines=(),
+            overrides=(("model.gaze.attention", "dense"),)),
+        Run("gaze_max_regions", "configs/study_video.py", init_from="base", init_seed=0),
+        Run("gaze_per_example", "configs/study_video.py", init_from="base", init_seed=0,
+            overrides=(("model.gaze.top_k_per_example", True),)),
+    ),
 }
 
 # The figures kept per evaluation row (dotted paths into the row's dict), and the per-layer

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 from benchmarks.readme import replace_between
-from benchmarks.study import RESULTS, ROOT, collect, load_records
+from benchmarks.study import RESULTS, ROOT, collect, get_dotted, load_records, mean_std
 
 def _pm(stats: Optional[Mapping], scale: float = 100.0, digits: int = 1) -> str:
   """``mean +- std`` of ``stats`` (``study.mean_std``' dict) times ``scale``; "-" when
@@ -66,6 +66,32 @@ def per_layer_table(stats: Mapping) -> str:
       x = f"{t['mean'] / a['mean']:.2f}" if a and a["mean"] else "-"
       lines.append(f"| {run} | {row} | {layer} | {_pm(t)} | {_pm(u)} | {_pm(a)} | {x} | "
                    f"{_pm(c, 1.0, 2)} |")
+  return "\n".join(lines)
+
+
+# Sweeps whose section also lists the visual KV entries per query, where K differs between
+# examples (video: K as a ratio of each clip's regions against a ratio of max_regions).
+KV_ENTRIES_SWEEPS = ("video",)
+
+
+def kv_entries_table(records: Sequence[Mapping]) -> str:
+  """Markdown: visual KV entries per query of each (run, evaluation row), mean ± std over
+  seeds: measured (what the answer rows read), configured (the budget's upper bound) and the
+  dense model's on the same examples."""
+  keys = {"measured": "visual_kv.measured", "configured": "visual_kv.configured",
+          "dense": "visual_kv.dense_measured"}
+  values: dict = {}
+  for rec in sorted(records, key=lambda r: (r["run"], r["seed"])):
+    for row, res in rec["results"].items():
+      for name, dotted in keys.items():
+        v = get_dotted(res, dotted)
+        if isinstance(v, (int, float)) and math.isfinite(v):
+          values.setdefault((rec["run"], row), {}).setdefault(name, []).append(float(v))
+  lines = ["| run | evaluated as | visual KV / query (measured) | configured | dense |",
+           "|---|---|---:|---:|---:|"]
+  for (run, row), vs in values.items():
+    cells = [_pm(mean_std(vs[k]), 1.0) if k in vs else "-" for k in keys]
+    lines.append(f"| {run} | {row} | {' | '.join(cells)} |")
   return "\n".join(lines)
 
 
@@ -261,6 +287,9 @@ def sweep_section(sweep: str, *, results: Path = RESULTS, figures: Optional[Path
   parts = [f"Regenerated from `benchmarks/results/study/{sweep}/` ({n} run{'s' * (n != 1)}, "
            f"{', '.join(dates)}, {'; '.join(machines)}); figures in %, mean ± std over seeds.",
            "", results_table(stats)]
+  if sweep in KV_ENTRIES_SWEEPS:
+    parts += ["", "Visual KV entries per query (answer rows, all layers and heads):", "",
+              kv_entries_table(records)]
   layers = per_layer_table(stats)
   if layers.count("\n") > 1:
     parts += ["", "Routing per layer (top-1 at the row that predicts the answer's first token):",

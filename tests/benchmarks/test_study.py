@@ -303,3 +303,28 @@ def test_goals_table_figures_and_verdicts():
   lines = study_report.goals_table(main, abl).splitlines()
   assert line("the progressive schedule").endswith(
       "| -1.5 points (gaze_k3_progressive - gaze_k3) | no |")
+
+
+def test_kv_entries_table_for_the_video_sweep(tmp_path):
+  """The video sweep's section lists the visual KV entries per query, mean ± std over seeds
+  (worked out by hand); other sweeps' sections do not."""
+  from benchmarks import study_report
+
+  res = tmp_path / "res"
+  for sweep in ("video", "other"):
+    for seed, measured in ((0, 10.0), (1, 14.0)):
+      rec = {"run": "g", "seed": seed, "date": "2026-12-06", "machine": "test machine",
+             "seconds": {"train": 60.0, "eval": 1.0},
+             "results": {"gaze": {"accuracy": 0.5, "visual_kv": {
+                 "measured": measured, "configured": 12.0, "dense_measured": 40.0,
+                 "fraction_of_dense": measured / 40.0}},
+                         "answer_prior": {"accuracy": 0.2}}}
+      path = res / sweep / f"g_s{seed}.json"
+      path.parent.mkdir(parents=True, exist_ok=True)
+      path.write_text(json.dumps(rec))
+  table = study_report.kv_entries_table(study.load_records(res, "video"))
+  # measured: mean 12, sample std sqrt(((10-12)^2 + (14-12)^2) / 1) = 2.83.
+  assert "| g | gaze | 12.0 ± 2.8 | 12.0 ± 0.0 | 40.0 ± 0.0 |" in table.splitlines()
+  assert not any(line.startswith("| g | answer_prior") for line in table.splitlines())
+  assert table in study_report.sweep_section("video", results=res)
+  assert "Visual KV entries" not in study_report.sweep_section("other", results=res)

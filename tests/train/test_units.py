@@ -51,9 +51,11 @@ def test_recipes_build_the_preset_models(name, preset):
   grid = want.vision.image_size // want.vision.patch_size
   rh, rw = want.gaze.region_shape
   assert spec.max_regions >= math.ceil(grid / rh) * math.ceil(grid / rw)
-  # The trainer compiles K_max = all regions and lowers K with the schedule.
+  # With the schedule the trainer compiles K_max = all regions and lowers K; the demo trains
+  # sparse from step 0, so it compiles the target K.
   train_cfg, _, plan = cfg_lib.train_model_config(c)
-  assert plan.gaze and plan.start == spec.max_regions and train_cfg.gaze.top_k == plan.start
+  start = want.gaze.top_k if name == "demo" else spec.max_regions
+  assert plan.gaze and plan.start == start and train_cfg.gaze.top_k == plan.start
   assert plan.target == want.gaze.top_k
 
 
@@ -89,6 +91,7 @@ def test_per_example_top_k_keeps_the_ratio_and_ends_the_schedule_at_its_floor():
   example exactly ceil(0.3 * its regions)."""
   from configs import demo
   c = demo.get_config()
+  c.topk_schedule.enabled = True     # the demo itself trains sparse from step 0
   c.model.gaze.top_k = 0.3
   c.model.gaze.top_k_per_example = True
   m, spec, plan = cfg_lib.train_model_config(c)
@@ -105,6 +108,7 @@ def test_dense_recipe_and_config_errors():
   m, _, plan = cfg_lib.train_model_config(c)
   assert m.gaze.attention == "dense" and not plan.gaze
   c = demo.get_config()
+  c.topk_schedule.enabled = True
   c.topk_schedule.start = 2          # below the target K=3
   with pytest.raises(ValueError, match="topk_schedule.start"):
     cfg_lib.train_model_config(c)
