@@ -28,6 +28,7 @@ from flax import nnx
 
 from gaze_jax.data.features import ModelInputs
 from gaze_jax.eval import layouts
+from gaze_jax.eval.budget import example_top_k
 from gaze_jax.gaze.routing import random_selection, resolve_top_k
 
 
@@ -47,8 +48,13 @@ def dense_twin(model):
 
 
 def gaze_budget_tokens(cfg, layout) -> int:
-  """``K * region_size``: the patch tokens of K selected regions (padding slots included)."""
-  return resolve_top_k(cfg.gaze.top_k, layout.max_regions) * layout.spec.region_size
+  """``K * region_size``: the patch tokens of K selected regions (padding slots included).
+
+  With ``top_k_per_example`` K differs between examples while the token-matched batch has one
+  grid: K is then the mean over the examples with an image, rounded (at least 1)."""
+  has = np.asarray(layout.region_valid).any(axis=-1)
+  ks = example_top_k(cfg, layout)[has] if has.any() else [1]
+  return max(1, int(round(float(np.mean(ks))))) * layout.spec.region_size
 
 
 def token_matched_inputs(model, inputs: ModelInputs, *, grid: Optional[int] = None

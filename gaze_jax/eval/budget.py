@@ -34,6 +34,16 @@ def frame_stats(layout) -> dict[str, np.ndarray]:
           "regions": np.asarray(layout.region_valid).astype(bool).sum(1)}
 
 
+def example_top_k(cfg, layout) -> np.ndarray:
+  """int ``[B]``: the K each example's routed rows use, as the model resolves it: the count
+  ``resolve_top_k(top_k, max_regions)``, or with ``top_k_per_example`` ``ceil(ratio * the
+  example's regions)`` (``routing.per_example_k``)."""
+  if cfg.gaze.top_k_per_example:
+    return np.asarray(per_example_k(cfg.gaze.top_k, np.asarray(layout.region_valid)))
+  return np.full(np.asarray(layout.region_valid).shape[0],
+                 resolve_top_k(cfg.gaze.top_k, layout.max_regions))
+
+
 def model_dims(cfg) -> dict[str, int]:
   """``num_heads``, ``head_dim``, ``num_layers`` of an MLLMConfig's decoder."""
   d = cfg.decoder
@@ -68,12 +78,8 @@ def configured_budget(cfg, layout) -> dict[str, Any]:
     return out | {"visual_kv": float(dense.mean()),
                   "flops": {"regions": float(flops.mean()), "context": 0.0, "routing": 0.0,
                             "total": float(flops.mean())}}
-  if cfg.gaze.top_k_per_example:         # the model's own rule: ceil(ratio * n_b), at least 1
-    K = cfg.gaze.top_k
-    ks = np.asarray(per_example_k(K, np.asarray(layout.region_valid)))[has]
-  else:
-    K = resolve_top_k(cfg.gaze.top_k, layout.max_regions)
-    ks = np.full(len(frames), K)
+  ks = example_top_k(cfg, layout)[has]
+  K = cfg.gaze.top_k if cfg.gaze.top_k_per_example else int(ks[0])
   R = layout.spec.region_size
   entries, parts = [], []
   for k, f, p, r in zip(ks, frames, patches, regions):

@@ -228,6 +228,12 @@ def test_configured_budget_with_k_per_example_by_hand():
   assert c["flops"]["regions"] == 4 * ((16 + 4) / 2) * hd
   assert c["flops"]["context"] == 4 * 4 * hd
   assert c["flops"]["routing"] == 2 * ((16 + 4) / 2) * hd
+  # The token-matched baseline has one grid per batch: the mean K, round((4 + 1) / 2) = 2
+  # regions of 4 tokens; of max_regions, 4 regions.
+  from gaze_jax.eval.baselines import gaze_budget_tokens
+  assert list(budget.example_top_k(per, layout)) == [4, 1]
+  assert gaze_budget_tokens(per, layout) == 2 * 4
+  assert gaze_budget_tokens(ratio, layout) == 4 * 4
 
 
 def test_paper_budget_on_the_cambrian_shape():
