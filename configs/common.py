@@ -112,3 +112,14 @@ def check_config(config, where: str = "config") -> None:
   if missing:
     raise ValueError(f"{where} lacks the fields {', '.join(missing)}: build it from "
                      "configs/common.py base_config, which defines every field and its default")
+
+
+def dense_first_stage(c, num_steps: int):
+  """``c`` turned into its dense first stage: the same model and data with dense attention,
+  trained from scratch for ``num_steps`` at a constant learning rate (the second stages that
+  start from it warm up and decay on their own)."""
+  c.model.gaze.attention = "dense"
+  c.init_from_checkpoint = ""
+  c.optim.end_lr_ratio = 1.0
+  c.train.num_steps = num_steps
+  return c

@@ -11,13 +11,8 @@ far more slowly: the uniform attention of an untrained model says nothing about 
 is, so sparse routing has nothing to follow.
 """
 
-from configs import demo
+from configs import common, demo
 
 
 def get_config():
-  c = demo.get_config()
-  c.model.gaze.attention = "dense"
-  c.init_from_checkpoint = ""
-  c.train.num_steps = 1_500
-  c.optim.end_lr_ratio = 1.0
-  return c
+  return common.dense_first_stage(demo.get_config(), num_steps=1_500)

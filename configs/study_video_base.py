@@ -4,14 +4,10 @@ scratch, at a constant learning rate (the second stages warm up and decay on the
   python train_main.py --config=configs/study_video_base.py --workdir=/tmp/study_video_base
 """
 
-from configs import study_video
+from configs import common, study_video
 
 
 def get_config():
-  c = study_video.get_config()
-  c.model.gaze.attention = "dense"
-  c.init_from_checkpoint = ""
-  c.optim.end_lr_ratio = 1.0
-  c.train.num_steps = 1_000
+  c = common.dense_first_stage(study_video.get_config(), num_steps=1_000)
   c.train.eval_every = 500
   return c

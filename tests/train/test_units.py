@@ -125,7 +125,7 @@ def test_base_config_defines_every_field_and_check_config_names_the_missing():
   import importlib
   from configs import common
   for name in ("demo", "demo_base", "demo_dense", "smollm2_135m", "cambrian_4b", "qwen2_5_7b",
-               "study_digits", "study_shapes", "study_where"):
+               "study_digits", "study_shapes", "study_where", "study_video", "study_video_base"):
     assert common.missing_fields(importlib.import_module(f"configs.{name}").get_config()) == []
   d = common.base_config("tiny").to_dict()
   del d["checkpoint"]["fallback"], d["topk_schedule"]
