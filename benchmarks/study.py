@@ -158,7 +158,8 @@ SWEEPS: dict[str, tuple[Run, ...]] = {
 
 # The figures kept per evaluation row (dotted paths into the row's dict), and the per-layer
 # lists, kept as "<name>_per_layer".
-METRICS = ("accuracy", "visual_kv.fraction_of_dense", "routing.accuracy", "routing.random",
+METRICS = ("accuracy", "visual_kv.fraction_of_dense", "visual_kv.measured",
+           "visual_kv.configured", "visual_kv.dense_measured", "routing.accuracy", "routing.random",
            "routing.share_ceiling", "routing.top1", "routing.top1_random", "routing.top1_salience",
            "routing.coverage")
 PER_LAYER = {"top1": "routing.top1_per_layer", "top1_random": "routing.top1_random_per_layer",

@@ -14,13 +14,12 @@ with mean +- std over seeds, the routing measures per layer of each gaze row, an
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 from benchmarks.readme import replace_between
-from benchmarks.study import RESULTS, ROOT, collect, get_dotted, load_records, mean_std
+from benchmarks.study import RESULTS, ROOT, collect, load_records
 
 def _pm(stats: Optional[Mapping], scale: float = 100.0, digits: int = 1) -> str:
   """``mean +- std`` of ``stats`` (``study.mean_std``' dict) times ``scale``; "-" when
@@ -74,24 +73,16 @@ def per_layer_table(stats: Mapping) -> str:
 KV_ENTRIES_SWEEPS = ("video",)
 
 
-def kv_entries_table(records: Sequence[Mapping]) -> str:
-  """Markdown: visual KV entries per query of each (run, evaluation row), mean ± std over
-  seeds: measured (what the answer rows read), configured (the budget's upper bound) and the
-  dense model's on the same examples."""
-  keys = {"measured": "visual_kv.measured", "configured": "visual_kv.configured",
-          "dense": "visual_kv.dense_measured"}
-  values: dict = {}
-  for rec in sorted(records, key=lambda r: (r["run"], r["seed"])):
-    for row, res in rec["results"].items():
-      for name, dotted in keys.items():
-        v = get_dotted(res, dotted)
-        if isinstance(v, (int, float)) and math.isfinite(v):
-          values.setdefault((rec["run"], row), {}).setdefault(name, []).append(float(v))
+def kv_entries_table(stats: Mapping) -> str:
+  """Markdown: visual KV entries per query of each (run, evaluation row) of ``collect``'s
+  stats, mean ± std over seeds: measured (what the answer rows read), configured (the budget's
+  upper bound) and the dense model's on the same examples."""
+  keys = ("visual_kv.measured", "visual_kv.configured", "visual_kv.dense_measured")
   lines = ["| run | evaluated as | visual KV / query (measured) | configured | dense |",
            "|---|---|---:|---:|---:|"]
-  for (run, row), vs in values.items():
-    cells = [_pm(mean_std(vs[k]), 1.0) if k in vs else "-" for k in keys]
-    lines.append(f"| {run} | {row} | {' | '.join(cells)} |")
+  for (run, row), s in stats.items():
+    if any(k in s for k in keys):
+      lines.append(f"| {run} | {row} | {' | '.join(_pm(s.get(k), 1.0) for k in keys)} |")
   return "\n".join(lines)
 
 
@@ -156,15 +147,16 @@ def goals_table(main: Mapping, ablations: Optional[Mapping] = None,
         " / ".join(f"{x:.2f}" for x in part), bool(part) and min(part) >= 0.5)
   if ablations is not None:
     k3 = acc(main if main_on_ablation_seeds is None else main_on_ablation_seeds, "gaze_k3")
-    progressive = "gaze_k3_progressive"
+    def value(run):                 # gaze_k3 itself on the ablations' seeds
+      return k3 if run == "gaze_k3" else acc(ablations, run)
+
     # A sweep whose gaze_k3 trains sparse from step 0 ablates the schedule by adding it.
-    with_without = [("context tokens help (4 vs 0)", "gaze_k3", "gaze_k3_ctx0"),
-                    ("the progressive schedule helps (vs sparse from step 0)",
-                     *((progressive, "gaze_k3") if (progressive, "gaze") in ablations
-                       else ("gaze_k3", "gaze_k3_sparse_from_step_0")))]
-    for name, with_it, without in with_without:
-      d = diff(k3 if with_it == "gaze_k3" else acc(ablations, with_it),
-               k3 if without == "gaze_k3" else acc(ablations, without))
+    schedule = (("gaze_k3_progressive", "gaze_k3") if ("gaze_k3_progressive", "gaze") in ablations
+                else ("gaze_k3", "gaze_k3_sparse_from_step_0"))
+    for name, with_it, without in (
+        ("context tokens help (4 vs 0)", "gaze_k3", "gaze_k3_ctx0"),
+        ("the progressive schedule helps (vs sparse from step 0)", *schedule)):
+      d = diff(value(with_it), value(without))
       add(name, f"{fmt(d)} ({with_it} - {without})", None if d is None else d > 0)
   return "\n".join(lines)
 
@@ -289,7 +281,7 @@ def sweep_section(sweep: str, *, results: Path = RESULTS, figures: Optional[Path
            "", results_table(stats)]
   if sweep in KV_ENTRIES_SWEEPS:
     parts += ["", "Visual KV entries per query (answer rows, all layers and heads):", "",
-              kv_entries_table(records)]
+              kv_entries_table(stats)]
   layers = per_layer_table(stats)
   if layers.count("\n") > 1:
     parts += ["", "Routing per layer (top-1 at the row that predicts the answer's first token):",

@@ -42,11 +42,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from gaze_jax.gaze.accounting import train_flops
 from gaze_jax.model.mllm import MLLM
 from gaze_jax.runs import make_tokenizer
 from gaze_jax.train import checkpoint as ckpt_lib
 from gaze_jax.train import data as data_lib
-from gaze_jax.gaze.accounting import train_flops
 from gaze_jax.train import metrics as metrics_lib
 from gaze_jax.train import sharding as shard_lib
 from gaze_jax.train.config import (check_train_config, eval_model_config, to_dict,
@@ -325,7 +325,7 @@ def train(config: Any, workdir, *, mesh=None, stop_after: Optional[int] = None) 
   B, S = int(config.data.batch_size), s.spec.seq_len
   v = s.model_cfg.vision
   flops = train_flops(s.model_cfg, batch=B, seq_len=S, frames=s.spec.max_images,
-                                  patches=(v.image_size // v.patch_size) ** 2)
+                      patches=(v.image_size // v.patch_size) ** 2)
   peak = metrics_lib.peak_flops(jax.devices()[0].device_kind,
                                 float(tc.peak_flops_per_device))
   log.info("train FLOPs per step %.3g; peak %s FLOP/s per device; %d devices", flops,

@@ -322,7 +322,7 @@ def test_kv_entries_table_for_the_video_sweep(tmp_path):
       path = res / sweep / f"g_s{seed}.json"
       path.parent.mkdir(parents=True, exist_ok=True)
       path.write_text(json.dumps(rec))
-  table = study_report.kv_entries_table(study.load_records(res, "video"))
+  table = study_report.kv_entries_table(study.collect(study.load_records(res, "video")))
   # measured: mean 12, sample std sqrt(((10-12)^2 + (14-12)^2) / 1) = 2.83.
   assert "| g | gaze | 12.0 ± 2.8 | 12.0 ± 0.0 | 40.0 ± 0.0 |" in table.splitlines()
   assert not any(line.startswith("| g | answer_prior") for line in table.splitlines())
