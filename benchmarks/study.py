@@ -142,8 +142,8 @@ SWEEPS: dict[str, tuple[Run, ...]] = {
             ("model.gaze.top_k", 3), ("model.gaze.num_ctx", 0), ("train.num_steps", 2000))),
     ),
     # A video question about one frame (configs/study_video.py: "What colour was the triangle in
-    # the last frame?", clips of 2 to 4 frames, 16 one-patch regions per frame, no context
-    # tokens): a dense first stage (seed 0's, converted at every seed), then from it the dense
+    # the last frame?" about the shape that changed colour, clips of 2 to 4 frames, 16 one-patch
+    # regions per frame, no context tokens): a dense first stage (seed 0's, converted at every seed), then from it the dense
     # twin and gaze at the ratio 1/16 with K from the batch's max_regions (K = 4 for every clip)
     # and per example (the paper's semantics: K = 2, 3, 4 for clips of 2, 3, 4 frames).
     "video": (

@@ -227,13 +227,13 @@ class DigitGrid(tfds.core.GeneratorBasedBuilder):
 class GazeVideoConfig(DrawnConfig):
   """Clips of ``frames`` frames of image_size px with ``min..max`` moving shapes; with
   ``min_frames`` (default None: ``frames``) each clip's length is drawn in ``[min_frames,
-  frames]``. Each question's type is drawn from ``question_types``
-  (``scenes.VIDEO_QUESTION_TYPES``)."""
+  frames]``. Each question's type is drawn from ``question_types`` (default
+  ``scenes.VIDEO_DEFAULT_QUESTION_TYPES``; any of ``scenes.VIDEO_QUESTION_TYPES``)."""
   frames: int = 8
   min_frames: Optional[int] = None
   min_objects: int = 2
   max_objects: int = 4
-  question_types: tuple[str, ...] = scenes.VIDEO_QUESTION_TYPES
+  question_types: tuple[str, ...] = scenes.VIDEO_DEFAULT_QUESTION_TYPES
   num_train: int = 10_000         # clips are 8 images each: fewer of them by default
   num_validation: int = 500
   num_test: int = 500

@@ -372,8 +372,13 @@ def render_video(tracks: Sequence[_Track], image_size: int, frames: int, rng) ->
 
 # Question types of gaze_video. "colour_in_last_frame" is about one region of one frame (the
 # named shape in the clip's last frame); the others need the order of appearance or a change.
+# "changed_colour_in_last_frame" asks the same question about the one shape that changed colour
+# only: its earlier frames show that shape in another colour, so the answer lives in its regions
+# from the change on and in no other object. It is known but not drawn by default, so the
+# default datasets stay as they were.
 VIDEO_QUESTION_TYPES = ("last_appeared_colour", "first_appeared_shape", "changed_shape",
-                        "change_frame", "colour_in_last_frame")
+                        "change_frame", "colour_in_last_frame", "changed_colour_in_last_frame")
+VIDEO_DEFAULT_QUESTION_TYPES = VIDEO_QUESTION_TYPES[:-1]
 
 
 def video_questions(tracks: Sequence[_Track], frames: int):
@@ -395,19 +400,22 @@ def video_questions(tracks: Sequence[_Track], frames: int):
   for tr in tracks:
     out.append(("colour_in_last_frame", f"What colour was the {tr.shape} in the last frame?",
                 tr.colours[-1], [(frames - 1, tr.boxes[-1])]))
+  out.append(("changed_colour_in_last_frame", f"What colour was the {ch.shape} in the last frame?",
+              ch.colours[-1], [(f, ch.boxes[f]) for f in range(k, frames)]))
   return out
 
 
 def video_example(rng: np.random.Generator, *, image_size: int, frames: int, min_objects: int,
                   max_objects: int, example_id: str, source: int,
                   min_frames: Optional[int] = None,
-                  question_types: Sequence[str] = VIDEO_QUESTION_TYPES) -> dict:
+                  question_types: Sequence[str] = VIDEO_DEFAULT_QUESTION_TYPES) -> dict:
   """One gaze_video example: the frames of a short clip and one question about it.
 
   The clip has ``frames`` frames, or a number drawn uniformly in ``[min_frames, frames]`` when
   ``min_frames`` is given and smaller (``max_objects`` must not exceed it: each object appears
-  at its own frame). The question type is drawn uniformly among ``question_types``
-  (``VIDEO_QUESTION_TYPES``), then one question of that type.
+  at its own frame). The question type is drawn uniformly among ``question_types`` (default
+  ``VIDEO_DEFAULT_QUESTION_TYPES``; any of ``VIDEO_QUESTION_TYPES``), then one question of that
+  type.
   """
   question_types = check_question_types(question_types, VIDEO_QUESTION_TYPES)
   n = int(rng.integers(min_objects, max_objects + 1))

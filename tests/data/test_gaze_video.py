@@ -76,6 +76,76 @@ def test_colour_in_last_frame_depends_on_the_named_object_in_the_last_frame_only
   assert checked > 20
 
 
+def _changed(tracks):
+  (ch,) = [t for t in tracks if t.colours[0] != t.colours[-1]]
+  return ch
+
+
+def test_changed_colour_in_last_frame_depends_on_the_changed_object_from_its_change_on():
+  """The question names the shape that changed colour; its boxes are that shape's from the
+  change frame on, which show the answer. Recolouring and moving the other objects, and
+  recolouring the named one before its change, leaves the answer and those boxes' pixels as
+  they were; recolouring the named one from the change on changes both."""
+  checked = 0
+  for i in range(30):
+    rng = np.random.default_rng([6, i])
+    frames = int(rng.integers(2, 6))
+    tracks = scenes.video_tracks(rng, SIZE, frames, int(rng.integers(2, min(frames, 4) + 1)))
+    (q,) = [q for q in scenes.video_questions(tracks, frames)
+            if q[0] == "changed_colour_in_last_frame"]
+    _, question, answer, needed = q
+    named = _changed(tracks)
+    assert _named(tracks, question) is named and answer == named.colours[-1]
+    k = next(f for f in range(frames) if named.colours[f] == answer)
+    assert [f for f, _ in needed] == list(range(k, frames))
+    assert all(named.colours[f] != answer for f in range(k))    # earlier frames mislead
+    ask = lambda trs: [a for t, q_, a, _ in scenes.video_questions(trs, frames)
+                       if t == "changed_colour_in_last_frame" and q_ == question]
+    before = scenes.render_video(tracks, SIZE, frames, np.random.default_rng(0))
+
+    others = copy.deepcopy(tracks)
+    for t in others:
+      if t.shape == named.shape:
+        t.colours[:k] = [_other_colour(answer, t.colours[0])] * k
+      else:
+        t.colours = [_other_colour(answer, c) for c in t.colours]
+        t.boxes = t.boxes[::-1]
+    assert ask(others) == [answer]
+    after = scenes.render_video(others, SIZE, frames, np.random.default_rng(0))
+    for f, box in needed:
+      clear = not any(scenes._overlap(box, t.boxes[f]) for tr in (tracks, others) for t in tr
+                      if t.shape != named.shape and f >= t.appear)
+      if clear:                                    # the answering regions are unchanged
+        assert (_box_pixels(after[f], box) == _box_pixels(before[f], box)).all()
+        checked += 1
+
+    changed = copy.deepcopy(tracks)
+    new = _other_colour(answer, named.colours[0])
+    _changed(changed).colours[k:] = [new] * (frames - k)
+    assert ask(changed) == [new]
+    recoloured = scenes.render_video(changed, SIZE, frames, np.random.default_rng(0))
+    for f, box in needed:
+      assert (_box_pixels(recoloured[f], box) == scenes.COLOURS[new]).all(-1).any()
+  assert checked > 20
+
+
+def test_changed_colour_in_last_frame_is_not_drawn_by_default():
+  """Default clips never ask it, and keep the bytes they had before it existed: the default
+  question types are the five older ones."""
+  assert "changed_colour_in_last_frame" not in scenes.VIDEO_DEFAULT_QUESTION_TYPES
+  assert scenes.VIDEO_DEFAULT_QUESTION_TYPES + ("changed_colour_in_last_frame",) == (
+      scenes.VIDEO_QUESTION_TYPES)
+  for i in range(20):
+    ex = scenes.video_example(np.random.default_rng([2, i]), image_size=SIZE, frames=4,
+                              min_objects=2, max_objects=3, example_id=str(i), source=i)
+    assert ex["question_type"] != "changed_colour_in_last_frame"
+    only = scenes.video_example(np.random.default_rng([2, i]), image_size=SIZE, frames=4,
+                                min_objects=2, max_objects=3, example_id=str(i), source=i,
+                                question_types=("changed_colour_in_last_frame",))
+    assert only["question_type"] == "changed_colour_in_last_frame"
+    assert only["box_image"].tolist()[-1] == 3 and len(only["box_image"]) >= 1
+
+
 def test_variable_clip_lengths_and_one_question_type():
   """With ``min_frames=2, frames=4`` clips have 2, 3 or 4 frames (each length seen); with
   ``question_types=("colour_in_last_frame",)`` every question is about the last frame, whose
@@ -110,7 +180,8 @@ def test_question_types_field_and_variable_lengths_in_the_builder(tmp_path):
       assert text(ex["question_type"]) in ("colour_in_last_frame", "change_frame")
       seen.add(len(ex["images"]))
   assert len(seen) > 1
-  assert builders.make_config("gaze_video", "tiny").question_types == scenes.VIDEO_QUESTION_TYPES
+  assert builders.make_config("gaze_video", "tiny").question_types == (
+      scenes.VIDEO_DEFAULT_QUESTION_TYPES)
 
 
 @pytest.mark.parametrize("overrides, message", [
