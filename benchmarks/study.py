@@ -85,11 +85,20 @@ SWEEPS: dict[str, tuple[Run, ...]] = {
         Run("gaze_k1_regions_2x2", "configs/demo.py", init_from="demo_seeds/base",
             init_seed=0, overrides=(("model.gaze.top_k", 1), ("model.gaze.region_shape", (2, 2)),
                                     ("data.max_regions", 4))),
+        # Is K = 1's gap to dense (demo_seeds) one of training length? Twice the conversion,
+        # and the dense twin as long.
+        Run("gaze_k1_3000_steps", "configs/demo.py", init_from="demo_seeds/base",
+            init_seed=0, overrides=(("model.gaze.top_k", 1), ("train.num_steps", 3000))),
+        Run("dense_3000_steps", "configs/demo_dense.py", init_from="demo_seeds/base",
+            init_seed=0, baselines=(), overrides=(("train.num_steps", 3000),)),
         # Without context tokens the parameters differ, so from a first stage of their own.
         Run("base_ctx0", "configs/demo_base.py", baselines=(), only_seeds=(0,),
             overrides=(("model.gaze.num_ctx", 0),)),
         Run("gaze_k3_ctx0", "configs/demo.py", init_from="base_ctx0", init_seed=0,
             overrides=(("model.gaze.num_ctx", 0),)),
+        # The smallest budget: K = 1 of 16 and no context tokens, 1 of 16 entries (6%).
+        Run("gaze_k1_ctx0", "configs/demo.py", init_from="base_ctx0", init_seed=0,
+            overrides=(("model.gaze.num_ctx", 0), ("model.gaze.top_k", 1))),
     ),
     # A first look at the digit task: gaze K = 2 of 16 (group routing) against dense, short.
     "digits_probe": (
@@ -143,9 +152,10 @@ SWEEPS: dict[str, tuple[Run, ...]] = {
     ),
     # A video question about one frame (configs/study_video.py: "What colour was the triangle in
     # the last frame?" about the shape that changed colour, clips of 2 to 4 frames, 16 one-patch
-    # regions per frame, no context tokens): a dense first stage (seed 0's, converted at every seed), then from it the dense
-    # twin and gaze at the ratio 1/16 with K from the batch's max_regions (K = 4 for every clip)
-    # and per example (the paper's semantics: K = 2, 3, 4 for clips of 2, 3, 4 frames).
+    # regions per frame, no context tokens): a dense first stage (seed 0's, converted at every
+    # seed), then from it the dense twin and gaze at the ratio 1/16 with K from the batch's
+    # max_regions (K = 4 for every clip) and per example (the paper's semantics: K = 2, 3, 4
+    # for clips of 2, 3, 4 frames).
     "video": (
         Run("base", "configs/study_video_base.py", baselines=(), only_seeds=(0,)),
         Run("dense", "configs/study_video.py", init_from="base", init_seed=0, baselines=(),

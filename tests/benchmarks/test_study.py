@@ -273,7 +273,12 @@ def test_goals_table_figures_and_verdicts():
                       "fixed_from_question": {"accuracy": 0.47},
                       "random_routing": {"accuracy": 0.49}})])
   abl = study_report.collect([rec("gaze_k3_ctx0", {"gaze": {"accuracy": 0.60}}),
-                              rec("gaze_k3_sparse_from_step_0", {"gaze": {"accuracy": 0.55}})])
+                              rec("gaze_k3_sparse_from_step_0", {"gaze": {"accuracy": 0.55}}),
+                              rec("gaze_k1_ctx0", {
+                                  "gaze": {"accuracy": 0.40,
+                                           "visual_kv": {"fraction_of_dense": 0.06}},
+                                  "fixed_from_question": {"accuracy": 0.37},
+                                  "random_routing": {"accuracy": 0.10}})])
   lines = study_report.goals_table(main, abl).splitlines()
 
   def line(start):
@@ -287,6 +292,8 @@ def test_goals_table_figures_and_verdicts():
       "| +9.5 points vs eviction, +29.5 points vs random routing | yes |")
   assert line("gaze_k1 at 12%: clearly").endswith(
       "| +3.0 points vs eviction, +1.0 points vs random routing | no |")
+  assert line("gaze_k1_ctx0 at 6% (no context tokens): clearly").endswith(
+      "| +3.0 points vs eviction, +30.0 points vs random routing | yes |")
   assert line("gaze_k3, layers after the first: top-1").endswith("| 2.50x / 1.50x | no |")
   assert line("gaze_k3, layers after the first: coverage").endswith("| 0.30 / 0.60 | no |")
   assert line("gaze_k3, layers after the first: share").endswith("| 0.67 / 0.33 | no |")
