@@ -52,9 +52,9 @@ def gaze_budget_tokens(cfg, layout) -> int:
 
   With ``top_k_per_example`` K differs between examples while the token-matched batch has one
   grid: K is then the mean over the examples with an image, rounded (at least 1)."""
-  has = np.asarray(layout.region_valid).any(axis=-1)
-  ks = example_top_k(cfg, layout)[has] if has.any() else [1]
-  return max(1, int(round(float(np.mean(ks))))) * layout.spec.region_size
+  ks = example_top_k(cfg, layout)[np.asarray(layout.region_valid).any(axis=-1)]
+  k = max(1, round(float(ks.mean()))) if ks.size else 1
+  return k * layout.spec.region_size
 
 
 def token_matched_inputs(model, inputs: ModelInputs, *, grid: Optional[int] = None

@@ -305,9 +305,11 @@ def test_goals_table_figures_and_verdicts():
   lines = study_report.goals_table(main, abl, main_on_ablation_seeds=on_seeds).splitlines()
   assert line("the progressive schedule").endswith(
       "| +10.0 points (gaze_k3 - gaze_k3_sparse_from_step_0) | yes |")
-  # A sweep whose gaze_k3 is sparse from step 0 ablates the schedule by adding it.
+  # A sweep whose gaze_k3 is sparse from step 0 ablates the schedule by adding it; without a
+  # gaze_k1_ctx0 run there is no smallest-budget row.
   abl = study_report.collect([rec("gaze_k3_progressive", {"gaze": {"accuracy": 0.58}})])
   lines = study_report.goals_table(main, abl).splitlines()
+  assert not any(l.startswith("| gaze_k1_ctx0") for l in lines)
   assert line("the progressive schedule").endswith(
       "| -1.5 points (gaze_k3_progressive - gaze_k3) | no |")
 

@@ -99,8 +99,11 @@ def test_changed_colour_in_last_frame_depends_on_the_changed_object_from_its_cha
     k = next(f for f in range(frames) if named.colours[f] == answer)
     assert [f for f, _ in needed] == list(range(k, frames))
     assert all(named.colours[f] != answer for f in range(k))    # earlier frames mislead
-    ask = lambda trs: [a for t, q_, a, _ in scenes.video_questions(trs, frames)
-                       if t == "changed_colour_in_last_frame" and q_ == question]
+
+    def ask(trs):
+      return [a for t, q_, a, _ in scenes.video_questions(trs, frames)
+              if t == "changed_colour_in_last_frame" and q_ == question]
+
     before = scenes.render_video(tracks, SIZE, frames, np.random.default_rng(0))
 
     others = copy.deepcopy(tracks)
@@ -130,8 +133,8 @@ def test_changed_colour_in_last_frame_depends_on_the_changed_object_from_its_cha
 
 
 def test_changed_colour_in_last_frame_is_not_drawn_by_default():
-  """Default clips never ask it, and keep the bytes they had before it existed: the default
-  question types are the five older ones."""
+  """Default clips never ask it (the default question types are the five older ones, so default
+  datasets draw as before); asked for alone, every clip asks it about its last frames."""
   assert "changed_colour_in_last_frame" not in scenes.VIDEO_DEFAULT_QUESTION_TYPES
   assert scenes.VIDEO_DEFAULT_QUESTION_TYPES + ("changed_colour_in_last_frame",) == (
       scenes.VIDEO_QUESTION_TYPES)
@@ -143,7 +146,8 @@ def test_changed_colour_in_last_frame_is_not_drawn_by_default():
                                 min_objects=2, max_objects=3, example_id=str(i), source=i,
                                 question_types=("changed_colour_in_last_frame",))
     assert only["question_type"] == "changed_colour_in_last_frame"
-    assert only["box_image"].tolist()[-1] == 3 and len(only["box_image"]) >= 1
+    frames = only["box_image"].tolist()                     # from the change to the last frame
+    assert frames == list(range(frames[0], 4)) and frames[0] >= 1
 
 
 def test_variable_clip_lengths_and_one_question_type():

@@ -51,10 +51,10 @@ def test_recipes_build_the_preset_models(name, preset):
   grid = want.vision.image_size // want.vision.patch_size
   rh, rw = want.gaze.region_shape
   assert spec.max_regions >= math.ceil(grid / rh) * math.ceil(grid / rw)
-  # With the schedule the trainer compiles K_max = all regions and lowers K; the demo trains
-  # sparse from step 0, so it compiles the target K.
+  # With the schedule the trainer compiles K_max = all regions and lowers K; without it (the
+  # demo trains sparse from step 0) it compiles the target K.
   train_cfg, _, plan = cfg_lib.train_model_config(c)
-  start = want.gaze.top_k if name == "demo" else spec.max_regions
+  start = spec.max_regions if c.topk_schedule.enabled else want.gaze.top_k
   assert plan.gaze and plan.start == start and train_cfg.gaze.top_k == plan.start
   assert plan.target == want.gaze.top_k
 
