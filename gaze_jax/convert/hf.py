@@ -34,15 +34,16 @@ from flax import nnx
 from gaze_jax.convert.hf_config import (decoder_config_from_hf, llava_onevision_configs,
                                         vision_config_from_hf)
 from gaze_jax.convert.hf_io import Checkpoint, PathLike, load_safetensors, read_hf_config
-from gaze_jax.convert.mapping import Rule, conv, identity, linear, load_weights, param_paths
+from gaze_jax.convert.mapping import (Rule, WeightMap, conv, identity, linear, load_weights,
+                                      param_paths)
 from gaze_jax.model.config import DecoderConfig, GazeConfig, MLLMConfig, VisionConfig
 from gaze_jax.model.mllm import MLLM
 from gaze_jax.model.vision import VisionTower
 
 __all__ = ["load_safetensors", "read_hf_config", "decoder_config_from_hf",
            "vision_config_from_hf", "llava_onevision_configs", "decoder_rules", "vision_rules",
-           "projector_rules", "find_prefix", "load_causal_lm", "load_siglip_vision",
-           "load_llava_onevision"]
+           "projector_rules", "find_prefix", "LoadPlan", "build_planned", "plan_causal_lm",
+           "plan_llava_onevision", "load_causal_lm", "load_siglip_vision", "load_llava_onevision"]
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +124,8 @@ def projector_rules(prefix: str) -> list[Rule]:
 def _vision_unused(cfg: VisionConfig, prefix: str) -> list[str]:
   """Key prefixes of a SigLIP tower that we do not build: the pooling head, the blocks after
   the feature layer and, without ``post_layernorm``, the final LayerNorm."""
-  n_built = cfg.num_layers + 1 + cfg.feature_layer if cfg.feature_layer < 0 else cfg.feature_layer
   out = [f"{prefix}head."] + [f"{prefix}encoder.layers.{j}." for j in
-                              range(n_built, cfg.num_layers)]
+                              range(cfg.num_blocks, cfg.num_layers)]
   if not cfg.post_layernorm:
     out.append(f"{prefix}post_layernorm.")
   return out
@@ -199,6 +199,35 @@ def _keep_initial(model: nnx.Module, tensors: MutableMapping[str, np.ndarray],
   return rules
 
 
+def _fresh(gaze: GazeConfig) -> tuple[str, ...]:
+  """Our parameters that no Hugging Face checkpoint has: the context tokens start fresh."""
+  return ("ctx_embed",) if gaze.num_ctx else ()
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadPlan:
+  """What a Hugging Face folder becomes, before any weight is read: our model config, the
+  weight map that fills it from ``tensors`` (the folder's lazy checkpoint, headers only), and
+  the checkpoint keys already set aside (saved buffers, another tower), for the report."""
+  model: MLLMConfig
+  weights: WeightMap
+  tensors: Checkpoint
+  set_aside: tuple[str, ...]
+  where: str
+
+
+def build_planned(plan: LoadPlan, *, seed: int = 0, return_unused: bool = False,
+                  allow_nonfinite: bool = False):
+  """``MLLM(plan.model)`` on the default device with the checkpoint's weights (fresh
+  parameters keep their initialisation from ``seed``). Returns the model, or ``(model, unused
+  keys)``."""
+  model = MLLM(plan.model, rngs=nnx.Rngs(seed))
+  rules = list(plan.weights.rules) + _keep_initial(model, plan.tensors, plan.weights.fresh)
+  unused = _load(model, plan.tensors, rules, plan.weights.counts, plan.weights.allow_unused,
+                 plan.where, allow_nonfinite)
+  return _finish(model, list(plan.set_aside) + unused, plan.where, return_unused)
+
+
 def _finish(model, unused: list[str], where: str, return_unused: bool):
   if unused:
     log.info("%s: %d checkpoint tensors left unused: %s", where, len(unused), unused)
@@ -206,6 +235,23 @@ def _finish(model, unused: list[str], where: str, return_unused: bool):
 
 
 # ------------------------------------------------------------------ loaders
+
+def plan_causal_lm(model_dir: PathLike, gaze: GazeConfig = DENSE_TEXT, *,
+                   dtype: str = "float32", param_dtype: str = "float32") -> LoadPlan:
+  """The ``LoadPlan`` of a Llama / Qwen2 / Qwen3 causal LM directory (a text-only MLLM)."""
+  where = os.fspath(model_dir)
+  dcfg = decoder_config_from_hf(read_hf_config(model_dir))
+  tensors = load_safetensors(model_dir)
+  dropped = _drop_buffers(tensors)
+  dp = find_prefix(tensors, "embed_tokens.weight", "token embedding", where)
+  head = _find_optional(tensors, "lm_head.weight", where)
+  dcfg = _tie_or_untie(dcfg, tensors, dp + "embed_tokens.weight", head, where)
+  cfg = MLLMConfig(decoder=dcfg, vision=None, gaze=gaze, dtype=dtype, param_dtype=param_dtype)
+  allow = (head,) if (dcfg.tie_embeddings and head) else ()
+  weights = WeightMap(tuple(decoder_rules(dcfg, dp, head)), {"decoder": dcfg.num_layers},
+                      allow, _fresh(gaze))
+  return LoadPlan(cfg, weights, tensors, tuple(dropped), where)
+
 
 def load_causal_lm(model_dir: PathLike, gaze: GazeConfig = DENSE_TEXT, *,
                    dtype: str = "float32", param_dtype: str = "float32", seed: int = 0,
@@ -225,22 +271,9 @@ def load_causal_lm(model_dir: PathLike, gaze: GazeConfig = DENSE_TEXT, *,
     ValueError: an unsupported config, a missing or wrongly shaped tensor, an unexpected one,
       or one holding NaN / Inf (naming the tensor and its file; see ``allow_nonfinite``).
   """
-  where = os.fspath(model_dir)
-  dcfg = decoder_config_from_hf(read_hf_config(model_dir))
-  tensors = load_safetensors(model_dir)
-  dropped = _drop_buffers(tensors)
-  dp = find_prefix(tensors, "embed_tokens.weight", "token embedding", where)
-  head = _find_optional(tensors, "lm_head.weight", where)
-  dcfg = _tie_or_untie(dcfg, tensors, dp + "embed_tokens.weight", head, where)
-  model = MLLM(MLLMConfig(decoder=dcfg, vision=None, gaze=gaze, dtype=dtype,
-                          param_dtype=param_dtype), rngs=nnx.Rngs(seed))
-  rules = decoder_rules(dcfg, dp, head)
-  allow = [head] if (dcfg.tie_embeddings and head) else []
-  if gaze.num_ctx:
-    rules += _keep_initial(model, tensors, ["ctx_embed"])
-  unused = _load(model, tensors, rules, {"decoder": dcfg.num_layers}, allow, where,
-                 allow_nonfinite)
-  return _finish(model, dropped + unused, where, return_unused)
+  plan = plan_causal_lm(model_dir, gaze, dtype=dtype, param_dtype=param_dtype)
+  return build_planned(plan, seed=seed, return_unused=return_unused,
+                       allow_nonfinite=allow_nonfinite)
 
 
 def load_siglip_vision(model_dir: PathLike, feature_layer: int = -1, post_layernorm: bool = True,
@@ -266,9 +299,37 @@ def load_siglip_vision(model_dir: PathLike, feature_layer: int = -1, post_layern
     del tensors[k]
   tower = VisionTower(vcfg, rngs=nnx.Rngs(seed), dtype=jnp.dtype(dtype),
                       param_dtype=jnp.dtype(param_dtype))
-  unused = _load(tower, tensors, vision_rules(vcfg, vp), {"vision": len(tower.blocks)},
+  unused = _load(tower, tensors, vision_rules(vcfg, vp), {"vision": vcfg.num_blocks},
                  _vision_unused(vcfg, vp), where, allow_nonfinite)
   return _finish(tower, dropped + other + unused, where, return_unused)
+
+
+def plan_llava_onevision(model_dir: PathLike, gaze: GazeConfig = DENSE_TEXT, *,
+                         dtype: str = "float32", param_dtype: str = "float32") -> LoadPlan:
+  """The ``LoadPlan`` of a LLaVA-OneVision directory (SigLIP, ``mlp2x_gelu`` projector,
+  Qwen2)."""
+  where = os.fspath(model_dir)
+  hf = read_hf_config(model_dir)
+  if hf.get("model_type") != "llava_onevision":
+    raise ValueError(f"{where}: model_type={hf.get('model_type')!r}, expected 'llava_onevision'")
+  dcfg, vcfg = llava_onevision_configs(hf)
+  tensors = load_safetensors(model_dir)
+  dropped = _drop_buffers(tensors)
+  dp = find_prefix(tensors, "embed_tokens.weight", "language model", where)
+  vp = find_prefix(tensors, "embeddings.patch_embedding.weight", "vision tower", where)
+  mp = find_prefix(tensors, "multi_modal_projector.linear_1.weight", "projector", where)
+  head = _find_optional(tensors, "lm_head.weight", where)
+  dcfg = _tie_or_untie(dcfg, tensors, dp + "embed_tokens.weight", head, where)
+  cfg = MLLMConfig(decoder=dcfg, vision=vcfg, gaze=gaze, dtype=dtype, param_dtype=param_dtype)
+  rules = (decoder_rules(dcfg, dp, head) + vision_rules(vcfg, vp, ours="vision.") +
+           projector_rules(mp + "multi_modal_projector."))
+  allow = _vision_unused(vcfg, vp)
+  newline = _find_optional(tensors, "image_newline", where)
+  allow += [newline] if newline else []
+  allow += [head] if (dcfg.tie_embeddings and head) else []
+  weights = WeightMap(tuple(rules), {"decoder": dcfg.num_layers, "vision": vcfg.num_blocks},
+                      tuple(allow), _fresh(gaze))
+  return LoadPlan(cfg, weights, tensors, tuple(dropped), where)
 
 
 def load_llava_onevision(model_dir: PathLike, gaze: GazeConfig = DENSE_TEXT, *,
@@ -282,32 +343,9 @@ def load_llava_onevision(model_dir: PathLike, gaze: GazeConfig = DENSE_TEXT, *,
   Weights holding NaN or Inf raise a ValueError naming the tensor, unless ``allow_nonfinite``.
   Returns the MLLM, or ``(MLLM, unused keys)`` with ``return_unused``.
   """
-  where = os.fspath(model_dir)
-  hf = read_hf_config(model_dir)
-  if hf.get("model_type") != "llava_onevision":
-    raise ValueError(f"{where}: model_type={hf.get('model_type')!r}, expected 'llava_onevision'")
-  dcfg, vcfg = llava_onevision_configs(hf)
-  tensors = load_safetensors(model_dir)
-  dropped = _drop_buffers(tensors)
-  dp = find_prefix(tensors, "embed_tokens.weight", "language model", where)
-  vp = find_prefix(tensors, "embeddings.patch_embedding.weight", "vision tower", where)
-  mp = find_prefix(tensors, "multi_modal_projector.linear_1.weight", "projector", where)
-  head = _find_optional(tensors, "lm_head.weight", where)
-  dcfg = _tie_or_untie(dcfg, tensors, dp + "embed_tokens.weight", head, where)
-  model = MLLM(MLLMConfig(decoder=dcfg, vision=vcfg, gaze=gaze, dtype=dtype,
-                          param_dtype=param_dtype), rngs=nnx.Rngs(seed))
-  rules = (decoder_rules(dcfg, dp, head) + vision_rules(vcfg, vp, ours="vision.") +
-           projector_rules(mp + "multi_modal_projector."))
-  allow = _vision_unused(vcfg, vp)
-  newline = _find_optional(tensors, "image_newline", where)
-  allow += [newline] if newline else []
-  allow += [head] if (dcfg.tie_embeddings and head) else []
-  if gaze.num_ctx:
-    rules += _keep_initial(model, tensors, ["ctx_embed"])
-  unused = _load(model, tensors, rules, {"decoder": dcfg.num_layers,
-                                         "vision": len(model.vision.blocks)}, allow, where,
-                 allow_nonfinite)
-  return _finish(model, dropped + unused, where, return_unused)
+  plan = plan_llava_onevision(model_dir, gaze, dtype=dtype, param_dtype=param_dtype)
+  return build_planned(plan, seed=seed, return_unused=return_unused,
+                       allow_nonfinite=allow_nonfinite)
 
 
 def _load(model, tensors, rules, counts, allow_unused, where, allow_nonfinite) -> list[str]:

@@ -44,6 +44,22 @@ class Rule:
   layers: Optional[str] = None   # which layer count expands "{i}" (key of ``counts``)
 
 
+@dataclasses.dataclass(frozen=True)
+class WeightMap:
+  """How a checkpoint fills a model: the rules, the layer counts their ``{i}`` expands over,
+  the source key prefixes that may stay unused (a vision head we do not build), and our
+  parameters that no checkpoint has (``fresh``: they keep their initial value, e.g. the
+  context tokens ``ctx_embed``)."""
+  rules: tuple[Rule, ...]
+  counts: Mapping[str, int]
+  allow_unused: tuple[str, ...] = ()
+  fresh: tuple[str, ...] = ()
+
+  def expanded(self) -> list[tuple[str, str, Hook]]:
+    """``[(our_path, source_key, hook)]`` with layer indices expanded."""
+    return expand(self.rules, self.counts)
+
+
 def expand(rules: Sequence[Rule], counts: Mapping[str, int]) -> list[tuple[str, str, Hook]]:
   """Rules with ``{i}`` expanded: ``[(our_path, source_key, hook)]``."""
   out = []

@@ -46,6 +46,12 @@ class VisionConfig:
   def grid(self) -> int:
     return self.image_size // self.patch_size
 
+  @property
+  def num_blocks(self) -> int:
+    """The blocks built: those up to the feature layer (the ones after it are never used)."""
+    f = self.feature_layer
+    return self.num_layers + 1 + f if f < 0 else f
+
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:

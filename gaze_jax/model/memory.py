@@ -159,13 +159,6 @@ def _visual_shape(cfg: MLLMConfig, images: int, video_frames: int):
   return images + video_frames, regions, slots
 
 
-def _vision_blocks(cfg: MLLMConfig) -> int:
-  """Vision blocks actually built (blocks after ``feature_layer`` are not)."""
-  v = cfg.vision
-  f = v.feature_layer
-  return v.num_layers + 1 + f if f < 0 else f
-
-
 def _check_args(cfg, batch, seq_len, devices, mode, param_bytes, compute_bytes, cache_len,
                 images, video_frames, attention_impl):
   for name, x in (("batch", batch), ("seq_len", seq_len), ("devices", devices),
@@ -298,7 +291,7 @@ def _estimate(cfg: MLLMConfig, *, batch: int, seq_len: int, devices: int = 1,
 
   if vc is not None and n_frames:
     Ev, Fv, P = vc.hidden_size, vc.intermediate_size, vc.grid * vc.grid
-    Lv = _vision_blocks(cfg)
+    Lv = cfg.vision.num_blocks
     Ti = bl * n_frames * P                          # vision tokens per device
     v_tok = cb * (6 * Ev + 2 * Fv) + (vc.num_heads * 4 if fused_vision
                                       else vc.num_heads * P * (8 + cb))

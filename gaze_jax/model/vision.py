@@ -93,8 +93,7 @@ class VisionTower(nnx.Module):
     self.pos_embed = nnx.Param(
         nnx.initializers.normal(E ** -0.5)(rngs.params(), (cfg.grid * cfg.grid, E), param_dtype),
         out_sharding=("pos", "vision_embed"), eager_sharding=False)
-    f = cfg.feature_layer
-    n_blocks = cfg.num_layers + 1 + f if f < 0 else f
+    n_blocks = cfg.num_blocks
     if not 0 <= n_blocks <= cfg.num_layers:
       raise ValueError(f"feature_layer={cfg.feature_layer} is outside [-{cfg.num_layers + 1}, "
                        f"{cfg.num_layers}]")
