@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, Mapping, NamedTuple, Optional, Protocol, Sequence, Union
 
 import numpy as np
 
@@ -135,6 +135,49 @@ def preprocess_image(image: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
   return (x - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
 
 
+# --------------------------------------------------------------------------- media
+
+@dataclasses.dataclass(frozen=True)
+class Visual:
+  """One layout segment of visual tokens and its pixels: an ``Image`` (one frame) or a
+  ``Video``, with float32 ``pixels [frames, H, W, C]`` ready for the vision tower (every frame
+  of a batch has the same ``H x W``)."""
+  segment: Union[Image, Video]
+  pixels: np.ndarray
+
+
+# What one image or video becomes in the sequence: text (prompt, not trained: markers around
+# the visual tokens, tile names) and visual segments, in order.
+MediaPart = Union[str, Visual]
+
+
+class MediaProcessor(Protocol):
+  """A model family's image and video processing: one image (uint8 ``[h, w, 3]``) or one
+  video (its frames) -> the parts that replace its placeholder in the conversation."""
+
+  def image(self, image: np.ndarray) -> list[MediaPart]: ...
+
+  def video(self, frames: Sequence[np.ndarray]) -> list[MediaPart]: ...
+
+
+class SquareResize:
+  """The default media processing: an image is resized to the square ``cfg.image_size`` and
+  normalised (``preprocess_image``), one ``Image(grid, grid)``; a video is one ``Video`` of its
+  frames, each resized the same way (the model pools them to ``cfg.video_grid``)."""
+
+  def __init__(self, cfg: FeatureConfig):
+    self.cfg = cfg
+
+  def image(self, image: np.ndarray) -> list[MediaPart]:
+    g = self.cfg.grid
+    return [Visual(Image(g, g), preprocess_image(image, self.cfg)[None])]
+
+  def video(self, frames: Sequence[np.ndarray]) -> list[MediaPart]:
+    vg = self.cfg.video_grid
+    return [Visual(Video(len(frames), vg, vg),
+                   np.stack([preprocess_image(f, self.cfg) for f in frames]))]
+
+
 # --------------------------------------------------------------------------- conversation
 
 Part = Union[tuple[str, str, bool], tuple[str, int]]
@@ -202,11 +245,15 @@ def next_token_targets(tokens: np.ndarray, kind: np.ndarray, position: np.ndarra
 
 class ExampleProcessor:
   """Raw example -> features; see the module docstring. Thread-safe (grain may call it from
-  several threads); ``skipped`` counts examples skipped for not fitting (``skip_too_long``)."""
+  several threads); ``skipped`` counts examples skipped for not fitting (``skip_too_long``).
+  ``media`` turns each image / video into its segments and pixels (default ``SquareResize``;
+  a model family's own processing, e.g. tiles, comes from ``gaze_jax.data``'s family
+  processors)."""
 
-  def __init__(self, tokenizer, cfg: FeatureConfig):
+  def __init__(self, tokenizer, cfg: FeatureConfig, media: Optional[MediaProcessor] = None):
     self.tokenizer = tokenizer
     self.cfg = cfg
+    self.media = media if media is not None else SquareResize(cfg)
     n = getattr(tokenizer, "vocab_size", None)
     if cfg.vocab_size is not None and isinstance(n, int) and n > cfg.vocab_size:
       # Not an error yet: the ids this data uses may all fit; each example is checked.
@@ -228,27 +275,42 @@ class ExampleProcessor:
 
   def segments(self, example: Mapping[str, Any]) -> tuple[list, list[int]]:
     """The example's segment list and its text token ids (in sequence order)."""
+    segs, ids, _ = self._expand(example)
+    return segs, ids
+
+  def _expand(self, example: Mapping[str, Any]) -> tuple[list, list[int], list[np.ndarray]]:
+    """Segments, text token ids (in sequence order) and the pixels of every frame, in the
+    order of the layout's frames (``[H, W, C]`` each)."""
     where = f"example {_str(example.get('id', '?'))!r}"
     images = raw_images(example)
     is_video = bool(np.asarray(example.get("is_video", False)))
     n_media = (1 if images else 0) if is_video else len(images)
     parts = render_conversation(self.tokenizer.template, raw_turns(example), n_media, where)
-    g, vg = self.cfg.grid, self.cfg.video_grid
-    segs, ids = [], []
-    for p in parts:
-      if p[0] == "media":
-        segs.append(Video(len(images), vg, vg) if is_video else Image(g, g))
-        continue
-      toks = self.tokenizer.encode(p[1])
+    segs, ids, frames = [], [], []
+
+    def add_text(text: str, generated: bool):
+      toks = self.tokenizer.encode(text)
       if not toks:
-        continue
-      self._check_ids(toks, p[1], where)
-      if segs and isinstance(segs[-1], Text) and segs[-1].generated == p[2]:
-        segs[-1] = Text(segs[-1].length + len(toks), p[2])
+        return
+      self._check_ids(toks, text, where)
+      if segs and isinstance(segs[-1], Text) and segs[-1].generated == generated:
+        segs[-1] = Text(segs[-1].length + len(toks), generated)
       else:
-        segs.append(Text(len(toks), p[2]))
+        segs.append(Text(len(toks), generated))
       ids.extend(toks)
-    return segs, ids
+
+    for p in parts:
+      if p[0] != "media":
+        add_text(p[1], p[2])
+        continue
+      expanded = (self.media.video(images) if is_video else self.media.image(images[p[1]]))
+      for part in expanded:
+        if isinstance(part, str):
+          add_text(part, False)
+        else:
+          segs.append(part.segment)
+          frames.extend(np.asarray(part.pixels, np.float32))
+    return segs, ids, frames
 
   def _check_ids(self, ids: Sequence[int], text: str, where: str) -> None:
     """Raises ValueError when the tokenizer gave an id outside ``[0, cfg.vocab_size)``."""
@@ -279,7 +341,7 @@ class ExampleProcessor:
     """Features of one example; raises ExampleTooLong (naming it) when it does not fit."""
     cfg, spec = self.cfg, self.cfg.spec
     where = f"example {_str(example.get('id', '?'))!r}"
-    segs, ids = self.segments(example)
+    segs, ids, frames = self._expand(example)
     self._check_fits(segs, where)
     layout = {k: v[0] for k, v in build_layout([segs], spec).to_features().items()}
     kind = layout["kind"]
@@ -290,8 +352,11 @@ class ExampleProcessor:
     targets, loss_mask = next_token_targets(tokens, kind, layout["position"], layout["generated"])
     images = raw_images(example)
     pix = np.zeros((spec.max_images, cfg.image_size, cfg.image_size, 3), np.float32)
-    for f, im in enumerate(images):
-      pix[f] = preprocess_image(im, cfg)
+    for f, frame in enumerate(frames):
+      if frame.shape != pix.shape[1:]:
+        raise ValueError(f"{where}: frame {f} has pixels {frame.shape}, the model takes "
+                         f"{pix.shape[1:]} (FeatureConfig.image_size)")
+      pix[f] = frame
     out = {"tokens": tokens, "targets": targets, "loss_mask": loss_mask, "images": pix,
            "gt_regions": self._box_regions(example, images, layout, where, "boxes", "box_image",
                                            cfg.max_gt_regions),
