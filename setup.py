@@ -44,7 +44,9 @@ setup(
         # and kernels import without these).
         "data": ["tensorflow-cpu>=2.21", "tensorflow-datasets>=4.9.10", "grain>=0.2.18",
                  "array-record>=0.8.6", "importlib_resources", "pillow>=10.1",
-                 "scikit-learn>=1.3", "tokenizers>=0.21", "gguf>=0.17"],
+                 "scikit-learn>=1.3", "tokenizers>=0.21", "gguf>=0.17",
+                 # A model folder's own chat template (sandboxed, as transformers renders it).
+                 "jinja2>=3.1.6"],
         # The study's plots (benchmarks/study_report.py).
         "study": ["matplotlib>=3.8"],
         # The notebooks under notebooks/ and their runner (nbclient executes them in the tests);

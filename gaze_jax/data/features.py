@@ -31,7 +31,7 @@ from typing import Any, Mapping, NamedTuple, Optional, Protocol, Sequence, Union
 import numpy as np
 
 from gaze_jax.data.boxes import boxes_to_regions, pad_ids
-from gaze_jax.data.tokenizers import ChatTemplate
+from gaze_jax.data.tokenizers import ChatTemplate, JinjaChatTemplate
 from gaze_jax.gaze.layout import (PAD, TEXT, Image, LayoutSpec, Text, TokenLayout, Video,
                                   build_layout, num_regions, slots_needed)
 
@@ -183,21 +183,25 @@ class SquareResize:
 Part = Union[tuple[str, str, bool], tuple[str, int]]
 
 
-def render_conversation(template: ChatTemplate, turns: Sequence[tuple[str, str]], n_media: int,
-                        where: str = "example") -> list[Part]:
+def render_conversation(template: Union[ChatTemplate, JinjaChatTemplate],
+                        turns: Sequence[tuple[str, str]], n_media: int,
+                        where: str = "example", video: bool = False) -> list[Part]:
   """The conversation as ``("text", str, generated)`` and ``("media", k)`` parts, in order.
 
   ``<image>`` markers in the questions place the media (images, or one video); without markers
-  all media go before the first question, each followed by a newline (LLaVA's convention).
+  all media go before the first question, each followed by a newline (LLaVA's convention; a
+  model's own Jinja template, ``JinjaChatTemplate``, places them as that template does).
   """
   turns = [(q, a) for q, a in turns]
   if not turns:
     raise ValueError(f"{where}: has no turns")
   markers = sum(q.count(IMAGE_MARKER) for q, _ in turns)
+  if markers and markers != n_media:
+    raise ValueError(f"{where}: {markers} {IMAGE_MARKER} markers but {n_media} images/videos")
+  if isinstance(template, JinjaChatTemplate):
+    return template.render_parts(turns, n_media, where, video=video, marker=IMAGE_MARKER)
   if markers == 0 and n_media:
     turns[0] = ((IMAGE_MARKER + "\n") * n_media + turns[0][0], turns[0][1])
-  elif markers != n_media:
-    raise ValueError(f"{where}: {markers} {IMAGE_MARKER} markers but {n_media} images/videos")
   parts: list[Part] = []
   text, media = template.header(), 0
   for q, a in turns:
@@ -285,31 +289,55 @@ class ExampleProcessor:
     images = raw_images(example)
     is_video = bool(np.asarray(example.get("is_video", False)))
     n_media = (1 if images else 0) if is_video else len(images)
-    parts = render_conversation(self.tokenizer.template, raw_turns(example), n_media, where)
+    parts = render_conversation(self.tokenizer.template, raw_turns(example), n_media, where,
+                                video=is_video)
     segs, ids, frames = [], [], []
 
-    def add_text(text: str, generated: bool):
-      toks = self.tokenizer.encode(text)
+    def add_ids(toks: Sequence[int], generated: bool, text: str, check: bool = True):
       if not toks:
         return
-      self._check_ids(toks, text, where)
+      if check:
+        self._check_ids(toks, text, where)
       if segs and isinstance(segs[-1], Text) and segs[-1].generated == generated:
         segs[-1] = Text(segs[-1].length + len(toks), generated)
       else:
         segs.append(Text(len(toks), generated))
       ids.extend(toks)
 
+    def add_text(run: list[tuple[str, bool]]):
+      """Consecutive text parts. A model's own template is tokenized as transformers tokenizes
+      the rendered prompt, in one piece (a part boundary may fall inside a token, e.g. a
+      generation prompt ending with a space); a token that overlaps trained text is trained."""
+      if isinstance(self.tokenizer.template, JinjaChatTemplate):
+        text = "".join(t for t, _ in run)
+        toks, spans = self.tokenizer.encode_offsets(text)
+        trained, at = [], 0
+        for t, gen in run:
+          if gen:
+            trained.append((at, at + len(t)))
+          at += len(t)
+        self._check_ids(toks, text, where)
+        for tok, (a, b) in zip(toks, spans):
+          add_ids([tok], any(a < e and s < max(b, a + 1) for s, e in trained), text, False)
+        return
+      for t, gen in run:
+        add_ids(self.tokenizer.encode(t), gen, t)
+
+    run: list[tuple[str, bool]] = []
     for p in parts:
       if p[0] != "media":
-        add_text(p[1], p[2])
+        run.append((p[1], p[2]))
         continue
       expanded = (self.media.video(images) if is_video else self.media.image(images[p[1]]))
       for part in expanded:
         if isinstance(part, str):
-          add_text(part, False)
-        else:
-          segs.append(part.segment)
-          frames.extend(np.asarray(part.pixels, np.float32))
+          run.append((part, False))
+          continue
+        add_text(run)
+        run = []
+        segs.append(part.segment)
+        frames.extend(np.asarray(part.pixels, np.float32))
+    add_text(run)
     return segs, ids, frames
 
   def _check_ids(self, ids: Sequence[int], text: str, where: str) -> None:

@@ -20,10 +20,14 @@ A ``ChatTemplate`` renders a conversation as text pieces; ``render_conversation`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Optional, Protocol, Sequence
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +68,184 @@ class ChatTemplate:
       s += self.user_start + q + self.user_end + self.assistant_start + a + self.assistant_end
       s += self.turn_sep
     return s
+
+
+# Private-use characters that no template or tokenizer gives a meaning: they mark where each
+# answer sits in a rendered conversation.
+_ANSWER = "\ue000{}\ue001"
+_ANSWER_RE = re.compile("\ue000(\\d+)\ue001")
+
+
+@dataclasses.dataclass(frozen=True)
+class JinjaChatTemplate:
+  """A model's own Jinja chat template, rendered as transformers renders it (a sandboxed Jinja
+  environment with ``trim_blocks``, ``lstrip_blocks``, loop controls, ``tojson``,
+  ``raise_exception``, ``strftime_now``, ``{% generation %}`` blocks, and the tokenizer's
+  special-token strings as variables).
+
+  A conversation becomes the messages a transformers processor takes: each user turn's content
+  is a list of ``{"type": "image"}`` (or ``"video"``) and ``{"type": "text", "text": ...}``
+  items in the order of its ``<image>`` markers (the newlines that LLaVA's ``<image>\\n``
+  convention puts next to a marker are dropped: the template decides the separator); without
+  markers all media go first in the first turn. Each answer is rendered through a private-use
+  marker, so the text before it is the prompt and the answer is what is trained, together with
+  ``assistant_end`` (the tokenizer's EOS) when the template writes it right after the answer:
+  the model learns to stop. The template writes ``image_token`` / ``video_token`` where a
+  medium goes; there the media's segments are placed.
+
+  Attributes:
+    source: the Jinja source.
+    variables: extra template variables, the tokenizer's special tokens (``bos_token``,
+      ``eos_token``, ...) as strings.
+    assistant_end: the text that ends an answer (the EOS token), or "" for none.
+    image_token, video_token: what the template writes for an image / a video item.
+    prefix: text the tokenizer adds before a sequence (its post-processor's BOS, which a
+      transformers processor adds when tokenizing the rendered prompt), unless the rendered
+      text already starts with it.
+    where: the file the template came from (for errors).
+  """
+  source: str
+  variables: tuple[tuple[str, str], ...] = ()
+  assistant_end: str = ""
+  image_token: str = "<image>"
+  video_token: str = "<video>"
+  prefix: str = ""
+  where: str = "chat template"
+  _warned_prompt: bool = dataclasses.field(default=False, compare=False, repr=False)
+
+  def _with_prefix(self, text: str) -> str:
+    return self.prefix + text if self.prefix and not text.startswith(self.prefix) else text
+
+  def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+    """The template applied to ``messages`` (transformers' ``apply_chat_template(...,
+    tokenize=False)``)."""
+    import jinja2
+
+    try:
+      return _compiled_jinja(self.source).render(
+          messages=list(messages), add_generation_prompt=add_generation_prompt, tools=None,
+          documents=None, **dict(self.variables))
+    except jinja2.TemplateError as e:
+      raise ValueError(f"{self.where}: the chat template failed: {e}") from None
+
+  def messages(self, turns: Sequence[tuple[str, str]], n_media: int, video: bool = False,
+               marker: str = "<image>") -> list[dict]:
+    """The conversation as transformers' messages, answers replaced by their markers."""
+    kind = "video" if video else "image"
+    out = []
+    markers = sum(q.count(marker) for q, _ in turns)
+    for k, (q, a) in enumerate(turns):
+      content = [{"type": kind}] * n_media if (k == 0 and not markers) else []
+      pieces = q.split(marker)
+      for j, piece in enumerate(pieces):
+        if j:
+          content.append({"type": kind})
+        piece = piece.lstrip("\n") if j else piece
+        piece = piece.rstrip("\n") if j < len(pieces) - 1 else piece
+        if piece:
+          content.append({"type": "text", "text": piece})
+      out.append({"role": "user", "content": content})
+      out.append({"role": "assistant", "content": [{"type": "text", "text": _ANSWER.format(k)}]})
+    return out
+
+  def render_parts(self, turns: Sequence[tuple[str, str]], n_media: int, where: str = "example",
+                   video: bool = False, marker: str = "<image>") -> list:
+    """The conversation as ``("text", str, generated)`` and ``("media", k)`` parts in order
+    (see ``gaze_jax.data.features.render_conversation``).
+
+    Raises ValueError naming ``where`` when the template drops an answer or writes another
+    number of media placeholders than the conversation has.
+    """
+    messages = self.messages(turns, n_media, video, marker)
+    text = self._with_prefix(self.render(messages))
+    token = self.video_token if video else self.image_token
+    parts, pos, answers = [], 0, 0
+    for m in _ANSWER_RE.finditer(text):
+      k = int(m.group(1))
+      if k != answers:
+        raise ValueError(f"{where}: {self.where} reorders the answers")
+      # The prompt ends where transformers' generation prompt for these turns ends (it may stop
+      # before text the template writes ahead of an answer, e.g. SmolVLM's "Assistant:" vs
+      # "Assistant: <answer>"); what follows is trained, the answer's own text included.
+      start = m.start()
+      prompt = self._with_prefix(self.render(messages[:2 * k + 1], add_generation_prompt=True))
+      if pos <= len(prompt) <= start and text.startswith(prompt):
+        start = len(prompt)
+      elif not self._warned_prompt:
+        object.__setattr__(self, "_warned_prompt", True)
+        log.warning("%s: the generation prompt is not the start of the rendered conversation; "
+                    "the prompts end at the answers instead", self.where)
+      parts += _media_parts(text[pos:start], token)
+      answer, pos = text[start:m.start()] + turns[k][1], m.end()
+      if self.assistant_end and text.startswith(self.assistant_end, pos):
+        answer, pos = answer + self.assistant_end, pos + len(self.assistant_end)
+      parts.append(("text", answer, True))
+      answers += 1
+    if answers != len(turns):
+      raise ValueError(f"{where}: {self.where} rendered {answers} of the {len(turns)} answers")
+    parts += _media_parts(text[pos:], token)
+    media = [j for j, p in enumerate(parts) if p[0] == "media"]
+    want = min(n_media, 1) if video else n_media
+    if len(media) != want:
+      raise ValueError(f"{where}: {self.where} wrote {len(media)} {token!r} placeholders for "
+                       f"{want} {'video' if video else 'images'}")
+    for k, j in enumerate(media):
+      parts[j] = ("media", k)
+    return [p for p in parts if p[0] == "media" or p[1]]
+
+  def render_text(self, turns: Sequence[tuple[str, str]]) -> str:
+    """The whole (text-only) conversation as one string."""
+    return self.render([m for q, a in turns for m in (
+        {"role": "user", "content": [{"type": "text", "text": q}]},
+        {"role": "assistant", "content": [{"type": "text", "text": a}]})])
+
+
+def _media_parts(text: str, token: str) -> list:
+  """``text`` (prompt) split at ``token``: ``("text", piece, False)`` and ``("media", -1)``."""
+  out = []
+  for j, piece in enumerate(text.split(token)):
+    if j:
+      out.append(("media", -1))
+    out.append(("text", piece, False))
+  return out
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_jinja(source: str):
+  """``source`` compiled in an environment like transformers' for chat templates (sandboxed;
+  chat templates from a model folder are untrusted code)."""
+  import datetime
+
+  import jinja2
+  from jinja2 import ext, nodes
+  from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+  class Generation(ext.Extension):
+    """``{% generation %}...{% endgeneration %}`` marks trained text for transformers' assistant
+    masks; here it renders its body (the answer markers say what is trained)."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+      lineno = next(parser.stream).lineno
+      body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+      return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+      return caller()
+
+  def raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+  def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+  env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                      extensions=[Generation, ext.loopcontrols])
+  env.filters["tojson"] = tojson
+  env.globals["raise_exception"] = raise_exception
+  env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+  return env.from_string(source)
 
 
 class Tokenizer(Protocol):
@@ -228,6 +410,11 @@ class HFTokenizer:
   def encode(self, text: str) -> list[int]:
     return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
+  def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """``encode(text)`` with each token's ``(start, end)`` character span in ``text``."""
+    enc = self.tokenizer.encode(text, add_special_tokens=False)
+    return list(enc.ids), [tuple(o) for o in enc.offsets]
+
   def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
     return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special)
 
@@ -298,6 +485,89 @@ def load_hf_tokenizer(path, template: Optional[ChatTemplate] = None) -> HFTokeni
     template = template_from_jinja(jinja, tok.token_to_id("<|im_start|>") is not None)
   return HFTokenizer(tok, template=template, bos=_token_str(cfg.get("bos_token")),
                      eos=_token_str(cfg.get("eos_token")), pad=_token_str(cfg.get("pad_token")))
+
+
+def _read_json(path: Path) -> dict:
+  try:
+    out = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON: {e}") from None
+  if not isinstance(out, dict):
+    raise ValueError(f"{path} must hold a JSON object")
+  return out
+
+
+def _folder_chat_template(folder: Path, configs: Sequence[Path]) -> tuple[Optional[str], str]:
+  """The chat template of a model folder and the file it came from: ``chat_template.jinja``,
+  ``chat_template.json`` (a processor's), else the ``chat_template`` key of ``configs`` in
+  order (a named list keeps its ``default``)."""
+  jinja = folder / "chat_template.jinja"
+  if jinja.is_file():
+    return jinja.read_text(), str(jinja)
+  found = [(folder / "chat_template.json", "chat_template")]
+  found += [(c, "chat_template") for c in configs]
+  for file, key in found:
+    if not file.is_file():
+      continue
+    value = _read_json(file).get(key)
+    if isinstance(value, list):                       # [{"name": "default", "template": ...}]
+      value = next((t.get("template") for t in value if t.get("name") == "default"), None)
+    if value:
+      return value, f"{file} ({key})"
+  return None, ""
+
+
+def load_model_tokenizer(folder) -> HFTokenizer:
+  """The tokenizer and chat template of a Hugging Face model folder, as a transformers
+  processor of that folder uses them: ``tokenizer.json``, the special tokens of
+  ``tokenizer_config.json``, and the model's Jinja chat template (``chat_template.jinja``,
+  ``chat_template.json``, ``processor_config.json`` or ``tokenizer_config.json``) rendered by
+  ``JinjaChatTemplate``. The image / video placeholders are the processor's ``image_token`` /
+  ``video_token`` (``processor_config.json``, else ``tokenizer_config.json``, else
+  ``<image>`` / ``<video>``).
+
+  Raises FileNotFoundError naming the folder when it has no ``tokenizer.json`` or no chat
+  template, ValueError naming the file for malformed JSON or a special token the vocabulary
+  lacks.
+  """
+  from tokenizers import Tokenizer as _Tok
+
+  folder = Path(folder)
+  file = folder / "tokenizer.json"
+  if not file.is_file():
+    raise FileNotFoundError(f"{folder} has no tokenizer.json")
+  tok = _Tok.from_file(str(file))
+  tcfg_file, pcfg_file = folder / "tokenizer_config.json", folder / "processor_config.json"
+  tcfg = _read_json(tcfg_file) if tcfg_file.is_file() else {}
+  pcfg = _read_json(pcfg_file) if pcfg_file.is_file() else {}
+  source, where = _folder_chat_template(folder, (pcfg_file, tcfg_file))
+  if source is None:
+    raise FileNotFoundError(f"{folder} has no chat template (chat_template.jinja, "
+                            "chat_template.json, or a chat_template key in processor_config.json "
+                            "or tokenizer_config.json)")
+  specials = {k: _token_str(v) for k, v in tcfg.items()
+              if k.endswith("_token") and isinstance(_token_str(v), str)}
+  extra = tcfg.get("extra_special_tokens")
+  if isinstance(extra, dict):
+    specials.update({k: _token_str(v) for k, v in extra.items()
+                     if isinstance(_token_str(v), str)})
+  for k, v in specials.items():
+    if tok.token_to_id(v) is None:
+      raise ValueError(f"{tcfg_file}: {k}={v!r} is not in the vocabulary of {file}")
+
+  def placeholder(key: str, default: str) -> str:
+    return _token_str(pcfg.get(key)) or specials.get(key) or default
+
+  eos = specials.get("eos_token")
+  # What the tokenizer's post-processor adds before a sequence (a BOS), as text.
+  added = tok.encode("", add_special_tokens=True).ids
+  prefix = "".join(tok.id_to_token(i) for i in added)
+  template = JinjaChatTemplate(
+      source=source, variables=tuple(sorted(specials.items())), assistant_end=eos or "",
+      image_token=placeholder("image_token", "<image>"),
+      video_token=placeholder("video_token", "<video>"), prefix=prefix, where=where)
+  return HFTokenizer(tok, template=template, bos=specials.get("bos_token"), eos=eos,
+                     pad=specials.get("pad_token"))
 
 
 # --------------------------------------------------------------------------- GGUF
