@@ -93,6 +93,33 @@ class Checkpoint(MutableMapping):
   def __repr__(self) -> str:
     return f"Checkpoint({self._where!r}, {len(self)} tensors)"
 
+  def shape(self, name: str) -> tuple[int, ...]:
+    """The shape of tensor ``name``, from its file's header (no data is read)."""
+    if name in self._set:
+      return tuple(self._set[name].shape)
+    try:
+      with safe_open(self.file_of(name), framework="numpy") as f:
+        return tuple(f.get_slice(name).get_shape())
+    except SafetensorError as e:
+      raise ValueError(f"{self.file_of(name)}: cannot read the header of {name!r}: {e}"
+                       ) from None
+
+  def read_slice(self, name: str, index: tuple) -> np.ndarray:
+    """``self[name][index]`` (a tuple of slices, one per axis), reading only that part of the
+    file: a host holds a piece of a tensor, never the whole, when a device holds a piece.
+    Floating tensors come back as float32, like ``__getitem__``."""
+    if name in self._set:
+      return self._set[name][index]
+    path = self.file_of(name)
+    try:
+      with safe_open(path, framework="numpy") as f:
+        arr = f.get_slice(name)[tuple(index)] if index else f.get_tensor(name)
+    except (SafetensorError, TypeError, OSError) as e:
+      raise ValueError(f"{path}: cannot read tensor {name!r}: {e}") from None
+    if np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_:
+      return arr
+    return arr.astype(np.float32, copy=False)
+
   def file_of(self, name: str) -> str:
     """The file that holds tensor ``name`` (for messages); "<in memory>" for a set one."""
     if name in self._set:

@@ -2,7 +2,9 @@
 
 A converter is a list of ``Rule``s. ``{i}`` in a rule stands for a layer index and is expanded
 over ``range(n)`` for the layer counts given. Hooks turn a source tensor into our layout
-(``linear``: ``[out, in] -> [in, out]``; ``conv``: ``[out, in, kh, kw] -> [kh, kw, in, out]``).
+(``linear``: ``[out, in] -> [in, out]``; ``conv``: ``[out, in, kh, kw] -> [kh, kw, in, out]``);
+these are ``Layout`` hooks, which only reorder axes, so a piece of a parameter is read from a
+piece of the file (``gaze_jax.convert.sharded``) and the map inverts for export.
 Every model parameter must be covered, every shape must match and every value must be finite
 (no NaN or Inf, unless ``allow_nonfinite``), or ``load_weights`` raises a ValueError that names
 the parameter and the source key.
@@ -18,22 +20,45 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-Hook = Callable[[np.ndarray], np.ndarray]
 log = logging.getLogger(__name__)
 
 
-def identity(x: np.ndarray) -> np.ndarray:
-  return x
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """A hook that only reorders the axes of a tensor (so that a piece of our parameter comes
+  from a piece of the source, and the map can be inverted for export): our tensor is
+  ``source.transpose(axes)``. Called on a source tensor it gives ours."""
+  name: str
+  axes: Optional[tuple[int, ...]] = None     # None: the identity
+
+  def __call__(self, x: np.ndarray) -> np.ndarray:
+    return x if self.axes is None else np.transpose(x, self.axes)
+
+  def source_index(self, index: tuple) -> tuple:
+    """The source slice that holds our slice ``index`` (a tuple of slices, one per axis)."""
+    if self.axes is None:
+      return tuple(index)
+    out = [None] * len(self.axes)
+    for ours, src in enumerate(self.axes):
+      out[src] = index[ours]
+    return tuple(out)
+
+  def source_shape(self, shape: tuple) -> tuple:
+    return tuple(int(n) for n in self.source_index(tuple(shape)))
+
+  def inverse(self, x: np.ndarray) -> np.ndarray:
+    """Our tensor -> the source layout (for export)."""
+    return x if self.axes is None else np.transpose(x, np.argsort(self.axes))
 
 
-def linear(x: np.ndarray) -> np.ndarray:
-  """PyTorch ``nn.Linear`` weight ``[out, in]`` -> our kernel ``[in, out]``."""
-  return x.T
+identity = Layout("identity")
+# PyTorch ``nn.Linear`` weight ``[out, in]`` -> our kernel ``[in, out]``.
+linear = Layout("linear", (1, 0))
+# PyTorch ``nn.Conv2d`` weight ``[out, in, kh, kw]`` -> our kernel ``[kh, kw, in, out]``.
+conv = Layout("conv", (2, 3, 1, 0))
 
-
-def conv(x: np.ndarray) -> np.ndarray:
-  """PyTorch ``nn.Conv2d`` weight ``[out, in, kh, kw]`` -> our kernel ``[kh, kw, in, out]``."""
-  return x.transpose(2, 3, 1, 0)
+# Any callable source -> ours; only ``Layout`` hooks can be read piecewise and exported.
+Hook = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,10 +154,17 @@ def load_weights(model: nnx.Module, tensors: Mapping[str, np.ndarray], rules: Se
     var.set_value(jnp.asarray(value, dtype=var.get_value().dtype))
     used.add(src)
     covered.add(ours)
-  missing = sorted(set(params) - covered)
+  return check_coverage(params, covered, tensors, used, allow_unused)
+
+
+def check_coverage(params, covered, tensors, used, allow_unused: Sequence[str]) -> list[str]:
+  """Raises ValueError when a parameter of ``params`` is not ``covered`` by a rule, or a
+  checkpoint key of ``tensors`` is neither ``used`` nor under a prefix of ``allow_unused``.
+  Returns the unused keys (all allowed)."""
+  missing = sorted(set(params) - set(covered))
   if missing:
     raise ValueError(f"no weights for {len(missing)} parameters, e.g. {missing[:5]}")
-  unused = sorted(set(tensors) - used)
+  unused = sorted(set(tensors) - set(used))
   bad = [k for k in unused if not any(k.startswith(p) for p in allow_unused)]
   if bad:
     raise ValueError(f"{len(bad)} checkpoint tensors were not used, e.g. {bad[:5]}")
