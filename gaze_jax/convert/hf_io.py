@@ -1,66 +1,134 @@
-"""Reading Hugging Face checkpoints: safetensors files (single or sharded) and ``config.json``.
+"""Reading Hugging Face checkpoints: safetensors files (single or sharded) and ``config.json``,
+from a local folder or a ``gs://`` prefix (any ``etils.epath`` path).
 
-Files are read with the ``safetensors`` library (``safe_open``, numpy framework). A checkpoint
-opens lazily: ``load_safetensors`` reads only the headers, and a tensor is read from disk when
-it is asked for, so a converter touches each tensor once and never holds the whole checkpoint.
-bfloat16 and float8 tensors come through ``ml_dtypes`` (a jax dependency): importing it
-registers their numpy dtypes, which safetensors looks up by name. Floating tensors come back as
-float32 numpy arrays; integer and bool tensors (rare buffers) keep their dtype.
+A safetensors file is an 8-byte little-endian header length, a JSON header (``{name: {"dtype",
+"shape", "data_offsets": [begin, end]}}``) and the raw row-major data. ``SafetensorsFile``
+reads the header once and then only the byte ranges asked for: a tensor, or the rows of a piece
+of it (``read_slice``), so a host reads what its devices hold and never the whole checkpoint,
+locally and in a bucket alike. A checkpoint opens lazily: ``load_safetensors`` reads only the
+headers. bfloat16 and float8 come through ``ml_dtypes`` (a jax dependency). Floating tensors
+come back as float32 numpy arrays; integer and bool tensors (rare buffers) keep their dtype.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Iterator, MutableMapping
 from typing import Any, Union
 
-import ml_dtypes  # noqa: F401  (registers bfloat16 / float8 with numpy for safetensors)
+import ml_dtypes
 import numpy as np
-from safetensors import SafetensorError, safe_open
+from etils import epath
 
 PathLike = Union[str, os.PathLike]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
+DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+          "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+          "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+          "U16": np.uint16, "U32": np.uint32, "U64": np.uint64, "BOOL": np.bool_}
+# The header of a sane file is far below this; a larger length is a corrupt file.
+_MAX_HEADER = 100 << 20
 
-def _tensor_names(path: str) -> list[str]:
-  """The tensor names in one file's header (the data is not read).
 
-  Raises FileNotFoundError for a missing file, ValueError naming the file for a corrupt one.
+class SafetensorsFile:
+  """One ``.safetensors`` file: its header, and reads of whole tensors or row ranges.
+
+  Raises FileNotFoundError for a missing file and ValueError naming the file for one that is
+  truncated or corrupt (a header that is not JSON, offsets outside the data, a dtype we do not
+  know).
   """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"safetensors file not found: {path}")
-  try:
-    with safe_open(path, framework="numpy") as f:
-      return list(f.keys())
-  except SafetensorError as e:
-    raise ValueError(f"{path}: not a valid safetensors file, truncated or corrupt ({e})"
-                     ) from None
+
+  def __init__(self, path: PathLike):
+    self.path = epath.Path(path)
+    if not self.path.is_file():
+      raise FileNotFoundError(f"safetensors file not found: {self.path}")
+    size = self.path.stat().length
+    try:
+      with self.path.open("rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+          raise ValueError("shorter than its header length")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(size - 8, _MAX_HEADER):
+          raise ValueError(f"header length {n} exceeds the file")
+        header = json.loads(f.read(n))
+      header.pop("__metadata__", None)
+      self._start = 8 + n
+      ends = [0]
+      for name, t in header.items():
+        if t["dtype"] not in DTYPES:
+          raise ValueError(f"tensor {name!r} has dtype {t['dtype']!r}, which we do not read")
+        begin, end = t["data_offsets"]
+        want = int(np.prod(t["shape"], dtype=np.int64)) * np.dtype(DTYPES[t["dtype"]]).itemsize
+        if end - begin != want or begin < 0:
+          raise ValueError(f"tensor {name!r}: offsets {t['data_offsets']} do not fit its shape")
+        ends.append(end)
+      if self._start + max(ends) != size:
+        raise ValueError(f"its header describes {max(ends)} bytes of data, the file holds "
+                         f"{size - self._start}")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, struct.error) as e:
+      raise ValueError(f"{self.path}: not a valid safetensors file, truncated or corrupt ({e})"
+                       ) from None
+    self.header = header
+
+  def names(self) -> list[str]:
+    return list(self.header)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in self.header[name]["shape"])
+
+  def read(self, name: str, index: tuple = ()) -> np.ndarray:
+    """``tensor[index]`` (a tuple of slices, one per axis, or () for all of it) in the file's
+    dtype. Only the rows of the first axis that ``index`` selects are read (a row-major
+    tensor's rows are contiguous); the other axes are sliced in memory."""
+    t = self.header[name]
+    dtype, shape = np.dtype(DTYPES[t["dtype"]]), self.shape(name)
+    begin = self._start + t["data_offsets"][0]
+    rows = range(shape[0])[index[0]] if index and shape else None
+    if rows is not None and rows.step == 1:
+      row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+      first, count = rows.start, len(rows)
+      with self.path.open("rb") as f:
+        f.seek(begin + first * row_bytes)
+        data = f.read(count * row_bytes)
+      arr = np.frombuffer(data, dtype).reshape((count,) + shape[1:])
+      return arr[(slice(None),) + tuple(index[1:])]
+    with self.path.open("rb") as f:
+      f.seek(begin)
+      data = f.read(t["data_offsets"][1] - t["data_offsets"][0])
+    arr = np.frombuffer(data, dtype).reshape(shape)
+    return arr[tuple(index)] if index else arr
 
 
-def _read_tensor(path: str, name: str) -> np.ndarray:
-  """Tensor ``name`` of file ``path``: float32 for floating dtypes, its own dtype otherwise."""
-  try:
-    with safe_open(path, framework="numpy") as f:
-      arr = f.get_tensor(name)
-  except (SafetensorError, TypeError, OSError) as e:
-    # TypeError: a dtype numpy does not know (one ml_dtypes lacks too).
-    raise ValueError(f"{path}: cannot read tensor {name!r}: {e}") from None
+def _as_float32(arr: np.ndarray) -> np.ndarray:
+  """Floating tensors as float32; integer and bool ones keep their dtype."""
   if np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_:
-    return arr
-  return arr.astype(np.float32, copy=False)
+    return np.array(arr)
+  return arr.astype(np.float32)
+
+
+def _read_tensor(file: SafetensorsFile, name: str, index: tuple = ()) -> np.ndarray:
+  """Tensor ``name`` of ``file`` (its piece ``index``): float32 for floating dtypes, its own
+  dtype otherwise."""
+  try:
+    return _as_float32(file.read(name, tuple(index)))
+  except OSError as e:
+    raise ValueError(f"{file.path}: cannot read tensor {name!r}: {e}") from None
 
 
 class Checkpoint(MutableMapping):
-  """``{tensor name: numpy array}`` over safetensors files, read from disk on access.
+  """``{tensor name: numpy array}`` over safetensors files, read on access.
 
   Setting a name stores that array in memory; deleting one hides the tensor (converters drop
   saved buffers and add initial values this way). Each access reads the tensor again.
   """
 
-  def __init__(self, files: dict[str, str], where: str):
+  def __init__(self, files: dict[str, SafetensorsFile], where: str):
     self._files = dict(files)        # tensor name -> the file that holds it
     self._set: dict[str, np.ndarray] = {}
     self._where = where
@@ -97,28 +165,24 @@ class Checkpoint(MutableMapping):
     """The shape of tensor ``name``, from its file's header (no data is read)."""
     if name in self._set:
       return tuple(self._set[name].shape)
-    try:
-      with safe_open(self.file_of(name), framework="numpy") as f:
-        return tuple(f.get_slice(name).get_shape())
-    except SafetensorError as e:
-      raise ValueError(f"{self.file_of(name)}: cannot read the header of {name!r}: {e}"
-                       ) from None
+    self.file_of(name)
+    return self._files[name].shape(name)
+
+  def dtype(self, name: str) -> np.dtype:
+    """The dtype tensor ``name`` is stored in (bfloat16, float32, ...)."""
+    if name in self._set:
+      return self._set[name].dtype
+    self.file_of(name)
+    return np.dtype(DTYPES[self._files[name].header[name]["dtype"]])
 
   def read_slice(self, name: str, index: tuple) -> np.ndarray:
-    """``self[name][index]`` (a tuple of slices, one per axis), reading only that part of the
-    file: a host holds a piece of a tensor, never the whole, when a device holds a piece.
-    Floating tensors come back as float32, like ``__getitem__``."""
+    """``self[name][index]`` (a tuple of slices, one per axis), reading only the rows of the
+    file that hold it: a host holds a piece of a tensor, not the whole, when a device holds a
+    piece. Floating tensors come back as float32, like ``__getitem__``."""
     if name in self._set:
-      return self._set[name][index]
-    path = self.file_of(name)
-    try:
-      with safe_open(path, framework="numpy") as f:
-        arr = f.get_slice(name)[tuple(index)] if index else f.get_tensor(name)
-    except (SafetensorError, TypeError, OSError) as e:
-      raise ValueError(f"{path}: cannot read tensor {name!r}: {e}") from None
-    if np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_:
-      return arr
-    return arr.astype(np.float32, copy=False)
+      return self._set[name][tuple(index)]
+    self.file_of(name)
+    return _read_tensor(self._files[name], name, index)
 
   def file_of(self, name: str) -> str:
     """The file that holds tensor ``name`` (for messages); "<in memory>" for a set one."""
@@ -126,36 +190,38 @@ class Checkpoint(MutableMapping):
       return "<in memory>"
     if name not in self._files:
       raise KeyError(f"{self._where} has no tensor {name!r}")
-    return self._files[name]
+    return str(self._files[name].path)
 
 
-def _one_file(path: str) -> Checkpoint:
-  return Checkpoint({name: path for name in _tensor_names(path)}, path)
+def _one_file(path: epath.Path) -> Checkpoint:
+  file = SafetensorsFile(path)
+  return Checkpoint({name: file for name in file.names()}, str(path))
 
 
 def load_safetensors(path: PathLike) -> Checkpoint:
-  """Opens a checkpoint: a ``.safetensors`` file, or a directory holding ``model.safetensors``
-  or a sharded ``model.safetensors.index.json`` (or exactly one other ``*.safetensors``).
+  """Opens a checkpoint: a ``.safetensors`` file, or a folder (local or ``gs://``) holding
+  ``model.safetensors`` or a sharded ``model.safetensors.index.json`` (or exactly one other
+  ``*.safetensors``).
 
   Returns a lazy ``{tensor name: numpy array}`` mapping (``Checkpoint``); floating tensors
   (bf16, f16, f32, ...) come out as float32. Only the headers are read here.
   Raises FileNotFoundError for a missing file or shard, ValueError for a corrupt one or an
   index whose weight map disagrees with its shards.
   """
-  path = os.fspath(path)
-  if os.path.isfile(path):
+  path = epath.Path(path)
+  if path.is_file():
     return _one_file(path)
-  if not os.path.isdir(path):
+  if not path.is_dir():
     raise FileNotFoundError(f"no checkpoint at {path} (neither a file nor a directory)")
-  index = os.path.join(path, INDEX_NAME)
-  if os.path.isfile(index):
+  index = path / INDEX_NAME
+  if index.is_file():
     return _load_sharded(path, index)
-  single = os.path.join(path, SINGLE_NAME)
-  if os.path.isfile(single):
+  single = path / SINGLE_NAME
+  if single.is_file():
     return _one_file(single)
-  found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+  found = sorted(p.name for p in path.iterdir() if p.name.endswith(".safetensors"))
   if len(found) == 1:
-    return _one_file(os.path.join(path, found[0]))
+    return _one_file(path / found[0])
   if not found:
     raise FileNotFoundError(f"{path} has no {SINGLE_NAME}, no {INDEX_NAME} and no other "
                             "*.safetensors file")
@@ -163,16 +229,15 @@ def load_safetensors(path: PathLike) -> Checkpoint:
                    "saying how they fit together")
 
 
-def _load_sharded(root: str, index: str) -> Checkpoint:
+def _load_sharded(root: epath.Path, index: epath.Path) -> Checkpoint:
   try:
-    with open(index) as f:
-      weight_map = json.load(f)["weight_map"]
+    weight_map = json.loads(index.read_text())["weight_map"]
   except (json.JSONDecodeError, KeyError, TypeError) as e:
     raise ValueError(f"{index}: not a valid shard index (needs a 'weight_map'): {e}") from None
-  files: dict[str, str] = {}
+  files: dict[str, SafetensorsFile] = {}
   for shard in sorted(set(weight_map.values())):
-    file = os.path.join(root, shard)
-    names = _tensor_names(file)
+    file = SafetensorsFile(root / shard)
+    names = file.names()
     dup = sorted(set(names) & set(files))
     if dup:
       raise ValueError(f"{index}: tensors {dup[:5]} appear in more than one shard")
@@ -181,18 +246,17 @@ def _load_sharded(root: str, index: str) -> Checkpoint:
   if missing:
     raise ValueError(f"{index} lists {len(missing)} tensors that its shards lack, e.g. "
                      f"{missing[:5]}")
-  return Checkpoint(files, root)
+  return Checkpoint(files, str(root))
 
 
 def read_hf_config(path: PathLike) -> dict[str, Any]:
-  """``config.json`` of a model directory (or the file itself) as a dict."""
-  path = os.fspath(path)
-  file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-  if not os.path.isfile(file):
+  """``config.json`` of a model folder (or the file itself), local or ``gs://``, as a dict."""
+  path = epath.Path(path)
+  file = path / "config.json" if path.is_dir() else path
+  if not file.is_file():
     raise FileNotFoundError(f"no Hugging Face config at {file}")
   try:
-    with open(file) as f:
-      cfg = json.load(f)
+    cfg = json.loads(file.read_text())
   except json.JSONDecodeError as e:
     raise ValueError(f"{file} is not valid JSON: {e}") from None
   if not isinstance(cfg, dict):
