@@ -10,10 +10,12 @@ layout (the same map, inverted).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
-from gaze_jax.convert import hf
+from gaze_jax.convert import hf, smolvlm
 from gaze_jax.convert.hf_io import PathLike, read_hf_config
+from gaze_jax.convert.mapping import Rule
 from gaze_jax.model.config import GazeConfig
 
 Plan = Callable[..., "hf.LoadPlan"]
@@ -24,6 +26,8 @@ PLANS: dict[str, Plan] = {
     "qwen2": hf.plan_causal_lm,
     "qwen3": hf.plan_causal_lm,
     "llava_onevision": hf.plan_llava_onevision,
+    "smolvlm": smolvlm.plan_smolvlm,
+    "idefics3": smolvlm.plan_smolvlm,
 }
 
 
@@ -39,4 +43,19 @@ def plan_hf(model_dir: PathLike, gaze: GazeConfig = hf.DENSE_TEXT, *, dtype: str
   if mt not in PLANS:
     raise ValueError(f"{model_dir}/config.json: model_type={mt!r} is not a family we convert "
                      f"(supported: {', '.join(sorted(PLANS))})")
-  return PLANS[mt](model_dir, gaze, dtype=dtype, param_dtype=param_dtype)
+  return with_gaze_parts(PLANS[mt](model_dir, gaze, dtype=dtype, param_dtype=param_dtype))
+
+
+def with_gaze_parts(plan: "hf.LoadPlan") -> "hf.LoadPlan":
+  """A folder that we exported holds our fresh parameters under ``gaze.`` (``export.
+  GAZE_PREFIX``): they are read from it instead of starting fresh, so that the exported model
+  comes back exactly. Gaze tensors the model does not use (a dense model, no context tokens)
+  are left unused and reported."""
+  from gaze_jax.convert.export import GAZE_PREFIX
+
+  w = plan.weights
+  kept = tuple(n for n in w.fresh if GAZE_PREFIX + n not in plan.tensors)
+  rules = tuple(Rule(n, GAZE_PREFIX + n) for n in w.fresh if n not in kept)
+  weights = dataclasses.replace(w, rules=w.rules + rules, fresh=kept,
+                                allow_unused=w.allow_unused + (GAZE_PREFIX,))
+  return dataclasses.replace(plan, weights=weights)

@@ -112,6 +112,24 @@ def _as_float32(arr: np.ndarray) -> np.ndarray:
   return arr.astype(np.float32)
 
 
+def safetensors_bytes(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+  """The bytes of a safetensors file holding ``tensors`` (in order) and ``metadata``: what
+  ``SafetensorsFile`` reads back, and what transformers loads (``{"format": "pt"}``)."""
+  names = {np.dtype(v): k for k, v in DTYPES.items()}
+  header, offset, blobs = {"__metadata__": dict(metadata)}, 0, []
+  for name, arr in tensors.items():
+    arr = np.ascontiguousarray(arr)
+    if arr.dtype not in names:
+      raise ValueError(f"tensor {name!r}: dtype {arr.dtype} cannot be written to safetensors")
+    header[name] = {"dtype": names[arr.dtype], "shape": list(arr.shape),
+                    "data_offsets": [offset, offset + arr.nbytes]}
+    blobs.append(arr.tobytes())
+    offset += arr.nbytes
+  raw = json.dumps(header, separators=(",", ":")).encode()
+  raw += b" " * (-len(raw) % 8)          # the data starts 8-byte aligned, as the library's
+  return struct.pack("<Q", len(raw)) + raw + b"".join(blobs)
+
+
 def _read_tensor(file: SafetensorsFile, name: str, index: tuple = ()) -> np.ndarray:
   """Tensor ``name`` of ``file`` (its piece ``index``): float32 for floating dtypes, its own
   dtype otherwise."""
