@@ -10,11 +10,13 @@ train = 3 x forward):
 
   forward = 2 * B * S * (L * (E * (Hq + 2 * Hkv) * D + Hq * D * E + 3 * E * F) + E * V)  # decoder
           + B * S * attention_flops(S) / 2           # causal attention: half the keys on average
-          + 2 * B * Fr * P * (Lv * (4 * Ev^2 + 2 * Ev * Fv) + Ev * E + E * E)   # ViT + projector
+          + 2 * B * Fr * P * (Lv * (4 * Ev^2 + 2 * Ev * Fv) + Pr)    # ViT + projector
           + B * Fr * P * attention_flops(P) of the ViT      # bidirectional: every patch key
 
 with B the global batch, S the sequence slots, Fr the image/frame slots per example, P the
-patches per image. Attention is counted as dense causal (an upper bound for gaze, whose routed
+ViT patches per image and Pr the projector's multiply-adds per patch: ``Ev * E + E * E`` for
+``mlp2x_gelu``, ``Ev * E`` for ``pixel_shuffle`` (one ``s^2 Ev x E`` product per ``s^2``
+patches). Attention is counted as dense causal (an upper bound for gaze, whose routed
 text rows read fewer keys; patch rows stay dense). Embedding lookups are free.
 """
 
@@ -71,7 +73,8 @@ def train_flops(cfg, *, batch: int, seq_len: int, frames: int, patches: int) -> 
     v = cfg.vision
     Ev, Fv, Lv = v.hidden_size, v.intermediate_size, v.num_layers
     n = batch * frames * patches
-    fwd += 2.0 * n * (Lv * (4 * Ev * Ev + 2 * Ev * Fv) + Ev * E + E * E)
+    proj = Ev * E + (E * E if cfg.projector == "mlp2x_gelu" else 0)
+    fwd += 2.0 * n * (Lv * (4 * Ev * Ev + 2 * Ev * Fv) + proj)
     # Summed over the ViT's heads, the attention of one patch is that of one head of width Ev.
     fwd += n * attention_flops(patches, num_heads=1, head_dim=Ev, num_layers=Lv)
   return 3.0 * fwd

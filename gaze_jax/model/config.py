@@ -20,6 +20,10 @@ def _from_fields(cls, fields: Mapping[str, Any], where: str):
     raise ValueError(f"{where}: {e}") from None
 
 
+POS_RESIZE = ("bicubic", "buckets")
+PROJECTORS = ("mlp2x_gelu", "pixel_shuffle")
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
   """SigLIP-style ViT: patch embedding, learned positions, pre-LN blocks, no CLS token.
@@ -29,6 +33,10 @@ class VisionConfig:
   the chosen features (SigLIP's ``last_hidden_state`` is feature_layer=-1 with it; LLaVA models
   take ``hidden_states[-1]`` without it). ``video_pool`` pools video frame features
   ``video_pool x video_pool`` (docs/method.md: 2x2-pooled 24x24 frames).
+  ``pos_resize`` says which learned position serves each patch of a grid other than the native
+  ``grid x grid``: ``"bicubic"`` resizes the table as SigLIP's ``interpolate_pos_encoding``;
+  ``"buckets"`` gives patch ``(i, j)`` of a ``gh x gw`` grid the entry of the fractional
+  coordinate bucket ``(i / gh, j / gw)``, as Idefics3 / SmolVLM do (``bucket_position_ids``).
   """
   image_size: int = 384
   patch_size: int = 16
@@ -41,6 +49,12 @@ class VisionConfig:
   feature_layer: int = -1
   post_layernorm: bool = True
   video_pool: int = 2
+  pos_resize: str = "bicubic"
+
+  def __post_init__(self):
+    if self.pos_resize not in POS_RESIZE:
+      raise ValueError(f"VisionConfig.pos_resize={self.pos_resize!r} is not one of "
+                       f"{', '.join(map(repr, POS_RESIZE))}")
 
   @property
   def grid(self) -> int:
@@ -196,14 +210,45 @@ class GazeConfig:
 @dataclasses.dataclass(frozen=True)
 class MLLMConfig:
   """A multimodal LLM: vision tower -> projector -> decoder with gaze attention.
-  ``vision=None`` gives a text-only LM."""
+  ``vision=None`` gives a text-only LM.
+
+  ``projector``: ``"mlp2x_gelu"`` (LLaVA: one visual token per patch) or ``"pixel_shuffle"``
+  (Idefics3 / SmolVLM: each ``scale_factor x scale_factor`` block of patches is concatenated
+  into one token, then a bias-free linear layer). ``scale_factor`` is 1 for ``mlp2x_gelu``.
+  ``token_pixels`` is the one definition of the pixels per side of a visual token.
+  """
   decoder: DecoderConfig
   vision: Optional[VisionConfig] = None
   gaze: GazeConfig = GazeConfig()
   projector: str = "mlp2x_gelu"
   dtype: str = "float32"          # compute dtype
   param_dtype: str = "float32"    # master weights
+  scale_factor: int = 1
 
   def __post_init__(self):
-    if self.projector != "mlp2x_gelu":
-      raise ValueError(f"projector must be 'mlp2x_gelu', got {self.projector!r}")
+    if self.projector not in PROJECTORS:
+      raise ValueError(f"MLLMConfig.projector={self.projector!r} is not one of "
+                       f"{', '.join(map(repr, PROJECTORS))}")
+    s = self.scale_factor
+    if not _is_int(s) or s < 1:
+      raise ValueError(f"MLLMConfig.scale_factor must be an int >= 1, got {s!r}")
+    if self.projector == "mlp2x_gelu" and s != 1:
+      raise ValueError(f"MLLMConfig.scale_factor={s} needs projector='pixel_shuffle' "
+                       "(mlp2x_gelu keeps one token per patch)")
+    if self.vision is not None and self.vision.grid % s:
+      raise ValueError(f"MLLMConfig.scale_factor={s} must divide the vision tower's native "
+                       f"grid {self.vision.grid} (image_size {self.vision.image_size} / "
+                       f"patch_size {self.vision.patch_size})")
+
+  @property
+  def token_pixels(self) -> int:
+    """Pixels per side of one visual token: the patch size times the projector's scale factor
+    (an ``H x W`` image gives an ``H // token_pixels x W // token_pixels`` token grid)."""
+    if self.vision is None:
+      raise ValueError("a text-only model (vision=None) has no visual tokens")
+    return self.vision.patch_size * self.scale_factor
+
+  @property
+  def token_grid(self) -> int:
+    """Visual tokens per side of an image at the tower's native size."""
+    return self.vision.image_size // self.token_pixels

@@ -150,7 +150,7 @@ def _visual_shape(cfg: MLLMConfig, images: int, video_frames: int):
   if v is None:
     return 0, 0, 0
   R = gz.region_shape[0] * gz.region_shape[1]
-  g = v.grid
+  g = cfg.token_grid
   nr_img = num_regions(g, g, gz.region_shape)
   gp = g // v.video_pool
   nr_vid = num_regions(gp, gp, gz.region_shape) if video_frames else 0
@@ -400,7 +400,7 @@ def _segments(cfg: MLLMConfig, seq_len: int, images: int, video_frames: int,
   to ``seq_len`` slots, then ``generated`` reserved slots (inference)."""
   segs = [Text(1)]
   if cfg.vision is not None:
-    g = cfg.vision.grid
+    g = cfg.token_grid
     gp = g // cfg.vision.video_pool
     segs += [Image(g, g)] * images + ([Video(video_frames, gp, gp)] if video_frames else [])
   rest = seq_len - 1 - _visual_shape(cfg, images, video_frames)[2]

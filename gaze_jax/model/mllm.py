@@ -15,7 +15,7 @@ from gaze_jax.gaze import CTX, PATCH, TEXT, LayoutSpec, TokenLayout, build_layou
 from gaze_jax.model.config import MLLMConfig
 from gaze_jax.model.decoder import Decoder
 from gaze_jax.model.layers import concrete
-from gaze_jax.model.vision import Projector, VisionTower
+from gaze_jax.model.vision import PixelShuffleProjector, Projector, VisionTower
 
 
 def pack_images(images: Sequence[Sequence[np.ndarray]], layout: TokenLayout) -> np.ndarray:
@@ -68,7 +68,10 @@ class MLLM(nnx.Module):
     self.decoder = Decoder(cfg.decoder, cfg.gaze, **kw)
     if cfg.vision is not None:
       self.vision = VisionTower(cfg.vision, **kw)
-      self.projector = Projector(cfg.vision.hidden_size, E, **kw)
+      if cfg.projector == "pixel_shuffle":
+        self.projector = PixelShuffleProjector(cfg.vision.hidden_size, E, cfg.scale_factor, **kw)
+      else:
+        self.projector = Projector(cfg.vision.hidden_size, E, **kw)
     if cfg.gaze.num_ctx:
       self.ctx_embed = nnx.Param(
           nnx.initializers.normal(0.02)(rngs.params(), (cfg.gaze.num_ctx, E), pdt),
@@ -119,7 +122,7 @@ class MLLM(nnx.Module):
     media = concrete(layout.frame_media)
     if grid is None or valid is None or media is None:
       return
-    p, pool = vcfg.patch_size, vcfg.video_pool
+    p, pool = self.cfg.token_pixels, vcfg.video_pool
     full = (H // p, W // p)
     pooled = (full[0] // pool, full[1] // pool)
     for b, f in zip(*np.nonzero(valid)):
@@ -139,13 +142,15 @@ class MLLM(nnx.Module):
                           "frames of a Video with several frames"))
 
   def image_features(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``[B, F, H, W, C]`` -> projected features ``[B, F, P, E]`` (raster order) and their
-    ``video_pool``-pooled version ``[B, F, P / pool^2, E]`` for video frames."""
+    """``[B, F, H, W, C]`` -> projected features ``[B, F, P, E]`` (raster order over the
+    ``H / token_pixels x W / token_pixels`` token grid) and their ``video_pool``-pooled version
+    ``[B, F, P / pool^2, E]`` for video frames."""
     vcfg = self.cfg.vision
     B, F, H, W, C = images.shape
-    gh, gw = H // vcfg.patch_size, W // vcfg.patch_size
-    feats = self.projector(self.vision(images.reshape(B * F, H, W, C)))      # [BF, P, E]
-    E = feats.shape[-1]
+    patches = self.vision(images.reshape(B * F, H, W, C))                    # [BF, gh*gw, Ev]
+    vh, vw = H // vcfg.patch_size, W // vcfg.patch_size
+    feats = self.projector(patches.reshape(B * F, vh, vw, -1))               # [BF, gh, gw, E]
+    _, gh, gw, E = feats.shape
     pool = vcfg.video_pool
     ph, pw = gh // pool, gw // pool
     grid = feats.reshape(B * F, gh, gw, E)[:, :ph * pool, :pw * pool]
@@ -174,7 +179,7 @@ class MLLM(nnx.Module):
       b = jnp.arange(B)[:, None]
       f = jnp.clip(layout.frame, 0)
       i = jnp.clip(layout.patch_index, 0)
-      full_gh = images.shape[2] // self.cfg.vision.patch_size
+      full_gh = images.shape[2] // self.cfg.token_pixels
       patch = feats[b, f, i]
       if pooled.shape[2]:         # images smaller than the video pool have no pooled grid
         is_pooled = jnp.take_along_axis(layout.frame_grid[..., 0], f, axis=1) != full_gh

@@ -1,4 +1,5 @@
-"""SigLIP-style vision tower (no CLS token) and the LLaVA ``mlp2x_gelu`` projector."""
+"""SigLIP-style vision tower (no CLS token), the LLaVA ``mlp2x_gelu`` projector and the
+Idefics3 / SmolVLM ``pixel_shuffle`` projector."""
 
 from __future__ import annotations
 
@@ -72,12 +73,30 @@ def resize_pos_embed(pos: jax.Array, grid: int, new_grid: tuple[int, int]) -> ja
   return out.reshape(gh * gw, E).astype(pos.dtype)
 
 
+def bucket_position_ids(grid: int, gh: int, gw: int) -> np.ndarray:
+  """int32 ``[gh * gw]``: the entry of a ``grid x grid`` position table that Idefics3 / SmolVLM
+  give each patch of a ``gh x gw`` grid (raster order).
+
+  Row ``i`` sits at the fractional coordinate ``i / gh``; its position row is the bucket of
+  that coordinate among the boundaries ``k / grid``, ``floor(i * grid / gh)`` (columns
+  likewise). We compute it exactly. transformers computes it in float32 and, where a coordinate
+  falls exactly on a boundary, its rounding may give the bucket below, depending on the device
+  (on CPU torch at the native size of grids 19, 25, 29, ..., not of the released checkpoints'
+  26, 27 and 32, where both are raster order).
+  """
+  rows = np.arange(gh) * grid // gh
+  cols = np.arange(gw) * grid // gw
+  return (rows[:, None] * grid + cols[None, :]).reshape(-1).astype(np.int32)
+
+
 class VisionTower(nnx.Module):
   """Images ``[N, H, W, C]`` -> patch features ``[N, (H/p) * (W/p), E]`` in raster order.
 
   The native size and any size that the patch size divides are accepted; at a size other than
   ``cfg.image_size`` the learned position embeddings are resized as transformers' SiglipVision
-  does with ``interpolate_pos_encoding=True`` (``resize_pos_embed``: PyTorch's bicubic).
+  does with ``interpolate_pos_encoding=True`` (``resize_pos_embed``: PyTorch's bicubic), or, with
+  ``cfg.pos_resize="buckets"``, looked up as Idefics3 / SmolVLM do (``bucket_position_ids``,
+  at every size).
   """
 
   def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
@@ -126,7 +145,9 @@ class VisionTower(nnx.Module):
     x = self.patch_embed(images)                                   # [N, gh, gw, E]
     N, gh, gw, E = x.shape
     pos = self.pos_embed[...]
-    if (gh, gw) != (cfg.grid, cfg.grid):
+    if cfg.pos_resize == "buckets":
+      pos = pos[bucket_position_ids(cfg.grid, gh, gw)]
+    elif (gh, gw) != (cfg.grid, cfg.grid):
       pos = resize_pos_embed(pos, cfg.grid, (gh, gw))
     x = x.reshape(N, gh * gw, E) + pos.reshape(1, gh * gw, E).astype(x.dtype)
     for block in self.blocks:
@@ -137,7 +158,8 @@ class VisionTower(nnx.Module):
 
 
 class Projector(nnx.Module):
-  """LLaVA ``mlp2x_gelu``: ``linear_2(gelu(linear_1(x)))`` (exact GELU)."""
+  """LLaVA ``mlp2x_gelu``: ``linear_2(gelu(linear_1(x)))`` (exact GELU), token by token:
+  a patch grid ``[N, gh, gw, Ev]`` -> visual tokens ``[N, gh, gw, E]``."""
 
   def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs, dtype=None,
                param_dtype=jnp.float32):
@@ -147,3 +169,29 @@ class Projector(nnx.Module):
 
   def __call__(self, x):
     return self.linear_2(jax.nn.gelu(self.linear_1(x), approximate=False))
+
+
+def pixel_shuffle(x: jax.Array, scale: int) -> jax.Array:
+  """``[N, gh, gw, E]`` -> ``[N, gh / s, gw / s, s * s * E]``: token ``(I, J)`` concatenates the
+  patches ``(I * s + r, J * s + c)`` in the order ``r``, then ``c``, then the feature (the
+  feature order of Idefics3's ``pixel_shuffle``, whose projection weights we load)."""
+  N, gh, gw, E = x.shape
+  if gh % scale or gw % scale:
+    raise ValueError(f"a {gh}x{gw} patch grid is not divisible by the pixel-shuffle scale factor "
+                     f"{scale}: give images whose size is a multiple of patch_size x {scale}")
+  x = x.reshape(N, gh // scale, scale, gw // scale, scale, E)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(N, gh // scale, gw // scale, scale * scale * E)
+
+
+class PixelShuffleProjector(nnx.Module):
+  """Idefics3 / SmolVLM connector: ``pixel_shuffle`` by ``scale``, then a bias-free linear
+  layer: a patch grid ``[N, gh, gw, Ev]`` -> visual tokens ``[N, gh / s, gw / s, E]``."""
+
+  def __init__(self, in_features: int, out_features: int, scale: int, *, rngs: nnx.Rngs,
+               dtype=None, param_dtype=jnp.float32):
+    self.scale = scale
+    self.proj = dense(scale * scale * in_features, out_features, ("vision_embed", "embed"),
+                      use_bias=False, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+  def __call__(self, x):
+    return self.proj(pixel_shuffle(x, self.scale))

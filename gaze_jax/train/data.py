@@ -29,7 +29,7 @@ def feature_config(config: Any, model: MLLMConfig, spec: LayoutSpec):
   if model.vision is None:
     raise ValueError("training needs a model with a vision tower (config.model.vision)")
   v = model.vision
-  return FeatureConfig(spec=spec, image_size=v.image_size, patch_size=v.patch_size,
+  return FeatureConfig(spec=spec, image_size=v.image_size, patch_size=model.token_pixels,
                        video_pool=v.video_pool if v.video_pool > 1 else 1,
                        skip_too_long=bool(config.data.skip_too_long),
                        vocab_size=model.decoder.vocab_size)
