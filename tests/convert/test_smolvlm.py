@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from gaze_jax.convert import families
-from gaze_jax.convert.hf import read_hf_config
+from gaze_jax.convert.hf import load_safetensors, read_hf_config
 from gaze_jax.convert.smolvlm import load_smolvlm, plan_smolvlm
 from gaze_jax.gaze import PAD, Image, LayoutSpec, Text
 from gaze_jax.model import GazeConfig
@@ -261,3 +261,22 @@ def test_token_pixels_drive_every_visual_grid():
     MLLMConfig(dec, vis, projector="resampler")
   with pytest.raises(ValueError, match="pos_resize='nearest' is not one of"):
     VisionConfig(pos_resize="nearest")
+
+
+def test_export_round_trip(saved, tmp_path):
+  """The weight map inverts (``convert.export``): our loaded SmolVLM written back is the source
+  checkpoint, tensor for tensor, plus our context tokens, which ``plan_hf`` reads back."""
+  from gaze_jax.convert.export import export_hf
+  from gaze_jax.convert.hf import build_planned
+  from gaze_jax.convert.mapping import param_paths
+  path, _ = saved("smolvlm")
+  gaze = GazeConfig(attention="gaze", num_ctx=2, region_shape=(3, 3), top_k=1)
+  plan = families.plan_hf(path, gaze)
+  params = {k: np.asarray(v.get_value()) for k, v in param_paths(build_planned(plan)).items()}
+  export_hf(params, plan, tmp_path / "out", gaze=gaze)
+  src, out = load_safetensors(path), load_safetensors(tmp_path / "out")
+  assert sorted(out) == sorted(list(src) + ["gaze.ctx_embed"])
+  for k in src:
+    np.testing.assert_array_equal(out[k], src[k], err_msg=k)
+  back = build_planned(families.plan_hf(tmp_path / "out", gaze))
+  np.testing.assert_array_equal(np.asarray(back.ctx_embed[...]), params["ctx_embed"])
