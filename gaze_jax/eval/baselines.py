@@ -71,12 +71,13 @@ def token_matched_inputs(model, inputs: ModelInputs, *, grid: Optional[int] = No
     raise ValueError("the token-matched baseline needs a model with a vision tower")
   images = np.asarray(inputs.images)
   hw = images.shape[2:4]
-  match = layouts.match_tokens(inputs.layout, image_hw=hw, patch_size=vcfg.patch_size,
+  match = layouts.match_tokens(inputs.layout, image_hw=hw, patch_size=model.cfg.token_pixels,
                                video_pool=vcfg.video_pool,
                                target_tokens=gaze_budget_tokens(model.cfg, inputs.layout),
                                grid=grid)
   segs = layouts.token_matched_segments(inputs.layout, match, image_hw=hw,
-                                        patch_size=vcfg.patch_size, video_pool=vcfg.video_pool)
+                                        patch_size=model.cfg.token_pixels,
+                                        video_pool=vcfg.video_pool)
   spec = layouts.spec_for(segs, inputs.layout.spec)
   small = layouts.resize_images(images, match.image_hw)
   return layouts.relayout(inputs, segs, spec, images=small), match
