@@ -6,8 +6,8 @@ from gaze_jax.gaze.accounting import (KVBudget, attention_flops, decode_flops, r
 from gaze_jax.gaze.attention import IMPLEMENTATIONS, gaze_attention
 from gaze_jax.gaze.dense import causal_attention
 from gaze_jax.gaze.layout import (CTX, PAD, PATCH, TEXT, Image, LayoutSpec, Text, TokenLayout,
-                                  Video, build_layout, num_regions, region_major_order,
-                                  slots_needed)
+                                  Video, build_layout, frames_needed, num_regions,
+                                  region_major_order, slots_needed)
 from gaze_jax.gaze.masks import (base_mask, base_rule, masked_softmax, region_rule, routed_rows,
                                  token_info)
 from gaze_jax.gaze.plan import AttentionPlan, build_plan

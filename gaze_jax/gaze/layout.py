@@ -14,13 +14,29 @@ slots, masked everywhere. RoPE positions are those of the dense raster-order seq
 
 Sequence (per example): ``[text][frame 0 patches][ctx x N][frame 1 patches][ctx x N]...[text]``
 with ``N = spec.num_ctx`` context tokens after every image and every video frame.
+
+Newline rows. ``Image(gh, gw, newline_rows=True)`` ends every row of patches with one text slot,
+as LLaVA-NeXT / OneVision append their ``image_newline`` embedding to each row of a
+high-resolution grid: patch ``(i, j)`` sits at ``p + i * (gw + 1) + j`` and the newline slot of
+row ``i`` at ``p + i * (gw + 1) + gw``. The newline slots are TEXT for the method: always
+visible, they route like text, and region descriptors, routing candidates and masks see only the
+patches. They are stored after the image's regions (before its context tokens), in row order,
+and are listed in ``nonvisual_index``; their token ids are those of the text (the model gives
+them their embedding, ``MLLM.embed``).
+
+Tiles. ``Image(gh, gw, tiles=(th, tw))`` is an image whose grid is cut out of the stitched
+features of ``th x tw`` tiles (LLaVA's anyres): the image takes ``th * tw`` consecutive frame
+ids, one per tile, because the model's images hold one tile per frame id. The first carries
+the grid (patches, regions, context tokens) and ``frame_tiles = (th, tw)``; the others hold
+pixels only (``frame_valid`` False, no tokens). See ``MLLM.embed`` for how the grid is read
+from the tiles.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import jax
 import numpy as np
@@ -42,9 +58,16 @@ class Text:
 
 @dataclasses.dataclass(frozen=True)
 class Image:
-  """One image whose patches form a ``gh x gw`` grid."""
+  """One image whose patches form a ``gh x gw`` grid.
+
+  ``newline_rows``: a TEXT slot after each row of patches (the module docstring).
+  ``tiles``: None for an image read from one frame; ``(th, tw)`` for a grid cut from ``th x tw``
+  tiles (one frame id each; the module docstring).
+  """
   gh: int
   gw: int
+  newline_rows: bool = False
+  tiles: Optional[tuple[int, int]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +99,8 @@ class LayoutSpec:
     seq_len: S, storage slots per example (text + patches + region padding + ctx + batch pad).
     region_shape: (rh, rw) tokens per gaze region; default 6 x 6 (docs/method.md step 2).
     max_regions: NR, gaze regions per example, summed over all images and frames.
-    max_images: F, images plus video frames per example.
+    max_images: F, frame ids per example: images, video frames and the extra tiles of tiled
+      images (``Image.tiles``: one frame id per tile).
     num_ctx: N learnable context tokens inserted after every image / frame (default 4).
     max_nonvisual: N_nv, text plus context tokens per example; the decode path gathers this many
       keys instead of all S. Defaults to ``seq_len``.
@@ -114,7 +138,7 @@ class LayoutSpec:
 _TOKEN_FIELDS = ("kind", "position", "frame", "region", "patch_index", "generated")
 _REGION_FIELDS = ("region_valid", "region_frame", "region_first", "region_last",
                   "region_last_pos", "region_row", "region_col")
-_FRAME_FIELDS = ("frame_valid", "frame_media", "frame_grid")
+_FRAME_FIELDS = ("frame_valid", "frame_media", "frame_grid", "frame_tiles")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +164,8 @@ class TokenLayout:
   Per frame, ``[B, F]``:
     frame_valid: bool; frame_media: int32 index of the Image/Video segment it came from.
     frame_grid: int32 ``[B, F, 2]`` patch grid (gh, gw).
+    frame_tiles: int32 ``[B, F, 2]`` (th, tw) of a frame cut from tiles (``Image.tiles``: its
+      tiles are the frame ids ``f .. f + th * tw - 1``, row-major); (0, 0) otherwise.
   Per example:
     nonvisual_index: int32 ``[B, N_nv]`` slots of the TEXT and CTX tokens, -1 padded.
   Static: ``spec`` (a LayoutSpec).
@@ -160,6 +186,7 @@ class TokenLayout:
   frame_valid: Any
   frame_media: Any
   frame_grid: Any
+  frame_tiles: Any
   nonvisual_index: Any
   spec: LayoutSpec
 
@@ -224,10 +251,45 @@ def _check_count(value, field: str, where: str, minimum: int) -> int:
   return int(value)
 
 
-def _frames_of(seg: Segment, where: str, spec: LayoutSpec) -> list[tuple[int, int]]:
-  """Validated list of (gh, gw) grids that a visual segment contributes."""
+@dataclasses.dataclass(frozen=True)
+class _Frame:
+  """One grid of a visual segment, validated: its size, newline rows and tiles (``(0, 0)``:
+  none)."""
+  gh: int
+  gw: int
+  newline_rows: bool = False
+  tiles: tuple[int, int] = (0, 0)
+
+  @property
+  def frame_ids(self) -> int:
+    """Frame ids it takes: one per tile, or one."""
+    return max(1, self.tiles[0] * self.tiles[1])
+
+  def positions(self, raster: np.ndarray) -> np.ndarray:
+    """Position offsets (from the grid's first position) of raster patch indices: a newline
+    row adds one position per row."""
+    if not self.newline_rows:
+      return raster
+    return raster // self.gw * (self.gw + 1) + raster % self.gw
+
+  @property
+  def num_positions(self) -> int:
+    return self.gh * (self.gw + self.newline_rows)
+
+
+def _frames_of(seg: Segment, where: str, spec: LayoutSpec) -> list[_Frame]:
+  """Validated list of the grids that a visual segment contributes."""
+  newline, tiles = False, (0, 0)
   if isinstance(seg, Image):
     n = 1
+    if not isinstance(seg.newline_rows, (bool, np.bool_)):
+      raise ValueError(f"{where}: newline_rows must be a bool, got {seg.newline_rows!r}")
+    newline = bool(seg.newline_rows)
+    if seg.tiles is not None:
+      if isinstance(seg.tiles, (str, bytes)) or not hasattr(seg.tiles, "__len__") or \
+          len(seg.tiles) != 2:
+        raise ValueError(f"{where}: tiles must be None or two ints (th, tw), got {seg.tiles!r}")
+      tiles = tuple(_check_count(t, "tiles", where, 1) for t in seg.tiles)
   else:
     n = _check_count(seg.frames, "frames", where, 1)
   gh = _check_count(seg.gh, "gh", where, 1)
@@ -236,7 +298,7 @@ def _frames_of(seg: Segment, where: str, spec: LayoutSpec) -> list[tuple[int, in
   if rh > gh or rw > gw:
     raise ValueError(f"{where}: region_shape {spec.region_shape} is larger than the grid "
                      f"({gh}, {gw})")
-  return [(gh, gw)] * n
+  return [_Frame(gh, gw, newline, tiles)] * n
 
 
 class _ExampleWriter:
@@ -268,12 +330,15 @@ class _ExampleWriter:
     self.nonvisual.extend(range(s.start, s.stop))
     self.pos += n
 
-  def frame(self, gh: int, gw: int, media: int, where: str):
+  def frame(self, fr: _Frame, media: int, where: str):
     spec, a, b = self.spec, self.a, self.b
     rh, rw = spec.region_shape
+    gh, gw = fr.gh, fr.gw
     f = self.n_frames
-    if f >= spec.max_images:
-      raise ValueError(f"{where}: more than max_images={spec.max_images} images/frames")
+    if f + fr.frame_ids > spec.max_images:
+      raise ValueError(f"{where}: more than max_images={spec.max_images} images/frames"
+                       + (f" (a tiled image takes {fr.frame_ids}, one per tile)"
+                          if fr.frame_ids > 1 else ""))
     order = region_major_order(gh, gw, rh, rw)              # [nr, R]
     nr = order.shape[0]
     if self.n_regions + nr > spec.max_regions:
@@ -282,10 +347,11 @@ class _ExampleWriter:
     s = self._reserve(order.size, where)
     flat = order.reshape(-1)
     real = flat >= 0
+    pos = self.pos + fr.positions(np.maximum(flat, 0))
     region_ids = self.n_regions + np.repeat(np.arange(nr), spec.region_size)
     slots = np.arange(s.start, s.stop)
     a["kind"][b, s] = np.where(real, PATCH, PAD)
-    a["position"][b, s] = np.where(real, self.pos + flat, 0)
+    a["position"][b, s] = np.where(real, pos, 0)
     a["frame"][b, s] = np.where(real, f, -1)
     a["region"][b, s] = np.where(real, region_ids, -1)
     a["patch_index"][b, s] = flat
@@ -294,16 +360,23 @@ class _ExampleWriter:
     a["region_frame"][b, r] = f
     a["region_first"][b, r] = slots[::spec.region_size]
     a["region_last"][b, r] = slots[::spec.region_size] + spec.region_size - 1
-    a["region_last_pos"][b, r] = self.pos + order.max(axis=1)
+    a["region_last_pos"][b, r] = np.where(real, pos, -1).reshape(nr, -1).max(axis=1)
     nrw = -(-gw // rw)
     a["region_row"][b, r] = np.arange(nr) // nrw
     a["region_col"][b, r] = np.arange(nr) % nrw
     a["frame_valid"][b, f] = True
-    a["frame_media"][b, f] = media
+    a["frame_media"][b, f:f + fr.frame_ids] = media
     a["frame_grid"][b, f] = (gh, gw)
-    self.pos += gh * gw
+    a["frame_tiles"][b, f] = fr.tiles
+    if fr.newline_rows:
+      # One text slot after each row of patches (the module docstring).
+      n = self._reserve(gh, where + " newline rows")
+      a["kind"][b, n] = TEXT
+      a["position"][b, n] = self.pos + np.arange(gh) * (gw + 1) + gw
+      self.nonvisual.extend(range(n.start, n.stop))
+    self.pos += fr.num_positions
     self.n_regions += nr
-    self.n_frames += 1
+    self.n_frames += fr.frame_ids
     # Context tokens after every image / frame (docs/method.md step 9).
     c = self._reserve(spec.num_ctx, where + " context tokens")
     a["kind"][b, c] = CTX
@@ -340,6 +413,7 @@ def build_layout(examples: Sequence[Sequence[Segment]], spec: LayoutSpec) -> Tok
       "region_last_pos": np.zeros((B, NR), i32), "region_row": np.full((B, NR), -1, i32),
       "region_col": np.full((B, NR), -1, i32), "frame_valid": np.zeros((B, F), bool),
       "frame_media": np.full((B, F), -1, i32), "frame_grid": np.zeros((B, F, 2), i32),
+      "frame_tiles": np.zeros((B, F, 2), i32),
       "nonvisual_index": np.full((B, spec.max_nonvisual), -1, i32),
   }
   for b, segments in enumerate(examples):
@@ -353,8 +427,8 @@ def build_layout(examples: Sequence[Sequence[Segment]], spec: LayoutSpec) -> Tok
       if isinstance(seg, Text):
         w.text(seg, where)
       elif isinstance(seg, (Image, Video)):
-        for gh, gw in _frames_of(seg, where, spec):
-          w.frame(gh, gw, media, where)
+        for fr in _frames_of(seg, where, spec):
+          w.frame(fr, media, where)
         media += 1
       else:
         raise ValueError(f"{where}: unknown segment type {type(seg).__name__}; "
@@ -380,6 +454,19 @@ def slots_needed(segments: Sequence[Segment], spec: LayoutSpec) -> int:
       n += seg.length
     else:
       frames = 1 if isinstance(seg, Image) else seg.frames
+      newline = seg.gh if isinstance(seg, Image) and seg.newline_rows else 0
       n += frames * (num_regions(seg.gh, seg.gw, spec.region_shape) * spec.region_size
-                     + spec.num_ctx)
+                     + newline + spec.num_ctx)
+  return n
+
+
+def frames_needed(segments: Sequence[Segment]) -> int:
+  """Frame ids one example needs (``max_images``): one per image (one per tile of a tiled
+  image) and one per video frame."""
+  n = 0
+  for seg in segments:
+    if isinstance(seg, Image):
+      n += seg.tiles[0] * seg.tiles[1] if seg.tiles is not None else 1
+    elif isinstance(seg, Video):
+      n += seg.frames
   return n

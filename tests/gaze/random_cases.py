@@ -7,14 +7,18 @@ import dataclasses
 import jax
 import numpy as np
 
-from gaze_jax.gaze import Image, LayoutSpec, Text, Video, build_layout, num_regions, slots_needed
+from gaze_jax.gaze import (Image, LayoutSpec, Text, Video, build_layout, frames_needed, num_regions,
+                           slots_needed)
 
 REGION_SHAPES = [(1, 1), (2, 2), (2, 3), (3, 2), (3, 3)]
 
 
 def random_example(rng: np.random.Generator, region_shape, *, max_visual: int = 3,
-                   allow_video: bool = True, force_video: bool = False):
-  """Text, 1..max_visual images/videos (grids not always divisible), a generated answer."""
+                   allow_video: bool = True, force_video: bool = False,
+                   newline_rows: bool = False):
+  """Text, 1..max_visual images/videos (grids not always divisible), a generated answer;
+  ``newline_rows`` gives every image a text slot after each row of patches (the draws are
+  the same either way)."""
   rh, rw = region_shape
   segs = [Text(int(rng.integers(0, 4)))]
   for i in range(int(rng.integers(1, max_visual + 1))):
@@ -23,7 +27,7 @@ def random_example(rng: np.random.Generator, region_shape, *, max_visual: int = 
     if (force_video and i == 0) or (allow_video and rng.random() < 0.3):
       segs.append(Video(int(rng.integers(2, 4)), gh, gw))
     else:
-      segs.append(Image(gh, gw))
+      segs.append(Image(gh, gw, newline_rows=newline_rows))
     if rng.random() < 0.6:
       segs.append(Text(int(rng.integers(1, 4))))
   segs.append(Text(int(rng.integers(1, 4)), generated=True))
@@ -41,7 +45,7 @@ def _regions(segs, region_shape):
 
 
 def _frames(segs):
-  return sum(1 if isinstance(s, Image) else s.frames for s in segs if not isinstance(s, Text))
+  return frames_needed(segs)
 
 
 def spec_for(examples, region_shape, num_ctx, rng=None, slack: int = 0) -> LayoutSpec:
@@ -72,13 +76,14 @@ class Case:
 
 def random_case(seed: int, *, batch: int = 2, head_dim: int = 8, group=None, kv_heads=None,
                 separate_route: bool = False, force_video: bool = False, top_k=None,
-                score=None, routing=None) -> Case:
+                score=None, routing=None, newline_rows: bool = False) -> Case:
   """A random batch: layout, q/k/v (and route inputs) and routing options; the keyword
   arguments pin what the caller needs covered, the rest is drawn from ``seed``."""
   rng = np.random.default_rng(seed)
   rs = REGION_SHAPES[int(rng.integers(len(REGION_SHAPES)))]
   num_ctx = int(rng.integers(0, 3))
-  examples = [random_example(rng, rs, force_video=force_video and b == 0) for b in range(batch)]
+  examples = [random_example(rng, rs, force_video=force_video and b == 0,
+                             newline_rows=newline_rows) for b in range(batch)]
   spec = spec_for(examples, rs, num_ctx, rng, slack=3)
   layout = build_layout(examples, spec)
   G = group if group is not None else int(rng.choice([1, 2, 4, 8]))

@@ -145,6 +145,42 @@ def test_xla_matches_reference_forward_and_gradient(seed):
     assert not np.asarray(g_r[3]).any() and not np.asarray(g_r[4]).any()
 
 
+@pytest.mark.parametrize("seed, routing", [(30, "head"), (31, "group")])
+def test_newline_rows_xla_matches_reference_and_k_all_is_dense(seed, routing):
+  """Images with a text slot after each row of patches (LLaVA's image_newline): xla equals the
+  reference, forward and gradient; newline rows route like text, and with K = all regions a
+  text row (newline rows included) is dense causal attention unless a region is partly before
+  it (a newline row inside a row of regions: candidates are whole regions, step 5)."""
+  case = random_case(seed, group=2, routing=routing, top_k=2, newline_rows=True)
+  kind, pos = np.asarray(case.layout.kind), np.asarray(case.layout.position)
+  region = np.asarray(case.layout.region)
+  out_r, ids_r = _run(case, "reference")
+  out_x, ids_x = _run(case, "xla")
+  np.testing.assert_array_equal(ids_x, ids_r)
+  np.testing.assert_allclose(out_x, out_r, atol=ATOL, rtol=1e-5)
+  for name, a, b in zip(["q", "k", "v", "q_route", "k_route"], _grads(case, "xla"),
+                        _grads(case, "reference")):
+    np.testing.assert_allclose(a, b, atol=ATOL, rtol=1e-5, err_msg=f"grad {name}")
+  B, S = kind.shape
+  # The text slots inside a grid's positions are its newline rows; some of them routed.
+  newline = np.zeros((B, S), bool)
+  whole = kind == TEXT                 # text rows with no region partly before them
+  for b in range(B):
+    patch = kind[b] == PATCH
+    newline[b] = (kind[b] == TEXT) & (pos[b] > pos[b][patch].min()) & (pos[b] < pos[b][patch].max())
+    for r in set(region[b][patch]):
+      rp = pos[b][region[b] == r]
+      whole[b] &= ~((pos[b] > rp.min()) & (pos[b] < rp.max()))
+  assert newline.any() and (np.asarray(ids_r)[newline] >= 0).any()
+  assert (newline & whole).any()
+  Hq = case.q.shape[2]
+  out, _ = _run(case, "xla", top_k=case.layout.max_regions)
+  dense = (pos[:, None, :] <= pos[:, :, None]) & (kind != PAD)[:, None, :]
+  ref = _naive_attention(case.q, case.k, case.v, np.broadcast_to(dense[:, :, None, :],
+                                                                  (B, S, Hq, S)))
+  np.testing.assert_allclose(np.asarray(out)[whole], ref[whole], atol=ATOL)
+
+
 @pytest.mark.parametrize("impl", ["reference", "xla"])
 def test_k_all_regions_equals_dense_causal_on_text_rows(impl):
   for seed in (1, 2, 3):

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gaze_jax.gaze import (CTX, PAD, PATCH, TEXT, Image, LayoutSpec, Text, Video, build_layout,
-                           region_major_order)
+                           frames_needed, region_major_order, slots_needed)
 from tests.gaze.random_cases import REGION_SHAPES, random_example, spec_for
 
 
@@ -31,6 +31,43 @@ def test_hand_made_layout():
   np.testing.assert_array_equal(lay.frame_grid[0, 0], [2, 3])
 
 
+def test_newline_rows_are_text_slots_at_the_end_of_each_row():
+  # The grid of test_hand_made_layout with a newline slot after each row: patch (i, j) at
+  # 2 + 4 i + j, newline i at 2 + 4 i + 3, stored after the regions, before the context token.
+  spec = LayoutSpec(seq_len=16, max_regions=4, max_images=2, region_shape=(2, 2), num_ctx=1)
+  segs = [Text(2), Image(2, 3, newline_rows=True), Text(1, generated=True)]
+  lay = build_layout([segs], spec)
+  T, P, C, X = TEXT, PATCH, CTX, PAD
+  np.testing.assert_array_equal(lay.kind[0], [T, T, P, P, P, P, P, X, P, X, T, T, C, T, X, X])
+  np.testing.assert_array_equal(lay.position[0, :14],
+                                [0, 1, 2, 3, 6, 7, 4, 0, 8, 0, 5, 9, 10, 11])
+  np.testing.assert_array_equal(lay.patch_index[0, :14], [-1, -1, 0, 1, 3, 4, 2, -1, 5, -1,
+                                                          -1, -1, 0, -1])
+  np.testing.assert_array_equal(lay.region[0, 10:12], [-1, -1])
+  np.testing.assert_array_equal(lay.frame[0, 10:13], [-1, -1, 0])
+  np.testing.assert_array_equal(lay.region_last_pos[0, :2], [7, 8])
+  np.testing.assert_array_equal(lay.nonvisual_index[0, :7], [0, 1, 10, 11, 12, 13, -1])
+  np.testing.assert_array_equal(lay.generated[0, :14], [0] * 13 + [1])
+  assert slots_needed(segs, spec) == 14
+
+
+def test_a_tiled_image_takes_one_frame_id_per_tile():
+  spec = LayoutSpec(seq_len=40, max_regions=8, max_images=5, region_shape=(2, 2), num_ctx=1)
+  segs = [Text(1), Image(3, 4, newline_rows=True, tiles=(2, 2)), Image(2, 2), Text(1)]
+  assert frames_needed(segs) == 5
+  lay = build_layout([segs], spec)
+  np.testing.assert_array_equal(lay.frame_valid[0], [True, False, False, False, True])
+  np.testing.assert_array_equal(lay.frame_media[0], [0, 0, 0, 0, 1])
+  np.testing.assert_array_equal(lay.frame_tiles[0], [[2, 2]] + [[0, 0]] * 4)
+  np.testing.assert_array_equal(lay.frame_grid[0], [[3, 4]] + [[0, 0]] * 3 + [[2, 2]])
+  # The second image's patches and context token are frame 4; tile frames hold no token.
+  kind, frame = lay.kind[0], lay.frame[0]
+  assert set(frame[kind == PATCH]) == {0, 4} and list(frame[kind == CTX]) == [0, 4]
+  with pytest.raises(ValueError, match=r"segment 1 \(Image\): more than max_images=3 "
+                     r"images/frames \(a tiled image takes 4, one per tile\)"):
+    build_layout([segs], LayoutSpec(seq_len=40, max_regions=8, max_images=3, region_shape=(2, 2)))
+
+
 def test_region_major_order_pads_missing_tokens():
   order = region_major_order(3, 3, 2, 2)
   np.testing.assert_array_equal(order, [[0, 1, 3, 4], [2, -1, 5, -1], [6, 7, -1, -1],
@@ -53,7 +90,7 @@ def test_video_frames_each_get_regions_and_context():
 def test_layout_invariants(seed):
   rng = np.random.default_rng(seed)
   rs = REGION_SHAPES[int(rng.integers(len(REGION_SHAPES)))]
-  examples = [random_example(rng, rs) for _ in range(3)]
+  examples = [random_example(rng, rs, newline_rows=bool(seed % 2)) for _ in range(3)]
   spec = spec_for(examples, rs, int(rng.integers(0, 3)), rng, slack=2)
   lay = build_layout(examples, spec)
   R = spec.region_size
@@ -90,6 +127,12 @@ def test_layout_invariants(seed):
     ([Image(4, 4), Image(4, 4)], dict(max_images=1), r"more than max_images=1"),
     ([Text(2), "image"], {}, r"unknown segment type str"),
     ([Text(40)], dict(max_nonvisual=30), r"exceed max_nonvisual=30"),
+    ([Image(4, 4, newline_rows=1)], {}, r"segment 0 \(Image\): newline_rows must be a bool"),
+    ([Image(4, 4, tiles=(0, 2))], {}, r"segment 0 \(Image\): tiles must be >= 1, got 0"),
+    ([Image(4, 4, tiles=3)], {}, r"segment 0 \(Image\): tiles must be None or two ints"),
+    # Newline slots are text: they count against max_nonvisual.
+    ([Text(26), Image(4, 4, newline_rows=True)], dict(max_nonvisual=30),
+     r"31 text and context tokens exceed max_nonvisual=30"),
 ])
 def test_bad_structure_names_the_field(segments, spec_kw, match):
   kw = dict(seq_len=50, max_regions=8, max_images=2, region_shape=(2, 2), num_ctx=1)
@@ -130,7 +173,7 @@ def test_error_names_the_example():
 
 def test_features_round_trip_and_batch_by_stacking():
   spec = LayoutSpec(seq_len=30, max_regions=6, max_images=2, region_shape=(2, 2), num_ctx=1)
-  a, b = [Text(2), Image(2, 4), Text(3)], [Text(5), Video(2, 2, 2)]
+  a, b = [Text(2), Image(2, 4, newline_rows=True, tiles=(1, 2)), Text(3)], [Text(5), Video(2, 2, 2)]
   both = build_layout([a, b], spec)
   rows = [build_layout([e], spec).to_features() for e in (a, b)]
   stacked = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}

@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gaze_jax.gaze import (PATCH, candidate_regions, random_selection, region_descriptors,
-                           region_scores, resolve_top_k, route, select_top_k)
+from gaze_jax.gaze import (PATCH, TEXT, Image, LayoutSpec, Text, build_layout, candidate_regions,
+                           random_selection, region_descriptors, region_scores, resolve_top_k,
+                           route, routed_rows, select_top_k, token_info)
 from gaze_jax.gaze.routing import per_example_k
 from tests.gaze.random_cases import random_case
 
@@ -32,6 +33,24 @@ def test_descriptors_ignore_padding_slots():
   noisy = jnp.where(pad[:, :, None, None], 1e4, case.k_route)
   np.testing.assert_allclose(region_descriptors(noisy, lay),
                              region_descriptors(case.k_route, lay), atol=1e-6)
+
+
+def test_newline_rows_are_routed_text_and_no_part_of_any_region():
+  """A 4x4 grid with a newline slot after each row, 2x2 regions: the newline slots are routed
+  text rows whose candidates are the regions wholly above them, and their keys never enter a
+  descriptor."""
+  spec = LayoutSpec(seq_len=40, max_regions=4, max_images=1, region_shape=(2, 2), num_ctx=0)
+  lay = build_layout([[Text(1), Image(4, 4, newline_rows=True), Text(2)]], spec)
+  kind, pos = np.asarray(lay.kind[0]), np.asarray(lay.position[0])
+  newline = np.flatnonzero((kind == TEXT) & (pos > 0) & (pos < 21))
+  np.testing.assert_array_equal(pos[newline], [5, 10, 15, 20])
+  query = token_info(lay, jnp.asarray(newline)[None])
+  assert np.asarray(routed_rows(query, True)).all()
+  cand = np.asarray(candidate_regions(lay.region_valid, lay.region_last_pos, query.position))[0]
+  np.testing.assert_array_equal(cand, [[0, 0, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+  k = jax.random.normal(jax.random.PRNGKey(0), (1, 40, 1, 4))
+  noisy = k.at[0, newline].set(1e4)
+  np.testing.assert_allclose(region_descriptors(noisy, lay), region_descriptors(k, lay))
 
 
 def test_dot_and_cosine_scores_against_numpy():

@@ -66,9 +66,10 @@ def _table(blocks):
   return t[..., 0], t[..., 1], t[..., 2], t[..., 3]
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(5))
 def test_kv_blocks_partition_the_real_slots(seed):
-  case = random_case(seed, force_video=seed % 2 == 1)
+  # Seed 4: images with newline rows (text slots stored after the regions).
+  case = random_case(seed, force_video=seed % 2 == 1, newline_rows=seed == 4)
   lay = case.layout
   R = lay.region_size
   for BK in (blk.next_pow2(max(R, 2)), 2 * blk.next_pow2(max(R, 2)), blk.ceil_to(R, 8)):
@@ -186,11 +187,13 @@ def _listed(lists, NB, full=False):
   return out
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(5))
 def test_tile_lists_cover_every_visible_key_and_routed_lists_are_exact(seed):
   group_context = seed % 2 == 1
-  case = random_case(10 + seed, group=[1, 2, 4, 8][seed], routing=["head", "group"][seed % 2],
-                     force_video=group_context)
+  # Seed 4: images with newline rows.
+  case = random_case(10 + seed, group=[1, 2, 4, 8, 2][seed],
+                     routing=["head", "group"][seed % 2], force_video=group_context,
+                     newline_rows=seed == 4)
   lay = case.layout
   _, ids, _ = run(case, grads=False)
   Hkv = case.k.shape[2]

@@ -48,6 +48,20 @@ def test_forward_and_gradients_match_reference(i):
     assert_close(a, b, f"d{name}")
 
 
+@pytest.mark.parametrize("passes", ["split", "full"])
+def test_newline_rows_match_reference(passes):
+  """Images with a text slot after each row of patches (LLaVA's image_newline), a video in
+  the first example: forward and gradients against the reference."""
+  case = random_case(33, group=2, top_k=2, force_video=True, newline_rows=True)
+  out_r, ids_r, g_r = run(case)
+  out_p, ids_p, g_p = run(case, config=dataclasses.replace(SMALL, passes=passes))
+  np.testing.assert_array_equal(ids_p, ids_r)
+  assert (np.asarray(ids_r) >= 0).any()
+  assert_close(out_p, out_r, "out")
+  for name, a, b in zip("qkv", g_p, g_r):
+    assert_close(a, b, f"d{name}")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(100, 116))
 def test_forward_and_gradients_match_reference_more_seeds(seed):

@@ -56,10 +56,12 @@ def test_forward_and_gradient_on_odd_shapes_under_interpret_params(batch, seed):
   _check(_odd_case(batch, seed), STRICT)
 
 
-@pytest.mark.parametrize("seed, group, routing, video", [(40, 2, "head", False),
-                                                         (41, 4, "group", True)])
-def test_forward_and_gradient_match_reference(seed, group, routing, video):
-  _check(random_case(seed, group=group, routing=routing, force_video=video), TPU)
+@pytest.mark.parametrize("seed, group, routing, video, newline", [
+    (40, 2, "head", False, False), (41, 4, "group", True, False),
+    (42, 2, "head", True, True)])   # images with newline rows (LLaVA's image_newline)
+def test_forward_and_gradient_match_reference(seed, group, routing, video, newline):
+  _check(random_case(seed, group=group, routing=routing, force_video=video,
+                     newline_rows=newline), TPU)
 
 
 def test_one_pass_and_default_tiles():
