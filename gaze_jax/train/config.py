@@ -101,7 +101,7 @@ def mllm_config(model_cfg: Any, *, top_k=None) -> MLLMConfig:
     gaze["top_k"] = top_k
   gz = _dataclass_from(GazeConfig, gaze, "config.model.gaze")
   # Absent top-level fields keep MLLMConfig's defaults (``init`` is the trainer's, not a field).
-  top = {k: d[k] for k in ("projector", "dtype", "param_dtype") if k in d}
+  top = {k: d[k] for k in ("projector", "scale_factor", "dtype", "param_dtype") if k in d}
   return MLLMConfig(decoder=dec, vision=vis, gaze=gz, **top)
 
 

@@ -230,11 +230,12 @@ def test_missing_or_misshaped_tensor_is_named(saved, tmp_path):
 
 def test_token_pixels_drive_every_visual_grid():
   """``MLLMConfig.token_pixels`` (patch x scale factor) is the grid everywhere: the training
-  features, the memory plan's regions and the FLOPs' projector term."""
+  config and features, the memory plan's regions and the FLOPs' projector term."""
   import types
   from gaze_jax.gaze.accounting import train_flops
   from gaze_jax.model.config import DecoderConfig, MLLMConfig, VisionConfig
   from gaze_jax.model.memory import _visual_shape
+  from gaze_jax.train.config import mllm_config, model_fields
   from gaze_jax.train.data import feature_config
   dec = DecoderConfig(vocab_size=V, hidden_size=64, intermediate_size=96, num_layers=2,
                       num_heads=4, num_kv_heads=2)
@@ -243,6 +244,7 @@ def test_token_pixels_drive_every_visual_grid():
   gaze = GazeConfig(attention="gaze", num_ctx=0, region_shape=(3, 3))
   shuffle = MLLMConfig(dec, vis, gaze, projector="pixel_shuffle", scale_factor=2)
   assert (shuffle.token_pixels, shuffle.token_grid) == (16, 3)
+  assert mllm_config(model_fields(shuffle)) == shuffle       # a training config's model
   spec = LayoutSpec(seq_len=64, max_regions=4, max_images=2, region_shape=(3, 3), num_ctx=0)
   data = types.SimpleNamespace(data=types.SimpleNamespace(skip_too_long=False))
   assert feature_config(data, shuffle, spec).grid == 3
