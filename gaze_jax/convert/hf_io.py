@@ -82,34 +82,51 @@ class SafetensorsFile:
   def shape(self, name: str) -> tuple[int, ...]:
     return tuple(int(n) for n in self.header[name]["shape"])
 
-  def read(self, name: str, index: tuple = ()) -> np.ndarray:
+  def read(self, name: str, index: tuple = (), block_bytes: int = 16 << 20) -> np.ndarray:
     """``tensor[index]`` (a tuple of slices, one per axis, or () for all of it) in the file's
     dtype. Only the rows of the first axis that ``index`` selects are read (a row-major
-    tensor's rows are contiguous); the other axes are sliced in memory."""
+    tensor's rows are contiguous), ``block_bytes`` of them at a time when the other axes are
+    sliced too, so that a piece of a wide tensor (a column shard of an embedding) never holds
+    the whole tensor on the host."""
     t = self.header[name]
     dtype, shape = np.dtype(DTYPES[t["dtype"]]), self.shape(name)
     begin = self._start + t["data_offsets"][0]
-    rows = range(shape[0])[index[0]] if index and shape else None
-    if rows is not None and rows.step == 1:
-      row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-      first, count = rows.start, len(rows)
+    index = tuple(index)
+    if not shape or not index:
       with self.path.open("rb") as f:
-        f.seek(begin + first * row_bytes)
-        data = f.read(count * row_bytes)
-      arr = np.frombuffer(data, dtype).reshape((count,) + shape[1:])
-      return arr[(slice(None),) + tuple(index[1:])]
+        f.seek(begin)
+        data = f.read(t["data_offsets"][1] - t["data_offsets"][0])
+      arr = np.frombuffer(data, dtype).reshape(shape)
+      return arr[index] if index else arr
+    rows = range(shape[0])[index[0]]
+    rest = (slice(None),) + index[1:]
+    row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
+    step = max(1, len(rows) if index[1:] == (slice(None),) * len(index[1:])
+               else block_bytes // row_bytes)
+    pieces = []
     with self.path.open("rb") as f:
-      f.seek(begin)
-      data = f.read(t["data_offsets"][1] - t["data_offsets"][0])
-    arr = np.frombuffer(data, dtype).reshape(shape)
-    return arr[tuple(index)] if index else arr
+      for i in range(0, len(rows), step):
+        block = rows[i:i + step]
+        first, last = min(block[0], block[-1]), max(block[0], block[-1])
+        f.seek(begin + first * row_bytes)
+        data = f.read((last - first + 1) * row_bytes)
+        arr = np.frombuffer(data, dtype).reshape((last - first + 1,) + shape[1:])
+        rows_here = (slice(block[0] - first, block[-1] - first + 1) if block.step == 1
+                     else np.asarray(block) - first)
+        piece = arr[rows_here][rest]
+        # A copy, so that the block read for it is freed before the next one is read.
+        pieces.append(piece if step >= len(rows) else np.array(piece))
+    if not pieces:
+      return np.zeros((0,) + np.zeros(shape[1:], dtype)[index[1:]].shape, dtype)
+    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
 
 def _as_float32(arr: np.ndarray) -> np.ndarray:
-  """Floating tensors as float32; integer and bool ones keep their dtype."""
+  """Floating tensors as float32 (no copy when they are float32 already); integer and bool ones
+  keep their dtype."""
   if np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_:
-    return np.array(arr)
-  return arr.astype(np.float32)
+    return arr
+  return np.asarray(arr, np.float32)
 
 
 def safetensors_bytes(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
@@ -118,7 +135,7 @@ def safetensors_bytes(tensors: dict[str, np.ndarray], metadata: dict[str, str]) 
   names = {np.dtype(v): k for k, v in DTYPES.items()}
   header, offset, blobs = {"__metadata__": dict(metadata)}, 0, []
   for name, arr in tensors.items():
-    arr = np.ascontiguousarray(arr)
+    arr = np.require(arr, requirements="C")      # (ascontiguousarray would make a scalar 1-D)
     if arr.dtype not in names:
       raise ValueError(f"tensor {name!r}: dtype {arr.dtype} cannot be written to safetensors")
     header[name] = {"dtype": names[arr.dtype], "shape": list(arr.shape),

@@ -1,12 +1,13 @@
 """A Hugging Face folder straight into sharded parameters on a mesh.
 
 ``load_sharded(plan, abstract_params)`` fills the parameters of ``plan.model`` (a
-``hf.LoadPlan``) with ``jax.make_array_from_callback``: for each device's piece of a parameter
-the callback reads only the matching piece of the safetensors file (``Checkpoint.read_slice``;
-the rules' ``Layout`` hooks say which piece), so
+``hf.LoadPlan``) one device's piece at a time: the piece is read from the matching piece of
+the safetensors file (``Checkpoint.read_slice``; the rules' ``Layout`` hooks say which piece)
+and put on its device before the next is read (``jax.make_array_from_single_device_arrays``),
+so
 
-* no process holds more than one tensor of the model on the host at a time (at most one
-  device's piece, cached while the other devices that hold the same piece ask for it);
+* no process holds more than one piece of one tensor of the model on the host at a time (kept
+  while the other devices that hold the same piece take it);
 * a multi-host run reads only what its own devices hold (the callback runs for addressable
   devices only).
 
@@ -102,11 +103,21 @@ class _Reader:
     key = tuple((s.start, s.stop, s.step) for s in index)
     if key != self._key:
       tensors = self.plan.tensors
+      self._key = self._value = None        # the previous piece goes before the next is read
       piece = tensors.read_slice(self.src, self.hook.source_index(index))
       self.bytes_read += piece.nbytes
       check_finite(piece, self.src, self.ours, tensors.file_of(self.src), self.allow)
-      self._key, self._value = key, np.ascontiguousarray(self.hook(piece)).astype(self.dtype)
+      self._key = key
+      self._value = np.asarray(self.hook(piece), self.dtype, order="C")
     return self._value
+
+
+def _place(shape: tuple, sharding, reader: _Reader) -> jax.Array:
+  """``jax.make_array_from_callback`` one device at a time: each piece goes to its device
+  before the next is read, so the host holds one piece, not all of this host's pieces."""
+  indices = sharding.addressable_devices_indices_map(shape)
+  arrays = [jax.device_put(reader(indices[d]), d) for d in indices]
+  return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
 def load_sharded(plan: LoadPlan, abstract_params: Any, *, seed: int = 0,
@@ -140,7 +151,7 @@ def load_sharded(plan: LoadPlan, abstract_params: Any, *, seed: int = 0,
   for n, (ours, src, hook) in enumerate(rules):
     a = abstract[ours]
     reader = _Reader(plan, src, ours, hook, np.dtype(a.dtype), allow_nonfinite)
-    out[ours] = jax.make_array_from_callback(tuple(a.shape), a.sharding, reader)
+    out[ours] = _place(tuple(a.shape), a.sharding, reader)
     done += int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
     read += reader.bytes_read
     if time.time() - last >= log_every_s or n == len(rules) - 1:
