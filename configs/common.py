@@ -46,7 +46,9 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
   fields["gaze"]["top_k"] = count_or_ratio(preset_cfg.gaze.top_k)
   c.model = ml_collections.ConfigDict(fields)
   c.model.gaze.kernel = kernel_fields(preset_cfg.gaze.kernel)
-  c.model.init = ""                       # "", "gguf:smollm2" or a .gguf file (decoder weights)
+  # "" (random), "gguf:smollm2" or a .gguf file (decoder weights), or "hf:<folder>" (the whole
+  # MLLM from a Hugging Face folder, local or gs://; its config.json fixes the model's shape).
+  c.model.init = ""
   c.init_from_checkpoint = ""             # another run's workdir: start from its parameters
 
   c.data = ml_collections.ConfigDict(dict(

@@ -10,7 +10,9 @@ Config layout (see ``configs/demo.py`` for a complete example)::
 
   model.decoder.*, model.vision.* (or None), model.gaze.*   fields of the model dataclasses
   model.projector, model.dtype (compute), model.param_dtype (master weights)
-  model.init          "" (random), "gguf:smollm2" or a .gguf path (decoder weights)
+  model.init          "" (random), "gguf:smollm2" or a .gguf path (decoder weights), or
+                      "hf:<folder>" (the whole MLLM from a Hugging Face folder, local or gs://:
+                      its config.json fixes the shape, see gaze_jax.train.model_init)
   data.*              dataset, tokenizer, static shapes (seq_len, max_regions, ...), batch size
   topk_schedule.*     progressive top-K: shape, warmup_fraction / warmup_steps, start
   optim.*             AdamW, warmup + cosine, clipping, param_groups (regex, lr multiplier)
@@ -92,16 +94,23 @@ def model_fields(cfg: MLLMConfig) -> dict:
 def mllm_config(model_cfg: Any, *, top_k=None) -> MLLMConfig:
   """``config.model`` -> ``MLLMConfig``; ``top_k`` replaces ``model.gaze.top_k`` (the trainer
   builds its model with the schedule's starting K as the static K_max)."""
+  from gaze_jax.train.model_init import hf_folder, hf_model_config
+
   d = to_dict(model_cfg)
-  dec = _dataclass_from(DecoderConfig, d.get("decoder"), "config.model.decoder")
-  vis = d.get("vision")
-  vis = None if vis is None else _dataclass_from(VisionConfig, vis, "config.model.vision")
   gaze = dict(d.get("gaze") or {})
   if top_k is not None:
     gaze["top_k"] = top_k
   gz = _dataclass_from(GazeConfig, gaze, "config.model.gaze")
+  folder = hf_folder(d.get("init"))
+  if folder is not None:                   # the shape comes from the folder's config.json
+    return hf_model_config(folder, d, gz)
+  dec = _dataclass_from(DecoderConfig, d.get("decoder"), "config.model.decoder")
+  vis = d.get("vision")
+  vis = None if vis is None else _dataclass_from(VisionConfig, vis, "config.model.vision")
   # Absent top-level fields keep MLLMConfig's defaults (``init`` is the trainer's, not a field).
-  top = {k: d[k] for k in ("projector", "scale_factor", "dtype", "param_dtype") if k in d}
+  top = {f.name: d[f.name] for f in dataclasses.fields(MLLMConfig)
+         if f.name not in ("decoder", "vision", "gaze") and f.name in d}
+  top = {k: tuple(v) if isinstance(v, list) else v for k, v in top.items()}
   return MLLMConfig(decoder=dec, vision=vis, gaze=gz, **top)
 
 

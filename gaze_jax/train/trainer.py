@@ -48,6 +48,7 @@ from gaze_jax.runs import make_tokenizer
 from gaze_jax.train import checkpoint as ckpt_lib
 from gaze_jax.train import data as data_lib
 from gaze_jax.train import metrics as metrics_lib
+from gaze_jax.train import model_init
 from gaze_jax.train import sharding as shard_lib
 from gaze_jax.train.config import (check_train_config, eval_model_config, to_dict,
                                    train_model_config)
@@ -152,6 +153,17 @@ def init_state(s: Setup, seed: int) -> dict:
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return {"params": params, "opt_state": s.tx.init(params), "step": jnp.zeros((), jnp.int32)}
   return jax.jit(init, out_shardings=s.state_shardings)()
+
+
+def hf_init_state(s: Setup, folder: str, seed: int) -> dict:
+  """A fresh train state whose parameters come from a Hugging Face folder, read straight into
+  their shardings (``model_init.init_params``); the optimizer state is made on the mesh."""
+  params = model_init.init_params(
+      folder, s.model_cfg, ckpt_lib.abstract_like(s.abstract_params, s.state_shardings["params"]),
+      seed=seed)
+  opt_state = jax.jit(s.tx.init, out_shardings=s.state_shardings["opt_state"])(params)
+  return {"params": params, "opt_state": opt_state,
+          "step": jax.device_put(jnp.zeros((), jnp.int32), s.state_shardings["step"])}
 
 
 def _load_decoder_init(s: Setup, state: dict, source: str) -> dict:
@@ -289,9 +301,13 @@ def train(config: Any, workdir, *, mesh=None, stop_after: Optional[int] = None) 
                   jax.process_count())
     log.info("resumed from step %d of %s", restored.step, ckpt.directory)
   else:
-    state = init_state(s, int(tc.seed))
-    if config.model.init:
-      state = _load_decoder_init(s, state, config.model.init)
+    folder = model_init.hf_folder(config.model.init)
+    if folder is not None:
+      state = hf_init_state(s, folder, int(tc.seed))
+    else:
+      state = init_state(s, int(tc.seed))
+      if config.model.init:
+        state = _load_decoder_init(s, state, config.model.init)
     src = config.init_from_checkpoint
     if src:
       other = ckpt_lib.Checkpointer(Path(src) / ckpt_lib.CHECKPOINT_DIR, read_only=True)
