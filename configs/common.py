@@ -56,7 +56,7 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
       builder_overrides=ml_collections.ConfigDict(dict(num_train=20_000, num_validation=1_000,
                                                        num_test=1_000)),
       data_dir="",                        # default <workdir>/tfds
-      tokenizer="byte", seq_len=160, max_regions=16, max_images=1, max_nonvisual=None,
+      tokenizer="byte", image_grid=(0, 0), seq_len=160, max_regions=16, max_images=1, max_nonvisual=None,
       batch_size=32, seed=0, num_threads=2, skip_too_long=False, train_split="train",
       eval_split="validation"))
 

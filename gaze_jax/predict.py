@@ -176,10 +176,9 @@ def predict(workdir, image: ImageLike, question: str, *, max_new_tokens: int = 1
     ``gaze_jax.train.checkpoint.CheckpointError`` when the workdir holds no checkpoint.
   """
   from gaze_jax import runs
-  from gaze_jax.data.features import ExampleProcessor
   from gaze_jax.eval.evaluate import generate_answers
   from gaze_jax.eval.text import decode
-  from gaze_jax.train.data import feature_config
+  from gaze_jax.train.data import example_processor
 
   if not isinstance(question, str) or not question.strip():
     raise ValueError("question must be a non-empty string")
@@ -190,7 +189,7 @@ def predict(workdir, image: ImageLike, question: str, *, max_new_tokens: int = 1
   if pixels.shape[:2] != (size, size):
     log.info("resizing the image from %dx%d to the model's %dx%d", pixels.shape[1],
              pixels.shape[0], size, size)
-  processor = ExampleProcessor(run.tokenizer, feature_config(config, run.model_cfg, run.spec))
+  processor = example_processor(config, run.tokenizer, run.model_cfg, run.spec)
   asked = _features(processor, run.spec, pixels, question, "?")
   toks, lengths, _ = generate_answers(run.model, asked, max_new_tokens=max_new_tokens,
                                       stop_tokens=tuple(getattr(run.tokenizer, "stop_ids", ())))

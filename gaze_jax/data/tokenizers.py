@@ -487,7 +487,7 @@ def load_hf_tokenizer(path, template: Optional[ChatTemplate] = None) -> HFTokeni
                      eos=_token_str(cfg.get("eos_token")), pad=_token_str(cfg.get("pad_token")))
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path) -> dict:
   try:
     out = json.loads(path.read_text())
   except json.JSONDecodeError as e:
@@ -497,7 +497,7 @@ def _read_json(path: Path) -> dict:
   return out
 
 
-def _folder_chat_template(folder: Path, configs: Sequence[Path]) -> tuple[Optional[str], str]:
+def _folder_chat_template(folder, configs: Sequence) -> tuple[Optional[str], str]:
   """The chat template of a model folder and the file it came from: ``chat_template.jinja``,
   ``chat_template.json`` (a processor's), else the ``chat_template`` key of ``configs`` in
   order (a named list keeps its ``default``)."""
@@ -518,8 +518,8 @@ def _folder_chat_template(folder: Path, configs: Sequence[Path]) -> tuple[Option
 
 
 def load_model_tokenizer(folder) -> HFTokenizer:
-  """The tokenizer and chat template of a Hugging Face model folder, as a transformers
-  processor of that folder uses them: ``tokenizer.json``, the special tokens of
+  """The tokenizer and chat template of a Hugging Face model folder (local or ``gs://``), as a
+  transformers processor of that folder uses them: ``tokenizer.json``, the special tokens of
   ``tokenizer_config.json``, and the model's Jinja chat template (``chat_template.jinja``,
   ``chat_template.json``, ``processor_config.json`` or ``tokenizer_config.json``) rendered by
   ``JinjaChatTemplate``. The image / video placeholders are the processor's ``image_token`` /
@@ -530,13 +530,14 @@ def load_model_tokenizer(folder) -> HFTokenizer:
   template, ValueError naming the file for malformed JSON or a special token the vocabulary
   lacks.
   """
+  from etils import epath
   from tokenizers import Tokenizer as _Tok
 
-  folder = Path(folder)
+  folder = epath.Path(folder)              # local or gs://
   file = folder / "tokenizer.json"
   if not file.is_file():
     raise FileNotFoundError(f"{folder} has no tokenizer.json")
-  tok = _Tok.from_file(str(file))
+  tok = _Tok.from_str(file.read_text())
   tcfg_file, pcfg_file = folder / "tokenizer_config.json", folder / "processor_config.json"
   tcfg = _read_json(tcfg_file) if tcfg_file.is_file() else {}
   pcfg = _read_json(pcfg_file) if pcfg_file.is_file() else {}

@@ -2,9 +2,11 @@
 
 ``config.data`` fields: ``name`` (a ``gaze_jax.data.builders`` dataset), ``builder_config``
 (its preset, e.g. "64px"), ``builder_overrides`` (dict of builder fields, e.g. ``num_train``),
-``data_dir`` (default ``<workdir>/tfds``), ``tokenizer`` (``gaze_jax.runs.make_tokenizer``:
-"byte", "words", "gguf:smollm2", a ``.gguf`` file or a folder with ``tokenizer.json``),
-``seq_len``, ``max_regions``, ``max_images``, ``max_nonvisual``, ``batch_size`` (global; each
+``data_dir`` (default ``<workdir>/tfds``), ``tokenizer`` (``gaze_jax.runs.run_tokenizer``:
+"byte", "words", "gguf:smollm2", a ``.gguf`` file, a folder with ``tokenizer.json``,
+"hf:<model folder>", or "model": the one of ``model.init``'s Hugging Face folder),
+``image_grid`` (rows, cols of tiles per image for a model family that tiles images, from a
+``model.init=hf:`` folder; (0, 0): one image, no tiles), ``seq_len``, ``max_regions``, ``max_images``, ``max_nonvisual``, ``batch_size`` (global; each
 host reads ``batch_size / process_count``), ``seed``, ``num_threads``, ``skip_too_long``,
 ``train_split``, ``eval_split``.
 """
@@ -33,6 +35,25 @@ def feature_config(config: Any, model: MLLMConfig, spec: LayoutSpec):
                        video_pool=v.video_pool if v.video_pool > 1 else 1,
                        skip_too_long=bool(config.data.skip_too_long),
                        vocab_size=model.decoder.vocab_size)
+
+
+def media_processor(config: Any):
+  """The image / video processing of a run started from a Hugging Face folder
+  (``model.init=hf:``): the folder's family processing at ``config.data.image_grid`` (tiles);
+  None otherwise (``features.SquareResize``)."""
+  from gaze_jax.convert.families import media_processor as family_media
+  from gaze_jax.train.model_init import hf_folder
+
+  folder = hf_folder(config.model.init)
+  return None if folder is None else family_media(folder, tuple(config.data.image_grid))
+
+
+def example_processor(config: Any, tokenizer, model: MLLMConfig, spec: LayoutSpec):
+  """Raw example -> features for this run: its tokenizer, static shapes and image processing."""
+  from gaze_jax.data.features import ExampleProcessor
+
+  return ExampleProcessor(tokenizer, feature_config(config, model, spec),
+                          media=media_processor(config))
 
 
 def data_dir(config: Any, workdir) -> Path:
@@ -72,12 +93,11 @@ def make_iterator(config: Any, builder, tokenizer, model: MLLMConfig, spec: Layo
   """This host's iterator of batches (endless and shuffled for training; one ordered pass
   otherwise), positioned at ``state`` when given."""
   from gaze_jax.data import pipeline
-  from gaze_jax.data.features import ExampleProcessor
 
   d = config.data
   split = split or (d.train_split if train else d.eval_split)
   src = pipeline.data_source(builder, split)
-  proc = ExampleProcessor(tokenizer, feature_config(config, model, spec))
+  proc = example_processor(config, tokenizer, model, spec)
   ds = pipeline.make_dataset(src, proc, batch_size=local_batch_size(config),
                              seed=int(d.seed), shuffle=train,
                              num_epochs=None if train else 1,

@@ -44,7 +44,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gaze_jax.gaze.accounting import train_flops
 from gaze_jax.model.mllm import MLLM
-from gaze_jax.runs import make_tokenizer
+from gaze_jax.runs import run_tokenizer
 from gaze_jax.train import checkpoint as ckpt_lib
 from gaze_jax.train import data as data_lib
 from gaze_jax.train import metrics as metrics_lib
@@ -265,7 +265,7 @@ def train(config: Any, workdir, *, mesh=None, stop_after: Optional[int] = None) 
   # Everything checkable is checked before the workdir is written.
   check_train_config(config)
   s = build(config, mesh)
-  tokenizer = make_tokenizer(config.data.tokenizer)
+  tokenizer = run_tokenizer(config)
   if primary:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(_jsonable(to_dict(config)), indent=2))
