@@ -12,9 +12,9 @@ transformers versions (``language_model.model.layers`` in older checkpoints,
 or ``vision_tower.``), so each part's prefix is found from an anchor tensor name instead of
 being hard-coded.
 
-What we do not convert: LLaVA-OneVision's ``image_newline`` and its anyres tiling (our model
-takes each image at the tower's base resolution), and the SigLIP pooling head. These tensors
-are left unused and reported (``return_unused=True``, and an INFO log line). A config that
+What we do not convert: the SigLIP pooling head (left unused and reported: ``return_unused=True``,
+and an INFO log line). LLaVA-OneVision's ``image_newline`` loads (``plan_llava_onevision``); its
+anyres tiles are images laid out by ``gaze_jax.data.llava_onevision``. A config that
 says ``tie_word_embeddings=true`` beside an ``lm_head.weight`` that differs from the embeddings
 loads untied with the checkpoint's head and a warning, as transformers does. Images for our
 towers are ``[N, H, W, C]``, already normalised as the Hugging Face image processor does.
@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from gaze_jax.convert.hf_config import (decoder_config_from_hf, llava_onevision_configs,
-                                        vision_config_from_hf)
+                                        llava_onevision_media_ids, vision_config_from_hf)
 from gaze_jax.convert.hf_io import Checkpoint, PathLike, load_safetensors, read_hf_config
 from gaze_jax.convert.mapping import (Rule, WeightMap, conv, identity, linear, load_weights,
                                       param_paths)
@@ -307,7 +307,14 @@ def load_siglip_vision(model_dir: PathLike, feature_layer: int = -1, post_layern
 def plan_llava_onevision(model_dir: PathLike, gaze: GazeConfig = DENSE_TEXT, *,
                          dtype: str = "float32", param_dtype: str = "float32") -> LoadPlan:
   """The ``LoadPlan`` of a LLaVA-OneVision directory (SigLIP, ``mlp2x_gelu`` projector,
-  Qwen2)."""
+  Qwen2, ``image_newline``).
+
+  ``image_newline`` becomes our parameter of that name, given to the text slots that hold the
+  image or video token id (``MLLMConfig.newline_token_ids``: LLaVA-OneVision's processor
+  writes these ids where its model puts the newline, after each row of a tiled grid and after
+  a video; ``gaze_jax.data.llava_onevision`` does the same). Video frames are pooled 2 x 2 by
+  bilinear interpolation (``VisionConfig.video_pool_mode``), as its ``apply_pooling``.
+  """
   where = os.fspath(model_dir)
   hf = read_hf_config(model_dir)
   if hf.get("model_type") != "llava_onevision":
@@ -318,14 +325,14 @@ def plan_llava_onevision(model_dir: PathLike, gaze: GazeConfig = DENSE_TEXT, *,
   dp = find_prefix(tensors, "embed_tokens.weight", "language model", where)
   vp = find_prefix(tensors, "embeddings.patch_embedding.weight", "vision tower", where)
   mp = find_prefix(tensors, "multi_modal_projector.linear_1.weight", "projector", where)
+  newline = find_prefix(tensors, "image_newline", "image_newline", where) + "image_newline"
   head = _find_optional(tensors, "lm_head.weight", where)
   dcfg = _tie_or_untie(dcfg, tensors, dp + "embed_tokens.weight", head, where)
-  cfg = MLLMConfig(decoder=dcfg, vision=vcfg, gaze=gaze, dtype=dtype, param_dtype=param_dtype)
+  cfg = MLLMConfig(decoder=dcfg, vision=vcfg, gaze=gaze, dtype=dtype, param_dtype=param_dtype,
+                   newline_token_ids=llava_onevision_media_ids(hf, dcfg.vocab_size))
   rules = (decoder_rules(dcfg, dp, head) + vision_rules(vcfg, vp, ours="vision.") +
-           projector_rules(mp + "multi_modal_projector."))
+           projector_rules(mp + "multi_modal_projector.") + [Rule("image_newline", newline)])
   allow = _vision_unused(vcfg, vp)
-  newline = _find_optional(tensors, "image_newline", where)
-  allow += [newline] if newline else []
   allow += [head] if (dcfg.tie_embeddings and head) else []
   weights = WeightMap(tuple(rules), {"decoder": dcfg.num_layers, "vision": vcfg.num_blocks},
                       tuple(allow), _fresh(gaze))
@@ -335,11 +342,12 @@ def plan_llava_onevision(model_dir: PathLike, gaze: GazeConfig = DENSE_TEXT, *,
 def load_llava_onevision(model_dir: PathLike, gaze: GazeConfig = DENSE_TEXT, *,
                          dtype: str = "float32", param_dtype: str = "float32", seed: int = 0,
                          return_unused: bool = False, allow_nonfinite: bool = False):
-  """A LLaVA-OneVision directory -> ``MLLM`` (SigLIP tower, ``mlp2x_gelu`` projector, Qwen2).
+  """A LLaVA-OneVision directory -> ``MLLM`` (SigLIP tower, ``mlp2x_gelu`` projector, Qwen2,
+  ``image_newline``; see ``plan_llava_onevision``).
 
   The tower yields ``hidden_states[vision_feature_layer]`` without the final LayerNorm, as
-  LLaVA-OneVision does. ``image_newline``, the SigLIP head and post-LayerNorm stay unused and
-  are reported. Context tokens (``gaze.num_ctx > 0``) keep their random initialisation.
+  LLaVA-OneVision does. The SigLIP head and post-LayerNorm stay unused and are reported.
+  Context tokens (``gaze.num_ctx > 0``) keep their random initialisation.
   Weights holding NaN or Inf raise a ValueError naming the tensor, unless ``allow_nonfinite``.
   Returns the MLLM, or ``(MLLM, unused keys)`` with ``return_unused``.
   """

@@ -10,6 +10,7 @@ else.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping, Optional
 
 from gaze_jax.model.config import DecoderConfig, RopeScaling, VisionConfig
@@ -191,7 +192,9 @@ def llava_onevision_configs(cfg: Mapping[str, Any]) -> tuple[DecoderConfig, Visi
   """A ``llava_onevision`` config -> (decoder, vision) configs.
 
   The vision features are ``hidden_states[vision_feature_layer]`` without the final LayerNorm,
-  all patches (``vision_feature_select_strategy='full'``), as LLaVA-OneVision computes them.
+  all patches (``vision_feature_select_strategy='full'``), as LLaVA-OneVision computes them;
+  video frames are pooled to ``ceil(g / 2)`` per side by bilinear interpolation, as its
+  ``apply_pooling``.
   """
   mt = cfg.get("model_type")
   if mt != "llava_onevision":
@@ -216,5 +219,27 @@ def llava_onevision_configs(cfg: Mapping[str, Any]) -> tuple[DecoderConfig, Visi
   text["tie_word_embeddings"] = bool(cfg.get("tie_word_embeddings") or
                                      text.get("tie_word_embeddings"))
   decoder = decoder_config_from_hf(text)
-  vision = vision_config_from_hf(cfg, feature_layer=layer, post_layernorm=False)
+  vision = dataclasses.replace(vision_config_from_hf(cfg, feature_layer=layer,
+                                                     post_layernorm=False),
+                               video_pool=2, video_pool_mode="bilinear")
   return decoder, vision
+
+
+# transformers' LlavaOnevisionConfig defaults.
+_LLAVA_OV_MEDIA = {"image": 151646, "video": 151647}
+
+
+def llava_onevision_media_ids(cfg: Mapping[str, Any], vocab_size: int) -> tuple[int, ...]:
+  """The image and video token ids of a ``llava_onevision`` config (``image_token_index`` /
+  ``video_token_index``, or their ``*_token_id`` aliases, else transformers' defaults), those
+  inside the vocabulary: an id outside it can never be a token (a small test model may keep
+  the default video id of a 152K vocabulary)."""
+  out = []
+  for media, default in _LLAVA_OV_MEDIA.items():
+    v = cfg.get(f"{media}_token_index", cfg.get(f"{media}_token_id"))
+    v = default if v is None else v
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+      raise ValueError(f"llava_onevision config: {media}_token_index={v!r} is not a token id")
+    if v < vocab_size:
+      out.append(v)
+  return tuple(out)

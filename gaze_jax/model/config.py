@@ -22,6 +22,7 @@ def _from_fields(cls, fields: Mapping[str, Any], where: str):
 
 POS_RESIZE = ("bicubic", "buckets")
 PROJECTORS = ("mlp2x_gelu", "pixel_shuffle")
+VIDEO_POOL_MODES = ("mean", "bilinear")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +33,11 @@ class VisionConfig:
   ``i`` = output of block i, -1 = last block); ``post_layernorm`` applies the final LayerNorm to
   the chosen features (SigLIP's ``last_hidden_state`` is feature_layer=-1 with it; LLaVA models
   take ``hidden_states[-1]`` without it). ``video_pool`` pools video frame features
-  ``video_pool x video_pool`` (docs/method.md: 2x2-pooled 24x24 frames).
+  ``video_pool x video_pool`` (docs/method.md: 2x2-pooled 24x24 frames): ``video_pool_mode``
+  ``"mean"`` averages each block (the remainder of a grid it does not divide is dropped);
+  ``"bilinear"`` resizes the grid to ``ceil(g / video_pool)`` per side as PyTorch's bilinear
+  interpolation does (LLaVA-OneVision's ``apply_pooling``); ``pooled_grid`` is the one
+  definition of the pooled size.
   ``pos_resize`` says which learned position serves each patch of a grid other than the native
   ``grid x grid``: ``"bicubic"`` resizes the table as SigLIP's ``interpolate_pos_encoding``;
   ``"buckets"`` gives patch ``(i, j)`` of a ``gh x gw`` grid the entry of the fractional
@@ -50,11 +55,22 @@ class VisionConfig:
   post_layernorm: bool = True
   video_pool: int = 2
   pos_resize: str = "bicubic"
+  video_pool_mode: str = "mean"
 
   def __post_init__(self):
     if self.pos_resize not in POS_RESIZE:
       raise ValueError(f"VisionConfig.pos_resize={self.pos_resize!r} is not one of "
                        f"{', '.join(map(repr, POS_RESIZE))}")
+    if self.video_pool_mode not in VIDEO_POOL_MODES:
+      raise ValueError(f"VisionConfig.video_pool_mode={self.video_pool_mode!r} is not one of "
+                       f"{', '.join(map(repr, VIDEO_POOL_MODES))}")
+
+  def pooled_grid(self, gh: int, gw: int) -> tuple[int, int]:
+    """The video-pooled size of a ``gh x gw`` token grid (``video_pool_mode``)."""
+    p = self.video_pool
+    if self.video_pool_mode == "bilinear":
+      return -(-gh // p), -(-gw // p)
+    return gh // p, gw // p
 
   @property
   def grid(self) -> int:
@@ -216,6 +232,10 @@ class MLLMConfig:
   (Idefics3 / SmolVLM: each ``scale_factor x scale_factor`` block of patches is concatenated
   into one token, then a bias-free linear layer). ``scale_factor`` is 1 for ``mlp2x_gelu``.
   ``token_pixels`` is the one definition of the pixels per side of a visual token.
+  ``newline_token_ids``: token ids whose embedding at TEXT slots is the learned ``image_newline``
+  vector (LLaVA-NeXT / OneVision: the image and video token ids, which their processors write
+  where the newline embedding goes: after each row of a tiled grid, after a video); empty (the
+  default) builds no such parameter.
   """
   decoder: DecoderConfig
   vision: Optional[VisionConfig] = None
@@ -224,6 +244,7 @@ class MLLMConfig:
   dtype: str = "float32"          # compute dtype
   param_dtype: str = "float32"    # master weights
   scale_factor: int = 1
+  newline_token_ids: tuple[int, ...] = ()
 
   def __post_init__(self):
     if self.projector not in PROJECTORS:
@@ -239,6 +260,14 @@ class MLLMConfig:
       raise ValueError(f"MLLMConfig.scale_factor={s} must divide the vision tower's native "
                        f"grid {self.vision.grid} (image_size {self.vision.image_size} / "
                        f"patch_size {self.vision.patch_size})")
+    ids = self.newline_token_ids
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, (tuple, list)) or not all(
+        _is_int(i) and 0 <= i < self.decoder.vocab_size for i in ids):
+      raise ValueError(f"MLLMConfig.newline_token_ids must be token ids in [0, vocab_size="
+                       f"{self.decoder.vocab_size}), got {ids!r}")
+    if ids and self.vision is None:
+      raise ValueError("MLLMConfig.newline_token_ids needs a vision tower (vision=None)")
+    object.__setattr__(self, "newline_token_ids", tuple(int(i) for i in ids))
 
   @property
   def token_pixels(self) -> int:

@@ -15,7 +15,8 @@ from gaze_jax.gaze import CTX, PATCH, TEXT, LayoutSpec, TokenLayout, build_layou
 from gaze_jax.model.config import MLLMConfig
 from gaze_jax.model.decoder import Decoder
 from gaze_jax.model.layers import concrete
-from gaze_jax.model.vision import PixelShuffleProjector, Projector, VisionTower
+from gaze_jax.model.vision import (PixelShuffleProjector, Projector, VisionTower,
+                                   bilinear_matrix)
 
 
 def pack_images(images: Sequence[Sequence[np.ndarray]], layout: TokenLayout) -> np.ndarray:
@@ -39,10 +40,13 @@ def pack_images(images: Sequence[Sequence[np.ndarray]], layout: TokenLayout) -> 
       else:
         raise ValueError(f"example {b}, image {i}: expected [H, W, C] or [T, H, W, C], "
                          f"got shape {im.shape}")
-    want = int(np.asarray(layout.frame_valid[b]).sum())
+    # One frame per image / video frame, one per tile of a tiled image (Image.tiles).
+    tiles = np.asarray(layout.frame_tiles[b])
+    want = int(np.where(np.asarray(layout.frame_valid[b]), np.maximum(tiles[:, 0] * tiles[:, 1],
+                                                                      1), 0).sum())
     if len(frames) != want:
       raise ValueError(f"example {b} has {len(frames)} images/frames but its description has "
-                       f"{want} image/frame placeholders")
+                       f"{want} image/frame placeholders (tiles included)")
     frames_per_example.append(frames)
   shapes = {f.shape for fr in frames_per_example for f in fr}
   if len(shapes) > 1:
@@ -55,6 +59,30 @@ def pack_images(images: Sequence[Sequence[np.ndarray]], layout: TokenLayout) -> 
     if fr:
       out[b, :len(fr)] = np.stack(fr)
   return out
+
+
+def patch_sources(layout: TokenLayout, token_grid: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
+  """The frame and the token of that frame's features that each PATCH slot reads: int32
+  ``(frame, index)``, ``[B, S]`` each (clipped to 0 at other slots).
+
+  A plain frame reads its own grid (``index = patch_index``, over the full or the pooled
+  grid). A frame cut from tiles (``Image.tiles``: ``frame_tiles = (th, tw)``) reads a
+  ``gh x gw`` grid centred in the ``th x tw`` tiles of ``token_grid`` tokens each, stitched row
+  by row (LLaVA's anyres grid with its padding rows or columns cut off, ``unpad_image``): patch
+  ``(i, j)`` is token ``(i + (th * Gh - gh) / 2, j + (tw * Gw - gw) / 2)`` of the stitched
+  grid, i.e. token ``(r mod Gh, c mod Gw)`` of tile frame ``f + (r // Gh) * tw + c // Gw``.
+  """
+  Gh, Gw = token_grid
+  f = jnp.clip(layout.frame, 0)
+  i = jnp.clip(layout.patch_index, 0)
+  take = lambda a: jnp.take_along_axis(a, f[..., None], axis=1)          # [B, S, 2]
+  gh, gw = (jnp.maximum(x, 1) for x in jnp.moveaxis(take(layout.frame_grid), -1, 0))
+  th, tw = jnp.moveaxis(take(layout.frame_tiles), -1, 0)
+  r = i // gw + (th * Gh - gh) // 2
+  c = i % gw + (tw * Gw - gw) // 2
+  tiled = th > 0
+  return (jnp.where(tiled, f + (r // Gh) * tw + c // Gw, f),
+          jnp.where(tiled, (r % Gh) * Gw + c % Gw, i))
 
 
 class MLLM(nnx.Module):
@@ -72,6 +100,11 @@ class MLLM(nnx.Module):
         self.projector = PixelShuffleProjector(cfg.vision.hidden_size, E, cfg.scale_factor, **kw)
       else:
         self.projector = Projector(cfg.vision.hidden_size, E, **kw)
+    if cfg.newline_token_ids:
+      # LLaVA-NeXT / OneVision's image_newline, initialised as transformers does.
+      self.image_newline = nnx.Param(
+          nnx.initializers.normal(E ** -0.5)(rngs.params(), (E,), pdt),
+          out_sharding=("embed",), eager_sharding=False)
     if cfg.gaze.num_ctx:
       self.ctx_embed = nnx.Param(
           nnx.initializers.normal(0.02)(rngs.params(), (cfg.gaze.num_ctx, E), pdt),
@@ -122,11 +155,15 @@ class MLLM(nnx.Module):
     media = concrete(layout.frame_media)
     if grid is None or valid is None or media is None:
       return
+    tiles = concrete(layout.frame_tiles)
     p, pool = self.cfg.token_pixels, vcfg.video_pool
     full = (H // p, W // p)
-    pooled = (full[0] // pool, full[1] // pool)
+    pooled = vcfg.pooled_grid(*full)
     for b, f in zip(*np.nonzero(valid)):
       g = tuple(int(x) for x in grid[b, f])
+      if tiles is not None and tiles[b, f, 0]:
+        self._check_tiled(g, tuple(int(x) for x in tiles[b, f]), full, f"example {b}, frame {f}")
+        continue
       # A frame alone in its media is an image (a one-frame video has the same layout): it
       # takes the full grid; only the frames of a video may be pooled.
       video = int((valid[b] & (media[b] == media[b, f])).sum()) > 1
@@ -141,10 +178,24 @@ class MLLM(nnx.Module):
                        + ("" if video else f"; the {pool}x{pool}-pooled grid is only for the "
                           "frames of a Video with several frames"))
 
+  @staticmethod
+  def _check_tiled(grid: tuple, tiles: tuple, full: tuple, where: str):
+    """A grid cut from tiles (``patch_sources``) must be a centred window of the stitched
+    tiles with whole rows or whole columns (unpadding crops one side only)."""
+    stitched = (tiles[0] * full[0], tiles[1] * full[1])
+    ok = all(g <= s and (s - g) % 2 == 0 for g, s in zip(grid, stitched))
+    if ok and (grid[0] == stitched[0] or grid[1] == stitched[1]):
+      return
+    raise ValueError(f"{where}: a {grid[0]}x{grid[1]} grid cannot be cut from {tiles[0]}x"
+                     f"{tiles[1]} tiles of {full[0]}x{full[1]} tokens ({stitched[0]}x"
+                     f"{stitched[1]} stitched): it must keep every row or every column and "
+                     "crop the other side evenly (a grid smaller on both sides would be "
+                     "LLaVA's anyres_max downsampling, which is not supported)")
+
   def image_features(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``[B, F, H, W, C]`` -> projected features ``[B, F, P, E]`` (raster order over the
     ``H / token_pixels x W / token_pixels`` token grid) and their ``video_pool``-pooled version
-    ``[B, F, P / pool^2, E]`` for video frames."""
+    ``[B, F, P', E]`` for video frames (``VisionConfig.pooled_grid``)."""
     vcfg = self.cfg.vision
     B, F, H, W, C = images.shape
     patches = self.vision(images.reshape(B * F, H, W, C))                    # [BF, gh*gw, Ev]
@@ -152,16 +203,22 @@ class MLLM(nnx.Module):
     feats = self.projector(patches.reshape(B * F, vh, vw, -1))               # [BF, gh, gw, E]
     _, gh, gw, E = feats.shape
     pool = vcfg.video_pool
-    ph, pw = gh // pool, gw // pool
-    grid = feats.reshape(B * F, gh, gw, E)[:, :ph * pool, :pw * pool]
-    pooled = grid.reshape(B * F, ph, pool, pw, pool, E).mean(axis=(2, 4))
+    ph, pw = vcfg.pooled_grid(gh, gw)
+    if vcfg.video_pool_mode == "bilinear":
+      pooled = jnp.einsum("ph,nhwe,qw->npqe", bilinear_matrix(gh, ph), feats.astype(jnp.float32),
+                          bilinear_matrix(gw, pw), precision=jax.lax.Precision.HIGHEST)
+      pooled = pooled.astype(feats.dtype)
+    else:
+      grid = feats[:, :ph * pool, :pw * pool]
+      pooled = grid.reshape(B * F, ph, pool, pw, pool, E).mean(axis=(2, 4))
     return feats.reshape(B, F, gh * gw, E), pooled.reshape(B, F, ph * pw, E)
 
   def embed(self, tokens: jax.Array, layout: TokenLayout,
             images: Optional[jax.Array] = None) -> jax.Array:
     """Input embeddings ``[B, S, E]``: text ids at TEXT slots, patch features at PATCH slots
-    (region-major, gathered by ``layout.frame`` / ``layout.patch_index``), learned context
-    tokens at CTX slots."""
+    (region-major, gathered by ``layout.frame`` / ``layout.patch_index``, or from the tiles of a
+    tiled image: ``patch_sources``), learned context tokens at CTX slots, and the learned
+    ``image_newline`` at TEXT slots that hold one of ``cfg.newline_token_ids``."""
     self._check_layout(layout)
     kind = layout.kind
     B, S = kind.shape
@@ -179,15 +236,22 @@ class MLLM(nnx.Module):
       b = jnp.arange(B)[:, None]
       f = jnp.clip(layout.frame, 0)
       i = jnp.clip(layout.patch_index, 0)
-      full_gh = images.shape[2] // self.cfg.token_pixels
-      patch = feats[b, f, i]
+      tp = self.cfg.token_pixels
+      full_gh = images.shape[2] // tp
+      src_f, src_i = patch_sources(layout, (full_gh, images.shape[3] // tp))
+      patch = feats[b, src_f, src_i]
       if pooled.shape[2]:         # images smaller than the video pool have no pooled grid
-        is_pooled = jnp.take_along_axis(layout.frame_grid[..., 0], f, axis=1) != full_gh
+        frame_of = lambda a: jnp.take_along_axis(a, f, axis=1)
+        is_pooled = ((frame_of(layout.frame_grid[..., 0]) != full_gh)
+                     & (frame_of(layout.frame_tiles[..., 0]) == 0))
         patch = jnp.where(is_pooled[..., None],
                           pooled[b, f, jnp.minimum(i, pooled.shape[2] - 1)], patch)
       x = jnp.where((kind == PATCH)[..., None], patch.astype(x.dtype), x)
     elif host_kind is not None and (host_kind == PATCH).any():
       raise ValueError("the layout has image/frame placeholders but no images were given")
+    if self.cfg.newline_token_ids:
+      newline = (kind == TEXT) & jnp.isin(tokens, jnp.asarray(self.cfg.newline_token_ids))
+      x = jnp.where(newline[..., None], self.image_newline[...].astype(x.dtype), x)
     if self.cfg.gaze.num_ctx:
       ctx = self.ctx_embed[...][jnp.clip(layout.patch_index, 0, self.cfg.gaze.num_ctx - 1)]
       x = jnp.where((kind == CTX)[..., None], ctx.astype(x.dtype), x)

@@ -62,6 +62,21 @@ def bicubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
   return out.astype(np.float32)
 
 
+def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """float32 ``[n_out, n_in]`` weights of PyTorch's bilinear resize along one axis
+  (``F.interpolate(mode="bilinear", align_corners=False)``, no antialiasing): the two
+  neighbours of source coordinate ``max((i + 0.5) * n_in / n_out - 0.5, 0)``, the upper one
+  clamped to the border."""
+  src = np.maximum((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+  lo = np.floor(src).astype(np.int64)
+  hi = np.minimum(lo + 1, n_in - 1)
+  t = src - lo
+  out = np.zeros((n_out, n_in), np.float64)
+  np.add.at(out, (np.arange(n_out), lo), 1 - t)
+  np.add.at(out, (np.arange(n_out), hi), t)
+  return out.astype(np.float32)
+
+
 def resize_pos_embed(pos: jax.Array, grid: int, new_grid: tuple[int, int]) -> jax.Array:
   """Learned positions ``[grid * grid, E]`` -> ``[gh * gw, E]`` as transformers' SigLIP
   ``interpolate_pos_encoding=True`` resizes them (PyTorch bicubic, ``bicubic_matrix``)."""

@@ -295,7 +295,10 @@ def test_llava_onevision_image_features(llava):
   path, hf, images = llava
   model, unused = load_llava_onevision(path, return_unused=True)
   assert model.cfg.vision.feature_layer == -2 and not model.cfg.vision.post_layernorm
-  assert any(k.endswith("image_newline") for k in unused)
+  # image_newline loads (the text slots holding the image token id take it).
+  assert not any(k.endswith("image_newline") for k in unused)
+  assert model.cfg.newline_token_ids == (V - 1,)      # the default video id is past V
+  np.testing.assert_array_equal(model.image_newline[...], hf.model.image_newline.detach().numpy())
   feats, _ = model.image_features(images[:, None])                 # [B, F=1, P, E]
   diff = _max_diff(feats[:, 0], _hf_image_features(hf, images))
   _report("llava-onevision vision features + projector", diff)
