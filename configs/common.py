@@ -11,6 +11,7 @@ import typing
 import ml_collections
 from ml_collections import config_dict
 
+from gaze_jax.model.config import MLLMConfig
 from gaze_jax.model.presets import get_preset
 from gaze_jax.train.config import count_or_ratio, model_fields, to_dict
 from gaze_jax.train.sharding import DEFAULT_RULES
@@ -82,6 +83,24 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
   c.distributed = ml_collections.ConfigDict(dict(
       coordinator_address="", num_processes=0, process_id=-1, auto=False,
       cpu_collectives="gloo"))
+  return c
+
+
+def hf_base_config(folder: str) -> ml_collections.ConfigDict:
+  """``base_config`` for a run that starts from a Hugging Face MLLM folder (local or gs://):
+  ``model.init = "hf:<folder>"``, whose ``config.json`` gives the model's shape, so the shape
+  fields are left empty (a field set anyway must agree with the folder); the decoder keeps its
+  runtime fields (``remat``, ``scan_layers``); the tokenizer, chat template and image
+  processing are the folder's (``data.tokenizer = "model"``)."""
+  c = base_config("tiny")
+  c.model.init = "hf:" + folder
+  c.model.decoder = ml_collections.ConfigDict(dict(remat=False, scan_layers=False))
+  c.model.vision = ml_collections.ConfigDict({})
+  for f in dataclasses.fields(MLLMConfig):
+    if f.name not in ("decoder", "vision", "gaze", "dtype", "param_dtype"):
+      value = c.model[f.name]
+      c.model[f.name] = config_dict.placeholder(type(value) if value is not None else object)
+  c.data.tokenizer = "model"
   return c
 
 

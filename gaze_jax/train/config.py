@@ -109,7 +109,7 @@ def mllm_config(model_cfg: Any, *, top_k=None) -> MLLMConfig:
   vis = None if vis is None else _dataclass_from(VisionConfig, vis, "config.model.vision")
   # Absent top-level fields keep MLLMConfig's defaults (``init`` is the trainer's, not a field).
   top = {f.name: d[f.name] for f in dataclasses.fields(MLLMConfig)
-         if f.name not in ("decoder", "vision", "gaze") and f.name in d}
+         if f.name not in ("decoder", "vision", "gaze") and d.get(f.name) is not None}
   top = {k: tuple(v) if isinstance(v, list) else v for k, v in top.items()}
   return MLLMConfig(decoder=dec, vision=vis, gaze=gz, **top)
 

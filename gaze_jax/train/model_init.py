@@ -22,8 +22,9 @@ from gaze_jax.model.config import GazeConfig, MLLMConfig
 log = logging.getLogger(__name__)
 
 HF_PREFIX = "hf:"
-# Decoder fields that say how the layers run, not what they hold: the run's config sets them.
-RUNTIME_FIELDS = {"decoder": ("remat", "scan_layers"), "vision": ()}
+# Fields that say how the model runs, not what it holds: the run's config sets them.
+RUNTIME_FIELDS = {"decoder": ("remat", "scan_layers"), "vision": (),
+                  "model": ("init", "gaze", "decoder", "vision", "dtype", "param_dtype")}
 
 
 def hf_folder(init: Optional[str]) -> Optional[str]:
@@ -56,14 +57,17 @@ def _agree(section: str, ours: Optional[Mapping[str, Any]], folder_cfg, folder: 
     if key in RUNTIME_FIELDS[section]:
       out[key] = value
       continue
+    if value is None:                     # left for the folder to give (common.hf_base_config)
+      continue
     if key not in have:
-      raise ValueError(f"config.model.{section}.{key} is not a field of "
-                       f"{type(folder_cfg).__name__}")
+      raise ValueError(f"config.model{'' if section == 'model' else '.' + section}.{key} is "
+                       f"not a field of {type(folder_cfg).__name__}")
     want = have[key]
     if isinstance(want, tuple) and isinstance(value, list):
       value = tuple(value)
     if value != want:
-      raise ValueError(f"config.model.{section}.{key}={value!r}, but {folder}/config.json gives "
+      name = f"config.model.{key}" if section == "model" else f"config.model.{section}.{key}"
+    raise ValueError(f"{name}={value!r}, but {folder}/config.json gives "
                        f"{want!r}: with model.init=hf: the model's shape comes from the folder "
                        "(drop the field from the config)")
   return out
@@ -79,6 +83,7 @@ def hf_model_config(folder: str, model: Mapping[str, Any], gaze: GazeConfig) -> 
   dtype = str(model.get("dtype", "float32"))
   param_dtype = str(model.get("param_dtype", "float32"))
   base = _folder_model(folder, gaze, dtype, param_dtype)
+  _agree("model", model, base, folder)
   decoder = dataclasses.replace(base.decoder, **_agree("decoder", model.get("decoder"),
                                                        base.decoder, folder))
   vision = base.vision
