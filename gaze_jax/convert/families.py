@@ -31,6 +31,29 @@ PLANS: dict[str, Plan] = {
 }
 
 
+def _smolvlm_media(folder: PathLike, grid: tuple[int, int]):
+  from gaze_jax.data.smolvlm import SmolVLMMedia
+  return SmolVLMMedia.from_folder(folder, grid)
+
+
+# model_type -> the family's image / video processing at a fixed tile grid (rows, cols), a
+# ``gaze_jax.data.features.MediaProcessor`` made from the folder's processor files.
+MEDIA: dict[str, Callable] = {
+    "smolvlm": _smolvlm_media,
+    "idefics3": _smolvlm_media,
+}
+
+
+def media_processor(model_dir: PathLike, grid: tuple[int, int] = (0, 0)):
+  """The image / video processing of a model folder at the tile ``grid`` (``data.image_grid``),
+  or None for a family without one (a text-only LM: the default square resize applies).
+
+  Raises the family's errors naming the processor file and key (a grid it cannot give)."""
+  mt = read_hf_config(model_dir).get("model_type")
+  make = MEDIA.get(mt)
+  return None if make is None else make(model_dir, tuple(int(n) for n in grid))
+
+
 def plan_hf(model_dir: PathLike, gaze: GazeConfig = hf.DENSE_TEXT, *, dtype: str = "float32",
             param_dtype: str = "float32") -> "hf.LoadPlan":
   """The ``LoadPlan`` of a ``save_pretrained`` folder, by its ``model_type``.
