@@ -23,7 +23,6 @@ global image and ``<fake_token_around_image>`` after it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -31,6 +30,10 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from gaze_jax.data.features import MediaPart, Visual
+from gaze_jax.data.hf_pixels import channels as _channels
+from gaze_jax.data.hf_pixels import check_image, rescale_normalize
+from gaze_jax.data.hf_pixels import read_json as _read
+from gaze_jax.data.hf_pixels import to_rgb as _rgb
 from gaze_jax.gaze.layout import Image
 
 __all__ = ["TileSettings", "SmolVLMMedia", "natural_grid", "longest_edge_size"]
@@ -165,29 +168,12 @@ class TileSettings:
                global_token=tokens.get("global_image_token", cls.global_token), where=where)
 
 
-def _read(path: Path) -> dict:
-  try:
-    out = json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path} is not valid JSON: {e}") from None
-  if not isinstance(out, dict):
-    raise ValueError(f"{path} must hold a JSON object")
-  return out
-
-
 def _edge(size: Any, key: str, where: str) -> int:
   """``{"longest_edge": n}`` -> n (the only size form these processors resize with here)."""
   n = size.get("longest_edge") if isinstance(size, Mapping) else None
   if isinstance(n, bool) or not isinstance(n, int) or n < 1:
     raise ValueError(f"{where}: {key}={size!r} is not supported (only {{\"longest_edge\": n}})")
   return n
-
-
-def _channels(v: Any, key: str, where: str) -> tuple[float, ...]:
-  v = [v] * 3 if isinstance(v, (int, float)) and not isinstance(v, bool) else v
-  if not isinstance(v, (list, tuple)) or len(v) != 3:
-    raise ValueError(f"{where}: {key}={v!r} must be 3 numbers (one per RGB channel)")
-  return tuple(float(x) for x in v)
 
 
 def _tokenizer_markers(path: Path) -> dict[str, str]:
@@ -250,11 +236,7 @@ class SmolVLMMedia:
     from PIL import Image as PILImage
 
     s, (rows, cols) = self.settings, self.grid
-    im = np.asarray(image)
-    if im.dtype != np.uint8 or im.ndim not in (2, 3) or (im.ndim == 3 and
-                                                         im.shape[-1] not in (1, 3, 4)):
-      raise ValueError(f"an image must be uint8 [h, w], [h, w, 1], [h, w, 3] or [h, w, 4], got "
-                       f"{im.dtype} {im.shape}")
+    im = check_image(image)
     im = _rgb(im) if s.convert_rgb else im
     pil = PILImage.fromarray(im[..., 0] if im.ndim == 3 and im.shape[-1] == 1 else im)
 
@@ -272,11 +254,7 @@ class SmolVLMMedia:
     out.append(resize(pil, M, M))
     x = np.stack([np.asarray(p) for p in out])
     x = x[..., None] if x.ndim == 3 else x
-    x = x.astype(np.float64) * s.rescale_factor if s.rescale_factor is not None else x
-    x = x.astype(np.float32)
-    if s.mean is not None:
-      x = (x - np.asarray(s.mean, np.float32)) / np.asarray(s.std, np.float32)
-    return x
+    return rescale_normalize(x, s.rescale_factor, s.mean, s.std)
 
   def image(self, image: np.ndarray) -> list[MediaPart]:
     """The parts that replace one image's placeholder: the markers and one ``Image(g, g)`` per
@@ -309,19 +287,6 @@ def _merge_text(parts: list[MediaPart]) -> list[MediaPart]:
     else:
       out.append(p)
   return out
-
-
-def _rgb(im: np.ndarray) -> np.ndarray:
-  """uint8 RGB ``[h, w, 3]``: grey repeated, transparency composited onto white (as
-  transformers converts images)."""
-  if im.ndim == 2:
-    im = im[..., None]
-  if im.shape[-1] == 1:
-    return np.repeat(im, 3, axis=-1)
-  if im.shape[-1] == 4:
-    alpha = im[..., 3:4] / 255
-    return np.round(alpha * im[..., :3] + (1 - alpha) * 255).astype(np.uint8)
-  return im
 
 
 def _check_model(settings: TileSettings, cfg: Mapping[str, Any], path: Path) -> None:

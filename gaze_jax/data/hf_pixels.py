@@ -1,0 +1,68 @@
+"""Pixel steps that transformers' image and video processors share, for the families' own
+processing (``gaze_jax.data.smolvlm``, ``gaze_jax.data.llava_onevision``): the processor
+files, the RGB conversion, and rescaling and normalisation as the Pillow backend computes them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+
+def read_json(path: Path) -> dict:
+  """A processor or model file as a dict; ValueError naming the file when it is not a JSON
+  object."""
+  try:
+    out = json.loads(Path(path).read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON: {e}") from None
+  if not isinstance(out, dict):
+    raise ValueError(f"{path} must hold a JSON object")
+  return out
+
+
+def channels(v: Any, key: str, where: str) -> tuple[float, ...]:
+  """A per-channel setting (``image_mean``, ``image_std``): 3 numbers, or one for all three."""
+  v = [v] * 3 if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+  if not isinstance(v, (list, tuple)) or len(v) != 3:
+    raise ValueError(f"{where}: {key}={v!r} must be 3 numbers (one per RGB channel)")
+  return tuple(float(x) for x in v)
+
+
+def check_image(im: np.ndarray) -> np.ndarray:
+  """``im`` as an array, or a ValueError unless it is uint8 ``[h, w]``, ``[h, w, 1]``,
+  ``[h, w, 3]`` or ``[h, w, 4]``."""
+  im = np.asarray(im)
+  if im.dtype != np.uint8 or im.ndim not in (2, 3) or (im.ndim == 3 and
+                                                       im.shape[-1] not in (1, 3, 4)):
+    raise ValueError(f"an image must be uint8 [h, w], [h, w, 1], [h, w, 3] or [h, w, 4], got "
+                     f"{im.dtype} {im.shape}")
+  return im
+
+
+def to_rgb(im: np.ndarray) -> np.ndarray:
+  """uint8 RGB ``[h, w, 3]``: grey repeated, transparency composited onto white (as
+  transformers converts images)."""
+  if im.ndim == 2:
+    im = im[..., None]
+  if im.shape[-1] == 1:
+    return np.repeat(im, 3, axis=-1)
+  if im.shape[-1] == 4:
+    alpha = im[..., 3:4] / 255
+    return np.round(alpha * im[..., :3] + (1 - alpha) * 255).astype(np.uint8)
+  return im
+
+
+def rescale_normalize(x: np.ndarray, rescale_factor: Optional[float],
+                      mean: Optional[Sequence[float]], std: Optional[Sequence[float]]
+                      ) -> np.ndarray:
+  """float32 ``x * rescale_factor`` (in float64 first), then ``(x - mean) / std`` in float32, as
+  transformers' Pillow backend rescales and normalises (None skips a step)."""
+  x = x.astype(np.float64) * rescale_factor if rescale_factor is not None else x
+  x = x.astype(np.float32)
+  if mean is not None:
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+  return x
