@@ -104,6 +104,18 @@ def hf_base_config(folder: str) -> ml_collections.ConfigDict:
   return c
 
 
+def llava_json_data(c, json_files: dict, image_dir: str):
+  """``c.data`` reads your LLaVA-format conversations (``gaze_jax.data.llava``): ``json_files``
+  maps a split (``train``, ``validation``) to a JSON file, image paths are relative to
+  ``image_dir``."""
+  c.data.name = "llava_json"
+  c.data.builder_config = "tiny"          # llava_json has no presets
+  c.data.builder_overrides = ml_collections.ConfigDict(dict(
+      json_files=ml_collections.ConfigDict(dict(json_files)), image_dir=image_dir,
+      skip_bad=False))
+  return c
+
+
 # Subtrees not compared by ``missing_fields``: the model dataclasses' fields (absent ones take
 # the dataclass defaults, unknown ones raise; vision may be None) and the builder's keywords.
 FREE_FORM = ("model.decoder", "model.vision", "model.gaze", "data.builder_overrides")

@@ -45,3 +45,100 @@ def save_llava_onevision(path, seed: int = 0, **config):
   hf.eval()
   hf.save_pretrained(path)
   return hf
+
+
+# A closed little world for the journey tests: coloured squares and questions about them.
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220)}
+CORPUS = ["What colour is the square? The square is red. green blue. User: Assistant: "
+          "Describe the picture. A blue square on grey.\n"] * 20
+
+
+def bpe_tokenizer(specials, vocab_size: int = 400):
+  """A small byte-level BPE trained here on ``CORPUS``, with ``specials`` as special tokens."""
+  import tokenizers
+
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  trainer = tokenizers.trainers.BpeTrainer(
+      vocab_size=vocab_size, special_tokens=list(specials),
+      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(CORPUS, trainer)
+  return tok
+
+
+SMOLVLM_SPECIALS = (["<|endoftext|>", "<|im_start|>", "<end_of_utterance>",
+                     "<fake_token_around_image>", "<image>", "<global-img>"] +
+                    [f"<row_{i}_col_{j}>" for i in range(1, 5) for j in range(1, 5)])
+
+
+def save_smolvlm(path, seed: int = 0):
+  """A complete tiny SmolVLM folder, as ``save_pretrained`` writes one: the model (48 px tiles,
+  patch 8, pixel shuffle 2: 3 x 3 tokens per tile; a Llama decoder of width 64), its
+  tokenizer, SmolVLM's chat template and image processor (longest edge 96: up to 2 x 2 tiles).
+  Returns the transformers model (float32, eval mode)."""
+  import transformers
+  from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+  from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
+
+  path = str(path)
+  tok = bpe_tokenizer(SMOLVLM_SPECIALS)
+  _mkdir(path)
+  tok.save(f"{path}/tokenizer.json")
+  fast = transformers.PreTrainedTokenizerFast(tokenizer_file=f"{path}/tokenizer.json",
+                                              bos_token="<|im_start|>",
+                                              eos_token="<end_of_utterance>",
+                                              pad_token="<|endoftext|>")
+  images = SmolVLMImageProcessorPil(size={"longest_edge": 96},
+                                    max_image_size={"longest_edge": 48})
+  proc = transformers.Idefics3Processor(image_processor=images, tokenizer=fast, image_seq_len=9,
+                                        chat_template=DEFAULT_CHAT_TEMPLATE)
+  proc.save_pretrained(path)
+  text = dict(model_type="llama", vocab_size=tok.get_vocab_size(), hidden_size=64,
+              intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, rms_norm_eps=1e-5,
+              rope_parameters={"rope_type": "default", "rope_theta": 1000.0})
+  vision = dict(image_size=48, patch_size=8, hidden_size=32, intermediate_size=56,
+                num_hidden_layers=2, num_attention_heads=4)
+  cfg = transformers.SmolVLMConfig(text_config=text, vision_config=vision, scale_factor=2,
+                                   image_token_id=tok.token_to_id("<image>"))
+  hf = transformers.SmolVLMForConditionalGeneration(cfg)
+  randomize(hf, seed)
+  hf.eval()
+  hf.save_pretrained(path)
+  return hf
+
+
+def _mkdir(path) -> None:
+  import os
+  os.makedirs(path, exist_ok=True)
+
+
+def write_llava_json(folder, n: int, seed: int = 0, size: int = 64) -> dict:
+  """``n`` LLaVA-format records about a coloured square on grey (``size`` px PNGs), split
+  into train (all but 4) and validation (4): ``{"json_files": {split: path}, "image_dir"}``,
+  the ``data.builder_overrides`` of a ``llava_json`` run."""
+  import json
+  import os
+
+  from PIL import Image as PILImage
+
+  rng = np.random.default_rng(seed)
+  images = os.path.join(str(folder), "images")
+  os.makedirs(images, exist_ok=True)
+  records = []
+  for i in range(n):
+    name = list(COLOURS)[i % len(COLOURS)]
+    im = np.full((size, size, 3), 128, np.uint8)
+    y, x = rng.integers(0, size // 2, 2)
+    im[y:y + size // 2, x:x + size // 2] = COLOURS[name]
+    PILImage.fromarray(im).save(os.path.join(images, f"{i}.png"))
+    records.append({"id": f"sq{i}", "image": f"{i}.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour is the square?"},
+        {"from": "gpt", "value": f"The square is {name}."}]})
+  files = {}
+  for split, recs in (("train", records[:-4]), ("validation", records[-4:])):
+    files[split] = os.path.join(str(folder), f"{split}.json")
+    with open(files[split], "w") as f:
+      json.dump(recs, f)
+  return {"json_files": files, "image_dir": images}
