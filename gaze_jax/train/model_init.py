@@ -59,17 +59,16 @@ def _agree(section: str, ours: Optional[Mapping[str, Any]], folder_cfg, folder: 
       continue
     if value is None:                     # left for the folder to give (common.hf_base_config)
       continue
+    name = f"config.model.{key}" if section == "model" else f"config.model.{section}.{key}"
     if key not in have:
-      raise ValueError(f"config.model{'' if section == 'model' else '.' + section}.{key} is "
-                       f"not a field of {type(folder_cfg).__name__}")
+      raise ValueError(f"{name} is not a field of {type(folder_cfg).__name__}")
     want = have[key]
     if isinstance(want, tuple) and isinstance(value, list):
       value = tuple(value)
     if value != want:
-      name = f"config.model.{key}" if section == "model" else f"config.model.{section}.{key}"
-    raise ValueError(f"{name}={value!r}, but {folder}/config.json gives "
-                       f"{want!r}: with model.init=hf: the model's shape comes from the folder "
-                       "(drop the field from the config)")
+      raise ValueError(f"{name}={value!r}, but {folder}/config.json gives {want!r}: with "
+                       "model.init=hf: the model's shape comes from the folder (drop the field "
+                       "from the config)")
   return out
 
 

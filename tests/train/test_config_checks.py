@@ -68,9 +68,38 @@ def test_train_main_refuses_an_invalid_config_before_writing_anything(train_data
   assert not work.exists()
 
 
+@pytest.fixture(scope="module")
+def tiny_folders(tmp_path_factory):
+  """model_type -> a tiny Hugging Face folder of that family, for the recipes that start from
+  one (``model.init=hf:``): the recipe is checked as it runs on a real folder."""
+  pytest.importorskip("transformers")
+  from tests import hf_folders
+
+  made = {}
+
+  def get(model_type):
+    if model_type not in made:
+      path = tmp_path_factory.mktemp(model_type)
+      {"smolvlm": hf_folders.save_smolvlm,
+       "llava_onevision": hf_folders.save_llava_onevision}[model_type](path)
+      made[model_type] = str(path)
+    return made[model_type]
+  return get
+
+
+def _hf_override(name, tiny_folders) -> list[str]:
+  """``--config.model.init=hf:<tiny folder of the recipe's family>`` for a recipe that starts
+  from a Hugging Face folder (named after its family), else nothing."""
+  c = importlib.import_module(f"configs.{name}").get_config()
+  if not str(c.model.init).startswith("hf:"):
+    return []
+  family = "smolvlm" if name.startswith("smolvlm") else "llava_onevision"
+  return [f"--config.model.init=hf:{tiny_folders(family)}"]
+
+
 @pytest.mark.parametrize("name", RECIPES)
-def test_every_recipe_passes_the_checks(name):
-  check_train_config(importlib.import_module(f"configs.{name}").get_config())
+def test_every_recipe_passes_the_checks(name, tiny_folders):
+  check_train_config(_from_command_line(name, *_hf_override(name, tiny_folders)))
 
 
 def _from_command_line(name, *overrides):
@@ -87,16 +116,17 @@ def _from_command_line(name, *overrides):
 
 
 @pytest.mark.parametrize("name", RECIPES)
-def test_every_recipe_takes_a_count_or_a_ratio_for_top_k(name):
+def test_every_recipe_takes_a_count_or_a_ratio_for_top_k(name, tiny_folders):
   from gaze_jax.train.config import eval_model_config
+  init = _hf_override(name, tiny_folders)
   for flag, want in (("0.25", 0.25), ("2", 2), ("1.0", 1.0), ("1", 1)):
-    c = _from_command_line(name, f"--config.model.gaze.top_k={flag}")
+    c = _from_command_line(name, f"--config.model.gaze.top_k={flag}", *init)
     assert type(c.model.gaze.top_k) is type(want) and c.model.gaze.top_k == want
     check_train_config(c)
     got = eval_model_config(c).gaze.top_k
     assert type(got) is type(want) and got == want         # 1 region vs all regions
   # In a file: a recipe's count replaced by a ratio and back.
-  c = importlib.import_module(f"configs.{name}").get_config()
+  c = _from_command_line(name, *init)
   for value in (0.5, 3, 0.25):
     c.model.gaze.top_k = value
     assert type(c.model.gaze.top_k) is type(value)
