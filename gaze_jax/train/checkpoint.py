@@ -15,16 +15,22 @@ Saving is asynchronous (orbax writes in a background thread after copying device
 host memory), every ``save_every`` steps (``FixedIntervalPolicy``) keeping the last ``keep``
 (``LatestN``); ``save(..., force=True)`` saves now (SIGTERM, the last step). The checksums are
 computed in that background thread too, from the written files, once every process has written
-its part and before orbax commits the step (renames its temporary folder): a committed step
-always has them.
+its part and before orbax commits the step: a committed step always has them.
+
+The directory may be local or ``gs://`` (every file goes through ``etils.epath``). Orbax commits
+a local step by renaming its temporary folder ``<step>.orbax-checkpoint-tmp-*`` to ``<step>``;
+on Cloud Storage (no atomic rename) it writes ``<step>`` in place and commits it by writing
+``<step>/commit_success.txt`` last, so there a step folder without that file is the incomplete
+one. Either way the checksums are written before the commit.
 
 Restoring goes against an abstract tree of ``jax.ShapeDtypeStruct`` carrying the *target*
 shardings, so a checkpoint written on one mesh restores onto any other mesh / device count.
 
 Damage is never silently ignored:
 
-* an incomplete save (interrupted job: orbax's ``*.orbax-checkpoint-tmp-*`` folder) is
-  reported with a warning naming it and then removed;
+* an incomplete save (interrupted job: orbax's ``*.orbax-checkpoint-tmp-*`` folder, or on
+  ``gs://`` a step folder without its commit file) is reported with a warning naming it and
+  then removed (by orbax);
 * before a step is restored, the files of the items it reads are checked against its
   ``checksums.json`` (each process checks a share of the files); a missing, truncated or
   altered file makes the step damaged (``DamagedCheckpoint``, naming the step and the files);
@@ -35,9 +41,10 @@ Damage is never silently ignored:
   when no step was requested explicitly), is reported with a warning and the previous step is
   tried;
 * once an earlier step restores, the later steps that failed are moved aside (renamed
-  ``<step>.damaged``, kept for inspection and reported at every start) unless the checkpointer
-  is read-only (evaluation): they no longer count towards ``keep``, and the resumed run saves
-  those steps anew. When no step restores (a changed model, say), nothing is moved.
+  ``<step>.damaged``, kept for inspection and reported at every start; on ``gs://`` the rename
+  copies the step's objects) unless the checkpointer is read-only (evaluation): they no longer
+  count towards ``keep``, and the resumed run saves those steps anew. When no step restores (a
+  changed model, say), nothing is moved.
 
 For evaluation: ``restore_model(workdir, config)`` returns ``(MLLM, step)``.
 """
@@ -48,13 +55,15 @@ import dataclasses
 import json
 import logging
 import zlib
-from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
+
+from gaze_jax import paths
 
 ITEMS = ("params", "opt_state", "data", "meta")
 CHECKPOINT_DIR = "checkpoints"
@@ -101,36 +110,40 @@ def gather_json(obj: Any) -> list:
 
 
 def file_crc32(path, chunk: int = 1 << 24) -> str:
-  """The CRC-32 of a file's bytes, as 8 hex digits (read in chunks of ``chunk`` bytes)."""
+  """The CRC-32 of a file's bytes (local or ``gs://``, read through epath), as 8 hex digits
+  (read in chunks of ``chunk`` bytes)."""
   crc = 0
-  with open(path, "rb") as f:
+  with epath.Path(path).open("rb") as f:
     while block := f.read(chunk):
       crc = zlib.crc32(block, crc)
   return f"{crc:08x}"
 
 
-def item_files(folder: Path, items) -> list[str]:
+def item_files(folder, items) -> list[str]:
   """The files under ``folder/<item>`` for each of ``items``, as sorted POSIX paths relative to
   ``folder`` (``"params/manifest.ocdbt"``)."""
-  return sorted(p.relative_to(folder).as_posix() for i in items if (folder / i).is_dir()
-                for p in (folder / i).rglob("*") if p.is_file())
+  folder = epath.Path(folder)
+  return sorted(p.relative_to(folder).as_posix() for i in items
+                for p in paths.list_files(folder / i))
 
 
-def record_checksums(folder: Path) -> dict:
+def record_checksums(folder) -> dict:
   """Writes ``folder/checksums.json``: the size and CRC-32 of every file of the items. Returns
   what it wrote."""
-  files = {rel: {"size": (folder / rel).stat().st_size, "crc32": file_crc32(folder / rel)}
+  folder = epath.Path(folder)
+  files = {rel: {"size": (folder / rel).stat().length, "crc32": file_crc32(folder / rel)}
            for rel in item_files(folder, ITEMS)}
   record = {"algorithm": "crc32", "files": files}
   (folder / CHECKSUMS).write_text(json.dumps(record, indent=1))
   return record
 
 
-def damaged_files(folder: Path, recorded: dict, items, *, index: int = 0,
+def damaged_files(folder, recorded: dict, items, *, index: int = 0,
                   count: int = 1) -> list[str]:
   """What differs from ``recorded`` (``checksums.json``) among the files of ``items`` in
   ``folder``: one line per missing, resized or altered file (empty when all match). Checks the
   files ``index``, ``index + count``, ... of the sorted list (a share per process)."""
+  folder = epath.Path(folder)
   names = sorted(rel for rel in recorded["files"] if rel.split("/", 1)[0] in items)
   out = []
   for rel in names[index::count]:
@@ -138,7 +151,7 @@ def damaged_files(folder: Path, recorded: dict, items, *, index: int = 0,
     try:
       if not path.is_file():
         out.append(f"{rel} is missing")
-      elif (size := path.stat().st_size) != want["size"]:
+      elif (size := path.stat().length) != want["size"]:
         out.append(f"{rel} has {size} bytes, {want['size']} when saved")
       elif (crc := file_crc32(path)) != want["crc32"]:
         out.append(f"{rel} has CRC-32 {crc}, {want['crc32']} when saved (same size: altered "
@@ -159,7 +172,7 @@ class Checkpointer:
 
   def __init__(self, directory, *, save_every: int = 1000, keep: int = 3,
                async_save: bool = True, read_only: bool = False):
-    self.directory = Path(directory).absolute()
+    self.directory = paths.absolute(directory)
     if save_every < 1 or keep < 1:
       raise ValueError(f"checkpoint.save_every ({save_every}) and keep ({keep}) must be >= 1")
     self._report_incomplete()
@@ -179,7 +192,9 @@ class Checkpointer:
   def _report_incomplete(self):
     if not self.directory.exists():
       return
-    tmp = sorted(p.name for p in self.directory.iterdir() if TMP_MARKER in p.name)
+    # What orbax removes as unfinished: its temporary folders, or on gs:// the step folders
+    # without a commit file.
+    tmp = sorted(ocp.path.step.tmp_checkpoints(self.directory))
     if tmp:
       logging.warning("checkpoints: ignoring and removing %d incomplete checkpoint folder(s) in "
                       "%s (a save was interrupted): %s", len(tmp), self.directory, tmp)
@@ -227,8 +242,9 @@ class Checkpointer:
   def _record_checksums(self):
     """orbax's post-finalization callback (background thread, primary process, after every
     process wrote its files): checksums of the step's files, in its temporary folder when the
-    filesystem has one (committed by the rename that follows), else in the step folder (a
-    filesystem without renames commits with a marker written after this)."""
+    filesystem has one (committed by the rename that follows), else in the step folder (on
+    gs:// orbax writes the step in place and commits it with ``commit_success.txt``, written
+    after this)."""
     step = self._saving
     tmp = sorted(self.directory.glob(f"{step}{TMP_MARKER}*"))
     if len(tmp) > 1:
@@ -405,13 +421,13 @@ def restore_model(workdir, config, step: Optional[int] = None, *, mesh=None, rul
   else:
     specs = sharding.param_specs(abs_state, rules or sharding.DEFAULT_RULES, mesh)
     shardings = sharding.named(mesh, specs)
-  ckpt = Checkpointer(Path(workdir) / CHECKPOINT_DIR, read_only=True)
+  ckpt = Checkpointer(epath.Path(workdir) / CHECKPOINT_DIR, read_only=True)
   try:
     got = ckpt.restore(abstract_like(pure, shardings), None, step=step, fallback=fallback)
   finally:
     ckpt.close()
   if got is None:
-    raise CheckpointError(f"no checkpoint under {Path(workdir) / CHECKPOINT_DIR}")
+    raise CheckpointError(f"no checkpoint under {epath.Path(workdir) / CHECKPOINT_DIR}")
   meta_model = (got.meta or {}).get("model")
   if meta_model is not None:
     want = dataclasses.asdict(cfg.decoder)

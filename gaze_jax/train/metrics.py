@@ -3,6 +3,15 @@
 TensorBoard files are written by tensorboardX's ``SummaryWriter`` (scalar ``simple_value``
 summaries), so training needs neither TensorFlow nor tensorboard installed.
 
+The workdir may be local or ``gs://`` (files through ``etils.epath``). A Cloud Storage object
+cannot be appended to, so there a JSONL file is rewritten whole at every write (one write per
+logged step: ``train.log_every`` steps apart), and so is the TensorBoard event file at every
+flush, by ``ObjectEventFile``, registered as tensorboardX's writer for ``gs://``. tensorboardX
+has a ``gs://`` writer of its own (google-cloud-storage) that rewrites the object too, but its
+``__del__`` uploads the file again after ``close``: at interpreter exit, or once the bucket is
+gone, that upload retries for two minutes. Ours closes once and writes through epath, the same
+client and credentials as every other run file.
+
 FLOPs per train step: ``gaze_jax.gaze.accounting.train_flops``. MFU = FLOPs per step / (step
 time * devices * peak FLOP/s per device); the peak comes from ``train.peak_flops_per_device``
 or, when that is 0, from ``PEAK_FLOPS`` by device kind (bf16 dense); unknown devices (CPU)
@@ -11,11 +20,14 @@ report no MFU.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import time
-from pathlib import Path
 from typing import Mapping, Optional
+
+from etils import epath
+
+from gaze_jax import paths
 
 
 # Dense bf16 peak FLOP/s per device (vendor figures), matched as substrings of device_kind.
@@ -39,19 +51,33 @@ def peak_flops(device_kind: str, override: float = 0.0) -> Optional[float]:
 # ----------------------------------------------------------------------------- JSONL + progress
 
 class JsonlWriter:
-  """One JSON object per line (appended, flushed every write)."""
+  """One JSON object per line, after the lines already in ``path``; readable after every write.
+
+  A local file is appended to and flushed. On ``gs://`` (no appends) the text is kept here and
+  the object rewritten whole at every write (``paths.write_atomic``): a reader sees every line
+  written so far, never a partial one."""
 
   def __init__(self, path):
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    self.path = Path(path)
-    self._f = open(self.path, "a")
+    self.path = epath.Path(path)
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    self._f = self._text = None
+    if paths.is_local(self.path):
+      self._f = self.path.open("a")
+    else:
+      self._text = self.path.read_text() if self.path.exists() else ""
 
   def write(self, record: Mapping):
-    self._f.write(json.dumps(dict(record), sort_keys=True) + "\n")
-    self._f.flush()
+    line = json.dumps(dict(record), sort_keys=True) + "\n"
+    if self._f is not None:
+      self._f.write(line)
+      self._f.flush()
+    else:
+      self._text += line
+      paths.write_atomic(self.path, self._text)
 
   def close(self):
-    self._f.close()
+    if self._f is not None:
+      self._f.close()
 
 
 def progress_line(step: int, num_steps: int, m: Mapping[str, float], tokens_per_s: float,
@@ -79,10 +105,10 @@ def progress_line(step: int, num_steps: int, m: Mapping[str, float], tokens_per_
 
 
 def drop_records_after(path, step: int) -> int:
-  """Rewrites the JSONL file ``path`` without its records past ``step`` (and without a line
-  that does not parse: a kill mid-write leaves a partial last line). Returns how many lines
-  went; the file is replaced atomically, and left alone when nothing goes."""
-  path = Path(path)
+  """Rewrites the JSONL file ``path`` (local or ``gs://``) without its records past ``step`` (and
+  without a line that does not parse: a kill mid-write leaves a partial last line). Returns how
+  many lines went; the file is replaced atomically, and left alone when nothing goes."""
+  path = epath.Path(path)
   if not path.exists():
     return 0
   lines = path.read_text().splitlines()
@@ -95,10 +121,39 @@ def drop_records_after(path, step: int) -> int:
     if int(rec.get("step", 0)) <= step:
       keep.append(line)
   if len(keep) < len(lines):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    paths.write_atomic(path, "".join(line + "\n" for line in keep))
   return len(lines) - len(keep)
+
+
+class ObjectEventFile:
+  """A TensorBoard event file in Cloud Storage, for tensorboardX's ``RecordWriter``: the records
+  are kept here and the object rewritten whole at every flush (objects cannot be appended)."""
+
+  def __init__(self, path: str):
+    self.path = epath.Path(path)
+    self._buf = io.BytesIO()
+    self._closed = False
+
+  def write(self, data: bytes):
+    self._buf.write(data)
+
+  def flush(self):
+    paths.write_atomic(self.path, self._buf.getvalue())
+
+  def close(self):
+    if not self._closed:
+      self.flush()
+      self._closed = True
+
+
+class _ObjectEventFiles:
+  """tensorboardX's writer factory for ``gs://`` logdirs (``record_writer.open_file``)."""
+
+  def open(self, path: str) -> ObjectEventFile:
+    return ObjectEventFile(path)
+
+  def directory_check(self, path: str):
+    del path                    # an object store has no folders to create
 
 
 class MetricsLogger:
@@ -116,13 +171,15 @@ class MetricsLogger:
     self.dropped = 0
     if enabled:
       # Imported here: tensorboardX imports torch whenever that is installed.
-      from tensorboardX import SummaryWriter
-      path = Path(workdir) / "metrics.jsonl"
+      from tensorboardX import SummaryWriter, record_writer
+      record_writer.register_writer_factory("gs", _ObjectEventFiles())
+      path = epath.Path(workdir) / "metrics.jsonl"
       self.dropped = drop_records_after(path, start_step)
       self.jsonl = JsonlWriter(path)
       # The event file is named by the second it was opened: the nanoseconds keep a restart
-      # within the same second from overwriting it, and in order.
-      self.tb = SummaryWriter(str(Path(workdir) / "tb"), purge_step=start_step + 1,
+      # within the same second from overwriting it, and in order. tensorboardX picks the
+      # writer by the logdir's "gs://" prefix, so it gets a str.
+      self.tb = SummaryWriter(str(epath.Path(workdir) / "tb"), purge_step=start_step + 1,
                               filename_suffix=f".{time.time_ns()}")
 
   def write(self, step: int, values: Mapping[str, float], prefix: str = "train"):
