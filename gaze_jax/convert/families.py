@@ -36,11 +36,17 @@ def _smolvlm_media(folder: PathLike, grid: tuple[int, int]):
   return SmolVLMMedia.from_folder(folder, grid)
 
 
+def _llava_onevision_media(folder: PathLike, grid: tuple[int, int]):
+  from gaze_jax.data.llava_onevision import LlavaOnevisionMedia
+  return LlavaOnevisionMedia.from_folder(folder, grid)
+
+
 # model_type -> the family's image / video processing at a fixed tile grid (rows, cols), a
 # ``gaze_jax.data.features.MediaProcessor`` made from the folder's processor files.
 MEDIA: dict[str, Callable] = {
     "smolvlm": _smolvlm_media,
     "idefics3": _smolvlm_media,
+    "llava_onevision": _llava_onevision_media,
 }
 
 

@@ -12,11 +12,12 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 
-def read_json(path: Path) -> dict:
-  """A processor or model file as a dict; ValueError naming the file when it is not a JSON
-  object."""
+def read_json(path) -> dict:
+  """A processor or model file (a local path, or an ``etils.epath.Path``, e.g. ``gs://``) as a
+  dict; ValueError naming the file when it is not a JSON object."""
+  path = path if hasattr(path, "read_text") else Path(path)
   try:
-    out = json.loads(Path(path).read_text())
+    out = json.loads(path.read_text())
   except json.JSONDecodeError as e:
     raise ValueError(f"{path} is not valid JSON: {e}") from None
   if not isinstance(out, dict):
