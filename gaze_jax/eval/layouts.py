@@ -29,31 +29,49 @@ def example_segments(layout: TokenLayout, b: int) -> list[Segment]:
   """Segments of example ``b`` such that ``build_layout`` reproduces its rows.
 
   Frames of one media (``frame_media``) become one ``Video`` when there are several, an
-  ``Image`` otherwise (a one-frame video gives the same layout as an image of its grid).
+  ``Image`` otherwise (a one-frame video gives the same layout as an image of its grid). An
+  image keeps its tiles (``frame_tiles``) and its newline rows, the text slots among its
+  patches' positions (without context tokens, a one-row grid's newline reads back as text
+  after it: the same layout).
   """
-  kind, gen, frame = _np(layout.kind)[b], _np(layout.generated)[b].astype(bool), \
-      _np(layout.frame)[b]
+  kind, gen, frame, pos = _np(layout.kind)[b], _np(layout.generated)[b].astype(bool), \
+      _np(layout.frame)[b], _np(layout.position)[b]
+  valid = _np(layout.frame_valid)[b].astype(bool)
+  newline = np.zeros(kind.shape, bool)
+  rows = {}
+  for f in np.flatnonzero(valid):
+    p = pos[(frame == f) & (kind == PATCH)]
+    # Text among the patches' positions ends their rows (Image.newline_rows); right after the
+    # last patch, it is the last row's newline unless context tokens come there.
+    inside = (kind == TEXT) & (pos > p.min()) & (pos <= p.max() + 1)
+    rows[f] = bool((inside & (pos <= p.max())).any() or (layout.spec.num_ctx and inside.any()))
+    newline |= inside if rows[f] else False
   events = []                                     # (first slot, segment or frame id)
-  text = np.flatnonzero(kind == TEXT)
+  text = np.flatnonzero((kind == TEXT) & ~newline)
   if text.size:
     # A new text run starts where slots are not consecutive or the generated flag flips.
     starts = np.flatnonzero(np.r_[True, (np.diff(text) != 1) | (gen[text][1:] != gen[text][:-1])])
     ends = np.r_[starts[1:], text.size]
     for s, e in zip(starts, ends):
       events.append((int(text[s]), Text(int(e - s), bool(gen[text[s]]))))
-  valid = _np(layout.frame_valid)[b].astype(bool)
   for f in np.flatnonzero(valid):
     slots = np.flatnonzero((frame == f) & (kind == PATCH))
     events.append((int(slots.min()), int(f)))
   events.sort(key=lambda e: e[0])
   media, grid = _np(layout.frame_media)[b], _np(layout.frame_grid)[b]
+  tiles = _np(layout.frame_tiles)[b]
   segs: list[Segment] = []
   run: list[int] = []
 
   def flush():
     if run:
-      gh, gw = (int(x) for x in grid[run[0]])
-      segs.append(Image(gh, gw) if len(run) == 1 else Video(len(run), gh, gw))
+      f = run[0]
+      gh, gw = (int(x) for x in grid[f])
+      if len(run) == 1:
+        segs.append(Image(gh, gw, newline_rows=rows[f],
+                          tiles=tuple(int(x) for x in tiles[f]) if tiles[f].any() else None))
+      else:
+        segs.append(Video(len(run), gh, gw))
       run.clear()
 
   for _, e in events:

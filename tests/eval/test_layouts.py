@@ -45,6 +45,23 @@ def test_segments_read_back_rebuild_the_same_layout():
     np.testing.assert_array_equal(np.asarray(getattr(again, name)), np.asarray(a), err_msg=name)
 
 
+@pytest.mark.parametrize("num_ctx", [0, 2])
+def test_newline_rows_and_tiles_read_back(num_ctx):
+  """LLaVA-OneVision's layouts: a base image, a tiled grid with a newline after each row, a
+  one-row grid with its newline; rebuilt slot for slot."""
+  spec = LayoutSpec(seq_len=160, max_regions=40, max_images=8, region_shape=(1, 2),
+                    num_ctx=num_ctx)
+  segs = [Text(3), Image(4, 4), Image(6, 8, newline_rows=True, tiles=(2, 2)), Text(2),
+          Image(1, 4, newline_rows=True), Text(2, generated=True)]
+  layout = build_layout([segs], spec)
+  back = layouts.example_segments(layout, 0)
+  if num_ctx:
+    assert back == segs
+  again = build_layout([back], spec)
+  for name, a in layout.to_features().items():
+    np.testing.assert_array_equal(np.asarray(getattr(again, name)), np.asarray(a), err_msg=name)
+
+
 def test_token_matched_grid_follows_the_documented_rule():
   # Paper shape: 24x24 grid, K=4 regions of 6x6 -> 144 tokens -> a 12x12 grid (half the side).
   spec = LayoutSpec(seq_len=700, max_regions=16, max_images=1, region_shape=(6, 6), num_ctx=4)
