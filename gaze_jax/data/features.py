@@ -139,11 +139,14 @@ def preprocess_image(image: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Visual:
-  """One layout segment of visual tokens and its pixels: an ``Image`` (one frame) or a
-  ``Video``, with float32 ``pixels [frames, H, W, C]`` ready for the vision tower (every frame
-  of a batch has the same ``H x W``)."""
+  """One layout segment of visual tokens and its pixels: an ``Image`` (one frame, or a grid cut
+  from tiles) or a ``Video``, with float32 ``pixels [frames, H, W, C]`` ready for the vision
+  tower (every frame of a batch has the same ``H x W``). ``text_ids`` are the token ids of the
+  segment's own text slots in sequence order: an ``Image(newline_rows=True)`` ends each of its
+  ``gh`` rows with one (LLaVA-OneVision writes its image token there)."""
   segment: Union[Image, Video]
   pixels: np.ndarray
+  text_ids: tuple[int, ...] = ()
 
 
 # What one image or video becomes in the sequence: text (prompt, not trained: markers around
@@ -335,7 +338,13 @@ class ExampleProcessor:
           continue
         add_text(run)
         run = []
+        want = part.segment.gh if getattr(part.segment, "newline_rows", False) else 0
+        if len(part.text_ids) != want:
+          raise ValueError(f"{where}: a {part.segment} segment has {want} text slots, its media "
+                           f"part gives {len(part.text_ids)} token ids for them")
         segs.append(part.segment)
+        self._check_ids(list(part.text_ids), str(part.segment), where)
+        ids.extend(part.text_ids)            # the segment's own text slots, not a Text segment
         frames.extend(np.asarray(part.pixels, np.float32))
     add_text(run)
     return segs, ids, frames
