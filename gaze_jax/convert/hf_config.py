@@ -229,17 +229,21 @@ def llava_onevision_configs(cfg: Mapping[str, Any]) -> tuple[DecoderConfig, Visi
 _LLAVA_OV_MEDIA = {"image": 151646, "video": 151647}
 
 
-def llava_onevision_media_ids(cfg: Mapping[str, Any], vocab_size: int) -> tuple[int, ...]:
-  """The image and video token ids of a ``llava_onevision`` config (``image_token_index`` /
-  ``video_token_index``, or their ``*_token_id`` aliases, else transformers' defaults), those
-  inside the vocabulary: an id outside it can never be a token (a small test model may keep
-  the default video id of a 152K vocabulary)."""
-  out = []
+def llava_onevision_token_ids(cfg: Mapping[str, Any]) -> dict[str, int]:
+  """``{"image": id, "video": id}`` of a ``llava_onevision`` config: ``image_token_index`` /
+  ``video_token_index``, or their ``*_token_id`` aliases, else transformers' defaults."""
+  out = {}
   for media, default in _LLAVA_OV_MEDIA.items():
     v = cfg.get(f"{media}_token_index", cfg.get(f"{media}_token_id"))
     v = default if v is None else v
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
       raise ValueError(f"llava_onevision config: {media}_token_index={v!r} is not a token id")
-    if v < vocab_size:
-      out.append(v)
-  return tuple(out)
+    out[media] = v
+  return out
+
+
+def llava_onevision_media_ids(cfg: Mapping[str, Any], vocab_size: int) -> tuple[int, ...]:
+  """The image and video token ids (``llava_onevision_token_ids``) inside the vocabulary: an
+  id outside it can never be a token (a small test model may keep the default video id of a
+  152K vocabulary)."""
+  return tuple(v for v in llava_onevision_token_ids(cfg).values() if v < vocab_size)

@@ -27,7 +27,7 @@ other images are fitted to the fixed grid instead. Steps, from the folder's proc
 The newlines are text slots holding the image (video) token id: the model gives them its
 learned ``image_newline`` (``MLLMConfig.newline_token_ids``). A newline after an image or a
 video is the token's text part (``image_token`` / ``video_token``); the newline rows of a tiled
-grid are part of its segment (``LlavaOnevisionMedia.newline_id`` is the id they hold).
+grid are text slots of its segment, whose ids the part gives (``Visual.text_ids``).
 
 Supported as transformers computes it: the anyres tiles with their unpadding, the base image,
 the multi-image form, videos whose frames are all given (``do_sample_frames=false``). Refused
@@ -155,8 +155,8 @@ class OnevisionSettings:
 
   @classmethod
   def from_folder(cls, folder) -> "OnevisionSettings":
-    """The settings of a ``save_pretrained`` folder (local or ``gs://``): ``config.json`` (the vision tower, the
-    token ids, ``vision_aspect_ratio``), the image processor's fields from
+    """The settings of a ``save_pretrained`` folder (local or ``gs://``): ``config.json`` (the
+    vision tower, the token ids, ``vision_aspect_ratio``), the image processor's fields from
     ``preprocessor_config.json`` (or the ``image_processor`` object of
     ``processor_config.json``), the video processor's from ``video_preprocessor_config.json``
     (or ``processor_config.json``'s ``video_processor``; transformers' defaults without either)
@@ -167,7 +167,7 @@ class OnevisionSettings:
     """
     from etils import epath
 
-    from gaze_jax.convert.hf_config import llava_onevision_configs
+    from gaze_jax.convert.hf_config import llava_onevision_configs, llava_onevision_token_ids
 
     folder = epath.Path(folder)              # local or gs://
     model_file = folder / "config.json"
@@ -218,14 +218,12 @@ class OnevisionSettings:
     if m is None:
       raise ValueError(f"{model_file}: vision_aspect_ratio={aspect!r} is not supported (only "
                        "'anyres_max_N')")
-    ids = {k: model.get(f"{k}_token_index", model.get(f"{k}_token_id")) for k in
-           ("image", "video")}
-    ids = {k: {"image": 151646, "video": 151647}[k] if v is None else v for k, v in ids.items()}
+    ids = llava_onevision_token_ids(model)
     return cls(image=image, video=video, token_grid=g, video_grid=vision.pooled_grid(g, g)[0],
                pinpoints=tuple(tuple(p) for p in pinpoints), max_tiles=int(m.group(1)),
                image_token=proc.get("image_token", "<image>"),
                video_token=proc.get("video_token", "<video>"),
-               image_token_id=int(ids["image"]), video_token_id=int(ids["video"]),
+               image_token_id=ids["image"], video_token_id=ids["video"],
                where=str(folder))
 
 
@@ -296,11 +294,6 @@ class LlavaOnevisionMedia:
     ``grid``."""
     return cls(OnevisionSettings.from_folder(folder), grid)
 
-  @property
-  def newline_id(self) -> int:
-    """The token id of a tiled grid's newline rows (the image token's)."""
-    return self.settings.image_token_id
-
   def natural_grid(self, h: int, w: int) -> tuple[int, int]:
     """The grid transformers would give an ``h x w`` image (``natural_grid``)."""
     return natural_grid(h, w, self.settings.pinpoints, self.settings.image.size)
@@ -362,7 +355,8 @@ class LlavaOnevisionMedia:
       return [Visual(Image(g, g), pixels), s.image_token]
     uh, uw = self.tiled_grid(*np.asarray(image).shape[:2])
     return [Visual(Image(g, g), pixels[:1]),
-            Visual(Image(uh, uw, newline_rows=True, tiles=self.grid), pixels[1:])]
+            Visual(Image(uh, uw, newline_rows=True, tiles=self.grid), pixels[1:],
+                   text_ids=(s.image_token_id,) * uh)]
 
   def frames(self, frames: Sequence[np.ndarray]) -> np.ndarray:
     """Video frames (uint8 ``[h, w, 3]`` each) -> float32 ``[T, S, S, 3]``."""

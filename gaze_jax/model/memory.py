@@ -152,7 +152,7 @@ def _visual_shape(cfg: MLLMConfig, images: int, video_frames: int):
   R = gz.region_shape[0] * gz.region_shape[1]
   g = cfg.token_grid
   nr_img = num_regions(g, g, gz.region_shape)
-  gp = g // v.video_pool
+  gp = v.pooled_grid(g, g)[0]
   nr_vid = num_regions(gp, gp, gz.region_shape) if video_frames else 0
   regions = images * nr_img + video_frames * nr_vid
   slots = images * (nr_img * R + gz.num_ctx) + video_frames * (nr_vid * R + gz.num_ctx)
@@ -401,7 +401,7 @@ def _segments(cfg: MLLMConfig, seq_len: int, images: int, video_frames: int,
   segs = [Text(1)]
   if cfg.vision is not None:
     g = cfg.token_grid
-    gp = g // cfg.vision.video_pool
+    gp = cfg.vision.pooled_grid(g, g)[0]
     segs += [Image(g, g)] * images + ([Video(video_frames, gp, gp)] if video_frames else [])
   rest = seq_len - 1 - _visual_shape(cfg, images, video_frames)[2]
   if rest < 0:

@@ -116,6 +116,7 @@ def test_image_prompt_logits_match_transformers(folder, models, monkeypatch):
   parts = media.image(img)
   assert [p.segment for p in parts] == [Image(G, G), Image(6, 8, newline_rows=True,
                                                            tiles=(2, 2))]
+  assert parts[1].text_ids == (image_id,) * 6          # the newline rows hold the image token
   # Our tiles are transformers' pixels (to the bit: the same Pillow steps).
   np.testing.assert_array_equal(np.concatenate([p.pixels for p in parts]),
                                 inputs["pixel_values"][0].transpose(0, 2, 3, 1))

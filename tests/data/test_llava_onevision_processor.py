@@ -188,13 +188,9 @@ def test_two_images_prompt_token_ids_equal_transformers(folder, monkeypatch):
   assert _in_position_order(f, media.settings.image_token_id) == want
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "ExampleProcessor (gaze_jax/data/features.py) gives token ids to the text slots of the "
-    "text parts only; the newline rows of a tiled image are text slots of its segment and need "
-    "the image token id (LlavaOnevisionMedia.newline_id) from the media parts"))
 def test_tiled_image_prompt_token_ids_equal_transformers(folder, monkeypatch):
   """One image at 2 x 2 tiles: the base image, then the unpadded grid with a newline (the
-  image token id) after each row."""
+  image token id, the part's text_ids) after each row."""
   media = LlavaOnevisionMedia.from_folder(folder, (2, 2))
   img = photo(40, 60, seed=9)
   _, f = _features(folder, media, {"id": "one", "images": [img], "turns": [
