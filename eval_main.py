@@ -2,7 +2,8 @@
 decode query and routing accuracy, beside baselines from the same weights (dense,
 token-matched dense, fixed-from-question eviction) and, optionally, a separately trained model
 (e.g. ``demo_dense``) on the same data. Writes ``eval_results.json``, ``eval_results.md`` and
-gaze maps under ``--out_dir`` (default ``<workdir>/eval``).
+gaze maps under ``--out_dir`` (default ``<workdir>/eval``). ``--workdir`` and ``--out_dir`` may be
+local or ``gs://``.
 
   python eval_main.py --config=configs/demo.py --workdir=/tmp/gaze_demo \\
       --compare_config=configs/demo_dense.py --compare_workdir=/tmp/gaze_demo_dense
@@ -11,9 +12,9 @@ gaze maps under ``--out_dir`` (default ``<workdir>/eval``).
 from __future__ import annotations
 
 import logging as pylogging
-from pathlib import Path
 
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -57,7 +58,7 @@ def main(argv):
 
   pylogging.getLogger("absl").setLevel(pylogging.INFO)
   config, workdir = FLAGS.config, FLAGS.workdir
-  out = Path(FLAGS.out_dir or Path(workdir) / "eval")
+  out = epath.Path(FLAGS.out_dir or epath.Path(workdir) / "eval")
   max_batches = FLAGS.max_batches
   if max_batches is None:
     max_batches = int(config.train.eval_batches)
@@ -69,7 +70,7 @@ def main(argv):
     if FLAGS.compare_config is None:
       raise app.UsageError("--compare_workdir needs --compare_config")
     other = _load(FLAGS.compare_config, FLAGS.compare_workdir)
-    name = FLAGS.compare_name or Path(FLAGS.compare_workdir).name
+    name = FLAGS.compare_name or epath.Path(FLAGS.compare_workdir).name
   results = []
   train_records = None
   for split in FLAGS.splits:

@@ -6,16 +6,17 @@
 Loads the run's latest checkpoint (its config comes from ``<workdir>/config.json``), resizes the
 image to the model's input size, generates the answer, prints it with the regions the answer
 looked at (their share of the answer tokens' selections over all layers and heads), and writes
-a gaze map next to the image (``<image>_gaze.png``, or ``--gaze_map``).
+a gaze map next to the image (``<image>_gaze.png``, or ``--gaze_map``). The workdir, the image and
+the gaze map may be local or ``gs://``.
 """
 
 from __future__ import annotations
 
 import logging as pylogging
 import sys
-from pathlib import Path
 
 from absl import app, flags, logging
+from etils import epath
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The training run's --workdir.", required=True)
@@ -40,8 +41,8 @@ def main(argv):
   print(f"answer:   {p.answer}")
   print("where the answer's first token looked (the regions its query heads selected):")
   print("  " + p.summary().replace("\n", "\n  "))
-  image = Path(FLAGS.image)
-  out = Path(FLAGS.gaze_map) if FLAGS.gaze_map else image.with_name(f"{image.stem}_gaze.png")
+  image = epath.Path(FLAGS.image)
+  out = epath.Path(FLAGS.gaze_map) if FLAGS.gaze_map else image.with_name(f"{image.stem}_gaze.png")
   if p.write_gaze_map(out):
     print(f"gaze map: {out}")
 

@@ -17,16 +17,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
+import os
 import tempfile
-from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
+from etils import epath
 
 log = logging.getLogger(__name__)
 
-ImageLike = Union[str, Path, np.ndarray]
+ImageLike = Union[str, os.PathLike, np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,9 +70,9 @@ class Prediction:
       lines.append(f"layer {layer}: {picks or 'nothing selected'}")
     return "\n".join(lines)
 
-  def write_gaze_map(self, path) -> Optional[Path]:
-    """Draws the regions each answer token selected, per layer, as a PNG at ``path``; None
-    for a dense model."""
+  def write_gaze_map(self, path) -> Optional[epath.Path]:
+    """Draws the regions each answer token selected, per layer, as a PNG at ``path`` (local or
+    ``gs://``); returns it, or None for a dense model."""
     from gaze_jax.eval.gaze_maps import write_batch_gaze_maps
 
     if self.selected is None or self.selected[0] is None:
@@ -82,18 +82,19 @@ class Prediction:
                                       tokenizer=self.tokenizer)
       if not written:
         return None
-      path = Path(path)
+      path = epath.Path(path)
       path.parent.mkdir(parents=True, exist_ok=True)
-      shutil.move(written[0], path)     # the temporary folder may be on another filesystem
+      epath.Path(written[0]).copy(path, overwrite=True)    # to any filesystem, gs:// too
     return path
 
 
 def load_run_config(workdir):
-  """The ConfigDict a run trained with (``<workdir>/config.json``, written by the trainer)."""
+  """The ConfigDict a run trained with (``<workdir>/config.json``, written by the trainer;
+  local or ``gs://``)."""
   from gaze_jax.train.config import config_from_dict
 
-  path = Path(workdir) / "config.json"
-  if not Path(workdir).is_dir():
+  path = epath.Path(workdir) / "config.json"
+  if not path.parent.is_dir():
     raise FileNotFoundError(f"--workdir {workdir} does not exist")
   if not path.is_file():
     raise FileNotFoundError(f"{workdir} has no config.json: is it the --workdir of a training "
@@ -102,7 +103,8 @@ def load_run_config(workdir):
 
 
 def read_image(image: ImageLike) -> np.ndarray:
-  """uint8 ``[H, W, 3]`` from a file path (any format Pillow reads) or an array."""
+  """uint8 ``[H, W, 3]`` from a file path (any format Pillow reads; local or ``gs://``) or an
+  array."""
   if isinstance(image, np.ndarray):
     arr = np.asarray(image)
     if arr.ndim == 2:
@@ -114,11 +116,11 @@ def read_image(image: ImageLike) -> np.ndarray:
     return arr[..., :3]
   from PIL import Image as PILImage
 
-  path = Path(image)
+  path = epath.Path(image)
   if not path.is_file():
     raise FileNotFoundError(f"image file {path} does not exist")
   try:
-    with PILImage.open(path) as im:
+    with path.open("rb") as f, PILImage.open(f) as im:
       return np.asarray(im.convert("RGB"))
   except Exception as e:        # Pillow raises many types for files it cannot read
     raise ValueError(f"image file {path} cannot be read as an image: {e}") from None

@@ -14,7 +14,8 @@ through the environment (``GcsEmulator.env``):
   use gcsfs. On a real Cloud TPU VM either backend works, with no variable set;
 * ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false``: gcsfs's default filesystem asks the Storage
   Control API (gRPC, which the emulator lacks) for each bucket's type, warning on every call;
-* ``NO_GCE_CHECK=true``: google-auth does not probe for a GCE metadata server.
+* ``FSSPEC_GCS_TOKEN=anon``: gcsfs sends no credentials (none of the machine's own reach the
+  emulator), and ``NO_GCE_CHECK=true``: google-auth does not probe for a GCE metadata server.
 
 These variables are for tests only: a real run on Cloud Storage sets none of them.
 
@@ -64,11 +65,13 @@ class GcsEmulator:
     self.url = f"http://127.0.0.1:{self.port}"
     self.env = {"STORAGE_EMULATOR_HOST": self.url, "TENSORSTORE_GCS_HTTP_URL": self.url,
                 "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator", "EPATH_USE_TF": "false",
-                "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "NO_GCE_CHECK": "true"}
+                "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "FSSPEC_GCS_TOKEN": "anon",
+                "NO_GCE_CHECK": "true"}
     self._start_timeout = start_timeout
     self._process: Optional[subprocess.Popen] = None
     self._log = None
     self._saved_env: dict[str, Optional[str]] = {}
+    self._saved_gcs_conf: Optional[dict] = None
 
   @property
   def root(self):
@@ -106,7 +109,7 @@ class GcsEmulator:
     for k, v in self.env.items():
       self._saved_env[k] = os.environ.get(k)
       os.environ[k] = v
-    _forget_client_choices()
+    self._saved_gcs_conf = _point_clients_in_process()
     return self
 
   def stop(self) -> None:
@@ -117,6 +120,10 @@ class GcsEmulator:
       else:
         os.environ[k] = v
     self._saved_env = {}
+    if self._saved_gcs_conf is not None:
+      import fsspec.config
+      fsspec.config.conf["gcs"] = self._saved_gcs_conf
+      self._saved_gcs_conf = None
     if self._process is not None:
       self._process.terminate()
       try:
@@ -166,13 +173,17 @@ class GcsEmulator:
         return out
 
 
-def _forget_client_choices() -> None:
-  """epath decides once per process whether TensorFlow serves gs:// (``EPATH_USE_TF``, read on
-  first use): forget a decision made before the emulator's variables were set."""
-  try:
-    from etils.epath import gpath
-  except ImportError:
-    return
+def _point_clients_in_process() -> dict:
+  """What this process read before the variables were set: epath decides once whether
+  TensorFlow serves gs:// (``EPATH_USE_TF``, on first use), and fsspec reads ``FSSPEC_*`` when
+  imported. Forgets the first, sets the second's gcs token; returns fsspec's gcs settings
+  before, to restore."""
+  from etils.epath import gpath
+  import fsspec.config
+
   cached = getattr(gpath, "_is_tf_installed", None)
   if hasattr(cached, "cache_clear"):
     cached.cache_clear()
+  before = dict(fsspec.config.conf.get("gcs", {}))
+  fsspec.config.conf["gcs"] = {**before, "token": "anon"}
+  return before

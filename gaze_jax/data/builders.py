@@ -27,6 +27,14 @@ Usage::
 overrides) so differently generated data never share a directory. Example ``i`` of a split is
 generated from ``np.random.default_rng([seed, scene_id])`` with ``scene_id = (split_code << 40)
 + i``: the same config gives the same bytes, and no scene seed is shared between splits.
+
+``data_dir`` may be ``gs://bucket/...``. array_record (0.8.6) reads and writes local files only
+(its C++ writer fails with "open() failed" on a ``gs://`` path, and its reader did not return
+on one), so tfds cannot build or read the dataset there. Such a dataset lives in a local mirror,
+``local_data_dir(data_dir)`` (under ``$GAZE_JAX_DATA_CACHE``, default
+``~/.cache/gaze_jax/datasets``): ``prepare`` copies a prepared dataset down from the bucket, or
+builds it in the mirror and copies it up; ``builder`` copies it down; each copy is logged. A
+mirror holding the same files (names and sizes) as the bucket is reused.
 """
 
 from __future__ import annotations
@@ -35,13 +43,18 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
+from gaze_jax import paths
 from gaze_jax.data import llava, scenes
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 _SPLIT_CODE = {"train": 0, "validation": 1, "test": 2}
@@ -401,24 +414,101 @@ def llava_source_fingerprint(json_files: dict, image_dir) -> str:
   return h.hexdigest()
 
 
+CACHE_ENV = "GAZE_JAX_DATA_CACHE"
+# tfds reads a dataset folder as prepared once this file is there: copied last.
+_INFO_FILE = "dataset_info.json"
+
+
+def local_data_dir(data_dir) -> epath.Path:
+  """The local folder tfds reads ``data_dir`` in: ``data_dir`` itself when local; for
+  ``gs://bucket/x`` the mirror ``<cache>/gs/bucket/x``, ``<cache>`` being
+  ``$GAZE_JAX_DATA_CACHE`` (default ``~/.cache/gaze_jax/datasets``)."""
+  if paths.is_local(data_dir):
+    return epath.Path(data_dir)
+  scheme, rest = os.fspath(data_dir).split("://", 1)
+  cache = os.environ.get(CACHE_ENV) or os.path.expanduser("~/.cache/gaze_jax/datasets")
+  return paths.absolute(cache) / scheme / rest.strip("/")
+
+
+def _file_sizes(folder) -> dict[str, int]:
+  folder = epath.Path(folder)
+  return {p.relative_to(folder).as_posix(): p.stat().length for p in paths.list_files(folder)}
+
+
+def _copy_dataset(src, dst) -> bool:
+  """Copies the prepared dataset folder ``src`` to ``dst`` (one local, one ``gs://``) unless
+  ``dst`` holds the same files (names and sizes). ``dst`` reads as prepared only once complete:
+  a local copy is made beside it (one folder per process: the processes of a host may copy at
+  once) and renamed into place unless another process's copy got there first; in a bucket its
+  ``dataset_info.json`` goes first and comes back last. Returns whether it copied."""
+  src, dst = epath.Path(src), epath.Path(dst)
+  files = _file_sizes(src)
+  if not files or _file_sizes(dst) == files:
+    return False
+  local = paths.is_local(dst)
+  target = dst.with_name(f"{dst.name}.incomplete-{os.getpid()}") if local else dst
+  if local:
+    target.rmtree(missing_ok=True)
+  else:
+    (dst / _INFO_FILE).unlink(missing_ok=True)
+  for rel in sorted(files, key=lambda rel: rel == _INFO_FILE):
+    (target / rel).parent.mkdir(parents=True, exist_ok=True)
+    (src / rel).copy(target / rel, overwrite=True)
+  if local:
+    if _file_sizes(dst) == files:
+      target.rmtree()
+    else:
+      dst.rmtree(missing_ok=True)
+      target.rename(dst)
+  return True
+
+
+def _mirror(b: tfds.core.DatasetBuilder, data_dir, *, down: bool) -> bool:
+  """Copies ``b``'s dataset between the bucket ``data_dir`` and its local mirror: ``down`` when
+  the bucket holds it prepared, else up (a prepared local one). Returns whether it copied."""
+  local = epath.Path(str(b.data_dir))
+  remote = epath.Path(data_dir) / local.relative_to(local_data_dir(data_dir))
+  src, dst = (remote, local) if down else (local, remote)
+  if down and not (remote / _INFO_FILE).exists():
+    return False
+  copied = _copy_dataset(src, dst)
+  if copied:
+    log.info("dataset %s copied to %s (array_record reads and writes local files only; "
+             "local mirrors of gs:// datasets go under $%s)", src, dst, CACHE_ENV)
+  return copied
+
+
 def builder(name: str, data_dir, config: Union[str, tfds.core.BuilderConfig, None] = "tiny",
             **overrides) -> tfds.core.DatasetBuilder:
-  """The builder (not prepared) for ``name`` under ``data_dir``."""
+  """The builder (not prepared) for ``name`` under ``data_dir``; for a ``gs://`` data_dir it
+  reads the local mirror, copied down first when the bucket holds the prepared dataset."""
   cfg = make_config(name, config, **overrides)
-  return BUILDERS[name](config=cfg, data_dir=str(data_dir), file_format="array_record")
+
+  def make():
+    return BUILDERS[name](config=cfg, data_dir=str(local_data_dir(data_dir)),
+                          file_format="array_record")
+
+  b = make()
+  if not paths.is_local(data_dir) and _mirror(b, data_dir, down=True):
+    b = make()                 # tfds reads the dataset's info when the builder is made
+  return b
 
 
 def prepare(name: str, data_dir, config: Union[str, tfds.core.BuilderConfig, None] = "tiny",
             **overrides) -> tfds.core.DatasetBuilder:
-  """Generates the dataset (once; a prepared one is reused) and returns its builder."""
+  """Generates the dataset (once; a prepared one is reused) and returns its builder. For a
+  ``gs://`` data_dir: reused from the bucket (through the local mirror) when it is there, else
+  generated in the mirror and copied to the bucket."""
   b = builder(name, data_dir, config, **overrides)
   b.download_and_prepare(file_format="array_record")
+  if not paths.is_local(data_dir):
+    _mirror(b, data_dir, down=False)
   return b
 
 
-def data_dir_of(b: tfds.core.DatasetBuilder) -> Path:
-  """The folder holding this builder's array_record files."""
-  return Path(str(b.data_dir))
+def data_dir_of(b: tfds.core.DatasetBuilder) -> epath.Path:
+  """The local folder holding this builder's array_record files (a gs:// data_dir's mirror)."""
+  return epath.Path(str(b.data_dir))
 
 
 def skipped_records(b: tfds.core.DatasetBuilder) -> dict[str, list[dict]]:

@@ -25,10 +25,11 @@ ph) + (T - 1) * gap``.
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 from typing import Optional, Sequence, Union
 
 import numpy as np
+from etils import epath
 
 from gaze_jax.data.boxes import region_pixel_extents
 
@@ -206,7 +207,7 @@ def _px(rect, pw: int, ph: int) -> tuple[int, int, int, int]:
   return max(0, x0), max(0, y0), min(pw, x1), min(ph, y1)
 
 
-def write_gaze_maps(out_dir: Union[str, Path], images, layout, selected, rows: dict, *,
+def write_gaze_maps(out_dir: Union[str, os.PathLike], images, layout, selected, rows: dict, *,
                     gt_regions=None, gt_boxes: Optional[dict] = None,
                     layers: Union[int, Sequence[int], None] = None,
                     labels: Optional[dict] = None, titles: Optional[dict] = None,
@@ -215,7 +216,7 @@ def write_gaze_maps(out_dir: Union[str, Path], images, layout, selected, rows: d
   """Writes one PNG per example of ``rows``.
 
   Args:
-    out_dir: created if missing.
+    out_dir: created if missing; local or ``gs://`` (written through ``etils.epath``).
     images: float ``[B, F, H, W, C]`` normalised model images.
     layout: the batch's TokenLayout.
     selected: per layer, int ``[B, S, Hq, K]`` selected ids.
@@ -234,7 +235,7 @@ def write_gaze_maps(out_dir: Union[str, Path], images, layout, selected, rows: d
   """
   from PIL import Image as PILImage
 
-  out_dir = Path(out_dir)
+  out_dir = epath.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   feats = layout.to_features()
   NR = np.asarray(layout.region_valid).shape[1]
@@ -255,7 +256,8 @@ def write_gaze_maps(out_dir: Union[str, Path], images, layout, selected, rows: d
                           column_labels=column_labels, num_heads=num_heads,
                           title=None if titles is None else titles.get(b), **render_kw)
     path = out_dir / f"{prefix}{start + i:04d}.png"
-    PILImage.fromarray(img).save(path)
+    with path.open("wb") as f:
+      PILImage.fromarray(img).save(f, format="PNG")
     paths.append(str(path))
   return paths
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
+import os
 from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
+from etils import epath
 
 ROW_ORDER = ("dense", "token_matched", "fixed_from_question", "random_routing", "answer_prior")
 ROW_LABELS = {"dense": "dense (same weights)", "token_matched": "dense, token-matched input",
@@ -162,10 +163,11 @@ def markdown_report(results) -> str:
   return "\n".join(out)
 
 
-def write_report(results: Union[Mapping, Sequence[Mapping]], out_dir: Union[str, Path], *,
-                 name: str = "eval_results") -> dict[str, str]:
-  """Writes ``{out_dir}/{name}.json`` and ``{out_dir}/{name}.md``; returns their paths."""
-  out_dir = Path(out_dir)
+def write_report(results: Union[Mapping, Sequence[Mapping]], out_dir: Union[str, os.PathLike],
+                 *, name: str = "eval_results") -> dict[str, str]:
+  """Writes ``{out_dir}/{name}.json`` and ``{out_dir}/{name}.md`` (``out_dir`` local or
+  ``gs://``, through ``etils.epath``); returns their paths."""
+  out_dir = epath.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   splits = _splits(results)
   data = {"splits": to_jsonable(splits)}

@@ -2,23 +2,24 @@
 
 ``config.data`` fields: ``name`` (a ``gaze_jax.data.builders`` dataset), ``builder_config``
 (its preset, e.g. "64px"), ``builder_overrides`` (dict of builder fields, e.g. ``num_train``),
-``data_dir`` (default ``<workdir>/tfds``), ``tokenizer`` (``gaze_jax.runs.run_tokenizer``:
-"byte", "words", "gguf:smollm2", a ``.gguf`` file, a folder with ``tokenizer.json``,
-"hf:<model folder>", or "model": the one of ``model.init``'s Hugging Face folder),
-``image_grid`` (rows, cols of tiles per image for a model family that tiles images, from a
-``model.init=hf:`` folder; (0, 0): one image, no tiles), ``seq_len``, ``max_regions``, ``max_images``, ``max_nonvisual``, ``batch_size`` (global; each
-host reads ``batch_size / process_count``), ``seed``, ``num_threads``, ``skip_too_long``,
-``train_split``, ``eval_split``.
+``data_dir`` (default ``<workdir>/tfds``; local or ``gs://``, read through a local mirror:
+``gaze_jax.data.builders``), ``tokenizer`` (``gaze_jax.runs.run_tokenizer``: "byte", "words",
+"gguf:smollm2", a ``.gguf`` file, a folder with ``tokenizer.json``, "hf:<model folder>", or
+"model": the one of ``model.init``'s Hugging Face folder), ``image_grid`` (rows, cols of tiles
+per image for a model family that tiles images, from a ``model.init=hf:`` folder; (0, 0): one
+image, no tiles), ``seq_len``, ``max_regions``, ``max_images``, ``max_nonvisual``,
+``batch_size`` (global; each host reads ``batch_size / process_count``), ``seed``,
+``num_threads``, ``skip_too_long``, ``train_split``, ``eval_split``.
 """
 
 from __future__ import annotations
 
 import zlib
-from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
+from etils import epath
 
 from gaze_jax.gaze.layout import LayoutSpec
 from gaze_jax.model.config import MLLMConfig
@@ -56,13 +57,15 @@ def example_processor(config: Any, tokenizer, model: MLLMConfig, spec: LayoutSpe
                           media=media_processor(config))
 
 
-def data_dir(config: Any, workdir) -> Path:
+def data_dir(config: Any, workdir) -> epath.Path:
+  """``config.data.data_dir``, default ``<workdir>/tfds`` (local or ``gs://``)."""
   d = config.data.data_dir
-  return Path(d) if d else Path(workdir) / "tfds"
+  return epath.Path(d) if d else epath.Path(workdir) / "tfds"
 
 
 def prepare(config: Any, workdir):
-  """Builds the dataset once (process 0), then every process opens it."""
+  """Builds the dataset once (process 0), then every process opens it (from a ``gs://``
+  data_dir, each host through its own local mirror)."""
   from gaze_jax.data import builders
 
   d = config.data

@@ -21,8 +21,12 @@ What it does, in order:
    rerunning the same command resumes.
 
 With ``train.log_fingerprints`` each step's batch fingerprint goes to
-``<workdir>/data_log.jsonl`` (``{"step", "process", "fingerprint"}``), to check the data order
-across restarts.
+``<workdir>/data_log.<process>.jsonl`` (``{"step", "process", "fingerprint"}``), to check the
+data order across restarts.
+
+The workdir may be a local folder or ``gs://bucket/...``: every file goes through
+``etils.epath`` (``gaze_jax.paths``), the dataset of a ``gs://`` data_dir through a local
+mirror (``gaze_jax.data.builders``).
 """
 
 from __future__ import annotations
@@ -33,12 +37,12 @@ import logging
 import os
 import signal
 import time
-from pathlib import Path
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -260,7 +264,7 @@ def train(config: Any, workdir, *, mesh=None, stop_after: Optional[int] = None) 
   ``stop_after``: stop (with a checkpoint) after this many steps of this call (tests).
   """
   t_begin = time.time()
-  workdir = Path(workdir)
+  workdir = epath.Path(workdir)
   primary = jax.process_index() == 0
   # Everything checkable is checked before the workdir is written.
   check_train_config(config)
@@ -310,7 +314,7 @@ def train(config: Any, workdir, *, mesh=None, stop_after: Optional[int] = None) 
         state = _load_decoder_init(s, state, config.model.init)
     src = config.init_from_checkpoint
     if src:
-      other = ckpt_lib.Checkpointer(Path(src) / ckpt_lib.CHECKPOINT_DIR, read_only=True)
+      other = ckpt_lib.Checkpointer(epath.Path(src) / ckpt_lib.CHECKPOINT_DIR, read_only=True)
       got = other.restore(ckpt_lib.abstract_like(s.abstract_params, s.state_shardings["params"]))
       other.close()
       if got is None:
