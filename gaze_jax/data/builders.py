@@ -440,7 +440,7 @@ def _copy_dataset(src, dst) -> bool:
   ``dst`` holds the same files (names and sizes). ``dst`` reads as prepared only once complete:
   a local copy is made beside it (one folder per process: the processes of a host may copy at
   once) and renamed into place unless another process's copy got there first; in a bucket its
-  ``dataset_info.json`` goes first and comes back last. Returns whether it copied."""
+  ``dataset_info.json`` is deleted first and written last. Returns whether it copied."""
   src, dst = epath.Path(src), epath.Path(dst)
   files = _file_sizes(src)
   if not files or _file_sizes(dst) == files:

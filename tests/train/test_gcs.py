@@ -1,7 +1,7 @@
 """Run paths on ``gs://`` against the Cloud Storage emulator (``tests/gcs_emulator.py``): the
 Checkpointer (save, restore, keep, a damaged object found by the checksums, moved aside), the
 metrics writer (a JSONL rewritten whole, the records a resumed run redoes dropped, TensorBoard
-event files), and a whole run through ``train_main.py`` killed and resumed, then evaluated and
+event files), the dataset through its local mirror, and a whole run through ``train_main.py`` killed and resumed, then evaluated and
 asked a question, all in the bucket."""
 
 import json
@@ -118,6 +118,36 @@ def test_gcs_metrics_hold_each_step_once_and_tensorboard_reads_them(gcs, gcs_dir
   got = sorted(x for x in _event_scalars(local) if x[1] == "train/loss")
   assert got == [(2, "train/loss", 2.0), (4, "train/loss", 4.0), (5, "train/loss", 15.0),
                  (6, "train/loss", 16.0)]
+
+
+def test_gcs_dataset_is_built_in_a_local_mirror_and_copied_both_ways(gcs, gcs_dir, tmp_path,
+                                                                    monkeypatch, caplog):
+  """array_record reads local files only: prepare builds the dataset in the local mirror and
+  copies it to the bucket; another host (another cache) copies it down, once."""
+  tfds = pytest.importorskip("tensorflow_datasets", reason="the [data] extra is not installed")
+  from gaze_jax.data import builders
+
+  tfds.disable_progress_bar()
+  kw = dict(num_train=8, num_validation=8, num_test=8)
+  monkeypatch.setenv(builders.CACHE_ENV, str(tmp_path / "host0"))
+  caplog.set_level(logging.INFO, logger="gaze_jax.data.builders")
+  b = builders.prepare("gaze_shapes", str(gcs_dir), "tiny", **kw)
+  local = builders.data_dir_of(b)
+  assert str(local).startswith(str(tmp_path / "host0" / "gs" / gcs.bucket / gcs_dir.name))
+  rel = local.relative_to(builders.local_data_dir(gcs_dir)).as_posix()
+  up = gcs.objects(f"{gcs_dir.name}/{rel}/")
+  assert f"{gcs_dir.name}/{rel}/dataset_info.json" in up and len(up) == len(list(local.iterdir()))
+  assert f"copied to {gcs_dir / rel}" in caplog.text
+  monkeypatch.setenv(builders.CACHE_ENV, str(tmp_path / "host1"))
+  caplog.clear()
+  other = builders.builder("gaze_shapes", gcs_dir, "tiny", **kw)
+  assert other.is_prepared() and f"{gcs_dir / rel} copied to {tmp_path / 'host1'}" in caplog.text
+  a, c = b.as_data_source("validation"), other.as_data_source("validation")
+  assert len(a) == len(c) == 8 and a[3]["id"] == c[3]["id"]
+  caplog.clear()
+  builders.prepare("gaze_shapes", gcs_dir, "tiny", **kw)          # nothing to copy now
+  assert "copied" not in caplog.text
+  assert not list((tmp_path / "host1").rglob("*.incomplete-*"))
 
 
 # ----------------------------------------------------------------------------- a whole run
