@@ -1,8 +1,8 @@
 """Run paths on ``gs://`` against the Cloud Storage emulator (``tests/gcs_emulator.py``): the
 Checkpointer (save, restore, keep, a damaged object found by the checksums, moved aside), the
 metrics writer (a JSONL rewritten whole, the records a resumed run redoes dropped, TensorBoard
-event files), the dataset through its local mirror, and a whole run through ``train_main.py`` killed and resumed, then evaluated and
-asked a question, all in the bucket."""
+event files), the dataset through its local mirror, and a whole run through ``train_main.py``
+killed and resumed, then evaluated and asked a question, all in the bucket."""
 
 import json
 import logging
