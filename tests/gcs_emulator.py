@@ -5,8 +5,8 @@ The server is fsouza's fake-gcs-server (a Go binary bundled in the
 backend on a free port and stopped afterwards. Every client the package uses is pointed at it
 through the environment (``GcsEmulator.env``):
 
-* ``STORAGE_EMULATOR_HOST``: gcsfs (epath's fsspec backend), google-cloud-storage (orbax's
-  deletion of old steps, tensorboardX's ``gs://`` event writer);
+* ``STORAGE_EMULATOR_HOST``: gcsfs (epath's fsspec backend: every run file, TensorBoard's
+  included) and google-cloud-storage (orbax's deletion of old steps);
 * ``TENSORSTORE_GCS_HTTP_URL`` and ``GOOGLE_AUTH_TOKEN_FOR_TESTING``: tensorstore (orbax's
   array files);
 * ``EPATH_USE_TF=false``: epath goes through ``tf.io.gfile`` whenever TensorFlow is installed,
@@ -24,12 +24,13 @@ a fresh ``gs://`` folder per test)::
 
   with GcsEmulator(bucket="bucket") as gcs:      # or gcs.start() ... gcs.stop()
     gcs.url                    # "http://127.0.0.1:<port>"
-    gcs.root                   # epath.Path("gs://bucket")
+    gcs.bucket, gcs.root       # "bucket", epath.Path("gs://bucket")
     gcs.env                    # the variables above (also in os.environ while it runs, so
                                # subprocesses started with os.environ inherit them)
     gcs.objects("run/")        # {object name: size} under a prefix, read through the
                                # emulator's JSON API (not through the clients under test)
     gcs.create_bucket("other")
+    gcs.log()                  # the server's warnings and errors, for a failing test's message
 
 One emulator per process at a time: the clients cache their endpoint and their choice of
 backend when first used, so the fixture is session-scoped, and tests keep apart by folder.
