@@ -30,22 +30,13 @@ def example_segments(layout: TokenLayout, b: int) -> list[Segment]:
 
   Frames of one media (``frame_media``) become one ``Video`` when there are several, an
   ``Image`` otherwise (a one-frame video gives the same layout as an image of its grid). An
-  image keeps its tiles (``frame_tiles``) and its newline rows, the text slots among its
-  patches' positions (without context tokens, a one-row grid's newline reads back as text
-  after it: the same layout).
+  image keeps its tiles (``frame_tiles``) and its newline rows (text slots with its frame id).
   """
-  kind, gen, frame, pos = _np(layout.kind)[b], _np(layout.generated)[b].astype(bool), \
-      _np(layout.frame)[b], _np(layout.position)[b]
+  kind, gen, frame = _np(layout.kind)[b], _np(layout.generated)[b].astype(bool), \
+      _np(layout.frame)[b]
   valid = _np(layout.frame_valid)[b].astype(bool)
-  newline = np.zeros(kind.shape, bool)
-  rows = {}
-  for f in np.flatnonzero(valid):
-    p = pos[(frame == f) & (kind == PATCH)]
-    # Text among the patches' positions ends their rows (Image.newline_rows); right after the
-    # last patch, it is the last row's newline unless context tokens come there.
-    inside = (kind == TEXT) & (pos > p.min()) & (pos <= p.max() + 1)
-    rows[f] = bool((inside & (pos <= p.max())).any() or (layout.spec.num_ctx and inside.any()))
-    newline |= inside if rows[f] else False
+  newline = (kind == TEXT) & (frame >= 0)
+  rows = {f: bool((newline & (frame == f)).any()) for f in np.flatnonzero(valid)}
   events = []                                     # (first slot, segment or frame id)
   text = np.flatnonzero((kind == TEXT) & ~newline)
   if text.size:

@@ -18,11 +18,14 @@ with ``N = spec.num_ctx`` context tokens after every image and every video frame
 Newline rows. ``Image(gh, gw, newline_rows=True)`` ends every row of patches with one text slot,
 as LLaVA-NeXT / OneVision append their ``image_newline`` embedding to each row of a
 high-resolution grid: patch ``(i, j)`` sits at ``p + i * (gw + 1) + j`` and the newline slot of
-row ``i`` at ``p + i * (gw + 1) + gw``. The newline slots are TEXT for the method: always
-visible, they route like text, and region descriptors, routing candidates and masks see only the
-patches. They are stored after the image's regions (before its context tokens), in row order,
-and are listed in ``nonvisual_index``; their token ids are those of the text (the model gives
-them their embedding, ``MLLM.embed``).
+row ``i`` at ``p + i * (gw + 1) + gw``. The newline slots are TEXT slots that carry their
+image's ``frame`` id (other text slots have -1): as keys they are text, visible to every later
+row; as queries they attend as the image's patch rows do, densely and causally, without routing
+(``masks.routed_rows``), so that gaze attention at K = all regions stays dense attention for any
+region shape; region descriptors and routing candidates see only the patches. They are stored
+after the image's regions (before its context tokens), in row order, and are listed in
+``nonvisual_index``; their token ids are those of the text (the model gives them their
+embedding, ``MLLM.embed``).
 
 Tiles. ``Image(gh, gw, tiles=(th, tw))`` is an image whose grid is cut out of the stitched
 features of ``th x tw`` tiles (LLaVA's anyres): the image takes ``th * tw`` consecutive frame
@@ -373,6 +376,7 @@ class _ExampleWriter:
       n = self._reserve(gh, where + " newline rows")
       a["kind"][b, n] = TEXT
       a["position"][b, n] = self.pos + np.arange(gh) * (gw + 1) + gw
+      a["frame"][b, n] = f                # marks them as the image's (they do not route)
       self.nonvisual.extend(range(n.start, n.stop))
     self.pos += fr.num_positions
     self.n_regions += nr

@@ -52,8 +52,9 @@ def token_info(layout: TokenLayout, index: jax.Array) -> TokenInfo:
 
 def routed_rows(query: TokenInfo, route_prompt: bool) -> jax.Array:
   """Rows that route (docs/method.md step 8): text rows, or only generated text rows when
-  ``route_prompt`` is False. bool ``[B, T]``."""
-  routed = query.kind == TEXT
+  ``route_prompt`` is False; not the newline rows of an image (text slots with a frame id,
+  ``Image(newline_rows=True)``), which attend densely as its patch rows do. bool ``[B, T]``."""
+  routed = (query.kind == TEXT) & (query.frame < 0)
   if not route_prompt:
     routed &= query.generated
   return routed

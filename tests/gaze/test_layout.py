@@ -44,7 +44,7 @@ def test_newline_rows_are_text_slots_at_the_end_of_each_row():
   np.testing.assert_array_equal(lay.patch_index[0, :14], [-1, -1, 0, 1, 3, 4, 2, -1, 5, -1,
                                                           -1, -1, 0, -1])
   np.testing.assert_array_equal(lay.region[0, 10:12], [-1, -1])
-  np.testing.assert_array_equal(lay.frame[0, 10:13], [-1, -1, 0])
+  np.testing.assert_array_equal(lay.frame[0, 10:13], [0, 0, 0])      # the image's rows
   np.testing.assert_array_equal(lay.region_last_pos[0, :2], [7, 8])
   np.testing.assert_array_equal(lay.nonvisual_index[0, :7], [0, 1, 10, 11, 12, 13, -1])
   np.testing.assert_array_equal(lay.generated[0, :14], [0] * 13 + [1])

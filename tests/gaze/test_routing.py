@@ -35,19 +35,20 @@ def test_descriptors_ignore_padding_slots():
                              region_descriptors(case.k_route, lay), atol=1e-6)
 
 
-def test_newline_rows_are_routed_text_and_no_part_of_any_region():
-  """A 4x4 grid with a newline slot after each row, 2x2 regions: the newline slots are routed
-  text rows whose candidates are the regions wholly above them, and their keys never enter a
-  descriptor."""
+def test_newline_rows_do_not_route_and_are_no_part_of_any_region():
+  """A 4x4 grid with a newline slot after each row, 2x2 regions: the newline slots are text
+  that carries the image's frame id, they do not route (they attend as the patch rows do), the
+  text after the image does, and their keys never enter a descriptor."""
   spec = LayoutSpec(seq_len=40, max_regions=4, max_images=1, region_shape=(2, 2), num_ctx=0)
   lay = build_layout([[Text(1), Image(4, 4, newline_rows=True), Text(2)]], spec)
   kind, pos = np.asarray(lay.kind[0]), np.asarray(lay.position[0])
   newline = np.flatnonzero((kind == TEXT) & (pos > 0) & (pos < 21))
   np.testing.assert_array_equal(pos[newline], [5, 10, 15, 20])
+  np.testing.assert_array_equal(np.asarray(lay.frame[0])[newline], [0, 0, 0, 0])
   query = token_info(lay, jnp.asarray(newline)[None])
-  assert np.asarray(routed_rows(query, True)).all()
-  cand = np.asarray(candidate_regions(lay.region_valid, lay.region_last_pos, query.position))[0]
-  np.testing.assert_array_equal(cand, [[0, 0, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+  assert not np.asarray(routed_rows(query, True)).any()
+  after = np.flatnonzero((kind == TEXT) & (pos > 20))
+  assert np.asarray(routed_rows(token_info(lay, jnp.asarray(after)[None]), True)).all()
   k = jax.random.normal(jax.random.PRNGKey(0), (1, 40, 1, 4))
   noisy = k.at[0, newline].set(1e4)
   np.testing.assert_allclose(region_descriptors(noisy, lay), region_descriptors(k, lay))
