@@ -5,8 +5,16 @@ token-matched dense, fixed-from-question eviction) and, optionally, a separately
 gaze maps under ``--out_dir`` (default ``<workdir>/eval``). ``--workdir`` and ``--out_dir`` may be
 local or ``gs://``.
 
-  python eval_main.py --config=configs/demo.py --workdir=/tmp/gaze_demo \\
-      --compare_config=configs/demo_dense.py --compare_workdir=/tmp/gaze_demo_dense
+The run is evaluated as it was trained: its model comes from its checkpoint (the target K, the
+attention it trained with), its data and tokenizer from its ``config.json``. ``--config`` gives
+other data settings; a config whose model differs from the trained one is refused, naming the
+fields. To evaluate the same weights another way, say so: ``--override=gaze.top_k=2`` (how
+attention routes: attention, top_k, score, routing, region_shape, ...); the overrides are
+printed and recorded in the results.
+
+  python eval_main.py --workdir=/tmp/gaze_demo \\
+      --compare_workdir=/tmp/gaze_demo_dense --compare_name=dense_twin
+  python eval_main.py --workdir=/tmp/gaze_demo --override=gaze.top_k=1
 """
 
 from __future__ import annotations
@@ -18,7 +26,9 @@ from etils import epath
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training config of the run.", lock_config=True)
+config_flags.DEFINE_config_file("config", None, "Data settings (default: the run's own "
+                                "config.json); its model must be the trained one.",
+                                lock_config=True)
 flags.DEFINE_string("workdir", None, "The run's --workdir (its checkpoints).")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 flags.DEFINE_list("splits", ["validation"], "Dataset splits to evaluate.")
@@ -31,18 +41,25 @@ flags.DEFINE_integer("num_gaze_maps", 4, "Gaze-map PNGs per split.")
 flags.DEFINE_bool("answer_prior", True, "Add the answer-prior row (most common training answer "
                   "per question, no image) and accuracy per question type.")
 flags.DEFINE_string("out_dir", None, "Where results go (default <workdir>/eval).")
-config_flags.DEFINE_config_file("compare_config", None, "Config of a second run to compare.",
-                                lock_config=True)
+flags.DEFINE_list("override", [], "Evaluate the trained weights with these model changes, e.g. "
+                  "gaze.top_k=2,gaze.attention=dense (printed and recorded).")
+config_flags.DEFINE_config_file("compare_config", None, "Data settings of a second run to "
+                                "compare (default: its own config.json).", lock_config=True)
 flags.DEFINE_string("compare_workdir", None, "Workdir of the second run.")
 flags.DEFINE_string("compare_name", None, "Row name of the second run (default: its config "
                     "file name).")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
 
 
-def _load(config, workdir, step=None):
-  """``(model, step, model config, layout spec, tokenizer)`` of a run."""
+def _load(config, workdir, step=None, overrides=None):
+  """``(config, Restored)`` of a run: its model as trained (with ``overrides``), and the config
+  of its data (its own ``config.json`` when ``config`` is None)."""
   from gaze_jax import runs
-  return runs.restore(config, workdir, step)
+  try:
+    run = runs.restore(config, workdir, step, overrides=overrides)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  return config if config is not None else runs.load_run_config(workdir), run
 
 
 def _batches(config, workdir, cfg, spec, tok, split):
@@ -56,20 +73,29 @@ def main(argv):
   from gaze_jax.eval import GazeMaps, evaluate, markdown_report, write_report
   from gaze_jax.eval.prior import answer_prior, qa_records
 
+  from gaze_jax import runs
+
   pylogging.getLogger("absl").setLevel(pylogging.INFO)
-  config, workdir = FLAGS.config, FLAGS.workdir
+  workdir = FLAGS.workdir
   out = epath.Path(FLAGS.out_dir or epath.Path(workdir) / "eval")
+  try:
+    overrides = runs.parse_overrides(FLAGS.override)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  config, (model, step, cfg, spec, tok) = _load(FLAGS.config, workdir, FLAGS.step, overrides)
   max_batches = FLAGS.max_batches
   if max_batches is None:
     max_batches = int(config.train.eval_batches)
   max_batches = max_batches or None
-  model, step, cfg, spec, tok = _load(config, workdir, FLAGS.step)
-  logging.info("evaluating %s at step %d", workdir, step)
+  g = cfg.gaze
+  logging.info("evaluating %s at step %d as trained: attention %s%s", workdir, step, g.attention,
+               f", K {g.top_k}, regions {g.region_shape}" if g.attention == "gaze" else "")
+  if overrides:
+    print("model overrides (not the trained model): " +
+          ", ".join(f"{k}={v!r}" for k, v in overrides.items()))
   other = None
   if FLAGS.compare_workdir:
-    if FLAGS.compare_config is None:
-      raise app.UsageError("--compare_workdir needs --compare_config")
-    other = _load(FLAGS.compare_config, FLAGS.compare_workdir)
+    other_config, other = _load(FLAGS.compare_config, FLAGS.compare_workdir)
     name = FLAGS.compare_name or epath.Path(FLAGS.compare_workdir).name
   results = []
   train_records = None
@@ -91,8 +117,7 @@ def main(argv):
                    groups=groups, random_seed=FLAGS.random_seed, log=logging.info)
     if other is not None:
       o_model, o_step, o_cfg, o_spec, o_tok = other
-      _, o_batches = _batches(FLAGS.compare_config, FLAGS.compare_workdir, o_cfg, o_spec,
-                              o_tok, split)
+      _, o_batches = _batches(other_config, FLAGS.compare_workdir, o_cfg, o_spec, o_tok, split)
       o_res = evaluate(o_model, o_batches, o_spec, baselines=(), split=split, name=name,
                        max_batches=max_batches, groups=groups, log=logging.info)
       res["results"][f"{name} (trained, step {o_step})"] = o_res["results"][name]
@@ -101,6 +126,8 @@ def main(argv):
       prior = answer_prior(train_records, records[:res["examples"]])
       prior.pop("hits")
       res["results"]["answer_prior"] = {"name": "answer_prior", **prior}
+    res["model_overrides"] = {k: v if isinstance(v, (int, float, str, bool)) else list(v)
+                              for k, v in overrides.items()}
     results.append(res)
   paths = write_report(results, out)
   print(markdown_report(results))

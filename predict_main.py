@@ -3,8 +3,9 @@
   python predict_main.py --workdir=/tmp/gaze_demo --image=photo.png \\
       --question="Where is the red shape?"
 
-Loads the run's latest checkpoint (its config comes from ``<workdir>/config.json``), resizes the
-image to the model's input size, generates the answer, prints it with the regions the answer
+Loads the run's latest checkpoint as it was trained (the model its checkpoint records; its
+tokenizer and image processing from ``<workdir>/config.json``; ``--override=gaze.top_k=2``
+changes how attention routes, and says so), resizes the image to the model's input size, generates the answer, prints it with the regions the answer
 looked at (their share of the answer tokens' selections over all layers and heads), and writes
 a gaze map next to the image (``<image>_gaze.png``, or ``--gaze_map``). The workdir, the image and
 the gaze map may be local or ``gs://``.
@@ -26,6 +27,8 @@ flags.DEFINE_string("gaze_map", None, "Where to write the gaze map (default: nex
                     "<image stem>_gaze.png).")
 flags.DEFINE_integer("max_new_tokens", 16, "The most answer tokens to generate.")
 flags.DEFINE_integer("step", None, "A checkpoint step (default: the latest).")
+flags.DEFINE_list("override", [], "Answer with the trained weights changed so, e.g. "
+                  "gaze.top_k=2 (printed).")
 
 
 def main(argv):
@@ -33,10 +36,18 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)          # orbax and tfds are chatty at INFO
   pylogging.getLogger("gaze_jax").setLevel(pylogging.INFO)
   pylogging.getLogger("gaze_jax").addHandler(pylogging.StreamHandler(sys.stdout))
+  from gaze_jax import runs
   from gaze_jax.predict import predict
 
+  try:
+    overrides = runs.parse_overrides(FLAGS.override)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  if overrides:
+    print("model overrides (not the trained model): " +
+          ", ".join(f"{k}={v!r}" for k, v in overrides.items()))
   p = predict(FLAGS.workdir, FLAGS.image, FLAGS.question, max_new_tokens=FLAGS.max_new_tokens,
-              step=FLAGS.step)
+              step=FLAGS.step, overrides=overrides)
   print(f"question: {p.question}")
   print(f"answer:   {p.answer}")
   print("where the answer's first token looked (the regions its query heads selected):")

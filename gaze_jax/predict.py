@@ -88,20 +88,6 @@ class Prediction:
     return path
 
 
-def load_run_config(workdir):
-  """The ConfigDict a run trained with (``<workdir>/config.json``, written by the trainer;
-  local or ``gs://``)."""
-  from gaze_jax.train.config import config_from_dict
-
-  path = epath.Path(workdir) / "config.json"
-  if not path.parent.is_dir():
-    raise FileNotFoundError(f"--workdir {workdir} does not exist")
-  if not path.is_file():
-    raise FileNotFoundError(f"{workdir} has no config.json: is it the --workdir of a training "
-                            "run (train_main.py writes config.json there)?")
-  return config_from_dict(json.loads(path.read_text()))
-
-
 def read_image(image: ImageLike) -> np.ndarray:
   """uint8 ``[H, W, 3]`` from a file path (any format Pillow reads; local or ``gs://``) or an
   array."""
@@ -163,7 +149,7 @@ def region_shares(inputs, selected) -> list[list[RegionShare]]:
 
 
 def predict(workdir, image: ImageLike, question: str, *, max_new_tokens: int = 16,
-            step: Optional[int] = None, restored=None) -> Prediction:
+            step: Optional[int] = None, restored=None, overrides=None) -> Prediction:
   """Answers ``question`` about ``image`` with the run in ``workdir``.
 
   Args:
@@ -173,6 +159,8 @@ def predict(workdir, image: ImageLike, question: str, *, max_new_tokens: int = 1
     max_new_tokens: the most answer tokens to generate.
     step: a checkpoint step (default: the latest).
     restored: a ``gaze_jax.runs.Restored`` to reuse (skips loading for repeated questions).
+    overrides: ``{"gaze.top_k": 2, ...}``: answer with the trained model changed so
+      (``gaze_jax.runs.parse_overrides``); by default the model is the one the run trained.
   Raises:
     FileNotFoundError / ValueError naming the workdir, the image file or the question;
     ``gaze_jax.train.checkpoint.CheckpointError`` when the workdir holds no checkpoint.
@@ -185,8 +173,8 @@ def predict(workdir, image: ImageLike, question: str, *, max_new_tokens: int = 1
   if not isinstance(question, str) or not question.strip():
     raise ValueError("question must be a non-empty string")
   pixels = read_image(image)
-  config = load_run_config(workdir)
-  run = restored or runs.restore(config, workdir, step)
+  config = runs.load_run_config(workdir)
+  run = restored or runs.restore(None, workdir, step, overrides=overrides)
   size = run.model_cfg.vision.image_size
   if pixels.shape[:2] != (size, size):
     log.info("resizing the image from %dx%d to the model's %dx%d", pixels.shape[1],

@@ -6,7 +6,10 @@ input pipeline) and are imported on use, so ``gaze_jax.eval`` and ``eval_main.py
 through this module only and ``import gaze_jax.runs`` is cheap.
 
 * ``run_tokenizer(config)`` (``make_tokenizer(config.data.tokenizer)``): the run's tokenizer;
-* ``restore(config, workdir, step=None) -> Restored(model, step, model_cfg, spec, tokenizer)``;
+* ``load_run_config(workdir)``: the config a run trained with (its ``config.json``);
+* ``restore(config, workdir, step=None, overrides=...) -> Restored(model, step, model_cfg, spec,
+  tokenizer)``: the model as the run trained it (its checkpoint's record), changed only by
+  explicit overrides;
 * ``eval_batches(config, workdir, model_cfg, spec, tokenizer, split) -> (builder, iterator)``.
 """
 
@@ -67,15 +70,122 @@ class Restored(NamedTuple):
   tokenizer: Any
 
 
-def restore(config: Any, workdir, step: Optional[int] = None) -> Restored:
-  """The run of ``config`` in ``workdir`` at ``step`` (default: its latest checkpoint), built
-  at the target K of ``config.model.gaze`` (``train.checkpoint.restore_model``)."""
-  from gaze_jax.train.checkpoint import restore_model
+def load_run_config(workdir):
+  """The ConfigDict a run trained with (``<workdir>/config.json``, written by the trainer;
+  local or ``gs://``)."""
+  import json
+
+  from etils import epath
+
+  from gaze_jax.train.config import config_from_dict
+
+  path = epath.Path(workdir) / "config.json"
+  if not path.parent.is_dir():
+    raise FileNotFoundError(f"--workdir {workdir} does not exist")
+  if not path.is_file():
+    raise FileNotFoundError(f"{workdir} has no config.json: is it the --workdir of a training "
+                            "run (train_main.py writes config.json there)?")
+  return config_from_dict(json.loads(path.read_text()))
+
+
+def trained_model(workdir, step: Optional[int] = None, run_config: Any = None):
+  """``(MLLMConfig, meta)``: the model the run in ``workdir`` trained (its target K), read from
+  the checkpoint's ``meta`` (``trained_model``), or for checkpoints written before it was
+  recorded from the run's ``config.json``. Raises ``CheckpointError`` without checkpoints."""
+  from etils import epath
+
+  from gaze_jax.train.checkpoint import CHECKPOINT_DIR, CheckpointError, Checkpointer
+  from gaze_jax.train.config import eval_model_config, model_config_from_dict
+
+  ckpt = Checkpointer(epath.Path(workdir) / CHECKPOINT_DIR, read_only=True)
+  try:
+    found = ckpt.read_meta(step)
+  finally:
+    ckpt.close()
+  if found is None:
+    raise CheckpointError(f"no checkpoint under {epath.Path(workdir) / CHECKPOINT_DIR}")
+  meta = found[1]
+  if meta.get("trained_model"):
+    return model_config_from_dict(meta["trained_model"], f"{workdir} checkpoint meta"), meta
+  return eval_model_config(run_config or load_run_config(workdir)), meta
+
+
+# What evaluation may change of a trained model: how its attention routes. Everything else
+# (shapes, context tokens) is the weights'.
+OVERRIDABLE = ("gaze.attention", "gaze.top_k", "gaze.score", "gaze.routing", "gaze.route_prompt",
+               "gaze.region_shape", "gaze.top_k_per_example", "gaze.implementation",
+               "gaze.query_chunk")
+
+
+def parse_overrides(items) -> dict[str, Any]:
+  """``["gaze.top_k=2", "gaze.attention=dense"]`` -> ``{"gaze.top_k": 2, ...}`` (values as
+  Python literals, else strings). Raises ValueError naming a field that may not be
+  overridden (``OVERRIDABLE``: the weights fix the rest) or an item without ``=``."""
+  import ast
+
+  out = {}
+  for item in items or ():
+    key, sep, value = str(item).partition("=")
+    key = key.strip().removeprefix("model.")
+    if not sep:
+      raise ValueError(f"--override {item!r}: use field=value, e.g. gaze.top_k=2")
+    if key not in OVERRIDABLE:
+      raise ValueError(f"--override {key}: only {', '.join(OVERRIDABLE)} may be overridden "
+                       "(the other fields are the trained weights')")
+    try:
+      out[key] = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+      out[key] = value.strip()
+  return out
+
+
+def with_overrides(cfg, overrides: dict[str, Any]):
+  """``cfg`` (an ``MLLMConfig``) with ``{"gaze.<field>": value}`` applied."""
+  import dataclasses
+
+  gaze = {k.split(".", 1)[1]: v for k, v in overrides.items()}
+  if "region_shape" in gaze:
+    gaze["region_shape"] = tuple(gaze["region_shape"])
+  return dataclasses.replace(cfg, gaze=dataclasses.replace(cfg.gaze, **gaze)) if gaze else cfg
+
+
+def restore(config: Any, workdir, step: Optional[int] = None, *, overrides=None, mesh=None,
+            rules=None) -> Restored:
+  """The run in ``workdir`` at ``step`` (default: its latest checkpoint), built as it was
+  trained: the model recorded in the checkpoint (``trained_model``; the target K), changed only
+  by ``overrides`` (``parse_overrides``: how attention routes, said out loud by the caller).
+
+  Args:
+    config: the config whose data, tokenizer and static shapes to use (the run's own
+      ``config.json`` when None). Its model must be the trained one: a field that differs
+      (attention, K, widths) is a ValueError naming the fields, unless ``overrides`` sets it.
+    overrides: ``{"gaze.top_k": 2, ...}`` applied to the trained model.
+    mesh, rules: shard the weights (``train.checkpoint.restore_model``).
+  Raises:
+    ValueError: ``config`` asks for another model than the one trained.
+    CheckpointError: no checkpoint, one of another model's weights, another tokenizer.
+  """
+  from gaze_jax.train.checkpoint import model_differences, restore_model, with_runtime_fields
   from gaze_jax.train.config import eval_model_config, layout_spec
 
+  run_config = load_run_config(workdir) if config is None else None
+  config = config if config is not None else run_config
+  overrides = dict(overrides or {})
+  trained, _ = trained_model(workdir, step, run_config)
+  if run_config is None:
+    asked = eval_model_config(config)
+    diff = {k: v for k, v in model_differences(trained, asked).items() if k not in overrides}
+    if diff:
+      shown = "; ".join(f"model.{k}: trained {a!r}, --config {b!r}" for k, (a, b) in diff.items())
+      raise ValueError(f"the config asks for another model than the run in {workdir} trained "
+                       f"({shown}): evaluate the run as trained (its own config.json is the "
+                       "default), or say --override=" + ",".join(
+                           f"{k}={b!r}" for k, (_, b) in diff.items()))
+    # How the model runs (dtypes, kernels, remat) is the config's to choose.
+    trained = with_runtime_fields(trained, asked)
+  cfg = with_overrides(trained, overrides)
   tok = run_tokenizer(config)
-  model, step = restore_model(workdir, config, step, tokenizer=tok)
-  cfg = eval_model_config(config)
+  model, step = restore_model(workdir, cfg, step, tokenizer=tok, mesh=mesh, rules=rules)
   return Restored(model, step, cfg, layout_spec(config, cfg), tok)
 
 

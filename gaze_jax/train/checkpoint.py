@@ -221,7 +221,9 @@ class Checkpointer:
            *, force: bool = False) -> bool:
     """Saves ``state`` (``{"params", "opt_state", ...}``) at ``step`` if the policy says so
     (or ``force``). Every process must call it. ``data_state`` is this process's iterator
-    state (gathered from all processes). Returns whether a save started."""
+    state (gathered from all processes). ``opt_state=None`` saves the parameters only (a
+    serving export; such a step restores with ``abstract_opt_state=None``). Returns whether a
+    save started."""
     if not force and not self.mngr.should_save(step):
       return False
     # orbax's save waits for the previous one as well; waiting first keeps ``_saving`` of the
@@ -229,11 +231,11 @@ class Checkpointer:
     self.mngr.wait_until_finished()
     self._saving = int(step)
     data = {"process_count": jax.process_count(), "states": gather_json(data_state)}
-    args = ocp.args.Composite(
-        params=ocp.args.StandardSave(state["params"]),
-        opt_state=ocp.args.StandardSave(state["opt_state"]),
-        data=ocp.args.JsonSave(data),
-        meta=ocp.args.JsonSave({"step": int(step), **(meta or {})}))
+    items = dict(params=ocp.args.StandardSave(state["params"]), data=ocp.args.JsonSave(data),
+                 meta=ocp.args.JsonSave({"step": int(step), **(meta or {})}))
+    if state.get("opt_state") is not None:
+      items["opt_state"] = ocp.args.StandardSave(state["opt_state"])
+    args = ocp.args.Composite(**items)
     started = self.mngr.save(step, args=args, force=force)
     if not self.async_save:
       self.mngr.wait_until_finished()
@@ -253,6 +255,23 @@ class Checkpointer:
 
   def wait(self):
     self.mngr.wait_until_finished()
+
+  def read_meta(self, step: Optional[int] = None) -> Optional[tuple[int, dict]]:
+    """``(step, meta)`` of ``step`` (default: the latest), reading only its ``meta`` item (a
+    small JSON): what a run was trained as, before any weight is read. None without
+    checkpoints. Raises ``CheckpointError`` naming the folder when the item cannot be read."""
+    steps = self.steps()
+    if not steps:
+      return None
+    step = steps[-1] if step is None else int(step)
+    if step not in steps:
+      raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; it has {steps}")
+    try:
+      out = self.mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except Exception as e:  # orbax raises many types for damaged files
+      raise CheckpointError(f"checkpoint {self.directory / str(step)}: its meta item cannot be "
+                            f"read ({type(e).__name__}: {str(e)[:300]})") from e
+    return step, dict(out["meta"] or {})
 
   def close(self):
     self.mngr.wait_until_finished()
@@ -390,54 +409,119 @@ def check_tokenizer(meta: Optional[dict], tokenizer, where) -> None:
         "would not match the weights. Use the run's config.data.tokenizer (and vocabulary).")
 
 
+# Fields that say how a model runs, not what its weights are: a checkpoint restores into a model
+# that differs in these (evaluation may run in bf16, with the Pallas kernels, without remat).
+RUNTIME_FIELDS = ("dtype", "param_dtype", "decoder.remat", "decoder.scan_layers",
+                  "gaze.implementation", "gaze.query_chunk", "gaze.kernel")
+
+
+def with_runtime_fields(cfg, source):
+  """``cfg`` (an ``MLLMConfig``) with the ``RUNTIME_FIELDS`` of ``source``."""
+  out = cfg
+  for name in RUNTIME_FIELDS:
+    *path, leaf = name.split(".")
+    value = source
+    for p in path + [leaf]:
+      value = getattr(value, p)
+    if not path:
+      out = dataclasses.replace(out, **{leaf: value})
+    else:
+      sub = getattr(out, path[0])
+      out = dataclasses.replace(out, **{path[0]: dataclasses.replace(sub, **{leaf: value})})
+  return out
+
+
+def flat_fields(d: Any, prefix: str = "") -> dict[str, Any]:
+  """``{"decoder.hidden_size": 64, ...}`` of a nested dict (an ``asdict`` of an
+  ``MLLMConfig``), lists as tuples."""
+  out = {}
+  for k, v in (d or {}).items():
+    if isinstance(v, dict) and k != "kernel":
+      out.update(flat_fields(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
+  return out
+
+
+def model_differences(have: Any, want: Any, *, ignore=RUNTIME_FIELDS) -> dict[str, tuple]:
+  """``{field: (have, want)}`` for the fields of two model configs (``MLLMConfig`` or its dict)
+  that differ, runtime fields aside; a field only one of them has counts when it is set."""
+  def flat(x):
+    return flat_fields(dataclasses.asdict(x) if dataclasses.is_dataclass(x) else x)
+  a, b = flat(have), flat(want)
+  skip = lambda k: any(k == f or k.startswith(f + ".") for f in ignore)
+  return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+          if not skip(k) and a.get(k) != b.get(k) and (k in a and k in b)}
+
+
+# The fields that decide the shapes of the weights: a checkpoint restores only into a model
+# that agrees on all of them.
+WEIGHT_FIELDS = ("decoder", "vision", "projector", "scale_factor", "newline_token_ids",
+                 "gaze.num_ctx")
+
+
+def weight_differences(meta_model: Optional[dict], cfg) -> dict[str, tuple]:
+  """The fields that decide the weights' shapes in which a checkpoint's model (its
+  ``meta["model"]``) and ``cfg`` differ: ``{field: (checkpoint, cfg)}``."""
+  if not meta_model:
+    return {}
+  diff = model_differences(meta_model, cfg)
+  return {k: v for k, v in diff.items()
+          if any(k == f or k.startswith(f + ".") for f in WEIGHT_FIELDS)}
+
+
 def restore_model(workdir, config, step: Optional[int] = None, *, mesh=None, rules=None,
                   fallback: bool = True, tokenizer=None):
   """The trained model of a run: ``(MLLM, step)``.
 
   Args:
     workdir: the run's ``--workdir`` (checkpoints under ``workdir/checkpoints``).
-    config: the run's config (a ConfigDict, or the same fields as nested mappings / namespaces).
-      The model is built with ``config.model.gaze.top_k`` (the target K, not the schedule's
-      start); change ``config.model.gaze`` (e.g. ``attention``, ``top_k``) to evaluate the same
-      weights another way.
+    config: the model to build: an ``MLLMConfig``, or a run config (a ConfigDict, or the same
+      fields as nested mappings / namespaces) whose target model (``config.model.gaze.top_k``,
+      not the schedule's start) is built. ``gaze_jax.runs.restore`` gives the model as the run
+      trained it.
     step: a specific step; default the latest (falling back past damaged ones when
       ``fallback``).
     mesh, rules: shard the weights on ``mesh`` by the logical axis ``rules`` (default:
       ``gaze_jax.train.sharding.DEFAULT_RULES``); without a mesh they go to the default device.
     tokenizer: when given, it must be the one the run trained with (``check_tokenizer``).
   Raises:
-    CheckpointError: no checkpoint (or none that restores) under ``workdir``, or one trained
-      with another decoder shape or tokenizer.
+    CheckpointError: no checkpoint (or none that restores) under ``workdir``, one of a model
+      whose weights have other shapes (naming the fields that differ, before any weight is
+      read), or one trained with another tokenizer.
   """
+  from gaze_jax.model.config import MLLMConfig
   from gaze_jax.train import sharding
   from gaze_jax.train.config import eval_model_config
 
-  cfg = eval_model_config(config)
-  gd, abs_state, rest = abstract_params(cfg)
-  pure = nnx.to_pure_dict(abs_state)
-  if mesh is None:
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shardings = jax.tree.map(lambda _: dev, pure)
-  else:
-    specs = sharding.param_specs(abs_state, rules or sharding.DEFAULT_RULES, mesh)
-    shardings = sharding.named(mesh, specs)
+  cfg = config if isinstance(config, MLLMConfig) else eval_model_config(config)
   ckpt = Checkpointer(epath.Path(workdir) / CHECKPOINT_DIR, read_only=True)
   try:
+    if not ckpt.steps():
+      raise CheckpointError(f"no checkpoint under {epath.Path(workdir) / CHECKPOINT_DIR}")
+    try:
+      found = ckpt.read_meta(step)
+    except CheckpointError as e:     # a damaged step: the restore below reports it, falls back
+      logging.warning("%s", e)
+      found = (step, {})
+    diff = weight_differences(found[1].get("model"), cfg)
+    if diff:
+      shown = "; ".join(f"{k}: checkpoint {a!r}, asked {b!r}" for k, (a, b) in diff.items())
+      raise CheckpointError(f"checkpoint step {found[0]} in {workdir} holds another model's "
+                            f"weights: {shown}")
+    gd, abs_state, rest = abstract_params(cfg)
+    pure = nnx.to_pure_dict(abs_state)
+    if mesh is None:
+      dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      shardings = jax.tree.map(lambda _: dev, pure)
+    else:
+      specs = sharding.param_specs(abs_state, rules or sharding.DEFAULT_RULES, mesh)
+      shardings = sharding.named(mesh, specs)
     got = ckpt.restore(abstract_like(pure, shardings), None, step=step, fallback=fallback)
   finally:
     ckpt.close()
   if got is None:
     raise CheckpointError(f"no checkpoint under {epath.Path(workdir) / CHECKPOINT_DIR}")
-  meta_model = (got.meta or {}).get("model")
-  if meta_model is not None:
-    want = dataclasses.asdict(cfg.decoder)
-    have = {k: v for k, v in meta_model.get("decoder", {}).items() if k in want}
-    # remat and scan_layers change how the forward runs, not the parameters.
-    diff = {k: (have[k], want[k]) for k in have
-            if have[k] != want[k] and k not in ("remat", "scan_layers")}
-    if diff:
-      raise CheckpointError(f"checkpoint step {got.step} in {workdir} was trained with a "
-                            f"different decoder: {diff} (checkpoint, config)")
   if tokenizer is not None:
     check_tokenizer(got.meta, tokenizer, f"checkpoint step {got.step} in {workdir}")
   return nnx.merge(gd, got.params, rest), got.step

@@ -114,6 +114,21 @@ def mllm_config(model_cfg: Any, *, top_k=None) -> MLLMConfig:
   return MLLMConfig(decoder=dec, vision=vis, gaze=gz, **top)
 
 
+def model_config_from_dict(d: Mapping[str, Any], where: str = "model") -> MLLMConfig:
+  """An ``MLLMConfig`` from its ``dataclasses.asdict`` form (a checkpoint's ``meta``, JSON:
+  lists for tuples). Raises ValueError naming ``where`` and the field for an unknown one."""
+  d = dict(d)
+  dec = _dataclass_from(DecoderConfig, d.pop("decoder", None), f"{where}.decoder")
+  vis = d.pop("vision", None)
+  vis = None if vis is None else _dataclass_from(VisionConfig, vis, f"{where}.vision")
+  gz = _dataclass_from(GazeConfig, d.pop("gaze", None), f"{where}.gaze")
+  top = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+  try:
+    return MLLMConfig(decoder=dec, vision=vis, gaze=gz, **top)
+  except TypeError as e:
+    raise ValueError(f"{where}: {e}") from None
+
+
 def layout_spec(config: Any, model: MLLMConfig) -> LayoutSpec:
   """The static LayoutSpec of the batches (``config.data`` shapes + the model's gaze
   settings)."""

@@ -192,8 +192,13 @@ def _load_decoder_init(s: Setup, state: dict, source: str) -> dict:
 
 
 def _meta(s: Setup, tokenizer) -> dict:
+  """What a checkpoint records of its run. ``model``: the model the steps compile (K = the
+  schedule's start); ``trained_model``: the model the run trains to (the target K), which
+  evaluation and serving build (``gaze_jax.runs.restore``)."""
   from gaze_jax.data.tokenizers import fingerprint
-  return {"model": dataclasses.asdict(s.model_cfg), "config": _jsonable(to_dict(s.config)),
+  return {"model": dataclasses.asdict(s.model_cfg),
+          "trained_model": _jsonable(dataclasses.asdict(eval_model_config(s.config))),
+          "config": _jsonable(to_dict(s.config)),
           "topk_plan": dataclasses.asdict(s.plan),
           "tokenizer": {"name": str(s.config.data.tokenizer),
                         "fingerprint": fingerprint(tokenizer)}}

@@ -184,6 +184,57 @@ def test_restored_run_uses_the_target_k_on_its_eval_batches(runs, train_data_dir
   assert np.isfinite(np.asarray(logits)).all()
 
 
+def test_a_run_is_restored_as_it_was_trained(runs, train_data_dir):
+  """Without a config the run comes back as its checkpoint recorded it (the target K); a config
+  of another model is refused, naming the fields, unless they are overridden out loud; a
+  checkpoint of other weights is refused naming the fields, before any weight is read."""
+  import dataclasses
+
+  from gaze_jax import runs as run_lib
+  from gaze_jax.train.checkpoint import CheckpointError, restore_model
+  from gaze_jax.train.config import eval_model_config
+  from tests.train.helpers import small_config
+  cfg = small_config(train_data_dir)
+  trained, meta = run_lib.trained_model(runs["a"])
+  assert trained == eval_model_config(cfg) and meta["trained_model"]["gaze"]["top_k"] == 1
+  run = run_lib.restore(None, runs["a"])
+  assert run.model_cfg == trained and run.model.cfg.gaze.top_k == 1 and run.step == NUM_STEPS
+  # Another attention and K in --config: refused, both fields named.
+  dense = small_config(train_data_dir)
+  dense.model.gaze.attention = "dense"
+  dense.model.gaze.top_k = 2
+  with pytest.raises(ValueError, match=r"model.gaze.attention: trained 'gaze', --config 'dense'"
+                     r".*model.gaze.top_k: trained 1, --config 2.*--override="):
+    run_lib.restore(dense, runs["a"])
+  # Said out loud, it is the same weights evaluated another way.
+  over = run_lib.parse_overrides(["gaze.attention=dense", "gaze.top_k=2"])
+  assert over == {"gaze.attention": "dense", "gaze.top_k": 2}
+  run = run_lib.restore(dense, runs["a"], overrides=over)
+  assert run.model_cfg.gaze.attention == "dense" and run.model_cfg.gaze.top_k == 2
+  with pytest.raises(ValueError, match="decoder.hidden_size: only gaze.attention"):
+    run_lib.parse_overrides(["decoder.hidden_size=64"])
+  with pytest.raises(ValueError, match="use field=value"):
+    run_lib.parse_overrides(["gaze.top_k"])
+  # Other weights: the fields that differ, not a tree dump.
+  wide = dataclasses.replace(trained, decoder=dataclasses.replace(trained.decoder,
+                                                                  hidden_size=48))
+  with pytest.raises(CheckpointError, match=r"holds another model's weights: "
+                     r"decoder.hidden_size: checkpoint 32, asked 48"):
+    restore_model(runs["a"], wide)
+
+
+def test_eval_main_refuses_another_model_before_evaluating(runs, tmp_path):
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  p = subprocess.run([sys.executable, str(ROOT / "eval_main.py"), f"--config={runs['cfg']}",
+                      f"--workdir={runs['a']}", "--config.model.gaze.attention=dense",
+                      f"--out_dir={tmp_path / 'eval'}"],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+  assert p.returncode != 0
+  assert "model.gaze.attention: trained 'gaze', --config 'dense'" in p.stderr, p.stderr[-3000:]
+  assert "Traceback" not in p.stderr and not (tmp_path / "eval").exists()
+
+
 def test_checkpoints_refuse_another_tokenizer(runs, train_data_dir):
   from gaze_jax.data.scenes import VOCABULARY
   from gaze_jax.data.tokenizers import ByteTokenizer, WordTokenizer
@@ -212,12 +263,15 @@ def test_eval_main_writes_table_answer_prior_and_gaze_maps(runs, tmp_path):
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=1")
   out = tmp_path / "eval"
-  p = subprocess.run([sys.executable, str(ROOT / "eval_main.py"), f"--config={runs['cfg']}",
-                      f"--workdir={runs['a']}", f"--out_dir={out}", "--max_batches=1",
-                      "--num_gaze_maps=1", "--baselines=dense"],
+  # As trained (its own config.json), with the routing's K overridden out loud.
+  p = subprocess.run([sys.executable, str(ROOT / "eval_main.py"), f"--workdir={runs['a']}",
+                      f"--out_dir={out}", "--max_batches=1", "--num_gaze_maps=1",
+                      "--baselines=dense", "--override=gaze.top_k=2"],
                      cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
   assert p.returncode == 0, p.stderr[-4000:]
+  assert "model overrides (not the trained model): gaze.top_k=2" in p.stdout
   split = json.loads((out / "eval_results.json").read_text())["splits"][0]
+  assert split["model_overrides"] == {"gaze.top_k": 2}
   res = split["results"]
   assert set(res) == {"gaze", "dense", "answer_prior"}
   n = split["examples"]
