@@ -33,7 +33,7 @@ import numpy as np
 from gaze_jax.data.boxes import boxes_to_regions, pad_ids
 from gaze_jax.data.tokenizers import ChatTemplate, JinjaChatTemplate
 from gaze_jax.gaze.layout import (PAD, TEXT, Image, LayoutSpec, Text, TokenLayout, Video,
-                                  build_layout, num_regions, slots_needed)
+                                  build_layout, frames_needed, num_regions, slots_needed)
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +52,11 @@ class FeatureConfig:
   Attributes:
     spec: the LayoutSpec (seq_len, max_regions, max_images, region_shape, num_ctx) of the model.
     image_size: H = W of the model's images (resize target).
-    patch_size: the vision tower's patch size; an image is an ``image_size // patch_size``
-      square grid.
-    video_pool: video frames use a grid pooled by this factor (the model's
-      ``VisionConfig.video_pool`` when >1; 1 keeps the full grid).
+    patch_size: the pixels per visual token side (``MLLMConfig.token_pixels``: the patch size,
+      times a pixel-shuffle factor); an image is an ``image_size // patch_size`` square grid
+      (a remainder is dropped, as the vision tower's VALID patch convolution does).
+    video_grid: the side of a video frame's token grid once the model pools it
+      (``VisionConfig.pooled_grid``); None keeps the full grid.
     max_gt_regions: G, ground-truth region ids kept per example.
     skip_too_long: skip (and count) examples that do not fit instead of raising.
     mean, std: per-channel normalisation of ``pixels / 255`` (SigLIP: 0.5, 0.5 -> [-1, 1]).
@@ -67,7 +68,7 @@ class FeatureConfig:
   spec: LayoutSpec
   image_size: int
   patch_size: int
-  video_pool: int = 1
+  video_grid: Optional[int] = None
   max_gt_regions: int = 16
   skip_too_long: bool = False
   mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -76,12 +77,12 @@ class FeatureConfig:
   vocab_size: Optional[int] = None
 
   def __post_init__(self):
-    if self.image_size % self.patch_size:
-      raise ValueError(f"FeatureConfig.image_size={self.image_size} must be a multiple of "
-                       f"patch_size={self.patch_size}")
-    if self.grid % self.video_pool:
-      raise ValueError(f"FeatureConfig.video_pool={self.video_pool} must divide the grid "
-                       f"{self.grid}")
+    if self.grid < 1:
+      raise ValueError(f"FeatureConfig.image_size={self.image_size} is below one patch of "
+                       f"{self.patch_size} px")
+    if self.video_grid is not None and not 1 <= self.video_grid <= self.grid:
+      raise ValueError(f"FeatureConfig.video_grid={self.video_grid} must be in [1, grid="
+                       f"{self.grid}]")
     if self.max_gt_regions < 1:
       raise ValueError(f"FeatureConfig.max_gt_regions must be >= 1, got {self.max_gt_regions}")
     if self.vocab_size is not None and self.vocab_size < 1:
@@ -93,8 +94,9 @@ class FeatureConfig:
     return self.image_size // self.patch_size
 
   @property
-  def video_grid(self) -> int:
-    return self.grid // self.video_pool
+  def frame_grid(self) -> int:
+    """Tokens per side of a video frame (``video_grid``, or the full grid)."""
+    return self.grid if self.video_grid is None else self.video_grid
 
 
 # --------------------------------------------------------------------------- decoding
@@ -166,7 +168,7 @@ class MediaProcessor(Protocol):
 class SquareResize:
   """The default media processing: an image is resized to the square ``cfg.image_size`` and
   normalised (``preprocess_image``), one ``Image(grid, grid)``; a video is one ``Video`` of its
-  frames, each resized the same way (the model pools them to ``cfg.video_grid``)."""
+  frames, each resized the same way (the model pools them to ``cfg.frame_grid``)."""
 
   def __init__(self, cfg: FeatureConfig):
     self.cfg = cfg
@@ -176,7 +178,7 @@ class SquareResize:
     return [Visual(Image(g, g), preprocess_image(image, self.cfg)[None])]
 
   def video(self, frames: Sequence[np.ndarray]) -> list[MediaPart]:
-    vg = self.cfg.video_grid
+    vg = self.cfg.frame_grid
     return [Visual(Video(len(frames), vg, vg),
                    np.stack([preprocess_image(f, self.cfg) for f in frames]))]
 
@@ -362,11 +364,15 @@ class ExampleProcessor:
 
   def _check_fits(self, segs, where: str):
     spec = self.cfg.spec
-    frames = sum(1 if isinstance(s, Image) else s.frames for s in segs if not isinstance(s, Text))
+    grids = [s for s in segs if not isinstance(s, Text)]
+    # Grids with tokens (a tiled image is one, over several frame ids: frames_needed).
+    token_frames = sum(1 if isinstance(s, Image) else s.frames for s in grids)
+    frames = frames_needed(segs)
     regions = sum((1 if isinstance(s, Image) else s.frames)
-                  * num_regions(s.gh, s.gw, spec.region_shape)
-                  for s in segs if not isinstance(s, Text))
-    nonvisual = sum(s.length for s in segs if isinstance(s, Text)) + frames * spec.num_ctx
+                  * num_regions(s.gh, s.gw, spec.region_shape) for s in grids)
+    newline = sum(s.gh for s in grids if isinstance(s, Image) and s.newline_rows)
+    nonvisual = (sum(s.length for s in segs if isinstance(s, Text)) + newline
+                 + token_frames * spec.num_ctx)
     slots = slots_needed(segs, spec)
     for what, need, have in (("slots", slots, spec.seq_len), ("images/frames", frames,
                              spec.max_images), ("regions", regions, spec.max_regions),

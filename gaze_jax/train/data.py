@@ -32,8 +32,9 @@ def feature_config(config: Any, model: MLLMConfig, spec: LayoutSpec):
   if model.vision is None:
     raise ValueError("training needs a model with a vision tower (config.model.vision)")
   v = model.vision
+  grid = v.image_size // model.token_pixels
   return FeatureConfig(spec=spec, image_size=v.image_size, patch_size=model.token_pixels,
-                       video_pool=v.video_pool if v.video_pool > 1 else 1,
+                       video_grid=v.pooled_grid(grid, grid)[0] if v.video_pool > 1 else None,
                        skip_too_long=bool(config.data.skip_too_long),
                        vocab_size=model.decoder.vocab_size)
 

@@ -136,7 +136,7 @@ def test_processor_on_a_hand_made_example():
 
 def test_video_example_uses_pooled_frames_and_frame_boxes():
   tok = ByteTokenizer()
-  cfg = _cfg(seq_len=120, max_images=4, video_pool=2)
+  cfg = _cfg(seq_len=120, max_images=4, video_grid=4)
   frames = [np.zeros((64, 64, 3), np.uint8) for _ in range(3)]
   ex = {"id": "clip", "images": frames, "is_video": True,
         "turns": [{"question": "Which frame?", "answer": "3"}],
@@ -208,10 +208,12 @@ def test_batch_to_model_inputs():
 
 def test_feature_config_errors():
   spec = LayoutSpec(seq_len=8, max_regions=1, max_images=1, region_shape=(2, 2), num_ctx=0)
-  with pytest.raises(ValueError, match="image_size=60 must be a multiple of patch_size=8"):
-    FeatureConfig(spec=spec, image_size=60, patch_size=8)
-  with pytest.raises(ValueError, match="video_pool=3"):
-    FeatureConfig(spec=spec, image_size=64, patch_size=8, video_pool=3)
+  with pytest.raises(ValueError, match="image_size=6 is below one patch of 8 px"):
+    FeatureConfig(spec=spec, image_size=6, patch_size=8)
+  with pytest.raises(ValueError, match=r"video_grid=9 must be in \[1, grid=8\]"):
+    FeatureConfig(spec=spec, image_size=64, patch_size=8, video_grid=9)
+  # LLaVA-OneVision's native 384 px with 14 px patches: 27 x 27 (the remainder dropped).
+  assert FeatureConfig(spec=spec, image_size=384, patch_size=14).grid == 27
 
 
 def test_token_ids_outside_the_model_vocabulary_raise(caplog):

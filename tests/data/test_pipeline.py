@@ -123,7 +123,7 @@ def test_tiny_model_runs_on_a_pipeline_batch(tiny_builders, data_dir):
       FeatureConfig(spec=LayoutSpec(seq_len=192, max_regions=16, max_images=4,
                                     region_shape=cfg.gaze.region_shape, num_ctx=cfg.gaze.num_ctx),
                     image_size=cfg.vision.image_size, patch_size=cfg.vision.patch_size,
-                    video_pool=cfg.vision.video_pool),
+                    video_grid=cfg.vision.grid // cfg.vision.video_pool),
       batch_size=2, config="tiny", process_index=0, process_count=1)
   batch = next(iter(ds))
   tokens, images, layout, targets, loss_mask, gt, _ = batch_to_model_inputs(batch,
