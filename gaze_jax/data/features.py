@@ -420,6 +420,10 @@ class ExampleProcessor:
                        "entries")
     if not len(boxes):
       return pad_ids(np.zeros(0, np.int32), size, where)
+    if not isinstance(self.media, SquareResize):
+      # Frame f is image f only when each image is one square frame.
+      raise ValueError(f"{where}: {boxes_key} are mapped to regions only with the square "
+                       f"resize (one frame per image), not with {type(self.media).__name__}")
     if box_image.min() < 0 or box_image.max() >= len(images):
       raise ValueError(f"{where}: {image_key} {box_image.tolist()} out of range for "
                        f"{len(images)} images")
