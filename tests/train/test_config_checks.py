@@ -73,7 +73,7 @@ def tiny_folders(tmp_path_factory):
   """model_type -> a tiny Hugging Face folder of that family, for the recipes that start from
   one (``model.init=hf:``): the recipe is checked as it runs on a real folder."""
   pytest.importorskip("transformers")
-  from tests import hf_folders
+  from tests import hf_folders, llava_onevision_folder
 
   made = {}
 
@@ -81,7 +81,7 @@ def tiny_folders(tmp_path_factory):
     if model_type not in made:
       path = tmp_path_factory.mktemp(model_type)
       {"smolvlm": hf_folders.save_smolvlm,
-       "llava_onevision": hf_folders.save_llava_onevision}[model_type](path)
+       "llava_onevision": llava_onevision_folder.save_folder}[model_type](path)
       made[model_type] = str(path)
     return made[model_type]
   return get
