@@ -114,10 +114,10 @@ def _mkdir(path) -> None:
   os.makedirs(path, exist_ok=True)
 
 
-def write_llava_json(folder, n: int, seed: int = 0, size: int = 64) -> dict:
+def write_llava_json(folder, n: int, seed: int = 0, size: int = 64, validation: int = 8) -> dict:
   """``n`` LLaVA-format records about a coloured square on grey (``size`` px PNGs), split
-  into train (all but 4) and validation (4): ``{"json_files": {split: path}, "image_dir"}``,
-  the ``data.builder_overrides`` of a ``llava_json`` run."""
+  into train and ``validation`` records: ``{"json_files": {split: path}, "image_dir"}``, the
+  ``data.builder_overrides`` of a ``llava_json`` run."""
   import json
   import os
 
@@ -137,7 +137,7 @@ def write_llava_json(folder, n: int, seed: int = 0, size: int = 64) -> dict:
         {"from": "human", "value": "<image>\nWhat colour is the square?"},
         {"from": "gpt", "value": f"The square is {name}."}]})
   files = {}
-  for split, recs in (("train", records[:-4]), ("validation", records[-4:])):
+  for split, recs in (("train", records[:-validation]), ("validation", records[-validation:])):
     files[split] = os.path.join(str(folder), f"{split}.json")
     with open(files[split], "w") as f:
       json.dump(recs, f)

@@ -6,16 +6,16 @@ files, the RGB conversion, and rescaling and normalisation as the Pillow backend
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
+from etils import epath
 
 
 def read_json(path) -> dict:
   """A processor or model file (a local path, or an ``etils.epath.Path``, e.g. ``gs://``) as a
   dict; ValueError naming the file when it is not a JSON object."""
-  path = path if hasattr(path, "read_text") else Path(path)
+  path = epath.Path(path)
   try:
     out = json.loads(path.read_text())
   except json.JSONDecodeError as e:

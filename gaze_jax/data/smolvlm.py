@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
+from etils import epath
 
 from gaze_jax.data.features import MediaPart, Visual
 from gaze_jax.data.hf_pixels import channels as _channels
@@ -128,7 +128,7 @@ class TileSettings:
     Raises FileNotFoundError when the folder has neither file, ValueError naming the file and
     key for a field we do not reproduce.
     """
-    folder = Path(folder)
+    folder = epath.Path(folder)              # local or gs://
     pre, proc = folder / "preprocessor_config.json", folder / "processor_config.json"
     pcfg = _read(proc) if proc.is_file() else {}
     if pre.is_file():
@@ -176,7 +176,7 @@ def _edge(size: Any, key: str, where: str) -> int:
   return n
 
 
-def _tokenizer_markers(path: Path) -> dict[str, str]:
+def _tokenizer_markers(path: epath.Path) -> dict[str, str]:
   """The marker strings a SmolVLM tokenizer config names (top level or in its
   ``extra_special_tokens`` object), e.g. ``fake_image_token``."""
   if not path.is_file():
@@ -220,7 +220,7 @@ class SmolVLMMedia:
     ``grid``. When the folder holds the model's ``config.json`` too, its tile size and tokens
     per tile must agree with the vision tower's (a ValueError naming both files otherwise)."""
     settings = TileSettings.from_folder(folder)
-    model = Path(folder) / "config.json"
+    model = epath.Path(folder) / "config.json"
     if model.is_file():
       _check_model(settings, _read(model), model)
     return cls(settings, grid)
@@ -289,7 +289,8 @@ def _merge_text(parts: list[MediaPart]) -> list[MediaPart]:
   return out
 
 
-def _check_model(settings: TileSettings, cfg: Mapping[str, Any], path: Path) -> None:
+def _check_model(settings: TileSettings, cfg: Mapping[str, Any],
+                 path: epath.Path) -> None:
   """The processor's tiles must be what the model's vision tower takes."""
   vc = cfg.get("vision_config") or {}
   size, patch, scale = vc.get("image_size"), vc.get("patch_size"), cfg.get("scale_factor", 2)

@@ -1,16 +1,12 @@
 """Run paths on ``gs://`` against the Cloud Storage emulator (``tests/gcs_emulator.py``): the
 Checkpointer (save, restore, keep, a damaged object found by the checksums, moved aside), the
 metrics writer (a JSONL rewritten whole, the records a resumed run redoes dropped, TensorBoard
-event files), the dataset through its local mirror, and a whole run through ``train_main.py``
-killed and resumed, then evaluated and asked a question, all in the bucket."""
+event files) and the dataset through its local mirror. A whole run in the bucket (trained from
+a Hugging Face folder in the bucket, killed, resumed, evaluated, asked, exported) is
+``tests/test_journey.py``."""
 
 import json
 import logging
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -151,117 +147,3 @@ def test_gcs_dataset_is_built_in_a_local_mirror_and_copied_both_ways(gcs, gcs_di
 
 
 # ----------------------------------------------------------------------------- a whole run
-
-NUM_STEPS = 40                 # long enough to kill it between its checkpoints
-CONFIG = """
-from tests.train.helpers import small_config
-
-
-def get_config():
-  c = small_config("", train__num_steps={n}, checkpoint__save_every=4, train__log_every=1)
-  c.data.data_dir = ""            # <workdir>/tfds: in the bucket
-  return c
-"""
-
-
-def _env(cache):
-  from tests.train.helpers import ROOT
-  # os.environ holds the emulator's variables (the gcs fixture).
-  return dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
-              XLA_FLAGS="--xla_force_host_platform_device_count=1",
-              GAZE_JAX_DATA_CACHE=str(cache))
-
-
-def _main(script, args, cwd, cache, timeout=600):
-  from tests.train.helpers import ROOT
-  p = subprocess.run([sys.executable, str(ROOT / script)] + args, cwd=cwd, env=_env(cache),
-                     capture_output=True, text=True, timeout=timeout)
-  assert p.returncode == 0, f"{script} failed:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
-  return p
-
-
-def test_gcs_run_killed_resumed_evaluated_and_asked(gcs, tmp_path):
-  """train_main.py with --workdir=gs://bucket/<run>: SIGKILLed once a checkpoint is committed
-  and metrics were logged past it, resumed to the end; then eval_main.py (--out_dir in the
-  bucket) and predict_main.py (image and gaze map in the bucket). Everything lands in the
-  bucket, nothing in a local ``gs:`` folder; the dataset is read through the local mirror."""
-  from tests.train.helpers import ROOT
-
-  run = "e2e_run"
-  workdir = f"gs://{gcs.bucket}/{run}"
-  cfg = tmp_path / "cfg.py"
-  cfg.write_text(CONFIG.format(n=NUM_STEPS))
-  cwd, cache = tmp_path / "cwd", tmp_path / "cache"
-  cwd.mkdir()
-
-  def committed():
-    return sorted(int(n.split("/")[2]) for n in gcs.objects(f"{run}/checkpoints/")
-                  if n.endswith("/commit_success.txt") and n.count("/") == 3)
-
-  def metric_steps():
-    try:
-      text = (gcs.root / run / "metrics.jsonl").read_text()
-    except FileNotFoundError:
-      return []
-    return [r["step"] for r in map(json.loads, text.splitlines()) if r["split"] == "train"]
-
-  train = [sys.executable, str(ROOT / "train_main.py"), f"--config={cfg}",
-           f"--workdir={workdir}"]
-  p = subprocess.Popen(train, cwd=cwd, env=_env(cache), stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, text=True)
-  t0 = time.time()
-  while not (committed() and max(metric_steps(), default=0) > max(committed())):
-    if p.poll() is not None:
-      raise AssertionError(f"training ended early ({p.returncode}):\n{p.stdout.read()[-4000:]}")
-    if time.time() - t0 > 400:
-      p.kill()
-      raise AssertionError("timed out waiting for a checkpoint in the bucket")
-    time.sleep(0.05)
-  p.send_signal(signal.SIGKILL)
-  p.wait()
-  killed_at = max(committed())
-  assert killed_at < NUM_STEPS
-  out = _main("train_main.py", train[2:], cwd, cache).stderr
-  assert f"resumed from step {killed_at} of {workdir}/checkpoints" in out, out[-3000:]
-
-  objects = gcs.objects(f"{run}/")
-  names = {n[len(run) + 1:] for n in objects}
-  assert "config.json" in names and "summary.json" in names
-  assert json.loads((gcs.root / run / "summary.json").read_text())["step"] == NUM_STEPS
-  steps = metric_steps()
-  assert steps == list(range(1, NUM_STEPS + 1)), steps         # each step once
-  assert [n for n in names if n.startswith("tb/events.out.tfevents.")]
-  assert committed()[-1] == NUM_STEPS
-  for step in committed():
-    rec = json.loads((gcs.root / run / "checkpoints" / str(step) / "checksums.json").read_text())
-    assert rec["files"] and all(objects[f"{run}/checkpoints/{step}/{rel}"] == f["size"]
-                                for rel, f in rec["files"].items())
-  assert any(n.startswith("tfds/gaze_shapes/") and n.endswith("dataset_info.json")
-             for n in names)
-  assert (cache / "gs" / gcs.bucket / run / "tfds" / "gaze_shapes").is_dir()    # the mirror
-
-  _main("eval_main.py", [f"--config={cfg}", f"--workdir={workdir}",
-                         f"--out_dir={workdir}/eval_out", "--max_batches=1",
-                         "--num_gaze_maps=1", "--baselines=dense", "--noanswer_prior"],
-        cwd, cache)
-  split = json.loads((gcs.root / run / "eval_out" / "eval_results.json").read_text())
-  assert set(split["splits"][0]["results"]) >= {"gaze", "dense"}
-  assert (gcs.root / run / "eval_out" / "eval_results.md").exists()
-  assert gcs.objects(f"{run}/eval_out/gaze_maps/validation/")
-
-  from gaze_jax.data import scenes
-  ex = scenes.shapes_example(np.random.default_rng([7, 1]), image_size=32, grid=4,
-                             min_objects=3, max_objects=5, question_types=("where",),
-                             example_id="x", source=0)
-  from PIL import Image as PILImage
-  local_png = tmp_path / "scene.png"
-  PILImage.fromarray(np.asarray(ex["images"][0])).save(local_png)
-  (gcs.root / run / "scene.png").write_bytes(local_png.read_bytes())
-  p = _main("predict_main.py", [f"--workdir={workdir}", f"--image={workdir}/scene.png",
-                                f"--question={ex['turns'][0]['question']}",
-                                "--max_new_tokens=2"], cwd, cache)
-  assert f"gaze map: {workdir}/scene_gaze.png" in p.stdout, p.stdout[-2000:]
-  assert (gcs.root / run / "scene_gaze.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-  # Nothing went to local disk in place of the bucket (pathlib makes gs://b/x the folder gs:).
-  assert list(cwd.iterdir()) == [], list(cwd.iterdir())
-  assert not any(p.name == "gs:" for p in tmp_path.rglob("*"))
