@@ -91,17 +91,32 @@ def hf_model_config(folder: str, model: Mapping[str, Any], gaze: GazeConfig) -> 
   return dataclasses.replace(base, decoder=decoder, vision=vision, gaze=gaze)
 
 
+def _plan(folder: str, model_cfg: MLLMConfig):
+  """A fresh plan of ``folder`` for ``model_cfg`` (not the cached config's: a plan's checkpoint
+  is read while loading)."""
+  from gaze_jax.convert.families import plan_hf
+
+  plan = plan_hf(folder, model_cfg.gaze, dtype=model_cfg.dtype,
+                 param_dtype=model_cfg.param_dtype)
+  return dataclasses.replace(plan, model=model_cfg)
+
+
+def check_folder(folder: str, model_cfg: MLLMConfig, abstract_params: Any) -> None:
+  """Checks from the safetensors headers alone that ``folder`` holds every weight of
+  ``model_cfg`` with its shape (``convert.sharded.check_plan``): the run stops before it
+  writes anything, naming the file and the tensor."""
+  from gaze_jax.convert.sharded import check_plan, flat_paths
+
+  check_plan(_plan(folder, model_cfg), flat_paths(abstract_params)[0])
+
+
 def init_params(folder: str, model_cfg: MLLMConfig, abstract_params: Any, *, seed: int,
                 allow_nonfinite: bool = False) -> Any:
   """The parameters of ``model_cfg`` read from ``folder`` straight into the shardings of
   ``abstract_params`` (pure-dict tree of ``ShapeDtypeStruct``); the context tokens start from
-  their initialiser (``seed``). The plan is made again (not the cached config's): a plan's
-  checkpoint is read while loading."""
-  from gaze_jax.convert.families import plan_hf
+  their initialiser (``seed``)."""
   from gaze_jax.convert.sharded import load_sharded
 
-  plan = plan_hf(folder, model_cfg.gaze, dtype=model_cfg.dtype,
-                 param_dtype=model_cfg.param_dtype)
-  plan = dataclasses.replace(plan, model=model_cfg)
+  plan = _plan(folder, model_cfg)
   log.info("initialising the model from %s (%s)", folder, type(plan.model).__name__)
   return load_sharded(plan, abstract_params, seed=seed, allow_nonfinite=allow_nonfinite)

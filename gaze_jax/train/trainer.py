@@ -275,6 +275,9 @@ def train(config: Any, workdir, *, mesh=None, stop_after: Optional[int] = None) 
   check_train_config(config)
   s = build(config, mesh)
   tokenizer = run_tokenizer(config)
+  folder = model_init.hf_folder(config.model.init)
+  if folder is not None:           # the folder's weights fit the model: checked from the headers
+    model_init.check_folder(folder, s.model_cfg, s.abstract_params)
   if primary:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(_jsonable(to_dict(config)), indent=2))
@@ -310,7 +313,6 @@ def train(config: Any, workdir, *, mesh=None, stop_after: Optional[int] = None) 
                   jax.process_count())
     log.info("resumed from step %d of %s", restored.step, ckpt.directory)
   else:
-    folder = model_init.hf_folder(config.model.init)
     if folder is not None:
       state = hf_init_state(s, folder, int(tc.seed))
     else:

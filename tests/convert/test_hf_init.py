@@ -144,3 +144,27 @@ def test_hf_init_config_takes_the_model_shape_from_the_folder(llava_dir):
   c.model.init = "hf:"
   with pytest.raises(ValueError, match="'hf:' names no folder"):
     eval_model_config(c)
+
+
+def test_hf_init_weights_that_do_not_fit_stop_the_run_before_it_writes(llava_dir, tmp_path):
+  """A folder whose config.json disagrees with its weights: train() names the tensor and the
+  file from the headers, before the workdir exists."""
+  import shutil
+
+  from configs import common
+  from gaze_jax.train import trainer
+
+  bad = tmp_path / "bad"
+  shutil.copytree(llava_dir, bad)
+  cfg = json.loads((bad / "config.json").read_text())
+  cfg["text_config"]["intermediate_size"] = 100
+  (bad / "config.json").write_text(json.dumps(cfg))
+  c = common.hf_base_config(str(bad))
+  c.data.tokenizer = "byte"
+  c.mesh.data = 1
+  c.data.batch_size = 1
+  work = tmp_path / "work"
+  with pytest.raises(ValueError, match=r"bad: tensor '.*mlp.(gate|up|down)_proj.weight' in "
+                     r".*model.safetensors has shape"):
+    trainer.train(c, str(work))
+  assert not work.exists()
