@@ -15,9 +15,9 @@ A LLaVA-OneVision-shaped checkpoint of random float32 weights is written (``--hi
   devices the parameters themselves live in host memory, so this is at least the model size);
 
 against the checkpoint size and its largest tensor. Writes JSON (default
-``benchmarks/results/hf_init_memory.json``).
+``benchmarks/results/hf_init_memory.json``) and, with ``--readme``, the README's sentence on it.
 
-  python benchmarks/hf_init_memory.py --devices 8
+  python benchmarks/hf_init_memory.py --devices 8 --readme README.md
 """
 
 from __future__ import annotations
@@ -137,6 +137,7 @@ def main():
   ap.add_argument("--layers", type=int, default=16)
   ap.add_argument("--vocab", type=int, default=32000)
   ap.add_argument("--out", default=str(ROOT / "benchmarks/results/hf_init_memory.json"))
+  ap.add_argument("--readme", default=None, help="write the README's sentence from the JSON")
   args = ap.parse_args()
   with tempfile.TemporaryDirectory() as tmp:
     folder = Path(tmp) / "llava"
@@ -163,6 +164,27 @@ def main():
   Path(args.out).parent.mkdir(parents=True, exist_ok=True)
   Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
   print(f"wrote {args.out}")
+  if args.readme:
+    from benchmarks.readme import replace_between
+    replace_between(Path(args.readme), README_BEGIN, README_END, readme_text(out))
+
+
+README_BEGIN, README_END = "<!-- hf-init-memory begin -->", "<!-- hf-init-memory end -->"
+
+
+def readme_text(run: dict) -> str:
+  """The README's sentence on host memory, from a run's JSON."""
+  ck, s, e = run["checkpoint"], run["results"]["sharded"], run["results"]["eager"]
+  mb = lambda b: f"{b / 1e6:,.0f} MB"
+  return (f"Loading a {mb(ck['bytes'])} LLaVA-OneVision-shaped checkpoint (largest tensor "
+          f"{mb(ck['largest_tensor_bytes'])}) onto {s['devices']} simulated devices with fsdp "
+          f"{s['devices']}, the loader holds at most {mb(s['numpy_transient'])} of host memory "
+          f"above the parameters ({s['numpy_transient'] / ck['largest_tensor_bytes']:.2f} x the "
+          f"largest tensor, {s['numpy_transient'] / ck['bytes']:.2f} x the model), where building "
+          f"the model on the host first grows the process by {mb(e['rss_growth'])} "
+          f"({e['rss_growth'] / ck['bytes']:.1f} x the model; sharded: {mb(s['rss_growth'])}, "
+          f"the simulated devices' memory included) (`benchmarks/hf_init_memory.py`, "
+          f"{run['date']}, {run['cpus']}-core {run['processor']} machine).")
 
 
 if __name__ == "__main__":
