@@ -91,7 +91,8 @@ def hf_base_config(folder: str) -> ml_collections.ConfigDict:
   ``model.init = "hf:<folder>"``, whose ``config.json`` gives the model's shape, so the shape
   fields are left empty (a field set anyway must agree with the folder); the decoder keeps its
   runtime fields (``remat``, ``scan_layers``); the tokenizer, chat template and image
-  processing are the folder's (``data.tokenizer = "model"``)."""
+  processing are the folder's (``data.tokenizer = "model"``); the training settings are a
+  fine-tuning run's."""
   c = base_config("tiny")
   c.model.init = "hf:" + folder
   c.model.decoder = ml_collections.ConfigDict(dict(remat=False, scan_layers=False))
@@ -101,6 +102,17 @@ def hf_base_config(folder: str) -> ml_collections.ConfigDict:
       value = c.model[f.name]
       c.model[f.name] = config_dict.placeholder(type(value) if value is not None else object)
   c.data.tokenizer = "model"
+  # Fine-tuning a pretrained model: bf16 compute, a short warm-up, no weight decay, parameters
+  # and optimizer state sharded over all devices.
+  c.model.dtype = "bfloat16"
+  c.optim.warmup_steps = 100
+  c.optim.weight_decay = 0.0
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  c.train.num_steps = 3000
+  c.train.log_every = 20
+  c.train.eval_every = 500
+  c.checkpoint.save_every = 500
   return c
 
 

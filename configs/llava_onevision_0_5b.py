@@ -41,7 +41,6 @@ from configs import common
 def get_config():
   c = common.hf_base_config("./llava-onevision-qwen2-0.5b-ov-hf")
   common.llava_json_data(c, {"train": "train.json", "validation": "val.json"}, "images")
-  c.model.dtype = "bfloat16"
   c.model.decoder.remat = True
   c.model.gaze.top_k = 0.25
   c.model.gaze.region_shape = (3, 3)
@@ -53,12 +52,4 @@ def get_config():
   c.data.seq_len = 1024
   c.data.batch_size = 32
   c.optim.learning_rate = 1e-5
-  c.optim.warmup_steps = 100
-  c.optim.weight_decay = 0.0
-  c.mesh.data = 1
-  c.mesh.fsdp = -1
-  c.train.num_steps = 3000
-  c.train.log_every = 20
-  c.train.eval_every = 500
-  c.checkpoint.save_every = 500
   return c

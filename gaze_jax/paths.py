@@ -64,3 +64,18 @@ def list_files(folder: PathLike) -> list[epath.Path]:
     if p != folder:                  # a folder's own placeholder object on Cloud Storage
       out.extend(list_files(p) if p.is_dir() else [p])
   return sorted(out)
+
+
+def read_json(path: PathLike) -> dict:
+  """A JSON file holding an object (a config, a processor's settings), local or ``gs://``, as a
+  dict; ValueError naming the file when it is not valid JSON or not an object."""
+  import json
+
+  path = epath.Path(path)
+  try:
+    out = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON: {e}") from None
+  if not isinstance(out, dict):
+    raise ValueError(f"{path} must hold a JSON object, got {type(out).__name__}")
+  return out

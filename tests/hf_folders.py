@@ -53,8 +53,9 @@ CORPUS = ["What colour is the square? The square is red. green blue. User: Assis
           "Describe the picture. A blue square on grey.\n"] * 20
 
 
-def bpe_tokenizer(specials, vocab_size: int = 400):
-  """A small byte-level BPE trained here on ``CORPUS``, with ``specials`` as special tokens."""
+def bpe_tokenizer(specials, vocab_size: int = 400, corpus=None):
+  """A small byte-level BPE trained here on ``corpus`` (default ``CORPUS``), with ``specials``
+  as special tokens."""
   import tokenizers
 
   tok = tokenizers.Tokenizer(tokenizers.models.BPE())
@@ -63,7 +64,7 @@ def bpe_tokenizer(specials, vocab_size: int = 400):
   trainer = tokenizers.trainers.BpeTrainer(
       vocab_size=vocab_size, special_tokens=list(specials),
       initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator(CORPUS, trainer)
+  tok.train_from_iterator(CORPUS if corpus is None else corpus, trainer)
   return tok
 
 

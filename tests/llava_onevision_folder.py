@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 
-from tests.hf_folders import TEXT_KW, VISION_KW, randomize
+from tests.hf_folders import TEXT_KW, VISION_KW, bpe_tokenizer, randomize
 
 TILE = VISION_KW["image_size"]                       # 32 px tiles, patch 8: 4 x 4 tokens
 G = TILE // VISION_KW["patch_size"]
@@ -38,16 +38,7 @@ CORPUS = ("What is in the picture? A red cat on a mat. Describe the video. A bal
 
 def _tokenizer():
   """A byte-level BPE trained here (vocabulary < the model's ``VOCAB`` ids), specials first."""
-  import tokenizers
-
-  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = tokenizers.decoders.ByteLevel()
-  trainer = tokenizers.trainers.BpeTrainer(
-      vocab_size=VOCAB - 20, special_tokens=SPECIALS,
-      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator([CORPUS] * 20, trainer)
-  return tok
+  return bpe_tokenizer(SPECIALS, VOCAB - 20, [CORPUS] * 20)
 
 
 def save_folder(path, seed: int = 0):

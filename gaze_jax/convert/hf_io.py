@@ -22,6 +22,8 @@ import ml_dtypes
 import numpy as np
 from etils import epath
 
+from gaze_jax.paths import read_json
+
 PathLike = Union[str, os.PathLike]
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -290,10 +292,4 @@ def read_hf_config(path: PathLike) -> dict[str, Any]:
   file = path / "config.json" if path.is_dir() else path
   if not file.is_file():
     raise FileNotFoundError(f"no Hugging Face config at {file}")
-  try:
-    cfg = json.loads(file.read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{file} is not valid JSON: {e}") from None
-  if not isinstance(cfg, dict):
-    raise ValueError(f"{file} must hold a JSON object, got {type(cfg).__name__}")
-  return cfg
+  return read_json(file)

@@ -1,28 +1,13 @@
 """Pixel steps that transformers' image and video processors share, for the families' own
-processing (``gaze_jax.data.smolvlm``, ``gaze_jax.data.llava_onevision``): the processor
-files, the RGB conversion, and rescaling and normalisation as the Pillow backend computes them.
+processing (``gaze_jax.data.smolvlm``, ``gaze_jax.data.llava_onevision``):
+the RGB conversion, and rescaling and normalisation as the Pillow backend computes them.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any, Optional, Sequence
 
 import numpy as np
-from etils import epath
-
-
-def read_json(path) -> dict:
-  """A processor or model file (a local path, or an ``etils.epath.Path``, e.g. ``gs://``) as a
-  dict; ValueError naming the file when it is not a JSON object."""
-  path = epath.Path(path)
-  try:
-    out = json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path} is not valid JSON: {e}") from None
-  if not isinstance(out, dict):
-    raise ValueError(f"{path} must hold a JSON object")
-  return out
 
 
 def channels(v: Any, key: str, where: str) -> tuple[float, ...]:

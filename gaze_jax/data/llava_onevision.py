@@ -50,7 +50,8 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from gaze_jax.data.features import MediaPart, Visual
-from gaze_jax.data.hf_pixels import channels, check_image, read_json, rescale_normalize, to_rgb
+from gaze_jax.data.hf_pixels import channels, check_image, rescale_normalize, to_rgb
+from gaze_jax.paths import read_json
 from gaze_jax.gaze.layout import Image, Video
 
 __all__ = ["FrameSettings", "OnevisionSettings", "LlavaOnevisionMedia", "natural_grid",

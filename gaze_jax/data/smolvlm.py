@@ -32,9 +32,9 @@ from etils import epath
 from gaze_jax.data.features import MediaPart, Visual
 from gaze_jax.data.hf_pixels import channels as _channels
 from gaze_jax.data.hf_pixels import check_image, rescale_normalize
-from gaze_jax.data.hf_pixels import read_json as _read
 from gaze_jax.data.hf_pixels import to_rgb as _rgb
 from gaze_jax.gaze.layout import Image
+from gaze_jax.paths import read_json as _read
 
 __all__ = ["TileSettings", "SmolVLMMedia", "natural_grid", "longest_edge_size"]
 

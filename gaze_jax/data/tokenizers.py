@@ -27,6 +27,8 @@ import re
 from pathlib import Path
 from typing import Optional, Protocol, Sequence
 
+from gaze_jax.paths import read_json
+
 log = logging.getLogger(__name__)
 
 
@@ -487,16 +489,6 @@ def load_hf_tokenizer(path, template: Optional[ChatTemplate] = None) -> HFTokeni
                      eos=_token_str(cfg.get("eos_token")), pad=_token_str(cfg.get("pad_token")))
 
 
-def _read_json(path) -> dict:
-  try:
-    out = json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path} is not valid JSON: {e}") from None
-  if not isinstance(out, dict):
-    raise ValueError(f"{path} must hold a JSON object")
-  return out
-
-
 def _folder_chat_template(folder, configs: Sequence) -> tuple[Optional[str], str]:
   """The chat template of a model folder and the file it came from: ``chat_template.jinja``,
   ``chat_template.json`` (a processor's), else the ``chat_template`` key of ``configs`` in
@@ -509,7 +501,7 @@ def _folder_chat_template(folder, configs: Sequence) -> tuple[Optional[str], str
   for file, key in found:
     if not file.is_file():
       continue
-    value = _read_json(file).get(key)
+    value = read_json(file).get(key)
     if isinstance(value, list):                       # [{"name": "default", "template": ...}]
       value = next((t.get("template") for t in value if t.get("name") == "default"), None)
     if value:
@@ -539,8 +531,8 @@ def load_model_tokenizer(folder) -> HFTokenizer:
     raise FileNotFoundError(f"{folder} has no tokenizer.json")
   tok = _Tok.from_str(file.read_text())
   tcfg_file, pcfg_file = folder / "tokenizer_config.json", folder / "processor_config.json"
-  tcfg = _read_json(tcfg_file) if tcfg_file.is_file() else {}
-  pcfg = _read_json(pcfg_file) if pcfg_file.is_file() else {}
+  tcfg = read_json(tcfg_file) if tcfg_file.is_file() else {}
+  pcfg = read_json(pcfg_file) if pcfg_file.is_file() else {}
   source, where = _folder_chat_template(folder, (pcfg_file, tcfg_file))
   if source is None:
     raise FileNotFoundError(f"{folder} has no chat template (chat_template.jinja, "

@@ -15,6 +15,7 @@ from gaze_jax.convert.hf import (decoder_config_from_hf, load_causal_lm, load_ll
                                  vision_config_from_hf)
 from gaze_jax.gaze import PAD, Image, Text
 from gaze_jax.model import GazeConfig
+from tests.hf_folders import randomize
 
 # The references; gaze_jax itself needs none of them.
 torch = pytest.importorskip("torch")
@@ -30,25 +31,8 @@ VISION_KW = dict(image_size=32, patch_size=8, hidden_size=48, intermediate_size=
                  num_hidden_layers=3, num_attention_heads=4)
 
 
-def _randomize(model: "torch.nn.Module", seed: int) -> None:
-  """Replaces transformers' init (zero biases, unit norms, tiny weights) with values of O(1)
-  effect, so that a wrongly mapped bias or norm changes the outputs."""
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      r = torch.randn(p.shape, generator=g)
-      if "norm" in name and name.endswith("weight"):
-        p.copy_(1 + 0.3 * r)
-      elif p.ndim == 1 or name.endswith("probe"):
-        p.copy_(0.3 * r)
-      elif "embed" in name:                      # token / position embeddings
-        p.copy_(0.5 * r)
-      else:                                      # linear / conv weights [out, in, ...]
-        p.copy_(r / np.sqrt(np.prod(p.shape[1:])))
-
-
 def _save(model, path, seed):
-  _randomize(model, seed)
+  randomize(model, seed)
   model.eval()
   model.save_pretrained(path)
   return model

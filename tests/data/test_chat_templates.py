@@ -8,33 +8,22 @@ import numpy as np
 import pytest
 
 from gaze_jax.data.features import ExampleProcessor, FeatureConfig, Visual, render_conversation
-from gaze_jax.gaze import Image, Text
 from gaze_jax.data.tokenizers import JinjaChatTemplate, load_model_tokenizer
+from gaze_jax.gaze import Image, Text
+from tests.llava_onevision_folder import CHAT_TEMPLATE as LLAVA_OV
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 # The chat templates that the SmolVLM and LLaVA-OneVision checkpoints ship (processor
-# chat_template.json), and one with a BOS variable and {% generation %} blocks.
+# chat_template.json; LLaVA-OneVision's from its tiny folder), and one with a BOS variable and
+# {% generation %} blocks.
 SMOLVLM = (
     "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
     "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
     "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
     "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
     "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
-LLAVA_OV = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-    "{{ '<image>\n' }}{% endfor %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}"
-    "{{ '<video>\n' }}{% endfor %}"
-    "{% if message['role'] != 'assistant' %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{{ content['text'] }}{% endfor %}{% else %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{% generation %}{{ content['text'] }}{% endgeneration %}{% endfor %}{% endif %}"
-    "{{'<|im_end|>' + '\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 WITH_BOS = (
     "{{ bos_token }}{% for message in messages %}[{{ message['role'] }}] "
     "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>"
