@@ -53,8 +53,8 @@ clean:
 # BENCH_ARGS=--small for a quick CPU check; empty on a GPU (the full Qwen3-4B-shaped cases).
 BENCH_ARGS ?=
 bench: install
-	$(PY) benchmarks/bench_gaze_xla.py --prefill
 	$(PY) benchmarks/attention.py $(BENCH_ARGS) --readme README.md
+	$(PY) benchmarks/generate.py --readme README.md
 
 # The real compilers, with no device: XLA:GPU + Triton + ptxas for an H100, libtpu's XLA:TPU +
 # Mosaic for TPU slices, each in its own virtual environment (the test venv stays CPU-only).
@@ -94,9 +94,15 @@ aot-full: $(AOT_GPU_VENV)/.installed $(AOT_TPU_VENV)/.installed
 	$(AOT_TPU_ENV) $(AOT_TPU_VENV)/bin/python -m benchmarks.aot.run tpu --full
 	$(AOT_TPU_VENV)/bin/python -m benchmarks.aot.run table --readme README.md
 
-# On a machine with a GPU (8 minutes on an H100): the gpu-marked tests, then the benchmark's
-# headline cases; writes benchmarks/results/attention_gpu.json and the README table.
+# On a machine with a GPU (8 minutes on an H100): the gpu-marked tests, then the attention
+# benchmark's headline cases and the decode loop (SmolLM2-135M, 36,864 visual tokens, batch 8,
+# 10% kept; the Pallas kernels and xla against cuDNN dense); writes
+# benchmarks/results/{attention,generate}_gpu.json and the README tables. Needs neither
+# ml_collections nor TensorFlow nor grain (tests/benchmarks/test_gpu_check.py).
 gpu-check:
 	$(PYTHON) -m pytest -q -m gpu tests/kernels
 	$(PYTHON) benchmarks/attention.py --headline --out benchmarks/results/attention_gpu.json \
+	  --readme README.md
+	$(PYTHON) benchmarks/generate.py --gpu --models smollm2_135m --images 64 --batches 8 \
+	  --keeps 0.1 --no-bounds --no-ttft --out benchmarks/results/generate_gpu.json \
 	  --readme README.md

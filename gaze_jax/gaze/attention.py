@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from gaze_jax.gaze.chunks import map_query_chunks
-from gaze_jax.gaze.layout import TokenLayout
-from gaze_jax.gaze.masks import base_mask
+from gaze_jax.gaze.dense import causal_attention
+from gaze_jax.gaze.layout import PAD, TokenLayout
+from gaze_jax.gaze.masks import base_mask, routed_rows, token_info
 from gaze_jax.gaze.plan import IMPLEMENTATIONS, AttentionPlan, build_plan
 from gaze_jax.gaze.reference import reference_attention
 from gaze_jax.gaze.regions import region_descriptors
@@ -171,8 +172,28 @@ def gaze_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_route: Optional[j
 
   row_plan = (plan.query, plan.routed)
   route_in = (q_route, None) if sel_ids is None else (None, sel_ids)
-  if query_chunk is None or query_chunk >= T:
-    out, ids = rows(q, *row_plan, *route_in)
+  split = (implementation == "xla" and q_index is None
+           and layout.spec.max_nonvisual < layout.seq_len)
+  if split:
+    # The full-sequence form's rows are mostly patch rows, plain dense causal attention: the
+    # dense kernel gives those, and gaze attention runs for the text and context rows only
+    # (the layout bounds them: spec.max_nonvisual, e.g. TokenLayout.for_decoding).
+    nv = layout.nonvisual_index                                            # [B, N], -1 pad
+    take = lambda x: None if x is None else jnp.take_along_axis(
+        x, jnp.clip(nv, 0).reshape(nv.shape + (1,) * (x.ndim - 2)), axis=1)
+    query = token_info(layout, nv)
+    row_plan = (query, routed_rows(query, route_prompt))
+    q_rows, route_in = take(q), tuple(take(x) for x in route_in)
   else:
-    out, ids = map_query_chunks(rows, int(query_chunk), q, *row_plan, *route_in)
+    q_rows = q
+  if query_chunk is None or query_chunk >= q_rows.shape[1]:
+    out, ids = rows(q_rows, *row_plan, *route_in)
+  else:
+    out, ids = map_query_chunks(rows, int(query_chunk), q_rows, *row_plan, *route_in)
+  if split:
+    dense = causal_attention(q, k, v, None, layout.position, layout.kind != PAD, scale=scale)
+    b = jnp.arange(B)[:, None]
+    slot = jnp.where(nv >= 0, nv, T)                    # padding rows land out of range
+    out = dense.at[b, slot].set(out, mode="drop")
+    ids = jnp.full((B, T) + ids.shape[2:], -1, ids.dtype).at[b, slot].set(ids, mode="drop")
   return (out, ids) if return_selected else out

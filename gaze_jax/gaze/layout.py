@@ -209,6 +209,23 @@ class TokenLayout:
   def region_size(self) -> int:
     return self.spec.region_size
 
+  def for_decoding(self, multiple: int = 128) -> "TokenLayout":
+    """This layout with ``nonvisual_index`` cut to the largest count of text and context slots
+    in the batch, rounded up to ``multiple`` (at most S), and ``spec.max_nonvisual`` to match:
+    a decode step reads these keys besides its selected regions, so it must not read
+    ``spec.max_nonvisual`` (S by default) of them. Host side: the layout must be concrete
+    (``generate`` does this once per call). Raises ValueError for a traced layout."""
+    try:
+      index = np.asarray(self.nonvisual_index)
+    except jax.errors.TracerArrayConversionError:
+      raise ValueError("for_decoding needs a concrete (host) layout") from None
+    count = int((index >= 0).sum(axis=1).max(initial=0))
+    n = min(self.seq_len, max(1, -(-count // multiple) * multiple))
+    if n == index.shape[1]:
+      return self
+    spec = dataclasses.replace(self.spec, max_nonvisual=n)
+    return dataclasses.replace(self, nonvisual_index=index[:, :n], spec=spec)
+
   def to_features(self) -> dict[str, Any]:
     """The arrays as a flat dict (for input pipelines: one example's rows batch by stacking)."""
     return {name: getattr(self, name) for name in LAYOUT_FIELDS}

@@ -69,7 +69,8 @@ jax.tree_util.register_dataclass(
 def build_plan(layout: TokenLayout, q_index: Optional[jax.Array] = None, *,
                route_prompt: bool = True, implementation: str = "xla",
                decode: Optional[bool] = None, heads: Optional[tuple] = None,
-               dtype: Any = None, kernel_config: Any = None) -> AttentionPlan:
+               dtype: Any = None, kernel_config: Any = None,
+               reuse: Optional[AttentionPlan] = None) -> AttentionPlan:
   """The attention plan of ``layout`` for query rows ``q_index``.
 
   Args:
@@ -80,6 +81,9 @@ def build_plan(layout: TokenLayout, q_index: Optional[jax.Array] = None, *,
     heads: ``(Hq, Hkv, D)`` of the attention ("pallas": the kernels' tiles depend on them).
     dtype: the dtype of q/k/v ("pallas": launch defaults depend on it).
     kernel_config: ``pallas_kernels.config.KernelConfig`` ("pallas"; None: the defaults).
+    reuse: a plan of the same layout and options for other query rows (an earlier decode
+      step): its layout-only parts (the keys' fields, the kernels' KV block table) are taken
+      as they are, so that a decode loop builds them once (``generate``).
   """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
@@ -89,18 +93,28 @@ def build_plan(layout: TokenLayout, q_index: Optional[jax.Array] = None, *,
     decode = not full
   qi = (jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S)) if full
         else jnp.asarray(q_index, jnp.int32))
+  if reuse is not None and (reuse.implementation, reuse.decode, reuse.route_prompt) != (
+      implementation, bool(decode), bool(route_prompt)):
+    raise ValueError(f"reuse: the plan was built for implementation={reuse.implementation!r}, "
+                     f"decode={reuse.decode}, route_prompt={reuse.route_prompt}, this call has "
+                     f"{implementation!r}, {bool(decode)}, {bool(route_prompt)}")
   query = token_info(layout, qi)
   routed = routed_rows(query, route_prompt)
   key = kernel = None
   if implementation == "xla":
-    index = layout.nonvisual_index if decode else jnp.broadcast_to(jnp.arange(S), (B, S))
-    key = token_info(layout, index)
+    if reuse is not None:
+      key = reuse.key
+    else:
+      index = layout.nonvisual_index if decode else jnp.broadcast_to(jnp.arange(S), (B, S))
+      key = token_info(layout, index)
   elif implementation == "pallas":
     if heads is None or dtype is None:
       raise ValueError("a plan for implementation='pallas' needs heads=(Hq, Hkv, D) and dtype")
     from pallas_kernels import plan as kernel_plan   # only when the kernels are asked for
     kernel = kernel_plan.build_plan(layout, None if full else qi, routed, heads=heads,
-                                    dtype=dtype, config=kernel_config)
-  return AttentionPlan(q_index=qi, query=query, routed=routed, key=key, kernel=kernel, implementation=implementation,
+                                    dtype=dtype, config=kernel_config,
+                                    blocks=None if reuse is None else reuse.kernel.blocks)
+  return AttentionPlan(q_index=qi, query=query, routed=routed, key=key, kernel=kernel,
+                       implementation=implementation,
                        route_prompt=bool(route_prompt), decode=bool(decode),
                        full_sequence=full)

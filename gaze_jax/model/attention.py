@@ -53,15 +53,16 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
 
 
 def attention_plan(cfg: DecoderConfig, gaze: GazeConfig, layout: TokenLayout,
-                   q_index: Optional[jax.Array] = None, dtype=jnp.float32):
+                   q_index: Optional[jax.Array] = None, dtype=jnp.float32, reuse=None):
   """The gaze ``AttentionPlan`` that every layer of one forward pass shares (None for dense
-  attention). q_index: int32 ``[B, T]`` slots of the query rows (None: T == S)."""
+  attention). q_index: int32 ``[B, T]`` slots of the query rows (None: T == S); reuse: the
+  plan of an earlier decode step, whose layout-only parts are taken as they are."""
   if gaze.attention != "gaze":
     return None
   return build_plan(layout, q_index, route_prompt=gaze.route_prompt,
                     implementation=gaze.implementation,
                     heads=(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim), dtype=dtype,
-                    kernel_config=gaze.kernel)
+                    kernel_config=gaze.kernel, reuse=reuse)
 
 
 def write_cache(buf: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:

@@ -161,19 +161,23 @@ class Decoder(nnx.Module):
   def __call__(self, x: jax.Array, layout: TokenLayout, *,
                cache: Optional[Sequence[LayerCache]] = None, q_index=None, active_k=None,
                want_cache: bool = False, return_selected: bool = False,
-               selections: Optional[Sequence[jax.Array]] = None):
+               selections: Optional[Sequence[jax.Array]] = None, plan_base=None,
+               logits_index: Optional[jax.Array] = None):
     """Runs the layers on embeddings ``x [B, T, E]``.
 
     ``selections``: optional region ids per layer (``[B, T, Hq, K']``) that replace routing.
     The attention plan of the layout (``attention_plan``) is built once here and shared by
-    every layer. With ``cfg.scan_layers`` the full-sequence form (no cache in or out) runs the
+    every layer; ``plan_base`` (a decode step's plan, ``MLLM.decode_plan``) gives it its
+    layout-only parts, so that a decode loop builds those once. ``logits_index`` (int32
+    ``[B, T']``, the prefill / decode forms): the logits of these rows only. With ``cfg.scan_layers`` the full-sequence form (no cache in or out) runs the
     layers as one scan (``_scan_layers``); prefill and decode, with per-layer caches, loop.
 
     Returns ``(logits [B, T, V], caches or None, selected or None)``; ``selected`` is a list
     per layer of ids ``[B, T, Hq, K]`` (gaze) or None (dense).
     """
     caches, selected = [], []
-    plan = attention_plan(self.cfg, self.gaze, layout, q_index, self.dtype or x.dtype)
+    plan = attention_plan(self.cfg, self.gaze, layout, q_index, self.dtype or x.dtype,
+                          reuse=plan_base)
     if self.cfg.scan_layers and cache is None and not want_cache:
       x, selected = self._scan_layers(x, layout, plan, active_k, selections, return_selected)
       return self.logits(x), None, (selected if return_selected else None)
@@ -192,6 +196,8 @@ class Decoder(nnx.Module):
                       selection=None if selections is None else selections[i])
       caches.append(c)
       selected.append(s)
+    if logits_index is not None:
+      x = jnp.take_along_axis(x, logits_index[:, :, None], axis=1)
     logits = self.logits(x)
     return (logits, caches if (want_cache or cache is not None) else None,
             selected if return_selected else None)

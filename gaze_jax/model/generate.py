@@ -204,8 +204,12 @@ def _generate_impl(graphdef, state, tokens, layout, images, rng, temperature, to
       all_logits = all_logits.at[:, i].set(logits)
     return tok, (out, lengths, done, all_logits)
 
-  logits, caches = model.prefill(tokens, layout, images)
-  last = jnp.take_along_axis(logits, (first - 1)[:, None, None], axis=1)[:, 0]   # [B, V]
+  # The logits of the last prompt slot only: the LM head over the whole prompt would cost a
+  # layer's worth of time to the first token.
+  logits, caches = model.prefill(tokens, layout, images, logits_index=(first - 1)[:, None])
+  # Built once for every step: the layout-only part of the decode steps' attention plan.
+  plan_base = model.decode_plan(layout, first[:, None])
+  last = logits[:, 0]                                                # [B, V]
   V = logits.shape[-1]
   rec = (jnp.full((B, M), pad_id, jnp.int32), jnp.zeros((B,), jnp.int32),
          jnp.zeros((B,), bool),
@@ -219,7 +223,8 @@ def _generate_impl(graphdef, state, tokens, layout, images, rng, temperature, to
   def body(carry):
     i, tok, caches, rec = carry
     q_index = (first + i - 1)[:, None]                               # [B, 1] slot of token i-1
-    step_logits, caches = model.decode(tok[:, None], q_index, layout, caches)
+    step_logits, caches = model.decode(tok[:, None], q_index, layout, caches,
+                                       plan_base=plan_base)
     tok, rec = emit(i, step_logits[:, 0], rec)
     return i + 1, tok, caches, rec
 
@@ -261,6 +266,9 @@ def generate(model, tokens, layout: TokenLayout, images=None, *, max_new_tokens:
   """
   temperature, top_p, stops = _check_args(model, tokens, layout, images, max_new_tokens, rng,
                                           temperature, top_p, stop_tokens, pad_id)
+  # A decode step reads the text and context keys besides its regions: only as many as the
+  # batch has, not spec.max_nonvisual (S by default).
+  layout = layout.for_decoding()
   # The reserved span's placeholders are never read; zero them so no check sees them.
   tokens = np.where(np.asarray(layout.generated, bool), 0, np.asarray(tokens))
   graphdef, state = nnx.split(model)

@@ -270,17 +270,32 @@ class MLLM(nnx.Module):
                                        return_selected=return_selected, selections=selections)
     return (logits, selected) if return_selected else logits
 
-  def prefill(self, tokens, layout, images=None, *, active_k=None):
-    """Full forward that also returns the KV cache (with gaze descriptors) of every layer."""
+  def prefill(self, tokens, layout, images=None, *, active_k=None, logits_index=None):
+    """Full forward that also returns the KV cache (with gaze descriptors) of every layer.
+    ``logits_index`` (int32 ``[B, T']``): the logits of these slots only (``[B, T', V]``; the
+    LM head over every slot of a long prompt costs as much as a layer), else of all slots."""
     x = self.embed(tokens, layout, images)
-    logits, caches, _ = self.decoder(x, layout, active_k=active_k, want_cache=True)
+    logits, caches, _ = self.decoder(x, layout, active_k=active_k, want_cache=True,
+                                     logits_index=logits_index)
     return logits, caches
 
+  def decode_plan(self, layout: TokenLayout, q_index: jax.Array):
+    """The layout-only part of the decode steps' attention plan (the text and context keys'
+    fields, the kernels' KV block table), built once for a decode loop and passed to every
+    ``decode`` (``plan_base``); None for dense attention. q_index: int32 ``[B, T]`` the slots
+    of any one step's tokens."""
+    from gaze_jax.model.attention import attention_plan
+
+    return attention_plan(self.cfg.decoder, self.cfg.gaze, layout, q_index,
+                          jnp.dtype(self.cfg.dtype))
+
   def decode(self, tokens: jax.Array, q_index: jax.Array, layout: TokenLayout, caches, *,
-             active_k=None, return_selected: bool = False, selections=None):
+             active_k=None, return_selected: bool = False, selections=None, plan_base=None):
     """New text tokens ``[B, T]`` at consecutive cache slots ``q_index [B, T]``.
     Returns ``(logits [B, T, V], caches)`` (plus selected ids with ``return_selected``);
-    ``selections`` (per layer, ``[B, T, Hq, K']``) replaces routing."""
+    ``selections`` (per layer, ``[B, T, Hq, K']``) replaces routing; ``plan_base``
+    (``decode_plan``) spares each step the attention plan's layout-only work. The layout
+    should be ``layout.for_decoding()``: a decode step reads its ``nonvisual_index`` keys."""
     B = layout.batch_size
     self._check_tokens(tokens, (B, None), f"tokens must be [B, T] with B = {B}, the layout's "
                        "batch size")
@@ -289,5 +304,5 @@ class MLLM(nnx.Module):
     x = self.decoder.embed_tokens(tokens)
     logits, caches, selected = self.decoder(x, layout, cache=caches, q_index=q_index,
                                             active_k=active_k, return_selected=return_selected,
-                                            selections=selections)
+                                            selections=selections, plan_base=plan_base)
     return (logits, caches, selected) if return_selected else (logits, caches)

@@ -174,6 +174,28 @@ def test_newline_rows_xla_matches_reference_and_k_all_is_dense(seed, routing):
   np.testing.assert_allclose(np.asarray(out)[text], ref[text], atol=ATOL)
 
 
+@pytest.mark.parametrize("seed, routing, newline", [(40, "head", False), (41, "group", True),
+                                                    (42, "group", False)])
+def test_xla_full_form_with_bounded_text_rows_matches_reference(seed, routing, newline):
+  """A layout that bounds its text and context slots (``for_decoding``): the xla full form
+  takes the patch rows from the dense kernel and runs gaze for the others only; it equals the
+  reference, forward and gradient, with the same selections (none on the patch rows)."""
+  import dataclasses
+  case = random_case(seed, group=2, routing=routing, top_k=2, newline_rows=newline)
+  bounded = dataclasses.replace(case, layout=case.layout.for_decoding(multiple=4))
+  assert bounded.layout.spec.max_nonvisual < bounded.layout.seq_len
+  out_r, ids_r = _run(case, "reference")
+  out_x, ids_x = _run(bounded, "xla")
+  np.testing.assert_array_equal(ids_x, ids_r)
+  np.testing.assert_allclose(out_x, out_r, atol=ATOL, rtol=1e-5)
+  for name, a, b in zip(["q", "k", "v", "q_route", "k_route"], _grads(bounded, "xla"),
+                        _grads(case, "reference")):
+    np.testing.assert_allclose(a, b, atol=ATOL, rtol=1e-5, err_msg=f"grad {name}")
+  # In chunks of query rows as well.
+  out_c, _ = _run(bounded, "xla", query_chunk=3)
+  np.testing.assert_allclose(out_c, out_r, atol=ATOL, rtol=1e-5)
+
+
 @pytest.mark.parametrize("impl", ["reference", "xla"])
 def test_k_all_regions_equals_dense_causal_on_text_rows(impl):
   for seed in (1, 2, 3):

@@ -1,5 +1,6 @@
 """TokenLayout: structure, region-major storage, positions, and clear errors."""
 
+import jax
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -182,3 +183,21 @@ def test_features_round_trip_and_batch_by_stacking():
     np.testing.assert_array_equal(getattr(rebuilt, k), v, err_msg=k)
   with pytest.raises(ValueError, match="missing"):
     type(both).from_features({"kind": stacked["kind"]}, spec)
+
+
+def test_for_decoding_cuts_the_text_and_context_keys_to_what_the_batch_holds():
+  """A decode step reads ``nonvisual_index``: cut to the largest count in the batch, rounded up
+  to a multiple (at most S), the slots unchanged; a traced layout cannot be cut."""
+  spec = LayoutSpec(seq_len=200, max_regions=8, max_images=2, region_shape=(2, 2), num_ctx=1)
+  lay = build_layout([[Text(3), Image(4, 4), Text(5)], [Text(20), Text(2, generated=True)]],
+                     spec)
+  assert lay.nonvisual_index.shape == (2, 200)
+  counts = (np.asarray(lay.nonvisual_index) >= 0).sum(axis=1).tolist()
+  assert counts == [9, 22]
+  cut = lay.for_decoding(multiple=8)
+  assert cut.spec.max_nonvisual == 24 and cut.nonvisual_index.shape == (2, 24)
+  np.testing.assert_array_equal(cut.nonvisual_index, np.asarray(lay.nonvisual_index)[:, :24])
+  assert cut.spec.seq_len == 200 and np.array_equal(cut.kind, lay.kind)
+  assert lay.for_decoding(multiple=512).nonvisual_index.shape == (2, 200)     # at most S
+  with pytest.raises(ValueError, match="concrete"):
+    jax.jit(lambda l: l.for_decoding().kind)(lay)

@@ -16,7 +16,9 @@ from gaze_jax.model import MLLM, DecoderConfig, GazeConfig, MLLMConfig, VisionCo
 from gaze_jax.model.generate import generate, generated_span, nucleus_mask, sample_logits
 
 M = 6                    # max_new_tokens of the shared runs
-SEQ_LEN = 64
+# Long enough that generate cuts the text-and-context key list (to 128 slots, for_decoding):
+# its prefill then takes the patch rows from the dense kernel, and its steps read the cut list.
+SEQ_LEN = 192
 GAZE_CONFIGS = {
     "dense": GazeConfig(attention="dense", num_ctx=0, region_shape=(2, 2)),
     # K=2 of 4 regions per image (8 for the two-image example): routing really drops regions.
@@ -97,6 +99,7 @@ def test_layout_has_different_first_generated_slots(setup):
   first, count = generated_span(layout)
   assert first[0] != first[1]          # the batch really exercises per-example slots
   assert count.tolist() == [M, M + 2]
+  assert layout.for_decoding().spec.max_nonvisual == 128 < SEQ_LEN
 
 
 def test_step_logits_equal_full_forward(setup):
@@ -333,3 +336,24 @@ def test_errors(dense_setup):
     with pytest.raises(ValueError, match=rf"tokens: 1 ids outside the model's vocabulary "
                        rf"\[0, 64\): {bad_id} at tokens\[1, 0\]"):
       generate(model, bad, layout, images, **kw)
+
+
+def test_decode_with_the_plan_built_once_equals_decode(setup):
+  """``decode_plan`` (the layout-only part, built once for a decode loop) gives the steps the
+  logits they compute on their own, for other rows than it was built for; a plan of other
+  options is refused."""
+  from gaze_jax.gaze.plan import build_plan
+
+  model, tokens, layout, images, _ = setup
+  lay = layout.for_decoding()
+  _, caches = model.prefill(jnp.asarray(tokens), lay, jnp.asarray(images))
+  first, _ = generated_span(layout)
+  qi = jnp.asarray(first, jnp.int32)[:, None]
+  tok = jnp.asarray([[5], [7]], jnp.int32)
+  alone, _ = model.decode(tok, qi, lay, caches)
+  base = model.decode_plan(lay, qi + 1)
+  reused, _ = model.decode(tok, qi, lay, caches, plan_base=base)
+  np.testing.assert_array_equal(np.asarray(reused), np.asarray(alone))
+  if base is not None:
+    with pytest.raises(ValueError, match="reuse: the plan was built for implementation='xla'"):
+      build_plan(lay, qi, implementation="reference", reuse=base)

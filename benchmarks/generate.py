@@ -1,0 +1,310 @@
+"""Benchmark: decoding with gaze attention against the model's own dense attention, same weights.
+
+For each decoder shape (SmolLM2-135M; the Qwen3-4B decoder with its layers cut to ``--layers``
+to fit a CPU's memory), image count (16 and 64 images of 24 x 24 tokens: 9,216 and 36,864
+visual tokens) and batch:
+
+* **decode tokens/s**: the loop ``generate`` runs, one token per step through
+  ``MLLM.decode`` (the layout ``for_decoding``, the plan's layout-only part built once, the KV
+  caches donated and carried), over a cache filled with random values (a prefill of 36,864
+  tokens would take minutes a layer on a CPU), for dense attention, gaze at K = 1, 10%, 25% and
+  all regions, and the same prompt without images (``no images``); the rows are interleaved
+  ``--repeats`` times and the medians kept;
+* **the bytes model**: the bytes one step reads (weights, and the KV entries: all valid slots
+  for dense; the text and context keys, the K regions per KV head and the region descriptors
+  for gaze), fitted as ``t = t0 + bytes / bandwidth`` on the dense step and the step without
+  images; each gaze step's time against that prediction, and the share of the ideal speed-up
+  reached (the measured gaze / dense speed-up over the model's ``t(dense) / t(gaze bytes)``);
+* **time to first token** (``--ttft``): ``generate`` with one new token (vision tower, prefill
+  and the first pick) at 16 images with a small vision tower, gaze against dense.
+
+Writes JSON (default ``benchmarks/results/generate_<backend>.json``) and, with ``--readme``, the
+README table. ``--gpu`` runs the Pallas kernels and the xla path on a GPU (``--impls``).
+
+  python benchmarks/generate.py --readme README.md            # CPU, xla path
+  python benchmarks/generate.py --gpu --readme README.md      # a GPU: pallas and xla
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gaze_jax.gaze import Image, Text, build_layout, slots_needed  # noqa: E402
+from gaze_jax.gaze.layout import TEXT, CTX, PAD  # noqa: E402
+from gaze_jax.model.config import GazeConfig, MLLMConfig, VisionConfig  # noqa: E402
+from gaze_jax.model.presets import get_preset  # noqa: E402
+
+GRID, REGION = 24, (6, 6)          # 576 tokens per image, 16 regions of 36
+PROMPT, QUESTION, NEW = 20, 12, 16
+SMALL_VISION = VisionConfig(image_size=384, patch_size=16, hidden_size=64, intermediate_size=128,
+                            num_layers=1, num_heads=2)
+
+
+def decoder_shapes(args) -> dict:
+  """name -> DecoderConfig of ``--models``: SmolLM2-135M (``--smol_layers``, all 30 by
+  default), the Qwen3-4B decoder cut to ``--qwen_layers``."""
+  smol = get_preset("smollm2_135m").decoder
+  qwen = get_preset("cambrian_4b").decoder
+  shapes = {"smollm2_135m": dataclasses.replace(smol, num_layers=args.smol_layers),
+            "qwen3_4b": dataclasses.replace(qwen, num_layers=args.qwen_layers)}
+  return {(n if n == "smollm2_135m" else f"{n}_{args.qwen_layers}l"): shapes[n]
+          for n in args.models.split(",")}
+
+
+def make_model(decoder, attention: str, top_k, impl: str, vision=None, query_chunk=None):
+  from flax import nnx
+
+  from gaze_jax.model.mllm import MLLM
+  gaze = GazeConfig(attention=attention, top_k=top_k, routing="group", region_shape=REGION,
+                    num_ctx=4, implementation=impl, query_chunk=query_chunk)
+  return MLLM(MLLMConfig(decoder=decoder, vision=vision, gaze=gaze), rngs=nnx.Rngs(0))
+
+
+def layout_of(images: int, batch: int):
+  """The prompt: text, ``images`` images, the question, 16 reserved new tokens; ``for_decoding``."""
+  segs = [Text(PROMPT)] + [Image(GRID, GRID)] * images + [Text(QUESTION),
+                                                         Text(NEW, generated=True)]
+  from gaze_jax.gaze import LayoutSpec
+  nr = max(1, images * (GRID // REGION[0]) * (GRID // REGION[1]))
+  spec = LayoutSpec(seq_len=1, max_regions=nr, max_images=max(1, images), region_shape=REGION,
+                    num_ctx=4)
+  spec = dataclasses.replace(spec, seq_len=slots_needed(segs, spec), max_nonvisual=None)
+  return build_layout([segs] * batch, spec).for_decoding()
+
+
+def step_bytes(decoder, layout, attention: str, k: int) -> float:
+  """Bytes one decode step reads: the weights, and the KV entries (float32)."""
+  Hkv, D, L = decoder.num_kv_heads, decoder.head_dim, decoder.num_layers
+  E, F, V, H = decoder.hidden_size, decoder.intermediate_size, decoder.vocab_size, decoder.num_heads
+  weights = L * (E * H * D + 2 * E * Hkv * D + H * D * E + 3 * E * F) + V * E
+  kind = np.asarray(layout.kind)
+  B = kind.shape[0]
+  entry = 2 * Hkv * D                                   # k and v of one slot, all KV heads
+  if attention == "dense":
+    kv = L * (kind != PAD).sum() * entry
+  else:
+    nonvisual = ((kind == TEXT) | (kind == CTX)).sum()
+    regions = B * min(k, layout.max_regions) * layout.region_size
+    descriptors = B * layout.max_regions * Hkv * D
+    kv = L * ((nonvisual + regions) * entry + descriptors)
+  return 4.0 * (weights + kv)
+
+
+def random_caches(decoder, layout, rng):
+  """One cache of random values for every row of a case (dense ignores the descriptors): the
+  rows pass it on, donated, so that only one copy is alive."""
+  from gaze_jax.model.attention import LayerCache
+  B, S = layout.kind.shape
+  shape = (B, S, decoder.num_kv_heads, decoder.head_dim)
+  draw = lambda s: jnp.asarray(rng.standard_normal(s, np.float32))
+  return [LayerCache(draw(shape), draw(shape),
+                     draw((B, layout.max_regions, decoder.num_kv_heads, decoder.head_dim)))
+          for _ in range(decoder.num_layers)]
+
+
+def decode_runner(model, layout, steps: int):
+  """A jitted function running ``steps`` decode steps as generate's loop does (greedy), the
+  caches donated; returns (run(caches) -> (tokens, caches))."""
+  from flax import nnx
+  gd, state = nnx.split(model)
+  first = jnp.asarray(np.argmax(np.asarray(layout.generated), axis=1), jnp.int32)
+
+  def run(state, caches):
+    m = nnx.merge(gd, state)
+    plan_base = m.decode_plan(layout, first[:, None])
+
+    def body(i, carry):
+      tok, caches = carry
+      logits, caches = m.decode(tok[:, None], (first + i)[:, None], layout, caches,
+                                plan_base=plan_base)
+      return jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), caches
+
+    tok0 = jnp.ones(first.shape, jnp.int32)
+    return jax.lax.fori_loop(0, steps, body, (tok0, caches))
+
+  f = jax.jit(run, donate_argnums=(1,))
+  return lambda caches: f(state, caches)
+
+
+def time_rows(rows: dict, caches: dict, repeats: int) -> dict:
+  """rows: name -> (run, cache key); caches: key -> the cache those rows pass on. Medians of
+  seconds per call, the rows interleaved (a first round compiles and warms up)."""
+  samples = {name: [] for name in rows}
+  for r in range(repeats + 1):
+    for name, (run, key) in rows.items():
+      t0 = time.perf_counter()
+      out, caches[key] = run(caches[key])
+      jax.block_until_ready(out)
+      if r:
+        samples[name].append(time.perf_counter() - t0)
+  return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def decode_case(decoder, images: int, batch: int, keeps, impl: str, steps: int, repeats: int,
+                rng, bounds: bool = True) -> dict:
+  layout = layout_of(images, batch)
+  text_layout = layout_of(0, batch)
+  NR = layout.max_regions
+  ks = {f"K={int(p * 100)}%": max(1, int(np.ceil(p * NR))) for p in keeps}
+  if bounds:                           # K = 1 and all regions: the range the model must follow
+    ks = {"K=1": 1, **ks, "K=all": NR}
+  rows, meta = {}, {}
+  caches = {"text": random_caches(decoder, text_layout, rng),
+            "images": random_caches(decoder, layout, rng)}
+  dense = make_model(decoder, "dense", 1, impl)
+  rows["no images"] = (decode_runner(dense, text_layout, steps), "text")
+  meta["no images"] = step_bytes(decoder, text_layout, "dense", 0)
+  rows["dense"] = (decode_runner(dense, layout, steps), "images")
+  meta["dense"] = step_bytes(decoder, layout, "dense", 0)
+  for name, k in ks.items():
+    rows[name] = (decode_runner(make_model(decoder, "gaze", k, impl), layout, steps), "images")
+    meta[name] = step_bytes(decoder, layout, "gaze", k)
+  secs = time_rows(rows, caches, repeats)
+  step = {n: s / steps for n, s in secs.items()}
+  # The bytes model, fitted on the dense step and the step without images.
+  bw = (meta["dense"] - meta["no images"]) / max(step["dense"] - step["no images"], 1e-12)
+  t0 = step["no images"] - meta["no images"] / bw
+  out = {"images": images, "visual_tokens": images * GRID * GRID, "batch": batch,
+         "regions": NR, "seq_len": layout.seq_len, "steps": steps, "fit": {
+             "bandwidth_bytes_per_s": bw, "t0_s": t0}, "rows": {}}
+  for name in rows:
+    pred = t0 + meta[name] / bw
+    row = {"step_s": step[name], "tokens_per_s": batch / step[name], "bytes": meta[name],
+           "predicted_s": pred, "vs_prediction": step[name] / pred}
+    if name not in ("dense", "no images"):
+      row["k"] = ks[name]
+      row["speedup"] = step["dense"] / step[name]
+      # What the bytes allow: the fitted model's dense time over its time for these bytes.
+      row["ideal_speedup"] = (t0 + meta["dense"] / bw) / pred
+      row["share_of_ideal"] = row["speedup"] / row["ideal_speedup"]
+    out["rows"][name] = row
+  return out
+
+
+def ttft_case(decoder, images: int, impl: str, keep: float, repeats: int) -> dict:
+  """Seconds to the first token (vision, prefill, first pick) of ``generate``, gaze against
+  dense, interleaved."""
+  from gaze_jax.model import generate
+  layout = layout_of(images, 1)
+  k = max(1, int(np.ceil(keep * layout.max_regions)))
+  # The xla path's prefill in chunks of query rows: all rows at once would hold [S, S] masks.
+  models = {"dense": make_model(decoder, "dense", 1, impl, SMALL_VISION),
+            "gaze": make_model(decoder, "gaze", k, impl, SMALL_VISION,
+                               query_chunk=1024 if impl == "xla" else None)}
+  tokens = np.ones(layout.kind.shape, np.int32)
+  pix = np.random.default_rng(0).standard_normal((1, images, 384, 384, 3)).astype(np.float32)
+  run = {n: (lambda m=m: generate(m, tokens, layout, pix, max_new_tokens=1).tokens)
+         for n, m in models.items()}
+  for f in run.values():
+    jax.block_until_ready(f())
+  samples = {n: [] for n in run}
+  for _ in range(repeats):
+    for n, f in run.items():
+      t = time.perf_counter()
+      jax.block_until_ready(f())
+      samples[n].append(time.perf_counter() - t)
+  med = {n: statistics.median(s) for n, s in samples.items()}
+  return {"images": images, "k": k, "layers": decoder.num_layers, "dense_s": med["dense"],
+          "gaze_s": med["gaze"], "gaze_vs_dense": med["gaze"] / med["dense"]}
+
+
+README_BEGIN, README_END = "<!-- generate-bench begin -->", "<!-- generate-bench end -->"
+
+
+def readme_table(result: dict) -> str:
+  lines = [f"Decode with the model's own attention, same weights "
+           f"(`benchmarks/generate.py`, {result['date']}, {result['device']}; "
+           f"{result['implementation']} path, float32, group routing, 6 x 6 regions). "
+           "Tokens/s of the decode loop, gaze / dense speed-up, the share of the speed-up that "
+           "the bytes read allow, and the step time against the bytes model fitted on the dense "
+           "step and the step without images:", "",
+           "| decoder | visual tokens | batch | dense tok/s | K | gaze tok/s | speed-up | "
+           "share of ideal | vs bytes model |", "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+  for name, cases in result["decode"].items():
+    for c in cases:
+      d = c["rows"]["dense"]
+      for k, r in c["rows"].items():
+        if "speedup" not in r:
+          continue
+        lines.append(f"| {name} | {c['visual_tokens']:,} | {c['batch']} | "
+                     f"{d['tokens_per_s']:.1f} | {k} | {r['tokens_per_s']:.1f} | "
+                     f"{r['speedup']:.2f}x | {r['share_of_ideal']:.0%} | "
+                     f"{r['vs_prediction']:.2f} |")
+  for name, t in result.get("ttft", {}).items():
+    lines += ["", f"Time to first token ({name} cut to {t['layers']} layers, {t['images']} images "
+              f"of 576 tokens, a 1-layer vision tower, batch 1): dense {t['dense_s']:.2f} s, "
+              f"gaze (K = {t['k']}) {t['gaze_s']:.2f} s ({t['gaze_vs_dense']:.2f}x)."]
+  return "\n".join(lines)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--models", default="smollm2_135m,qwen3_4b")
+  ap.add_argument("--images", default="16,64")
+  ap.add_argument("--batches", default="1,4")
+  ap.add_argument("--keeps", default="0.1,0.25")
+  ap.add_argument("--smol_layers", type=int, default=30)
+  ap.add_argument("--qwen_layers", type=int, default=2)
+  ap.add_argument("--steps", type=int, default=8, help="decode steps per timed call")
+  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--ttft", action=argparse.BooleanOptionalAction, default=True)
+  ap.add_argument("--ttft_layers", type=int, default=4,
+                  help="decoder layers of the time-to-first-token runs (a CPU prefill over "
+                  "9k tokens takes seconds a layer)")
+  ap.add_argument("--bounds", action=argparse.BooleanOptionalAction, default=True,
+                  help="also K = 1 and K = all regions")
+  ap.add_argument("--gpu", action="store_true", help="on a GPU: the Pallas kernels and xla")
+  ap.add_argument("--impls", default=None, help="default: xla on CPU, pallas,xla on a GPU")
+  ap.add_argument("--out", default=None)
+  ap.add_argument("--readme", default=None)
+  args = ap.parse_args()
+  backend = jax.default_backend()
+  impls = (args.impls or ("pallas,xla" if args.gpu else "xla")).split(",")
+  rng = np.random.default_rng(0)
+  result = {"date": datetime.date.today().isoformat(), "backend": backend,
+            "device": jax.devices()[0].device_kind if backend != "cpu"
+            else f"{platform.processor() or platform.machine()} CPU",
+            "implementation": impls[0], "args": vars(args), "decode": {}, "ttft": {}}
+  for name, decoder in decoder_shapes(args).items():
+    for impl in impls:
+      key = name if impl == impls[0] else f"{name} ({impl})"
+      result["decode"][key] = []
+      for images in map(int, args.images.split(",")):
+        for batch in map(int, args.batches.split(",")):
+          c = decode_case(decoder, images, batch, [float(p) for p in args.keeps.split(",")],
+                          impl, args.steps, args.repeats, rng, bounds=args.bounds)
+          result["decode"][key].append(c)
+          print(f"{key} {c['visual_tokens']} tokens, batch {batch}: " + ", ".join(
+              f"{n} {r['tokens_per_s']:.1f} tok/s" for n, r in c["rows"].items()), flush=True)
+    # On a CPU the Qwen3 prefill's dense attention over 9k tokens (32 heads) does not fit in
+    # memory: time to first token of the SmolLM2 shape only.
+    if args.ttft and (args.gpu or name.startswith("smollm2")):
+      cut = dataclasses.replace(decoder, num_layers=min(decoder.num_layers, args.ttft_layers))
+      result["ttft"][name] = ttft_case(cut, 16, impls[0], 0.1, args.repeats)
+      print(f"{name} ttft: {result['ttft'][name]}", flush=True)
+  out = Path(args.out or ROOT / f"benchmarks/results/generate_{backend}.json")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(result, indent=2) + "\n")
+  print(f"wrote {out}")
+  if args.readme:
+    from benchmarks.readme import replace_between
+    replace_between(Path(args.readme), README_BEGIN, README_END, readme_table(result))
+
+
+if __name__ == "__main__":
+  main()
