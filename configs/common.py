@@ -77,9 +77,16 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict(dict(
       num_steps=1000, seed=0, log_every=50, eval_every=0, eval_batches=8,
-      log_fingerprints=False, peak_flops_per_device=0.0))
+      log_fingerprints=False, peak_flops_per_device=0.0,
+      # A step whose loss or gradient is not finite: "stop" the run (nothing past the last
+      # finite step is saved) or "skip" its update (the step still counts); a run that skips
+      # more than max_skipped steps in a row stops.
+      on_nonfinite="stop", max_skipped=10))
   c.checkpoint = ml_collections.ConfigDict(dict(
-      save_every=500, keep=3, async_save=True, fallback=True))
+      save_every=500, keep=3, async_save=True, fallback=True,
+      # Resuming with a config that differs from the checkpoint's in a field that changes the
+      # training (model, data, optimizer, schedule) is refused unless this is True.
+      allow_config_changes=False))
   c.distributed = ml_collections.ConfigDict(dict(
       coordinator_address="", num_processes=0, process_id=-1, auto=False,
       cpu_collectives="gloo"))
