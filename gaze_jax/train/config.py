@@ -206,7 +206,8 @@ def eval_model_config(config: Any) -> MLLMConfig:
 # (field, lowest value) of the counts a training run reads.
 _COUNTS = (("train.num_steps", 1), ("train.log_every", 1), ("train.eval_every", 0),
            ("train.eval_batches", 0), ("checkpoint.save_every", 1), ("checkpoint.keep", 1),
-           ("data.batch_size", 1), ("data.num_threads", 1))
+           ("data.batch_size", 1), ("data.num_threads", 1), ("train.max_skipped", 0))
+NONFINITE_ACTIONS = ("stop", "skip")
 
 
 def check_train_config(config: Any) -> tuple[MLLMConfig, LayoutSpec, TopKPlan]:
@@ -228,5 +229,8 @@ def check_train_config(config: Any) -> tuple[MLLMConfig, LayoutSpec, TopKPlan]:
   if config.train.eval_every and not config.train.eval_batches:
     raise ValueError(f"config.train.eval_batches=0 with eval_every={config.train.eval_every} "
                      "would evaluate nothing: set it >= 1, or eval_every=0")
+  if config.train.on_nonfinite not in NONFINITE_ACTIONS:
+    raise ValueError(f"config.train.on_nonfinite={config.train.on_nonfinite!r} must be one of "
+                     f"{NONFINITE_ACTIONS}")
   check_optim(config.optim)
   return model_cfg, spec, plan
