@@ -28,6 +28,10 @@ overrides) so differently generated data never share a directory. Example ``i`` 
 generated from ``np.random.default_rng([seed, scene_id])`` with ``scene_id = (split_code << 40)
 + i``: the same config gives the same bytes, and no scene seed is shared between splits.
 
+A prepared folder with a missing or damaged file (its info files, checked here; its
+array_record files, checked by ``pipeline.data_source``) raises ``DamagedDatasetError`` naming
+the file and how to rebuild it.
+
 ``data_dir`` may be ``gs://bucket/...``. array_record (0.8.6) reads and writes local files only
 (its C++ writer fails with "open() failed" on a ``gs://`` path, and its reader did not return
 on one), so tfds cannot build or read the dataset there. Such a dataset lives in a local mirror,
@@ -316,8 +320,10 @@ class LlavaJson(tfds.core.GeneratorBasedBuilder):
     gens, skipped = {}, {}
     for split, path in cfg.json_files.items():
       records, bad = llava.parse_json(path, cfg.image_dir, skip_bad=cfg.skip_bad)
+      if not records:              # fail before any split is written
+        raise _no_examples(path, split, bad)
       skipped[split] = bad
-      gens[split] = self._generate_examples(records, path, bad)
+      gens[split] = self._generate_examples(records, path, split, bad)
     # The lists are filled further while generating (decode failures), before info is written.
     self.info.metadata["skipped"] = skipped
     n = sum(len(b) for b in skipped.values())
@@ -326,7 +332,7 @@ class LlavaJson(tfds.core.GeneratorBasedBuilder):
                       [b["reason"] for bs in skipped.values() for b in bs][:5])
     return gens
 
-  def _generate_examples(self, records, path, bad: list):
+  def _generate_examples(self, records, path, split: str, bad: list):
     cfg = self.builder_config
     seen = set()
     for rec in records:
@@ -342,6 +348,15 @@ class LlavaJson(tfds.core.GeneratorBasedBuilder):
         raise ValueError(f"{path}: duplicate record index {rec.index}")
       seen.add(key)
       yield key, ex
+    if not seen:                   # every image failed to decode: tfds would only assert
+      raise _no_examples(path, split, bad)
+
+
+def _no_examples(path, split: str, bad: list) -> llava.LlavaRecordError:
+  why = (f"all {len(bad)} of its records were skipped as bad (the first: {bad[0]['reason']})"
+         if bad else "it holds no records")
+  return llava.LlavaRecordError(f"{path}: split {split!r} has no examples: {why}; give it "
+                                "good records or leave the split out of json_files")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -463,10 +478,10 @@ def _copy_dataset(src, dst) -> bool:
   return True
 
 
-def _mirror(b: tfds.core.DatasetBuilder, data_dir, *, down: bool) -> bool:
-  """Copies ``b``'s dataset between the bucket ``data_dir`` and its local mirror: ``down`` when
-  the bucket holds it prepared, else up (a prepared local one). Returns whether it copied."""
-  local = epath.Path(str(b.data_dir))
+def _mirror(local: epath.Path, data_dir, *, down: bool) -> bool:
+  """Copies the dataset folder ``local`` between the bucket ``data_dir`` and its local mirror:
+  ``down`` when the bucket holds it prepared, else up (a prepared local one). Returns whether it
+  copied."""
   remote = epath.Path(data_dir) / local.relative_to(local_data_dir(data_dir))
   src, dst = (remote, local) if down else (local, remote)
   if down and not (remote / _INFO_FILE).exists():
@@ -483,15 +498,20 @@ def builder(name: str, data_dir, config: Union[str, tfds.core.BuilderConfig, Non
   """The builder (not prepared) for ``name`` under ``data_dir``; for a ``gs://`` data_dir it
   reads the local mirror, copied down first when the bucket holds the prepared dataset."""
   cfg = make_config(name, config, **overrides)
-
-  def make():
-    return BUILDERS[name](config=cfg, data_dir=str(local_data_dir(data_dir)),
-                          file_format="array_record")
-
-  b = make()
-  if not paths.is_local(data_dir) and _mirror(b, data_dir, down=True):
-    b = make()                 # tfds reads the dataset's info when the builder is made
-  return b
+  cls = BUILDERS[name]
+  folder = local_data_dir(data_dir) / name / cfg.name / str(cls.VERSION)   # tfds' layout
+  if not paths.is_local(data_dir):
+    _mirror(folder, data_dir, down=True)
+  # tfds reuses any folder there (prepare would not rebuild it) and reads its info files as it
+  # makes the builder, with errors that name neither.
+  _check_info_files(folder)
+  try:
+    return cls(config=cfg, data_dir=str(local_data_dir(data_dir)), file_format="array_record")
+  except Exception as e:
+    if not folder.exists():
+      raise
+    raise DamagedDatasetError(f"the dataset folder {folder} cannot be read ({type(e).__name__}: "
+                              f"{e}); {rebuild_hint(folder)}") from e
 
 
 def prepare(name: str, data_dir, config: Union[str, tfds.core.BuilderConfig, None] = "tiny",
@@ -502,8 +522,53 @@ def prepare(name: str, data_dir, config: Union[str, tfds.core.BuilderConfig, Non
   b = builder(name, data_dir, config, **overrides)
   b.download_and_prepare(file_format="array_record")
   if not paths.is_local(data_dir):
-    _mirror(b, data_dir, down=False)
+    _mirror(data_dir_of(b), data_dir, down=False)
   return b
+
+
+class DamagedDatasetError(ValueError):
+  """A prepared dataset's file is missing, truncated or corrupt."""
+
+
+def rebuild_hint(folder) -> str:
+  return f"delete the folder {folder} and run again: prepare builds the dataset anew"
+
+
+def _check_info_files(folder: epath.Path) -> None:
+  """Raises DamagedDatasetError when the dataset folder exists but its info files do not, or
+  are not JSON (a truncated copy)."""
+  if not folder.exists():
+    return
+  for f in (folder / _INFO_FILE, folder / "features.json"):
+    if not f.exists():
+      raise DamagedDatasetError(f"{f} is missing, so the dataset in {folder} cannot be read; "
+                                f"{rebuild_hint(folder)}")
+    try:
+      json.loads(f.read_text())
+    except ValueError as e:          # JSONDecodeError and UnicodeDecodeError
+      raise DamagedDatasetError(f"{f} is damaged ({e}); {rebuild_hint(folder)}") from None
+
+
+def check_shards(file_instructions, folder) -> None:
+  """Raises DamagedDatasetError when a shard file of ``file_instructions`` (tfds'
+  ``FileInstruction``s of a split) is missing or holds another number of records than
+  dataset_info.json says (read from the file's footer: a truncated file)."""
+  from array_record.python import array_record_module
+
+  for fi in file_instructions:
+    path = epath.Path(fi.filename)
+    if not path.exists():
+      raise DamagedDatasetError(f"{path} is missing; {rebuild_hint(folder)}")
+    try:
+      reader = array_record_module.ArrayRecordReader(str(path))
+      n = reader.num_records()
+      reader.close()
+    except Exception as e:           # RuntimeError from the C++ reader
+      raise DamagedDatasetError(f"{path} cannot be read ({e}); {rebuild_hint(folder)}") from None
+    if n != fi.examples_in_shard:
+      raise DamagedDatasetError(f"{path} holds {n} records, its dataset_info.json says "
+                                f"{fi.examples_in_shard} (truncated or damaged); "
+                                f"{rebuild_hint(folder)}")
 
 
 def data_dir_of(b: tfds.core.DatasetBuilder) -> epath.Path:

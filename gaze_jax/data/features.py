@@ -41,8 +41,18 @@ IMAGE_MARKER = "<image>"
 FEATURE_KEYS = ("tokens", "targets", "loss_mask", "images", "gt_regions")
 
 
+# The LayoutSpec field (and config.data field) behind each limit named in ExampleTooLong.needs.
+LIMIT_FIELDS = {"slots": "seq_len", "images/frames": "max_images", "regions": "max_regions",
+                "text and context tokens": "max_nonvisual"}
+
+
 class ExampleTooLong(ValueError):
-  """An example needs more slots, frames or regions than the LayoutSpec has."""
+  """An example needs more slots, frames or regions than the LayoutSpec has; ``needs`` maps
+  each limit it exceeds (e.g. "slots") to ``(needed, available)``."""
+
+  def __init__(self, message: str, needs: Optional[Mapping[str, tuple[int, int]]] = None):
+    super().__init__(message)
+    self.needs = dict(needs or {})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +117,13 @@ def _str(x) -> str:
   if isinstance(x, np.ndarray) and x.ndim == 0:
     return _str(x.item())
   return str(x)
+
+
+def example_where(example: Mapping[str, Any]) -> str:
+  """How errors name an example: its ``origin`` (file and record, set by
+  ``pipeline.SplitSource``), else ``example '<id>'``."""
+  origin = example.get("origin")
+  return _str(origin) if origin is not None else f"example {_str(example.get('id', '?'))!r}"
 
 
 def raw_turns(example: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -270,6 +287,9 @@ class ExampleProcessor:
                   "whose text uses the others will raise", n, cfg.vocab_size)
     self.skipped = 0
     self.skipped_ids: list[str] = []
+    self.kept = 0
+    # limit ("slots", ...) -> (the most a skipped example needed, the LayoutSpec's)
+    self.most_needed: dict[str, tuple[int, int]] = {}
     self._lock = threading.Lock()
 
   # Pickled into grain worker processes: locks do not pickle.
@@ -290,7 +310,7 @@ class ExampleProcessor:
   def _expand(self, example: Mapping[str, Any]) -> tuple[list, list[int], list[np.ndarray]]:
     """Segments, text token ids (in sequence order) and the pixels of every frame, in the
     order of the layout's frames (``[H, W, C]`` each)."""
-    where = f"example {_str(example.get('id', '?'))!r}"
+    where = example_where(example)
     images = raw_images(example)
     is_video = bool(np.asarray(example.get("is_video", False)))
     n_media = (1 if images else 0) if is_video else len(images)
@@ -374,16 +394,19 @@ class ExampleProcessor:
     nonvisual = (sum(s.length for s in segs if isinstance(s, Text)) + newline
                  + token_frames * spec.num_ctx)
     slots = slots_needed(segs, spec)
-    for what, need, have in (("slots", slots, spec.seq_len), ("images/frames", frames,
-                             spec.max_images), ("regions", regions, spec.max_regions),
-                             ("text and context tokens", nonvisual, spec.max_nonvisual)):
-      if need > have:
-        raise ExampleTooLong(f"{where} needs {need} {what}, more than the LayoutSpec's {have}")
+    limits = {"slots": (slots, spec.seq_len), "images/frames": (frames, spec.max_images),
+              "regions": (regions, spec.max_regions),
+              "text and context tokens": (nonvisual, spec.max_nonvisual)}
+    over = {what: nh for what, nh in limits.items() if nh[0] > nh[1]}
+    if over:
+      raise ExampleTooLong(f"{where} needs " + ", ".join(
+          f"{need} {what}, more than the LayoutSpec's {have}" for what, (need, have)
+          in over.items()), over)
 
   def features(self, example: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Features of one example; raises ExampleTooLong (naming it) when it does not fit."""
     cfg, spec = self.cfg, self.cfg.spec
-    where = f"example {_str(example.get('id', '?'))!r}"
+    where = example_where(example)
     segs, ids, frames = self._expand(example)
     self._check_fits(segs, where)
     layout = {k: v[0] for k, v in build_layout([segs], spec).to_features().items()}
@@ -438,14 +461,25 @@ class ExampleProcessor:
   def __call__(self, example: Mapping[str, Any]) -> Optional[dict[str, np.ndarray]]:
     """``features(example)``, or None (counted) for a too-long one with ``skip_too_long``."""
     try:
-      return self.features(example)
-    except ExampleTooLong:
+      out = self.features(example)
+    except ExampleTooLong as e:
       if not self.cfg.skip_too_long:
         raise
       with self._lock:
         self.skipped += 1
         self.skipped_ids.append(_str(example.get("id", "?")))
+        for what, (need, have) in e.needs.items():
+          self.most_needed[what] = (max(need, self.most_needed.get(what, (0, 0))[0]), have)
       return None
+    with self._lock:
+      self.kept += 1
+    return out
+
+  def most_needed_text(self) -> str:
+    """The most each LayoutSpec limit was exceeded by a skipped example, e.g. "412 slots
+    (seq_len=80)"."""
+    return ", ".join(f"{need} {what} ({LIMIT_FIELDS[what]}={have})"
+                     for what, (need, have) in self.most_needed.items())
 
 
 # --------------------------------------------------------------------------- batches

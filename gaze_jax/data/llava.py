@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image as PILImage
+from PIL import ImageOps
 
 IMAGE_MARKER = "<image>"
 _HUMAN = ("human", "user")
@@ -43,6 +44,16 @@ def _fail(json_path, index, rid, msg) -> LlavaRecordError:
   return LlavaRecordError(f"{json_path}: record {rid!r} (index {index}): {msg}")
 
 
+def _check_utf8(text: str, json_path, index, rid, field: str) -> None:
+  """JSON allows escapes of lone UTF-16 surrogates ("\\ud800"); the dataset stores UTF-8 text,
+  which cannot hold them."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise _fail(json_path, index, rid, f"{field} holds {text[e.start:e.end]!r} at character "
+                f"{e.start}, which is not valid Unicode text (a lone surrogate escape)") from None
+
+
 def parse_record(rec, index: int, json_path, image_dir) -> LlavaRecord:
   """Validates one record (structure and that its image files exist and open)."""
   rid = rec.get("id", f"<no id, index {index}>") if isinstance(rec, dict) else f"<index {index}>"
@@ -51,6 +62,7 @@ def parse_record(rec, index: int, json_path, image_dir) -> LlavaRecord:
   if "id" not in rec:
     raise _fail(json_path, index, rid, "has no 'id'")
   rid = str(rec["id"])
+  _check_utf8(rid, json_path, index, rid, "'id'")
   conv = rec.get("conversations")
   if not isinstance(conv, list) or not conv:
     raise _fail(json_path, index, rid, "'conversations' must be a non-empty list")
@@ -66,6 +78,7 @@ def parse_record(rec, index: int, json_path, image_dir) -> LlavaRecord:
     if msg.get("from") not in want:
       raise _fail(json_path, index, rid, f"conversations[{k}] is from {msg.get('from')!r}; "
                   f"expected one of {want}")
+    _check_utf8(msg["value"], json_path, index, rid, f"conversations[{k}]")
     if k % 2:
       if IMAGE_MARKER in msg["value"]:
         raise _fail(json_path, index, rid, f"conversations[{k}] (an answer) holds {IMAGE_MARKER}")
@@ -128,9 +141,11 @@ def parse_json(json_path, image_dir, *, skip_bad: bool = False
 
 
 def load_image(path) -> np.ndarray:
-  """uint8 ``[H, W, 3]`` (grey, palette and RGBA images are converted to RGB)."""
+  """uint8 ``[H, W, 3]`` of an image file (a path or an open binary file), as displayed: an
+  EXIF orientation is applied (as transformers' ``load_image`` does; a phone photo is stored
+  sideways), grey, palette and RGBA images are converted to RGB."""
   with PILImage.open(path) as im:
-    return np.asarray(im.convert("RGB"), np.uint8)
+    return np.asarray(ImageOps.exif_transpose(im).convert("RGB"), np.uint8)
 
 
 def record_example(rec: LlavaRecord, json_path=None) -> dict:

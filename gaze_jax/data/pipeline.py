@@ -25,11 +25,13 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
+
 from gaze_jax.data.features import (ExampleProcessor, FeatureConfig, ModelInputs,
                                     batch_to_model_inputs)
 
 __all__ = ["ExampleProcessor", "FeatureConfig", "ModelInputs", "batch_to_model_inputs",
-           "data_source", "make_dataset", "make_pipeline", "shard_split"]
+           "SplitSource", "data_source", "make_dataset", "make_pipeline", "shard_split"]
 
 
 def shard_split(split: str, process_index: Optional[int] = None,
@@ -43,18 +45,100 @@ def shard_split(split: str, process_index: Optional[int] = None,
                                     process_count=process_count, drop_remainder=drop_remainder)
 
 
+class SplitSource:
+  """Random access to (this host's part of) one split of a prepared builder
+  (``builder.as_data_source``) that says where each example comes from.
+
+  Every example gets an ``origin`` text, ``"<file> record <n>: example '<id>'"`` (for
+  ``llava_json`` the JSON file and the record's index in it, else the array_record file and
+  the position in it), which the processor's errors quote. Opening checks that each shard file
+  is there with the records dataset_info.json lists; a record that cannot be read or decoded
+  (a corrupt file) raises ``builders.DamagedDatasetError`` naming the file and the record.
+  ``description`` names the split and its data file (or folder).
+  """
+
+  def __init__(self, builder, split: str, read_split):
+    from gaze_jax.data import builders
+
+    self._folder = builders.data_dir_of(builder)
+    self._files = builder.info.splits[read_split].file_instructions
+    builders.check_shards(self._files, self._folder)
+    self._src = builder.as_data_source(read_split)
+    self._ends = np.cumsum([fi.take for fi in self._files])     # [shards] last index + 1
+    json_files = getattr(builder.builder_config, "json_files", None) or {}
+    self._json = json_files.get(split)
+    self.description = (f"{builder.name}/{builder.builder_config.name} split {split!r} "
+                        f"({self._json or self._folder})")
+
+  def __len__(self) -> int:
+    return len(self._src)
+
+  def _file_record(self, i: int) -> tuple[str, int]:
+    """The shard file of example ``i`` and its position there."""
+    k = int(np.searchsorted(self._ends, i, side="right"))
+    fi = self._files[k]
+    return fi.filename, fi.skip + i - int(self._ends[k] - fi.take)
+
+  def __getitem__(self, i):
+    from gaze_jax.data import builders
+    from gaze_jax.data.features import example_where
+
+    i = int(i)
+    if not 0 <= i < len(self):
+      raise IndexError(f"{self.description}: index {i} out of range [0, {len(self)})")
+    try:
+      ex = self._src[i]
+    except Exception as e:       # array_record (RuntimeError), protobuf and decode errors
+      path, pos = self._file_record(i)
+      raise builders.DamagedDatasetError(
+          f"{path}: record {pos} cannot be read ({type(e).__name__}: {e}); "
+          f"{builders.rebuild_hint(self._folder)}") from e
+    if self._json is not None:                  # llava_json keeps the record index in source
+      path, pos = self._json, int(np.asarray(ex["source"]).reshape(-1)[0])
+    else:
+      path, pos = self._file_record(i)
+    ex["origin"] = f"{path} record {pos}: {example_where(ex)}"
+    return ex
+
+
 def data_source(builder, split: str = "train", *, shard: bool = True,
-                process_index: Optional[int] = None, process_count: Optional[int] = None):
-  """Random-access source of a prepared builder's split (``builder.as_data_source``), this
-  host's shard of it unless ``shard=False``."""
+                process_index: Optional[int] = None,
+                process_count: Optional[int] = None) -> SplitSource:
+  """Random-access source of a prepared builder's split (``SplitSource``), this host's shard of
+  it unless ``shard=False``."""
   if not builder.is_prepared():
     raise ValueError(f"dataset {builder.name}/{builder.builder_config.name} is not prepared "
                      f"in {builder.data_dir}; call gaze_jax.data.builders.prepare first")
   if split not in builder.info.splits:
     raise ValueError(f"{builder.name}: no split {split!r}; has {sorted(builder.info.splits)}")
-  if shard:
-    split = shard_split(split, process_index, process_count)
-  return builder.as_data_source(split)
+  return SplitSource(builder, split,
+                     shard_split(split, process_index, process_count) if shard else split)
+
+
+# With skip_too_long, a run fails when the first this many examples (or the whole source, if
+# smaller) were all skipped: no example fits, and grain would search for one forever.
+SKIP_CHECK_EXAMPLES = 256
+
+
+class _FailIfNoneFits:
+  """``processor`` as grain's map function (None = skipped; grain drops those, without calling
+  a filter on them); raises ExampleTooLong once ``processor`` has skipped ``n`` examples without
+  keeping one."""
+
+  def __init__(self, processor: ExampleProcessor, n: int, where: str):
+    self.processor, self.n, self.where = processor, n, where
+
+  def __call__(self, example):
+    p = self.processor
+    out = p(example)
+    if out is None and p.kept == 0 and p.skipped >= self.n:
+      from gaze_jax.data.features import ExampleTooLong
+
+      raise ExampleTooLong(
+          f"{self.where}: all of the first {p.skipped} examples were skipped as too long "
+          f"(skip_too_long), none fits: the most they needed is {p.most_needed_text()}; "
+          "raise those limits or shorten the examples", p.most_needed)
+    return out
 
 
 def make_dataset(source, processor: ExampleProcessor, *, batch_size: int, seed: int = 0,
@@ -64,7 +148,9 @@ def make_dataset(source, processor: ExampleProcessor, *, batch_size: int, seed: 
 
   Args:
     source: a random-access source (``data_source(...)``, or any sequence of raw examples).
-    processor: raw example -> features (None = skip; see ``FeatureConfig.skip_too_long``).
+    processor: raw example -> features (None = skip; see ``FeatureConfig.skip_too_long``;
+      when the first ``SKIP_CHECK_EXAMPLES`` examples, or all if fewer, are all skipped,
+      iterating raises ExampleTooLong).
     batch_size: examples per batch (per host).
     seed: shuffle seed; the same seed and shard give the same batches.
     shuffle: shuffle the examples (per epoch).
@@ -84,7 +170,10 @@ def make_dataset(source, processor: ExampleProcessor, *, batch_size: int, seed: 
     ds = ds.shuffle(seed=seed)
   if num_epochs != 1:
     ds = ds.repeat(num_epochs, reseed_each_epoch=True)
-  ds = ds.map(processor).filter(lambda x: x is not None)   # skipped examples drop out here
+  where = getattr(source, "description", "the data source")
+  n = max(1, min(SKIP_CHECK_EXAMPLES, len(source)))
+  # Skipped examples (None) drop out here.
+  ds = ds.map(_FailIfNoneFits(processor, n, where)).filter(lambda x: x is not None)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                             prefetch_buffer_size=prefetch_buffer_size))
   return it.batch(batch_size, drop_remainder=drop_remainder)
