@@ -81,7 +81,10 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
       # A step whose loss or gradient is not finite: "stop" the run (nothing past the last
       # finite step is saved) or "skip" its update (the step still counts); a run that skips
       # more than max_skipped steps in a row stops.
-      on_nonfinite="stop", max_skipped=10))
+      on_nonfinite="stop", max_skipped=10,
+      # Refuse a run whose train step needs well over a device's memory by
+      # gaze_jax.model.memory's estimate (gaze_jax.train.preflight.check_memory).
+      check_memory=True))
   c.checkpoint = ml_collections.ConfigDict(dict(
       save_every=500, keep=3, async_save=True, fallback=True,
       # Resuming with a config that differs from the checkpoint's in a field that changes the

@@ -4,11 +4,44 @@ ml_collections (the training configs in ``configs/`` build these)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional, Union
+import numbers
+from typing import Any, Mapping, Optional, Sequence, Union
 
 
 def _is_int(x) -> bool:
   return isinstance(x, int) and not isinstance(x, bool)
+
+
+class FieldError(ValueError):
+  """A bad value of one field of a config dataclass. The message names the field as
+  ``Owner.field`` (``VisionConfig.patch_size=0 must be ...``); ``at(where)`` is the same error
+  naming it where the config tree holds it (``config.model.vision.patch_size=0 must be ...``)."""
+
+  def __init__(self, owner: str, field: str, says: str):
+    self.owner, self.field, self.says = owner, field, says
+    super().__init__(f"{owner}.{field}{says}")
+
+  def at(self, where: str) -> "FieldError":
+    return FieldError(where, self.field, self.says)
+
+
+def _check_counts(obj, counts: Sequence[tuple[str, int]]) -> None:
+  """Each ``(field, lowest)`` of ``counts`` is a whole number >= lowest (a size of 0 fails
+  deep inside the model: a ZeroDivisionError, an empty weight); numpy ints become ints."""
+  owner = type(obj).__name__
+  for name, low in counts:
+    v = getattr(obj, name)
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
+      raise FieldError(owner, name, f"={v!r} must be an int >= {low}")
+    object.__setattr__(obj, name, int(v))
+
+
+def _one_of(obj, name: str, allowed: Sequence[str]) -> None:
+  """Field ``name`` of ``obj`` is one of the strings ``allowed``."""
+  value = getattr(obj, name)
+  if value not in allowed:
+    raise FieldError(type(obj).__name__, name,
+                     f"={value!r} is not one of {', '.join(map(repr, allowed))}")
 
 
 def _from_fields(cls, fields: Mapping[str, Any], where: str):
@@ -23,6 +56,9 @@ def _from_fields(cls, fields: Mapping[str, Any], where: str):
 POS_RESIZE = ("bicubic", "buckets")
 PROJECTORS = ("mlp2x_gelu", "pixel_shuffle")
 VIDEO_POOL_MODES = ("mean", "bilinear")
+# The float types a model computes in or stores its weights in (``MLLMConfig.dtype``,
+# ``param_dtype``): jax keeps no float64 arrays unless x64 is on.
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,12 +94,20 @@ class VisionConfig:
   video_pool_mode: str = "mean"
 
   def __post_init__(self):
-    if self.pos_resize not in POS_RESIZE:
-      raise ValueError(f"VisionConfig.pos_resize={self.pos_resize!r} is not one of "
-                       f"{', '.join(map(repr, POS_RESIZE))}")
-    if self.video_pool_mode not in VIDEO_POOL_MODES:
-      raise ValueError(f"VisionConfig.video_pool_mode={self.video_pool_mode!r} is not one of "
-                       f"{', '.join(map(repr, VIDEO_POOL_MODES))}")
+    _one_of(self, "pos_resize", POS_RESIZE)
+    _one_of(self, "video_pool_mode", VIDEO_POOL_MODES)
+    _check_counts(self, (("image_size", 1), ("patch_size", 1), ("num_channels", 1),
+                         ("hidden_size", 1), ("intermediate_size", 1), ("num_layers", 1),
+                         ("num_heads", 1), ("video_pool", 1)))
+    # Not "divisible": a remainder is dropped, as the VALID patch convolution does (SigLIP
+    # so400m-patch14-384 has 384 px images of 14 px patches).
+    if self.patch_size > self.image_size:
+      raise FieldError("VisionConfig", "patch_size", f"={self.patch_size} must be <= "
+                       f"image_size={self.image_size} (an image of one patch at least)")
+    if self.hidden_size % self.num_heads:
+      raise FieldError("VisionConfig", "hidden_size", f"={self.hidden_size} must be a multiple "
+                       f"of num_heads={self.num_heads} (each head takes hidden_size / "
+                       "num_heads channels)")
 
   def pooled_grid(self, gh: int, gw: int) -> tuple[int, int]:
     """The video-pooled size of a ``gh x gw`` token grid (``video_pool_mode``)."""
@@ -137,8 +181,14 @@ class DecoderConfig:
   scan_layers: bool = False
 
   def __post_init__(self):
+    _check_counts(self, (("vocab_size", 1), ("hidden_size", 1), ("intermediate_size", 1),
+                         ("num_layers", 1), ("num_heads", 1), ("num_kv_heads", 1)))
     if self.head_dim is None:
+      if self.hidden_size % self.num_heads:
+        raise FieldError("DecoderConfig", "hidden_size", f"={self.hidden_size} must be a "
+                         f"multiple of num_heads={self.num_heads}, or head_dim set")
       object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+    _check_counts(self, (("head_dim", 1),))
     if isinstance(self.rope_scaling, Mapping):
       object.__setattr__(self, "rope_scaling", _from_fields(RopeScaling, self.rope_scaling,
                                                             "DecoderConfig.rope_scaling"))
@@ -146,7 +196,7 @@ class DecoderConfig:
       raise ValueError("DecoderConfig.rope_scaling must be None, a RopeScaling or a dict of its "
                        f"fields, got {self.rope_scaling!r}")
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"num_heads={self.num_heads} must be a multiple of "
+      raise FieldError("DecoderConfig", "num_heads", f"={self.num_heads} must be a multiple of "
                        f"num_kv_heads={self.num_kv_heads}")
 
 
@@ -180,32 +230,30 @@ class GazeConfig:
 
     for name, allowed in (("attention", ("dense", "gaze")), ("score", SCORES),
                           ("routing", ROUTINGS), ("implementation", IMPLEMENTATIONS)):
-      value = getattr(self, name)
-      if value not in allowed:
-        raise ValueError(f"GazeConfig.{name}={value!r} is not one of "
-                         f"{', '.join(map(repr, allowed))}")
+      _one_of(self, name, allowed)
     k = self.top_k
     if isinstance(k, bool) or not isinstance(k, (int, float)):
-      raise ValueError(f"GazeConfig.top_k must be an int count or a float ratio, got {k!r}")
+      raise FieldError("GazeConfig", "top_k", f" must be an int count or a float ratio, got "
+                       f"{k!r}")
     if isinstance(k, int) and k < 1:
-      raise ValueError(f"GazeConfig.top_k={k} must be >= 1 (a count of regions; 0 selects "
-                       "nothing), or a float ratio in (0, 1]")
+      raise FieldError("GazeConfig", "top_k", f"={k} must be >= 1 (a count of regions; 0 "
+                       "selects nothing), or a float ratio in (0, 1]")
     if isinstance(k, float) and not 0.0 < k <= 1.0:
-      raise ValueError(f"GazeConfig.top_k={k} as a ratio must be in (0, 1]")
+      raise FieldError("GazeConfig", "top_k", f"={k} as a ratio must be in (0, 1]")
     shape = self.region_shape
     if (not isinstance(shape, (tuple, list)) or len(shape) != 2
         or not all(_is_int(n) and n >= 1 for n in shape)):
-      raise ValueError(f"GazeConfig.region_shape must be two ints >= 1 (rows, cols), got "
-                       f"{shape!r}")
+      raise FieldError("GazeConfig", "region_shape", " must be two ints >= 1 (rows, cols), "
+                       f"got {shape!r}")
     object.__setattr__(self, "region_shape", tuple(int(n) for n in shape))
     if not _is_int(self.num_ctx) or self.num_ctx < 0:
-      raise ValueError(f"GazeConfig.num_ctx must be an int >= 0, got {self.num_ctx!r}")
+      raise FieldError("GazeConfig", "num_ctx", f" must be an int >= 0, got {self.num_ctx!r}")
     if self.query_chunk is not None and (not _is_int(self.query_chunk) or self.query_chunk < 1):
-      raise ValueError(f"GazeConfig.query_chunk must be None or an int >= 1, got "
+      raise FieldError("GazeConfig", "query_chunk", " must be None or an int >= 1, got "
                        f"{self.query_chunk!r}")
     if self.top_k_per_example and not isinstance(self.top_k, float):
-      raise ValueError("GazeConfig.top_k_per_example needs top_k as a ratio (a float in "
-                       f"(0, 1]), got top_k={self.top_k!r}")
+      raise FieldError("GazeConfig", "top_k_per_example", " needs top_k as a ratio (a float "
+                       f"in (0, 1]), got top_k={self.top_k!r}")
     if isinstance(self.kernel, Mapping):
       from pallas_kernels.config import KernelConfig   # no Pallas import
       object.__setattr__(self, "kernel", _from_fields(KernelConfig, self.kernel,
@@ -247,26 +295,26 @@ class MLLMConfig:
   newline_token_ids: tuple[int, ...] = ()
 
   def __post_init__(self):
-    if self.projector not in PROJECTORS:
-      raise ValueError(f"MLLMConfig.projector={self.projector!r} is not one of "
-                       f"{', '.join(map(repr, PROJECTORS))}")
+    _one_of(self, "projector", PROJECTORS)
+    _one_of(self, "dtype", DTYPES)
+    _one_of(self, "param_dtype", DTYPES)
     s = self.scale_factor
     if not _is_int(s) or s < 1:
-      raise ValueError(f"MLLMConfig.scale_factor must be an int >= 1, got {s!r}")
+      raise FieldError("MLLMConfig", "scale_factor", f" must be an int >= 1, got {s!r}")
     if self.projector == "mlp2x_gelu" and s != 1:
-      raise ValueError(f"MLLMConfig.scale_factor={s} needs projector='pixel_shuffle' "
+      raise FieldError("MLLMConfig", "scale_factor", f"={s} needs projector='pixel_shuffle' "
                        "(mlp2x_gelu keeps one token per patch)")
     if self.vision is not None and self.vision.grid % s:
-      raise ValueError(f"MLLMConfig.scale_factor={s} must divide the vision tower's native "
-                       f"grid {self.vision.grid} (image_size {self.vision.image_size} / "
+      raise FieldError("MLLMConfig", "scale_factor", f"={s} must divide the vision tower's "
+                       f"native grid {self.vision.grid} (image_size {self.vision.image_size} / "
                        f"patch_size {self.vision.patch_size})")
     ids = self.newline_token_ids
     if isinstance(ids, (str, bytes)) or not isinstance(ids, (tuple, list)) or not all(
         _is_int(i) and 0 <= i < self.decoder.vocab_size for i in ids):
-      raise ValueError(f"MLLMConfig.newline_token_ids must be token ids in [0, vocab_size="
-                       f"{self.decoder.vocab_size}), got {ids!r}")
+      raise FieldError("MLLMConfig", "newline_token_ids", " must be token ids in [0, "
+                       f"vocab_size={self.decoder.vocab_size}), got {ids!r}")
     if ids and self.vision is None:
-      raise ValueError("MLLMConfig.newline_token_ids needs a vision tower (vision=None)")
+      raise FieldError("MLLMConfig", "newline_token_ids", " needs a vision tower (vision=None)")
     object.__setattr__(self, "newline_token_ids", tuple(int(i) for i in ids))
 
   @property

@@ -28,7 +28,8 @@ from typing import Any, Mapping, Optional
 from gaze_jax.gaze.layout import LayoutSpec
 from gaze_jax.gaze.routing import resolve_top_k
 from gaze_jax.gaze.schedules import SHAPES
-from gaze_jax.model.config import DecoderConfig, GazeConfig, MLLMConfig, VisionConfig
+from gaze_jax.model.config import (DecoderConfig, FieldError, GazeConfig, MLLMConfig,
+                                   VisionConfig)
 
 
 def to_dict(cfg: Any) -> Optional[dict]:
@@ -83,7 +84,16 @@ def _dataclass_from(cls, fields: Optional[Mapping[str, Any]], where: str):
   for k, v in list(fields.items()):
     if isinstance(v, list):          # ConfigDict stores tuples as given; JSON gives lists
       fields[k] = tuple(v)
-  return cls(**fields)
+  return _named(where, cls, **fields)
+
+
+def _named(where: str, cls, **fields):
+  """``cls(**fields)``; a bad field's error names it as the config tree does
+  (``config.model.vision.patch_size=0 must be ...``, not ``VisionConfig.patch_size``)."""
+  try:
+    return cls(**fields)
+  except FieldError as e:
+    raise e.at(where) from None
 
 
 def model_fields(cfg: MLLMConfig) -> dict:
@@ -111,7 +121,7 @@ def mllm_config(model_cfg: Any, *, top_k=None) -> MLLMConfig:
   top = {f.name: d[f.name] for f in dataclasses.fields(MLLMConfig)
          if f.name not in ("decoder", "vision", "gaze") and d.get(f.name) is not None}
   top = {k: tuple(v) if isinstance(v, list) else v for k, v in top.items()}
-  return MLLMConfig(decoder=dec, vision=vis, gaze=gz, **top)
+  return _named("config.model", MLLMConfig, decoder=dec, vision=vis, gaze=gz, **top)
 
 
 def model_config_from_dict(d: Mapping[str, Any], where: str = "model") -> MLLMConfig:
@@ -124,7 +134,7 @@ def model_config_from_dict(d: Mapping[str, Any], where: str = "model") -> MLLMCo
   gz = _dataclass_from(GazeConfig, d.pop("gaze", None), f"{where}.gaze")
   top = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
   try:
-    return MLLMConfig(decoder=dec, vision=vis, gaze=gz, **top)
+    return _named(where, MLLMConfig, decoder=dec, vision=vis, gaze=gz, **top)
   except TypeError as e:
     raise ValueError(f"{where}: {e}") from None
 
@@ -212,15 +222,19 @@ NONFINITE_ACTIONS = ("stop", "skip")
 
 def check_train_config(config: Any) -> tuple[MLLMConfig, LayoutSpec, TopKPlan]:
   """Checks what a training run reads from ``config``, before it writes anything: the model
-  dataclasses (each checks its fields), the layout spec, the top-K plan, the input features,
-  the counts of ``train`` / ``checkpoint`` / ``data`` and the ``optim`` fields. Touches no
-  device (train_main.py runs it before ``jax.distributed.initialize``). Raises ValueError
-  naming the field. Returns ``train_model_config(config)``."""
-  from gaze_jax.train.data import feature_config
+  dataclasses (each checks its fields), the layout spec, the input features and the smallest
+  example against the layout (``preflight.check_example_fits``, one answer token: the run's
+  tokenizer is checked with its chat template in ``preflight.check_before_writing``), the
+  top-K plan, the counts of ``train`` / ``checkpoint`` / ``data`` and the ``optim`` fields.
+  Touches no device (train_main.py runs it before ``jax.distributed.initialize``). Raises
+  ValueError naming the field. Returns ``train_model_config(config)``."""
   from gaze_jax.train.optim import check_optim
+  from gaze_jax.train.preflight import check_example_fits
 
+  # The layout first: a max_regions below one image's regions is that, not a K out of range.
+  target_cfg = mllm_config(config.model)
+  check_example_fits(config, target_cfg, layout_spec(config, target_cfg))
   model_cfg, spec, plan = train_model_config(config)
-  feature_config(config, model_cfg, spec)
   for name, low in _COUNTS:
     section, field = name.split(".")
     x = getattr(getattr(config, section), field)

@@ -53,6 +53,7 @@ from gaze_jax.train import checkpoint as ckpt_lib
 from gaze_jax.train import data as data_lib
 from gaze_jax.train import metrics as metrics_lib
 from gaze_jax.train import model_init
+from gaze_jax.train import preflight
 from gaze_jax.train import sharding as shard_lib
 from gaze_jax.train.config import (check_train_config, eval_model_config, to_dict,
                                    train_model_config)
@@ -278,6 +279,8 @@ def train(config: Any, workdir, *, mesh=None, stop_after: Optional[int] = None) 
   folder = model_init.hf_folder(config.model.init)
   if folder is not None:           # the folder's weights fit the model: checked from the headers
     model_init.check_folder(folder, s.model_cfg, s.abstract_params)
+  # The workdir, dtype, tokenizer, smallest example and memory: refused before any write.
+  preflight.check_before_writing(config, workdir, s.model_cfg, s.spec, tokenizer)
   if primary:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(_jsonable(to_dict(config)), indent=2))
