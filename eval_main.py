@@ -10,7 +10,7 @@ attention it trained with), its data and tokenizer from its ``config.json``. ``-
 other data settings; a config whose model differs from the trained one is refused, naming the
 fields. To evaluate the same weights another way, say so: ``--override=gaze.top_k=2`` (how
 attention routes: attention, top_k, score, routing, region_shape, ...); the overrides are
-printed and recorded in the results.
+printed and recorded in the results. An error is one line (``--verbose``: with its traceback).
 
   python eval_main.py --workdir=/tmp/gaze_demo \\
       --compare_workdir=/tmp/gaze_demo_dense --compare_name=dense_twin
@@ -25,19 +25,21 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
+from gaze_jax import cli
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Data settings (default: the run's own "
                                 "config.json); its model must be the trained one.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "The run's --workdir (its checkpoints).")
-flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", lower_bound=0)
 flags.DEFINE_list("splits", ["validation"], "Dataset splits to evaluate.")
 flags.DEFINE_integer("max_batches", None, "Batches per split (default: config.train.eval_batches,"
-                     " 0 = the whole split).")
+                     " 0 = the whole split).", lower_bound=0)
 flags.DEFINE_list("baselines", ["dense", "token_matched", "fixed_from_question",
                                 "random_routing"], "Baselines from the same weights.")
 flags.DEFINE_integer("random_seed", 0, "Seed of the random-routing baseline's draws.")
-flags.DEFINE_integer("num_gaze_maps", 4, "Gaze-map PNGs per split.")
+flags.DEFINE_integer("num_gaze_maps", 4, "Gaze-map PNGs per split.", lower_bound=0)
 flags.DEFINE_bool("answer_prior", True, "Add the answer-prior row (most common training answer "
                   "per question, no image) and accuracy per question type.")
 flags.DEFINE_string("out_dir", None, "Where results go (default <workdir>/eval).")
@@ -49,28 +51,45 @@ flags.DEFINE_string("compare_workdir", None, "Workdir of the second run.")
 flags.DEFINE_string("compare_name", None, "Row name of the second run (default: its config "
                     "file name).")
 flags.mark_flags_as_required(["workdir"])
+flags.register_validator("splits", bool, "give at least one split, e.g. --splits=validation")
+
+
+@flags.multi_flags_validator(["compare_workdir", "compare_config", "compare_name"],
+                             "--compare_config and --compare_name describe the run of "
+                             "--compare_workdir: give it too")
+def _compare_needs_a_workdir(values):
+  return bool(values["compare_workdir"]) or (values["compare_config"] is None
+                                             and not values["compare_name"])
 
 
 def _load(config, workdir, step=None, overrides=None):
-  """``(config, Restored)`` of a run: its model as trained (with ``overrides``), and the config
-  of its data (its own ``config.json`` when ``config`` is None)."""
+  """``(config, run_config, Restored)`` of a run: its model as trained (with ``overrides``),
+  the config of its data (its own ``config.json`` when ``config`` is None), and that config
+  again when it is the run's own (else None: whose missing fields ``_batches`` names)."""
   from gaze_jax import runs
   try:
     run = runs.restore(config, workdir, step, overrides=overrides)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  return config if config is not None else runs.load_run_config(workdir), run
+  if config is not None:
+    return config, None, run
+  run_config = runs.load_run_config(workdir)
+  return run_config, run_config, run
 
 
-def _batches(config, workdir, cfg, spec, tok, split):
+def _batches(config, workdir, cfg, spec, tok, split, run_config=None):
+  """The split's batches; a field that ``run_config`` (the run's own config.json) lacks is an
+  error naming the field and the file."""
   from gaze_jax import runs
-  return runs.eval_batches(config, workdir, cfg, spec, tok, split)
+  with runs.naming_missing_fields(run_config, workdir):
+    return runs.eval_batches(config, workdir, cfg, spec, tok, split)
 
 
 def main(argv):
   del argv
   from gaze_jax.data.pipeline import data_source
   from gaze_jax.eval import GazeMaps, evaluate, markdown_report, write_report
+  from gaze_jax.eval.evaluate import BASELINES
   from gaze_jax.eval.prior import answer_prior, qa_records
 
   from gaze_jax import runs
@@ -78,14 +97,20 @@ def main(argv):
   pylogging.getLogger("absl").setLevel(pylogging.INFO)
   workdir = FLAGS.workdir
   out = epath.Path(FLAGS.out_dir or epath.Path(workdir) / "eval")
+  unknown = sorted(set(FLAGS.baselines) - set(BASELINES))
+  if unknown:                        # before minutes of loading
+    raise app.UsageError(f"--baselines: unknown {', '.join(unknown)}; known: "
+                         f"{', '.join(BASELINES)}")
   try:
     overrides = runs.parse_overrides(FLAGS.override)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  config, (model, step, cfg, spec, tok) = _load(FLAGS.config, workdir, FLAGS.step, overrides)
-  max_batches = FLAGS.max_batches
-  if max_batches is None:
-    max_batches = int(config.train.eval_batches)
+  config, run_config, (model, step, cfg, spec, tok) = _load(FLAGS.config, workdir, FLAGS.step,
+                                                            overrides)
+  with runs.naming_missing_fields(run_config, workdir):
+    default_batches = int(config.train.eval_batches)
+    train_split = config.data.train_split
+  max_batches = FLAGS.max_batches if FLAGS.max_batches is not None else default_batches
   max_batches = max_batches or None
   g = cfg.gaze
   logging.info("evaluating %s at step %d as trained: attention %s%s", workdir, step, g.attention,
@@ -95,18 +120,18 @@ def main(argv):
           ", ".join(f"{k}={v!r}" for k, v in overrides.items()))
   other = None
   if FLAGS.compare_workdir:
-    other_config, other = _load(FLAGS.compare_config, FLAGS.compare_workdir)
+    other_config, other_run_config, other = _load(FLAGS.compare_config, FLAGS.compare_workdir)
     name = FLAGS.compare_name or epath.Path(FLAGS.compare_workdir).name
   results = []
   train_records = None
   for split in FLAGS.splits:
-    builder, batches = _batches(config, workdir, cfg, spec, tok, split)
+    builder, batches = _batches(config, workdir, cfg, spec, tok, split, run_config)
     records = groups = None
     if FLAGS.answer_prior:
       records = qa_records(data_source(builder, split))
       groups = [r.type for r in records]
       if train_records is None:
-        train_records = qa_records(data_source(builder, config.data.train_split))
+        train_records = qa_records(data_source(builder, train_split))
     # The main row is "gaze", or "dense_trained" for a model trained with dense attention
     # ("dense" is the gaze model's dense twin).
     main = "gaze" if cfg.gaze.attention == "gaze" else "dense_trained"
@@ -117,7 +142,8 @@ def main(argv):
                    groups=groups, random_seed=FLAGS.random_seed, log=logging.info)
     if other is not None:
       o_model, o_step, o_cfg, o_spec, o_tok = other
-      _, o_batches = _batches(other_config, FLAGS.compare_workdir, o_cfg, o_spec, o_tok, split)
+      _, o_batches = _batches(other_config, FLAGS.compare_workdir, o_cfg, o_spec, o_tok, split,
+                              other_run_config)
       o_res = evaluate(o_model, o_batches, o_spec, baselines=(), split=split, name=name,
                        max_batches=max_batches, groups=groups, log=logging.info)
       res["results"][f"{name} (trained, step {o_step})"] = o_res["results"][name]
@@ -135,4 +161,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

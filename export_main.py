@@ -10,7 +10,8 @@
   # predict_main.py take as --workdir.
   python export_main.py --workdir=/tmp/gaze_demo --out=/tmp/gaze_demo_serve --params_only
 
-Exports the latest checkpoint, or ``--step``.
+Exports the latest checkpoint, or ``--step``. An error is one line (``--verbose``: with its
+traceback).
 """
 
 from __future__ import annotations
@@ -21,16 +22,19 @@ import sys
 
 from absl import app, flags, logging
 
+from gaze_jax import cli
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The training run's --workdir.", required=True)
 flags.DEFINE_string("out", None, "Where the export goes (a local folder or gs://...).",
                     required=True)
-flags.DEFINE_integer("step", None, "A checkpoint step (default: the latest).")
+flags.DEFINE_integer("step", None, "A checkpoint step (default: the latest).", lower_bound=0)
 flags.DEFINE_bool("params_only", False, "Write the parameters only, for serving (our run "
                   "layout), instead of a Hugging Face folder.")
 flags.DEFINE_string("dtype", None, "The dtype of the exported weights (e.g. bfloat16; default: "
                     "each tensor's dtype in the folder the run started from).")
-flags.DEFINE_integer("max_shard_mb", 2048, "The largest safetensors shard, in MB.")
+flags.DEFINE_integer("max_shard_mb", 2048, "The largest safetensors shard, in MB.",
+                     lower_bound=1)
 
 
 def main(argv):
@@ -41,16 +45,15 @@ def main(argv):
   pylogging.getLogger("gaze_jax").addHandler(pylogging.StreamHandler(sys.stdout))
   from gaze_jax import exports
 
-  try:
-    if FLAGS.params_only:
-      summary = exports.export_params(FLAGS.workdir, FLAGS.out, step=FLAGS.step)
-    else:
-      summary = exports.export_hf(FLAGS.workdir, FLAGS.out, step=FLAGS.step, dtype=FLAGS.dtype,
-                                  max_shard_bytes=FLAGS.max_shard_mb << 20)
-  except (ValueError, FileNotFoundError) as e:
-    raise app.UsageError(str(e)) from None
+  # A missing or foreign workdir, a bad --dtype: ValueError / FileNotFoundError, one line
+  # through cli.run.
+  if FLAGS.params_only:
+    summary = exports.export_params(FLAGS.workdir, FLAGS.out, step=FLAGS.step)
+  else:
+    summary = exports.export_hf(FLAGS.workdir, FLAGS.out, step=FLAGS.step, dtype=FLAGS.dtype,
+                                max_shard_bytes=FLAGS.max_shard_mb << 20)
   print(json.dumps({"out": FLAGS.out, **summary}))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -5,10 +5,11 @@
 
 Loads the run's latest checkpoint as it was trained (the model its checkpoint records; its
 tokenizer and image processing from ``<workdir>/config.json``; ``--override=gaze.top_k=2``
-changes how attention routes, and says so), resizes the image to the model's input size, generates the answer, prints it with the regions the answer
-looked at (their share of the answer tokens' selections over all layers and heads), and writes
-a gaze map next to the image (``<image>_gaze.png``, or ``--gaze_map``). The workdir, the image and
-the gaze map may be local or ``gs://``.
+changes how attention routes, and says so), resizes the image to the model's input size,
+generates the answer, prints it with the regions the answer looked at (their share of the
+answer tokens' selections over all layers and heads), and writes a gaze map next to the image
+(``<image>_gaze.png``, or ``--gaze_map``). The workdir, the image and the gaze map may be local
+or ``gs://``. An error is one line (``--verbose``: with its traceback).
 """
 
 from __future__ import annotations
@@ -19,16 +20,32 @@ import sys
 from absl import app, flags, logging
 from etils import epath
 
+from gaze_jax import cli
+from gaze_jax.predict import check_question
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The training run's --workdir.", required=True)
 flags.DEFINE_string("image", None, "An image file (PNG, JPEG, ...).", required=True)
-flags.DEFINE_string("question", None, "The question about the image.", required=True)
+flags.DEFINE_string("question", None, "The question about the image (UTF-8 text).",
+                    required=True)
 flags.DEFINE_string("gaze_map", None, "Where to write the gaze map (default: next to the image, "
                     "<image stem>_gaze.png).")
-flags.DEFINE_integer("max_new_tokens", 16, "The most answer tokens to generate.")
-flags.DEFINE_integer("step", None, "A checkpoint step (default: the latest).")
+flags.DEFINE_integer("max_new_tokens", 16, "The most answer tokens to generate (at least 1).",
+                     lower_bound=1)
+flags.DEFINE_integer("step", None, "A checkpoint step (default: the latest).", lower_bound=0)
 flags.DEFINE_list("override", [], "Answer with the trained weights changed so, e.g. "
                   "gaze.top_k=2 (printed).")
+
+
+@flags.validator("question")
+def _question_is_text(question):
+  """An empty question or one not in UTF-8 is a usage error naming --question."""
+  if question is not None:           # a missing one is the required flag's error
+    try:
+      check_question(question)
+    except ValueError as e:
+      raise flags.ValidationError(str(e)) from None
+  return True
 
 
 def main(argv):
@@ -59,4 +76,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -9,6 +9,9 @@ docstring gives its exact command. Multi-process: set ``--config.distributed.
 coordinator_address=host:port --config.distributed.num_processes=N
 --config.distributed.process_id=i`` (or ``JAX_COORDINATOR_ADDRESS`` / cluster auto-detection
 with ``--config.distributed.auto=True``).
+
+An error meant for the user (a config field, a dataset record, a failed save) is one line; its
+traceback goes to ``<workdir>/errors.log`` (``--verbose`` prints it too).
 """
 
 import json
@@ -17,6 +20,8 @@ import logging
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from gaze_jax import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl, tb/ and the dataset")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file",
@@ -49,4 +54,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, log_dir=lambda: _WORKDIR.value)

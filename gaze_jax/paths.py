@@ -68,14 +68,28 @@ def list_files(folder: PathLike) -> list[epath.Path]:
 
 def read_json(path: PathLike) -> dict:
   """A JSON file holding an object (a config, a processor's settings), local or ``gs://``, as a
-  dict; ValueError naming the file when it is not valid JSON or not an object."""
+  dict; ValueError naming the file when it is not UTF-8 text, not valid JSON (e.g. cut short)
+  or not an object."""
   import json
 
   path = epath.Path(path)
   try:
     out = json.loads(path.read_text())
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path} is not UTF-8 text: {e}") from None
   except json.JSONDecodeError as e:
     raise ValueError(f"{path} is not valid JSON: {e}") from None
   if not isinstance(out, dict):
     raise ValueError(f"{path} must hold a JSON object, got {type(out).__name__}")
   return out
+
+
+def append_text(path: PathLike, text: str) -> None:
+  """Adds ``text`` at the end of the file ``path`` (created when missing). A local file is
+  appended to; a ``gs://`` object, which cannot be, is rewritten whole with the text added."""
+  path = epath.Path(path)
+  if is_local(path):
+    with path.open("a") as f:
+      f.write(text)
+  else:
+    write_atomic(path, (path.read_text() if path.exists() else "") + text)

@@ -112,6 +112,26 @@ def read_image(image: ImageLike) -> np.ndarray:
     raise ValueError(f"image file {path} cannot be read as an image: {e}") from None
 
 
+def check_question(question) -> None:
+  """Raises ValueError unless ``question`` is non-empty text that can be written as UTF-8.
+
+  A question given as bytes that are not UTF-8 (absl keeps such command-line bytes as lone
+  surrogates, ``"\\udcff"``) is refused, naming the bytes, rather than decoded with
+  replacement characters: the model would be asked something the user did not write."""
+  if not isinstance(question, str) or not question.strip():
+    raise ValueError("question must be a non-empty string")
+  try:
+    question.encode("utf-8")
+  except UnicodeEncodeError as e:
+    bad = question[e.start:e.end]
+    try:
+      shown = "bytes " + " ".join(f"0x{b:02x}" for b in bad.encode("utf-8", "surrogateescape"))
+    except UnicodeEncodeError:       # a lone surrogate that no byte stands for
+      shown = repr(bad)
+    raise ValueError(f"the question is not UTF-8 text ({shown} at character {e.start}): "
+                     "give it in UTF-8") from None
+
+
 def _features(processor, spec, image: np.ndarray, question: str, answer: str):
   from gaze_jax.data.features import ExampleTooLong, batch_to_model_inputs
 
@@ -162,7 +182,9 @@ def predict(workdir, image: ImageLike, question: str, *, max_new_tokens: int = 1
     overrides: ``{"gaze.top_k": 2, ...}``: answer with the trained model changed so
       (``gaze_jax.runs.parse_overrides``); by default the model is the one the run trained.
   Raises:
-    FileNotFoundError / ValueError naming the workdir, the image file or the question;
+    FileNotFoundError / ValueError naming the workdir, the image file, the question (empty, or
+    not UTF-8 text: ``check_question``), ``max_new_tokens`` below 1, or the run's
+    ``config.json`` and its field (cut short, a field missing);
     ``gaze_jax.train.checkpoint.CheckpointError`` when the workdir holds no checkpoint.
   """
   from gaze_jax import runs
@@ -170,8 +192,9 @@ def predict(workdir, image: ImageLike, question: str, *, max_new_tokens: int = 1
   from gaze_jax.eval.text import decode
   from gaze_jax.train.data import example_processor
 
-  if not isinstance(question, str) or not question.strip():
-    raise ValueError("question must be a non-empty string")
+  check_question(question)
+  if max_new_tokens < 1:             # 0 would answer nothing; fewer breaks generation
+    raise ValueError(f"max_new_tokens={max_new_tokens}: the answer needs at least 1 token")
   pixels = read_image(image)
   config = runs.load_run_config(workdir)
   run = restored or runs.restore(None, workdir, step, overrides=overrides)
@@ -179,7 +202,8 @@ def predict(workdir, image: ImageLike, question: str, *, max_new_tokens: int = 1
   if pixels.shape[:2] != (size, size):
     log.info("resizing the image from %dx%d to the model's %dx%d", pixels.shape[1],
              pixels.shape[0], size, size)
-  processor = example_processor(config, run.tokenizer, run.model_cfg, run.spec)
+  with runs.naming_missing_fields(config, workdir):
+    processor = example_processor(config, run.tokenizer, run.model_cfg, run.spec)
   asked = _features(processor, run.spec, pixels, question, "?")
   toks, lengths, _ = generate_answers(run.model, asked, max_new_tokens=max_new_tokens,
                                       stop_tokens=tuple(getattr(run.tokenizer, "stop_ids", ())))

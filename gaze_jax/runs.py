@@ -15,6 +15,7 @@ through this module only and ``import gaze_jax.runs`` is cheap.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
@@ -70,22 +71,80 @@ class Restored(NamedTuple):
   tokenizer: Any
 
 
-def load_run_config(workdir):
-  """The ConfigDict a run trained with (``<workdir>/config.json``, written by the trainer;
-  local or ``gs://``)."""
-  import json
-
+def run_config_path(workdir):
+  """``<workdir>/config.json`` (an ``epath.Path``: local or ``gs://``)."""
   from etils import epath
 
+  return epath.Path(workdir) / "config.json"
+
+
+def load_run_config(workdir):
+  """The ConfigDict a run trained with (``<workdir>/config.json``, written by the trainer;
+  local or ``gs://``). FileNotFoundError without it; ValueError naming the file when it is not
+  a JSON object (e.g. cut short). A field it lacks is found where it is read: see
+  ``naming_missing_fields``."""
+  from gaze_jax.paths import read_json
   from gaze_jax.train.config import config_from_dict
 
-  path = epath.Path(workdir) / "config.json"
+  path = run_config_path(workdir)
   if not path.parent.is_dir():
     raise FileNotFoundError(f"--workdir {workdir} does not exist")
   if not path.is_file():
     raise FileNotFoundError(f"{workdir} has no config.json: is it the --workdir of a training "
                             "run (train_main.py writes config.json there)?")
-  return config_from_dict(json.loads(path.read_text()))
+  return config_from_dict(read_json(path))
+
+
+def _missing_field(error: AttributeError, config) -> Optional[str]:
+  """The dotted name (``"data.tokenizer"``) of the field of ``config`` whose read raised
+  ``error`` (ml_collections' ``AttributeError(KeyError(name))``, which names the leaf only), or
+  None when ``error`` is not such a read of ``config`` or one of its sections."""
+  import ml_collections
+
+  if config is None:
+    return None
+  getattr_code = ml_collections.ConfigDict.__getattr__.__code__
+  read = None
+  tb = error.__traceback__
+  while tb is not None:                # the innermost ConfigDict.__getattr__ raised it
+    if tb.tb_frame.f_code is getattr_code:
+      read = tb.tb_frame.f_locals.get("self"), tb.tb_frame.f_locals.get("attribute")
+    tb = tb.tb_next
+  if read is None:
+    return None
+  node, name = read
+
+  def find(section, prefix):         # by identity: only this config's sections count
+    if section is node:
+      return prefix
+    for key, value in section.items():
+      if isinstance(value, ml_collections.ConfigDict):
+        found = find(value, f"{prefix}{key}.")
+        if found is not None:
+          return found
+    return None
+
+  prefix = find(config, "")
+  return None if prefix is None else f"{prefix}{name}"
+
+
+@contextlib.contextmanager
+def naming_missing_fields(config, workdir):
+  """Within the block, reading a field that ``config`` (loaded from ``<workdir>/config.json``)
+  lacks is a ValueError naming the field and the file, not an AttributeError naming the leaf
+  (``config`` None: the block's errors pass unchanged).
+
+  The check is made where a field is read rather than against today's list of fields, so that
+  the runs of older versions, whose config.json lacks fields added since, still load."""
+  try:
+    yield
+  except AttributeError as e:
+    field = _missing_field(e, config)
+    if field is None:
+      raise
+    raise ValueError(f"{run_config_path(workdir)} lacks the field {field} (train_main.py "
+                     "writes every field; configs/common.py: base_config gives each one's "
+                     "default)") from e
 
 
 def trained_model(workdir, step: Optional[int] = None, run_config: Any = None):
@@ -162,7 +221,8 @@ def restore(config: Any, workdir, step: Optional[int] = None, *, overrides=None,
     overrides: ``{"gaze.top_k": 2, ...}`` applied to the trained model.
     mesh, rules: shard the weights (``train.checkpoint.restore_model``).
   Raises:
-    ValueError: ``config`` asks for another model than the one trained.
+    ValueError: ``config`` asks for another model than the one trained; the run's
+      ``config.json`` is cut short or lacks a field (the message names the file and field).
     CheckpointError: no checkpoint, one of another model's weights, another tokenizer.
   """
   from gaze_jax.train.checkpoint import model_differences, restore_model, with_runtime_fields
@@ -171,22 +231,24 @@ def restore(config: Any, workdir, step: Optional[int] = None, *, overrides=None,
   run_config = load_run_config(workdir) if config is None else None
   config = config if config is not None else run_config
   overrides = dict(overrides or {})
-  trained, _ = trained_model(workdir, step, run_config)
-  if run_config is None:
-    asked = eval_model_config(config)
-    diff = {k: v for k, v in model_differences(trained, asked).items() if k not in overrides}
-    if diff:
-      shown = "; ".join(f"model.{k}: trained {a!r}, --config {b!r}" for k, (a, b) in diff.items())
-      raise ValueError(f"the config asks for another model than the run in {workdir} trained "
-                       f"({shown}): evaluate the run as trained (its own config.json is the "
-                       "default), or say --override=" + ",".join(
-                           f"{k}={b!r}" for k, (_, b) in diff.items()))
-    # How the model runs (dtypes, kernels, remat) is the config's to choose.
-    trained = with_runtime_fields(trained, asked)
-  cfg = with_overrides(trained, overrides)
-  tok = run_tokenizer(config)
-  model, step = restore_model(workdir, cfg, step, tokenizer=tok, mesh=mesh, rules=rules)
-  return Restored(model, step, cfg, layout_spec(config, cfg), tok)
+  with naming_missing_fields(run_config, workdir):
+    trained, _ = trained_model(workdir, step, run_config)
+    if run_config is None:
+      asked = eval_model_config(config)
+      diff = {k: v for k, v in model_differences(trained, asked).items() if k not in overrides}
+      if diff:
+        shown = "; ".join(f"model.{k}: trained {a!r}, --config {b!r}"
+                          for k, (a, b) in diff.items())
+        raise ValueError(f"the config asks for another model than the run in {workdir} trained "
+                         f"({shown}): evaluate the run as trained (its own config.json is the "
+                         "default), or say --override=" + ",".join(
+                             f"{k}={b!r}" for k, (_, b) in diff.items()))
+      # How the model runs (dtypes, kernels, remat) is the config's to choose.
+      trained = with_runtime_fields(trained, asked)
+    cfg = with_overrides(trained, overrides)
+    tok = run_tokenizer(config)
+    model, step = restore_model(workdir, cfg, step, tokenizer=tok, mesh=mesh, rules=rules)
+    return Restored(model, step, cfg, layout_spec(config, cfg), tok)
 
 
 def eval_batches(config: Any, workdir, model_cfg, spec, tokenizer, split: str):

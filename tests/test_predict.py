@@ -128,3 +128,23 @@ def test_bad_inputs_name_the_file_or_field(demo_run, scene, tmp_path):
     predict_lib.predict(workdir, image, "where " * 200)
   with pytest.raises(ValueError, match="question must be a non-empty string"):
     predict_lib.predict(workdir, image, "  ")
+
+
+def test_a_config_json_without_a_field_names_the_field_and_the_file(demo_run, scene, tmp_path):
+  """A run whose config.json lost a field (here data.tokenizer) is refused naming both, not
+  with ml_collections' AttributeError naming the leaf only."""
+  import json
+  import shutil
+
+  from gaze_jax.train.checkpoint import CHECKPOINT_DIR
+
+  workdir, _ = demo_run
+  image, question = scene
+  copy = tmp_path / "run"
+  shutil.copytree(workdir / CHECKPOINT_DIR, copy / CHECKPOINT_DIR)
+  config = json.loads((workdir / "config.json").read_text())
+  del config["data"]["tokenizer"]
+  (copy / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ValueError, match=rf"{copy / 'config.json'} lacks the field "
+                                       r"data\.tokenizer"):
+    predict_lib.predict(copy, image, question, max_new_tokens=1)
