@@ -51,7 +51,9 @@ For evaluation: ``restore_model(workdir, config)`` returns ``(MLLM, step)``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import zlib
@@ -228,7 +230,7 @@ class Checkpointer:
       return False
     # orbax's save waits for the previous one as well; waiting first keeps ``_saving`` of the
     # step the callback finalises.
-    self.mngr.wait_until_finished()
+    self.wait()
     self._saving = int(step)
     data = {"process_count": jax.process_count(), "states": gather_json(data_state)}
     items = dict(params=ocp.args.StandardSave(state["params"]), data=ocp.args.JsonSave(data),
@@ -236,10 +238,33 @@ class Checkpointer:
     if state.get("opt_state") is not None:
       items["opt_state"] = ocp.args.StandardSave(state["opt_state"])
     args = ocp.args.Composite(**items)
-    started = self.mngr.save(step, args=args, force=force)
+    with self._disk_full_reported():
+      started = self.mngr.save(step, args=args, force=force)
     if not self.async_save:
-      self.mngr.wait_until_finished()
+      self.wait()
     return started
+
+  @contextlib.contextmanager
+  def _disk_full_reported(self):
+    """A full disk (ENOSPC, from the save's thread or here) becomes one ``CheckpointError``
+    that names the lost step and the committed ones, which it does not touch."""
+    try:
+      yield
+    except OSError as e:
+      cause = e
+      while cause is not None and getattr(cause, "errno", None) != errno.ENOSPC:
+        cause = cause.__cause__ or cause.__context__
+      if cause is None:
+        raise
+      try:
+        self.mngr.reload()
+        kept = self.steps()
+      except Exception:  # reporting must not fail on the full disk
+        kept = "unknown"
+      raise CheckpointError(
+          f"no space left on the device while saving checkpoint step {self._saving} in "
+          f"{self.directory}: that step is not saved; the committed steps ({kept}) are intact. "
+          "Free some space and rerun the same command to resume from the latest.") from e
 
   def _record_checksums(self):
     """orbax's post-finalization callback (background thread, primary process, after every
@@ -254,7 +279,8 @@ class Checkpointer:
     record_checksums(tmp[0] if tmp else self.directory / str(step))
 
   def wait(self):
-    self.mngr.wait_until_finished()
+    with self._disk_full_reported():
+      self.mngr.wait_until_finished()
 
   def read_meta(self, step: Optional[int] = None) -> Optional[tuple[int, dict]]:
     """``(step, meta)`` of ``step`` (default: the latest), reading only its ``meta`` item (a
@@ -274,8 +300,10 @@ class Checkpointer:
     return step, dict(out["meta"] or {})
 
   def close(self):
-    self.mngr.wait_until_finished()
-    self.mngr.close()
+    try:
+      self.wait()
+    finally:
+      self.mngr.close()
 
   # ------------------------------------------------------------------ restore
 
@@ -471,7 +499,7 @@ def weight_differences(meta_model: Optional[dict], cfg) -> dict[str, tuple]:
 
 
 def restore_model(workdir, config, step: Optional[int] = None, *, mesh=None, rules=None,
-                  fallback: bool = True, tokenizer=None):
+                  fallback: bool = True, tokenizer=None, allow_nonfinite: bool = False):
   """The trained model of a run: ``(MLLM, step)``.
 
   Args:
@@ -485,10 +513,12 @@ def restore_model(workdir, config, step: Optional[int] = None, *, mesh=None, rul
     mesh, rules: shard the weights on ``mesh`` by the logical axis ``rules`` (default:
       ``gaze_jax.train.sharding.DEFAULT_RULES``); without a mesh they go to the default device.
     tokenizer: when given, it must be the one the run trained with (``check_tokenizer``).
+    allow_nonfinite: serve parameters that hold NaN or infinite values (with a warning).
   Raises:
     CheckpointError: no checkpoint (or none that restores) under ``workdir``, one of a model
       whose weights have other shapes (naming the fields that differ, before any weight is
-      read), or one trained with another tokenizer.
+      read), one trained with another tokenizer, or (``NonFiniteCheckpoint``) one whose
+      parameters are not finite.
   """
   from gaze_jax.model.config import MLLMConfig
   from gaze_jax.train import sharding
@@ -524,4 +554,6 @@ def restore_model(workdir, config, step: Optional[int] = None, *, mesh=None, rul
     raise CheckpointError(f"no checkpoint under {epath.Path(workdir) / CHECKPOINT_DIR}")
   if tokenizer is not None:
     check_tokenizer(got.meta, tokenizer, f"checkpoint step {got.step} in {workdir}")
+  from gaze_jax.train.nonfinite import check_finite
+  check_finite(got.params, f"checkpoint step {got.step} in {workdir}", allow=allow_nonfinite)
   return nnx.merge(gd, got.params, rest), got.step

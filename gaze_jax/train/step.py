@@ -13,7 +13,9 @@ K_max): lowering K never recompiles. ``TrainStep.traces`` counts Python traces.
 Metrics (float32 scalars; the rules are ``gaze_jax.metrics``, shared with the evaluation):
 ``loss`` (mean NLL of answer tokens), ``accuracy`` (argmax hit rate on answer tokens),
 ``answer_tokens``, ``grad_norm`` (global, trainable params, before clipping), ``lr`` (base
-schedule), ``k`` (active K; 0 for dense), and for gaze ``selected_per_head`` (valid ids per routed row and query head, = K when enough regions are
+schedule), ``k`` (active K; 0 for dense), ``finite`` (1 when the loss and the gradient norm are
+finite; with ``skip_nonfinite`` a step where they are not keeps the old parameters and optimizer
+state), and for gaze ``selected_per_head`` (valid ids per routed row and query head, = K when enough regions are
 candidates) and ``union_per_kv_head`` (distinct regions a KV head serves for one routed row,
 ``selected_union_size``), averaged over layers, KV heads and routed rows of this step's own
 forward pass.
@@ -77,10 +79,11 @@ class TrainStep:
 
   def __init__(self, graphdef, rest, tx: optax.GradientTransformation, lr_fn: Callable,
                spec: LayoutSpec, plan: TopKPlan, trainable: Any, num_kv_heads: int,
-               rules=None):
+               rules=None, skip_nonfinite: bool = False):
     self.graphdef, self.rest, self.tx, self.lr_fn = graphdef, rest, tx, lr_fn
     self.spec, self.plan, self.trainable = spec, plan, trainable
     self.num_kv_heads, self.rules = num_kv_heads, rules
+    self.skip_nonfinite = skip_nonfinite
     self.traces = 0
 
   def active_k(self, step) -> Optional[jax.Array]:
@@ -113,9 +116,16 @@ class TrainStep:
     grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, self.trainable)
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if self.skip_nonfinite:
+      # The update of a non-finite step is dropped, as optax.apply_if_finite drops it; done here
+      # so that the optimizer state keeps its structure (a run may switch modes on resume).
+      params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                       (params, opt_state), (state["params"], state["opt_state"]))
+    metrics = {"loss": loss, "grad_norm": grad_norm,
                "lr": jnp.asarray(self.lr_fn(step), jnp.float32),
-               "k": jnp.asarray(0 if k is None else k, jnp.float32), **aux}
+               "k": jnp.asarray(0 if k is None else k, jnp.float32), "finite": finite, **aux}
     new_state = {"params": params, "opt_state": opt_state, "step": step + 1}
     return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
 

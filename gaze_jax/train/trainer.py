@@ -31,6 +31,7 @@ mirror (``gaze_jax.data.builders``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -58,7 +59,10 @@ from gaze_jax.train import sharding as shard_lib
 from gaze_jax.train.config import (check_train_config, eval_model_config, to_dict,
                                    train_model_config)
 from gaze_jax.train.optim import make_optimizer, trainable_mask
+from gaze_jax.train.nonfinite import NonFiniteGuard, check_finite
+from gaze_jax.train.resume import check_resume
 from gaze_jax.train.step import TrainStep
+from gaze_jax.train.workdir_lock import WorkdirLock
 
 log = logging.getLogger("gaze_jax.train")
 
@@ -138,14 +142,15 @@ def build(config: Any, mesh=None) -> Setup:
   state_shardings = {"params": pshard, "opt_state": oshard, "step": repl}
   mask = trainable_mask(abs_params, config.optim.param_groups)
   kv_heads = model_cfg.decoder.num_kv_heads
-  step = TrainStep(gd, rest, tx, lr_fn, spec, plan, mask, kv_heads, rules)
+  skip = config.train.on_nonfinite == "skip"
+  step = TrainStep(gd, rest, tx, lr_fn, spec, plan, mask, kv_heads, rules, skip_nonfinite=skip)
   settled = None
   target_cfg = eval_model_config(config)
   if plan.gaze and target_cfg != model_cfg:
     gd_t, _, rest_t = ckpt_lib.abstract_params(target_cfg)
     settled = TrainStep(gd_t, rest_t, tx, lr_fn, spec,
                         dataclasses.replace(plan, start=plan.target, warmup_steps=0), mask,
-                        kv_heads, rules)
+                        kv_heads, rules, skip_nonfinite=skip)
   return Setup(config, model_cfg, spec, plan, mesh, rules, gd, rest, abs_params, abs_opt, tx,
                lr_fn, state_shardings, NamedSharding(mesh, shard_lib.batch_spec(rules, mesh)),
                step, settled)
@@ -210,10 +215,13 @@ def _jsonable(x):
 
 
 class _Preemption:
-  """SIGTERM sets a flag; the loop saves and stops after the current step."""
+  """SIGTERM sets a flag; the loop saves and stops after the current step. Before the first
+  step has run (the data's first batch, the step's compile) there is nothing to save: SIGTERM
+  ends the run at once (``SystemExit``)."""
 
   def __init__(self):
     self.requested = False
+    self.started = False                 # set by the loop once a step has run
     self._old = None
 
   def __enter__(self):
@@ -224,6 +232,10 @@ class _Preemption:
     return self
 
   def _handle(self, signum, frame):
+    if not self.started:
+      log.warning("SIGTERM received before the first step: stopping (nothing to save)")
+      signal.signal(signal.SIGTERM, self._old if self._old is not None else signal.SIG_DFL)
+      raise SystemExit(128 + signum)
     self.requested = True
     log.warning("SIGTERM received: saving a checkpoint after this step, then stopping")
 
@@ -281,9 +293,42 @@ def train(config: Any, workdir, *, mesh=None, stop_after: Optional[int] = None) 
     model_init.check_folder(folder, s.model_cfg, s.abstract_params)
   # The workdir, dtype, tokenizer, smallest example and memory: refused before any write.
   preflight.check_before_writing(config, workdir, s.model_cfg, s.spec, tokenizer)
-  if primary:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(_jsonable(to_dict(config)), indent=2))
+  # One run per workdir: a second one would overwrite the first's checkpoints and metrics.
+  # SIGTERM: until the first step has run, the run ends at once; from then on after a save.
+  with _Preemption() as pre, WorkdirLock(workdir) if primary else contextlib.nullcontext():
+    return _run(config, workdir, s, tokenizer, folder, pre, stop_after=stop_after,
+                t_begin=t_begin)
+
+
+def _restore(s: Setup, ckpt: ckpt_lib.Checkpointer, tokenizer) -> Optional[ckpt_lib.Restored]:
+  """The latest checkpoint, once its meta says it is this run's (``check_resume``: same
+  weights' shapes, tokenizer and training settings), checked before any weight is read; None
+  without one. Refuses non-finite parameters."""
+  abs_params = ckpt_lib.abstract_like(s.abstract_params, s.state_shardings["params"])
+  abs_opt = ckpt_lib.abstract_like(s.abstract_opt_state, s.state_shardings["opt_state"])
+  checked = None
+  if ckpt.latest_step() is not None:
+    try:
+      checked, meta = ckpt.read_meta()
+    except ckpt_lib.CheckpointError as e:   # a damaged step: the restore falls back past it
+      log.warning("%s", e)
+    else:
+      check_resume(meta, s.config, s.model_cfg, tokenizer,
+                   f"checkpoint step {checked} in {ckpt.directory}")
+  restored = ckpt.restore(abs_params, abs_opt, fallback=bool(s.config.checkpoint.fallback))
+  if restored is None:
+    return None
+  where = f"checkpoint step {restored.step} in {ckpt.directory}"
+  if restored.step != checked:
+    check_resume(restored.meta, s.config, s.model_cfg, tokenizer, where)
+  check_finite(restored.params, where)
+  return restored
+
+
+def _run(config: Any, workdir: epath.Path, s: Setup, tokenizer, folder, pre: "_Preemption", *,
+         stop_after: Optional[int], t_begin: float) -> dict:
+  """``train`` once the config is checked and the workdir is this run's."""
+  primary = jax.process_index() == 0
   tc = config.train
   num_steps = int(tc.num_steps)
   log.info("mesh %s; model: decoder %d layers x %d, attention %s%s", dict(s.mesh.shape),
@@ -292,19 +337,16 @@ def train(config: Any, workdir, *, mesh=None, stop_after: Optional[int] = None) 
            f" K {s.plan.start}->{s.plan.target} over {s.plan.warmup_steps} steps ({s.plan.shape})"
            if s.plan.gaze else "")
 
-  builder = data_lib.prepare(config, workdir)
-
   cc = config.checkpoint
   ckpt = ckpt_lib.Checkpointer(workdir / ckpt_lib.CHECKPOINT_DIR, save_every=int(cc.save_every),
                                keep=int(cc.keep), async_save=bool(cc.async_save))
-  restored = ckpt.restore(ckpt_lib.abstract_like(s.abstract_params, s.state_shardings["params"]),
-                          ckpt_lib.abstract_like(s.abstract_opt_state,
-                                                 s.state_shardings["opt_state"]),
-                          fallback=bool(cc.fallback))
+  try:
+    restored = _restore(s, ckpt, tokenizer)
+  except BaseException:
+    ckpt.close()
+    raise
   data_state = None
   if restored is not None:
-    ckpt_lib.check_tokenizer(restored.meta, tokenizer,
-                             f"checkpoint step {restored.step} in {ckpt.directory}")
     state = {"params": restored.params, "opt_state": restored.opt_state,
              "step": jax.device_put(jnp.int32(restored.step), s.state_shardings["step"])}
     d = restored.data or {}
@@ -329,8 +371,13 @@ def train(config: Any, workdir, *, mesh=None, stop_after: Optional[int] = None) 
       other.close()
       if got is None:
         raise ckpt_lib.CheckpointError(f"config.init_from_checkpoint: no checkpoint in {src}")
+      check_finite(got.params, f"config.init_from_checkpoint: step {got.step} of {src}")
       state = {**state, "params": got.params}
       log.info("initialised the parameters from step %d of %s", got.step, src)
+  # Written once the state is this config's: a refused resume leaves the run's config.json.
+  if primary:
+    (workdir / "config.json").write_text(json.dumps(_jsonable(to_dict(config)), indent=2))
+  builder = data_lib.prepare(config, workdir)
   start = int(jax.device_get(state["step"]))
   it = data_lib.make_iterator(config, builder, tokenizer, s.model_cfg, s.spec, train=True,
                               state=data_state)
@@ -347,8 +394,12 @@ def train(config: Any, workdir, *, mesh=None, stop_after: Optional[int] = None) 
   if logger.dropped:
     log.info("metrics.jsonl: dropped %d record(s) past step %d (logged before the run stopped; "
              "this run redoes those steps)", logger.dropped, start)
-  fp_log = (metrics_lib.JsonlWriter(workdir / f"data_log.{jax.process_index()}.jsonl")
-            if tc.log_fingerprints else None)
+  fp_log = None
+  if tc.log_fingerprints:
+    fp_path = workdir / f"data_log.{jax.process_index()}.jsonl"
+    # The steps past the checkpoint are redone: their rows go, as in metrics.jsonl.
+    metrics_lib.drop_records_after(fp_path, start)
+    fp_log = metrics_lib.JsonlWriter(fp_path)
   log_every = max(1, int(tc.log_every))
   eval_every = int(tc.eval_every)
   eval_batches = int(tc.eval_batches)
@@ -361,11 +412,13 @@ def train(config: Any, workdir, *, mesh=None, stop_after: Optional[int] = None) 
   log.info("train FLOPs per step %.3g; peak %s FLOP/s per device; %d devices", flops,
            f"{peak:.3g}" if peak else "unknown", jax.device_count())
   meta = _meta(s, tokenizer)
+  guard = NonFiniteGuard(skip=tc.on_nonfinite == "skip", max_skipped=int(tc.max_skipped),
+                         sharding=metric_sharding)
   last, last_eval, preempted = {}, {}, False
   t_mark, step_mark, t_loop = time.time(), start, time.time()
   s_done = start
   # The mesh as context while the steps trace: the Pallas kernels run in shard_map over it.
-  with _Preemption() as pre, jax.set_mesh(s.mesh):
+  with jax.set_mesh(s.mesh):
     for s_done in range(start + 1, num_steps + 1):
       batch = next(it)
       if fp_log is not None:
@@ -378,8 +431,18 @@ def train(config: Any, workdir, *, mesh=None, stop_after: Optional[int] = None) 
                    "%d)", s_done, s.plan.target, s.plan.target, s.plan.start)
         fn = settled_fn
       state, metrics = fn(state, shard_lib.shard_batch(batch, s.batch_sharding))
-      if s_done % log_every == 0 or s_done == num_steps or s_done == start + 1:
+      pre.started = True
+      guard.update(s_done, metrics["finite"])
+      stop = pre.agreed() or (stop_after is not None and s_done - start >= stop_after)
+      force = stop or s_done == num_steps
+      logged = s_done % log_every == 0 or s_done == num_steps or s_done == start + 1
+      if logged or force or ckpt.should_save(s_done):
+        # Before a save: a state past a non-finite step is never saved.
+        guard.check(s_done, metrics, ckpt, lambda: (ckpt.close(), logger.close()))
+      if logged:
         m = {k: float(x) for k, x in jax.device_get(metrics).items()}
+        if guard.skip:
+          m["skipped_steps"] = float(guard.skipped)
         now = time.time()
         dt = max(now - t_mark, 1e-9)
         steps_dt = s_done - step_mark
@@ -405,8 +468,6 @@ def train(config: Any, workdir, *, mesh=None, stop_after: Optional[int] = None) 
                      s_done, last_eval["loss"], last_eval["accuracy"], last_eval["exact"],
                      int(last_eval["examples"]))
         t_mark = time.time()      # do not count eval time in tokens/s
-      stop = pre.agreed() or (stop_after is not None and s_done - start >= stop_after)
-      force = stop or s_done == num_steps
       ckpt.save(s_done, state, it.get_state(), meta, force=force)
       if stop:
         preempted = pre.requested
