@@ -73,12 +73,6 @@ def _smallest_example(config: Any, model_cfg: MLLMConfig, spec: LayoutSpec, toke
   return proc, segs, desc
 
 
-# The config.data field behind each LayoutSpec limit, by the name ExampleProcessor's fit check
-# (``_check_fits``, the batch-time rule) gives it in ``ExampleTooLong.needs``.
-_LIMIT_FIELDS = {"slots": "seq_len", "images/frames": "max_images", "regions": "max_regions",
-                 "text and context tokens": "max_nonvisual"}
-
-
 def check_example_fits(config: Any, model_cfg: MLLMConfig, spec: LayoutSpec,
                        tokenizer=None) -> None:
   """Raises PreflightError naming the field when the smallest example this run trains on
@@ -87,7 +81,7 @@ def check_example_fits(config: Any, model_cfg: MLLMConfig, spec: LayoutSpec,
   ``max_regions``, ``max_images``, ``max_nonvisual`` too small, or
   ``config.model.gaze.region_shape`` larger than the image's token grid. The rules are those
   every batch is held to (``ExampleProcessor``'s fit check and ``build_layout``)."""
-  from gaze_jax.data.features import ExampleTooLong
+  from gaze_jax.data.features import LIMIT_FIELDS, ExampleTooLong
 
   proc, segs, desc = _smallest_example(config, model_cfg, spec, tokenizer)
   # The layout's structure first, with room for everything (else a region shape larger than
@@ -106,7 +100,7 @@ def check_example_fits(config: Any, model_cfg: MLLMConfig, spec: LayoutSpec,
     proc._check_fits(segs, "it")
     build_layout([segs], spec)
   except ExampleTooLong as e:
-    names = [_LIMIT_FIELDS[w] for w in e.needs if w in _LIMIT_FIELDS]
+    names = [LIMIT_FIELDS[w] for w in e.needs if w in LIMIT_FIELDS]
     if config.data.max_nonvisual is None and "seq_len" in names and "max_nonvisual" in names:
       names.remove("max_nonvisual")              # None is seq_len: raising seq_len is the fix
     head = (" and ".join(f"config.data.{n}={getattr(config.data, n)!r}" for n in names)
