@@ -42,6 +42,8 @@ flags.DEFINE_integer("random_seed", 0, "Seed of the random-routing baseline's dr
 flags.DEFINE_integer("num_gaze_maps", 4, "Gaze-map PNGs per split.", lower_bound=0)
 flags.DEFINE_bool("answer_prior", True, "Add the answer-prior row (most common training answer "
                   "per question, no image) and accuracy per question type.")
+flags.DEFINE_bool("allow_nonfinite", False, "Evaluate even weights that hold NaN or infinite "
+                  "values (a diverged run; refused otherwise).")
 flags.DEFINE_string("out_dir", None, "Where results go (default <workdir>/eval).")
 flags.DEFINE_list("override", [], "Evaluate the trained weights with these model changes, e.g. "
                   "gaze.top_k=2,gaze.attention=dense (printed and recorded).")
@@ -68,7 +70,8 @@ def _load(config, workdir, step=None, overrides=None):
   again when it is the run's own (else None: whose missing fields ``_batches`` names)."""
   from gaze_jax import runs
   try:
-    run = runs.restore(config, workdir, step, overrides=overrides)
+    run = runs.restore(config, workdir, step, overrides=overrides,
+                       allow_nonfinite=FLAGS.allow_nonfinite)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   if config is not None:

@@ -33,6 +33,8 @@ flags.DEFINE_string("gaze_map", None, "Where to write the gaze map (default: nex
 flags.DEFINE_integer("max_new_tokens", 16, "The most answer tokens to generate (at least 1).",
                      lower_bound=1)
 flags.DEFINE_integer("step", None, "A checkpoint step (default: the latest).", lower_bound=0)
+flags.DEFINE_bool("allow_nonfinite", False, "Answer even with weights that hold NaN or infinite "
+                  "values (a diverged run; refused otherwise).")
 flags.DEFINE_list("override", [], "Answer with the trained weights changed so, e.g. "
                   "gaze.top_k=2 (printed).")
 
@@ -64,7 +66,7 @@ def main(argv):
     print("model overrides (not the trained model): " +
           ", ".join(f"{k}={v!r}" for k, v in overrides.items()))
   p = predict(FLAGS.workdir, FLAGS.image, FLAGS.question, max_new_tokens=FLAGS.max_new_tokens,
-              step=FLAGS.step, overrides=overrides)
+              step=FLAGS.step, overrides=overrides, allow_nonfinite=FLAGS.allow_nonfinite)
   print(f"question: {p.question}")
   print(f"answer:   {p.answer}")
   print("where the answer's first token looked (the regions its query heads selected):")

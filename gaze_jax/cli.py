@@ -34,6 +34,11 @@ VERBOSE = flags.DEFINE_bool("verbose", False, "On an error, print its traceback 
                             "line says what went wrong).")
 
 ERRORS_LOG = "errors.log"
+# The project's errors about a run, not its input: a checkpoint that cannot be restored or
+# saved, a workdir another run holds, a training that diverged.
+_RUN_ERRORS = (("gaze_jax.train.checkpoint", "CheckpointError"),
+               ("gaze_jax.train.workdir_lock", "WorkdirBusy"),
+               ("gaze_jax.train.nonfinite", "TrainingDiverged"))
 
 # OSError numbers that describe the machine, not the program: the disk or quota is full, the
 # filesystem is read-only.
@@ -45,8 +50,9 @@ def is_user_error(e: BaseException) -> bool:
 
   The rule: the project raises ValueError for input it refuses (a bad config field, image,
   question, record; ``ExampleTooLong``, ``json.JSONDecodeError`` and ``UnicodeError`` are
-  ValueErrors too) and ``gaze_jax.train.checkpoint.CheckpointError`` for a checkpoint it cannot
-  restore or save; the operating system raises ``FileNotFoundError``, ``FileExistsError``,
+  ValueErrors too), ``gaze_jax.train.checkpoint.CheckpointError`` for a checkpoint it cannot
+  restore or save, ``WorkdirBusy`` for a workdir another run holds and ``TrainingDiverged``
+  for a run whose loss stopped being finite; the operating system raises ``FileNotFoundError``, ``FileExistsError``,
   ``NotADirectoryError``, ``IsADirectoryError`` and ``PermissionError`` for paths the user
   gave, and an OSError with errno ENOSPC, EDQUOT or EROFS when the disk is full or read-only.
   Everything else (TypeError, KeyError, AttributeError, other OSErrors, ...) is a bug.
@@ -59,8 +65,11 @@ def is_user_error(e: BaseException) -> bool:
   if isinstance(e, OSError) and e.errno in _ENVIRONMENT_ERRNOS:
     return True
   # Only a loaded module can have raised its error: no import (orbax, jax) just to check.
-  checkpoint = sys.modules.get("gaze_jax.train.checkpoint")
-  return checkpoint is not None and isinstance(e, checkpoint.CheckpointError)
+  for module, name in _RUN_ERRORS:
+    loaded = sys.modules.get(module)
+    if loaded is not None and isinstance(e, getattr(loaded, name)):
+      return True
+  return False
 
 
 def message(e: BaseException) -> str:

@@ -100,14 +100,14 @@ def read_image(image: ImageLike) -> np.ndarray:
     if arr.dtype != np.uint8:
       raise ValueError(f"image array must be uint8 (0-255), got {arr.dtype}")
     return arr[..., :3]
-  from PIL import Image as PILImage
+  from gaze_jax.data.llava import load_image      # as displayed: its EXIF orientation applied
 
   path = epath.Path(image)
   if not path.is_file():
     raise FileNotFoundError(f"image file {path} does not exist")
   try:
-    with path.open("rb") as f, PILImage.open(f) as im:
-      return np.asarray(im.convert("RGB"))
+    with path.open("rb") as f:
+      return load_image(f)
   except Exception as e:        # Pillow raises many types for files it cannot read
     raise ValueError(f"image file {path} cannot be read as an image: {e}") from None
 
@@ -169,7 +169,8 @@ def region_shares(inputs, selected) -> list[list[RegionShare]]:
 
 
 def predict(workdir, image: ImageLike, question: str, *, max_new_tokens: int = 16,
-            step: Optional[int] = None, restored=None, overrides=None) -> Prediction:
+            step: Optional[int] = None, restored=None, overrides=None,
+            allow_nonfinite: bool = False) -> Prediction:
   """Answers ``question`` about ``image`` with the run in ``workdir``.
 
   Args:
@@ -181,6 +182,7 @@ def predict(workdir, image: ImageLike, question: str, *, max_new_tokens: int = 1
     restored: a ``gaze_jax.runs.Restored`` to reuse (skips loading for repeated questions).
     overrides: ``{"gaze.top_k": 2, ...}``: answer with the trained model changed so
       (``gaze_jax.runs.parse_overrides``); by default the model is the one the run trained.
+    allow_nonfinite: answer with weights that hold NaN or infinite values (refused otherwise).
   Raises:
     FileNotFoundError / ValueError naming the workdir, the image file, the question (empty, or
     not UTF-8 text: ``check_question``), ``max_new_tokens`` below 1, or the run's
@@ -197,7 +199,8 @@ def predict(workdir, image: ImageLike, question: str, *, max_new_tokens: int = 1
     raise ValueError(f"max_new_tokens={max_new_tokens}: the answer needs at least 1 token")
   pixels = read_image(image)
   config = runs.load_run_config(workdir)
-  run = restored or runs.restore(None, workdir, step, overrides=overrides)
+  run = restored or runs.restore(None, workdir, step, overrides=overrides,
+                                 allow_nonfinite=allow_nonfinite)
   size = run.model_cfg.vision.image_size
   if pixels.shape[:2] != (size, size):
     log.info("resizing the image from %dx%d to the model's %dx%d", pixels.shape[1],

@@ -209,7 +209,7 @@ def with_overrides(cfg, overrides: dict[str, Any]):
 
 
 def restore(config: Any, workdir, step: Optional[int] = None, *, overrides=None, mesh=None,
-            rules=None) -> Restored:
+            rules=None, allow_nonfinite: bool = False) -> Restored:
   """The run in ``workdir`` at ``step`` (default: its latest checkpoint), built as it was
   trained: the model recorded in the checkpoint (``trained_model``; the target K), changed only
   by ``overrides`` (``parse_overrides``: how attention routes, said out loud by the caller).
@@ -220,10 +220,13 @@ def restore(config: Any, workdir, step: Optional[int] = None, *, overrides=None,
       (attention, K, widths) is a ValueError naming the fields, unless ``overrides`` sets it.
     overrides: ``{"gaze.top_k": 2, ...}`` applied to the trained model.
     mesh, rules: shard the weights (``train.checkpoint.restore_model``).
+    allow_nonfinite: restore weights that hold NaN or infinite values (a diverged run), with a
+      warning; refused otherwise.
   Raises:
     ValueError: ``config`` asks for another model than the one trained; the run's
       ``config.json`` is cut short or lacks a field (the message names the file and field).
-    CheckpointError: no checkpoint, one of another model's weights, another tokenizer.
+    CheckpointError: no checkpoint, one of another model's weights, another tokenizer,
+      non-finite weights.
   """
   from gaze_jax.train.checkpoint import model_differences, restore_model, with_runtime_fields
   from gaze_jax.train.config import eval_model_config, layout_spec
@@ -247,7 +250,8 @@ def restore(config: Any, workdir, step: Optional[int] = None, *, overrides=None,
       trained = with_runtime_fields(trained, asked)
     cfg = with_overrides(trained, overrides)
     tok = run_tokenizer(config)
-    model, step = restore_model(workdir, cfg, step, tokenizer=tok, mesh=mesh, rules=rules)
+    model, step = restore_model(workdir, cfg, step, tokenizer=tok, mesh=mesh, rules=rules,
+                                allow_nonfinite=allow_nonfinite)
     return Restored(model, step, cfg, layout_spec(config, cfg), tok)
 
 

@@ -48,11 +48,14 @@ def _image(folder):
 def test_the_rule_of_user_errors():
   from gaze_jax.data.features import ExampleTooLong
   from gaze_jax.train.checkpoint import CheckpointError
+  from gaze_jax.train.nonfinite import NonFiniteCheckpoint, TrainingDiverged
+  from gaze_jax.train.workdir_lock import WorkdirBusy
 
   users = [ValueError("x"), ExampleTooLong("x"), json.JSONDecodeError("x", "{", 1),
            UnicodeDecodeError("utf-8", b"\xff", 0, 1, "x"), FileNotFoundError("x"),
            NotADirectoryError("x"), IsADirectoryError("x"), PermissionError("x"),
-           OSError(errno.ENOSPC, "No space left on device"), CheckpointError("x")]
+           OSError(errno.ENOSPC, "No space left on device"), CheckpointError("x"),
+           NonFiniteCheckpoint("x"), WorkdirBusy("x"), TrainingDiverged("x")]
   bugs = [KeyError("x"), TypeError("x"), AttributeError("x"), RuntimeError("x"),
           OSError(errno.EIO, "I/O error")]
   assert [e for e in users if not cli.is_user_error(e)] == []

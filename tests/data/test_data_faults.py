@@ -49,10 +49,12 @@ def test_exif_orientation_is_applied(tmp_path):
   exif[0x0112] = 6
   path = tmp_path / "phone.jpg"
   PILImage.fromarray(stored).save(path, exif=exif, quality=95)
-  im = llava.load_image(path)
-  assert im.shape == (40, 20, 3)
-  np.testing.assert_allclose(im[:15].mean((0, 1)), [255, 0, 0], atol=12)
-  np.testing.assert_allclose(im[25:].mean((0, 1)), [0, 0, 255], atol=12)
+  from gaze_jax.predict import read_image           # the training data and predict_main
+
+  for im in (llava.load_image(path), read_image(path)):
+    assert im.shape == (40, 20, 3)
+    np.testing.assert_allclose(im[:15].mean((0, 1)), [255, 0, 0], atol=12)
+    np.testing.assert_allclose(im[25:].mean((0, 1)), [0, 0, 255], atol=12)
 
 
 # --------------------------------------------------------------------------- item 7
