@@ -15,7 +15,6 @@ number of heads, and ``write_gaze_map`` draws the selections of every answer tok
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import tempfile

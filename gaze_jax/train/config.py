@@ -44,6 +44,13 @@ def to_dict(cfg: Any) -> Optional[dict]:
   return dict(vars(cfg))
 
 
+def config_json(cfg: Any) -> Optional[dict]:
+  """``to_dict(cfg)`` as JSON reads it back (tuples as lists, other objects as their ``str``):
+  what a run's ``config.json`` and its checkpoints' ``meta`` record."""
+  import json
+  return json.loads(json.dumps(to_dict(cfg), default=str))
+
+
 # The fields that hold an int count or a float ratio (the routing's K).
 COUNT_OR_RATIO = ("model.gaze.top_k",)
 

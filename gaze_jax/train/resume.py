@@ -15,12 +15,11 @@ Before a run reads a weight from its workdir it compares them with its own:
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any, Optional
 
 from gaze_jax.train import checkpoint as ckpt_lib
-from gaze_jax.train.config import to_dict
+from gaze_jax.train.config import config_json
 
 log = logging.getLogger("gaze_jax.train")
 
@@ -57,7 +56,7 @@ def config_changes(saved: Optional[dict], config: Any) -> dict[str, tuple]:
   """``{field: (checkpoint's value, config's value)}`` for the fields of the run config that
   differ from those a checkpoint recorded (as JSON: tuples are lists), outside
   ``FREE_TO_CHANGE``; a field only one of them has (added since) is not a change."""
-  now = _flat(json.loads(json.dumps(to_dict(config), default=str)))
+  now = _flat(config_json(config))
   old = _flat(saved)
   return {k: (old[k], now[k]) for k in sorted(set(old) & set(now))
           if old[k] != now[k] and not _matches(k, FREE_TO_CHANGE)}

@@ -56,7 +56,7 @@ from gaze_jax.train import metrics as metrics_lib
 from gaze_jax.train import model_init
 from gaze_jax.train import preflight
 from gaze_jax.train import sharding as shard_lib
-from gaze_jax.train.config import (check_train_config, eval_model_config, to_dict,
+from gaze_jax.train.config import (check_train_config, config_json, eval_model_config, to_dict,
                                    train_model_config)
 from gaze_jax.train.optim import make_optimizer, trainable_mask
 from gaze_jax.train.nonfinite import NonFiniteGuard, check_finite
@@ -204,7 +204,7 @@ def _meta(s: Setup, tokenizer) -> dict:
   from gaze_jax.data.tokenizers import fingerprint
   return {"model": dataclasses.asdict(s.model_cfg),
           "trained_model": _jsonable(dataclasses.asdict(eval_model_config(s.config))),
-          "config": _jsonable(to_dict(s.config)),
+          "config": config_json(s.config),
           "topk_plan": dataclasses.asdict(s.plan),
           "tokenizer": {"name": str(s.config.data.tokenizer),
                         "fingerprint": fingerprint(tokenizer)}}
@@ -376,7 +376,7 @@ def _run(config: Any, workdir: epath.Path, s: Setup, tokenizer, folder, pre: "_P
       log.info("initialised the parameters from step %d of %s", got.step, src)
   # Written once the state is this config's: a refused resume leaves the run's config.json.
   if primary:
-    (workdir / "config.json").write_text(json.dumps(_jsonable(to_dict(config)), indent=2))
+    (workdir / "config.json").write_text(json.dumps(config_json(config), indent=2))
   builder = data_lib.prepare(config, workdir)
   start = int(jax.device_get(state["step"]))
   it = data_lib.make_iterator(config, builder, tokenizer, s.model_cfg, s.spec, train=True,
