@@ -14,8 +14,9 @@ import pytest
 from flax import nnx
 
 from gaze_jax.gaze import Image, Text
-from gaze_jax.model import MLLM, DecoderConfig, GazeConfig, MLLMConfig, VisionConfig, pack_images
+from gaze_jax.model import GazeConfig, pack_images
 from gaze_jax.model.generate import generated_span
+from tests.model.test_generate import make_model
 
 NUM_IMAGES = 24           # 24 images x 16 patches: 384 visual slots in a cache of S = 452
 SEQ_LEN = 452             # a size no other dimension of the step has
@@ -58,13 +59,7 @@ def traced_decode_step(gaze: GazeConfig):
   the plan's layout-only part built outside the step)."""
   # Head dim 16: the GPU kernels pad smaller heads (a copy of the cache that no real model's
   # 64 or 128 needs).
-  cfg = MLLMConfig(
-      decoder=DecoderConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_layers=2,
-                            num_heads=4, num_kv_heads=2),
-      vision=VisionConfig(image_size=16, patch_size=4, hidden_size=16, intermediate_size=32,
-                          num_layers=1, num_heads=2),
-      gaze=gaze)
-  model = MLLM(cfg, rngs=nnx.Rngs(0))
+  model = make_model(gaze, hidden_size=64)
   example = [Text(3)] + [Image(4, 4)] * NUM_IMAGES + [Text(2), Text(4, generated=True)]
   layout = model.build_layout([example], SEQ_LEN, max_regions=4 * NUM_IMAGES,
                               max_images=NUM_IMAGES)

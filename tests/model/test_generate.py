@@ -26,10 +26,12 @@ GAZE_CONFIGS = {
 }
 
 
-def make_model(gaze: GazeConfig, seed: int = 0) -> MLLM:
+def make_model(gaze: GazeConfig, seed: int = 0, hidden_size: int = 32) -> MLLM:
+  """A 2-layer decoder of 4 query and 2 KV heads (head dim ``hidden_size / 4``), 16 px images of
+  4 px patches."""
   cfg = MLLMConfig(
-      decoder=DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
-                            num_heads=4, num_kv_heads=2),
+      decoder=DecoderConfig(vocab_size=64, hidden_size=hidden_size, intermediate_size=64,
+                            num_layers=2, num_heads=4, num_kv_heads=2),
       vision=VisionConfig(image_size=16, patch_size=4, hidden_size=16, intermediate_size=32,
                           num_layers=1, num_heads=2),
       gaze=gaze)

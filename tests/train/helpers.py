@@ -46,6 +46,17 @@ def small_config(data_dir, **train):
   return c
 
 
+def set_fields(c, fields):
+  """``c`` with each ``{"model.gaze.top_k": 2, ...}`` field set (dotted names); returns it."""
+  for name, value in fields.items():
+    *path, leaf = name.split(".")
+    node = c
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
 def run_python(code: str, *, devices: int = 1, timeout: int = 300, env=None, check=True):
   """Runs ``code`` in a fresh interpreter (``devices`` fake CPU devices) from the repo root."""
   e = dict(os.environ)

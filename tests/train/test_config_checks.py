@@ -8,12 +8,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from gaze_jax.train.config import check_train_config
-from tests.train.helpers import ROOT, small_config
+from tests.train.helpers import ROOT, set_fields, small_config
 
 RECIPES = sorted(p.stem for p in (ROOT / "configs").glob("*.py")
                  if p.stem not in ("__init__", "common"))
@@ -31,22 +30,12 @@ BAD = [
 ]
 
 
-def _set(c, fields):
-  for name, value in fields.items():
-    *path, leaf = name.split(".")
-    node = c
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  return c
-
-
 @pytest.mark.parametrize("fields,says", BAD, ids=[next(iter(f)) for f, _ in BAD])
 def test_train_refuses_an_invalid_config_before_writing_anything(train_data_dir, tmp_path,
                                                                   fields, says):
   from gaze_jax.train.trainer import train
   work = tmp_path / "work"
-  c = _set(small_config(train_data_dir), fields)
+  c = set_fields(small_config(train_data_dir), fields)
   with pytest.raises(ValueError, match=says):
     train(c, work)
   assert not work.exists()

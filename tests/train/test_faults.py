@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.train.helpers import ROOT, small_config
+from tests.train.helpers import ROOT, set_fields, small_config
 
 
 def _train(config, workdir, **kw):
@@ -181,12 +181,7 @@ def test_resume_with_another_config_is_refused_naming_the_field(stopped_run, tra
   from gaze_jax.train.resume import config_changes
 
   wd, config_json = stopped_run
-  c = small_config(train_data_dir)
-  section, *rest = field.split(".")
-  node = c[section]
-  for key in rest[:-1]:
-    node = node[key]
-  node[rest[-1]] = value
+  c = set_fields(small_config(train_data_dir), {field: value})
   assert list(config_changes(json.loads(config_json), c)) == [field]
   with pytest.raises(CheckpointError, match=f"checkpoint step 3 .*{named}.*allow_config_changes"):
     _train(c, wd)

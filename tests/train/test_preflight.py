@@ -10,21 +10,14 @@ import pytest
 from gaze_jax.runs import run_tokenizer
 from gaze_jax.train import preflight
 from gaze_jax.train.config import check_train_config
-from tests.train.helpers import small_config
+from tests.train.helpers import set_fields, small_config
 
 
 def _demo(**fields):
   """configs/demo.py (64 px images of 16 px patches: a 4 x 4 grid, regions of 1 x 1,
   seq_len 48) with ``fields`` ("model.vision.patch_size" -> value) set."""
   from configs import demo
-  c = demo.get_config()
-  for name, value in fields.items():
-    *path, leaf = name.split(".")
-    node = c
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return set_fields(demo.get_config(), fields)
 
 
 def _preflight(c, workdir):
