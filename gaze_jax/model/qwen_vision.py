@@ -6,8 +6,10 @@ row per patch of ``T`` frames (``temporal_patch_size``) x ``P x P`` pixels, and 
 static tuple of ``(t, h, w)`` patch counts per image or video. Within each frame the processor
 lays the patches out *merge-block major*: the ``m x m`` patches (``spatial_merge_size``) that the
 merger fuses into one token are consecutive, blocks in raster order (``merge_block_coords``).
-Attention stays within one temporal patch of one image (transformers' ``cu_seqlens``), which we
-express as a static block mask built from ``grid_thw``.
+Attention stays within one temporal patch of one image (transformers' ``cu_seqlens``), and within
+one window at Qwen2.5-VL's windowed blocks: these segments are static, built from ``grid_thw``,
+and packed into a padded ``[segments, longest]`` batch (``Segments``), so a windowed block costs
+``O(N * window)``, not ``O(N^2)``.
 
 Qwen2.5-VL: bias-free patch embedding, 2-D rotary, RMSNorm blocks with a gated SiLU MLP, window
 attention (windows of ``window_size`` pixels, tokens reordered window by window) except full
@@ -199,11 +201,30 @@ def window_index(grid: Grid, merge: int, window: int) -> tuple[np.ndarray, np.nd
   return np.concatenate(orders).astype(np.int32), np.concatenate(segs).astype(np.int32)
 
 
-def segment_mask(segments: np.ndarray, unit: int) -> np.ndarray:
-  """bool ``[N, N]`` from merged-token segment ids ``[N / unit]``: token i attends to j iff
-  both lie in one segment."""
-  s = np.repeat(segments, unit)
-  return s[:, None] == s[None, :]
+@dataclasses.dataclass(frozen=True)
+class Segments:
+  """Attention segments (contiguous runs of tokens) packed into a padded batch, so that each
+  segment attends only to itself at a cost of ``S * L^2`` rather than ``N^2``.
+
+  gather: int ``[S, L]`` -- the token in each slot (padding slots repeat the segment's last
+  token); valid: bool ``[S, L]`` -- the slots that hold a token of the segment; slot: int
+  ``[N]`` -- each token's flat slot ``s * L + j``, to read the results back in token order."""
+  gather: np.ndarray
+  valid: np.ndarray
+  slot: np.ndarray
+
+
+def contiguous_segments(ids: np.ndarray) -> Segments:
+  """``Segments`` of token segment ids ``[N]`` whose segments are contiguous runs."""
+  starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+  if len(starts) != len(np.unique(ids)):
+    raise AssertionError("attention segments must be contiguous runs of tokens")
+  lengths = np.diff(np.r_[starts, len(ids)])
+  j = np.arange(lengths.max())
+  seg = np.repeat(np.arange(len(starts)), lengths)
+  return Segments(gather=(starts[:, None] + np.minimum(j, lengths[:, None] - 1)).astype(np.int32),
+                  valid=j < lengths[:, None],
+                  slot=(seg * len(j) + np.arange(len(ids)) - starts[seg]).astype(np.int32))
 
 
 def bilinear_matrix_aligned(n_in: int, n_out: int) -> np.ndarray:
@@ -226,11 +247,12 @@ class TowerLayout:
 
   coords: int ``[N, 2]`` patch (row, col) in the order the blocks see the tokens;
   order: Qwen2.5-VL's window order of merged tokens ``[N / m^2]`` (None for Qwen3-VL);
-  full_mask / window_mask: bool ``[N, N]`` (window_mask None for Qwen3-VL)."""
+  full / window: the attention segments, one per frame / per window (window None for
+  Qwen3-VL). In the order the blocks see, both are contiguous runs of tokens."""
   coords: np.ndarray
   order: Optional[np.ndarray]
-  full_mask: np.ndarray
-  window_mask: Optional[np.ndarray]
+  full: Segments
+  window: Optional[Segments]
 
 
 @functools.lru_cache(maxsize=32)
@@ -241,11 +263,12 @@ def tower_layout(cfg: QwenVisionConfig, grid: Grid) -> TowerLayout:
     raise ValueError(f"grid_thw {bad}: h and w must be multiples of spatial_merge_size={m}")
   coords = merge_block_coords(grid, m)
   frames = frame_segments(grid, u)
+  tokens = lambda merged_ids: contiguous_segments(np.repeat(merged_ids, u))
   if cfg.family == "qwen3_vl":
-    return TowerLayout(coords, None, segment_mask(frames, u), None)
+    return TowerLayout(coords, None, tokens(frames), None)
   order, windows = window_index(grid, m, cfg.window_tokens)
   coords = coords.reshape(-1, u, 2)[order].reshape(-1, 2)
-  return TowerLayout(coords, order, segment_mask(frames[order], u), segment_mask(windows, u))
+  return TowerLayout(coords, order, tokens(frames[order]), tokens(windows))
 
 
 # ------------------------------------------------------------------ shared modules
@@ -296,8 +319,8 @@ class PatchEmbed(nnx.Module):
 
 
 class VisionAttention(nnx.Module):
-  """Bidirectional MHA with the fused ``qkv`` projection (features laid out ``[3, H, D]``), the
-  2-D rotary on q and k, and a static ``[N, N]`` mask."""
+  """Bidirectional MHA with the fused ``qkv`` projection (features laid out ``[3, H, D]``) and
+  the 2-D rotary on q and k, within each of the static ``Segments`` (frames or windows)."""
 
   def __init__(self, cfg: QwenVisionConfig, *, rngs, dtype=None, param_dtype=jnp.float32):
     E = cfg.hidden_size
@@ -306,14 +329,15 @@ class VisionAttention(nnx.Module):
     self.qkv = dense(E, 3 * E, ("vision_embed", "vision_heads"), **kw)
     self.proj = dense(E, E, ("vision_heads", "vision_embed"), **kw)
 
-  def __call__(self, x, cos, sin, mask):
+  def __call__(self, x, cos, sin, segments: Segments):
     N, E = x.shape
     H = self.num_heads
     qkv = self.qkv(x).reshape(N, 3, H, E // H)
-    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    a = jax.nn.dot_product_attention(q[None], k[None], v[None], mask=mask[None, None])
-    return self.proj(a.reshape(N, E))
+    q, k = apply_rotary(qkv[:, 0], cos, sin), apply_rotary(qkv[:, 1], cos, sin)
+    g = segments.gather                                              # [S, L]
+    a = jax.nn.dot_product_attention(q[g], k[g], qkv[:, 2][g],
+                                     mask=segments.valid[:, None, None, :])   # [S, L, H, D]
+    return self.proj(a.reshape(-1, E)[segments.slot])
 
 
 class GatedMLP(nnx.Module):
@@ -363,8 +387,8 @@ class QwenVisionBlock(nnx.Module):
     self.attn = VisionAttention(cfg, **kw)
     self.mlp = GatedMLP(cfg, **kw) if cfg.family == "qwen2_5_vl" else MLP(cfg, **kw)
 
-  def __call__(self, x, cos, sin, mask):
-    x = x + self.attn(self.norm1(x), cos, sin, mask)
+  def __call__(self, x, cos, sin, segments: Segments):
+    x = x + self.attn(self.norm1(x), cos, sin, segments)
     return x + self.mlp(self.norm2(x))
 
 
@@ -399,8 +423,8 @@ class QwenVisionTower(nnx.Module):
   ``(features, deepstack)`` with ``deepstack`` a list of ``[N / m^2, out_hidden_size]``, one per
   ``deepstack_visual_indexes``.
 
-  ``grid_thw`` is static (Python ints): the masks, rotary angles, window order and position
-  resampling are built on the host, once per grid set (one compile each)."""
+  ``grid_thw`` is static (Python ints): the attention segments, rotary angles, window order and
+  position resampling are built on the host, once per grid set (one compile each)."""
 
   def __init__(self, cfg: QwenVisionConfig, *, rngs: nnx.Rngs, dtype=None,
                param_dtype=jnp.float32):
@@ -449,12 +473,10 @@ class QwenVisionTower(nnx.Module):
       # Window order: each window's tokens become contiguous (merge blocks stay whole).
       x = x.reshape(n // u, u, -1)[lay.order].reshape(n, -1)
     cos, sin = rotary_cos_sin(lay.coords, cfg.head_dim, cfg.rope_theta)
-    full = jnp.asarray(lay.full_mask)
-    window = None if lay.window_mask is None else jnp.asarray(lay.window_mask)
     deepstack = []
     for i, block in enumerate(self.blocks):
       windowed = cfg.family == "qwen2_5_vl" and i not in cfg.fullatt_block_indexes
-      x = block(x, cos, sin, window if windowed else full)
+      x = block(x, cos, sin, lay.window if windowed else lay.full)
       if i in cfg.deepstack_visual_indexes:
         deepstack.append(self.deepstack_mergers[cfg.deepstack_visual_indexes.index(i)](x))
     out = self.merger(x)                                            # [N / u, out_hidden]

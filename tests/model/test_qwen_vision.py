@@ -156,3 +156,59 @@ def test_qwen2_5_vl_qwen3_vl_saved_folder_prefix(family, tmp_path):
   np.testing.assert_array_equal(np.asarray(got["blocks"][1]["attn"]["qkv"]["kernel"][...]),
                                 want["blocks.1.attn.qkv.weight"].numpy().T)
   assert len(qwen_vision_rules(ours_cfg, prefix)) > 0
+
+
+# The ``vision_config`` of the released checkpoints' config.json (Qwen2.5-VL writes ``in_chans``).
+PUBLIC = {
+    "qwen2_5_vl_7b": ("qwen2_5_vl", dict(
+        depth=32, hidden_act="silu", hidden_size=1280, intermediate_size=3420, num_heads=16,
+        in_chans=3, out_hidden_size=3584, patch_size=14, spatial_merge_size=2,
+        spatial_patch_size=14, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
+        tokens_per_second=2, temporal_patch_size=2)),
+    "qwen3_vl_8b": ("qwen3_vl", dict(
+        deepstack_visual_indexes=[8, 16, 24], depth=27, hidden_act="gelu_pytorch_tanh",
+        hidden_size=1152, in_channels=3, initializer_range=0.02, intermediate_size=4304,
+        model_type="qwen3_vl", num_heads=16, num_position_embeddings=2304, out_hidden_size=4096,
+        patch_size=16, spatial_merge_size=2, temporal_patch_size=2)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLIC))
+def test_qwen2_5_vl_qwen3_vl_presets_match_full_size_towers(name):
+  """The presets are what the public configs parse to, and at full size every rule reads a
+  tensor of transformers' tower (built on the meta device: shapes only) with the right shape,
+  covering all of them."""
+  import transformers as tf
+  from gaze_jax.convert.mapping import expand
+  from gaze_jax.convert.qwen_vl import qwen_vision_counts
+  from gaze_jax.model.qwen_vision import PRESETS
+  family, vc = PUBLIC[name]
+  cfg = qwen_vision_config({"model_type": family, "vision_config": vc})
+  assert cfg == PRESETS[name]
+  with torch.device("meta"):
+    if family == "qwen2_5_vl":
+      ref = tf.Qwen2_5_VisionTransformerPretrainedModel(tf.Qwen2_5_VLVisionConfig(**vc))
+    else:
+      ref = tf.Qwen3VLVisionModel(tf.Qwen3VLVisionConfig(**vc))
+  shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+  tower = nnx.eval_shape(lambda: QwenVisionTower(cfg, rngs=nnx.Rngs(0)))
+  params = {".".join(map(str, p)): v.get_value().shape
+            for p, v in nnx.to_flat_state(nnx.state(tower, nnx.Param))}
+  used = set()
+  for ours, src, hook in expand(qwen_vision_rules(cfg, ""), qwen_vision_counts(cfg)):
+    assert hook.source_shape(params.pop(ours)) == shapes[src], (ours, src)
+    used.add(src)
+  assert not params and used == set(shapes)
+  assert sum(np.prod(s) for s in shapes.values()) > 4e8      # the ~0.4-0.7B-parameter towers
+
+
+def test_qwen2_5_vl_qwen3_vl_bad_inputs():
+  """A pixel_values shape that grid_thw does not give, or a grid the merger cannot fuse,
+  raise a ValueError saying what is expected."""
+  import jax.numpy as jnp
+  cfg = qwen_vision_config({"model_type": "qwen3_vl", "vision_config": QWEN3})
+  tower = QwenVisionTower(cfg, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"needs \(24, 1536\)"):
+    tower(jnp.zeros((20, cfg.patch_dim)), ((1, 4, 6),))
+  with pytest.raises(ValueError, match="multiples of spatial_merge_size"):
+    tower(jnp.zeros((15, cfg.patch_dim)), ((1, 3, 5),))
