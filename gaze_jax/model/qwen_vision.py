@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional, Sequence
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -409,7 +409,6 @@ class PatchMerger(nnx.Module):
     self.fc2 = dense(M, cfg.out_hidden_size, ("vision_mlp", "embed"), use_bias=True, **kw)
 
   def __call__(self, x):
-    N, E = x.shape
     if self.postshuffle:
       x = self.norm(x.reshape(-1, self.fc1.in_features))
     else:
