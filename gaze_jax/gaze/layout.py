@@ -33,6 +33,26 @@ ids, one per tile, because the model's images hold one tile per frame id. The fi
 the grid (patches, regions, context tokens) and ``frame_tiles = (th, tw)``; the others hold
 pixels only (``frame_valid`` False, no tokens). See ``MLLM.embed`` for how the grid is read
 from the tiles.
+
+M-RoPE triples. With ``LayoutSpec(mrope=True)`` the layout also holds ``rope_position``
+``[B, S, 3]``: the (time, height, width) positions of Qwen2-VL / Qwen2.5-VL / Qwen3-VL's
+multimodal RoPE, exactly as transformers' ``get_rope_index`` (5.x) gives them for the same token
+sequence. A cursor ``c`` starts at 0:
+  - a text slot (also a context token and a newline slot) takes ``(c, c, c)``, then ``c += 1``;
+  - an image of a ``gh x gw`` grid starting at ``s = c`` gives patch ``(i, j)`` the triple
+    ``(s, s + i, s + j)``, then ``c = s + max(gh, gw)``;
+  - the frames of one ``Video`` share the start ``s`` (Qwen2.5-VL: one video is one group of
+    ``frames x gh x gw`` tokens): frame ``k`` has time ``s + floor(k * time_interval)``
+    (float32, ``tokens_per_second * second_per_grid_ts`` in transformers), and the cursor moves
+    to ``s + max(gh, gw)`` once, after frame 0 (context tokens after a frame still take text
+    positions from the cursor). Qwen3-VL instead writes a timestamp before every frame and
+    gives each frame time ``s``: a Qwen3-VL video is one ``Video(1, gh, gw)`` (or ``Image``)
+    per frame with its ``Text`` between them;
+  - a generated text span starts at ``max(c, largest position so far + 1)``, as transformers'
+    generation continues after the prompt (``rope_deltas``; the same as ``c`` unless a video's
+    time positions run past the text after it).
+Causality stays by ``position`` (storage order); the triples only rotate q and k. PAD slots
+hold (0, 0, 0).
 """
 
 from __future__ import annotations
@@ -75,10 +95,13 @@ class Image:
 
 @dataclasses.dataclass(frozen=True)
 class Video:
-  """``frames`` frames, each a ``gh x gw`` grid (each frame is one grid, docs/method.md step 11)."""
+  """``frames`` frames, each a ``gh x gw`` grid (each frame is one grid, docs/method.md step 11).
+  ``time_interval``: the M-RoPE time step between frames (Qwen2.5-VL:
+  ``tokens_per_second * second_per_grid_ts``; the module docstring); unused without M-RoPE."""
   frames: int
   gh: int
   gw: int
+  time_interval: float = 1.0
 
 
 Segment = Union[Text, Image, Video]
@@ -107,6 +130,7 @@ class LayoutSpec:
     num_ctx: N learnable context tokens inserted after every image / frame (default 4).
     max_nonvisual: N_nv, text plus context tokens per example; the decode path gathers this many
       keys instead of all S. Defaults to ``seq_len``.
+    mrope: also build the M-RoPE position triples ``rope_position`` (the module docstring).
   """
   seq_len: int
   max_regions: int
@@ -114,8 +138,12 @@ class LayoutSpec:
   region_shape: tuple[int, int] = (6, 6)
   num_ctx: int = 4
   max_nonvisual: int | None = None
+  mrope: bool = False
 
   def __post_init__(self):
+    if not isinstance(self.mrope, (bool, np.bool_)):
+      raise ValueError(f"LayoutSpec.mrope must be a bool, got {self.mrope!r}")
+    object.__setattr__(self, "mrope", bool(self.mrope))
     for name, low in (("seq_len", 1), ("max_regions", 1), ("max_images", 1), ("num_ctx", 0)):
       object.__setattr__(self, name, _whole(f"LayoutSpec.{name}", getattr(self, name), low))
     shape = self.region_shape
@@ -172,6 +200,8 @@ class TokenLayout:
   Per example:
     nonvisual_index: int32 ``[B, N_nv]`` slots of the TEXT and CTX tokens, -1 padded.
   Static: ``spec`` (a LayoutSpec).
+  Optional (``spec.mrope``, else None):
+    rope_position: int32 ``[B, S, 3]`` M-RoPE (time, height, width) triples (module docstring).
   """
   kind: Any
   position: Any
@@ -192,6 +222,7 @@ class TokenLayout:
   frame_tiles: Any
   nonvisual_index: Any
   spec: LayoutSpec
+  rope_position: Any = None
 
   @property
   def batch_size(self) -> int:
@@ -227,23 +258,29 @@ class TokenLayout:
     return dataclasses.replace(self, nonvisual_index=index[:, :n], spec=spec)
 
   def to_features(self) -> dict[str, Any]:
-    """The arrays as a flat dict (for input pipelines: one example's rows batch by stacking)."""
-    return {name: getattr(self, name) for name in LAYOUT_FIELDS}
+    """The arrays as a flat dict (for input pipelines: one example's rows batch by stacking);
+    ``rope_position`` only when the layout has it (``spec.mrope``)."""
+    out = {name: getattr(self, name) for name in LAYOUT_FIELDS}
+    if self.rope_position is not None:
+      out["rope_position"] = self.rope_position
+    return out
 
   @classmethod
   def from_features(cls, features: dict[str, Any], spec: LayoutSpec) -> "TokenLayout":
-    """Inverse of ``to_features``; extra keys in ``features`` are ignored."""
-    missing = [n for n in LAYOUT_FIELDS if n not in features]
+    """Inverse of ``to_features``; extra keys in ``features`` are ignored (``rope_position``
+    too unless ``spec.mrope``)."""
+    names = LAYOUT_FIELDS + (("rope_position",) if spec.mrope else ())
+    missing = [n for n in names if n not in features]
     if missing:
       raise ValueError(f"layout features are missing {missing}")
-    return cls(spec=spec, **{n: features[n] for n in LAYOUT_FIELDS})
+    return cls(spec=spec, **{n: features[n] for n in names})
 
 
 LAYOUT_FIELDS = _TOKEN_FIELDS + _REGION_FIELDS + _FRAME_FIELDS + ("nonvisual_index",)
 
 jax.tree_util.register_dataclass(
     TokenLayout,
-    data_fields=list(LAYOUT_FIELDS),
+    data_fields=list(LAYOUT_FIELDS) + ["rope_position"],
     meta_fields=["spec"],
 )
 
@@ -321,6 +358,17 @@ def _frames_of(seg: Segment, where: str, spec: LayoutSpec) -> list[_Frame]:
   return [_Frame(gh, gw, newline, tiles)] * n
 
 
+def _time_interval(seg: Segment, where: str) -> float:
+  """The M-RoPE time step between the frames of a Video (1.0 for an Image)."""
+  if isinstance(seg, Image):
+    return 1.0
+  v = seg.time_interval
+  if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) \
+      or not np.isfinite(v) or v < 0:
+    raise ValueError(f"{where}: time_interval must be a number >= 0, got {v!r}")
+  return float(v)
+
+
 class _ExampleWriter:
   """Fills one example's rows of the layout arrays, segment by segment."""
 
@@ -331,6 +379,20 @@ class _ExampleWriter:
     self.n_frames = 0
     self.n_regions = 0
     self.nonvisual: list[int] = []
+    self.mpos = 0      # next M-RoPE text position (the cursor of the module docstring)
+    self.mmax = -1     # largest M-RoPE position so far
+
+  def _mrope(self, slots, triples: np.ndarray) -> None:
+    """Writes M-RoPE triples ``[n, 3]`` at ``slots`` (when the layout has them)."""
+    if "rope_position" in self.a and len(triples):
+      self.a["rope_position"][self.b, slots] = triples
+      self.mmax = max(self.mmax, int(triples.max()))
+
+  def _mrope_text(self, slots, n: int, start: Optional[int] = None) -> None:
+    """Text triples ``(c, c, c)`` for ``n`` slots from the cursor (or ``start``)."""
+    c = self.mpos if start is None else start
+    self._mrope(slots, np.repeat((c + np.arange(n))[:, None], 3, axis=1))
+    self.mpos = c + n
 
   def _reserve(self, n: int, what: str) -> slice:
     if self.slot + n > self.spec.seq_len:
@@ -349,8 +411,12 @@ class _ExampleWriter:
     a["generated"][b, s] = bool(seg.generated)
     self.nonvisual.extend(range(s.start, s.stop))
     self.pos += n
+    # Generation continues after the largest prompt position (transformers' rope_deltas).
+    self._mrope_text(s, n, max(self.mpos, self.mmax + 1) if seg.generated else None)
 
-  def frame(self, fr: _Frame, media: int, where: str):
+  def frame(self, fr: _Frame, media: int, where: str, mrope: tuple[int, int, float] = None):
+    """Writes one grid (and its newline rows and context tokens). ``mrope``: (start ``s`` of
+    its media, frame index ``k`` in the media, time interval), for the M-RoPE triples."""
     spec, a, b = self.spec, self.a, self.b
     rh, rw = spec.region_shape
     gh, gw = fr.gh, fr.gw
@@ -388,6 +454,13 @@ class _ExampleWriter:
     a["frame_media"][b, f:f + fr.frame_ids] = media
     a["frame_grid"][b, f] = (gh, gw)
     a["frame_tiles"][b, f] = fr.tiles
+    s0, k, interval = mrope if mrope is not None else (self.mpos, 0, 1.0)
+    raster = np.maximum(flat, 0)
+    t = s0 + int(np.float32(k) * np.float32(interval))     # float32 and truncated, as torch
+    self._mrope(slots[real], np.stack([np.full(raster.shape, t), s0 + raster // gw,
+                                       s0 + raster % gw], axis=1)[real])
+    if k == 0:
+      self.mpos = s0 + max(gh, gw)
     if fr.newline_rows:
       # One text slot after each row of patches (the module docstring).
       n = self._reserve(gh, where + " newline rows")
@@ -395,6 +468,7 @@ class _ExampleWriter:
       a["position"][b, n] = self.pos + np.arange(gh) * (gw + 1) + gw
       a["frame"][b, n] = f                # marks them as the image's (they do not route)
       self.nonvisual.extend(range(n.start, n.stop))
+      self._mrope_text(n, gh)
     self.pos += fr.num_positions
     self.n_regions += nr
     self.n_frames += fr.frame_ids
@@ -406,6 +480,7 @@ class _ExampleWriter:
     a["patch_index"][b, c] = np.arange(spec.num_ctx)
     self.nonvisual.extend(range(c.start, c.stop))
     self.pos += spec.num_ctx
+    self._mrope_text(c, spec.num_ctx)
 
 
 def build_layout(examples: Sequence[Sequence[Segment]], spec: LayoutSpec) -> TokenLayout:
@@ -437,6 +512,8 @@ def build_layout(examples: Sequence[Sequence[Segment]], spec: LayoutSpec) -> Tok
       "frame_tiles": np.zeros((B, F, 2), i32),
       "nonvisual_index": np.full((B, spec.max_nonvisual), -1, i32),
   }
+  if spec.mrope:
+    arrays["rope_position"] = np.zeros((B, S, 3), i32)
   for b, segments in enumerate(examples):
     ex_where = f"example {b}"
     if isinstance(segments, (Text, Image, Video)) or not isinstance(segments, Sequence):
@@ -448,8 +525,9 @@ def build_layout(examples: Sequence[Sequence[Segment]], spec: LayoutSpec) -> Tok
       if isinstance(seg, Text):
         w.text(seg, where)
       elif isinstance(seg, (Image, Video)):
-        for fr in _frames_of(seg, where, spec):
-          w.frame(fr, media, where)
+        start, interval = w.mpos, _time_interval(seg, where)
+        for k, fr in enumerate(_frames_of(seg, where, spec)):
+          w.frame(fr, media, where, (start, k, interval))
         media += 1
       else:
         raise ValueError(f"{where}: unknown segment type {type(seg).__name__}; "

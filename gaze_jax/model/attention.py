@@ -65,6 +65,26 @@ def attention_plan(cfg: DecoderConfig, gaze: GazeConfig, layout: TokenLayout,
                     kernel_config=gaze.kernel, reuse=reuse)
 
 
+def rope_positions(cfg: DecoderConfig, layout: TokenLayout,
+                   q_index: Optional[jax.Array] = None) -> jax.Array:
+  """The positions RoPE rotates the rows by: ``layout.position`` ``[B, T]``, or with M-RoPE
+  (``cfg.mrope_section``) the triples ``layout.rope_position`` ``[B, T, 3]``; the rows are the
+  slots ``q_index`` (int32 ``[B, T]``, decode) or all S slots (None). Raises ValueError for an
+  M-RoPE decoder given a layout without triples (built without ``LayoutSpec.mrope``)."""
+  if cfg.mrope_section is None:
+    pos = layout.position
+  else:
+    pos = layout.rope_position
+    if pos is None:
+      raise ValueError("an M-RoPE decoder (DecoderConfig.mrope_section) needs the layout's "
+                       "position triples: build it with LayoutSpec(mrope=True) "
+                       "(model.layout_spec does)")
+  if q_index is None:
+    return pos
+  index = q_index if pos.ndim == 2 else q_index[..., None]
+  return jnp.take_along_axis(pos, index, axis=1)
+
+
 def write_cache(buf: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
   """Writes ``new [B, T, ...]`` into ``buf [B, S, ...]`` at per-example slot ``start [B]``."""
   def one(b, n, s):
@@ -118,11 +138,15 @@ class Attention(nnx.Module):
     v = self.v_proj(x).reshape(B, T, Hkv, D)
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
+    # Causality is by the 1-D positions; RoPE rotates by them, or by the M-RoPE triples.
     positions = layout.position if q_index is None else jnp.take_along_axis(
         layout.position, q_index, axis=1)
+    rotary = rope_positions(cfg, layout, q_index)
     q_pre, k_pre = q, k
-    q = rope(q, positions, cfg.rope_theta, cfg.rope_scaling)
-    k = rope(k, positions, cfg.rope_theta, cfg.rope_scaling)
+    q = rope(q, rotary, cfg.rope_theta, cfg.rope_scaling, cfg.mrope_section,
+             cfg.mrope_interleaved)
+    k = rope(k, rotary, cfg.rope_theta, cfg.rope_scaling, cfg.mrope_section,
+             cfg.mrope_interleaved)
     q, k, v = constrain(q, "q"), constrain(k, "kv"), constrain(v, "kv")
 
     descriptors = None

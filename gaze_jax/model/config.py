@@ -163,7 +163,14 @@ class DecoderConfig:
   ``scan_layers`` runs the layers of a full-sequence forward as one scan over their stacked
   weights (same results as the loop; the layer compiles once, so deep models compile fast).
   ``rope_scaling``: None (plain RoPE) or a ``RopeScaling`` (a dict of its fields is accepted,
-  as configs and checkpoint metadata give it)."""
+  as configs and checkpoint metadata give it).
+
+  M-RoPE (Qwen2-VL / Qwen2.5-VL / Qwen3-VL, Hugging Face ``rope_parameters["mrope_section"]``):
+  ``mrope_section`` = three counts (time, height, width) of rotary frequencies, summing to
+  ``head_dim // 2``; each frequency is rotated by one component of the token's position triple
+  (``TokenLayout.rope_position``, built when ``LayoutSpec.mrope`` is set). Contiguous sections
+  (Qwen2-VL / Qwen2.5-VL) by default; ``mrope_interleaved`` interleaves them as Qwen3-VL's
+  ``apply_interleaved_mrope`` does (``layers.mrope_components``). None: plain 1-D RoPE."""
   vocab_size: int = 32000
   hidden_size: int = 4096
   intermediate_size: int = 11008
@@ -179,6 +186,8 @@ class DecoderConfig:
   tie_embeddings: bool = False
   remat: bool = False
   scan_layers: bool = False
+  mrope_section: Optional[tuple[int, ...]] = None
+  mrope_interleaved: bool = False
 
   def __post_init__(self):
     _check_counts(self, (("vocab_size", 1), ("hidden_size", 1), ("intermediate_size", 1),
@@ -198,6 +207,28 @@ class DecoderConfig:
     if self.num_heads % self.num_kv_heads:
       raise FieldError("DecoderConfig", "num_heads", f"={self.num_heads} must be a multiple of "
                        f"num_kv_heads={self.num_kv_heads}")
+    self._check_mrope()
+
+  def _check_mrope(self):
+    sec = self.mrope_section
+    if not isinstance(self.mrope_interleaved, bool):
+      raise FieldError("DecoderConfig", "mrope_interleaved", f"={self.mrope_interleaved!r} must "
+                       "be a bool")
+    if sec is None:
+      if self.mrope_interleaved:
+        raise FieldError("DecoderConfig", "mrope_interleaved", "=True needs mrope_section (the "
+                         "M-RoPE sections to interleave)")
+      return
+    if (isinstance(sec, (str, bytes)) or not isinstance(sec, Sequence) or len(sec) != 3
+        or not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 0
+                   for n in sec)):
+      raise FieldError("DecoderConfig", "mrope_section", f"={sec!r} must be None or three ints "
+                       ">= 0 (time, height, width frequency counts)")
+    sec = tuple(int(n) for n in sec)
+    object.__setattr__(self, "mrope_section", sec)
+    if self.head_dim % 2 or sum(sec) != self.head_dim // 2:
+      raise FieldError("DecoderConfig", "mrope_section", f"={sec} must sum to head_dim // 2 = "
+                       f"{self.head_dim // 2} (head_dim={self.head_dim}, even)")
 
 
 @dataclasses.dataclass(frozen=True)

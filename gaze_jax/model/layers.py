@@ -80,14 +80,48 @@ def rope_frequencies(head_dim: int, theta: float, scaling=None) -> jax.Array:
   return jnp.where(medium, blended, scaled)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float, scaling=None) -> jax.Array:
-  """Rotary embedding, halves layout (Hugging Face ``rotate_half``).
+def mrope_components(half: int, section: Sequence[int], interleaved: bool) -> np.ndarray:
+  """Which component of an M-RoPE position triple (0 time, 1 height, 2 width) rotates each of
+  the ``half = head_dim / 2`` frequencies: int ``[half]``.
 
-  x: ``[B, T, H, D]``; positions: int ``[B, T]``; scaling: None or a ``RopeScaling``.
+  Contiguous (Qwen2-VL / Qwen2.5-VL ``recomposition_frequencies``): the first ``section[0]``
+  frequencies take time, the next ``section[1]`` height, the last ``section[2]`` width.
+  Interleaved (Qwen3-VL ``apply_interleaved_mrope``): frequency ``d`` takes height when
+  ``d % 3 == 1`` and ``d < 3 * section[1]``, width when ``d % 3 == 2`` and
+  ``d < 3 * section[2]``, time otherwise.
+  """
+  d = np.arange(half)
+  if not interleaved:
+    return np.searchsorted(np.cumsum(section), d, side="right").clip(0, 2).astype(np.int32)
+  comp = np.zeros(half, np.int32)
+  for c in (1, 2):
+    comp[(d % 3 == c) & (d < 3 * section[c])] = c
+  return comp
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float, scaling=None,
+         mrope_section: Optional[Sequence[int]] = None, mrope_interleaved: bool = False
+         ) -> jax.Array:
+  """Rotary embedding, halves layout (Hugging Face ``rotate_half``), plain or M-RoPE.
+
+  x: ``[B, T, H, D]``; scaling: None or a ``RopeScaling``; positions:
+    - int ``[B, T]``: one position per token (plain RoPE; under M-RoPE the same as equal
+      triples);
+    - int ``[B, T, 3]``: (time, height, width) triples (M-RoPE, ``TokenLayout.rope_position``);
+      frequency ``d`` is rotated by component ``mrope_components(...)[d]``, which needs
+      ``mrope_section``.
   """
   D = x.shape[-1]
   inv_freq = rope_frequencies(D, theta, scaling)                              # [D/2]
-  ang = positions.astype(jnp.float32)[..., None] * inv_freq                   # [B, T, D/2]
+  pos = positions.astype(jnp.float32)
+  if pos.ndim == 3:
+    if mrope_section is None:
+      raise ValueError("position triples [B, T, 3] need mrope_section (M-RoPE)")
+    comp = mrope_components(D // 2, mrope_section, mrope_interleaved)
+    pos = jnp.take(pos, jnp.asarray(comp), axis=-1)                            # [B, T, D/2]
+  else:
+    pos = pos[..., None]
+  ang = pos * inv_freq                                                        # [B, T, D/2]
   cos = jnp.cos(ang)[:, :, None, :]
   sin = jnp.sin(ang)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)

@@ -114,10 +114,12 @@ class MLLM(nnx.Module):
 
   def layout_spec(self, seq_len: int, max_regions: int = 1, max_images: int = 1,
                   max_nonvisual: Optional[int] = None) -> LayoutSpec:
-    """A LayoutSpec with this model's region shape and context-token count."""
+    """A LayoutSpec with this model's region shape and context-token count (and the M-RoPE
+    position triples when the decoder uses M-RoPE)."""
     return LayoutSpec(seq_len=seq_len, max_regions=max_regions, max_images=max_images,
                       region_shape=self.cfg.gaze.region_shape, num_ctx=self.cfg.gaze.num_ctx,
-                      max_nonvisual=max_nonvisual)
+                      max_nonvisual=max_nonvisual,
+                      mrope=self.cfg.decoder.mrope_section is not None)
 
   def build_layout(self, examples, seq_len: int, max_regions: int = 1,
                    max_images: int = 1) -> TokenLayout:
@@ -131,6 +133,9 @@ class MLLM(nnx.Module):
     if gz.attention == "gaze" and spec.region_shape != tuple(gz.region_shape):
       raise ValueError(f"layout region_shape {spec.region_shape} differs from the model's "
                        f"{tuple(gz.region_shape)}")
+    if self.cfg.decoder.mrope_section is not None and layout.rope_position is None:
+      raise ValueError("the decoder uses M-RoPE (mrope_section) but the layout has no position "
+                       "triples; build it with model.layout_spec(...) (LayoutSpec.mrope=True)")
 
   # -------------------------------------------------------------- embeddings
 
