@@ -444,7 +444,7 @@ class QwenVisionTower(nnx.Module):
   def position_embeddings(self, grid: Grid, coords: np.ndarray) -> jax.Array:
     """Qwen3-VL: the learned ``side x side`` table bilinearly resampled (align_corners=True) to
     each image's ``h x w`` grid, read at ``coords`` and repeated over its frames: ``[N, E]``."""
-    cfg, side = self.cfg, self.cfg.pos_side
+    side = self.cfg.pos_side
     table = self.pos_embed[...].astype(jnp.float32).reshape(side, side, -1)
     out, start = [], 0
     for t, h, w in grid:
