@@ -59,7 +59,13 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
       data_dir="",                        # default <workdir>/tfds
       tokenizer="byte", image_grid=(0, 0), seq_len=160, max_regions=16, max_images=1, max_nonvisual=None,
       batch_size=32, seed=0, num_threads=2, skip_too_long=False, train_split="train",
-      eval_split="validation"))
+      eval_split="validation",
+      # Qwen2.5-VL / Qwen3-VL folders (model.init=hf:): the static (height, width) pixel sizes
+      # that every image and video is resized to (each side a multiple of 28 / 32); empty: not
+      # a Qwen-VL run (such a folder is refused without them). video_fps: the frame rate of
+      # the videos' frames (0: transformers' 24). max_patches: patch rows per example
+      # (0: max_images frames at the largest bucket).
+      buckets=(), video_fps=0.0, max_patches=0))
 
   # Progressive top-K (docs/method.md step 10): start (<= 0: all regions) -> model.gaze.top_k.
   c.topk_schedule = ml_collections.ConfigDict(dict(

@@ -16,8 +16,30 @@ F = ``spec.max_images``, G = ``max_gt_regions``):
                           pick chooses among (all -1 where the data has no object boxes);
   + the layout features of ``TokenLayout.to_features()`` (one row, no batch axis).
 
+With a media processor whose visuals are patch rows (``PatchMedia``: Qwen2.5-VL / Qwen3-VL,
+``gaze_jax.data.qwen_vl.QwenVLMedia``), ``images`` is replaced by (F = ``spec.max_images``,
+P = ``FeatureConfig.max_patches``, default F times the largest bucket's patches per frame,
+D = ``C * T * P * P``, the media's ``patch_dim``):
+
+  patches         float32[P, D]  the vision tower's patch rows (transformers' ``pixel_values``
+                                 / ``pixel_values_videos`` rows) of every visual segment in
+                                 sequence order, zero-padded;
+  patch_grids     int32[F, 3]    per visual segment (the layout's ``frame_media`` index) its
+                                 patch grid ``(t, gh, gw)`` (transformers' ``image_grid_thw`` /
+                                 ``video_grid_thw`` rows; a Qwen3-VL video is one ``(1, gh,
+                                 gw)`` per group of frames, as its model splits
+                                 ``video_grid_thw``), (0, 0, 0) padded. Segment k's rows are
+                                 ``patches[o_k : o_k + t gh gw]`` with ``o_k`` the sum of
+                                 ``t gh gw`` over the segments before it; its t temporal groups
+                                 are t consecutive layout frames of ``gh / m x gw / m`` tokens
+                                 (``frame_grid``, m the merge size), each ``gh gw`` rows long;
+  second_per_grid float32[F]     per visual segment, the seconds per temporal group of a
+                                 Qwen2.5-VL video (``second_per_grid_ts``; its M-RoPE time step
+                                 is already in the layout's ``rope_position``), 0 otherwise.
+
 A batch is these stacked on a leading axis; ``batch_to_model_inputs`` unpacks one for the
-model. Sequences that do not fit the LayoutSpec raise ``ExampleTooLong`` naming the example,
+model (the patch features as one ``PatchPixels`` in place of ``images``). Sequences that do
+not fit the LayoutSpec raise ``ExampleTooLong`` naming the example,
 or with ``FeatureConfig.skip_too_long`` are skipped (``__call__`` returns None) and counted.
 """
 
@@ -39,11 +61,13 @@ log = logging.getLogger(__name__)
 
 IMAGE_MARKER = "<image>"
 FEATURE_KEYS = ("tokens", "targets", "loss_mask", "images", "gt_regions")
+# A batch holds ``images`` (square frames) or these (patch rows; the module docstring).
+PATCH_KEYS = ("patches", "patch_grids", "second_per_grid")
 
 
 # The LayoutSpec field (and config.data field) behind each limit named in ExampleTooLong.needs.
 LIMIT_FIELDS = {"slots": "seq_len", "images/frames": "max_images", "regions": "max_regions",
-                "text and context tokens": "max_nonvisual"}
+                "text and context tokens": "max_nonvisual", "patches": "max_patches"}
 
 
 class ExampleTooLong(ValueError):
@@ -74,6 +98,9 @@ class FeatureConfig:
     vocab_size: the model's vocabulary size (``DecoderConfig.vocab_size``): a token id at or
       above it raises a ValueError naming the example (the model would otherwise clamp it
       inside jit); None checks only that ids are >= 0.
+    max_patches: with a ``PatchMedia`` processor (Qwen-VL), the rows of ``patches`` per
+      example; None: ``spec.max_images`` times the media's ``max_frame_patches`` (every frame
+      at the largest bucket). Unused otherwise.
   """
   spec: LayoutSpec
   image_size: int
@@ -85,6 +112,7 @@ class FeatureConfig:
   std: tuple[float, float, float] = (0.5, 0.5, 0.5)
   resample: str = "bicubic"
   vocab_size: Optional[int] = None
+  max_patches: Optional[int] = None
 
   def __post_init__(self):
     if self.grid < 1:
@@ -97,6 +125,10 @@ class FeatureConfig:
       raise ValueError(f"FeatureConfig.max_gt_regions must be >= 1, got {self.max_gt_regions}")
     if self.vocab_size is not None and self.vocab_size < 1:
       raise ValueError(f"FeatureConfig.vocab_size must be >= 1 or None, got {self.vocab_size}")
+    if self.max_patches is not None and (isinstance(self.max_patches, bool) or not isinstance(
+        self.max_patches, (int, np.integer)) or self.max_patches < 1):
+      raise ValueError(f"FeatureConfig.max_patches must be an int >= 1 or None, got "
+                       f"{self.max_patches!r}")
 
   @property
   def grid(self) -> int:
@@ -180,6 +212,36 @@ class MediaProcessor(Protocol):
   def image(self, image: np.ndarray) -> list[MediaPart]: ...
 
   def video(self, frames: Sequence[np.ndarray]) -> list[MediaPart]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchVisual(Visual):
+  """A ``Visual`` whose pixels are already the vision tower's patch rows (Qwen2.5-VL /
+  Qwen3-VL): ``pixels [t * gh * gw, C * T * P * P]`` float32 (transformers' ``pixel_values``
+  rows of this segment) with the static ``grid_thw = (t, gh, gw)``; the segment is ``Image(gh
+  / m, gw / m)`` (t = 1) or ``Video(t, gh / m, gw / m)``. ``second_per_grid``: seconds per
+  temporal group of a Qwen2.5-VL video (its M-RoPE time step), None otherwise."""
+  grid_thw: tuple[int, int, int] = (1, 0, 0)
+  second_per_grid: Optional[float] = None
+
+
+class PatchMedia(MediaProcessor, Protocol):
+  """A ``MediaProcessor`` whose visuals are ``PatchVisual``s (``qwen_vl.QwenVLMedia``): the
+  example's features hold ``patches`` / ``patch_grids`` / ``second_per_grid`` instead of
+  ``images`` (the module docstring). ``patch_dim``: D, the columns of a patch row;
+  ``max_frame_patches``: the most patch rows one frame (temporal group) can have, at the
+  largest bucket; ``tokens_per_second``: M-RoPE time positions per second of video (a
+  ``Video`` with ``second_per_grid`` is laid out with ``time_interval = tokens_per_second *
+  second_per_grid``, Qwen2.5-VL's ``get_rope_index``)."""
+  patch_dim: int
+  max_frame_patches: int
+  tokens_per_second: float
+
+
+def is_patch_media(media) -> bool:
+  """Whether ``media`` gives patch rows (``PatchMedia``) rather than square frames."""
+  return (isinstance(getattr(media, "patch_dim", None), int)
+          and isinstance(getattr(media, "max_frame_patches", None), int))
 
 
 class SquareResize:
@@ -274,7 +336,7 @@ class ExampleProcessor:
   several threads); ``skipped`` counts examples skipped for not fitting (``skip_too_long``).
   ``media`` turns each image / video into its segments and pixels (default ``SquareResize``;
   a model family's own processing, e.g. tiles, comes from ``gaze_jax.data``'s family
-  processors)."""
+  processors; a ``PatchMedia`` one gives ``patches`` instead of ``images``)."""
 
   def __init__(self, tokenizer, cfg: FeatureConfig, media: Optional[MediaProcessor] = None):
     self.tokenizer = tokenizer
@@ -307,16 +369,16 @@ class ExampleProcessor:
     segs, ids, _ = self._expand(example)
     return segs, ids
 
-  def _expand(self, example: Mapping[str, Any]) -> tuple[list, list[int], list[np.ndarray]]:
-    """Segments, text token ids (in sequence order) and the pixels of every frame, in the
-    order of the layout's frames (``[H, W, C]`` each)."""
+  def _expand(self, example: Mapping[str, Any]) -> tuple[list, list[int], list[Visual]]:
+    """Segments, text token ids (in sequence order) and the visual parts, in the order of
+    the layout's visual segments (their frames in the order of the layout's frames)."""
     where = example_where(example)
     images = raw_images(example)
     is_video = bool(np.asarray(example.get("is_video", False)))
     n_media = (1 if images else 0) if is_video else len(images)
     parts = render_conversation(self.tokenizer.template, raw_turns(example), n_media, where,
                                 video=is_video)
-    segs, ids, frames = [], [], []
+    segs, ids, visuals = [], [], []
 
     def add_ids(toks: Sequence[int], generated: bool, text: str, check: bool = True):
       if not toks:
@@ -364,12 +426,22 @@ class ExampleProcessor:
         if len(part.text_ids) != want:
           raise ValueError(f"{where}: a {part.segment} segment has {want} text slots, its media "
                            f"part gives {len(part.text_ids)} token ids for them")
-        segs.append(part.segment)
+        segs.append(self._layout_segment(part))
         self._check_ids(list(part.text_ids), str(part.segment), where)
         ids.extend(part.text_ids)            # the segment's own text slots, not a Text segment
-        frames.extend(np.asarray(part.pixels, np.float32))
+        visuals.append(part)
     add_text(run)
-    return segs, ids, frames
+    return segs, ids, visuals
+
+  def _layout_segment(self, part: Visual):
+    """The layout segment of a visual part: its ``segment``, a ``PatchVisual`` video's with
+    the M-RoPE ``time_interval`` of its ``second_per_grid`` (``PatchMedia``)."""
+    seg = part.segment
+    sec = getattr(part, "second_per_grid", None)
+    if isinstance(seg, Video) and sec and self.patch_media:
+      tps = float(getattr(self.media, "tokens_per_second", 1.0))
+      seg = dataclasses.replace(seg, time_interval=tps * float(sec))
+    return seg
 
   def _check_ids(self, ids: Sequence[int], text: str, where: str) -> None:
     """Raises ValueError when the tokenizer gave an id outside ``[0, cfg.vocab_size)``."""
@@ -382,7 +454,20 @@ class ExampleProcessor:
                        f"the model's vocabulary {vocab} for the text {text[:60]!r}; use the "
                        "model's tokenizer (or a model whose vocab_size covers it)")
 
-  def _check_fits(self, segs, where: str):
+  @property
+  def patch_media(self) -> bool:
+    """Whether the media gives patch rows (``patches`` features instead of ``images``)."""
+    return is_patch_media(self.media)
+
+  @property
+  def max_patches(self) -> int:
+    """P, the rows of ``patches`` (``FeatureConfig.max_patches``, default ``max_images``
+    frames at the largest bucket)."""
+    if self.cfg.max_patches is not None:
+      return int(self.cfg.max_patches)
+    return self.cfg.spec.max_images * int(self.media.max_frame_patches)
+
+  def _check_fits(self, segs, where: str, patches: Optional[int] = None):
     spec = self.cfg.spec
     grids = [s for s in segs if not isinstance(s, Text)]
     # Grids with tokens (a tiled image is one, over several frame ids: frames_needed).
@@ -397,18 +482,22 @@ class ExampleProcessor:
     limits = {"slots": (slots, spec.seq_len), "images/frames": (frames, spec.max_images),
               "regions": (regions, spec.max_regions),
               "text and context tokens": (nonvisual, spec.max_nonvisual)}
+    if patches is not None:
+      limits["patches"] = (patches, self.max_patches)
     over = {what: nh for what, nh in limits.items() if nh[0] > nh[1]}
     if over:
       raise ExampleTooLong(f"{where} needs " + ", ".join(
-          f"{need} {what}, more than the LayoutSpec's {have}" for what, (need, have)
-          in over.items()), over)
+          f"{need} {what}, more than the "
+          f"{'FeatureConfig' if what == 'patches' else 'LayoutSpec'}'s {have}"
+          for what, (need, have) in over.items()), over)
 
   def features(self, example: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Features of one example; raises ExampleTooLong (naming it) when it does not fit."""
     cfg, spec = self.cfg, self.cfg.spec
     where = example_where(example)
-    segs, ids, frames = self._expand(example)
-    self._check_fits(segs, where)
+    segs, ids, visuals = self._expand(example)
+    patch = self.patch_media
+    self._check_fits(segs, where, sum(len(v.pixels) for v in visuals) if patch else None)
     layout = {k: v[0] for k, v in build_layout([segs], spec).to_features().items()}
     kind = layout["kind"]
     tokens = np.zeros(spec.seq_len, np.int32)
@@ -417,19 +506,51 @@ class ExampleProcessor:
     tokens[text_slots] = ids
     targets, loss_mask = next_token_targets(tokens, kind, layout["position"], layout["generated"])
     images = raw_images(example)
-    pix = np.zeros((spec.max_images, cfg.image_size, cfg.image_size, 3), np.float32)
-    for f, frame in enumerate(frames):
-      if frame.shape != pix.shape[1:]:
-        raise ValueError(f"{where}: frame {f} has pixels {frame.shape}, the model takes "
-                         f"{pix.shape[1:]} (FeatureConfig.image_size)")
-      pix[f] = frame
-    out = {"tokens": tokens, "targets": targets, "loss_mask": loss_mask, "images": pix,
-           "gt_regions": self._box_regions(example, images, layout, where, "boxes", "box_image",
-                                           cfg.max_gt_regions),
-           "object_regions": self._box_regions(example, images, layout, where, "object_boxes",
-                                               "object_box_image", spec.max_regions)}
+    out = {"tokens": tokens, "targets": targets, "loss_mask": loss_mask}
+    out.update(self._patches(visuals, where) if patch else {"images": self._frames(visuals, where)})
+    out["gt_regions"] = self._box_regions(example, images, layout, where, "boxes", "box_image",
+                                          cfg.max_gt_regions)
+    out["object_regions"] = self._box_regions(example, images, layout, where, "object_boxes",
+                                              "object_box_image", spec.max_regions)
     out.update(layout)
     return out
+
+  def _frames(self, visuals: Sequence[Visual], where: str) -> np.ndarray:
+    """``images [F, H, W, C]``: the visuals' frames in layout order, zero-padded."""
+    cfg = self.cfg
+    pix = np.zeros((cfg.spec.max_images, cfg.image_size, cfg.image_size, 3), np.float32)
+    f = 0
+    for v in visuals:
+      for frame in np.asarray(v.pixels, np.float32):
+        if frame.shape != pix.shape[1:]:
+          raise ValueError(f"{where}: frame {f} has pixels {frame.shape}, the model takes "
+                           f"{pix.shape[1:]} (FeatureConfig.image_size)")
+        pix[f] = frame
+        f += 1
+    return pix
+
+  def _patches(self, visuals: Sequence[Visual], where: str) -> dict[str, np.ndarray]:
+    """``patches [P, D]``, ``patch_grids [F, 3]`` and ``second_per_grid [F]`` of the
+    visuals (``PatchVisual``s; the module docstring)."""
+    F, D = self.cfg.spec.max_images, int(self.media.patch_dim)
+    patches = np.zeros((self.max_patches, D), np.float32)
+    grids = np.zeros((F, 3), np.int32)
+    seconds = np.zeros(F, np.float32)
+    row = 0
+    for k, v in enumerate(visuals):
+      if not isinstance(v, PatchVisual):
+        raise ValueError(f"{where}: {type(self.media).__name__} gave a {type(v).__name__}, "
+                         "not the PatchVisual (patch rows) its features need")
+      px = np.asarray(v.pixels, np.float32)
+      t, gh, gw = (int(n) for n in v.grid_thw)
+      if px.ndim != 2 or px.shape != (t * gh * gw, D):
+        raise ValueError(f"{where}: a {v.segment} segment has patches {px.shape}, its grid "
+                         f"{v.grid_thw} needs ({t * gh * gw}, {D})")
+      patches[row:row + len(px)] = px               # _check_fits bounds the rows
+      grids[k] = (t, gh, gw)
+      seconds[k] = v.second_per_grid or 0.0
+      row += len(px)
+    return {"patches": patches, "patch_grids": grids, "second_per_grid": seconds}
 
   def _box_regions(self, example, images, layout, where, boxes_key: str, image_key: str,
                    size: int) -> np.ndarray:
@@ -484,10 +605,18 @@ class ExampleProcessor:
 
 # --------------------------------------------------------------------------- batches
 
+class PatchPixels(NamedTuple):
+  """A batch's patch rows for a Qwen-VL vision tower (a pytree; the module docstring):
+  ``ModelInputs.images`` when the batch has ``patches`` instead of ``images``."""
+  patches: Any          # float32[B, P, D]
+  grids: Any            # int32[B, F, 3] (t, gh, gw) per visual segment, 0 padded
+  second_per_grid: Any  # float32[B, F]
+
+
 class ModelInputs(NamedTuple):
   """What ``MLLM.__call__`` and the loss need, from one batch."""
   tokens: Any          # int32[B, S]
-  images: Any          # float32[B, F, H, W, C]
+  images: Any          # float32[B, F, H, W, C], or PatchPixels (Qwen-VL patch rows)
   layout: TokenLayout
   targets: Any         # int32[B, S]
   loss_mask: Any       # float32[B, S]
@@ -498,19 +627,37 @@ class ModelInputs(NamedTuple):
 def batch_to_model_inputs(batch: Mapping[str, np.ndarray], spec: LayoutSpec) -> ModelInputs:
   """Splits a batch of stacked features into the model's inputs (host numpy arrays).
 
+  ``images`` is the batch's ``images``, or a ``PatchPixels`` of its ``patches``,
+  ``patch_grids`` and ``second_per_grid`` when it has those instead.
+
   Raises ValueError when a key is missing or the shapes disagree with ``spec``.
   """
-  missing = [k for k in FEATURE_KEYS if k not in batch]
+  patch = "patches" in batch
+  want = [k for k in FEATURE_KEYS if not (patch and k == "images")]
+  missing = [k for k in want + (list(PATCH_KEYS) if patch else []) if k not in batch]
   if missing:
     raise ValueError(f"batch is missing {missing}")
   tokens = np.asarray(batch["tokens"])
   if tokens.ndim != 2 or tokens.shape[1] != spec.seq_len:
     raise ValueError(f"batch tokens have shape {tokens.shape}; expected [B, seq_len="
                      f"{spec.seq_len}]")
-  images = np.asarray(batch["images"])
-  if images.ndim != 5 or images.shape[1] != spec.max_images:
-    raise ValueError(f"batch images have shape {images.shape}; expected [B, max_images="
-                     f"{spec.max_images}, H, W, C]")
+  if patch:
+    images = PatchPixels(*(np.asarray(batch[k]) for k in PATCH_KEYS))
+    B = tokens.shape[0]
+    for name, x, want in (("patches", images.patches, "[B, max_patches, D]"),
+                          ("patch_grids", images.grids, f"[B, max_images={spec.max_images}, 3]"),
+                          ("second_per_grid", images.second_per_grid,
+                           f"[B, max_images={spec.max_images}]")):
+      ok = x.ndim == {"patches": 3, "patch_grids": 3}.get(name, 2) and x.shape[0] == B
+      ok = ok and (name == "patches" or x.shape[1] == spec.max_images)
+      ok = ok and (name != "patch_grids" or x.shape[2] == 3)
+      if not ok:
+        raise ValueError(f"batch {name} have shape {x.shape}; expected {want}")
+  else:
+    images = np.asarray(batch["images"])
+    if images.ndim != 5 or images.shape[1] != spec.max_images:
+      raise ValueError(f"batch images have shape {images.shape}; expected [B, max_images="
+                       f"{spec.max_images}, H, W, C]")
   region_valid = np.asarray(batch.get("region_valid", np.zeros((0, 0))))
   if region_valid.ndim == 2 and region_valid.shape[1] != spec.max_regions:
     raise ValueError(f"batch has {region_valid.shape[1]} regions per example, spec.max_regions "

@@ -36,8 +36,10 @@ tokenizer), as transformers expands it:
   image: ``<|vision_start|>`` + ``Image(gh / 2, gw / 2)`` (one token per merged 2 x 2 patch
     block, transformers' ``t * gh * gw / 4`` pads) + ``<|vision_end|>``;
   Qwen2.5-VL video: ``<|vision_start|>`` + ``Video(t, gh / 2, gw / 2)`` (one grid per group of T
-    frames) + ``<|vision_end|>``; the M-RoPE time step of a group is ``second_per_grid``
-    seconds (``T / fps``, transformers' ``second_per_grid_ts``);
+    frames) + ``<|vision_end|>``; a group lasts ``second_per_grid`` seconds (``T / fps``,
+    transformers' ``second_per_grid_ts``); in the layout (``ExampleProcessor``) the Video's
+    M-RoPE ``time_interval`` is ``tokens_per_second * second_per_grid`` (``config.json``
+    ``vision_config``'s ``tokens_per_second``, transformers' default 4);
   Qwen3-VL video: per group of T frames, ``<{s:.1f} seconds><|vision_start|>`` +
     ``Image(gh / 2, gw / 2)`` + ``<|vision_end|>``, ``s`` the mean time of the group's first and
     last frame (frame index / fps; transformers' default fps 24 when the video has none).
@@ -53,11 +55,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from gaze_jax.data.features import MediaPart, Visual
+from gaze_jax.data.features import MediaPart, PatchVisual
 from gaze_jax.data.hf_pixels import channels, check_image, rescale_normalize, to_rgb
 from gaze_jax.gaze.layout import Image, Video
 from gaze_jax.paths import read_json
@@ -214,17 +216,6 @@ def patchify(frames: np.ndarray, patch_size: int, temporal_patch_size: int,
   return np.ascontiguousarray(x.reshape(t * gh * gw, C * T * P * P)), (t, gh, gw)
 
 
-@dataclasses.dataclass(frozen=True)
-class PatchVisual(Visual):
-  """A ``Visual`` whose pixels are already the Qwen vision tower's patches: ``pixels [t * gh *
-  gw, C * T * P * P]`` float32 (transformers' ``pixel_values`` rows of this segment) with the
-  static ``grid_thw = (t, gh, gw)``; the segment is ``Image(gh / m, gw / m)`` (t = 1) or
-  ``Video(t, gh / m, gw / m)``. ``second_per_grid``: seconds per temporal group of a
-  Qwen2.5-VL video (its M-RoPE time step), None otherwise."""
-  grid_thw: tuple[int, int, int] = (1, 0, 0)
-  second_per_grid: Optional[float] = None
-
-
 def frame_timestamps(indices: Sequence[int], fps: float, temporal_patch_size: int) -> list[float]:
   """Qwen3-VL's time of each group of frames: frame index / fps, the indices padded with the
   last to a multiple of T, the mean of each group's first and last (``_calculate_timestamps``)."""
@@ -330,6 +321,8 @@ class QwenVLSettings:
     image, video: the image and video processors' steps (``QwenSteps``).
     vision_start, vision_end, image_pad, video_pad: the marker tokens' text.
     where: the folder (for errors).
+    tokens_per_second: Qwen2.5-VL's M-RoPE time positions per second of video
+      (``vision_config.tokens_per_second``).
   """
   family: str
   image: QwenSteps
@@ -339,6 +332,7 @@ class QwenVLSettings:
   image_pad: str = "<|image_pad|>"
   video_pad: str = "<|video_pad|>"
   where: str = "processor settings"
+  tokens_per_second: float = 4.0
 
   @classmethod
   def defaults(cls, family: str) -> "QwenVLSettings":
@@ -399,7 +393,11 @@ class QwenVLSettings:
         if isinstance(v, int) and v != getattr(steps, k):
           raise ValueError(f"{where}: {k}={getattr(steps, k)}, but {model_file} vision_config "
                            f"says {v}: the patches must be the vision tower's")
-    return cls(family, image, video, where=str(folder))
+    tps = vc.get("tokens_per_second", 4)
+    if isinstance(tps, bool) or not isinstance(tps, (int, float)) or not tps > 0:
+      raise ValueError(f"{model_file}: vision_config.tokens_per_second={tps!r} must be a number "
+                       "> 0")
+    return cls(family, image, video, where=str(folder), tokens_per_second=float(tps))
 
 
 # --------------------------------------------------------------------------- media
@@ -440,6 +438,28 @@ class QwenVLMedia:
   def video_placeholder(self) -> str:
     s = self.settings
     return s.vision_start + s.video_pad + s.vision_end
+
+  @property
+  def patch_dim(self) -> int:
+    """D = C * T * P * P, the columns of a patch row (``features.PatchMedia``)."""
+    steps = [self.settings.image, self.settings.video]
+    dims = {3 * s.temporal_patch_size * s.patch_size ** 2 for s in steps}
+    if len(dims) != 1:
+      raise ValueError(f"{self.settings.where}: the image and video processors' patches differ "
+                       f"({sorted(dims)} values per patch); one vision tower takes one size")
+    return dims.pop()
+
+  @property
+  def tokens_per_second(self) -> float:
+    """M-RoPE time positions per second of video (``features.PatchMedia``)."""
+    return self.settings.tokens_per_second
+
+  @property
+  def max_frame_patches(self) -> int:
+    """The most patch rows of one frame (temporal group): the largest bucket's ``gh * gw``
+    (``features.PatchMedia``)."""
+    P = min(self.settings.image.patch_size, self.settings.video.patch_size)
+    return max(h * w for h, w in self.buckets) // (P * P)
 
   # ---- sizes
 
@@ -549,14 +569,14 @@ class QwenVLMedia:
 
 
 def qwen_vl_tokenizer(folder, media: Optional[QwenVLMedia] = None):
-  """``tokenizers.load_model_tokenizer(folder)`` with the chat template's image / video
-  placeholders set to the whole ``<|vision_start|>...<|vision_end|>`` wrapper that
-  ``QwenVLMedia`` replaces (its markers from ``media`` when given)."""
+  """``tokenizers.load_model_tokenizer(folder)``, whose image / video placeholders for a Qwen-VL
+  folder are already the whole ``<|vision_start|>...<|vision_end|>`` wrapper that
+  ``QwenVLMedia`` replaces; with ``media``, its markers (``image_placeholder`` /
+  ``video_placeholder``)."""
   from gaze_jax.data.tokenizers import load_model_tokenizer
 
   tok = load_model_tokenizer(folder)
-  s = media.settings if media is not None else QwenVLSettings.defaults("qwen2_5_vl")
-  tok.template = dataclasses.replace(tok.template,
-                                     image_token=s.vision_start + s.image_pad + s.vision_end,
-                                     video_token=s.vision_start + s.video_pad + s.vision_end)
+  if media is not None:
+    tok.template = dataclasses.replace(tok.template, image_token=media.image_placeholder,
+                                       video_token=media.video_placeholder)
   return tok

@@ -509,6 +509,11 @@ def _folder_chat_template(folder, configs: Sequence) -> tuple[Optional[str], str
   return None, ""
 
 
+# Model types whose chat template wraps each image / video in vision markers that the media
+# processing replaces together with the pad token (``gaze_jax.data.qwen_vl``).
+QWEN_VL_TYPES = ("qwen2_5_vl", "qwen3_vl")
+
+
 def load_model_tokenizer(folder) -> HFTokenizer:
   """The tokenizer and chat template of a Hugging Face model folder (local or ``gs://``), as a
   transformers processor of that folder uses them: ``tokenizer.json``, the special tokens of
@@ -516,7 +521,10 @@ def load_model_tokenizer(folder) -> HFTokenizer:
   ``chat_template.json``, ``processor_config.json`` or ``tokenizer_config.json``) rendered by
   ``JinjaChatTemplate``. The image / video placeholders are the processor's ``image_token`` /
   ``video_token`` (``processor_config.json``, else ``tokenizer_config.json``, else
-  ``<image>`` / ``<video>``).
+  ``<image>`` / ``<video>``). For a Qwen2.5-VL / Qwen3-VL folder (``config.json``'s
+  ``model_type``, ``QWEN_VL_TYPES``) they are the whole wrapper its template writes and its
+  media processing replaces, ``<|vision_start|><|image_pad|><|vision_end|>`` (``<|video_pad|>``;
+  the markers' own keys, ``vision_start_token`` / ``vision_end_token``, may rename them).
 
   Raises FileNotFoundError naming the folder when it has no ``tokenizer.json`` or no chat
   template, ValueError naming the file for malformed JSON or a special token the vocabulary
@@ -551,14 +559,24 @@ def load_model_tokenizer(folder) -> HFTokenizer:
   def placeholder(key: str, default: str) -> str:
     return _token_str(pcfg.get(key)) or specials.get(key) or default
 
+  model_file = folder / "config.json"
+  model_type = read_json(model_file).get("model_type") if model_file.is_file() else None
+  if model_type in QWEN_VL_TYPES:
+    start = placeholder("vision_start_token", "<|vision_start|>")
+    end = placeholder("vision_end_token", "<|vision_end|>")
+    image_token = start + placeholder("image_token", "<|image_pad|>") + end
+    video_token = start + placeholder("video_token", "<|video_pad|>") + end
+  else:
+    image_token = placeholder("image_token", "<image>")
+    video_token = placeholder("video_token", "<video>")
+
   eos = specials.get("eos_token")
   # What the tokenizer's post-processor adds before a sequence (a BOS), as text.
   added = tok.encode("", add_special_tokens=True).ids
   prefix = "".join(tok.id_to_token(i) for i in added)
   template = JinjaChatTemplate(
       source=source, variables=tuple(sorted(specials.items())), assistant_end=eos or "",
-      image_token=placeholder("image_token", "<image>"),
-      video_token=placeholder("video_token", "<video>"), prefix=prefix, where=where)
+      image_token=image_token, video_token=video_token, prefix=prefix, where=where)
   return HFTokenizer(tok, template=template, bos=specials.get("bos_token"), eos=eos,
                      pad=specials.get("pad_token"))
 

@@ -7,9 +7,12 @@
 "gguf:smollm2", a ``.gguf`` file, a folder with ``tokenizer.json``, "hf:<model folder>", or
 "model": the one of ``model.init``'s Hugging Face folder), ``image_grid`` (rows, cols of tiles
 per image for a model family that tiles images, from a ``model.init=hf:`` folder; (0, 0): one
-image, no tiles), ``seq_len``, ``max_regions``, ``max_images``, ``max_nonvisual``,
-``batch_size`` (global; each host reads ``batch_size / process_count``), ``seed``,
-``num_threads``, ``skip_too_long``, ``train_split``, ``eval_split``.
+image, no tiles), ``buckets`` ((height, width) pixel sizes every image and video is resized to
+for a Qwen2.5-VL / Qwen3-VL folder; empty otherwise), ``video_fps`` (the frame rate of the
+videos' frames for Qwen-VL; 0: 24), ``max_patches`` (Qwen-VL patch rows per example; 0:
+``max_images`` frames at the largest bucket), ``seq_len``, ``max_regions``, ``max_images``,
+``max_nonvisual``, ``batch_size`` (global; each host reads ``batch_size / process_count``),
+``seed``, ``num_threads``, ``skip_too_long``, ``train_split``, ``eval_split``.
 """
 
 from __future__ import annotations
@@ -26,9 +29,22 @@ from gaze_jax.model.config import MLLMConfig
 from gaze_jax.train.config import to_dict
 
 
-def feature_config(config: Any, model: MLLMConfig, spec: LayoutSpec):
-  from gaze_jax.data.features import FeatureConfig
+def feature_config(config: Any, model: MLLMConfig, spec: LayoutSpec, media: Any = None):
+  """The run's ``FeatureConfig``. ``media``: the run's media processing when already made
+  (else ``media_processor(config)``, for a config with ``model``). For Qwen-VL patch rows
+  (``features.PatchMedia``) the square ``image_size`` is the largest bucket side (only the
+  size preflight's blank image is made at) and ``max_patches`` is ``config.data.max_patches``
+  (0: the default)."""
+  from gaze_jax.data.features import FeatureConfig, is_patch_media
 
+  if media is None and getattr(config, "model", None) is not None:
+    media = media_processor(config)
+  if is_patch_media(media):
+    return FeatureConfig(spec=spec, image_size=max(max(b) for b in media.buckets),
+                         patch_size=media.settings.image.factor,
+                         skip_too_long=bool(config.data.skip_too_long),
+                         vocab_size=model.decoder.vocab_size,
+                         max_patches=int(getattr(config.data, "max_patches", 0) or 0) or None)
   if model.vision is None:
     raise ValueError("training needs a model with a vision tower (config.model.vision)")
   v = model.vision
@@ -41,21 +57,29 @@ def feature_config(config: Any, model: MLLMConfig, spec: LayoutSpec):
 
 def media_processor(config: Any):
   """The image / video processing of a run started from a Hugging Face folder
-  (``model.init=hf:``): the folder's family processing at ``config.data.image_grid`` (tiles);
-  None otherwise (``features.SquareResize``)."""
+  (``model.init=hf:``): the folder's family processing at ``config.data.image_grid`` (tiles),
+  or for Qwen2.5-VL / Qwen3-VL at ``config.data.buckets`` with ``config.data.video_fps``;
+  None otherwise (``features.SquareResize``). A Qwen-VL folder without buckets is refused
+  naming ``config.data.buckets`` (a config.json of a run older than these fields reads them
+  as empty)."""
   from gaze_jax.convert.families import media_processor as family_media
   from gaze_jax.train.model_init import hf_folder
 
   folder = hf_folder(config.model.init)
-  return None if folder is None else family_media(folder, tuple(config.data.image_grid))
+  if folder is None:
+    return None
+  d = config.data
+  return family_media(folder, tuple(d.image_grid),
+                      buckets=tuple(getattr(d, "buckets", ()) or ()),
+                      video_fps=float(getattr(d, "video_fps", 0.0) or 0.0) or None)
 
 
 def example_processor(config: Any, tokenizer, model: MLLMConfig, spec: LayoutSpec):
   """Raw example -> features for this run: its tokenizer, static shapes and image processing."""
   from gaze_jax.data.features import ExampleProcessor
 
-  return ExampleProcessor(tokenizer, feature_config(config, model, spec),
-                          media=media_processor(config))
+  media = media_processor(config)
+  return ExampleProcessor(tokenizer, feature_config(config, model, spec, media), media=media)
 
 
 def data_dir(config: Any, workdir) -> epath.Path:
@@ -113,8 +137,10 @@ def make_iterator(config: Any, builder, tokenizer, model: MLLMConfig, spec: Layo
 
 
 def fingerprint(batch: Mapping[str, np.ndarray]) -> str:
-  """A short hash of a batch's tokens and images (to check the data order across restarts)."""
+  """A short hash of a batch's tokens and images (or Qwen-VL patches; to check the data order
+  across restarts)."""
   c = zlib.crc32(np.ascontiguousarray(batch["tokens"]).tobytes())
-  if "images" in batch:
-    c = zlib.crc32(np.ascontiguousarray(batch["images"]).tobytes(), c)
+  for key in ("images", "patches"):
+    if key in batch:
+      c = zlib.crc32(np.ascontiguousarray(batch[key]).tobytes(), c)
   return f"{c:08x}"

@@ -38,7 +38,8 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 FILES = {
     "qwen2_5_vl": {
         "config.json": {"model_type": "qwen2_5_vl", "vision_config": {
-            "patch_size": 14, "temporal_patch_size": 2, "spatial_merge_size": 2}},
+            "patch_size": 14, "temporal_patch_size": 2, "spatial_merge_size": 2,
+            "tokens_per_second": 2}},
         # As Qwen2.5-VL-*-Instruct ships it (min_pixels / max_pixels at the top level).
         "preprocessor_config.json": {
             "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14,
