@@ -259,3 +259,75 @@ def test_square_features_keep_images():
   f = proc.features({"id": "s", "images": [np.zeros((20, 20, 3), np.uint8)],
                      "turns": [{"question": "q", "answer": "a"}]})
   assert f["images"].shape == (1, 16, 16, 3) and "patches" not in f
+
+
+def _rope_model(family, tok):
+  """A tiny transformers model of ``family`` for ``get_rope_index`` (our folder's marker ids,
+  vision_config.tokens_per_second 2 as the folder's config.json)."""
+  import torch
+
+  torch.manual_seed(0)
+  ids = {k: tok.token_to_id(t) for k, t in (
+      ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+      ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+  text = dict(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=48,
+              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+              rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                               "mrope_section": [2, 3, 3]})
+  vision = dict(depth=1, hidden_size=16, intermediate_size=24, num_heads=2, out_hidden_size=32,
+                spatial_merge_size=2, temporal_patch_size=2)
+  if family == "qwen2_5_vl":
+    cfg = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=dict(
+        vision, patch_size=14, tokens_per_second=2, window_size=112,
+        fullatt_block_indexes=[0]), **ids)
+    return transformers.Qwen2_5_VLForConditionalGeneration(cfg).eval()
+  cfg = transformers.Qwen3VLConfig(text_config=dict(text, head_dim=16), vision_config=dict(
+      vision, patch_size=16, num_position_embeddings=16, deepstack_visual_indexes=[0]), **ids)
+  return transformers.Qwen3VLForConditionalGeneration(cfg).eval()
+
+
+@pytest.mark.parametrize("what", ["two_images", "video"])
+def test_qwen2_5_vl_and_qwen3_vl_mrope_positions_equal_get_rope_index(folder, family,
+                                                                      monkeypatch, what):
+  """With ``LayoutSpec(mrope=True)`` and no context tokens, the features' M-RoPE triples in
+  sequence order are transformers' ``get_rope_index`` of the processor's input_ids (a
+  Qwen2.5-VL video's time step from tokens_per_second * second_per_grid_ts)."""
+  import dataclasses
+
+  import torch
+
+  from gaze_jax.data.features import ExampleProcessor as Proc
+  from gaze_jax.gaze import PAD
+
+  spec = dataclasses.replace(SPEC, num_ctx=0, mrope=True)
+  tok, run_proc = _processor(folder, family)
+  proc = Proc(tok, dataclasses.replace(run_proc.cfg, spec=spec), media=run_proc.media)
+  media = proc.media
+  if what == "video":
+    frames = [photo("astronaut" if i % 2 else "chelsea", 300, 400) for i in range(8)]
+    ex = {"id": "v", "images": frames, "is_video": True,
+          "turns": [{"question": "Describe the video.", "answer": ANSWER}]}
+    b = media.bucket(300, 400, video=True)
+    ref = _reference(folder, family, media, monkeypatch,
+                     [{"type": "video"}, {"type": "text", "text": "Describe the video."}],
+                     videos=[np.stack(frames)], size=media.pinned_size(b, len(media.sample(8))))
+  else:
+    ims = [photo(n, h, w) for n, h, w in IMAGES]
+    ex = {"id": "two", "images": ims,
+          "turns": [{"question": "<image>\n<image>\n" + QUESTION, "answer": ANSWER}]}
+    ref = _reference(folder, family, media, monkeypatch,
+                     [{"type": "image"}] * 2 + [{"type": "text", "text": QUESTION}], images=ims)
+  feats = proc.features(ex)
+  ids = torch.tensor(ref["input_ids"])
+  types = torch.zeros_like(ids)
+  types[ids == tok.token_to_id("<|image_pad|>")] = 1
+  types[ids == tok.token_to_id("<|video_pad|>")] = 2
+  kw = {k: torch.tensor(np.asarray(ref[k])) for k in ("image_grid_thw", "video_grid_thw",
+                                                       "second_per_grid_ts") if k in ref}
+  if family == "qwen3_vl":
+    kw.pop("second_per_grid_ts", None)
+  want, _ = _rope_model(family, tok).model.get_rope_index(ids, types, **kw)
+  kind, pos = feats["kind"], feats["position"]
+  slots = np.flatnonzero(kind != PAD)
+  order = slots[np.argsort(pos[slots], kind="stable")]
+  np.testing.assert_array_equal(feats["rope_position"][order], want[:, 0].numpy().T)
