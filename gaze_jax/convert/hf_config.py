@@ -145,6 +145,70 @@ def decoder_config_from_hf(cfg: Mapping[str, Any]) -> DecoderConfig:
   )
 
 
+# Qwen-VL model_type -> (the decoder its text_config is, M-RoPE interleaved, transformers'
+# default mrope_section, default rope_theta of its text config class).
+QWEN_VL_TEXT = {"qwen2_5_vl": ("qwen2", False, (16, 24, 24), 1000000.0),
+                "qwen3_vl": ("qwen3", True, (24, 20, 20), 500000.0)}
+# transformers' text config defaults (Qwen2_5_VLTextConfig, Qwen3VLTextConfig) that differ from
+# the plain decoders'.
+_QWEN_VL_TEXT_DEFAULTS = {
+    "qwen2_5_vl": dict(vocab_size=152064, hidden_size=8192, intermediate_size=29568,
+                       num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                       rms_norm_eps=1e-5),
+    "qwen3_vl": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016,
+                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                     head_dim=128, rms_norm_eps=1e-6),
+}
+
+
+def qwen_vl_decoder_config(cfg: Mapping[str, Any], where: str = "config.json") -> DecoderConfig:
+  """The decoder of a ``qwen2_5_vl`` / ``qwen3_vl`` config (its ``text_config``): Qwen2 (qkv
+  bias) / Qwen3 (q/k norm) with M-RoPE, ``mrope_section`` from ``rope_parameters`` (or the
+  legacy ``rope_scaling``; transformers' defaults [16, 24, 24] / [24, 20, 20] otherwise),
+  interleaved for Qwen3-VL (its rotary always interleaves). The LM head is tied when the
+  top-level ``tie_word_embeddings`` (or, for configs saved before transformers 5, the text
+  config's) says so. Raises ValueError naming ``where`` and the key otherwise."""
+  mt = cfg.get("model_type")
+  if mt not in QWEN_VL_TEXT:
+    raise ValueError(f"{where}: model_type={mt!r}, expected one of "
+                     f"{', '.join(map(repr, QWEN_VL_TEXT))}")
+  base, interleaved, default_section, default_theta = QWEN_VL_TEXT[mt]
+  text = cfg.get("text_config")
+  if text is None:                # the flat configs of older checkpoints
+    text = {k: v for k, v in cfg.items() if k not in ("vision_config", "model_type")}
+  if not isinstance(text, Mapping):
+    raise ValueError(f"{where}: text_config must be an object, got {text!r}")
+  text = {**_QWEN_VL_TEXT_DEFAULTS[mt], **{k: v for k, v in text.items() if v is not None}}
+  tw = f"{where}: text_config"
+  rope = None
+  for key in ("rope_parameters", "rope_scaling"):
+    p = text.get(key)
+    if p is None:
+      continue
+    if not isinstance(p, Mapping):
+      raise ValueError(f"{tw}.{key} must be an object, got {p!r}")
+    p = dict(p)
+    section = p.pop("mrope_section", None)
+    p.pop("mrope_interleaved", None)          # Qwen3-VL interleaves whatever it says
+    if p.get("rope_type", p.get("type")) == "mrope":
+      p.pop("type", None)
+      p["rope_type"] = "default"
+    text[key] = p
+    if section is not None:
+      rope = section
+  text["model_type"] = base
+  if "rope_theta" not in (text.get("rope_parameters") or {}) and text.get("rope_theta") is None:
+    text["rope_theta"] = default_theta
+  text["tie_word_embeddings"] = bool(cfg.get("tie_word_embeddings") or
+                                     text.get("tie_word_embeddings"))
+  try:
+    dec = decoder_config_from_hf(text)
+    return dataclasses.replace(dec, mrope_section=tuple(rope or default_section),
+                               mrope_interleaved=interleaved)
+  except ValueError as e:
+    raise ValueError(f"{tw}: {e}") from None
+
+
 def siglip_vision_dict(cfg: Mapping[str, Any]) -> dict[str, Any]:
   """The SigLIP vision part of a config: the config itself (``siglip_vision_model``) or the
   ``vision_config`` of a ``siglip`` or ``llava_onevision`` config."""

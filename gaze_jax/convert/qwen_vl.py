@@ -20,7 +20,8 @@ from gaze_jax.convert.mapping import Layout, Rule, identity, linear, load_weight
 from gaze_jax.model.qwen_vision import ACTIVATIONS, QwenVisionConfig
 
 __all__ = ["VISION_MODEL_TYPES", "patch3d", "qwen_vision_config", "qwen_vision_rules",
-           "qwen_vision_counts", "vision_prefix", "load_qwen_vision"]
+           "qwen_vision_counts", "vision_prefix", "load_qwen_vision", "qwen_vl_configs",
+           "plan_qwen_vl", "load_qwen_vl"]
 
 # model_type -> the model_type of its vision_config.
 VISION_MODEL_TYPES = {"qwen2_5_vl": "qwen2_5_vl_vision", "qwen3_vl": "qwen3_vl_vision"}
@@ -165,3 +166,65 @@ def _numpy(v) -> np.ndarray:
   if hasattr(v, "detach"):                 # a torch tensor
     v = v.detach().float().cpu().numpy()
   return np.asarray(v)
+
+
+# ------------------------------------------------------------------ the whole model
+
+
+def qwen_vl_configs(cfg: Mapping[str, Any], where: str = "config.json"):
+  """A ``qwen2_5_vl`` / ``qwen3_vl`` config dict -> ``(DecoderConfig, QwenVisionConfig)``: the
+  decoder with M-RoPE from ``text_config`` (``hf_config.qwen_vl_decoder_config``), the tower
+  from ``vision_config``. Raises ValueError naming ``where`` and the key."""
+  from gaze_jax.convert.hf_config import qwen_vl_decoder_config
+
+  return qwen_vl_decoder_config(cfg, where), qwen_vision_config(cfg, where)
+
+
+def plan_qwen_vl(model_dir, gaze=None, *, dtype: str = "float32", param_dtype: str = "float32"):
+  """The ``hf.LoadPlan`` of a Qwen2.5-VL / Qwen3-VL ``save_pretrained`` folder (read from
+  ``config.json`` and the safetensors headers; no weight is read): ``MLLMConfig(decoder,
+  qwen_vision=tower)``; the decoder's weights under ``model.language_model.`` (found from
+  ``embed_tokens.weight``), the head ``lm_head.weight`` (unless tied), the tower under
+  ``visual.`` / ``model.visual.`` (``vision_prefix``) as our ``vision.``."""
+  import os
+
+  from gaze_jax.convert import hf
+  from gaze_jax.convert.hf_io import load_safetensors, read_hf_config
+  from gaze_jax.convert.mapping import WeightMap
+  from gaze_jax.model.config import MLLMConfig
+
+  gaze = hf.DENSE_TEXT if gaze is None else gaze
+  where = os.fspath(model_dir)
+  dcfg, vcfg = qwen_vl_configs(read_hf_config(model_dir), os.path.join(where, "config.json"))
+  if vcfg.out_hidden_size != dcfg.hidden_size:
+    raise ValueError(f"{where}/config.json: vision_config.out_hidden_size="
+                     f"{vcfg.out_hidden_size} differs from text_config.hidden_size="
+                     f"{dcfg.hidden_size} (the merger feeds the decoder)")
+  tensors = load_safetensors(model_dir)
+  dropped = hf._drop_buffers(tensors)
+  dp = hf.find_prefix(tensors, "embed_tokens.weight", "language model", where)
+  try:
+    vp = vision_prefix(tensors)
+  except ValueError as e:
+    raise ValueError(f"{where}: {e}") from None
+  head = hf._find_optional(tensors, "lm_head.weight", where)
+  dcfg = hf._tie_or_untie(dcfg, tensors, dp + "embed_tokens.weight", head, where)
+  cfg = MLLMConfig(decoder=dcfg, qwen_vision=vcfg, gaze=gaze, dtype=dtype,
+                   param_dtype=param_dtype)
+  rules = hf.decoder_rules(dcfg, dp, head) + qwen_vision_rules(vcfg, vp, ours="vision.")
+  allow = [head] if (dcfg.tie_embeddings and head) else []
+  counts = {"decoder": dcfg.num_layers, **qwen_vision_counts(vcfg)}
+  weights = WeightMap(tuple(rules), counts, tuple(allow), hf._fresh(gaze))
+  return hf.LoadPlan(cfg, weights, tensors, tuple(dropped), where)
+
+
+def load_qwen_vl(model_dir, gaze=None, *, dtype: str = "float32", param_dtype: str = "float32",
+                 seed: int = 0, return_unused: bool = False, allow_nonfinite: bool = False):
+  """A Qwen2.5-VL / Qwen3-VL folder -> ``MLLM`` (``plan_qwen_vl``); context tokens
+  (``gaze.num_ctx > 0``) keep their random initialisation (``seed``). Returns the model, or
+  ``(model, unused keys)`` with ``return_unused``."""
+  from gaze_jax.convert import hf
+
+  plan = plan_qwen_vl(model_dir, gaze, dtype=dtype, param_dtype=param_dtype)
+  return hf.build_planned(plan, seed=seed, return_unused=return_unused,
+                          allow_nonfinite=allow_nonfinite)

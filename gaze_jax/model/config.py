@@ -315,6 +315,17 @@ class MLLMConfig:
   vector (LLaVA-NeXT / OneVision: the image and video token ids, which their processors write
   where the newline embedding goes: after each row of a tiled grid, after a video); empty (the
   default) builds no such parameter.
+
+  ``qwen_vision``: a Qwen2.5-VL / Qwen3-VL vision tower (``gaze_jax.model.qwen_vision.
+  QwenVisionConfig``, or a dict of its fields) instead of ``vision``: its 2 x 2 merger is the
+  connector (``out_hidden_size`` = the decoder's width; ``projector`` and ``scale_factor`` are
+  unused), its inputs are patch rows (``MLLM`` takes ``QwenPatches`` where other models take
+  images), and Qwen3-VL's DeepStack features are added to the hidden states at the visual slots
+  after the first ``len(deepstack_visual_indexes)`` decoder layers. ``qwen_grids``: the static
+  patch grids ``(t, h, w)`` of the visual segments of every example, in sequence order (the
+  buckets a training config fixes), used inside ``jit`` when a batch's ``QwenPatches`` carries
+  no static grids of its own (``MLLM.qwen_features``); empty: the grids must come with the
+  batch.
   """
   decoder: DecoderConfig
   vision: Optional[VisionConfig] = None
@@ -324,8 +335,11 @@ class MLLMConfig:
   param_dtype: str = "float32"    # master weights
   scale_factor: int = 1
   newline_token_ids: tuple[int, ...] = ()
+  qwen_vision: Any = None
+  qwen_grids: tuple[tuple[int, int, int], ...] = ()
 
   def __post_init__(self):
+    self._check_qwen()
     _one_of(self, "projector", PROJECTORS)
     _one_of(self, "dtype", DTYPES)
     _one_of(self, "param_dtype", DTYPES)
@@ -348,10 +362,54 @@ class MLLMConfig:
       raise FieldError("MLLMConfig", "newline_token_ids", " needs a vision tower (vision=None)")
     object.__setattr__(self, "newline_token_ids", tuple(int(i) for i in ids))
 
+  def _check_qwen(self):
+    qv = self.qwen_vision
+    if qv is None:
+      if self.qwen_grids:
+        raise FieldError("MLLMConfig", "qwen_grids", " needs qwen_vision (a Qwen vision tower)")
+      return
+    from gaze_jax.model.qwen_vision import QwenVisionConfig   # jax and flax, only when used
+    if isinstance(qv, Mapping):
+      qv = _from_fields(QwenVisionConfig, qv, "MLLMConfig.qwen_vision")
+      object.__setattr__(self, "qwen_vision", qv)
+    elif not isinstance(qv, QwenVisionConfig):
+      raise FieldError("MLLMConfig", "qwen_vision", f" must be None, a QwenVisionConfig or a "
+                       f"dict of its fields, got {qv!r}")
+    if self.vision is not None:
+      raise FieldError("MLLMConfig", "qwen_vision", " and vision are exclusive (one vision "
+                       "tower: set vision=None)")
+    if self.scale_factor != 1 or self.projector != "mlp2x_gelu":
+      raise FieldError("MLLMConfig", "qwen_vision", " has its own merger as the connector: "
+                       "leave projector and scale_factor at their defaults")
+    if qv.out_hidden_size != self.decoder.hidden_size:
+      raise FieldError("MLLMConfig", "qwen_vision", f".out_hidden_size={qv.out_hidden_size} "
+                       f"must equal the decoder's hidden_size={self.decoder.hidden_size}")
+    n = len(qv.deepstack_visual_indexes)
+    if n > self.decoder.num_layers:
+      raise FieldError("MLLMConfig", "qwen_vision", f".deepstack_visual_indexes has {n} levels, "
+                       f"more than the decoder's num_layers={self.decoder.num_layers}")
+    grids = self.qwen_grids
+    m = qv.spatial_merge_size
+    ok = isinstance(grids, (tuple, list)) and all(
+        isinstance(g, (tuple, list)) and len(g) == 3 and all(_is_int(x) and x >= 1 for x in g)
+        and g[1] % m == 0 and g[2] % m == 0 for g in grids)
+    if not ok:
+      raise FieldError("MLLMConfig", "qwen_grids", f" must be (t, h, w) patch grids of ints >= 1 "
+                       f"with h and w multiples of spatial_merge_size={m}, got {grids!r}")
+    object.__setattr__(self, "qwen_grids", tuple(tuple(int(x) for x in g) for g in grids))
+
+  @property
+  def has_vision(self) -> bool:
+    """Whether the model has a vision tower (SigLIP-style ``vision`` or ``qwen_vision``)."""
+    return self.vision is not None or self.qwen_vision is not None
+
   @property
   def token_pixels(self) -> int:
     """Pixels per side of one visual token: the patch size times the projector's scale factor
-    (an ``H x W`` image gives an ``H // token_pixels x W // token_pixels`` token grid)."""
+    (an ``H x W`` image gives an ``H // token_pixels x W // token_pixels`` token grid); for a
+    Qwen tower the patch size times its merge size."""
+    if self.qwen_vision is not None:
+      return self.qwen_vision.patch_size * self.qwen_vision.spatial_merge_size
     if self.vision is None:
       raise ValueError("a text-only model (vision=None) has no visual tokens")
     return self.vision.patch_size * self.scale_factor
@@ -359,4 +417,7 @@ class MLLMConfig:
   @property
   def token_grid(self) -> int:
     """Visual tokens per side of an image at the tower's native size."""
+    if self.qwen_vision is not None:
+      raise ValueError("a Qwen vision tower has no native image size (its grids are the "
+                       "processor's buckets)")
     return self.vision.image_size // self.token_pixels

@@ -131,38 +131,51 @@ class Decoder(nnx.Module):
     out = self.embed.attend(x) if self.cfg.tie_embeddings else self.lm_head(x)
     return out.astype(jnp.float32)
 
-  def _scan_layers(self, x, layout, plan, active_k, selections, return_selected):
-    """The layers of a full-sequence forward as one ``nnx.scan`` (``DecoderConfig.scan_layers``;
-    with ``remat``, ``nnx.remat`` inside the body), so the layer is traced and compiled once.
+  def _scan_layers(self, x, layout, plan, active_k, selections, return_selected,
+                   deepstack=None):
+    """The layers of a full-sequence forward as ``nnx.scan``s (``DecoderConfig.scan_layers``;
+    with ``remat``, ``nnx.remat`` inside the body), so the layer is traced and compiled once
+    (twice with DeepStack: one scan over the first ``n`` layers, which add the ``n`` DeepStack
+    features after them, one over the rest).
 
     The layers stay stored one by one (``decoder/layers/<i>/...``: checkpoints, conversion,
     param groups and sharding rules unchanged); their states are stacked here into one
     DecoderLayer with ``[L, ...]`` weights that the scan slices. The stack is a copy of the
     layer weights for the pass; gradients flow back through it to each layer.
 
-    x ``[B, T, E]``; selections: None or per layer ``[B, T, Hq, K']``.
+    x ``[B, T, E]``; selections: None or per layer ``[B, T, Hq, K']``; deepstack: None or a
+    list of ``[B, T, E]`` (``__call__``).
     Returns ``(x [B, T, E], selected)``: a list per layer of ids ``[B, T, Hq, K]`` (or of None).
     """
-    graphdefs, states = zip(*(nnx.split(layer) for layer in self.layers))
-    if any(g != graphdefs[0] for g in graphdefs[1:]):
-      raise ValueError("scan_layers needs decoder layers of one structure")
-    stacked = nnx.merge(graphdefs[0], jax.tree.map(lambda *xs: jnp.stack(xs), *states))
-    sel = None if selections is None else jnp.stack(list(selections))
+    L = len(self.layers)
+    n = 0 if deepstack is None else len(deepstack)
+    parts = [(0, n), (n, L)] if 0 < n < L else [(0, L)]
     step = _remat_scan_layer if self.cfg.remat else _full_layer
+    out = []
+    for lo, hi in parts:
+      graphdefs, states = zip(*(nnx.split(layer) for layer in list(self.layers)[lo:hi]))
+      if any(g != graphdefs[0] for g in graphdefs[1:]):
+        raise ValueError("scan_layers needs decoder layers of one structure")
+      stacked = nnx.merge(graphdefs[0], jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+      sel = None if selections is None else jnp.stack(list(selections)[lo:hi])
+      ds = jnp.stack([d.astype(x.dtype) for d in deepstack]) if (lo == 0 and n) else None
 
-    # graph_updates=False: the layers only read their weights, nothing to write back.
-    @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0), graph_updates=False)
-    def body(x, layer, selection):
-      return step(layer, x, layout, plan, active_k, selection, return_selected)
+      # graph_updates=False: the layers only read their weights, nothing to write back.
+      @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0), graph_updates=False)
+      def body(x, layer, selection, extra):
+        x, s = step(layer, x, layout, plan, active_k, selection, return_selected)
+        return (x if extra is None else x + extra), s
 
-    x, s = body(x, stacked, sel)
-    return x, [None if s is None else s[i] for i in range(len(self.layers))]
+      x, s = body(x, stacked, sel, ds)
+      out += [None if s is None else s[i] for i in range(hi - lo)]
+    return x, out
 
   def __call__(self, x: jax.Array, layout: TokenLayout, *,
                cache: Optional[Sequence[LayerCache]] = None, q_index=None, active_k=None,
                want_cache: bool = False, return_selected: bool = False,
                selections: Optional[Sequence[jax.Array]] = None, plan_base=None,
-               logits_index: Optional[jax.Array] = None):
+               logits_index: Optional[jax.Array] = None,
+               deepstack: Optional[Sequence[jax.Array]] = None):
     """Runs the layers on embeddings ``x [B, T, E]``.
 
     ``selections``: optional region ids per layer (``[B, T, Hq, K']``) that replace routing.
@@ -171,6 +184,10 @@ class Decoder(nnx.Module):
     layout-only parts, so that a decode loop builds those once. ``logits_index`` (int32
     ``[B, T']``, the prefill / decode forms): the logits of these rows only. With ``cfg.scan_layers`` the full-sequence form (no cache in or out) runs the
     layers as one scan (``_scan_layers``); prefill and decode, with per-layer caches, loop.
+    ``deepstack`` (Qwen3-VL's DeepStack, full-sequence and prefill forms): a list of ``n``
+    arrays ``[B, T, E]``, zero outside the visual slots; the ``k``-th is added to the hidden
+    states after layer ``k`` (transformers' ``_deepstack_process`` after each of the first
+    ``n`` layers). Decode steps (text only) take none.
 
     Returns ``(logits [B, T, V], caches or None, selected or None)``; ``selected`` is a list
     per layer of ids ``[B, T, Hq, K]`` (gaze) or None (dense).
@@ -178,8 +195,14 @@ class Decoder(nnx.Module):
     caches, selected = [], []
     plan = attention_plan(self.cfg, self.gaze, layout, q_index, self.dtype or x.dtype,
                           reuse=plan_base)
+    deepstack = None if deepstack is None or not len(deepstack) else list(deepstack)
+    if deepstack is not None and len(deepstack) > len(self.layers):
+      raise ValueError(f"{len(deepstack)} DeepStack features for {len(self.layers)} layers")
+    add = lambda i, x: (x + deepstack[i].astype(x.dtype)
+                        if deepstack is not None and i < len(deepstack) else x)
     if self.cfg.scan_layers and cache is None and not want_cache:
-      x, selected = self._scan_layers(x, layout, plan, active_k, selections, return_selected)
+      x, selected = self._scan_layers(x, layout, plan, active_k, selections, return_selected,
+                                      deepstack)
       return self.logits(x), None, (selected if return_selected else None)
     if self.cfg.remat and cache is None and not want_cache:
       # Training form: recompute each layer in the backward pass instead of keeping its
@@ -187,6 +210,7 @@ class Decoder(nnx.Module):
       for i, layer in enumerate(self.layers):
         x, s = _remat_layer(layer, x, layout, plan, active_k,
                             None if selections is None else selections[i], return_selected)
+        x = add(i, x)
         selected.append(s)
       return self.logits(x), None, (selected if return_selected else None)
     for i, layer in enumerate(self.layers):
@@ -194,6 +218,7 @@ class Decoder(nnx.Module):
                       q_index=q_index,
                       active_k=active_k, want_cache=want_cache, return_selected=return_selected,
                       selection=None if selections is None else selections[i])
+      x = add(i, x)
       caches.append(c)
       selected.append(s)
     if logits_index is not None:

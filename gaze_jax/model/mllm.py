@@ -1,9 +1,14 @@
 """The multimodal LLM: vision tower -> projector -> patch embeddings stored region-major,
-context tokens after every image/frame, decoder with gaze (or dense) attention."""
+context tokens after every image/frame, decoder with gaze (or dense) attention.
+
+Qwen2.5-VL / Qwen3-VL (``MLLMConfig.qwen_vision``): the model takes ``QwenPatches`` where other
+models take images, and ``qwen_features`` places the tower's merged features at the layout's
+PATCH slots (the design is in its docstring)."""
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import dataclasses
+from typing import Any, Mapping, Optional, Sequence
 
 import chex
 import jax
@@ -15,6 +20,7 @@ from gaze_jax.gaze import CTX, PATCH, TEXT, LayoutSpec, TokenLayout, build_layou
 from gaze_jax.model.config import MLLMConfig
 from gaze_jax.model.decoder import Decoder
 from gaze_jax.model.layers import concrete
+from gaze_jax.model.qwen_vision import QwenVisionTower
 from gaze_jax.model.vision import (PixelShuffleProjector, Projector, VisionTower,
                                    bilinear_matrix)
 
@@ -85,6 +91,59 @@ def patch_sources(layout: TokenLayout, token_grid: tuple[int, int]) -> tuple[jax
           jnp.where(tiled, (r % Gh) * Gw + c % Gw, i))
 
 
+Grids = tuple[tuple[tuple[int, int, int], ...], ...]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QwenPatches:
+  """The visual input of a Qwen2.5-VL / Qwen3-VL model (``MLLMConfig.qwen_vision``), where other
+  models take images ``[B, F, H, W, C]``; a pytree, so it passes through ``jax.jit``. The model
+  also takes the data side's ``PatchPixels`` (``ModelInputs.images``) or a dict with
+  ``patches`` and ``patch_grids``, without static grids.
+
+  patches: float ``[B, P, C*T*Ps*Ps]``, each example's patch rows (transformers'
+    ``pixel_values`` rows of its visual segments, in sequence order), zero padded;
+  patch_grids: int32 ``[B, F', 3]``, per visual segment its grid ``(t, h, w)`` in patches,
+    (0, 0, 0) padded (``gaze_jax.data.features``' ``patch_grids``);
+  grids: static (jit metadata, not traced): per example the tuple of its segments' grids, or
+    None. The tower needs static grids: ``MLLM.qwen_features`` takes them from here, else from
+    ``patch_grids`` when it is concrete (an eager call), else from ``MLLMConfig.qwen_grids``.
+  ``QwenPatches.of(patches, patch_grids)`` fills ``grids`` from host arrays."""
+  patches: Any
+  patch_grids: Any
+  grids: Optional[Grids] = dataclasses.field(default=None, metadata=dict(static=True))
+
+  @staticmethod
+  def grids_of(patch_grids) -> Grids:
+    """Host ``patch_grids [B, F', 3]`` -> per example the tuple of its non-zero grids."""
+    g = np.asarray(patch_grids).reshape(np.shape(patch_grids)[0], -1, 3)
+    return tuple(tuple(tuple(int(x) for x in row) for row in ex if row.any()) for ex in g)
+
+  @classmethod
+  def of(cls, patches, patch_grids) -> "QwenPatches":
+    """From host arrays, with the static ``grids`` read from ``patch_grids`` (one compile per
+    distinct set of grids)."""
+    return cls(patches, patch_grids, cls.grids_of(patch_grids))
+
+
+def qwen_frame_offsets(grids: Grids, merge_unit: int, max_frames: int) -> np.ndarray:
+  """int32 ``[B, F]``: where each layout frame's merged features start in the tower's output
+  over ``grids`` (examples in turn, segments in order, a segment's ``t`` temporal groups as
+  ``t`` consecutive frames of ``h * w / merge_unit`` tokens each); 0 past the last frame."""
+  out = np.zeros((len(grids), max_frames), np.int32)
+  off = 0
+  for b, ex in enumerate(grids):
+    f = 0
+    for t, h, w in ex:
+      for _ in range(t):
+        if f < max_frames:
+          out[b, f] = off
+        f += 1
+        off += h * w // merge_unit
+  return out
+
+
 class MLLM(nnx.Module):
   """Multimodal LLM. ``cfg.vision=None`` gives a text-only LM with the same interface."""
 
@@ -94,6 +153,9 @@ class MLLM(nnx.Module):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=pdt)
     E = cfg.decoder.hidden_size
     self.decoder = Decoder(cfg.decoder, cfg.gaze, **kw)
+    if cfg.qwen_vision is not None:
+      # The merger is the connector: its output is the decoder's width (no projector).
+      self.vision = QwenVisionTower(cfg.qwen_vision, **kw)
     if cfg.vision is not None:
       self.vision = VisionTower(cfg.vision, **kw)
       if cfg.projector == "pixel_shuffle":
@@ -218,12 +280,121 @@ class MLLM(nnx.Module):
       pooled = grid.reshape(B * F, ph, pool, pw, pool, E).mean(axis=(2, 4))
     return feats.reshape(B, F, gh * gw, E), pooled.reshape(B, F, ph * pw, E)
 
+  # -------------------------------------------------------------- Qwen-VL patches
+
+  def _qwen_grids(self, inputs: QwenPatches, B: int) -> Grids:
+    """The static grids of ``inputs`` (``QwenPatches``' docstring for where they come from),
+    checked against a concrete ``patch_grids``."""
+    host = concrete(inputs.patch_grids)
+    given = inputs.grids
+    if given is None and host is not None:
+      given = QwenPatches.grids_of(host)
+    if given is None and self.cfg.qwen_grids:
+      given = (self.cfg.qwen_grids,) * B
+      if host is not None and QwenPatches.grids_of(host) != given:
+        raise ValueError(f"patch_grids {QwenPatches.grids_of(host)} differ from "
+                         f"MLLMConfig.qwen_grids={self.cfg.qwen_grids}")
+    if given is None:
+      raise ValueError("the Qwen vision tower needs static grids: patch_grids is traced, the "
+                       "QwenPatches has no grids (QwenPatches.of builds them on the host) and "
+                       "MLLMConfig.qwen_grids is empty")
+    grids = tuple(tuple(tuple(int(x) for x in g) for g in ex) for ex in given)
+    if len(grids) != B:
+      raise ValueError(f"QwenPatches.grids has {len(grids)} examples, the batch {B}")
+    if host is not None and inputs.grids is not None and QwenPatches.grids_of(host) != grids:
+      raise ValueError(f"QwenPatches.grids {grids} differ from its patch_grids "
+                       f"{QwenPatches.grids_of(host)}")
+    return grids
+
+  def qwen_features(self, inputs, layout: TokenLayout, dtype
+                    ) -> tuple[jax.Array, list[jax.Array]]:
+    """A Qwen tower's merged features at the layout's PATCH slots: ``([B, S, E], deepstack)``,
+    ``deepstack`` a list (Qwen3-VL: one per ``deepstack_visual_indexes``; Qwen2.5-VL: empty)
+    of ``[B, S, E]``, all zero outside the PATCH slots.
+
+    Design (static shapes). The tower needs its grids as Python ints (its attention segments,
+    rotary angles, window order and position resampling are built on the host): they are the
+    static ``QwenPatches.grids``, or read from a concrete ``patch_grids``, or the config's fixed
+    buckets ``MLLMConfig.qwen_grids`` (the same grids for every example; an example with fewer
+    segments has zero rows there, which the tower turns into features no slot reads). Each
+    example's first ``sum(t h w)`` rows are cut statically, the tower runs once over all
+    examples' rows (attention never crosses a temporal group, so this equals one call per
+    image), and each PATCH slot reads feature ``offset[b, frame] + patch_index``
+    (``qwen_frame_offsets``, static).
+
+    Order. Both towers return one token per 2 x 2 merge block, blocks in raster order of the
+    merged ``h/m x w/m`` grid, temporal groups in turn (the processor's order; Qwen2.5-VL undoes
+    its window order); the layout's ``patch_index`` of a frame's ``gh x gw`` grid is the same
+    raster index ``i * gw + j``, and segment ``k``'s ``t`` groups are its ``t`` consecutive frame
+    ids (an ``Image`` for t = 1, a ``Video(t, h/m, w/m)``; a Qwen3-VL video is one segment of
+    ``t = 1`` per group, as its model splits ``video_grid_thw``)."""
+    qcfg = self.cfg.qwen_vision
+    if isinstance(inputs, Mapping):
+      inputs = QwenPatches(inputs["patches"], inputs["patch_grids"], inputs.get("grids"))
+    elif not isinstance(inputs, QwenPatches) and hasattr(inputs, "patches"):
+      # gaze_jax.data.features.PatchPixels (patches, grids [B, F, 3], second_per_grid): the
+      # time steps are already in the layout's M-RoPE triples.
+      inputs = QwenPatches(inputs.patches, inputs.grids)
+    if not isinstance(inputs, QwenPatches):
+      raise ValueError("a Qwen vision model takes QwenPatches(patches, patch_grids) (patch "
+                       f"rows), not {type(inputs).__name__}")
+    patches = inputs.patches
+    B, S = layout.kind.shape
+    if patches.ndim != 3 or patches.shape[0] != B or patches.shape[2] != qcfg.patch_dim:
+      raise ValueError(f"patches must be [B={B}, P, {qcfg.patch_dim}] (C * temporal_patch_size "
+                       f"* patch_size^2), got {tuple(patches.shape)}")
+    grids = self._qwen_grids(inputs, B)
+    m, u = qcfg.spatial_merge_size, qcfg.merge_unit
+    F = layout.spec.max_images
+    rows = [sum(t * h * w for t, h, w in ex) for ex in grids]
+    if max(rows) > patches.shape[1]:
+      raise ValueError(f"the grids {grids} need {max(rows)} patch rows, patches has "
+                       f"{patches.shape[1]}")
+    frames = [sum(t for t, _, _ in ex) for ex in grids]
+    if max(frames) > F:
+      raise ValueError(f"the grids {grids} give {max(frames)} frames, the layout holds "
+                       f"max_images={F}")
+    self._check_qwen_layout(grids, layout, m)
+    if not sum(rows):
+      zero = jnp.zeros((B, S, self.cfg.decoder.hidden_size), dtype)
+      return zero, [zero] * len(qcfg.deepstack_visual_indexes)
+    flat = jnp.concatenate([patches[b, :n] for b, n in enumerate(rows) if n])
+    out = self.vision(flat.astype(dtype), tuple(g for ex in grids for g in ex))
+    feats, deep = out if qcfg.family == "qwen3_vl" else (out, [])
+    offsets = jnp.asarray(qwen_frame_offsets(grids, u, F))
+    f = jnp.clip(layout.frame, 0)
+    idx = jnp.take_along_axis(offsets, f, axis=1) + jnp.clip(layout.patch_index, 0)
+    idx = jnp.clip(idx, 0, feats.shape[0] - 1)
+    is_patch = (layout.kind == PATCH)[..., None]
+    place = lambda a: jnp.where(is_patch, a[idx].astype(dtype), jnp.zeros((), dtype))
+    return place(feats), [place(d) for d in deep]
+
+  def _check_qwen_layout(self, grids: Grids, layout: TokenLayout, m: int):
+    """With a concrete layout: its frames must be the grids' temporal groups, ``(h/m, w/m)``
+    each (with ``MLLMConfig.qwen_grids``, the leading ones: an example may have fewer)."""
+    fg, fv = concrete(layout.frame_grid), concrete(layout.frame_valid)
+    if fg is None or fv is None:
+      return
+    for b, ex in enumerate(grids):
+      want = [(h // m, w // m) for t, h, w in ex for _ in range(t)]
+      have = [tuple(int(x) for x in fg[b, f]) for f in np.flatnonzero(fv[b])]
+      if have != want[:len(have)] or (have != want and not self.cfg.qwen_grids):
+        raise ValueError(f"example {b}: the layout's frame grids {have} differ from the patch "
+                         f"grids' merged frames {want} ((h / {m}, w / {m}) per temporal group)")
+
   def embed(self, tokens: jax.Array, layout: TokenLayout,
             images: Optional[jax.Array] = None) -> jax.Array:
     """Input embeddings ``[B, S, E]``: text ids at TEXT slots, patch features at PATCH slots
     (region-major, gathered by ``layout.frame`` / ``layout.patch_index``, or from the tiles of a
     tiled image: ``patch_sources``), learned context tokens at CTX slots, and the learned
-    ``image_newline`` at TEXT slots that hold one of ``cfg.newline_token_ids``."""
+    ``image_newline`` at TEXT slots that hold one of ``cfg.newline_token_ids``. A Qwen vision
+    model takes ``QwenPatches`` as ``images`` (``qwen_features``; its DeepStack features are
+    dropped here: ``__call__`` and ``prefill`` pass them to the decoder)."""
+    return self._embed(tokens, layout, images)[0]
+
+  def _embed(self, tokens, layout: TokenLayout, images=None):
+    """``embed`` and the DeepStack features (None without them)."""
+    deepstack = None
     self._check_layout(layout)
     kind = layout.kind
     B, S = kind.shape
@@ -231,7 +402,14 @@ class MLLM(nnx.Module):
                        "size and seq_len")
     x = self.decoder.embed_tokens(tokens, valid=kind == TEXT)
     host_kind = concrete(kind)
-    if images is not None:
+    if images is not None and self.cfg.qwen_vision is not None:
+      if host_kind is not None and not (host_kind == PATCH).any():
+        raise ValueError("patches were given but the layout has no image/frame placeholders "
+                         "(they would be dropped); pass images=None for a text-only layout")
+      feats, deep = self.qwen_features(images, layout, x.dtype)
+      x = jnp.where((kind == PATCH)[..., None], feats, x)
+      deepstack = deep or None
+    elif images is not None:
       if host_kind is not None and not (host_kind == PATCH).any():
         raise ValueError("images were given but the layout has no image/frame placeholders "
                          "(they would be dropped); pass images=None for a text-only layout")
@@ -260,7 +438,7 @@ class MLLM(nnx.Module):
     if self.cfg.gaze.num_ctx:
       ctx = self.ctx_embed[...][jnp.clip(layout.patch_index, 0, self.cfg.gaze.num_ctx - 1)]
       x = jnp.where((kind == CTX)[..., None], ctx.astype(x.dtype), x)
-    return x
+    return x, deepstack
 
   # -------------------------------------------------------------- forward passes
 
@@ -270,18 +448,19 @@ class MLLM(nnx.Module):
     images ``[B, F, H, W, C]`` or None. Returns float32 logits ``[B, S, V]``, and with
     ``return_selected`` a list per layer of region ids ``[B, S, Hq, K]`` (None when dense).
     ``selections`` (a list per layer of ids ``[B, S, Hq, K']``, -1 = none) replaces routing."""
-    x = self.embed(tokens, layout, images)
+    x, deepstack = self._embed(tokens, layout, images)
     logits, _, selected = self.decoder(x, layout, active_k=active_k,
-                                       return_selected=return_selected, selections=selections)
+                                       return_selected=return_selected, selections=selections,
+                                       deepstack=deepstack)
     return (logits, selected) if return_selected else logits
 
   def prefill(self, tokens, layout, images=None, *, active_k=None, logits_index=None):
     """Full forward that also returns the KV cache (with gaze descriptors) of every layer.
     ``logits_index`` (int32 ``[B, T']``): the logits of these slots only (``[B, T', V]``; the
     LM head over every slot of a long prompt costs as much as a layer), else of all slots."""
-    x = self.embed(tokens, layout, images)
+    x, deepstack = self._embed(tokens, layout, images)
     logits, caches, _ = self.decoder(x, layout, active_k=active_k, want_cache=True,
-                                     logits_index=logits_index)
+                                     logits_index=logits_index, deepstack=deepstack)
     return logits, caches
 
   def decode_plan(self, layout: TokenLayout, q_index: jax.Array):

@@ -10,6 +10,11 @@ Where the numbers come from (the published ``config.json`` of each checkpoint):
 - SigLIP-So400m/14-384 as LLaVA-OneVision uses it: the last block is dropped (26 layers) and the
   features are ``hidden_states[-1]`` without the post-LayerNorm; 27 x 27 patches.
 - Qwen3-4B, Qwen2.5-7B, Qwen2-0.5B (Qwen): see each function.
+- Qwen2.5-VL-3B / 7B-Instruct, Qwen3-VL-4B / 8B-Instruct (Qwen): the ``text_config`` numbers in
+  each function; the vision towers are ``gaze_jax.model.qwen_vision``'s presets. Their visual
+  grids vary with the processor's buckets: 2 x 2 regions by default (a 448 x 448 image at
+  Qwen2.5-VL's 28 px per token is 16 x 16 tokens, Qwen3-VL's 32 px 14 x 14); choose the region
+  shape for the buckets of a run.
 
 The gaze settings follow docs/method.md: 4 context tokens, K = 4 regions, the grid cut 4 x 4 into
 regions (6 x 6 on 24 x 24; 7 x 7 on 27 x 27, the last row/column of regions padded).
@@ -20,6 +25,7 @@ compiles once); ``tiny`` and ``smollm2_135m`` (CPU / one-GPU runs) loop.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 from gaze_jax.model.config import DecoderConfig, GazeConfig, MLLMConfig, VisionConfig
@@ -101,12 +107,59 @@ def llava_onevision_0_5b() -> MLLMConfig:
       gaze=GazeConfig(attention="gaze", top_k=4, region_shape=(7, 7), num_ctx=4))
 
 
+def _qwen_vl(vision_preset: str, **decoder) -> MLLMConfig:
+  from gaze_jax.model import qwen_vision
+
+  qwen3 = vision_preset.startswith("qwen3")
+  dec = DecoderConfig(vocab_size=151936, num_heads=decoder.pop("num_heads", None) or 32,
+                      head_dim=128, rms_norm_eps=1e-6, qkv_bias=not qwen3, qk_norm=qwen3,
+                      mrope_section=(24, 20, 20) if qwen3 else (16, 24, 24),
+                      mrope_interleaved=qwen3, scan_layers=True, **decoder)
+  return MLLMConfig(decoder=dec, qwen_vision=qwen_vision.PRESETS[vision_preset],
+                    gaze=GazeConfig(attention="gaze", top_k=4, region_shape=(2, 2), num_ctx=4))
+
+
+def qwen2_5_vl_3b() -> MLLMConfig:
+  """Qwen2.5-VL-3B-Instruct: its ViT (32 blocks, window attention) + Qwen2.5-3B with M-RoPE
+  [16, 24, 24] (36 layers, hidden 2048, FFN 11008, 16 / 2 heads, theta 1e6, tied)."""
+  return _qwen_vl("qwen2_5_vl_3b", hidden_size=2048, intermediate_size=11008, num_layers=36,
+                  num_heads=16, num_kv_heads=2, rope_theta=1000000.0, tie_embeddings=True)
+
+
+def qwen2_5_vl_7b() -> MLLMConfig:
+  """Qwen2.5-VL-7B-Instruct: its ViT + Qwen2.5-7B with M-RoPE [16, 24, 24] (28 layers, hidden
+  3584, FFN 18944, 28 / 4 heads, vocab 152064, theta 1e6, untied)."""
+  cfg = _qwen_vl("qwen2_5_vl_7b", hidden_size=3584, intermediate_size=18944, num_layers=28,
+                 num_heads=28, num_kv_heads=4, rope_theta=1000000.0, tie_embeddings=False)
+  return dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, vocab_size=152064))
+
+
+def qwen3_vl_4b() -> MLLMConfig:
+  """Qwen3-VL-4B-Instruct: its SigLIP2-like ViT (24 blocks, DeepStack at 5, 11, 17) + Qwen3-4B
+  with interleaved M-RoPE [24, 20, 20] (36 layers, hidden 2560, FFN 9728, 32 / 8 heads, head_dim
+  128, theta 5e6, tied)."""
+  return _qwen_vl("qwen3_vl_4b", hidden_size=2560, intermediate_size=9728, num_layers=36,
+                  num_heads=32, num_kv_heads=8, rope_theta=5000000.0, tie_embeddings=True)
+
+
+def qwen3_vl_8b() -> MLLMConfig:
+  """Qwen3-VL-8B-Instruct: its ViT (27 blocks, DeepStack at 8, 16, 24) + Qwen3-8B with
+  interleaved M-RoPE [24, 20, 20] (36 layers, hidden 4096, FFN 12288, 32 / 8 heads, theta 5e6,
+  untied)."""
+  return _qwen_vl("qwen3_vl_8b", hidden_size=4096, intermediate_size=12288, num_layers=36,
+                  num_heads=32, num_kv_heads=8, rope_theta=5000000.0, tie_embeddings=False)
+
+
 PRESETS: dict[str, Callable[[], MLLMConfig]] = {
     "tiny": tiny,
     "smollm2_135m": smollm2_135m,
     "cambrian_4b": cambrian_4b,
     "qwen2_5_7b": qwen2_5_7b,
     "llava_onevision_0_5b": llava_onevision_0_5b,
+    "qwen2_5_vl_3b": qwen2_5_vl_3b,
+    "qwen2_5_vl_7b": qwen2_5_vl_7b,
+    "qwen3_vl_4b": qwen3_vl_4b,
+    "qwen3_vl_8b": qwen3_vl_8b,
 }
 
 
