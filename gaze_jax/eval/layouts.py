@@ -31,6 +31,8 @@ def example_segments(layout: TokenLayout, b: int) -> list[Segment]:
   Frames of one media (``frame_media``) become one ``Video`` when there are several, an
   ``Image`` otherwise (a one-frame video gives the same layout as an image of its grid). An
   image keeps its tiles (``frame_tiles``) and its newline rows (text slots with its frame id).
+  With M-RoPE triples (``rope_position``), a video keeps its time step (``Video.time_interval``,
+  ``video_time_interval``), so that the rebuilt layout has the same triples.
   """
   kind, gen, frame = _np(layout.kind)[b], _np(layout.generated)[b].astype(bool), \
       _np(layout.frame)[b]
@@ -51,6 +53,7 @@ def example_segments(layout: TokenLayout, b: int) -> list[Segment]:
   events.sort(key=lambda e: e[0])
   media, grid = _np(layout.frame_media)[b], _np(layout.frame_grid)[b]
   tiles = _np(layout.frame_tiles)[b]
+  rope = None if layout.rope_position is None else _np(layout.rope_position)[b]
   segs: list[Segment] = []
   run: list[int] = []
 
@@ -62,7 +65,11 @@ def example_segments(layout: TokenLayout, b: int) -> list[Segment]:
         segs.append(Image(gh, gw, newline_rows=rows[f],
                           tiles=tuple(int(x) for x in tiles[f]) if tiles[f].any() else None))
       else:
-        segs.append(Video(len(run), gh, gw))
+        interval = 1.0
+        if rope is not None:
+          times = [int(rope[(frame == g) & (kind == PATCH), 0].min()) for g in run]
+          interval = video_time_interval([t - times[0] for t in times])
+        segs.append(Video(len(run), gh, gw, time_interval=interval))
       run.clear()
 
   for _, e in events:
@@ -75,6 +82,26 @@ def example_segments(layout: TokenLayout, b: int) -> list[Segment]:
       run.append(e)
   flush()
   return segs
+
+
+def video_time_interval(steps: Sequence[int]) -> float:
+  """A ``Video.time_interval`` that gives frame ``k`` the M-RoPE time offset ``steps[k]``
+  (``steps[0] = 0``), as ``build_layout`` computes it: ``int(float32(k) * float32(interval))``.
+
+  The offsets of a video fix its interval only up to an interval of values; the middle of
+  that interval is taken (the rebuilt triples are the same). Raises ValueError when no interval
+  gives these offsets."""
+  steps = [int(s) for s in steps]
+  f32 = np.float32
+  ok = lambda v: all(int(f32(k) * f32(v)) == s for k, s in enumerate(steps))
+  if len(steps) < 2:
+    return 1.0
+  lo = max(s / k for k, s in enumerate(steps) if k)
+  hi = min((s + 1) / k for k, s in enumerate(steps) if k)
+  for v in ((lo + hi) / 2, lo, float(np.nextafter(f32(lo), f32(np.inf)))):
+    if lo <= v < hi and ok(v):
+      return float(v)
+  raise ValueError(f"no time_interval gives the video frames the M-RoPE time steps {steps}")
 
 
 def text_tokens(tokens, layout: TokenLayout, b: int) -> np.ndarray:
@@ -254,7 +281,8 @@ def spec_for(segments: Sequence[Sequence[Segment]], base: LayoutSpec, *,
   S = max([seq_len or base.seq_len] + [slots_needed(ex, probe) for ex in segments])
   return LayoutSpec(seq_len=S, max_regions=need_regions, max_images=base.max_images,
                     region_shape=rs, num_ctx=base.num_ctx,
-                    max_nonvisual=min(S, max(base.max_nonvisual, need_nonvisual)))
+                    max_nonvisual=min(S, max(base.max_nonvisual, need_nonvisual)),
+                    mrope=base.mrope)
 
 
 # ------------------------------------------------------------------ prompts and anchors

@@ -148,12 +148,13 @@ def model_config_from_dict(d: Mapping[str, Any], where: str = "model") -> MLLMCo
 
 def layout_spec(config: Any, model: MLLMConfig) -> LayoutSpec:
   """The static LayoutSpec of the batches (``config.data`` shapes + the model's gaze
-  settings)."""
+  settings; the M-RoPE position triples when the decoder uses M-RoPE)."""
   data = config.data
   return LayoutSpec(seq_len=int(data.seq_len), max_regions=int(data.max_regions),
                     max_images=int(data.max_images),
                     region_shape=tuple(model.gaze.region_shape), num_ctx=model.gaze.num_ctx,
-                    max_nonvisual=data.max_nonvisual)
+                    max_nonvisual=data.max_nonvisual,
+                    mrope=model.decoder.mrope_section is not None)
 
 
 @dataclasses.dataclass(frozen=True)
