@@ -272,3 +272,20 @@ def test_layout_that_does_not_match_the_grids_is_refused_qwen2_5_vl(saved):
   patch_grids[0, 0] = (1, 4, 6)                # 2 x 3 merged, the layout says 3 x 4
   with pytest.raises(ValueError, match="frame grids"):
     _ours(path)(tokens, layout, QwenPatches(patches, patch_grids))
+
+
+def test_example_segments_keep_the_video_time_step_qwen2_5_vl():
+  """``eval.layouts.example_segments`` rebuilds a Qwen2.5-VL video with a time step that gives
+  the same M-RoPE triples (the baselines and generate rebuild layouts from it)."""
+  from gaze_jax.eval.layouts import example_segments, spec_for
+
+  spec = LayoutSpec(seq_len=200, max_regions=64, max_images=8, region_shape=REGIONS, num_ctx=2,
+                    mrope=True)
+  for interval in (TPS * 0.7, 1.0, 4.0, 0.25):
+    layout = build_layout([[Text(3), Image(2, 4), Text(2), Video(4, 2, 2, interval), Text(3)]],
+                          spec)
+    segs = example_segments(layout, 0)
+    again = build_layout([segs], spec_for([segs], spec))
+    assert again.spec.mrope
+    np.testing.assert_array_equal(np.asarray(again.rope_position),
+                                  np.asarray(layout.rope_position))
