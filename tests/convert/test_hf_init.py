@@ -146,16 +146,15 @@ def test_hf_init_config_takes_the_model_shape_from_the_folder(llava_dir):
     eval_model_config(c)
 
 
-def test_hf_init_weights_that_do_not_fit_stop_the_run_before_it_writes(llava_dir, tmp_path):
+def test_hf_init_weights_that_do_not_fit_stop_the_run_before_it_writes(tmp_path):
   """A folder whose config.json disagrees with its weights: train() names the tensor and the
   file from the headers, before the workdir exists."""
-  import shutil
-
   from configs import common
   from gaze_jax.train import trainer
+  from tests.llava_onevision_folder import save_folder
 
   bad = tmp_path / "bad"
-  shutil.copytree(llava_dir, bad)
+  save_folder(bad)                  # with its processor files: the run checks its examples too
   cfg = json.loads((bad / "config.json").read_text())
   cfg["text_config"]["intermediate_size"] = 100
   (bad / "config.json").write_text(json.dumps(cfg))

@@ -15,6 +15,8 @@ from gaze_jax.model.memory import GiB, abstract_model, count_params, estimate_me
 from gaze_jax.model.presets import PRESETS, get_preset, tiny
 
 REAL = ["smollm2_135m", "cambrian_4b", "qwen2_5_7b", "llava_onevision_0_5b"]
+# With the Qwen-VL vision towers (patch pixels at static buckets, no square image grid).
+QWEN_VL = ["qwen2_5_vl_3b", "qwen2_5_vl_7b", "qwen3_vl_4b", "qwen3_vl_8b"]
 
 
 def _flat(model):
@@ -24,13 +26,13 @@ def _flat(model):
 # ------------------------------------------------------------------ presets
 
 def test_get_preset_names_and_errors():
-  assert set(PRESETS) == {"tiny", *REAL}
+  assert set(PRESETS) == {"tiny", *REAL, *QWEN_VL}
   assert get_preset("cambrian_4b") == PRESETS["cambrian_4b"]()
   with pytest.raises(ValueError, match="known presets: cambrian_4b, llava_onevision_0_5b"):
     get_preset("qwen3")
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(set(PRESETS) - set(QWEN_VL)))
 def test_preset_instantiates_abstractly(name):
   cfg = get_preset(name)
   p = _flat(abstract_model(cfg))
@@ -51,6 +53,20 @@ def test_preset_instantiates_abstractly(name):
   # The paper cuts every grid 4 x 4 into regions (padded for 27 x 27 / 7 x 7).
   if name != "tiny":
     assert num_regions(v.grid, v.grid, gz.region_shape) == 16
+
+
+@pytest.mark.parametrize("name", QWEN_VL)
+def test_qwen_vl_preset_instantiates_abstractly(name):
+  cfg = get_preset(name)
+  p = _flat(abstract_model(cfg))
+  q, d = cfg.qwen_vision, cfg.decoder
+  assert all(isinstance(var.get_value(), jax.ShapeDtypeStruct) for var in p.values())
+  assert cfg.vision is None and d.mrope_section is not None
+  assert p["vision.patch_embed.kernel"].get_value().shape == (
+      3, 2, q.patch_size, q.patch_size, q.hidden_size)
+  assert p["vision.merger.fc2.kernel"].get_value().shape[-1] == d.hidden_size   # the connector
+  deep = {k.split(".")[2] for k in p if k.startswith("vision.deepstack_mergers.")}
+  assert len(deep) == (len(q.deepstack_visual_indexes) if name.startswith("qwen3") else 0)
 
 
 def test_preset_values():

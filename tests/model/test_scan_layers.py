@@ -173,4 +173,5 @@ def test_scanned_program_holds_the_layer_once():
 
 def test_large_presets_scan():
   scanned = {name for name in PRESETS if get_preset(name).decoder.scan_layers}
-  assert scanned == {"cambrian_4b", "qwen2_5_7b", "llava_onevision_0_5b"}
+  assert scanned == {"cambrian_4b", "qwen2_5_7b", "llava_onevision_0_5b", "qwen2_5_vl_3b",
+                     "qwen2_5_vl_7b", "qwen3_vl_4b", "qwen3_vl_8b"}
