@@ -8,12 +8,14 @@ that holds it.
 * Local (or NFS) folder: an exclusive ``fcntl.flock`` on the open file. The kernel drops it
   when the holding process ends in any way (a SIGKILL too), so a crashed run never blocks the
   next. The file (left in place) records the holder: host, pid, start time.
-* ``gs://`` (no locks in object storage): the object holds the holder and a heartbeat time
-  that a background thread refreshes every ``heartbeat_s``. A lock whose heartbeat is older
-  than ``stale_after_s`` is taken over with a warning (its run was killed, e.g. a preempted
-  VM that could not release it); a run that ends, by an error or SIGTERM too, deletes it.
-  Taking it is a read-write-read-back: two runs starting in the same second could both pass,
-  which a fresh start of the same command is unlikely to do.
+* ``gs://`` (no locks in object storage): the object holds the holder and a heartbeat counter
+  that a background thread advances every ``heartbeat_s``; a run that ends, by an error or
+  SIGTERM too, deletes it. A lock found in place is watched for ``3 * heartbeat_s``: if its
+  heartbeat advances, its run is alive and this one is refused; if not, its run was killed (a
+  preempted VM cannot release it) and the lock is taken over with a warning. The holder's own
+  host skips the wait when the holder's pid is gone. No clocks are compared across hosts.
+  Taking it is a write-read-back: two runs starting in the same second could both pass, which a
+  restart of the same command is unlikely to do.
 """
 
 from __future__ import annotations
@@ -42,7 +44,20 @@ class WorkdirBusy(RuntimeError):
 def _holder() -> dict:
   return {"host": socket.gethostname(), "pid": os.getpid(),
           "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "token": uuid.uuid4().hex,
-          "heartbeat": time.time()}
+          "heartbeat": 0}
+
+
+def _holder_is_gone(info: dict) -> bool:
+  """Whether the holder ran on this host and its process no longer exists."""
+  if info.get("host") != socket.gethostname() or not isinstance(info.get("pid"), int):
+    return False
+  try:
+    os.kill(info["pid"], 0)
+  except ProcessLookupError:
+    return True
+  except PermissionError:          # alive, another user's
+    return False
+  return False
 
 
 def _describe(info: dict) -> str:
@@ -54,10 +69,10 @@ class WorkdirLock:
   """The lock of ``workdir`` (local or ``gs://``); a context manager. ``acquire`` raises
   ``WorkdirBusy`` when another run holds it."""
 
-  def __init__(self, workdir, *, heartbeat_s: float = 30.0, stale_after_s: float = 300.0):
+  def __init__(self, workdir, *, heartbeat_s: float = 15.0):
     self.workdir = epath.Path(workdir)
     self.path = self.workdir / LOCK_NAME
-    self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
+    self.heartbeat_s = heartbeat_s
     self._file = None                    # local: the open, flock-ed file
     self._info: Optional[dict] = None    # gs://: what we wrote
     self._stop = threading.Event()
@@ -102,12 +117,21 @@ class WorkdirLock:
   def _acquire_object(self):
     if self.path.exists():
       info = _parse(self.path.read_text())
-      age = time.time() - float(info.get("heartbeat", 0.0))
-      if age < self.stale_after_s:
-        raise self._busy(info, f"its heartbeat is {age:.0f} s old; a lock without one for "
-                         f"{self.stale_after_s:.0f} s is taken over")
-      log.warning("%s: taking over the lock of a run that stopped without releasing it (%s, "
-                  "last heartbeat %.0f s ago)", self.path, _describe(info), age)
+      if not _holder_is_gone(info):
+        wait = 3 * self.heartbeat_s
+        log.info("%s: held by %s; watching its heartbeat for %.0f s", self.path,
+                 _describe(info), wait)
+        deadline = time.monotonic() + wait
+        while info and time.monotonic() < deadline:
+          time.sleep(min(self.heartbeat_s / 2, max(deadline - time.monotonic(), 0.0)))
+          if not self.path.exists():
+            info = {}                      # released meanwhile
+          elif (now := _parse(self.path.read_text())).get("heartbeat") != info.get(
+              "heartbeat") or now.get("token") != info.get("token"):
+            raise self._busy(now, "its heartbeat is advancing")
+      if info:
+        log.warning("%s: taking over the lock of a run that stopped without releasing it "
+                    "(%s)", self.path, _describe(info))
     mine = _holder()
     paths.write_atomic(self.path, json.dumps(mine))
     time.sleep(0.5)                       # a run that wrote at the same time shows now
@@ -121,7 +145,7 @@ class WorkdirLock:
   def _beat(self):
     while not self._stop.wait(self.heartbeat_s):
       try:
-        self._info["heartbeat"] = time.time()
+        self._info["heartbeat"] += 1
         paths.write_atomic(self.path, json.dumps(self._info))
       except Exception as e:  # a transient storage error: the next beat retries
         log.warning("%s: heartbeat not written (%s)", self.path, e)

@@ -55,22 +55,30 @@ def test_the_lock_of_a_killed_run_is_free(tmp_path):
     pass
 
 
-def test_a_cloud_storage_lock_refuses_a_live_run_and_takes_over_a_stale_one(gcs_dir, caplog):
+def test_a_cloud_storage_lock_refuses_a_live_run_and_takes_over_a_dead_one(gcs_dir, caplog):
+  import socket
+
   from gaze_jax.train.workdir_lock import WorkdirBusy, WorkdirLock
 
   first = WorkdirLock(gcs_dir, heartbeat_s=0.2)
   first.acquire()
-  time.sleep(0.5)                                     # a heartbeat or two
-  with pytest.raises(WorkdirBusy, match="heartbeat is 0 s old"):
-    WorkdirLock(gcs_dir).acquire()
+  with pytest.raises(WorkdirBusy, match="heartbeat is advancing.*pid"):
+    WorkdirLock(gcs_dir, heartbeat_s=0.2).acquire()
   first.release()
   assert not (gcs_dir / "run.lock").exists()          # a run that ends removes it
-  # A run killed without releasing: its heartbeat stops, and past stale_after_s it is taken.
-  (gcs_dir / "run.lock").write_text(json.dumps({"pid": 1, "host": "gone",
-                                               "heartbeat": time.time() - 400}))
   caplog.set_level(logging.WARNING)
-  with WorkdirLock(gcs_dir, stale_after_s=300):
+  # A run on another host killed without releasing: its heartbeat no longer advances.
+  (gcs_dir / "run.lock").write_text(json.dumps({"pid": 1, "host": "gone", "heartbeat": 7}))
+  with WorkdirLock(gcs_dir, heartbeat_s=0.2):
     assert "taking over the lock" in caplog.text and "gone" in caplog.text
+  # Killed on this host (a restart after SIGKILL): its pid is gone, no need to watch.
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True).stdout.strip()
+  (gcs_dir / "run.lock").write_text(json.dumps({"pid": int(dead), "heartbeat": 3,
+                                               "host": socket.gethostname()}))
+  t0 = time.monotonic()
+  with WorkdirLock(gcs_dir, heartbeat_s=100):
+    assert time.monotonic() - t0 < 10
 
 
 # ----------------------------------------------------------------------------- divergence
