@@ -5,7 +5,7 @@ the RGB conversion, and rescaling and normalisation as the Pillow backend comput
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -16,6 +16,21 @@ def channels(v: Any, key: str, where: str) -> tuple[float, ...]:
   if not isinstance(v, (list, tuple)) or len(v) != 3:
     raise ValueError(f"{where}: {key}={v!r} must be 3 numbers (one per RGB channel)")
   return tuple(float(x) for x in v)
+
+
+def resize_filter(c: Mapping[str, Any], where: str, why: str) -> int:
+  """The Pillow filter number (0-5) of processor settings ``c`` that resize every image
+  (``do_resize``, no centre crop), or a ValueError naming ``where`` and the key; ``why`` says
+  why the processing must resize."""
+  if not c["do_resize"]:
+    raise ValueError(f"{where}: do_resize=false is not supported ({why})")
+  if c.get("do_center_crop"):
+    raise ValueError(f"{where}: do_center_crop=true is not supported")
+  resample = c["resample"]
+  if isinstance(resample, bool) or not isinstance(resample, int) or not 0 <= resample <= 5:
+    raise ValueError(f"{where}: resample={resample!r} is not supported (one of Pillow's filter "
+                     "numbers 0-5)")
+  return resample
 
 
 def check_image(im: np.ndarray) -> np.ndarray:

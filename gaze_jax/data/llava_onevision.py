@@ -50,7 +50,8 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from gaze_jax.data.features import MediaPart, Visual
-from gaze_jax.data.hf_pixels import channels, check_image, rescale_normalize, to_rgb
+from gaze_jax.data.hf_pixels import (channels, check_image, rescale_normalize, resize_filter,
+                                     to_rgb)
 from gaze_jax.paths import read_json
 from gaze_jax.gaze.layout import Image, Video
 
@@ -254,15 +255,7 @@ def _frame_settings(cfg: Mapping[str, Any], where: str) -> FrameSettings:
   if isinstance(side, bool) or not isinstance(side, int) or side < 1:
     raise ValueError(f"{where}: size={size!r} is not supported (only a square "
                      "{\"height\": S, \"width\": S} or {\"shortest_edge\": S})")
-  if not c["do_resize"]:
-    raise ValueError(f"{where}: do_resize=false is not supported (tiles and frames must be the "
-                     "vision tower's size)")
-  if c.get("do_center_crop"):
-    raise ValueError(f"{where}: do_center_crop=true is not supported")
-  resample = c["resample"]
-  if isinstance(resample, bool) or not isinstance(resample, int) or not 0 <= resample <= 5:
-    raise ValueError(f"{where}: resample={resample!r} is not supported (one of Pillow's filter "
-                     "numbers 0-5)")
+  resample = resize_filter(c, where, "tiles and frames must be the vision tower's size")
   mean, std = (channels(c[k], k, where) for k in ("image_mean", "image_std"))
   return FrameSettings(size=side, resample=resample,
                        rescale_factor=float(c["rescale_factor"]) if c["do_rescale"] else None,

@@ -60,7 +60,8 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from gaze_jax.data.features import MediaPart, PatchVisual
-from gaze_jax.data.hf_pixels import channels, check_image, rescale_normalize, to_rgb
+from gaze_jax.data.hf_pixels import (channels, check_image, rescale_normalize, resize_filter,
+                                     to_rgb)
 from gaze_jax.gaze.layout import Image, Video
 from gaze_jax.paths import read_json
 
@@ -270,15 +271,7 @@ def _steps(cfg: Mapping[str, Any], defaults: Mapping[str, Any], where: str) -> Q
   if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in (lo, hi)):
     raise ValueError(f"{where}: size={c['size']!r} is not supported (it needs "
                      "{\"shortest_edge\": min_pixels, \"longest_edge\": max_pixels})")
-  if not c["do_resize"]:
-    raise ValueError(f"{where}: do_resize=false is not supported (images are resized to the "
-                     "buckets)")
-  if c.get("do_center_crop"):
-    raise ValueError(f"{where}: do_center_crop=true is not supported")
-  resample = c["resample"]
-  if isinstance(resample, bool) or not isinstance(resample, int) or not 0 <= resample <= 5:
-    raise ValueError(f"{where}: resample={resample!r} is not supported (one of Pillow's filter "
-                     "numbers 0-5)")
+  resample = resize_filter(c, where, "images are resized to the buckets")
   for k in ("patch_size", "temporal_patch_size", "merge_size"):
     if isinstance(c[k], bool) or not isinstance(c[k], int) or c[k] < 1:
       raise ValueError(f"{where}: {k}={c[k]!r} must be a positive int")

@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from gaze_jax.model.layers import RMSNorm, dense, layer_norm
+from gaze_jax.model.vision import bilinear_matrix
 
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 # transformers' ACT2FN names -> functions (``gelu`` is the exact erf form).
@@ -225,20 +226,6 @@ def contiguous_segments(ids: np.ndarray) -> Segments:
   return Segments(gather=(starts[:, None] + np.minimum(j, lengths[:, None] - 1)).astype(np.int32),
                   valid=j < lengths[:, None],
                   slot=(seg * len(j) + np.arange(len(ids)) - starts[seg]).astype(np.int32))
-
-
-def bilinear_matrix_aligned(n_in: int, n_out: int) -> np.ndarray:
-  """float32 ``[n_out, n_in]`` weights of PyTorch's ``F.interpolate(mode="bilinear",
-  align_corners=True)`` along one axis: output i sits at source ``i * (n_in - 1) / (n_out - 1)``
-  (0 for a single output)."""
-  src = np.arange(n_out, dtype=np.float64) * (n_in - 1) / max(n_out - 1, 1)
-  lo = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-  hi = np.minimum(lo + 1, n_in - 1)
-  t = src - lo
-  out = np.zeros((n_out, n_in), np.float64)
-  np.add.at(out, (np.arange(n_out), lo), 1 - t)
-  np.add.at(out, (np.arange(n_out), hi), t)
-  return out.astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -448,7 +435,8 @@ class QwenVisionTower(nnx.Module):
     table = self.pos_embed[...].astype(jnp.float32).reshape(side, side, -1)
     out, start = [], 0
     for t, h, w in grid:
-      rows, cols = bilinear_matrix_aligned(side, h), bilinear_matrix_aligned(side, w)
+      # transformers' fast_pos_embed_interpolate: align_corners=True.
+      rows, cols = (bilinear_matrix(side, n, align_corners=True) for n in (h, w))
       grid_pos = jnp.einsum("hi,ije,wj->hwe", rows, table, cols,
                             precision=jax.lax.Precision.HIGHEST).reshape(h * w, -1)
       c = coords[start:start + h * w]          # one frame's coordinates; frames repeat them

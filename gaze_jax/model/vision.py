@@ -62,13 +62,18 @@ def bicubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
   return out.astype(np.float32)
 
 
-def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+def bilinear_matrix(n_in: int, n_out: int, align_corners: bool = False) -> np.ndarray:
   """float32 ``[n_out, n_in]`` weights of PyTorch's bilinear resize along one axis
-  (``F.interpolate(mode="bilinear", align_corners=False)``, no antialiasing): the two
-  neighbours of source coordinate ``max((i + 0.5) * n_in / n_out - 0.5, 0)``, the upper one
-  clamped to the border."""
-  src = np.maximum((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0.0)
-  lo = np.floor(src).astype(np.int64)
+  (``F.interpolate(mode="bilinear", align_corners=...)``, no antialiasing): the two neighbours
+  of source coordinate ``max((i + 0.5) * n_in / n_out - 0.5, 0)``, or with ``align_corners``
+  ``i * (n_in - 1) / (n_out - 1)`` (0 for a single output), the upper one clamped to the
+  border."""
+  i = np.arange(n_out, dtype=np.float64)
+  if align_corners:
+    src = i * (n_in - 1) / max(n_out - 1, 1)
+  else:
+    src = np.maximum((i + 0.5) * (n_in / n_out) - 0.5, 0.0)
+  lo = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
   hi = np.minimum(lo + 1, n_in - 1)
   t = src - lo
   out = np.zeros((n_out, n_in), np.float64)

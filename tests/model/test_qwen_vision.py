@@ -8,8 +8,8 @@ from flax import nnx
 
 from gaze_jax.convert.qwen_vl import (load_qwen_vision, qwen_vision_config, qwen_vision_rules,
                                       vision_prefix)
-from gaze_jax.model.qwen_vision import (QwenVisionTower, bilinear_matrix_aligned,
-                                        merge_block_coords, window_index)
+from gaze_jax.model.qwen_vision import QwenVisionTower, merge_block_coords, window_index
+from gaze_jax.model.vision import bilinear_matrix
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -122,7 +122,7 @@ def test_qwen3_vl_position_resampling_matches_transformers():
                                 get_vision_position_ids(torch.tensor(grid), 2).numpy())
   x = torch.randn(1, 1, 6, 1)
   ref = F.interpolate(x, size=(10, 1), mode="bilinear", align_corners=True)[0, 0, :, 0]
-  np.testing.assert_allclose(bilinear_matrix_aligned(6, 10) @ x[0, 0, :, 0].numpy(),
+  np.testing.assert_allclose(bilinear_matrix(6, 10, align_corners=True) @ x[0, 0, :, 0].numpy(),
                              ref.numpy(), atol=1e-6)
 
 
