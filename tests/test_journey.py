@@ -84,7 +84,10 @@ def _download(remote, local):
   return local
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+# Two minutes each: `make test` takes LLaVA-OneVision's, `make test-all` SmolVLM's too (its
+# loading and processing have their own fast tests).
+@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f == "smolvlm"
+                                    else f for f in sorted(FAMILIES)])
 def test_journey_from_hf_folder_on_gcs(family, gcs, tmp_path):
   from tests.hf_folders import write_llava_json
 

@@ -27,7 +27,11 @@ def test_notebooks_are_committed_without_outputs():
     assert "google.colab" in code[0].source, f"{path.name}: the first code cell installs"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+# 03 reads the real SmolLM2 weights (2 minutes): `make test-all` runs it; the fast run keeps
+# those weights' own tests (tests/convert/test_gguf_smollm2.py).
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow)
+                                  if p.stem == "03_real_weights" else p for p in NOTEBOOKS],
+                         ids=lambda p: p.stem)
 def test_notebook_runs(path, monkeypatch):
   # The kernel inherits the environment: GAZE_JAX_CI asks the notebooks for their tiny
   # settings (a short training run instead of the full demo).

@@ -120,6 +120,7 @@ def test_skip_mode_skips_nonfinite_steps_and_finishes_finite(train_data_dir, tmp
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx_params(model)))
 
 
+@pytest.mark.slow              # a third diverging run; the guard's rule is the stop mode's
 def test_skip_mode_stops_after_too_many_skipped_steps_in_a_row(train_data_dir, tmp_path):
   from gaze_jax.train.nonfinite import TrainingDiverged
 
@@ -146,6 +147,7 @@ def test_nonfinite_weights_are_not_restored_or_served_without_a_flag(tmp_path):
   check_finite(got.params, "step 1", allow=True)       # asked for: a warning only
 
 
+@pytest.mark.slow              # the refusal itself is tested fast (check_finite, above)
 def test_restore_model_refuses_a_diverged_run_unless_allowed(train_data_dir, tmp_path):
   from gaze_jax.train.checkpoint import Checkpointer, restore_model
   from gaze_jax.train.nonfinite import NonFiniteCheckpoint
