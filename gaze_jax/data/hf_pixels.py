@@ -1,6 +1,8 @@
 """Pixel steps that transformers' image and video processors share, for the families' own
-processing (``gaze_jax.data.smolvlm``, ``gaze_jax.data.llava_onevision``):
-the RGB conversion, and rescaling and normalisation as the Pillow backend computes them.
+processing (``gaze_jax.data.smolvlm``, ``gaze_jax.data.llava_onevision``,
+``gaze_jax.data.qwen_vl``):
+reading a processor's settings, the RGB conversion, and rescaling and normalisation as the
+Pillow backend computes them.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from gaze_jax.paths import read_json
+
 
 def channels(v: Any, key: str, where: str) -> tuple[float, ...]:
   """A per-channel setting (``image_mean``, ``image_std``): 3 numbers, or one for all three."""
@@ -16,6 +20,22 @@ def channels(v: Any, key: str, where: str) -> tuple[float, ...]:
   if not isinstance(v, (list, tuple)) or len(v) != 3:
     raise ValueError(f"{where}: {key}={v!r} must be 3 numbers (one per RGB channel)")
   return tuple(float(x) for x in v)
+
+
+def processor_fields(path, proc: Mapping[str, Any], key: str, proc_file,
+                     kinds: Sequence[str]) -> tuple[Optional[dict], str]:
+  """A processor's fields from its own file, else from ``processor_config.json``'s ``key``
+  object (transformers 5); ``(None, "")`` when neither has them."""
+  if path.is_file():
+    cfg, where = read_json(path), str(path)
+  elif isinstance(proc.get(key), Mapping):
+    cfg, where = dict(proc[key]), f"{proc_file} ({key})"
+  else:
+    return None, ""
+  kind = cfg.get(f"{key}_type")
+  if kind is not None and kind not in kinds:
+    raise ValueError(f"{where}: {key}_type={kind!r} is not supported (only {', '.join(kinds)})")
+  return cfg, where
 
 
 def resize_filter(c: Mapping[str, Any], where: str, why: str) -> int:

@@ -50,8 +50,8 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from gaze_jax.data.features import MediaPart, Visual
-from gaze_jax.data.hf_pixels import (channels, check_image, rescale_normalize, resize_filter,
-                                     to_rgb)
+from gaze_jax.data.hf_pixels import (channels, check_image, processor_fields, rescale_normalize,
+                                     resize_filter, to_rgb)
 from gaze_jax.paths import read_json
 from gaze_jax.gaze.layout import Image, Video
 
@@ -184,13 +184,13 @@ class OnevisionSettings:
     g = vision.grid
     proc_file = folder / "processor_config.json"
     proc = read_json(proc_file) if proc_file.is_file() else {}
-    icfg, iwhere = _processor_fields(folder / "preprocessor_config.json", proc, "image_processor",
-                                     proc_file, IMAGE_PROCESSORS)
+    icfg, iwhere = processor_fields(folder / "preprocessor_config.json", proc, "image_processor",
+                                    proc_file, IMAGE_PROCESSORS)
     if icfg is None:
       raise FileNotFoundError(f"{folder} has no preprocessor_config.json and no "
                               "processor_config.json with an image_processor")
-    vcfg, vwhere = _processor_fields(folder / "video_preprocessor_config.json", proc,
-                                     "video_processor", proc_file, VIDEO_PROCESSORS)
+    vcfg, vwhere = processor_fields(folder / "video_preprocessor_config.json", proc,
+                                    "video_processor", proc_file, VIDEO_PROCESSORS)
     if vcfg is None:
       vcfg, vwhere = {}, "transformers' video processor defaults"
     if vcfg.get("do_sample_frames"):
@@ -227,22 +227,6 @@ class OnevisionSettings:
                video_token=proc.get("video_token", "<video>"),
                image_token_id=ids["image"], video_token_id=ids["video"],
                where=str(folder))
-
-
-def _processor_fields(path, proc: Mapping[str, Any], key: str, proc_file,
-                      kinds: Sequence[str]) -> tuple[Optional[dict], str]:
-  """A processor's fields from its own file, else from ``processor_config.json``'s ``key``
-  object (transformers 5); ``(None, "")`` when neither has them."""
-  if path.is_file():
-    cfg, where = read_json(path), str(path)
-  elif isinstance(proc.get(key), Mapping):
-    cfg, where = dict(proc[key]), f"{proc_file} ({key})"
-  else:
-    return None, ""
-  kind = cfg.get(f"{key}_type")
-  if kind is not None and kind not in kinds:
-    raise ValueError(f"{where}: {key}_type={kind!r} is not supported (only {', '.join(kinds)})")
-  return cfg, where
 
 
 def _frame_settings(cfg: Mapping[str, Any], where: str) -> FrameSettings:

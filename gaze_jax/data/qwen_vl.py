@@ -60,8 +60,8 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from gaze_jax.data.features import MediaPart, PatchVisual
-from gaze_jax.data.hf_pixels import (channels, check_image, rescale_normalize, resize_filter,
-                                     to_rgb)
+from gaze_jax.data.hf_pixels import (channels, check_image, processor_fields, rescale_normalize,
+                                     resize_filter, to_rgb)
 from gaze_jax.gaze.layout import Image, Video
 from gaze_jax.paths import read_json
 
@@ -290,21 +290,6 @@ def _steps(cfg: Mapping[str, Any], defaults: Mapping[str, Any], where: str) -> Q
                                                                                 768)))
 
 
-def _processor_fields(path, proc: Mapping[str, Any], key: str, proc_file,
-                      kinds: Sequence[str]) -> tuple[Optional[dict], str]:
-  """A processor's fields from its own file, else ``processor_config.json``'s ``key`` object."""
-  if path.is_file():
-    cfg, where = read_json(path), str(path)
-  elif isinstance(proc.get(key), Mapping):
-    cfg, where = dict(proc[key]), f"{proc_file} ({key})"
-  else:
-    return None, ""
-  kind = cfg.get(f"{key}_type")
-  if kind is not None and kind not in kinds:
-    raise ValueError(f"{where}: {key}_type={kind!r} is not supported (only {', '.join(kinds)})")
-  return cfg, where
-
-
 @dataclasses.dataclass(frozen=True)
 class QwenVLSettings:
   """What a Qwen2.5-VL / Qwen3-VL folder says about images and videos.
@@ -364,13 +349,13 @@ class QwenVLSettings:
       raise ValueError(f"{model_file}: model_type={family!r}, expected one of {FAMILIES}")
     proc_file = folder / "processor_config.json"
     proc = read_json(proc_file) if proc_file.is_file() else {}
-    icfg, iwhere = _processor_fields(folder / "preprocessor_config.json", proc,
-                                     "image_processor", proc_file, IMAGE_PROCESSORS)
+    icfg, iwhere = processor_fields(folder / "preprocessor_config.json", proc,
+                                    "image_processor", proc_file, IMAGE_PROCESSORS)
     if icfg is None:
       raise FileNotFoundError(f"{folder} has no preprocessor_config.json and no "
                               "processor_config.json with an image_processor")
-    vcfg, vwhere = _processor_fields(folder / "video_preprocessor_config.json", proc,
-                                     "video_processor", proc_file, VIDEO_PROCESSORS[family])
+    vcfg, vwhere = processor_fields(folder / "video_preprocessor_config.json", proc,
+                                    "video_processor", proc_file, VIDEO_PROCESSORS[family])
     if vcfg is None:
       vcfg, vwhere = {}, f"transformers' {family} video processor defaults"
     image = _steps(icfg, _IMAGE_DEFAULTS, iwhere)

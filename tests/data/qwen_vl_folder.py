@@ -74,17 +74,11 @@ FILES = {
 
 def save_folder(path, family: str):
   """Writes the tiny folder of ``family`` to ``path`` (a directory) and returns it."""
-  import tokenizers
+  from tests.hf_folders import bpe_tokenizer
 
-  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = tokenizers.decoders.ByteLevel()
-  trainer = tokenizers.trainers.BpeTrainer(
-      vocab_size=400, special_tokens=SPECIALS,
-      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-  corpus = ["You are a helpful assistant. What is in the picture? An astronaut and a cat. "
-            "Describe the video. system user assistant seconds 0.1 0.5"] * 20
-  tok.train_from_iterator(corpus, trainer)
+  tok = bpe_tokenizer(SPECIALS, corpus=[
+      "You are a helpful assistant. What is in the picture? An astronaut and a cat. "
+      "Describe the video. system user assistant seconds 0.1 0.5"] * 20)
   path.mkdir(parents=True, exist_ok=True)
   tok.save(str(path / "tokenizer.json"))
   (path / "tokenizer_config.json").write_text(json.dumps({
