@@ -230,9 +230,9 @@ class PatchMedia(MediaProcessor, Protocol):
   example's features hold ``patches`` / ``patch_grids`` / ``second_per_grid`` instead of
   ``images`` (the module docstring). ``patch_dim``: D, the columns of a patch row;
   ``max_frame_patches``: the most patch rows one frame (temporal group) can have, at the
-  largest bucket; ``tokens_per_second``: M-RoPE time positions per second of video (a
-  ``Video`` with ``second_per_grid`` is laid out with ``time_interval = tokens_per_second *
-  second_per_grid``, Qwen2.5-VL's ``get_rope_index``)."""
+  largest bucket; ``tokens_per_second``: M-RoPE time positions per second of video (its
+  ``Video`` segments carry ``time_interval = tokens_per_second * second_per_grid``,
+  Qwen2.5-VL's ``get_rope_index``)."""
   patch_dim: int
   max_frame_patches: int
   tokens_per_second: float
@@ -426,22 +426,12 @@ class ExampleProcessor:
         if len(part.text_ids) != want:
           raise ValueError(f"{where}: a {part.segment} segment has {want} text slots, its media "
                            f"part gives {len(part.text_ids)} token ids for them")
-        segs.append(self._layout_segment(part))
+        segs.append(part.segment)
         self._check_ids(list(part.text_ids), str(part.segment), where)
         ids.extend(part.text_ids)            # the segment's own text slots, not a Text segment
         visuals.append(part)
     add_text(run)
     return segs, ids, visuals
-
-  def _layout_segment(self, part: Visual):
-    """The layout segment of a visual part: its ``segment``, a ``PatchVisual`` video's with
-    the M-RoPE ``time_interval`` of its ``second_per_grid`` (``PatchMedia``)."""
-    seg = part.segment
-    sec = getattr(part, "second_per_grid", None)
-    if isinstance(seg, Video) and sec and self.patch_media:
-      tps = float(getattr(self.media, "tokens_per_second", 1.0))
-      seg = dataclasses.replace(seg, time_interval=tps * float(sec))
-    return seg
 
   def _check_ids(self, ids: Sequence[int], text: str, where: str) -> None:
     """Raises ValueError when the tokenizer gave an id outside ``[0, cfg.vocab_size)``."""

@@ -77,6 +77,17 @@ def to_rgb(im: np.ndarray) -> np.ndarray:
   return im
 
 
+def rgb_image(image: np.ndarray, convert_rgb: bool, where: str) -> np.ndarray:
+  """uint8 ``[h, w, 3]`` of ``image`` (``check_image``): converted (``to_rgb``) when the
+  processor's ``do_convert_rgb``, else it must already be RGB (a ValueError naming ``where``)."""
+  im = check_image(image)
+  if convert_rgb:
+    return to_rgb(im)
+  if im.ndim != 3 or im.shape[-1] != 3:
+    raise ValueError(f"{where}: do_convert_rgb=false needs RGB images, got shape {im.shape}")
+  return im
+
+
 def rescale_normalize(x: np.ndarray, rescale_factor: Optional[float],
                       mean: Optional[Sequence[float]], std: Optional[Sequence[float]]
                       ) -> np.ndarray:

@@ -50,8 +50,8 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from gaze_jax.data.features import MediaPart, Visual
-from gaze_jax.data.hf_pixels import (channels, check_image, processor_fields, rescale_normalize,
-                                     resize_filter, to_rgb)
+from gaze_jax.data.hf_pixels import (channels, processor_fields, rescale_normalize,
+                                     resize_filter, rgb_image)
 from gaze_jax.paths import read_json
 from gaze_jax.gaze.layout import Image, Video
 
@@ -292,13 +292,7 @@ class LlavaOnevisionMedia:
     return uh, uw
 
   def _rgb(self, image: np.ndarray, fs: FrameSettings) -> np.ndarray:
-    im = check_image(image)
-    if fs.convert_rgb:
-      return to_rgb(im)
-    if im.ndim != 3 or im.shape[-1] != 3:
-      raise ValueError(f"{self.settings.where}: do_convert_rgb=false needs RGB images, got "
-                       f"shape {im.shape}")
-    return im
+    return rgb_image(image, fs.convert_rgb, self.settings.where)
 
   def pixels(self, image: np.ndarray) -> np.ndarray:
     """uint8 ``[h, w, 3]`` (or grey, RGBA) -> float32 ``[1 + rows * cols, S, S, 3]``: the base

@@ -37,8 +37,8 @@ tokenizer), as transformers expands it:
     block, transformers' ``t * gh * gw / 4`` pads) + ``<|vision_end|>``;
   Qwen2.5-VL video: ``<|vision_start|>`` + ``Video(t, gh / 2, gw / 2)`` (one grid per group of T
     frames) + ``<|vision_end|>``; a group lasts ``second_per_grid`` seconds (``T / fps``,
-    transformers' ``second_per_grid_ts``); in the layout (``ExampleProcessor``) the Video's
-    M-RoPE ``time_interval`` is ``tokens_per_second * second_per_grid`` (``config.json``
+    transformers' ``second_per_grid_ts``); the Video's M-RoPE ``time_interval`` is
+    ``tokens_per_second * second_per_grid`` (``config.json``
     ``vision_config``'s ``tokens_per_second``, transformers' default 4);
   Qwen3-VL video: per group of T frames, ``<{s:.1f} seconds><|vision_start|>`` +
     ``Image(gh / 2, gw / 2)`` + ``<|vision_end|>``, ``s`` the mean time of the group's first and
@@ -61,7 +61,7 @@ import numpy as np
 
 from gaze_jax.data.features import MediaPart, PatchVisual
 from gaze_jax.data.hf_pixels import (channels, check_image, processor_fields, rescale_normalize,
-                                     resize_filter, to_rgb)
+                                     resize_filter, rgb_image)
 from gaze_jax.gaze.layout import Image, Video
 from gaze_jax.paths import read_json
 
@@ -459,13 +459,7 @@ class QwenVLMedia:
   # ---- pixels
 
   def _rgb(self, image: np.ndarray, steps: QwenSteps) -> np.ndarray:
-    im = check_image(image)
-    if steps.convert_rgb:
-      return to_rgb(im)
-    if im.ndim != 3 or im.shape[-1] != 3:
-      raise ValueError(f"{steps.where}: do_convert_rgb=false needs RGB images, got shape "
-                       f"{im.shape}")
-    return im
+    return rgb_image(image, steps.convert_rgb, steps.where)
 
   def _resized(self, image: np.ndarray, steps: QwenSteps, bucket) -> np.ndarray:
     from PIL import Image as PILImage
@@ -529,9 +523,11 @@ class QwenVLMedia:
     fps = self.video_fps or _DEFAULT_FPS
     if self.family == "qwen2_5_vl":
       sampled_fps = fps * len(idx) / len(frames)
+      sec = v.temporal_patch_size / sampled_fps
+      # M-RoPE: a group's time position advances tokens_per_second * its seconds.
+      video = Video(t, gh // m, gw // m, time_interval=s.tokens_per_second * sec)
       return [s.vision_start,
-              PatchVisual(Video(t, gh // m, gw // m), pixels, grid_thw=(t, gh, gw),
-                          second_per_grid=v.temporal_patch_size / sampled_fps),
+              PatchVisual(video, pixels, grid_thw=(t, gh, gw), second_per_grid=sec),
               s.vision_end]
     parts: list[MediaPart] = []
     n = gh * gw

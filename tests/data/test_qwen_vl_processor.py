@@ -178,7 +178,10 @@ def test_video_prompt_ids_equal_transformers(folder, family, media, monkeypatch,
   assert _sequence(tok, segs, ids, video=True) == want
   visual = [p for p in media.video(frames) if isinstance(p, PatchVisual)]
   if family == "qwen2_5_vl":
-    assert len(visual) == 1 and visual[0].segment == Video(n // 2, b[0] // 28, b[1] // 28)
+    sec = visual[0].second_per_grid
+    assert len(visual) == 1 and visual[0].segment == Video(n // 2, b[0] // 28, b[1] // 28,
+                                                           time_interval=media.tokens_per_second
+                                                           * sec)
     assert visual[0].second_per_grid == pytest.approx(out["second_per_grid_ts"][0])
   else:
     assert [v.segment for v in visual] == [Image(b[0] // 32, b[1] // 32)] * 2
