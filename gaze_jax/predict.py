@@ -51,7 +51,7 @@ class Prediction:
   question: str
   regions: list[list[RegionShare]]
   image_size: tuple[int, int]          # the input image's (height, width) before resizing
-  model_image_size: int
+  model_image_size: tuple[int, int]    # (height, width) the model saw it at
   inputs: Any = dataclasses.field(repr=False, default=None)     # the answered example
   selected: Any = dataclasses.field(repr=False, default=None)   # per layer ids [1, S, Hq, K]
   tokenizer: Any = dataclasses.field(repr=False, default=None)
@@ -167,6 +167,15 @@ def region_shares(inputs, selected) -> list[list[RegionShare]]:
   return out
 
 
+def model_image_hw(cfg, inputs) -> tuple[int, int]:
+  """(height, width) in pixels of the first image of ``inputs`` as the model sees it: the
+  square ``image_size`` of a SigLIP-style tower, a Qwen-VL tower's bucket (its patch grid)."""
+  if cfg.qwen_vision is not None:
+    _, gh, gw = (int(n) for n in np.asarray(inputs.images.grids)[0, 0])
+    return gh * cfg.qwen_vision.patch_size, gw * cfg.qwen_vision.patch_size
+  return cfg.vision.image_size, cfg.vision.image_size
+
+
 def predict(workdir, image: ImageLike, question: str, *, max_new_tokens: int = 16,
             step: Optional[int] = None, restored=None, overrides=None,
             allow_nonfinite: bool = False) -> Prediction:
@@ -200,13 +209,13 @@ def predict(workdir, image: ImageLike, question: str, *, max_new_tokens: int = 1
   config = runs.load_run_config(workdir)
   run = restored or runs.restore(None, workdir, step, overrides=overrides,
                                  allow_nonfinite=allow_nonfinite)
-  size = run.model_cfg.vision.image_size
-  if pixels.shape[:2] != (size, size):
-    log.info("resizing the image from %dx%d to the model's %dx%d", pixels.shape[1],
-             pixels.shape[0], size, size)
   with runs.naming_missing_fields(config, workdir):
     processor = example_processor(config, run.tokenizer, run.model_cfg, run.spec)
   asked = _features(processor, run.spec, pixels, question, "?")
+  size = model_image_hw(run.model_cfg, asked)
+  if pixels.shape[:2] != size:
+    log.info("resizing the image from %dx%d to the model's %dx%d", pixels.shape[1],
+             pixels.shape[0], size[1], size[0])
   toks, lengths, _ = generate_answers(run.model, asked, max_new_tokens=max_new_tokens,
                                       stop_tokens=tuple(getattr(run.tokenizer, "stop_ids", ())))
   ids = [int(i) for i in toks[0, :int(lengths[0])]]

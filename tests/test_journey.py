@@ -1,5 +1,5 @@
-"""The fine-tuning journey, end to end, for a tiny random SmolVLM and a tiny random
-LLaVA-OneVision saved with transformers, on the Cloud Storage emulator (``tests/gcs_emulator``):
+"""The fine-tuning journey, end to end, for a tiny random SmolVLM, LLaVA-OneVision and
+Qwen2.5-VL saved with transformers, on the Cloud Storage emulator (``tests/gcs_emulator``):
 
 1. the model folder is uploaded to the bucket; ``train_main.py`` starts from it
    (``--config.model.init=hf:gs://...``, the family's recipe) on a small ``llava_json`` set, on
@@ -53,7 +53,18 @@ def _llava_onevision(folder):
       "--config.model.decoder.remat=False"]
 
 
-FAMILIES = {"smolvlm": _smolvlm, "llava_onevision": _llava_onevision}
+def _qwen2_5_vl(folder):
+  from tests.data.qwen_vl_folder import save_model_folder
+  save_model_folder(folder, "qwen2_5_vl")
+  # 64 px images -> the one bucket of 112 x 112 px: 8 x 8 patches of 14 px, merged to 4 x 4
+  # tokens, 4 regions of 2 x 2 (the tower compiles once: MLLMConfig.qwen_grids).
+  return transformers.Qwen2_5_VLForConditionalGeneration, [
+      f"--config={ROOT / 'configs/qwen2_5_vl_7b.py'}", "--config.data.buckets=((112, 112),)",
+      "--config.data.max_images=1", "--config.data.max_regions=4"]
+
+
+FAMILIES = {"smolvlm": _smolvlm, "llava_onevision": _llava_onevision,
+            "qwen2_5_vl": _qwen2_5_vl}
 
 
 def _env(cache):

@@ -55,7 +55,7 @@ def test_predict_answers_and_counts_the_heads_per_layer(demo_run, scene, tmp_pat
   with caplog.at_level("INFO", logger="gaze_jax.predict"):
     p = predict_lib.predict(workdir, image, question, max_new_tokens=4)
   assert "resizing the image from 200x200 to the model's 64x64" in caplog.text
-  assert p.question == question and p.image_size == (200, 200) and p.model_image_size == 64
+  assert p.question == question and p.image_size == (200, 200) and p.model_image_size == (64, 64)
   assert isinstance(p.answer, str)
   assert len(p.regions) == c.model.decoder.num_layers
   heads = c.model.decoder.num_heads

@@ -66,7 +66,8 @@ from gaze_jax.gaze.layout import Image, Video
 from gaze_jax.paths import read_json
 
 __all__ = ["FAMILIES", "QwenSteps", "QwenVLSettings", "QwenVLMedia", "PatchVisual",
-           "qwen_vl_bucket", "smart_resize", "video_smart_resize", "patchify",
+           "qwen_vl_bucket", "smart_resize", "video_smart_resize", "patchify", "unpatchify",
+           "patch_frames",
            "qwen_vl_tokenizer", "frame_timestamps"]
 
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
@@ -215,6 +216,52 @@ def patchify(frames: np.ndarray, patch_size: int, temporal_patch_size: int,
   x = x.transpose(0, 3, 1, 2).reshape(t, T, C, gh // m, m, P, gw // m, m, P)
   x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
   return np.ascontiguousarray(x.reshape(t * gh * gw, C * T * P * P)), (t, gh, gw)
+
+
+def unpatchify(rows: np.ndarray, grid: tuple[int, int, int], *, merge_size: int = 2,
+               temporal_patch_size: int = 2, channels: int = 3) -> np.ndarray:
+  """``patchify``'s inverse: ``rows [t * gh * gw, C * T * P * P]`` of grid ``(t, gh, gw)`` ->
+  float ``[t * T, gh * P, gw * P, C]`` frames (P from the row width)."""
+  t, gh, gw = (int(n) for n in grid)
+  C, T, m = channels, temporal_patch_size, merge_size
+  P = int(round((rows.shape[-1] / (C * T)) ** 0.5))
+  if C * T * P * P != rows.shape[-1] or rows.shape[0] != t * gh * gw:
+    raise ValueError(f"patch rows {rows.shape} do not hold grid {grid} of {C} x {T} x P x P")
+  x = np.asarray(rows, np.float32).reshape(t, gh // m, gw // m, m, m, C, T, P, P)
+  x = x.transpose(0, 6, 1, 3, 7, 2, 4, 8, 5)          # t, T, bh, mh, P, bw, mw, P, C
+  return x.reshape(t * T, gh * P, gw * P, C)
+
+
+def patch_frames(patches: np.ndarray, patch_grids: np.ndarray, *, merge_size: int = 2,
+                 temporal_patch_size: int = 2) -> np.ndarray:
+  """A batch's patch rows back to normalised frames for pictures (gaze maps): float
+  ``[B, F, H, W, C]`` with ``F = patch_grids.shape[1]`` (the layout's frame slots: a segment of
+  ``t`` temporal groups gives ``t`` frames, the first image of each group), each frame
+  stretched to the batch's largest ``H x W`` (nearest pixel; a region then covers the same
+  share of its frame), zeros past an example's frames."""
+  patches, grids = np.asarray(patches), np.asarray(patch_grids).reshape(len(patches), -1, 3)
+  B, F = grids.shape[:2]
+  P = int(round((patches.shape[-1] / (3 * temporal_patch_size)) ** 0.5))
+  used = grids[grids[..., 0] > 0]
+  H = int(used[:, 1].max()) * P if len(used) else P
+  W = int(used[:, 2].max()) * P if len(used) else P
+  out = np.zeros((B, F, H, W, 3), np.float32)
+  for b in range(B):
+    row, f = 0, 0
+    for t, gh, gw in grids[b]:
+      if not t:
+        continue
+      n = int(t * gh * gw)
+      frames = unpatchify(patches[b, row:row + n], (t, gh, gw), merge_size=merge_size,
+                          temporal_patch_size=temporal_patch_size)[::temporal_patch_size]
+      row += n
+      ys = np.arange(H) * frames.shape[1] // H
+      xs = np.arange(W) * frames.shape[2] // W
+      for fr in frames:
+        if f < F:
+          out[b, f] = fr[ys][:, xs]
+        f += 1
+  return out
 
 
 def frame_timestamps(indices: Sequence[int], fps: float, temporal_patch_size: int) -> list[float]:

@@ -43,6 +43,7 @@ from gaze_jax.eval.text import decode, text_exact_match
 from gaze_jax.gaze.layout import PATCH, TEXT, LayoutSpec
 from gaze_jax.metrics import target_logp
 from gaze_jax.model.decoder import check_token_ids
+from gaze_jax.model.mllm import QwenPatches
 
 # ------------------------------------------------------------------ compiled forwards
 
@@ -138,11 +139,18 @@ def _is_gaze(model) -> bool:
 
 
 def _images_for(model, inputs: ModelInputs):
-  """The images, or None for a text-only model or a batch without patches."""
-  if model.cfg.vision is None or inputs.images is None:
+  """The images (a Qwen-VL model: its patch rows, ``QwenPatches``), or None for a text-only
+  model or a batch without patches. Patch rows carry static grids: the model's fixed
+  ``qwen_grids`` when it has them (one compile), else the batch's own (one per distinct set)."""
+  if not model.cfg.has_vision or inputs.images is None:
     return None
   if not (np.asarray(inputs.layout.kind) == PATCH).any():
     return None
+  if model.cfg.qwen_vision is not None:
+    px = inputs.images
+    if model.cfg.qwen_grids:
+      return QwenPatches(jnp.asarray(px.patches), jnp.asarray(px.grids))
+    return QwenPatches.of(jnp.asarray(px.patches), px.grids)
   return jnp.asarray(inputs.images)
 
 
@@ -333,9 +341,11 @@ def _needs_gaze(model) -> Optional[str]:
   return None if _is_gaze(model) else "needs a gaze model (the model is dense)"
 
 
-def _needs_gaze_and_vision(model) -> Optional[str]:
+def _needs_gaze_and_square_images(model) -> Optional[str]:
+  """The token-matched twin resizes square images: a SigLIP-style tower's (a Qwen-VL model's
+  bucketed patch rows are not resized)."""
   return _needs_gaze(model) or (None if model.cfg.vision is not None
-                                else "needs a vision tower")
+                                else "needs a vision tower that takes square images")
 
 
 def _not_dense(model) -> Optional[str]:
@@ -374,7 +384,7 @@ MAIN = Baseline("gaze", lambda m, x, ctx: predict(m, x, return_selected=True), t
 REGISTRY = (
     Baseline("dense", lambda m, x, ctx: predict(m, x), skip=_not_dense, model=bl.dense_twin,
              text=True),
-    Baseline("token_matched", lambda m, x, ctx: predict(m, x), skip=_needs_gaze_and_vision,
+    Baseline("token_matched", lambda m, x, ctx: predict(m, x), skip=_needs_gaze_and_square_images,
              model=bl.dense_twin, inputs=_token_matched, text=True),
     Baseline("fixed_from_question", lambda m, x, ctx: predict_fixed_from_question(m, x),
              skip=_needs_gaze, fixed=True),

@@ -217,7 +217,8 @@ def write_gaze_maps(out_dir: Union[str, os.PathLike], images, layout, selected, 
 
   Args:
     out_dir: created if missing; local or ``gs://`` (written through ``etils.epath``).
-    images: float ``[B, F, H, W, C]`` normalised model images.
+    images: float ``[B, F, H, W, C]`` normalised model images, or a Qwen-VL batch's patch rows
+      (``PatchPixels``: drawn from ``qwen_vl.patch_frames``).
     layout: the batch's TokenLayout.
     selected: per layer, int ``[B, S, Hq, K]`` selected ids.
     rows: ``{b: [answer slots]}`` examples to draw and the rows of each.
@@ -239,6 +240,9 @@ def write_gaze_maps(out_dir: Union[str, os.PathLike], images, layout, selected, 
   out_dir.mkdir(parents=True, exist_ok=True)
   feats = layout.to_features()
   NR = np.asarray(layout.region_valid).shape[1]
+  if hasattr(images, "patches"):            # a Qwen-VL batch's patch rows (PatchPixels)
+    from gaze_jax.data.qwen_vl import patch_frames
+    images = patch_frames(images.patches, images.grids)
   pix = to_uint8(images, image_mean, image_std)
   columns = [layers] if layers is None or isinstance(layers, int) else list(layers)
   column_labels = None if layers is None or isinstance(layers, int) else \

@@ -16,7 +16,11 @@ train = 3 x forward):
 with B the global batch, S the sequence slots, Fr the image/frame slots per example, P the
 ViT patches per image and Pr the projector's multiply-adds per patch: ``Ev * E + E * E`` for
 ``mlp2x_gelu``, ``Ev * E`` for ``pixel_shuffle`` (one ``s^2 Ev x E`` product per ``s^2``
-patches). Attention is counted as dense causal (an upper bound for gaze, whose routed
+patches). A Qwen-VL tower (``qwen_vision``): P its patches per frame (one temporal group),
+``2 * Ev * Fv`` becomes ``3 * Ev * Fv`` for Qwen2.5-VL's gated MLP, and its merger counts
+``4 * Ev^2 + Ev * E`` per patch (a ``4 Ev x 4 Ev`` and a ``4 Ev x E`` product per 2 x 2 patches);
+Qwen2.5-VL's window layers are counted as full-frame attention (an upper bound).
+Attention is counted as dense causal (an upper bound for gaze, whose routed
 text rows read fewer keys; patch rows stay dense). Embedding lookups are free.
 """
 
@@ -69,12 +73,18 @@ def train_flops(cfg, *, batch: int, seq_len: int, frames: int, patches: int) -> 
   per_layer = E * (Hq + 2 * Hkv) * D + Hq * D * E + 3 * E * F
   fwd = 2.0 * batch * seq_len * (L * per_layer + E * V)
   fwd += batch * seq_len * attention_flops(seq_len, num_heads=Hq, head_dim=D, num_layers=L) / 2
-  if cfg.vision is not None and frames:
-    v = cfg.vision
-    Ev, Fv, Lv = v.hidden_size, v.intermediate_size, v.num_layers
+  q = cfg.qwen_vision
+  if (cfg.vision is not None or q is not None) and frames:
+    if q is not None:
+      Ev, Fv, Lv = q.hidden_size, q.intermediate_size, q.depth
+      mlp = 3 if q.family == "qwen2_5_vl" else 2
+      proj = 4 * Ev * Ev + Ev * E
+    else:
+      v = cfg.vision
+      Ev, Fv, Lv, mlp = v.hidden_size, v.intermediate_size, v.num_layers, 2
+      proj = Ev * E + (E * E if cfg.projector == "mlp2x_gelu" else 0)
     n = batch * frames * patches
-    proj = Ev * E + (E * E if cfg.projector == "mlp2x_gelu" else 0)
-    fwd += 2.0 * n * (Lv * (4 * Ev * Ev + 2 * Ev * Fv) + proj)
+    fwd += 2.0 * n * (Lv * (4 * Ev * Ev + mlp * Ev * Fv) + proj)
     # Summed over the ViT's heads, the attention of one patch is that of one head of width Ev.
     fwd += n * attention_flops(patches, num_heads=1, head_dim=Ev, num_layers=Lv)
   return 3.0 * fwd

@@ -276,7 +276,7 @@ def generate(model, tokens, layout: TokenLayout, images=None, *, max_new_tokens:
   if rng is None:
     rng = jax.random.key(0)                                          # unused when greedy
   return _generate_jit(graphdef, state, jnp.asarray(tokens, jnp.int32), layout,
-                       None if images is None else jnp.asarray(images), rng,
+                       None if images is None else jax.tree.map(jnp.asarray, images), rng,
                        jnp.float32(temperature if not greedy else 1.0), jnp.float32(top_p),
                        jnp.asarray(stops, jnp.int32), jnp.int32(pad_id),
                        max_new_tokens=int(max_new_tokens), greedy=greedy,

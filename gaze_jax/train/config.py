@@ -204,21 +204,56 @@ def topk_plan(config: Any, model: MLLMConfig, spec: LayoutSpec) -> TopKPlan:
   return TopKPlan(True, start, target, warm, str(sched.shape))
 
 
+def qwen_static_grids(config: Any, model: MLLMConfig) -> tuple[tuple[int, int, int], ...]:
+  """A Qwen-VL model's fixed tower grids (``MLLMConfig.qwen_grids``) for a run whose images and
+  videos all go to one bucket (``config.data.buckets``): every frame slot the patches can hold
+  (``data.max_images``, fewer when ``data.max_patches`` is smaller) is one temporal group of
+  ``(1, H / patch, W / patch)``. A video of ``t`` groups at that bucket is the same rows and
+  the same tower output as ``t`` such slots (the towers attend within a temporal group), so
+  the static grids fit every example; an example with fewer frames has zero rows there, which
+  no slot reads. Several buckets: ``()`` (the trainer passes each batch's grids, one compile per
+  distinct set). Other models: ``()``."""
+  qv = model.qwen_vision
+  buckets = tuple(getattr(config.data, "buckets", ()) or ())
+  if qv is None or model.qwen_grids:
+    return model.qwen_grids
+  if len(buckets) == 2 and all(isinstance(n, int) for n in buckets):
+    buckets = (buckets,)                                    # one (height, width)
+  if len(buckets) != 1:
+    return ()
+  H, W = (int(n) for n in buckets[0])
+  p = qv.patch_size
+  h, w = H // p, W // p
+  frames = int(config.data.max_images)
+  max_patches = int(getattr(config.data, "max_patches", 0) or 0)
+  if max_patches:
+    frames = min(frames, max_patches // (h * w))
+  return ((1, h, w),) * frames
+
+
+def run_model_config(config: Any, *, top_k=None) -> MLLMConfig:
+  """``mllm_config(config.model)`` with what the run's data fixes: a Qwen-VL model's static
+  tower grids (``qwen_static_grids``)."""
+  cfg = mllm_config(config.model, top_k=top_k)
+  grids = qwen_static_grids(config, cfg)
+  return dataclasses.replace(cfg, qwen_grids=grids) if grids != cfg.qwen_grids else cfg
+
+
 def train_model_config(config: Any) -> tuple[MLLMConfig, LayoutSpec, TopKPlan]:
   """The model config the trainer compiles (static ``top_k`` = the schedule's start), the
   layout spec and the top-K plan."""
-  target_cfg = mllm_config(config.model)
+  target_cfg = run_model_config(config)
   spec = layout_spec(config, target_cfg)
   plan = topk_plan(config, target_cfg, spec)
   if plan.gaze and not target_cfg.gaze.top_k_per_example:
     # The static K_max of the one compiled program (per example: all regions already).
-    return mllm_config(config.model, top_k=plan.start), spec, plan
+    return run_model_config(config, top_k=plan.start), spec, plan
   return target_cfg, spec, plan
 
 
 def eval_model_config(config: Any) -> MLLMConfig:
   """The model config for evaluation: the target K of ``config.model.gaze.top_k``."""
-  return mllm_config(config.model)
+  return run_model_config(config)
 
 
 # (field, lowest value) of the counts a training run reads.
@@ -240,7 +275,7 @@ def check_train_config(config: Any) -> tuple[MLLMConfig, LayoutSpec, TopKPlan]:
   from gaze_jax.train.preflight import check_example_fits
 
   # The layout first: a max_regions below one image's regions is that, not a K out of range.
-  target_cfg = mllm_config(config.model)
+  target_cfg = run_model_config(config)
   check_example_fits(config, target_cfg, layout_spec(config, target_cfg))
   model_cfg, spec, plan = train_model_config(config)
   for name, low in _COUNTS:

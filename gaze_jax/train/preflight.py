@@ -183,7 +183,8 @@ def check_memory(config: Any, model_cfg: MLLMConfig, spec: LayoutSpec) -> None:
   devices, ``spec.seq_len`` slots, the model's dtypes and compiled K, the weights sharded
   when ``config.mesh`` has an fsdp or tensor axis.
 
-  A lower bound, so that no run that fits is refused: one image per example, one layer's
+  A lower bound, so that no run that fits is refused: one image per example (a Qwen-VL
+  tower's activations are not counted, its weights are), one layer's
   activations at a time (as ``remat`` keeps them), and on the XLA path dense attention, whose
   scores over all S slots every gaze row computes too (the estimate of the gaze path also
   counts gathered region blocks for every slot, while only the text rows route).
@@ -211,7 +212,8 @@ def check_memory(config: Any, model_cfg: MLLMConfig, spec: LayoutSpec) -> None:
                           fsdp=int(mesh.fsdp) != 1 or int(mesh.tensor) != 1,
                           param_bytes=jnp.dtype(model_cfg.param_dtype).itemsize,
                           compute_bytes=jnp.dtype(model_cfg.dtype).itemsize, remat=True,
-                          images=1, attention_impl=impl, compiled_top_k=model_cfg.gaze.top_k)
+                          images=1 if model_cfg.vision is not None else 0,
+                          attention_impl=impl, compiled_top_k=model_cfg.gaze.top_k)
   except ValueError as e:     # a shape the estimate cannot describe: not the run's fault
     log.warning("memory check skipped: estimate_memory: %s", e)
     return

@@ -28,18 +28,55 @@ from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from gaze_jax.gaze.layout import LayoutSpec, TokenLayout
 from gaze_jax.gaze.schedules import progressive_top_k
 from gaze_jax.metrics import exact_match, masked_nll, routing_stats
+from gaze_jax.model.mllm import QwenPatches
 from gaze_jax.model.partitioning import activation_rules
+from gaze_jax.train import sharding as shard_lib
 from gaze_jax.train.config import TopKPlan
 
 
 def batch_layout(batch: Mapping[str, jax.Array], spec: LayoutSpec) -> TokenLayout:
   return TokenLayout.from_features(batch, spec)
+
+
+def visual_input(batch: Mapping[str, Any], cfg) -> Any:
+  """The model's visual input from a batch: ``images [B, F, H, W, C]``, or for a Qwen-VL model
+  (``cfg.qwen_vision``) its patch rows as a ``QwenPatches`` (the batch's own when
+  ``step_batch`` put one there with static grids, else one whose grids come from
+  ``cfg.qwen_grids``); None for a text-only model."""
+  if cfg.qwen_vision is not None:
+    if isinstance(batch.get("images"), QwenPatches):
+      return batch["images"]
+    return QwenPatches(batch["patches"], batch["patch_grids"])
+  return batch.get("images") if cfg.vision is not None else None
+
+
+def step_batch(batch: Mapping[str, np.ndarray], sharding, cfg) -> dict:
+  """This host's batch -> the global batch a step takes (``sharding.shard_batch``). A Qwen-VL
+  model without fixed grids (``cfg.qwen_grids`` empty: several buckets) gets the batch's
+  patches as a ``QwenPatches`` whose static grids are read here from the host's
+  ``patch_grids``: jit compiles one step per distinct set of grids (single process only:
+  ``check_static_grids``)."""
+  out = shard_lib.shard_batch(batch, sharding)
+  if cfg.qwen_vision is not None and not cfg.qwen_grids and "patch_grids" in batch:
+    out["images"] = QwenPatches(out["patches"], out["patch_grids"],
+                                QwenPatches.grids_of(batch["patch_grids"]))
+  return out
+
+
+def check_static_grids(cfg, process_count: int) -> None:
+  """Refuses a multi-process run of a Qwen-VL model without fixed grids: each host would
+  compile the step for its own examples' grids (one bucket per run: ``data.buckets``)."""
+  if cfg.qwen_vision is not None and not cfg.qwen_grids and process_count > 1:
+    raise ValueError(f"config.data.buckets: a Qwen-VL run on {process_count} processes needs "
+                     "one bucket (every host's step must compile for the same grids); several "
+                     "buckets train on one process only")
 
 
 class MeshJit:
@@ -96,7 +133,7 @@ class TrainStep:
   def loss_fn(self, params, batch, active_k):
     model = nnx.merge(self.graphdef, params, self.rest)
     layout = batch_layout(batch, self.spec)
-    images = batch.get("images") if model.cfg.vision is not None else None
+    images = visual_input(batch, model.cfg)
     out = model(batch["tokens"], layout, images, active_k=active_k,
                 return_selected=self.plan.gaze)
     logits, selected = out if self.plan.gaze else (out, None)
@@ -142,7 +179,7 @@ class TrainStep:
     ``exact`` (fraction of examples whose answer tokens are all argmax-correct)."""
     model = nnx.merge(self.graphdef, params, self.rest)
     layout = batch_layout(batch, self.spec)
-    images = batch.get("images") if model.cfg.vision is not None else None
+    images = visual_input(batch, model.cfg)
     logits = model(batch["tokens"], layout, images, active_k=active_k)
     loss, acc, n = masked_nll(logits, batch["targets"], batch["loss_mask"])
     match, has = exact_match(jnp.argmax(logits, -1), batch["targets"], batch["loss_mask"] > 0)

@@ -61,7 +61,7 @@ from gaze_jax.train.config import (check_train_config, config_json, eval_model_c
 from gaze_jax.train.optim import make_optimizer, trainable_mask
 from gaze_jax.train.nonfinite import NonFiniteGuard, check_finite
 from gaze_jax.train.resume import check_resume
-from gaze_jax.train.step import TrainStep
+from gaze_jax.train.step import TrainStep, check_static_grids, step_batch
 from gaze_jax.train.workdir_lock import WorkdirLock
 
 log = logging.getLogger("gaze_jax.train")
@@ -125,6 +125,7 @@ def build(config: Any, mesh=None) -> Setup:
   """Model, optimizer and shardings for ``config`` (on ``mesh``, default from
   ``config.mesh``)."""
   model_cfg, spec, plan = train_model_config(config)
+  check_static_grids(model_cfg, jax.process_count())
   mesh = mesh or shard_lib.make_mesh(to_dict(config.mesh))
   rules = shard_lib.rules_from_config(config.logical_axis_rules)
   shards = shard_lib.batch_shards(rules, mesh)
@@ -252,6 +253,17 @@ class _Preemption:
     return bool(np.max(flags))
 
 
+def tower_patches(config: Any, cfg) -> int:
+  """The vision tower's patches per frame slot (for the FLOPs): a Qwen-VL tower's at the
+  largest bucket (``config.data.buckets``), else the square image's; 0 without a tower."""
+  if cfg.qwen_vision is not None:
+    p = cfg.qwen_vision.patch_size
+    buckets = data_lib.media_processor(config).buckets
+    return max((H // p) * (W // p) for H, W in buckets)
+  v = cfg.vision
+  return 0 if v is None else (v.image_size // v.patch_size) ** 2
+
+
 def evaluate(s: Setup, params, builder, tokenizer, *, max_batches: int,
              eval_fn=None) -> dict:
   """Teacher-forced answer loss / token accuracy / exact match on ``config.data.eval_split``
@@ -262,7 +274,7 @@ def evaluate(s: Setup, params, builder, tokenizer, *, max_batches: int,
   for i, batch in enumerate(it):
     if i >= max_batches:
       break
-    gb = shard_lib.shard_batch(batch, s.batch_sharding)
+    gb = step_batch(batch, s.batch_sharding, s.model_cfg)
     m = jax.device_get(eval_fn(params, gb, k))
     n_tok += float(m["answer_tokens"])
     n_ex += float(m["examples"])
@@ -404,9 +416,8 @@ def _run(config: Any, workdir: epath.Path, s: Setup, tokenizer, folder, pre: "_P
   eval_every = int(tc.eval_every)
   eval_batches = int(tc.eval_batches)
   B, S = int(config.data.batch_size), s.spec.seq_len
-  v = s.model_cfg.vision
   flops = train_flops(s.model_cfg, batch=B, seq_len=S, frames=s.spec.max_images,
-                      patches=(v.image_size // v.patch_size) ** 2)
+                      patches=tower_patches(s.config, s.model_cfg))
   peak = metrics_lib.peak_flops(jax.devices()[0].device_kind,
                                 float(tc.peak_flops_per_device))
   log.info("train FLOPs per step %.3g; peak %s FLOP/s per device; %d devices", flops,
@@ -430,7 +441,7 @@ def _run(config: Any, workdir: epath.Path, s: Setup, tokenizer, folder, pre: "_P
           log.info("step %d: K reached its target %d; compiling the step for K = %d (K_max was "
                    "%d)", s_done, s.plan.target, s.plan.target, s.plan.start)
         fn = settled_fn
-      state, metrics = fn(state, shard_lib.shard_batch(batch, s.batch_sharding))
+      state, metrics = fn(state, step_batch(batch, s.batch_sharding, s.model_cfg))
       pre.started = True
       guard.update(s_done, metrics["finite"])
       stop = pre.agreed() or (stop_after is not None and s_done - start >= stop_after)

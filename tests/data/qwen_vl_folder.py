@@ -166,3 +166,45 @@ def photo(name: str, h: int, w: int) -> np.ndarray:
     img += rng.normal(0, 6, img.shape)
     im = np.clip(np.round(img), 0, 255).astype(np.uint8)
   return np.asarray(Image.fromarray(im).resize((w, h), Image.BILINEAR))
+
+
+def save_model_folder(path, family: str, seed: int = 0):
+  """A complete tiny Qwen2.5-VL / Qwen3-VL folder, as ``save_pretrained`` writes one: the
+  processor files and tokenizer of ``save_folder``, and a random model (vision tower of width
+  32 at the processor's patch size, a 2-layer decoder of width 64 whose vocabulary is the
+  tokenizer's, M-RoPE sections (2, 3, 3); Qwen3-VL with DeepStack after vision blocks 0 and 1).
+  Returns the transformers model (float32, eval mode)."""
+  import tokenizers
+  import transformers
+
+  from tests.hf_folders import randomize
+
+  save_folder(path, family)
+  tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+  ids = dict(image_token_id=tok.token_to_id("<|image_pad|>"),
+             video_token_id=tok.token_to_id("<|video_pad|>"),
+             vision_start_token_id=tok.token_to_id("<|vision_start|>"),
+             vision_end_token_id=tok.token_to_id("<|vision_end|>"))
+  rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+  text = dict(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=96,
+              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              rms_norm_eps=1e-6, rope_parameters=rope)
+  patch = FILES[family]["config.json"]["vision_config"]["patch_size"]
+  vision = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
+                patch_size=patch, spatial_merge_size=2, temporal_patch_size=2)
+  if family == "qwen2_5_vl":
+    # Windows of 2 x 2 merged tokens at block 0, full attention at block 1.
+    vision.update(tokens_per_second=2, window_size=4 * patch, fullatt_block_indexes=[1])
+    cfg = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision,
+                                        tie_word_embeddings=False, **ids)
+    model = transformers.Qwen2_5_VLForConditionalGeneration(cfg)
+  else:
+    text["head_dim"] = 16
+    vision.update(num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
+    cfg = transformers.Qwen3VLConfig(text_config=text, vision_config=vision,
+                                     tie_word_embeddings=False, **ids)
+    model = transformers.Qwen3VLForConditionalGeneration(cfg)
+  randomize(model, seed)
+  model.eval()
+  model.save_pretrained(path)
+  return model
