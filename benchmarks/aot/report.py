@@ -89,9 +89,9 @@ def slope_table(report: dict) -> str:
   by = {}
   for r in report.get("steps", []):
     if r.get("step") == "train" and (r.get("memory") or {}).get("peak") is not None:
-      by.setdefault((r["implementation"], r["batch"]), {})[r["decoder_layers"]] = r
+      by.setdefault((r["preset"], r["implementation"], r["batch"]), {})[r["decoder_layers"]] = r
   lines = []
-  for (impl, batch), d in sorted(by.items()):
+  for (preset, impl, batch), d in sorted(by.items()):
     if len(d) < 2:
       continue
     (l1, r1), (l2, r2) = sorted(d.items())[:2]
@@ -102,16 +102,46 @@ def slope_table(report: dict) -> str:
       est = _gib(p2) + (" (compiled)" if r2.get("compiled") else " (out of HBM)")
     else:
       est = _gib(p1 + slope * (full - l1)) + " (**extrapolated**)"
-    lines.append(f"| {impl} | {batch} | {l1}: {_gib(p1)} | {l2}: {_gib(p2)} | {_gib(slope)} | "
+    lines.append(f"| {preset} | {impl} | {batch} | {l1}: {_gib(p1)} | {l2}: {_gib(p2)} | "
+                 f"{_gib(slope)} | "
                  f"{est} | {r1.get('compile_s', '-')} / {r2.get('compile_s', '-')} | "
                  f"{_gib(r1.get('hbm_bytes'))} |")
   if not lines:
     return ""
   return "\n".join(["Peak HBM per chip of the training step by decoder depth (compiled, or the "
                     "compiler's out-of-memory figure) and at the preset's full depth:", "",
-                    "| implementation | batch | layers: peak | layers: peak | per layer | "
-                    "full depth | compile (s) | chip HBM |",
-                    "|---|---:|---:|---:|---:|---:|---:|---:|"] + lines)
+                    "| preset | implementation | batch | layers: peak | layers: peak | "
+                    "per layer | full depth | compile (s) | chip HBM |",
+                    "|---|---|---:|---:|---:|---:|---:|---:|---:|"] + lines)
+
+
+def dense_table(report: dict) -> str:
+  """Per training case at full depth: peak HBM per chip of gaze with the kernels against the
+  dense model of the same preset and batch (XLA's attention and splash), and their ratio."""
+  gaze, dense = {}, {}
+  for r in report.get("steps", []):
+    peak = (r.get("memory") or {}).get("peak")
+    if r.get("step") != "train" or peak is None or r["decoder_layers"] != r.get("full_layers"):
+      continue
+    key = (r["preset"], r["batch"], r["decoder_layers"], r["seq_len"])
+    if r["implementation"] == "pallas":
+      gaze[key] = r
+    elif r["implementation"].startswith("dense"):
+      dense.setdefault(key, {})[r["implementation"]] = r
+  lines = []
+  for key in sorted(gaze.keys() & dense.keys()):
+    g, d = gaze[key], dense[key]
+    best = min(x["memory"]["peak"] for x in d.values())
+    cells = ", ".join(f"{name} {_gib(x['memory']['peak'])}" for name, x in sorted(d.items()))
+    lines.append(f"| {g['preset']} | {g['target']} | {key[1]} x {key[3]} | {key[2]} | "
+                 f"{_gib(g['memory']['peak'])} | {cells} | "
+                 f"{g['memory']['peak'] / best:.2f}x |")
+  if not lines:
+    return ""
+  return "\n".join(["Training at full depth, gaze with the Pallas kernels against the dense model "
+                    "(peak HBM per chip; ratio to the lower dense figure):", "",
+                    "| preset | target | batch x slots | layers | gaze (pallas) | dense | "
+                    "ratio |", "|---|---|---|---:|---:|---|---:|"] + lines)
 
 
 def table(results: Path) -> str:
@@ -132,9 +162,9 @@ def table(results: Path) -> str:
   if full:
     parts.append(step_table(full, "Pod and serving scale (`make aot-full`):"))
     if full_tpu:
-      s = slope_table(full_tpu)
-      if s:
-        parts.append(s)
+      for s in (slope_table(full_tpu), dense_table(full_tpu)):
+        if s:
+          parts.append(s)
   problems = [p for r in (h100, tpu, full_h100, full_tpu) if r for p in r.get("problems", [])]
   if problems:
     parts.append("Problems found: " + "; ".join(problems))

@@ -6,7 +6,8 @@ with ``implementation="xla"`` and ``"pallas"`` side by side.
 with an ``fsdp=4 x tensor=2`` mesh (``make aot``, CI). ``full_steps``: the pod / serving
 scale (``make aot-full``): ``cambrian_4b`` training on ``v5p:4x4x4`` (64 chips) at batch 256 and
 16 x 4,096 tokens, with 2 and all 36 decoder layers (scanned: the compile time stays nearly
-flat in depth), and ``qwen2_5_7b`` decode on one H100 at batch 32 over a 64-frame video
+flat in depth), ``qwen3_vl_8b`` training there at batch 256 (kernels against the dense model),
+and ``qwen2_5_7b`` and ``qwen3_vl_8b`` decode on one H100 at batch 32 over a 64-frame video
 cache.
 """
 
@@ -49,6 +50,8 @@ class StepCase:
   attention: str = "gaze"   # "dense": the dense model of the same preset (the baseline)
   # gaze: "xla" / "pallas"; dense: "xla" (jax.nn.dot_product_attention) / "splash" (TPU)
   implementations: tuple = IMPLEMENTATIONS
+  bucket: tuple = ()        # a Qwen-VL model's one (height, width) image size in pixels
+  gaze: tuple = ()          # (field, value) pairs replacing the preset's model.gaze fields
 
 
 def _config(case: StepCase, implementation: str, kernel: str):
@@ -58,6 +61,8 @@ def _config(case: StepCase, implementation: str, kernel: str):
   c.model.decoder.remat = case.remat
   if case.decoder_layers is not None:
     c.model.decoder.num_layers = case.decoder_layers
+  for field, value in case.gaze:
+    c.model.gaze[field] = value
   c.model.gaze.attention = case.attention
   if case.attention == "dense":
     # The dense model's attention: XLA, or splash (KernelConfig.dense_rows) on a TPU.
@@ -66,6 +71,9 @@ def _config(case: StepCase, implementation: str, kernel: str):
     c.model.gaze.implementation = implementation
     if implementation == "pallas":
       c.model.gaze.kernel = {"kernel": kernel, "interpret": False}
+  if case.bucket:
+    # A Qwen-VL model: every image at one bucket fixes the tower's grids (qwen_static_grids).
+    c.data.buckets = (case.bucket,)
   lay = _layout(case, c)
   c.data.seq_len = lay.seq_len
   c.data.max_regions = lay.max_regions
@@ -87,15 +95,26 @@ def _layout(case: StepCase, c):
   nr = sum((s.frames if isinstance(s, Video) else 1) * num_regions(s.gh, s.gw, rs)
            for s in segs if not isinstance(s, Text))
   text = sum(s.length for s in segs if isinstance(s, Text))
+  mrope = c.model.decoder.get("mrope_section") is not None
   spec = LayoutSpec(seq_len=slots_needed(segs, probe), max_regions=nr, max_images=frames,
                     region_shape=rs, num_ctx=c.model.gaze.num_ctx,
-                    max_nonvisual=text + frames * c.model.gaze.num_ctx)
+                    max_nonvisual=text + frames * c.model.gaze.num_ctx, mrope=mrope)
   return build_layout([segs] * case.batch, spec)
 
 
-def _images_shape(case: StepCase, model_cfg, lay):
+def _visual(case: StepCase, model_cfg, lay) -> dict:
+  """The abstract visual features of a batch: ``images [B, F, H, W, C]``, or a Qwen-VL
+  model's patch rows at its fixed grids (``patches``, ``patch_grids``, ``second_per_grid``)."""
+  B, F = case.batch, lay.spec.max_images
+  sds = jax.ShapeDtypeStruct
+  q = model_cfg.qwen_vision
+  if q is not None:
+    rows = sum(t * h * w for t, h, w in model_cfg.qwen_grids)
+    return {"patches": sds((B, rows, q.patch_dim), jnp.float32),
+            "patch_grids": sds((B, F, 3), jnp.int32),
+            "second_per_grid": sds((B, F), jnp.float32)}
   v = model_cfg.vision
-  return (case.batch, lay.spec.max_images, v.image_size, v.image_size, v.num_channels)
+  return {"images": sds((B, F, v.image_size, v.image_size, v.num_channels), jnp.float32)}
 
 
 def _batch(case: StepCase, model_cfg, lay) -> dict:
@@ -103,8 +122,7 @@ def _batch(case: StepCase, model_cfg, lay) -> dict:
   B, S = case.batch, lay.seq_len
   sds = jax.ShapeDtypeStruct
   b = {"tokens": sds((B, S), jnp.int32), "targets": sds((B, S), jnp.int32),
-       "loss_mask": sds((B, S), jnp.float32),
-       "images": sds(_images_shape(case, model_cfg, lay), jnp.float32)}
+       "loss_mask": sds((B, S), jnp.float32), **_visual(case, model_cfg, lay)}
   for name, arr in lay.to_features().items():
     b[name] = sds(np.shape(arr), np.asarray(arr).dtype)
   return b
@@ -208,12 +226,12 @@ def _serve_steps(case, t, s, config, lay, mesh, base, log) -> list[dict]:
   feats = {k: v for k, v in _batch(case, cfg, lay).items()
            if k not in ("targets", "loss_mask")}
   feats = _with(feats, jax.tree.map(lambda _: bsh, feats))
-  from gaze_jax.train.step import batch_layout
+  from gaze_jax.train.step import batch_layout, visual_input
 
   def prefill(params, b):
     model = nnx.merge(gd, params, rest)
     layout = batch_layout(b, lay.spec)
-    logits, caches = model.prefill(b["tokens"], layout, b["images"])
+    logits, caches = model.prefill(b["tokens"], layout, visual_input(b, cfg))
     return logits[:, -1], caches
 
   if "prefill" in case.steps:
@@ -232,7 +250,7 @@ def _serve_steps(case, t, s, config, lay, mesh, base, log) -> list[dict]:
     caches = [LayerCache(k=kv, v=kv, descriptors=desc) for _ in range(dec.num_layers)]
     csh = jax.tree.map(lambda _: NamedSharding(mesh, bsh.spec), caches)
     caches = _with(caches, csh)
-    lay_feats = {k: v for k, v in feats.items() if k not in ("tokens", "images")}
+    lay_feats = {k: v for k, v in feats.items() if k not in ("tokens", *_visual(case, cfg, lay))}
     lsh = jax.tree.map(lambda _: bsh, lay_feats)
     tok = jax.ShapeDtypeStruct((B, 1), jnp.int32, sharding=bsh)
 
@@ -285,6 +303,10 @@ def small_steps(t: tg.Target) -> list[dict]:
   return out
 
 
+# configs/qwen3_vl_8b.py's gaze: 3 x 3 regions (64 per 24 x 24 image), K = 25%.
+QWEN_GAZE = (("region_shape", (3, 3)), ("top_k", 0.25))
+
+
 def _cambrian_segments(tokens: int = 4096):
   """4 images x 576 patches (+ 4 context tokens each) and text up to ``tokens`` slots."""
   visual = 4 * (576 + 4)
@@ -312,12 +334,25 @@ def full_steps(platform: str, only: str = "") -> list[dict]:
                        batch=batch, mesh=mesh, decoder_layers=36, steps=("train",),
                        attention="dense", implementations=("xla", "splash"))
               for batch in (256, 16)]
+    # Qwen3-VL-8B (its 27-block tower with DeepStack, 36 decoder layers) at 4 sequences per chip:
+    # 4 images at the 768 x 768 bucket (48 x 48 patches, 24 x 24 merged tokens) per sequence;
+    # gaze with the kernels against the dense model (XLA's attention and splash).
+    cases += [StepCase("qwen3_vl_8b_b256", "qwen3_vl_8b", _cambrian_segments(), batch=256,
+                       mesh=mesh, steps=("train",), implementations=("pallas",),
+                       bucket=(768, 768), gaze=QWEN_GAZE),
+              StepCase("qwen3_vl_8b_dense_b256", "qwen3_vl_8b", _cambrian_segments(), batch=256,
+                       mesh=mesh, steps=("train",), attention="dense",
+                       implementations=("xla", "splash"), bucket=(768, 768), gaze=QWEN_GAZE)]
   else:
     t = tg.h100()
     # 64 frames, each 2 x 2-pooled to 12 x 12 patches (the video path of the vision tower).
     segs = (Text(200), Video(64, 12, 12), Text(60), Text(64, generated=True))
     cases = [StepCase("qwen2_5_7b_video64", "qwen2_5_7b", segs, batch=32, mesh={"data": 1},
-                      steps=("decode",))]
+                      steps=("decode",)),
+             # Qwen3-VL-8B over the same cache: 64 frame slots (temporal groups of 2 frames at
+             # 384 x 384: 12 x 12 merged tokens each).
+             StepCase("qwen3_vl_8b_video64", "qwen3_vl_8b", segs, batch=32, mesh={"data": 1},
+                      steps=("decode",), bucket=(384, 384), gaze=QWEN_GAZE)]
   for case in cases:
     out += compile_case(case, t, only=only)
   return out
