@@ -4,7 +4,8 @@ through ``plan_hf`` (``model.init=hf:<folder>``), gives the logits of
 diff <= 1e-4) for the same pixel_values, grid_thw and input_ids: one image, two images of
 different grids, a video, an image and a video together. Also: gaze at K = all regions equals
 dense; the scanned (and rematerialised) decoder with DeepStack equals the loop; prefill equals
-the full forward; a jitted call with the static grids equals the eager one.
+the full forward; a jitted call with the static grids equals the eager one; an export of
+changed weights loads in transformers with our logits and restores our model exactly.
 
 Our slots are region-major, so logits are compared in the order of the 1-D ``position`` (the
 dense sequence), without context tokens (they are not in transformers' sequence).
@@ -289,3 +290,44 @@ def test_example_segments_keep_the_video_time_step_qwen2_5_vl():
     assert again.spec.mrope
     np.testing.assert_array_equal(np.asarray(again.rope_position),
                                   np.asarray(layout.rope_position))
+
+
+def test_export_of_changed_weights_loads_in_transformers_qwen2_5_vl_qwen3_vl(saved, tmp_path):
+  """Every weight changed (as fine-tuning would), exported: transformers loads the folder
+  (only the gaze parts unused) and gives our model's logits on an image and a video; ``plan_hf``
+  of the export restores our gaze model exactly."""
+  from gaze_jax.convert.export import export_hf
+  from gaze_jax.convert.mapping import param_paths
+
+  family, _, path = saved
+  gaze = GazeConfig(attention="gaze", top_k=2, num_ctx=2, region_shape=REGIONS)
+  plan = plan_hf(path, gaze)
+  model = build_planned(plan, seed=3)
+  rng = np.random.default_rng(0)
+  for var in param_paths(model).values():
+    x = np.asarray(var.get_value())
+    var.set_value(x + 0.05 * rng.normal(size=x.shape).astype(np.float32))
+  params = {k: np.asarray(v.get_value()) for k, v in param_paths(model).items()}
+  out = tmp_path / "export"
+  export_hf(params, plan, out, gaze=gaze)
+  cls = (transformers.Qwen2_5_VLForConditionalGeneration if family == "qwen2_5_vl"
+         else transformers.Qwen3VLForConditionalGeneration)
+  hf_model, info = cls.from_pretrained(out, output_loading_info=True)
+  hf_model.eval()
+  assert not info["missing_keys"] and sorted(info["unexpected_keys"]) == ["gaze.ctx_embed"]
+  hf, segs, text_ids, rows, grids = inputs(CASES["image_and_video"], family, seed=4)
+  want = hf_logits(hf_model, hf)
+  tokens, layout, patches, patch_grids, order = our_batch(segs, text_ids, rows, grids)
+  # Our changed weights, read back from the export (equal to ``params``: checked below), as
+  # the dense model transformers' is.
+  back_dense = build_planned(plan_hf(out, GazeConfig(attention="dense", num_ctx=0,
+                                                     region_shape=REGIONS)))
+  got = np.asarray(back_dense(tokens, layout, QwenPatches(patches, patch_grids)))[0, order]
+  diff = float(np.abs(got - want).max())
+  print(f"\n[qwen-vl export] {family}: logits vs transformers max abs diff {diff:.2e}")
+  assert diff <= 1e-4
+  back = {k: np.asarray(v.get_value()) for k, v in
+          param_paths(build_planned(plan_hf(out, gaze), seed=99)).items()}
+  assert sorted(back) == sorted(params)
+  for k in params:
+    np.testing.assert_array_equal(back[k], params[k], err_msg=k)
