@@ -155,7 +155,7 @@ class MLLM(nnx.Module):
     self.decoder = Decoder(cfg.decoder, cfg.gaze, **kw)
     if cfg.qwen_vision is not None:
       # The merger is the connector: its output is the decoder's width (no projector).
-      self.vision = QwenVisionTower(cfg.qwen_vision, **kw)
+      self.vision = QwenVisionTower(cfg.qwen_vision, remat=cfg.decoder.remat, **kw)
     if cfg.vision is not None:
       self.vision = VisionTower(cfg.vision, **kw)
       if cfg.projector == "pixel_shuffle":
@@ -317,10 +317,11 @@ class MLLM(nnx.Module):
     static ``QwenPatches.grids``, or read from a concrete ``patch_grids``, or the config's fixed
     buckets ``MLLMConfig.qwen_grids`` (the same grids for every example; an example with fewer
     segments has zero rows there, which the tower turns into features no slot reads). Each
-    example's first ``sum(t h w)`` rows are cut statically, the tower runs once over all
-    examples' rows (attention never crosses a temporal group, so this equals one call per
-    image), and each PATCH slot reads feature ``offset[b, frame] + patch_index``
-    (``qwen_frame_offsets``, static).
+    example's first ``sum(t h w)`` rows are cut statically; when every example has the same
+    grids (always with ``qwen_grids``) the tower is vmapped over the examples (the batch axis
+    and its sharding stay), else it runs once over all examples' rows (attention never crosses
+    a temporal group, so this equals one call per image); each PATCH slot reads feature
+    ``offset[b, frame] + patch_index`` (``qwen_frame_offsets``, static).
 
     Order. Both towers return one token per 2 x 2 merge block, blocks in raster order of the
     merged ``h/m x w/m`` grid, temporal groups in turn (the processor's order; Qwen2.5-VL undoes
@@ -358,16 +359,36 @@ class MLLM(nnx.Module):
     if not sum(rows):
       zero = jnp.zeros((B, S, self.cfg.decoder.hidden_size), dtype)
       return zero, [zero] * len(qcfg.deepstack_visual_indexes)
-    flat = jnp.concatenate([patches[b, :n] for b, n in enumerate(rows) if n])
-    out = self.vision(flat.astype(dtype), tuple(g for ex in grids for g in ex))
-    feats, deep = out if qcfg.family == "qwen3_vl" else (out, [])
-    offsets = jnp.asarray(qwen_frame_offsets(grids, u, F))
     f = jnp.clip(layout.frame, 0)
-    idx = jnp.take_along_axis(offsets, f, axis=1) + jnp.clip(layout.patch_index, 0)
-    idx = jnp.clip(idx, 0, feats.shape[0] - 1)
     is_patch = (layout.kind == PATCH)[..., None]
-    place = lambda a: jnp.where(is_patch, a[idx].astype(dtype), jnp.zeros((), dtype))
+    if len(set(grids)) == 1:
+      feats, deep = self._qwen_tower_batched(patches[:, :rows[0]].astype(dtype), grids[0])
+      offsets = jnp.asarray(np.broadcast_to(qwen_frame_offsets(grids[:1], u, F), (B, F)))
+      idx = jnp.take_along_axis(offsets, f, axis=1) + jnp.clip(layout.patch_index, 0)
+      idx = jnp.clip(idx, 0, feats.shape[1] - 1)[..., None]                    # [B, S, 1]
+      read = lambda a: jnp.take_along_axis(a, idx, axis=1)
+    else:
+      flat = jnp.concatenate([patches[b, :n] for b, n in enumerate(rows) if n])
+      out = self.vision(flat.astype(dtype), tuple(g for ex in grids for g in ex))
+      feats, deep = out if qcfg.family == "qwen3_vl" else (out, [])
+      offsets = jnp.asarray(qwen_frame_offsets(grids, u, F))
+      idx = jnp.take_along_axis(offsets, f, axis=1) + jnp.clip(layout.patch_index, 0)
+      idx = jnp.clip(idx, 0, feats.shape[0] - 1)
+      read = lambda a: a[idx]
+    place = lambda a: jnp.where(is_patch, read(a).astype(dtype), jnp.zeros((), dtype))
     return place(feats), [place(d) for d in deep]
+
+  def _qwen_tower_batched(self, patches: jax.Array, grid) -> tuple[jax.Array, list]:
+    """The tower over examples that share one grid set: ``patches [B, N, D]`` ->
+    (``[B, N / m^2, E]``, DeepStack list of the same). ``vmap`` over the examples keeps the
+    batch axis (and its sharding) through the tower, where the packed form's concatenation of
+    all examples' rows would lose it."""
+    graphdef, state = nnx.split(self.vision)
+
+    def one(x):
+      out = nnx.merge(graphdef, state)(x, grid)
+      return out if self.cfg.qwen_vision.family == "qwen3_vl" else (out, [])
+    return jax.vmap(one)(patches)
 
   def _check_qwen_layout(self, grids: Grids, layout: TokenLayout, m: int):
     """With a concrete layout: its frames must be the grids' temporal groups, ``(h/m, w/m)``

@@ -413,8 +413,11 @@ class QwenVisionTower(nnx.Module):
   position resampling are built on the host, once per grid set (one compile each)."""
 
   def __init__(self, cfg: QwenVisionConfig, *, rngs: nnx.Rngs, dtype=None,
-               param_dtype=jnp.float32):
+               param_dtype=jnp.float32, remat: bool = False):
     self.cfg = cfg
+    # Recompute each block in the backward pass (``jax.checkpoint``): a block keeps only its
+    # input, as the decoder's remat does.
+    self.remat = remat
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     qwen3 = cfg.family == "qwen3_vl"
     self.patch_embed = PatchEmbed(cfg, use_bias=qwen3, **kw)
@@ -463,7 +466,9 @@ class QwenVisionTower(nnx.Module):
     deepstack = []
     for i, block in enumerate(self.blocks):
       windowed = cfg.family == "qwen2_5_vl" and i not in cfg.fullatt_block_indexes
-      x = block(x, cos, sin, lay.window if windowed else lay.full)
+      segs = lay.window if windowed else lay.full
+      run = (lambda x, b=block, segs=segs: b(x, cos, sin, segs))
+      x = jax.checkpoint(run)(x) if self.remat else run(x)
       if i in cfg.deepstack_visual_indexes:
         deepstack.append(self.deepstack_mergers[cfg.deepstack_visual_indexes.index(i)](x))
     out = self.merger(x)                                            # [N / u, out_hidden]

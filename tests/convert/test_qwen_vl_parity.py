@@ -13,6 +13,9 @@ dense sequence), without context tokens (they are not in transformers' sequence)
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
+
 import numpy as np
 import pytest
 from flax import nnx
@@ -331,3 +334,41 @@ def test_export_of_changed_weights_loads_in_transformers_qwen2_5_vl_qwen3_vl(sav
   assert sorted(back) == sorted(params)
   for k in params:
     np.testing.assert_array_equal(back[k], params[k], err_msg=k)
+
+
+def test_tower_batched_over_examples_equals_packed_and_remat_qwen2_5_vl_qwen3_vl(saved):
+  """Examples that share one grid set run the tower vmapped over the batch (the batch axis and
+  its sharding stay); it equals the packed run over all examples' rows, and the tower's remat
+  gives the same gradient."""
+  family, _, path = saved
+  model = _ours(path)
+  _, _, _, rows, grids = inputs(CASES["image_and_video"], family, seed=5)
+  grid = tuple(tuple(int(x) for x in g) for g in grids)
+  one = np.concatenate(rows)
+  two = np.stack([one, one[::-1] * 0.5])                                  # [2, N, D]
+  batched, deep_b = model._qwen_tower_batched(jnp.asarray(two), grid)
+  out = model.vision(jnp.asarray(two.reshape(-1, two.shape[-1])), grid * 2)
+  packed, deep_p = out if family == "qwen3_vl" else (out, [])
+  n = batched.shape[1]
+  np.testing.assert_allclose(np.asarray(batched).reshape(2 * n, -1), np.asarray(packed),
+                             atol=1e-5, rtol=1e-5)
+  for b, p in zip(deep_b, deep_p):
+    np.testing.assert_allclose(np.asarray(b).reshape(2 * n, -1), np.asarray(p), atol=1e-5,
+                               rtol=1e-5)
+
+  def grads(remat):
+    model.vision.remat = remat
+    gd, state = nnx.split(model.vision)
+    w = jnp.asarray(np.random.default_rng(0).normal(size=packed.shape), jnp.float32)
+
+    def loss(state):
+      o = nnx.merge(gd, state)(jnp.asarray(one), grid)
+      feats = o[0] if family == "qwen3_vl" else o
+      return jnp.sum(feats * w[:feats.shape[0]])
+    return jax.grad(loss)(state)
+
+  plain, rematted = grads(False), grads(True)
+  model.vision.remat = False
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(rematted)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)
+  assert any(float(np.abs(np.asarray(a)).max()) > 0 for a in jax.tree.leaves(plain))
