@@ -5,6 +5,7 @@ standard deviation over seeds are the hand-computed ones."""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks import study
@@ -337,3 +338,98 @@ def test_kv_entries_table_for_the_video_sweep(tmp_path):
   assert not any(line.startswith("| g | answer_prior") for line in table.splitlines())
   assert table in study_report.sweep_section("video", results=res)
   assert "Visual KV entries" not in study_report.sweep_section("other", results=res)
+
+
+def _family_record(run, top_k, attention="gaze", overrides=None):
+  return {"run": run, "seed": 0, "config": "configs/demo.py", "init_from": "base",
+          "overrides": {**({} if top_k is None else {"model.gaze.top_k": top_k}),
+                        **(overrides or {})},
+          "model": {"attention": attention, "top_k": top_k, "num_ctx": 4, "num_layers": 2}}
+
+
+def test_accuracy_plot_colours_each_run_and_joins_only_one_method_at_several_k(tmp_path):
+  """Every run has its own colour (12 runs: more than tab10 holds); lines join only the runs
+  that differ in K alone (gaze_k1 / gaze_k3 / gaze_k4, row by row, in budget order), never a
+  run that changes anything else (ctx0) nor a dense run."""
+  pytest.importorskip("matplotlib")
+  from benchmarks import study_report
+
+  records = [_family_record("gaze_k3", None), _family_record("gaze_k1", 1),
+             _family_record("gaze_k4", 4), _family_record("gaze_k3_ctx0", None,
+                                                          overrides={"model.gaze.num_ctx": 0}),
+             _family_record("dense", None, attention="dense")]
+  records += [_family_record(f"other_{i}", 3, overrides={"train.num_steps": 10 + i})
+              for i in range(7)]
+  fam = study_report.run_families(records)
+  assert fam["gaze_k1"] == fam["gaze_k3"] == fam["gaze_k4"]
+  assert len({fam[r] for r in ("gaze_k3", "gaze_k3_ctx0", "dense", "other_0")}) == 4
+
+  def stats(budget, acc):
+    return {"accuracy": {"mean": acc, "std": 0.0, "n": 1},
+            "visual_kv.fraction_of_dense": {"mean": budget, "std": 0.0, "n": 1}}
+
+  budgets = {"gaze_k1": 0.1, "gaze_k3": 0.3, "gaze_k4": 0.4, "gaze_k3_ctx0": 0.2}
+  st = {}
+  for r in fam:
+    b = budgets.get(r, 0.3)
+    st[(r, "gaze")] = stats(b, 0.5)
+    st[(r, "random_routing")] = stats(b, 0.1)
+    st[(r, "dense" if r != "dense" else "dense_trained")] = stats(1.0, 0.9)
+  png = tmp_path / "acc.png"
+  drawn = study_report.plot_accuracy(st, png, "t", fam)
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert set(drawn["colours"]) == set(fam) and len(set(drawn["colours"].values())) == 12
+  # One line per row that the family has at distinct budgets; the dense rows (all at 100%)
+  # are not joined.
+  assert sorted(drawn["lines"]) == [("gaze", ["gaze_k1", "gaze_k3", "gaze_k4"]),
+                                    ("random_routing", ["gaze_k1", "gaze_k3", "gaze_k4"])]
+  # Without families: points only.
+  assert study_report.plot_accuracy(st, png, "t")["lines"] == []
+  assert study_report.run_colours(["a", "b", "a"]) == {"a": "#1f77b4", "b": "#ff7f0e"}
+
+
+def test_a_video_gaze_map_is_wrapped_and_its_frames_captioned(tmp_path):
+  """A gaze map as eval_main draws it for a video (4 frames side by side in each of 4 layers,
+  2104 px wide) comes into the doc's grid at most 1200 px wide: two layers per line, every
+  panel captioned with its layer and frame and copied unchanged (positions worked out by
+  hand from the drawing's geometry)."""
+  from PIL import Image as PILImage
+
+  from benchmarks import study_report
+  from gaze_jax.eval import gaze_maps
+  from gaze_jax.gaze import LayoutSpec, Text, Video, build_layout
+
+  spec = LayoutSpec(seq_len=120, max_regions=16, max_images=4, region_shape=(2, 2), num_ctx=0)
+  layout = build_layout([[Text(2), Video(4, 4, 4), Text(4)]], spec)
+  rows = [int(r) for r in np.flatnonzero(np.asarray(layout.kind)[0] == 0)[-2:]]
+  sel = [np.full((1, 120, 2, 1), -1, np.int32) for _ in range(4)]
+  for layer in range(4):
+    sel[layer][0, rows[0]] = 4 * layer + 1
+  images = np.random.default_rng(0).uniform(-1, 1, (1, 4, 64, 64, 3)).astype(np.float32)
+  res = tmp_path / "res"
+  maps = res / "vid" / "gaze_maps"
+  (path,) = gaze_maps.write_gaze_maps(maps, images, layout, sel, {0: rows},
+                                      layers=[0, 1, 2, 3], labels={0: ["token 0", "token 1"]},
+                                      titles={0: ["question", "answers", "legend"]},
+                                      panel_size=160)
+  src = PILImage.open(path).convert("RGB")
+  assert src.size == (2104, 342)              # 4 layers x (4 x 127 + 3 x 4) + 3 x 8
+  geo = study_report.gaze_map_geometry(src.size, 4)
+  assert (geo["layers"], geo["frames"], geo["rows"], geo["pw"], geo["ph"]) == (4, 4, 2, 127, 127)
+  assert study_report.gaze_map_geometry(src.size, 3) is None
+  assert study_report.gaze_map_geometry((20, 10)) is None
+  PILImage.open(path).save(maps / "v_s0_0.png")
+  (res / "vid" / "v_s0.json").write_text(json.dumps({"run": "v", "seed": 0,
+                                                      "model": {"num_layers": 4}}))
+  out = tmp_path / "grid.png"
+  assert study_report.gaze_map_grid(res, "vid", out)
+  grid = np.asarray(PILImage.open(out).convert("RGB"))
+  # Run caption 14; title lines 42; per token: caption 14 and two lines of (14 + 127 + 4).
+  assert grid.shape[:2] == (14 + 42 + 2 * (14 + 2 * 145) + 6, 1200)
+  src = np.asarray(src)
+  # Layer 3, frame 2 of token 1: at x 3 x 528 + 2 x 131 = 1846, y 56 + 145 + 14 = 215 in the
+  # map; line 1 of token 1 in the grid: x 528 + 2 x 131 = 790, y 14 + 42 + 304 + 14 + 145 + 14.
+  np.testing.assert_array_equal(grid[533:533 + 127, 790:790 + 127],
+                                src[215:215 + 127, 1846:1846 + 127])
+  # Every panel's caption row holds text; the map's own column captions are gone.
+  assert grid[519:533, 790:790 + 127].max() > 0
