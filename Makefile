@@ -6,11 +6,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all demo bench clean aot aot-h100 aot-tpu aot-full gpu-check study \
-	study-report
+.PHONY: install test test-quick test-all demo demo-readme bench clean aot aot-h100 aot-tpu \
+	aot-full gpu-check study study-report
 
 # The seconds the install took go to $(VENV)/.install_seconds (the demo's JSON reports them).
-$(VENV)/.installed: setup.py constraints.txt
+$(VENV)/.installed: pyproject.toml setup.py constraints.txt
 	start=$$(date +%s) && $(PYTHON) -m venv $(VENV) && \
 	  $(PY) -m pip install --quiet --upgrade pip && \
 	  $(PY) -m pip install --quiet -c constraints.txt -e ".[test,data,study,convert,notebooks]" && \
@@ -21,18 +21,37 @@ $(VENV)/.installed: setup.py constraints.txt
 install: $(VENV)/.installed
 
 # Everything but the `slow` tests; GPU / TPU tests skip themselves without that hardware.
+# 17 to 36 minutes on 2-core CPU machines (README, Commands; `make test-quick`: a few).
 test: install
 	$(PY) -m pytest -q -m "not slow" --durations=15 $(PYTEST_ARGS) tests
+
+# The quick subset (README, Commands, has its minutes): the unit tests of the method (layout,
+# routing, schedules and accounting) and of the model (forward, generation, M-RoPE, dense
+# attention, bad inputs). Not the attention-equivalence sweeps, kernels, compiled memory,
+# training, data, conversion or notebooks: `make test` runs those.
+QUICK_TESTS := tests/gaze/test_layout.py tests/gaze/test_routing.py \
+	tests/gaze/test_schedules_and_accounting.py tests/model/test_model.py \
+	tests/model/test_generate.py tests/model/test_mrope.py tests/model/test_dense_attention.py \
+	tests/model/test_bad_inputs.py
+test-quick: install
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) $(QUICK_TESTS)
 
 test-all: install
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
-# Trains the tiny gaze model and its dense twin on "Where is the red shape?" (CPU, minutes),
-# evaluates both on the test split with the baselines, and writes benchmarks/results/demo.json,
-# docs/demo_gaze_map.png and the README's demo table from it (benchmarks/demo.py).
+# Trains the tiny gaze model and its dense twin on "Where is the red shape?" (CPU, minutes) and
+# evaluates both on the test split with the baselines (benchmarks/demo.py). Everything goes to
+# the run folder $(DEMO_DIR) (git ignores out/): the evaluation, gaze maps, demo.json and the
+# README section it would make (demo.md); no tracked file changes.
 DEMO_DIR ?= out/demo
 demo: install
-	$(PY) -m benchmarks.demo --out=$(DEMO_DIR) --readme=README.md
+	$(PY) -m benchmarks.demo --out=$(DEMO_DIR)
+
+# For maintainers, after `make demo`: publishes the run in $(DEMO_DIR) as the repository's
+# demo: benchmarks/results/demo.json (paths relative), docs/demo_gaze_map.png and the README's
+# demo section and summary line. No training.
+demo-readme: install
+	$(PY) -m benchmarks.demo --publish=$(DEMO_DIR) --readme=README.md
 
 # The study (not in CI; hours on 2 cores): each run of a sweep trained and evaluated per seed,
 # one JSON each under benchmarks/results/study/<sweep>/ and their summary; resumes where it
@@ -69,13 +88,13 @@ AOT_GPU_ENV := JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 JAX_PLATFORMS=cpu
 AOT_TPU_ENV := JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1
 AOT_ARGS ?=
 
-$(AOT_GPU_VENV)/.installed: setup.py
+$(AOT_GPU_VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(AOT_GPU_VENV)
 	$(AOT_GPU_VENV)/bin/pip install --quiet $(JAX_PIN) jax-cuda12-plugin==0.10.2 triton==3.9.0 -e .
 	touch $@
 
 # jax[tpu]==0.10.2 pins libtpu 0.0.42.*.
-$(AOT_TPU_VENV)/.installed: setup.py
+$(AOT_TPU_VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(AOT_TPU_VENV)
 	$(AOT_TPU_VENV)/bin/pip install --quiet $(JAX_PIN) "libtpu==0.0.42.*" -e .
 	touch $@

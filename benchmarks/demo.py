@@ -1,12 +1,18 @@
 """The README's demo (``make demo``): on "Where is the red shape?" and a CPU, trains a tiny model
 with dense attention (configs/demo_base.py), then from it the gaze model (configs/demo.py) and
-its dense twin (configs/demo_dense.py), evaluates both on the test split with the baselines
-from the gaze model's weights, and writes ``benchmarks/results/demo.json``
-(the evaluation, the minutes of every step, the date and the machine), the README's demo table
-and ``docs/demo_gaze_map.png`` from it.
+its dense twin (configs/demo_dense.py), and evaluates both on the test split with the baselines
+from the gaze model's weights.
 
-  python -m benchmarks.demo --out=out/demo --readme=README.md    # train, evaluate, report
-  python -m benchmarks.demo --table_only --readme=README.md       # the README table from the JSON
+A run writes only into its run folder (``--out``, by default ``out/demo``, which git ignores):
+the workdirs, the data, the evaluation with its gaze maps, ``demo.json`` (the evaluation, the
+minutes of every step, the date and the machine; no absolute path) and ``demo.md`` (the README
+section it would make). Publishing a run (``make demo-readme``) is a separate, maintainer's step:
+it copies the run's ``demo.json`` to ``benchmarks/results/demo.json``, its first gaze map to
+``docs/demo_gaze_map.png`` and rewrites the README's demo section and summary line.
+
+  python -m benchmarks.demo --out=out/demo                           # train, evaluate, report
+  python -m benchmarks.demo --publish=out/demo --readme=README.md    # commit a run's figures
+  python -m benchmarks.demo --table_only --readme=README.md          # the README from the JSON
 
 Rerunning resumes: a trained run restores its last checkpoint and stops at once.
 """
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -68,10 +75,16 @@ def install_seconds(venv: Path = ROOT / ".venv") -> Optional[float]:
     return None
 
 
+def run_step(cmd: list[str]) -> None:
+  """Runs one step of the demo (a command line) from the repository's root."""
+  subprocess.run(cmd, check=True, cwd=ROOT)
+
+
 def run_demo(out: Path, *, execute: Optional[Callable[[list[str]], None]] = None,
              log=print) -> dict:
-  """Runs every step, timing each; returns the record that ``demo.json`` keeps."""
-  execute = execute or (lambda cmd: subprocess.run(cmd, check=True, cwd=ROOT))
+  """Runs every step, timing each; returns the record that ``demo.json`` keeps (its paths as
+  the steps saw them: ``portable`` makes them relative)."""
+  execute = execute or run_step
   cmds = commands(out)
   seconds, resumed = {}, []
   for i, (step, cmd) in enumerate(cmds.items()):
@@ -91,6 +104,35 @@ def run_demo(out: Path, *, execute: Optional[Callable[[list[str]], None]] = None
   record = evaluation_record(out / "gaze" / "eval", seconds, cmds)
   maps = sorted((out / "gaze" / "eval" / "gaze_maps" / record["split"]).glob("*.png"))
   return {**record, "resumed": resumed, "gaze_maps": [str(p) for p in maps]}
+
+
+def portable_path(path: str, root: Path = ROOT, run: Optional[Path] = None) -> str:
+  """``path`` as ``demo.json`` keeps it: relative to the repository ``root`` when inside it,
+  else ``<run>/...`` when inside the run folder ``run``, else its file name; a relative path or
+  any other text stays as it is. ``--flag=<path>`` keeps its flag."""
+  if path.startswith("--") and "=" in path:
+    flag, value = path.split("=", 1)
+    return f"{flag}={portable_path(value, root, run)}"
+  if not os.path.isabs(path):
+    return path
+  p = Path(os.path.normpath(path))
+  for base, prefix in ((Path(root), ""), (Path(run) if run else None, "<run>/")):
+    if base is not None and p.is_relative_to(base):
+      rel = p.relative_to(base).as_posix()
+      return prefix + rel if rel != "." else (prefix.rstrip("/") or ".")
+  return p.name
+
+
+def portable(record, root: Path = ROOT, run: Optional[Path] = None):
+  """``record`` with every path made relative (``portable_path``): the command lines, the gaze
+  maps and any path the evaluation wrote; the JSON then says nothing of the machine's folders."""
+  if isinstance(record, Mapping):
+    return {k: portable(v, root, run) for k, v in record.items()}
+  if isinstance(record, (list, tuple)):
+    return [portable(v, root, run) for v in record]
+  if isinstance(record, str):
+    return portable_path(record, root, run)
+  return record
 
 
 def _pct(x, digits: int = 1) -> str:
@@ -219,29 +261,87 @@ def summary_line(record: Mapping) -> str:
           f"attention answers {_pct(gaze['accuracy'])} of the test questions with "
           f"{_pct(gaze['visual_kv']['fraction_of_dense'], 0)} of the visual KV entries per "
           f"query, against {_pct(dense['accuracy'])} for its dense twin{where} (`make demo`, "
-          f"{record['date']}; see below).")
+          f"{record['date']} on a {record['machine']}; the exact figures vary with the "
+          "machine, see below).")
+
+
+RUN_RECORD, RUN_SECTION = "demo.json", "demo.md"   # what a run writes into its run folder
+
+
+def first_gaze_map(run: Path, record: Mapping) -> Optional[Path]:
+  """The run's first gaze map of the evaluated split (None when it drew none)."""
+  maps = sorted((Path(run) / "gaze" / "eval" / "gaze_maps" / record["split"]).glob("*.png"))
+  return maps[0] if maps else None
+
+
+def publish(run: Path, readme: Optional[Path] = None) -> dict:
+  """Makes the run in folder ``run`` the repository's demo: its record becomes
+  ``benchmarks/results/demo.json`` (paths relative, ``portable``), its first gaze map
+  ``docs/demo_gaze_map.png``, and ``readme``'s demo section and summary line are rewritten from
+  it. The maintainer's step (``make demo-readme``); ``make demo`` never does it."""
+  run = Path(run).resolve()
+  source = run / RUN_RECORD
+  if not source.is_file():
+    raise SystemExit(f"error: {source} does not exist: run `make demo` (DEMO_DIR={run}) first")
+  record = portable(json.loads(source.read_text()), run=run)
+  RESULT.write_text(json.dumps(record, indent=1) + "\n")
+  gaze_map = first_gaze_map(run, record)
+  if gaze_map is not None:
+    shutil.copyfile(gaze_map, GAZE_MAP)
+  if readme:
+    write_readme(Path(readme), record)
+  return record
+
+
+def write_readme(readme: Path, record: Mapping) -> None:
+  replace_between(readme, BEGIN, END, readme_table(record))
+  replace_between(readme, SUMMARY_BEGIN, SUMMARY_END, summary_line(record))
+
+
+def _shown(path: Path) -> str:
+  path = Path(path).resolve()
+  return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--out", default=str(ROOT / "out" / "demo"), help="workdirs and the data")
-  ap.add_argument("--readme", default="", help="rewrite this README's demo section")
+  ap.add_argument("--out", default=str(ROOT / "out" / "demo"),
+                  help="the run folder: workdirs, data, evaluation, demo.json and demo.md")
+  ap.add_argument("--publish", default="", metavar="RUN_FOLDER",
+                  help="no training: copy this run's figures into benchmarks/results/demo.json "
+                       "and docs/demo_gaze_map.png (and the README with --readme)")
   ap.add_argument("--table_only", action="store_true",
                   help="no training: the README section from benchmarks/results/demo.json")
+  ap.add_argument("--readme", default="",
+                  help="with --publish or --table_only: rewrite this README's demo section")
   a = ap.parse_args(argv)
+  if a.publish and a.table_only:
+    ap.error("--publish and --table_only exclude each other")
+  if a.readme and not (a.publish or a.table_only):
+    ap.error("a run writes only into its run folder: rewrite the README with --publish=<run "
+             "folder> (make demo-readme) or --table_only")
+  if a.publish:
+    record = publish(Path(a.publish), a.readme or None)
+    print(readme_table(record))
+    print(f"published {_shown(Path(a.publish))}: {_shown(RESULT)}, {_shown(GAZE_MAP)}"
+          + (f", {a.readme}" if a.readme else ""))
+    return 0
   if a.table_only:
     record = json.loads(RESULT.read_text())
-  else:
-    record = run_demo(Path(a.out).resolve())
-    RESULT.write_text(json.dumps(record, indent=1) + "\n")
-    if record["gaze_maps"]:
-      shutil.copyfile(record["gaze_maps"][0], GAZE_MAP)
+    if a.readme:
+      write_readme(Path(a.readme), record)
+    print(readme_table(record))
+    return 0
+  out = Path(a.out).resolve()
+  record = portable(run_demo(out), run=out)
+  (out / RUN_RECORD).write_text(json.dumps(record, indent=1) + "\n")
   table = readme_table(record)
-  if a.readme:
-    replace_between(Path(a.readme), BEGIN, END, table)
-    replace_between(Path(a.readme), SUMMARY_BEGIN, SUMMARY_END, summary_line(record))
+  (out / RUN_SECTION).write_text(summary_line(record) + "\n\n" + table + "\n")
   print(table)
-  print(f"results: {RESULT}  evaluation: {Path(a.out) / 'gaze' / 'eval'}")
+  print(f"\nrun folder: {_shown(out)} (record {RUN_RECORD}, README section {RUN_SECTION}, "
+        f"evaluation and gaze maps gaze/eval/); no tracked file changed. A maintainer publishes "
+        f"this run into README.md, docs/demo_gaze_map.png and benchmarks/results/demo.json "
+        f"with `make demo-readme DEMO_DIR={_shown(out)}`.")
   return 0
 
 

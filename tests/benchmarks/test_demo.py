@@ -1,11 +1,16 @@
-"""The demo driver (benchmarks/demo.py): its steps, its record, and the README section with the
-targets, from a hand-made evaluation whose figures are worked out by hand."""
+"""The demo driver (benchmarks/demo.py): its steps, its record (no absolute path), that a run
+(`make demo`) writes only into its run folder and publishing one (`make demo-readme`) the
+repository's files, and the README section with the targets, from a hand-made evaluation whose
+figures are worked out by hand."""
 
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 
 from benchmarks import demo
+from tests import makefile
 
 
 def _routing(top1, salience, coverage):
@@ -35,6 +40,45 @@ def _record(gaze_acc=0.80, dense_acc=0.81):
                           "accuracy": dense_acc,
                           "visual_kv": {"measured": 20.0, "fraction_of_dense": 1.0}},
                       "answer_prior": {"accuracy": 0.06}}}
+
+
+ROOT = demo.ROOT
+
+
+def _fake_step(run):
+  """An ``execute`` for ``run_demo`` in the run folder ``run``: the evaluation writes its
+  results and two gaze maps, training writes nothing."""
+  def execute(cmd):
+    if cmd[1].endswith("eval_main.py"):
+      out = run / "gaze" / "eval"
+      (out / "gaze_maps" / "test").mkdir(parents=True)
+      (out / "eval_results.json").write_text(json.dumps({"splits": [
+          {"split": "test", "examples": 512, "results": _record()["results"]}]}))
+      for i in range(2):
+        (out / "gaze_maps" / "test" / f"gaze_map_000{i}.png").write_bytes(b"png %d" % i)
+  return execute
+
+
+def _strings(x):
+  if isinstance(x, dict):
+    for k, v in x.items():
+      yield k
+      yield from _strings(v)
+  elif isinstance(x, list):
+    for v in x:
+      yield from _strings(v)
+  elif isinstance(x, str):
+    yield x
+
+
+def _absolute(record, *folders):
+  """The strings of ``record`` that hold an absolute path or name one of ``folders``."""
+  bad = []
+  for s in _strings(record):
+    value = s.split("=", 1)[1] if s.startswith("--") and "=" in s else s
+    if value.startswith("/") or any(str(f) in s for f in folders):
+      bad.append(s)
+  return bad
 
 
 def test_best_routing_layer_skips_the_first_layer_and_full_coverage():
@@ -82,11 +126,7 @@ def test_run_demo_times_each_step_in_order(tmp_path, monkeypatch):
 
   def execute(cmd):
     ran.append(cmd)
-    if cmd[1].endswith("eval_main.py"):
-      out = tmp_path / "gaze" / "eval"
-      out.mkdir(parents=True)
-      (out / "eval_results.json").write_text(json.dumps({"splits": [
-          {"split": "test", "examples": 512, "results": _record()["results"]}]}))
+    _fake_step(tmp_path)(cmd)
 
   monkeypatch.setattr(demo, "install_seconds", lambda: 99.0)
   rec = demo.run_demo(tmp_path, execute=execute, log=lambda *_: None)
@@ -112,6 +152,7 @@ def test_summary_line_and_readme_markers(tmp_path, monkeypatch):
   assert "answers 80.0% of the test questions with 30% of the visual KV entries per query, " \
          "against 81.0% for its dense twin; in layer 2, the region it scores highest holds " \
          "the shape 3.2x as often" in line
+  assert "(`make demo`, 2026-12-03 on a 2-core test box; the exact figures vary" in line
   readme = tmp_path / "README.md"
   readme.write_text(f"top\n{demo.SUMMARY_BEGIN}\nold\n{demo.SUMMARY_END}\nmid\n{demo.BEGIN}\n"
                     f"old table\n{demo.END}\nend\n")
@@ -127,17 +168,88 @@ def test_summary_line_and_readme_markers(tmp_path, monkeypatch):
 def test_a_rerun_says_which_steps_resumed(tmp_path, monkeypatch):
   (tmp_path / "base" / "checkpoints").mkdir(parents=True)     # an earlier first stage
 
-  def execute(cmd):
-    if cmd[1].endswith("eval_main.py"):
-      (tmp_path / "gaze" / "eval").mkdir(parents=True)
-      (tmp_path / "gaze" / "eval" / "eval_results.json").write_text(json.dumps({"splits": [
-          {"split": "test", "examples": 512, "results": _record()["results"]}]}))
-
   said = []
   monkeypatch.setattr(demo, "install_seconds", lambda: None)
-  rec = demo.run_demo(tmp_path, execute=execute, log=said.append)
+  rec = demo.run_demo(tmp_path, execute=_fake_step(tmp_path), log=said.append)
   assert rec["resumed"] == ["train_base"] and "install" not in rec["seconds"]
   assert any("holds an earlier run" in m for m in said)
   text = demo.readme_table({**_record(), "resumed": rec["resumed"]})
   assert "Resumed from earlier runs, so not a fresh run's minutes: train_base." in text
   assert "Resumed" not in demo.readme_table(_record())
+
+
+def test_portable_path():
+  run = ROOT / "out" / "demo"
+  assert demo.portable_path(str(ROOT / "configs" / "demo.py")) == "configs/demo.py"
+  assert demo.portable_path(f"--workdir={run / 'base'}", run=run) == "--workdir=out/demo/base"
+  assert demo.portable_path("/tmp/x/run/gaze/eval", run=Path("/tmp/x/run")) == "<run>/gaze/eval"
+  assert demo.portable_path("--data_dir=/tmp/x/run", run=Path("/tmp/x/run")) == "--data_dir=<run>"
+  assert demo.portable_path("/usr/local/bin/python3.11") == "python3.11"
+  assert demo.portable_path(str(ROOT)) == "."
+  for kept in ("--splits=test", "2-core x86_64 CPU machine (Linux)", "configs/demo.py", ""):
+    assert demo.portable_path(kept) == kept
+
+
+def test_the_demo_record_holds_no_absolute_path(tmp_path, monkeypatch):
+  monkeypatch.setattr(demo, "install_seconds", lambda: None)
+  raw = demo.run_demo(tmp_path, execute=_fake_step(tmp_path), log=lambda *_: None)
+  assert _absolute(raw, tmp_path)                     # the steps themselves see absolute paths
+  rec = demo.portable(raw, run=tmp_path)
+  assert not _absolute(rec, ROOT, tmp_path), _absolute(rec, ROOT, tmp_path)
+  base = rec["commands"]["train_base"]
+  assert base[1:4] == ["train_main.py", "--config=configs/demo_base.py", "--workdir=<run>/base"]
+  assert "--config.init_from_checkpoint=<run>/base" in rec["commands"]["train_gaze"]
+  assert rec["gaze_maps"] == [f"<run>/gaze/eval/gaze_maps/test/gaze_map_000{i}.png"
+                              for i in range(2)]
+  # A run folder inside the repository (make demo's out/demo): relative to the repository.
+  inside = demo.portable(raw, run=ROOT / "out" / "demo")
+  assert not _absolute(inside, ROOT)
+  # The committed record too.
+  committed = json.loads((ROOT / "benchmarks" / "results" / "demo.json").read_text())
+  assert not _absolute(committed, ROOT), _absolute(committed, ROOT)
+
+
+def test_make_demo_writes_only_its_run_folder(tmp_path, monkeypatch):
+  assert makefile.recipe("demo") == ["$(PY) -m benchmarks.demo --out=$(DEMO_DIR)"]
+  assert makefile.recipe("demo-readme") == [
+      "$(PY) -m benchmarks.demo --publish=$(DEMO_DIR) --readme=README.md"]
+  demo_dir = makefile.variable("DEMO_DIR")
+  ignored = subprocess.run(["git", "check-ignore", "-q", f"{demo_dir}/demo.json"], cwd=ROOT)
+  assert ignored.returncode == 0, f"{demo_dir} is not ignored by git"
+  # What `make demo` runs, with the steps faked: every file it writes lies in the run folder.
+  tracked = tmp_path / "repo"
+  monkeypatch.setattr(demo, "RESULT", tracked / "benchmarks" / "results" / "demo.json")
+  monkeypatch.setattr(demo, "GAZE_MAP", tracked / "docs" / "demo_gaze_map.png")
+  monkeypatch.setattr(demo, "replace_between", lambda *a: pytest.fail(f"wrote {a[0]}"))
+  monkeypatch.setattr(demo, "install_seconds", lambda: None)
+  run = tmp_path / "run"
+  monkeypatch.setattr(demo, "run_step", _fake_step(run))
+  assert demo.main([f"--out={run}"]) == 0
+  assert not tracked.exists()
+  assert {p.relative_to(tmp_path).parts[0] for p in tmp_path.rglob("*")} == {"run"}
+  record = json.loads((run / demo.RUN_RECORD).read_text())
+  assert not _absolute(record, ROOT, run)
+  assert (run / demo.RUN_SECTION).read_text().startswith(demo.summary_line(record))
+  # Rewriting the README is for --publish / --table_only only.
+  with pytest.raises(SystemExit):
+    demo.main([f"--out={run}", "--readme=README.md"])
+
+
+def test_publish_copies_a_run_into_the_repository(tmp_path, monkeypatch):
+  run = tmp_path / "run"
+  monkeypatch.setattr(demo, "install_seconds", lambda: None)
+  monkeypatch.setattr(demo, "run_step", _fake_step(run))
+  assert demo.main([f"--out={run}"]) == 0
+  result, gaze_map = tmp_path / "demo.json", tmp_path / "demo_gaze_map.png"
+  monkeypatch.setattr(demo, "RESULT", result)
+  monkeypatch.setattr(demo, "GAZE_MAP", gaze_map)
+  readme = tmp_path / "README.md"
+  readme.write_text(f"{demo.SUMMARY_BEGIN}\nstale\n{demo.SUMMARY_END}\n{demo.BEGIN}\nstale\n"
+                    f"{demo.END}\n")
+  assert demo.main([f"--publish={run}", f"--readme={readme}"]) == 0
+  record = json.loads(result.read_text())
+  assert not _absolute(record, ROOT, run)
+  assert gaze_map.read_bytes() == b"png 0"
+  assert demo.readme_table(record) in readme.read_text() and "stale" not in readme.read_text()
+  with pytest.raises(SystemExit, match="make demo"):
+    demo.publish(tmp_path / "nothing")
