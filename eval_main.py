@@ -19,9 +19,9 @@ printed and recorded in the results. An error is one line (``--verbose``: with i
 
 from __future__ import annotations
 
-import logging as pylogging
+import logging
 
-from absl import app, flags, logging
+from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
@@ -97,7 +97,6 @@ def main(argv):
 
   from gaze_jax import runs
 
-  pylogging.getLogger("absl").setLevel(pylogging.INFO)
   workdir = FLAGS.workdir
   out = epath.Path(FLAGS.out_dir or epath.Path(workdir) / "eval")
   unknown = sorted(set(FLAGS.baselines) - set(BASELINES))
@@ -116,8 +115,9 @@ def main(argv):
   max_batches = FLAGS.max_batches if FLAGS.max_batches is not None else default_batches
   max_batches = max_batches or None
   g = cfg.gaze
-  logging.info("evaluating %s at step %d as trained: attention %s%s", workdir, step, g.attention,
-               f", K {g.top_k}, regions {g.region_shape}" if g.attention == "gaze" else "")
+  log = logging.getLogger("gaze_jax.eval")
+  log.info("evaluating %s at step %d as trained: attention %s%s", workdir, step, g.attention,
+           f", K {g.top_k}, regions {g.region_shape}" if g.attention == "gaze" else "")
   if overrides:
     print("model overrides (not the trained model): " +
           ", ".join(f"{k}={v!r}" for k, v in overrides.items()))
@@ -142,13 +142,13 @@ def main(argv):
                    name=main,
                    max_batches=max_batches, tokenizer=tok,
                    gaze_maps=GazeMaps(out / "gaze_maps" / split, count=FLAGS.num_gaze_maps),
-                   groups=groups, random_seed=FLAGS.random_seed, log=logging.info)
+                   groups=groups, random_seed=FLAGS.random_seed, log=log.info)
     if other is not None:
       o_model, o_step, o_cfg, o_spec, o_tok = other
       _, o_batches = _batches(other_config, FLAGS.compare_workdir, o_cfg, o_spec, o_tok, split,
                               other_run_config)
       o_res = evaluate(o_model, o_batches, o_spec, baselines=(), split=split, name=name,
-                       max_batches=max_batches, groups=groups, log=logging.info)
+                       max_batches=max_batches, groups=groups, log=log.info)
       res["results"][f"{name} (trained, step {o_step})"] = o_res["results"][name]
     if records is not None:
       # Over the examples the models were scored on (the last partial batch is dropped).

@@ -17,10 +17,8 @@ traceback).
 from __future__ import annotations
 
 import json
-import logging as pylogging
-import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from gaze_jax import cli
 
@@ -40,9 +38,6 @@ flags.DEFINE_integer("max_shard_mb", 2048, "The largest safetensors shard, in MB
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)           # orbax is chatty at INFO
-  pylogging.getLogger("gaze_jax").setLevel(pylogging.INFO)
-  pylogging.getLogger("gaze_jax").addHandler(pylogging.StreamHandler(sys.stdout))
   from gaze_jax import exports
 
   # A missing or foreign workdir, a bad --dtype: ValueError / FileNotFoundError, one line

@@ -14,10 +14,7 @@ or ``gs://``. An error is one line (``--verbose``: with its traceback).
 
 from __future__ import annotations
 
-import logging as pylogging
-import sys
-
-from absl import app, flags, logging
+from absl import app, flags
 from etils import epath
 
 from gaze_jax import cli
@@ -52,9 +49,6 @@ def _question_is_text(question):
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)          # orbax and tfds are chatty at INFO
-  pylogging.getLogger("gaze_jax").setLevel(pylogging.INFO)
-  pylogging.getLogger("gaze_jax").addHandler(pylogging.StreamHandler(sys.stdout))
   from gaze_jax import runs
   from gaze_jax.predict import predict
 

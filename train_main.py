@@ -18,7 +18,6 @@ import json
 import logging
 
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from gaze_jax import cli
@@ -32,9 +31,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  # orbax logs every file operation at INFO through absl: keep absl at WARNING, ours at INFO.
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  logging.getLogger("gaze_jax").setLevel(logging.INFO)
   config = _CONFIG.value
   from configs import common       # base_config: the one definition of every field
   from gaze_jax.train.config import check_train_config

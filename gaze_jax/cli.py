@@ -17,6 +17,10 @@
   command line; absl itself exits with 1 and prints the module docstring and every flag).
 * Ctrl-C (``KeyboardInterrupt``) prints ``interrupted`` and exits with status 130.
 * Any other exception is a bug: its traceback is printed as Python prints it.
+
+Logging (``gaze_jax.logs.configure_main``): the project's INFO lines are printed once, through
+absl's handler (stderr); orbax's, tfds' and the other libraries' INFO lines and their known
+harmless warnings only with ``--verbose``.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 VERBOSE = flags.DEFINE_bool("verbose", False, "On an error, print its traceback too (else one "
-                            "line says what went wrong).")
+                            "line says what went wrong); also log the libraries' (orbax, tfds) "
+                            "INFO lines.")
 
 ERRORS_LOG = "errors.log"
 # The project's errors about a run, not its input: a checkpoint that cannot be restored or
@@ -161,6 +166,15 @@ def guarded(main: Callable[[list[str]], object],
 
 def run(main: Callable[[list[str]], object],
         log_dir: Optional[Callable[[], Optional[str]]] = None) -> None:
-  """``app.run(main)`` with one-line errors (see the module docstring). ``log_dir``: a callable
-  giving the run's own workdir, where ``errors.log`` collects the tracebacks of user errors."""
-  app.run(guarded(main, log_dir), flags_parser=parse_flags)
+  """``app.run(main)`` with one-line errors (see the module docstring) and the entry points'
+  logging (``gaze_jax.logs.configure_main``: our INFO lines once, the libraries' internals only
+  with ``--verbose``). ``log_dir``: a callable giving the run's own workdir, where
+  ``errors.log`` collects the tracebacks of user errors."""
+
+  def logged(argv):
+    from gaze_jax import logs
+
+    logs.configure_main(verbose=_verbose())
+    return main(argv)
+
+  app.run(guarded(logged, log_dir), flags_parser=parse_flags)

@@ -1,7 +1,9 @@
 """Ask a trained run a question about your own image: ``predict(workdir, image, question)``.
 
 The run's model, tokenizer and layout come from its ``--workdir`` (its ``config.json`` and
-latest checkpoint). The image is resized to the model's input size (said in the log) and the
+latest checkpoint). The image is resized to the model's input size (said in the log; an image
+whose aspect ratio differs from the model's input, e.g. a 300x200 photo for a 64x64 model, is
+stretched: the log, ``Prediction.resize_note`` and the gaze map's title say so) and the
 answer is generated greedily. For a gaze model, ``Prediction.regions`` lists per layer the
 regions that the query heads selected at the row predicting the answer's first token, by the
 number of heads, and ``write_gaze_map`` draws the selections of every answer token.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import tempfile
 from typing import Any, Optional, Union
@@ -23,9 +26,33 @@ from typing import Any, Optional, Union
 import numpy as np
 from etils import epath
 
+from gaze_jax import logs
+
 log = logging.getLogger(__name__)
 
 ImageLike = Union[str, os.PathLike, np.ndarray]
+# Aspect ratios (width / height) this close count as the same: rounding a size to whole
+# pixels or patches changes them a little.
+ASPECT_TOLERANCE = 0.02
+
+
+def aspect_changed(image_hw: tuple[int, int], model_hw: tuple[int, int]) -> bool:
+  """Whether resizing an image of ``image_hw`` (height, width) to ``model_hw`` stretches it:
+  their aspect ratios differ by more than ``ASPECT_TOLERANCE`` (relative)."""
+  (h, w), (mh, mw) = image_hw, model_hw
+  return abs(math.log((w / h) / (mw / mh))) > math.log1p(ASPECT_TOLERANCE)
+
+
+def resize_note(image_hw: tuple[int, int], model_hw: tuple[int, int]) -> Optional[str]:
+  """One line when resizing ``image_hw`` to ``model_hw`` (both (height, width)) stretches the
+  image, e.g. "the image was stretched from 300x200 to the model's 64x64 (aspect ratio 1.50 ->
+  1.00)" (width x height; the ratio is width / height); None when it keeps its aspect
+  ratio."""
+  if not aspect_changed(image_hw, model_hw):
+    return None
+  (h, w), (mh, mw) = image_hw, model_hw
+  return (f"the image was stretched from {w}x{h} to the model's {mw}x{mh} (aspect ratio "
+          f"{w / h:.2f} -> {mw / mh:.2f})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +83,12 @@ class Prediction:
   selected: Any = dataclasses.field(repr=False, default=None)   # per layer ids [1, S, Hq, K]
   tokenizer: Any = dataclasses.field(repr=False, default=None)
 
+  @property
+  def resize_note(self) -> Optional[str]:
+    """A line saying the image was stretched to the model's input size (its aspect ratio
+    changed), or None when it was not (``resize_note``)."""
+    return resize_note(self.image_size, self.model_image_size)
+
   def summary(self, top: int = 3) -> str:
     """Where the answer's first token looked, one line per layer, rows and columns counted
     from 1 as in the datasets' answers, e.g. ``layer 1: row 2 col 3 (4 of 4 heads), ...``."""
@@ -71,14 +104,17 @@ class Prediction:
 
   def write_gaze_map(self, path) -> Optional[epath.Path]:
     """Draws the regions each answer token selected, per layer, as a PNG at ``path`` (local or
-    ``gs://``); returns it, or None for a dense model."""
+    ``gs://``); returns it, or None for a dense model. Its title: the question, the model's
+    answer, ``resize_note`` when the image was stretched, and the legend (no ground truth:
+    ``predict`` has none)."""
     from gaze_jax.eval.gaze_maps import write_batch_gaze_maps
 
     if self.selected is None or self.selected[0] is None:
       return None
     with tempfile.TemporaryDirectory() as tmp:
       written = write_batch_gaze_maps(tmp, self.inputs, self.selected, limit=1,
-                                      tokenizer=self.tokenizer)
+                                      tokenizer=self.tokenizer, answer_label="model's answer",
+                                      notes=[self.resize_note] if self.resize_note else [])
       if not written:
         return None
       path = epath.Path(path)
@@ -183,7 +219,8 @@ def predict(workdir, image: ImageLike, question: str, *, max_new_tokens: int = 1
 
   Args:
     workdir: a training run's ``--workdir`` (``config.json`` and ``checkpoints/``).
-    image: a file path or a uint8 ``[H, W, 3]`` array; resized to the model's image size.
+    image: a file path or a uint8 ``[H, W, 3]`` array; resized to the model's image size
+      (stretched when its aspect ratio differs: logged, and in ``Prediction.resize_note``).
     question: the question text (the chat template of the run's tokenizer is applied).
     max_new_tokens: the most answer tokens to generate.
     step: a checkpoint step (default: the latest).
@@ -202,6 +239,7 @@ def predict(workdir, image: ImageLike, question: str, *, max_new_tokens: int = 1
   from gaze_jax.eval.text import decode
   from gaze_jax.train.data import example_processor
 
+  logs.show_progress()              # plain Python / a notebook: the resize line shows
   check_question(question)
   if max_new_tokens < 1:             # 0 would answer nothing; fewer breaks generation
     raise ValueError(f"max_new_tokens={max_new_tokens}: the answer needs at least 1 token")
@@ -213,7 +251,10 @@ def predict(workdir, image: ImageLike, question: str, *, max_new_tokens: int = 1
     processor = example_processor(config, run.tokenizer, run.model_cfg, run.spec)
   asked = _features(processor, run.spec, pixels, question, "?")
   size = model_image_hw(run.model_cfg, asked)
-  if pixels.shape[:2] != size:
+  stretched = resize_note(pixels.shape[:2], size)
+  if stretched:
+    log.warning("%s", stretched)
+  elif pixels.shape[:2] != size:
     log.info("resizing the image from %dx%d to the model's %dx%d", pixels.shape[1],
              pixels.shape[0], size[1], size[0])
   toks, lengths, _ = generate_answers(run.model, asked, max_new_tokens=max_new_tokens,

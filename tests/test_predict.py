@@ -1,6 +1,8 @@
 """predict_main / gaze_jax.predict on a checkpoint of the demo recipe (configs/demo.py, trained a
-few steps here): the answer, the regions per layer, the gaze map, and clear errors for an
-unreadable image, a workdir without a checkpoint or config, and a question too long."""
+few steps here): the answer, the regions per layer, the gaze map (titled with the model's
+answer, no ground truth, and a note when a non-square image was stretched), and clear errors
+for an unreadable image, a workdir without a checkpoint or config, and a question too long.
+Also what predict_main and eval_main print: our lines once, no orbax internals."""
 
 import subprocess
 import sys
@@ -8,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.train.helpers import library_log_lines
 
 pytest.importorskip("tensorflow_datasets", reason="the [data] extra is not installed")
 from PIL import Image as PILImage  # noqa: E402
@@ -56,6 +60,7 @@ def test_predict_answers_and_counts_the_heads_per_layer(demo_run, scene, tmp_pat
     p = predict_lib.predict(workdir, image, question, max_new_tokens=4)
   assert "resizing the image from 200x200 to the model's 64x64" in caplog.text
   assert p.question == question and p.image_size == (200, 200) and p.model_image_size == (64, 64)
+  assert p.resize_note is None                       # square to square: not stretched
   assert isinstance(p.answer, str)
   assert len(p.regions) == c.model.decoder.num_layers
   heads = c.model.decoder.num_heads
@@ -104,6 +109,65 @@ def test_predict_main_prints_and_writes_the_gaze_map(demo_run, scene):
   assert "layer 0: row " in out.stdout and "of 4 heads" in out.stdout
   gaze_map = image.with_name("scene_gaze.png")
   assert f"gaze map: {gaze_map}" in out.stdout and gaze_map.is_file()
+  # Our lines once (the resize line used to come twice), and none of orbax's.
+  printed = out.stdout + out.stderr
+  assert printed.count("resizing the image from 200x200 to the model's 64x64") == 1, printed
+  assert library_log_lines(printed) == [], printed
+
+
+def test_eval_main_prints_no_orbax_internals_and_names_exact_match(demo_run, tmp_path):
+  import json
+
+  workdir, _ = demo_run
+  out = tmp_path / "eval"
+  p = subprocess.run([sys.executable, str(ROOT / "eval_main.py"), f"--workdir={workdir}",
+                      f"--out_dir={out}", "--splits=train", "--max_batches=1",
+                      "--num_gaze_maps=0", "--baselines=dense", "--noanswer_prior"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  printed = p.stdout + p.stderr
+  assert printed.count(f"evaluating {workdir} at step 4 as trained") == 1, printed
+  assert "gaze exact match so far" in printed
+  assert library_log_lines(printed) == [], printed
+  # (The train split: the validation split's 8 examples are less than one batch of 32.)
+  # eval_results.json: exact_match, and accuracy as its older name for the readers of results.
+  rows = json.loads((out / "eval_results.json").read_text())["splits"][0]["results"]
+  for name in ("gaze", "dense"):
+    row = rows[name]
+    assert row["exact_match"] == row["accuracy"] and 0.0 <= row["token_accuracy"] <= 1.0
+
+
+def test_a_stretched_image_is_said_so_and_the_map_shows_the_models_answer(demo_run, scene,
+                                                                         tmp_path, caplog,
+                                                                         monkeypatch):
+  """A 300x200 image for the 64x64 model: the log, ``resize_note`` and the gaze map's title say
+  it was stretched; the map titles the answer "model's answer" (there is no true one) and its
+  legend names no ground truth (none is drawn)."""
+  from gaze_jax.eval import gaze_maps
+  from tests.eval.test_gaze_maps import spy_on_titles
+
+  workdir, _ = demo_run
+  image, question = scene
+  wide = tmp_path / "wide.png"
+  PILImage.open(image).resize((300, 200)).save(wide)
+  with caplog.at_level("INFO", logger="gaze_jax.predict"):
+    p = predict_lib.predict(workdir, wide, question, max_new_tokens=4)
+  note = "the image was stretched from 300x200 to the model's 64x64 (aspect ratio 1.50 -> 1.00)"
+  assert p.image_size == (200, 300) and p.resize_note == note
+  assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [note]
+  seen = spy_on_titles(monkeypatch)
+  assert p.write_gaze_map(tmp_path / "map.png").is_file()
+  _, answer_line, note_line, legend = seen["titles"][0]        # the question first
+  assert answer_line == f"model's answer: {p.answer}"
+  assert note_line == note
+  assert legend == gaze_maps.legend() and "ground truth" not in legend
+
+
+def test_resize_note_only_for_a_changed_aspect_ratio():
+  assert predict_lib.resize_note((200, 200), (64, 64)) is None
+  assert predict_lib.resize_note((480, 640), (448, 588)) is None     # a Qwen-VL bucket: 1.6%
+  assert predict_lib.resize_note((640, 480), (64, 64)) == (
+      "the image was stretched from 480x640 to the model's 64x64 (aspect ratio 0.75 -> 1.00)")
 
 
 def test_bad_inputs_name_the_file_or_field(demo_run, scene, tmp_path):

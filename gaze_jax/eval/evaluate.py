@@ -274,11 +274,13 @@ class _Acc:
     conf = self._configured()
     fl = measured_flops(self.cfg, kv if math.isfinite(kv) else 0.0, self.kv.mean_candidates)
     ref = dense_entries
+    exact = self.correct / self.examples if self.examples else float("nan")
     out = {
         "name": self.name,
         "attention": self.cfg.gaze.attention,
         "examples": self.examples,
-        "accuracy": self.correct / self.examples if self.examples else float("nan"),
+        "exact_match": exact,
+        "accuracy": exact,             # the same exact match, for readers of older results
         "token_accuracy": self.tokens_right / self.tokens if self.tokens else float("nan"),
         "answer_nll": self.nll / self.tokens if self.tokens else float("nan"),
         "visual_kv": {
@@ -480,9 +482,12 @@ def evaluate(model, batches: Iterable, spec: Optional[LayoutSpec] = None, *,
     log: optional ``print``-like callable for progress lines.
   Returns:
     ``{"split", "batches", "examples", "model": {...}, "results": {variant: {...}},
-    "skipped": {...}, "gaze_maps": [paths]}``; each variant has ``accuracy``,
-    ``token_accuracy``, ``answer_nll``, ``visual_kv`` (measured / configured / % of dense),
-    ``routing`` (gaze variants), ``flops`` and ``attention_gflops_per_query`` (measured),
+    "skipped": {...}, "gaze_maps": [paths]}``; each variant has ``exact_match`` (the share of
+    examples whose answer tokens are all argmax-correct; also under its older name
+    ``accuracy``, which means exact match wherever the project writes it), ``token_accuracy``
+    (the share of answer tokens argmax-correct), ``answer_nll``, ``visual_kv`` (measured /
+    configured / % of dense), ``routing`` (gaze variants), ``flops`` and
+    ``attention_gflops_per_query`` (measured),
     ``configured`` (the formula budget), ``seconds`` (wall time of its passes, compilation
     included) and, for token_matched, ``token_match`` (the grid of the last batch).
   """
@@ -540,7 +545,7 @@ def evaluate(model, batches: Iterable, spec: Optional[LayoutSpec] = None, *,
           accs[row].add_text(preds, refs, text.num_samples)
     if log is not None:
       log(f"[eval {split}] batch {n_batches}: {n_examples} examples, "
-          f"{name} accuracy so far {accs[name].correct / max(accs[name].examples, 1):.3f}")
+          f"{name} exact match so far {accs[name].correct / max(accs[name].examples, 1):.3f}")
 
   if n_batches == 0:
     raise ValueError(f"split {split!r}: no batches to evaluate")

@@ -12,7 +12,9 @@ Region rectangles in pixels come from the layout (``gaze_jax.data.boxes.region_p
 ``region_row / region_col`` times the region shape in patches, times the patch size in pixels
 of that frame's grid, so pooled video frames get larger regions, and padded regions at a grid
 edge are cut at the image border). Ground-truth boxes, when given, are outlined in white.
-Title lines (the question, the predicted and true answers, a legend) go above everything.
+Title lines (the question, the predicted and true answers, a legend that names the
+ground-truth frames only where the example has some) go above everything; ``predict`` titles
+its map's answer "model's answer", there being no true one.
 
 Canvas geometry (what the tests check): every frame becomes a panel of ``(ph, pw)`` pixels with
 ``s = panel_size / max(H, W)`` (``ph = round(H * s)``, ``pw = round(W * s)``; ``panel_size``
@@ -38,8 +40,20 @@ GT_REGION = (255, 0, 255)                 # magenta: no shape of the datasets ha
 GT_INSET = 3                              # pixels between a region's frame and its ground-truth one
 GT_BOX = (255, 255, 255)
 TEXT = (255, 255, 255)
-LEGEND = ("lit, cyan frame: selected regions (the number: how many query heads chose it); "
-          "magenta: ground truth")
+
+
+def legend(gt_regions: bool = False, gt_boxes: bool = False) -> str:
+  """The legend line: what the frames mean, naming the ground-truth frames only when the map
+  draws some (``gt_regions``: magenta region frames; ``gt_boxes``: white boxes)."""
+  parts = ["lit, cyan frame: selected regions (the number: how many query heads chose it)"]
+  if gt_regions:
+    parts.append("magenta: ground truth")
+  if gt_boxes:
+    parts.append("white: ground-truth boxes")
+  return "; ".join(parts)
+
+
+LEGEND = legend(gt_regions=True)          # a map with ground-truth regions (eval_main's)
 
 
 def selection_colour(heat: float) -> tuple[int, int, int]:
@@ -270,12 +284,16 @@ def write_batch_gaze_maps(out_dir, inputs, selected, *, limit: int, start: int =
                           layers: Optional[Sequence[int]] = None, tokens_per_example: int = 4,
                           pred=None, tokenizer=None, image_mean=(0.5, 0.5, 0.5),
                           image_std=(0.5, 0.5, 0.5), panel_size: int = 160,
+                          answer_label: str = "true answer", notes: Sequence[str] = (),
                           **render_kw) -> list[str]:
   """Gaze maps of the first ``limit`` examples of a batch that have images and answer rows:
   ``tokens_per_example`` answer rows spread evenly over the answer, one column per layer
   (``layers``, default all), the ground-truth regions outlined, and above them the question
-  (the text before the answer), the true answer and, given ``pred`` (int ``[B, S]``, the
-  teacher-forced argmax at every row), the predicted one, each token's caption naming both."""
+  (the text before the answer), the answer (the targets, titled ``answer_label``: "true
+  answer" for a dataset's examples, "model's answer" for ``predict``'s), given ``pred`` (int
+  ``[B, S]``, the teacher-forced argmax at every row) the predicted one, each token's caption
+  naming both, any ``notes`` (one line each) and the legend (ground truth named only for an
+  example that has ground-truth regions)."""
   from gaze_jax.eval.text import decode
   from gaze_jax.gaze.layout import TEXT as TEXT_KIND
 
@@ -286,6 +304,8 @@ def write_batch_gaze_maps(out_dir, inputs, selected, *, limit: int, start: int =
   kind, tokens = np.asarray(inputs.layout.kind), np.asarray(inputs.tokens)
   tg = np.asarray(inputs.targets)
   pr = None if pred is None else np.asarray(pred)
+  gt = (np.full((mask.shape[0], 1), -1) if inputs.gt_regions is None
+        else np.asarray(inputs.gt_regions).reshape(mask.shape[0], -1))
 
   def word(i):
     return (repr(decode(tokenizer, [int(i)], skip_special=False)) if tokenizer is not None
@@ -309,10 +329,10 @@ def write_batch_gaze_maps(out_dir, inputs, selected, *, limit: int, start: int =
                  for k, t in zip(pick, slots[pick])]
     # The prompt's text up to the row of the first answer token.
     prompt = tokens[b, :slots[0] + 1][kind[b, :slots[0] + 1] == TEXT_KIND]
-    answer = f"true answer: {text(tg[b, slots])}"
+    answer = f"{answer_label}: {text(tg[b, slots])}"
     if pr is not None:
       answer = f"predicted: {text(pr[b, slots])}   {answer}"
-    titles[b] = [text(prompt), answer, LEGEND]
+    titles[b] = [text(prompt), answer, *notes, legend(gt_regions=bool((gt[b] >= 0).any()))]
   if not rows:
     return []
   return write_gaze_maps(out_dir, inputs.images, inputs.layout, selected, rows,

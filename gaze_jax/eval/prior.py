@@ -58,7 +58,8 @@ def answer_prior(train: Sequence[QA], evaluation: Sequence[QA]) -> dict[str, Any
   answer to the same question text (ties: the answer seen first; unseen question: the most
   common answer overall).
 
-  Returns ``{"accuracy", "examples", "by_type": by_group(...), "hits": [bool]}``.
+  Returns ``{"exact_match", "accuracy" (the same), "examples", "by_type": by_group(...),
+  "hits": [bool]}``.
   """
   per_question: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
   overall: collections.Counter = collections.Counter()
@@ -72,5 +73,6 @@ def answer_prior(train: Sequence[QA], evaluation: Sequence[QA]) -> dict[str, Any
   fallback = overall.most_common(1)[0][0]
   hits = [(per_question[r.question].most_common(1)[0][0] if r.question in per_question
            else fallback) == r.answer for r in evaluation]
-  return {"accuracy": sum(hits) / len(hits), "examples": len(hits),
+  exact = sum(hits) / len(hits)
+  return {"exact_match": exact, "accuracy": exact, "examples": len(hits),
           "by_type": by_group(hits, [r.type for r in evaluation]), "hits": hits}

@@ -2,9 +2,10 @@
 
 ``write_report(results, out_dir)`` takes one ``evaluate`` result or several (a list, or a dict
 ``{split: result}``) and writes ``{name}.json`` (everything, NaN as null) and ``{name}.md``: one
-table per split, rows model / baseline, columns accuracy, visual KV entries per query (measured,
-configured and % of the dense model's), routing accuracy against the random-choice rate, and
-attention GFLOPs per decode query (measured; routing included for gaze).
+table per split, rows model / baseline, columns accuracy (``exact_match``: every answer token
+argmax-correct), visual KV entries per query (measured, configured and % of the dense model's),
+routing accuracy against the random-choice rate, and attention GFLOPs per decode query
+(measured; routing included for gaze).
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def markdown_table(result: Mapping) -> str:
       label += f" ({gh}x{gw} grid)"
     if k == main and r.get("configured", {}).get("top_k"):
       label += f" (K={r['configured']['top_k']})"
-    acc = _pct(r.get("accuracy"))
+    acc = _pct(r.get("exact_match", r.get("accuracy")))     # older results: "accuracy"
     if _num(r.get("text_accuracy")):
       acc += f" (text {_pct(r['text_accuracy'])})"
     kv = r.get("visual_kv", {})
@@ -152,14 +153,15 @@ def markdown_report(results) -> str:
       out.append("")
     if res.get("skipped"):
       out += ["Skipped: " + "; ".join(f"{k}: {v}" for k, v in res["skipped"].items()), ""]
-  out += ["Visual KV / query: patch tokens of the selected regions (all earlier patches for "
-          "dense rows) plus the context tokens before the query, mean over answer rows, heads "
-          "and layers; configured: K x region size + N x frames (dense: all patches + context "
-          "tokens). GFLOPs: one decode query, all layers and heads, visual keys only (plus "
-          "routing scores for gaze). Routing accuracy: share of the selected regions at answer "
-          "rows that overlap the answer's ground-truth boxes; random: the same number drawn "
-          "uniformly from the causal candidates. Answer prior: the most common training answer "
-          "to the same question text, without the image.", ""]
+  out += ["Accuracy: exact match of the teacher-forced answer (every answer token "
+          "argmax-correct). Visual KV / query: patch tokens of the selected regions (all "
+          "earlier patches for dense rows) plus the context tokens before the query, mean over "
+          "answer rows, heads and layers; configured: K x region size + N x frames (dense: all "
+          "patches + context tokens). GFLOPs: one decode query, all layers and heads, visual "
+          "keys only (plus routing scores for gaze). Routing accuracy: share of the selected "
+          "regions at answer rows that overlap the answer's ground-truth boxes; random: the same "
+          "number drawn uniformly from the causal candidates. Answer prior: the most common "
+          "training answer to the same question text, without the image.", ""]
   return "\n".join(out)
 
 

@@ -65,7 +65,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from gaze_jax import paths
+from gaze_jax import logs, paths
 
 ITEMS = ("params", "opt_state", "data", "meta")
 CHECKPOINT_DIR = "checkpoints"
@@ -181,6 +181,8 @@ class Checkpointer:
     self.async_save, self.read_only = async_save, read_only
     self._saving: Optional[int] = None         # the step whose save is in flight
     policies = ocp.checkpoint_managers
+    if read_only:              # orbax warns on every read-only manager: noise to our users
+      logs.drop_known_noise()
     # Always orbax's asynchronous path, whose post-finalization callback records the checksums
     # before the commit; a synchronous save waits for it (``save``).
     options = ocp.CheckpointManagerOptions(

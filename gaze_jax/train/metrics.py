@@ -82,16 +82,17 @@ class JsonlWriter:
 
 def progress_line(step: int, num_steps: int, m: Mapping[str, float], tokens_per_s: float,
                   eta_s: Optional[float]) -> str:
-  """``step 120/600 | loss 1.2345 | acc 0.500 | 12.3k tok/s | K 8 | union 9.5 | lr 1.0e-03 |
-  MFU 41.0% | ETA 03:12``: one line per logged step, which the trainer logs.
+  """``step 120/600 | loss 1.2345 | token acc 0.500 | 12.3k tok/s | K 8 | union 9.5 |
+  lr 1.0e-03 | MFU 41.0% | ETA 03:12``: one line per logged step, which the trainer logs
+  (``token acc``: the step's ``token_accuracy``, answer tokens argmax-correct).
 
   A tqdm bar redraws itself with carriage returns, one endless line in a log file; only
   tqdm's formatters are used here, for the speed and the ETA (``[H:]MM:SS``).
   """
   from tqdm import tqdm          # installed with the [data] extra that training needs
 
-  parts = [f"step {step}/{num_steps}", f"loss {m['loss']:.4f}", f"acc {m['accuracy']:.3f}",
-           f"{tqdm.format_sizeof(tokens_per_s)} tok/s"]
+  parts = [f"step {step}/{num_steps}", f"loss {m['loss']:.4f}",
+           f"token acc {m['token_accuracy']:.3f}", f"{tqdm.format_sizeof(tokens_per_s)} tok/s"]
   if m.get("k", 0) > 0:
     parts.append(f"K {int(m['k'])}")
     if "union_per_kv_head" in m:

@@ -11,7 +11,7 @@ from ``state["step"]`` inside the step (a traced int fed as ``active_k`` under t
 K_max): lowering K never recompiles. ``TrainStep.traces`` counts Python traces.
 
 Metrics (float32 scalars; the rules are ``gaze_jax.metrics``, shared with the evaluation):
-``loss`` (mean NLL of answer tokens), ``accuracy`` (argmax hit rate on answer tokens),
+``loss`` (mean NLL of answer tokens), ``token_accuracy`` (argmax hit rate on answer tokens),
 ``answer_tokens``, ``grad_norm`` (global, trainable params, before clipping), ``lr`` (base
 schedule), ``k`` (active K; 0 for dense), ``finite`` (1 when the loss and the gradient norm are
 finite; with ``skip_nonfinite`` a step where they are not keeps the old parameters and optimizer
@@ -138,7 +138,7 @@ class TrainStep:
                 return_selected=self.plan.gaze)
     logits, selected = out if self.plan.gaze else (out, None)
     loss, acc, n = masked_nll(logits, batch["targets"], batch["loss_mask"])
-    aux = {"accuracy": acc, "answer_tokens": n}
+    aux = {"token_accuracy": acc, "answer_tokens": n}
     if selected is not None:
       aux.update(routing_stats(selected, self.num_kv_heads))
     return loss, aux
@@ -175,8 +175,8 @@ class TrainStep:
     return MeshJit(fn, metric_sharding.mesh, self.rules)
 
   def eval_fn(self, params, batch, active_k=None):
-    """Teacher-forced answer metrics on one batch (no update): loss, accuracy and
-    ``exact`` (fraction of examples whose answer tokens are all argmax-correct)."""
+    """Teacher-forced answer metrics on one batch (no update): ``loss``, ``token_accuracy``
+    and ``exact_match`` (fraction of examples whose answer tokens are all argmax-correct)."""
     model = nnx.merge(self.graphdef, params, self.rest)
     layout = batch_layout(batch, self.spec)
     images = visual_input(batch, model.cfg)
@@ -184,5 +184,5 @@ class TrainStep:
     loss, acc, n = masked_nll(logits, batch["targets"], batch["loss_mask"])
     match, has = exact_match(jnp.argmax(logits, -1), batch["targets"], batch["loss_mask"] > 0)
     exact = jnp.sum(match.astype(jnp.float32)) / jnp.maximum(jnp.sum(has), 1)
-    return {"loss": loss, "accuracy": acc, "exact": exact, "answer_tokens": n,
+    return {"loss": loss, "token_accuracy": acc, "exact_match": exact, "answer_tokens": n,
             "examples": jnp.sum(has).astype(jnp.float32)}

@@ -14,9 +14,11 @@ What it does, in order:
    parameters of another run's checkpoint, ``config.init_from_checkpoint``).
 5. The loop: jitted step (K of the progressive top-K is computed inside it: one compile),
    a progress line logged every ``train.log_every`` steps (``logging`` under the
-   ``gaze_jax.train`` name, which absl's handler formats under ``train_main.py``), metrics
-   to ``<workdir>/metrics.jsonl`` and TensorBoard ``<workdir>/tb``, periodic teacher-forced
-   evaluation, asynchronous checkpoints.
+   ``gaze_jax.train`` name, which absl's handler formats under ``train_main.py``; from Python
+   or a notebook that configured no logging, ``gaze_jax.logs.show_progress`` prints it to
+   stderr), metrics to ``<workdir>/metrics.jsonl`` and TensorBoard ``<workdir>/tb``
+   (``train/loss``, ``train/token_accuracy``, ...; ``eval/loss``, ``eval/token_accuracy``,
+   ``eval/exact_match``), periodic teacher-forced evaluation, asynchronous checkpoints.
 6. SIGTERM (preemption): the current step finishes, a checkpoint is written, the loop stops;
    rerunning the same command resumes.
 
@@ -47,6 +49,7 @@ from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from gaze_jax import logs
 from gaze_jax.gaze.accounting import train_flops
 from gaze_jax.model.mllm import MLLM
 from gaze_jax.runs import run_tokenizer
@@ -266,8 +269,10 @@ def tower_patches(config: Any, cfg) -> int:
 
 def evaluate(s: Setup, params, builder, tokenizer, *, max_batches: int,
              eval_fn=None) -> dict:
-  """Teacher-forced answer loss / token accuracy / exact match on ``config.data.eval_split``
-  (the first ``max_batches`` batches, in order), at the target K."""
+  """Teacher-forced answer metrics on ``config.data.eval_split`` (the first ``max_batches``
+  batches, in order), at the target K: ``loss`` (per answer token), ``token_accuracy`` (share
+  of answer tokens argmax-correct), ``exact_match`` (share of examples whose answer tokens all
+  are; what ``eval_main.py`` reports as ``accuracy``) and ``examples``."""
   it = data_lib.make_iterator(s.config, builder, tokenizer, s.model_cfg, s.spec, train=False)
   k = jnp.int32(s.plan.target) if s.plan.gaze else None
   sums, n_tok, n_ex = {}, 0.0, 0.0
@@ -278,13 +283,13 @@ def evaluate(s: Setup, params, builder, tokenizer, *, max_batches: int,
     m = jax.device_get(eval_fn(params, gb, k))
     n_tok += float(m["answer_tokens"])
     n_ex += float(m["examples"])
-    for key, w in (("loss", m["answer_tokens"]), ("accuracy", m["answer_tokens"]),
-                   ("exact", m["examples"])):
+    for key, w in (("loss", m["answer_tokens"]), ("token_accuracy", m["answer_tokens"]),
+                   ("exact_match", m["examples"])):
       sums[key] = sums.get(key, 0.0) + float(m[key]) * float(w)
   if not n_tok:
     return {}
-  return {"loss": sums["loss"] / n_tok, "accuracy": sums["accuracy"] / n_tok,
-          "exact": sums["exact"] / max(n_ex, 1.0), "examples": n_ex}
+  return {"loss": sums["loss"] / n_tok, "token_accuracy": sums["token_accuracy"] / n_tok,
+          "exact_match": sums["exact_match"] / max(n_ex, 1.0), "examples": n_ex}
 
 
 def train(config: Any, workdir, *, mesh=None, stop_after: Optional[int] = None) -> dict:
@@ -294,6 +299,7 @@ def train(config: Any, workdir, *, mesh=None, stop_after: Optional[int] = None) 
   ``stop_after``: stop (with a checkpoint) after this many steps of this call (tests).
   """
   t_begin = time.time()
+  logs.show_progress()          # plain Python / a notebook: the progress lines show
   workdir = epath.Path(workdir)
   primary = jax.process_index() == 0
   # Everything checkable is checked before the workdir is written.
@@ -475,9 +481,9 @@ def _run(config: Any, workdir: epath.Path, s: Setup, tokenizer, folder, pre: "_P
         if last_eval:
           logger.write(s_done, last_eval, prefix="eval")
           if primary:
-            log.info("eval step %d: loss %.4f | token acc %.3f | exact %.3f (%d examples)",
-                     s_done, last_eval["loss"], last_eval["accuracy"], last_eval["exact"],
-                     int(last_eval["examples"]))
+            log.info("eval step %d: loss %.4f | token accuracy %.3f | exact match %.3f (%d "
+                     "examples)", s_done, last_eval["loss"], last_eval["token_accuracy"],
+                     last_eval["exact_match"], int(last_eval["examples"]))
         t_mark = time.time()      # do not count eval time in tokens/s
       ckpt.save(s_done, state, it.get_state(), meta, force=force)
       if stop:

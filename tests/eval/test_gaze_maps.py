@@ -1,6 +1,7 @@
 """Gaze maps: heat from hand-made selections, PNG files of the documented size, selected regions
 brighter than the others (padded edge regions, pooled video frames, frames and layers side by
-side), the question and the predicted and true answers above."""
+side), the question and the predicted and true answers above, and a legend that names the
+ground truth only where it is drawn."""
 
 import numpy as np
 import pytest
@@ -98,10 +99,17 @@ def test_panel_geometry_shrinks_for_many_frames():
   assert gaze_maps.panel_geometry((32, 64), 1)[:2] == (128, 256)
 
 
-def test_batch_gaze_maps_show_question_answers_and_layers(tmp_path, monkeypatch):
-  """The title is the prompt's text up to the row that predicts the first answer token (no
-  image tokens, no answer), then the predicted and true answers, then the legend; every layer
-  gets a column, and each selected region the number of heads that chose it."""
+class _Words:
+  vocab_size = 100
+
+  def decode(self, ids, skip_special=True):
+    return " ".join(f"w{i}" for i in ids)
+
+
+def _answered_batch(gt_regions):
+  """One example (prompt tokens 1 2 | a 4x4 image | 3 4 5 | answer 6 7) with its loss rows, the
+  teacher-forced prediction (the second answer token wrong: 9) and, over 3 layers of 2 query
+  heads, selections: layer 1 has both heads on region 3, the others one head on region 1."""
   from gaze_jax.data.features import ModelInputs
 
   spec = LayoutSpec(seq_len=32, max_regions=4, max_images=1, region_shape=(2, 2), num_ctx=0)
@@ -115,16 +123,20 @@ def test_batch_gaze_maps_show_question_answers_and_layers(tmp_path, monkeypatch)
   targets = np.roll(tokens, -1, axis=1)
   pred = targets.copy()
   pred[0, text[5]] = 9                                      # the second answer token is wrong
-
-  class Words:
-    vocab_size = 100
-
-    def decode(self, ids, skip_special=True):
-      return " ".join(f"w{i}" for i in ids)
-
   inputs = ModelInputs(tokens=tokens, targets=targets, loss_mask=loss, layout=layout,
                        images=np.zeros((1, 1, 32, 32, 3), np.float32),
-                       gt_regions=np.array([[0, -1]], np.int32))
+                       gt_regions=np.array([gt_regions], np.int32))
+  sel = [np.full((1, 32, 2, 1), -1, np.int32) for _ in range(3)]
+  for l in range(3):
+    sel[l][0, text[4:6], 0] = 3 if l == 1 else 1
+    if l == 1:
+      sel[l][0, text[4:6], 1] = 3
+  return inputs, sel, pred
+
+
+def spy_on_titles(monkeypatch) -> dict:
+  """The keyword arguments ``write_gaze_maps`` gets (the titles, the labels), filled in as
+  ``write_batch_gaze_maps`` calls it (also used by tests/test_predict.py)."""
   seen = {}
   real = gaze_maps.write_gaze_maps
 
@@ -133,18 +145,21 @@ def test_batch_gaze_maps_show_question_answers_and_layers(tmp_path, monkeypatch)
     return real(*args, **kw)
 
   monkeypatch.setattr(gaze_maps, "write_gaze_maps", spy)
-  # 3 layers, 2 query heads: layer 1 has both heads on region 3, the others one head on 1.
-  sel = [np.full((1, 32, 2, 1), -1, np.int32) for _ in range(3)]
-  for l in range(3):
-    sel[l][0, text[4:6], 0] = 3 if l == 1 else 1
-    if l == 1:
-      sel[l][0, text[4:6], 1] = 3
-  paths = gaze_maps.write_batch_gaze_maps(tmp_path, inputs, sel, limit=1, tokenizer=Words(),
+  return seen
+
+
+def test_batch_gaze_maps_show_question_answers_and_layers(tmp_path, monkeypatch):
+  """The title is the prompt's text up to the row that predicts the first answer token (no
+  image tokens, no answer), then the predicted and true answers, then the legend; every layer
+  gets a column, and each selected region the number of heads that chose it."""
+  inputs, sel, pred = _answered_batch([0, -1])
+  seen = spy_on_titles(monkeypatch)
+  paths = gaze_maps.write_batch_gaze_maps(tmp_path, inputs, sel, limit=1, tokenizer=_Words(),
                                           pred=pred)
   question, answers, legend = seen["titles"][0]
   assert question == "w1 w2 w3 w4 w5"
   assert answers == "predicted: w6 w9   true answer: w6 w7"
-  assert legend == gaze_maps.LEGEND
+  assert legend == gaze_maps.LEGEND and "magenta: ground truth" in legend
   assert seen["labels"][0] == ["answer token 0: 'w6', predicted 'w6'",
                                "answer token 1: 'w7', predicted 'w9'"]
   img = np.asarray(PILImage.open(paths[0]).convert("RGB"))
@@ -158,6 +173,23 @@ def test_batch_gaze_maps_show_question_answers_and_layers(tmp_path, monkeypatch)
   # Layer 0: region 1 (top right) framed at half heat; the ground truth, region 0, in magenta.
   np.testing.assert_array_equal(img[y0, P - 10], gaze_maps.selection_colour(0.5))
   np.testing.assert_array_equal(img[y0 + 40, gaze_maps.GT_INSET], gaze_maps.GT_REGION)
+
+
+def test_a_map_without_ground_truth_names_none_and_takes_the_answers_label(tmp_path,
+                                                                          monkeypatch):
+  """``predict``'s maps: no ground-truth region, so the legend names no ground truth and no
+  magenta is drawn; the answer is titled as asked ("model's answer"), with a note line."""
+  inputs, sel, _ = _answered_batch([-1, -1])
+  seen = spy_on_titles(monkeypatch)
+  paths = gaze_maps.write_batch_gaze_maps(tmp_path, inputs, sel, limit=1, tokenizer=_Words(),
+                                          answer_label="model's answer",
+                                          notes=["the image was stretched"])
+  assert seen["titles"][0] == ["w1 w2 w3 w4 w5", "model's answer: w6 w7",
+                               "the image was stretched", gaze_maps.legend()]
+  assert "ground truth" not in gaze_maps.legend()
+  assert gaze_maps.legend(gt_boxes=True).endswith("; white: ground-truth boxes")
+  img = np.asarray(PILImage.open(paths[0]).convert("RGB"))
+  assert not (img == np.asarray(gaze_maps.GT_REGION, np.uint8)).all(-1).any()
 
 
 def test_selection_colour_ramps_towards_bright_cyan():

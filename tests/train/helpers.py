@@ -1,6 +1,8 @@
-"""A very small training config shared by the train tests (and their subprocess scripts)."""
+"""A very small training config shared by the train tests (and their subprocess scripts), and
+the lines of a main's output that libraries logged (``library_log_lines``)."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -70,3 +72,26 @@ def run_python(code: str, *, devices: int = 1, timeout: int = 300, env=None, che
     raise AssertionError(f"subprocess failed ({p.returncode}):\n{p.stdout[-3000:]}\n"
                          f"{p.stderr[-6000:]}")
   return p
+
+
+# An absl-formatted log line of Python code: "I1207 03:57:00.927 140014711757696
+# checkpoint_manager.py:701] ..." (TensorFlow's C++ lines, "port.cc:153] oneDNN ...", come
+# before absl::InitializeLog when tfds builds a dataset, and no Python setting stops them).
+_ABSL_LINE = re.compile(r"^[IWEF]\d{4} [\d:.]+ +\d+ ([^:\s]+\.py):\d+\] ")
+# What orbax logs of its internals (issue: 33 of eval_main's 56 lines).
+ORBAX_INTERNALS = ("checkpoint_manager.py", "event_tracking.py", "standard_logger.py",
+                   "caching.py", "composite_checkpoint_handler.py", "_NonBlockingMetadataStore",
+                   "Given directory is read only", "read_only=True")
+
+
+def library_log_lines(output: str) -> list[str]:
+  """The lines of a main's ``output`` (stdout + stderr) that a library logged: absl-formatted
+  lines from a Python file that is not one of the project's (``gaze_jax/**.py`` and the mains), and
+  any line that names one of ``ORBAX_INTERNALS``."""
+  ours = {p.name for p in (ROOT / "gaze_jax").rglob("*.py")} | {p.name for p in ROOT.glob("*.py")}
+  out = []
+  for line in output.splitlines():
+    m = _ABSL_LINE.match(line)
+    if (m and m.group(1) not in ours) or any(s in line for s in ORBAX_INTERNALS):
+      out.append(line)
+  return out

@@ -159,7 +159,8 @@ def test_resumed_run_matches_the_uninterrupted_run(runs):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6)
   # The metrics file has the documented fields.
   rec = json.loads((runs["a"] / "metrics.jsonl").read_text().splitlines()[-1])
-  for key in ("loss", "accuracy", "grad_norm", "lr", "k", "union_per_kv_head", "tokens_per_s"):
+  for key in ("loss", "token_accuracy", "grad_norm", "lr", "k", "union_per_kv_head",
+              "tokens_per_s"):
     assert key in rec
   assert list((runs["a"] / "tb").glob("events.out.tfevents.*"))
   # Past the 3-step K warm-up the run switched, once, to the step compiled for the target K.

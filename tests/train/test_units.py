@@ -434,15 +434,15 @@ def test_train_flops_matmul_part_is_six_n_t():
 
 
 def test_progress_line_has_step_loss_speed_k_eta():
-  m = {"loss": 1.2345, "accuracy": 0.5, "k": 8, "union_per_kv_head": 9.5, "lr": 1e-3,
+  m = {"loss": 1.2345, "token_accuracy": 0.5, "k": 8, "union_per_kv_head": 9.5, "lr": 1e-3,
        "mfu": 0.41}
   line = metrics_lib.progress_line(120, 600, m, 12345.0, 192)
-  assert line == ("step 120/600 | loss 1.2345 | acc 0.500 | 12.3k tok/s | K 8 | union 9.5 | "
-                  "lr 1.0e-03 | MFU 41.0% | ETA 03:12")
+  assert line == ("step 120/600 | loss 1.2345 | token acc 0.500 | 12.3k tok/s | K 8 | "
+                  "union 9.5 | lr 1.0e-03 | MFU 41.0% | ETA 03:12")
   assert "\r" not in line
-  m = {"loss": 1.0, "accuracy": 0.25, "k": 0, "lr": 0.0}           # dense: no K; no MFU
+  m = {"loss": 1.0, "token_accuracy": 0.25, "k": 0, "lr": 0.0}     # dense: no K; no MFU
   line = metrics_lib.progress_line(1, 7200, m, 950.0, None)
-  assert line == ("step 1/7200 | loss 1.0000 | acc 0.250 | 950 tok/s | lr 0.0e+00 | "
+  assert line == ("step 1/7200 | loss 1.0000 | token acc 0.250 | 950 tok/s | lr 0.0e+00 | "
                   "ETA -- (first step: compiling)")
   assert metrics_lib.progress_line(2, 7200, m, 2.5e6, 3725.0).endswith(
       "2.50M tok/s | lr 0.0e+00 | ETA 1:02:05")
@@ -466,14 +466,14 @@ def test_metrics_logger_writes_jsonl_and_event_files_tensorboard_reads(tmp_path)
   log = metrics_lib.MetricsLogger(tmp_path)
   log.write(3, {"loss": 1.5, "k": 4.0, "mfu": None})
   log.write(7, {"loss": 0.25})
-  log.write(7, {"accuracy": 0.5}, prefix="eval")
+  log.write(7, {"exact_match": 0.5}, prefix="eval")
   log.close()
   lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert lines == [{"step": 3, "split": "train", "loss": 1.5, "k": 4.0},
                    {"step": 7, "split": "train", "loss": 0.25},
-                   {"step": 7, "split": "eval", "accuracy": 0.5}]
+                   {"step": 7, "split": "eval", "exact_match": 0.5}]
   got = sorted(_event_scalars(tmp_path / "tb"))
-  assert got == [(3, "train/k", 4.0), (3, "train/loss", 1.5), (7, "eval/accuracy", 0.5),
+  assert got == [(3, "train/k", 4.0), (3, "train/loss", 1.5), (7, "eval/exact_match", 0.5),
                  (7, "train/loss", 0.25)]
   # Other processes write nothing.
   other = tmp_path / "other"
@@ -488,7 +488,7 @@ def test_metrics_logger_drops_the_records_a_resumed_run_redoes(tmp_path):
   log = metrics_lib.MetricsLogger(tmp_path)
   for step in (2, 4, 5, 6):
     log.write(step, {"loss": float(step)})
-  log.write(4, {"accuracy": 0.5}, prefix="eval")
+  log.write(4, {"exact_match": 0.5}, prefix="eval")
   log.close()
   with open(tmp_path / "metrics.jsonl", "a") as f:
     f.write('{"step": 7, "spl')
