@@ -235,8 +235,7 @@ def _run_pallas(a, layout, plan, prep, ids, routed, q_index, cfg, q, k, v, extra
   """The whole op (routed lists, packing, kernels, merges; plan given) and the kernels alone;
   the plan's build is timed apart (it is shared by all layers of a step)."""
   rec = _run_impl("pallas", lambda q, k, v, p: ops.attention(
-      q, k, v, layout, ids, routed=routed, q_index=q_index, config=cfg, unique_ids=True,
-      plan=p), (q, k, v, plan), a, extra)
+      q, k, v, layout, ids, plan=p, unique_ids=True), (q, k, v, plan), a, extra)
   if "time_s" not in rec:
     return rec
   st, shape = prep.static, prep.shape
@@ -309,11 +308,11 @@ def bench_train(a, sh: Shapes, cfg: ops.KernelConfig, *, name, segments, keep, r
   hyb = dataclasses.replace(cfg, dense_rows=dense_impl, dense_len=_dense_len(layout))
   plans = {c: jax.jit(lambda c=c: _plan(layout, q, k, routed, None, c))() for c in (hyb, cfg)}
   impls["pallas"] = _run_impl("pallas", lambda q, k, v, p: step(lambda q, k, v: ops.attention(
-      q, k, v, layout, ids, routed=routed, config=hyb, unique_ids=True, plan=p))(q, k, v),
+      q, k, v, layout, ids, plan=p, unique_ids=True))(q, k, v),
       (q, k, v, plans[hyb]), a, {"dense_rows": dense_impl})
   impls["pallas_kernels_only"] = _run_impl(
       "pallas_kernels_only", lambda q, k, v, p: step(lambda q, k, v: ops.attention(
-          q, k, v, layout, ids, routed=routed, config=cfg, unique_ids=True, plan=p))(q, k, v),
+          q, k, v, layout, ids, plan=p, unique_ids=True))(q, k, v),
       (q, k, v, plans[cfg]), a, {"note": "every row through the kernels (no dense-row split)"})
   _speedups(rec)
   return rec
@@ -379,8 +378,7 @@ def bench_prefill(a, sh: Shapes, cfg: ops.KernelConfig, *, text, frames, grid, k
   big_plan = jax.jit(lambda: _plan(layout, q, k, routed, q_index, big))()
   impls["pallas_routed_rows_x4"] = _run_impl(
       "pallas_routed_rows_x4", lambda q, k, v, p: ops.attention(
-          q, k, v, layout, ids, routed=routed, q_index=q_index, config=big, unique_ids=True,
-          plan=p), (q, k, v, big_plan), a, {"routed_rows": big.routed_rows})
+          q, k, v, layout, ids, plan=p, unique_ids=True), (q, k, v, big_plan), a, {"routed_rows": big.routed_rows})
   _speedups(rec)
   return rec
 

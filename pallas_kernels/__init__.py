@@ -1,7 +1,9 @@
 """Pallas kernels for gaze attention: block-sparse attention over the selected regions.
 
-``gaze_jax.gaze.gaze_attention(..., implementation="pallas")`` calls ``ops.gaze_attention``;
-``ops.attention`` takes selected region ids directly. Modules:
+``ops.gaze_attention`` takes ``gaze_jax.gaze.gaze_attention``'s arguments (the model calls it
+for ``GazeConfig(implementation="pallas")``); ``ops.attention`` takes selected region ids
+directly. The kernels build on the method (``gaze_jax.gaze``), which never imports them.
+Modules:
   * ``config``: ``KernelConfig`` (tiles, passes, launches), its defaults and the mesh axes a
     kernel call is split over (no Pallas import);
   * ``blocks``: the KV block table (regions and text/context chunks) and the per-tile block

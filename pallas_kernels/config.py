@@ -36,7 +36,7 @@ class KernelConfig:
     (TPU). In the gaze kernels (T == S), the dense rows (patch rows, unrouted text) go to it
     (``pallas_kernels.plan``); None keeps them in the kernels. In the dense model
     (``attention="dense"``) it is the attention's implementation; None picks cuDNN on a CUDA
-    GPU, splash on a TPU, else XLA (``gaze_jax.gaze.dense.pick_implementation``).
+    GPU, splash on a TPU, else XLA (``pallas_kernels.splash.dense_rows``).
   dense_len: static bound (positions) on the dense rows; default: found from the layout when it
     is concrete (built on the host and closed over), else the whole sequence. Rounded up to a
     multiple of 128 for the dense kernel.

@@ -17,6 +17,7 @@ How a call runs:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
@@ -26,10 +27,12 @@ import jax.numpy as jnp
 from gaze_jax.gaze.chunks import map_query_chunks
 from gaze_jax.gaze.dense import causal_attention
 from gaze_jax.gaze.layout import PAD, TokenLayout
-from gaze_jax.gaze.plan import AttentionPlan, build_plan
+from gaze_jax.gaze.plan import AttentionPlan
+from gaze_jax.gaze.plan import build_plan as gaze_build_plan
 from gaze_jax.gaze.regions import region_descriptors
-from gaze_jax.gaze.routing import Selection, resolve_top_k, route
+from gaze_jax.gaze.routing import Selection, resolve_k, route
 from pallas_kernels import plan as kplan
+from pallas_kernels import splash
 from pallas_kernels.config import (DECODE_PROGRAMS_PER_SM, DENSE_ROWS, KERNELS,  # noqa: F401
                                    KernelConfig, default_block_k, default_splits,
                                    launch_defaults, mesh_axes, resolve_kernel)
@@ -38,40 +41,31 @@ from pallas_kernels.plan import Prepared, build_blocks, prepare, read_stats  # n
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: TokenLayout, ids: jax.Array, *,
-              routed: jax.Array, q_index: Optional[jax.Array] = None,
-              scale: Optional[float] = None, config: Optional[KernelConfig] = None,
-              unique_ids: bool = False, plan: Optional[kplan.KernelPlan] = None,
+              plan: kplan.KernelPlan, scale: Optional[float] = None, unique_ids: bool = False,
               return_stats: bool = False):
   """Gaze attention from selected region ids, with the Pallas kernels.
 
   Args:
     q: ``[B, T, Hq, D]``; k, v: ``[B, S, Hkv, D]``; layout: TokenLayout ``[B, S]``.
     ids: int32 ``[B, T, Hq, K]`` selected regions (-1 none); rows that do not route ignore them.
-    routed: bool ``[B, T]`` routed rows (``gaze_jax.gaze.routed_rows``).
-    q_index: int32 ``[B, T]`` slots of the query rows (decode form); None means T == S.
+    plan: the kernels' plan of these rows and their routed rows (``plan.build_plan``, with the
+      ``KernelConfig``), built once for many calls (the layers of a forward pass).
     scale: logit scale, default ``1 / sqrt(D)``.
-    config: KernelConfig.
     unique_ids: the caller guarantees that no id repeats within a (row, head) (top-K output);
       otherwise repeats are dropped first (a sort).
-    plan: the kernels' plan of these rows (``plan.build_plan``), to build it once for many
-      calls (the layers of a forward pass); None builds it here.
     return_stats: also return ``read_stats`` (bytes read, union fraction).
   Returns:
     ``[B, T, Hq, D]`` in q's dtype (and the stats dict with ``return_stats``).
   """
-  B, T, Hq, D = q.shape
   if scale is None:
-    scale = 1.0 / math.sqrt(D)
-  if plan is None:
-    plan = kplan.build_plan(layout, q_index, routed, heads=(Hq, k.shape[2], D), dtype=q.dtype,
-                            config=config)
+    scale = 1.0 / math.sqrt(q.shape[-1])
   prep = prepare(q, k, v, ids, plan, scale=scale, unique=unique_ids)
   out = kplan.unpack_q(core(prep.static, prep.q, prep.k, prep.v, prep.aux), *prep.shape)
   if plan.dense_row is not None:
+    impl, fused = splash.dense_rows(plan.tiling.config)
     dense_out = causal_attention(q, k, v, None, layout.position, layout.kind != PAD,
-                                 scale=scale, implementation=plan.tiling.config.dense_rows,
-                                 length=plan.tiling.dense_len,
-                                 kernel_config=plan.tiling.config)
+                                 scale=scale, implementation=impl,
+                                 length=plan.tiling.dense_len, kernel=fused)
     out = jnp.where(plan.dense_row[:, :, None, None], dense_out.astype(out.dtype), out)
   if not return_stats:
     return out
@@ -100,41 +94,60 @@ def select(q_route, k_route, layout: TokenLayout, q_index, routed, *, top_k: int
   return map_query_chunks(one, int(query_chunk), q_route, position, routed)
 
 
+def build_plan(layout: TokenLayout, q_index=None, *, route_prompt: bool = True,
+               decode: Optional[bool] = None, heads: tuple, dtype,
+               config: Optional[KernelConfig] = None,
+               reuse: Optional[AttentionPlan] = None) -> AttentionPlan:
+  """The ``AttentionPlan`` of the kernels: ``gaze_jax.gaze.build_plan``'s rows with the
+  kernels' part (``pallas_kernels.plan.build_plan``: the KV block table, the packed rows, the
+  base pass's lists). ``heads = (Hq, Hkv, D)`` and ``dtype`` size the tiles; ``reuse``: the
+  plan of an earlier decode step, whose KV block table is taken as it is."""
+  plan = gaze_build_plan(layout, q_index, route_prompt=route_prompt, implementation="pallas",
+                         decode=decode, reuse=reuse)
+  kernel = kplan.build_plan(layout, None if plan.full_sequence else plan.q_index, plan.routed,
+                            heads=heads, dtype=dtype, config=config,
+                            blocks=None if reuse is None else reuse.kernel.blocks)
+  return dataclasses.replace(plan, kernel=kernel)
+
+
 def gaze_attention(q, k, v, q_route, k_route, layout: TokenLayout, *, top_k, active_k=None,
                    score: str = "dot", routing: str = "head", route_prompt: bool = True,
                    q_index=None, descriptors=None, selection=None, scale=None,
                    query_chunk=None, return_selected: bool = False,
                    config: Optional[KernelConfig] = None,
-                   plan: Optional[AttentionPlan] = None, k_ratio=None):
+                   plan: Optional[AttentionPlan] = None, top_k_per_example: bool = False):
   """``gaze_jax.gaze.gaze_attention`` with the Pallas kernels (same arguments and returns;
   inputs are assumed checked by the caller). ``config`` picks tiles and kernels; ``plan`` is
-  the layout's ``AttentionPlan`` for implementation "pallas" (None builds it); ``k_ratio``
-  a per-example K (``routing.route``), computed on each shard's examples.
+  the layout's ``AttentionPlan`` of the kernels (``build_plan``; None builds it here, the
+  entry point); with ``top_k_per_example`` each example's K (``routing.resolve_k``) is
+  computed on its shard.
 
   Under a device mesh (``jax.set_mesh``) the whole call runs in ``jax.shard_map``: XLA cannot
   partition a Pallas kernel (Mosaic refuses; Triton calls would be gathered), and the work is
   independent per example and per KV head. Examples are split over the mesh axes of
   ``config.batch_axes`` and heads over ``config.head_axis``, where they divide the sizes."""
   cfg = config or KernelConfig()
-  K = resolve_top_k(top_k, layout.max_regions)
+  rk = resolve_k(top_k, layout.max_regions, per_example=top_k_per_example)
   if selection is not None and isinstance(selection, Selection):
     selection = selection.ids
 
   B, T, Hq, D = q.shape
   if plan is None:
-    plan = build_plan(layout, q_index, route_prompt=route_prompt, implementation="pallas",
-                      heads=(Hq, k.shape[2], D), dtype=q.dtype, kernel_config=cfg)
+    plan = build_plan(layout, q_index, route_prompt=route_prompt, heads=(Hq, k.shape[2], D),
+                      dtype=q.dtype, config=cfg)
+  if plan.kernel is None:
+    raise ValueError("the plan has no kernel part: build it with pallas_kernels.ops.build_plan")
 
   def local(q, k, v, q_route, k_route, layout, plan, descriptors, selection, active_k):
     routed = plan.routed
     if selection is not None:
       ids = jnp.where(routed[:, :, None, None], jnp.asarray(selection), -1).astype(jnp.int32)
     else:
-      ids = select(q_route, k_route, layout, plan.q_index, routed, top_k=K, active_k=active_k,
-                   score=score, routing=routing, descriptors=descriptors,
-                   query_chunk=query_chunk, position=plan.query.position, k_ratio=k_ratio)
-    out = attention(q, k, v, layout, ids, routed=routed, scale=scale, config=cfg,
-                    unique_ids=selection is None, plan=plan.kernel)
+      ids = select(q_route, k_route, layout, plan.q_index, routed, top_k=rk.k_max,
+                   active_k=active_k, score=score, routing=routing, descriptors=descriptors,
+                   query_chunk=query_chunk, position=plan.query.position, k_ratio=rk.ratio)
+    out = attention(q, k, v, layout, ids, plan=plan.kernel, scale=scale,
+                    unique_ids=selection is None)
     return out, ids
 
   args = (q, k, v, q_route, k_route, layout, plan, descriptors, selection, active_k)

@@ -84,3 +84,22 @@ def causal(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
   spec = P(axes[0], None, axes[1], None)
   return jax.shard_map(run, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
 
+
+
+def causal_kernel(config: KernelConfig | None = None):
+  """``causal`` as the fused kernel of ``gaze_jax.gaze.dense.causal_attention``
+  (``kernel(q, k, v, scale)``)."""
+  return lambda q, k, v, scale: causal(q, k, v, scale=scale, config=config)
+
+
+def dense_rows(config: KernelConfig | None, backend: str | None = None):
+  """How the dense rows run: ``(implementation, kernel)`` for
+  ``gaze_jax.gaze.dense.causal_attention``. ``config.dense_rows`` ("xla", "cudnn" or "splash")
+  picks; None picks splash on a TPU (``backend``, default jax's) and leaves the rest to
+  ``causal_attention`` (cuDNN on a CUDA GPU, else XLA)."""
+  choice = None if config is None else config.dense_rows
+  if choice is None and (backend or jax.default_backend()) == "tpu":
+    choice = "splash"
+  if choice == "splash":
+    return None, causal_kernel(config)
+  return choice, None

@@ -29,7 +29,7 @@ from flax import nnx
 from gaze_jax.data.features import ModelInputs
 from gaze_jax.eval import layouts
 from gaze_jax.eval.budget import example_top_k
-from gaze_jax.gaze.routing import random_selection, resolve_top_k
+from gaze_jax.gaze.routing import random_selection
 
 
 def dense_twin(model):
@@ -113,12 +113,11 @@ def random_selections(cfg, layout, key: jax.Array) -> list:
   layer l draws with
   ``fold_in(key, l)``). Rows the model does not route ignore them."""
   dec, gz = cfg.decoder, cfg.gaze
-  k_ratio = gz.top_k if gz.top_k_per_example else None
-  K = layout.max_regions if k_ratio else resolve_top_k(gz.top_k, layout.max_regions)
+  rk = gz.resolve_k(layout.max_regions)
   pos = jnp.asarray(layout.position, jnp.int32)
   every_row = jnp.ones(pos.shape, bool)
   return [random_selection(jax.random.fold_in(key, layer), jnp.asarray(layout.region_valid),
                            jnp.asarray(layout.region_last_pos), pos, every_row,
-                           num_heads=dec.num_heads, num_kv_heads=dec.num_kv_heads, top_k=K,
-                           routing=gz.routing, k_ratio=k_ratio).ids
+                           num_heads=dec.num_heads, num_kv_heads=dec.num_kv_heads,
+                           top_k=rk.k_max, routing=gz.routing, k_ratio=rk.ratio).ids
           for layer in range(dec.num_layers)]

@@ -21,7 +21,6 @@ import numpy as np
 
 from gaze_jax.gaze.accounting import (attention_flops, decode_flops, routing_flops,
                                       visual_kv_budget)
-from gaze_jax.gaze.routing import per_example_k, resolve_top_k
 
 
 def frame_stats(layout) -> dict[str, np.ndarray]:
@@ -37,11 +36,8 @@ def frame_stats(layout) -> dict[str, np.ndarray]:
 def example_top_k(cfg, layout) -> np.ndarray:
   """int ``[B]``: the K each example's routed rows use, as the model resolves it: the count
   ``resolve_top_k(top_k, max_regions)``, or with ``top_k_per_example`` ``ceil(ratio * the
-  example's regions)`` (``routing.per_example_k``)."""
-  if cfg.gaze.top_k_per_example:
-    return np.asarray(per_example_k(cfg.gaze.top_k, np.asarray(layout.region_valid)))
-  return np.full(np.asarray(layout.region_valid).shape[0],
-                 resolve_top_k(cfg.gaze.top_k, layout.max_regions))
+  example's regions)`` (``GazeConfig.resolve_k``)."""
+  return cfg.gaze.resolve_k(layout.max_regions).per_example(layout.region_valid)
 
 
 def model_dims(cfg) -> dict[str, int]:

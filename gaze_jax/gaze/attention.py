@@ -1,4 +1,7 @@
-"""``gaze_attention``: the public entry point, with input checks and implementation dispatch."""
+"""``gaze_attention``: the public entry point of the method in plain jnp ("xla" and "reference"),
+with input checks. The Pallas kernels have their own entry with the same arguments
+(``pallas_kernels.ops.gaze_attention``), and the model's attention chooses between them
+(``gaze_jax.model.attention``): this package never imports the kernels."""
 
 from __future__ import annotations
 
@@ -14,11 +17,14 @@ from gaze_jax.gaze.chunks import map_query_chunks
 from gaze_jax.gaze.dense import causal_attention
 from gaze_jax.gaze.layout import PAD, TokenLayout
 from gaze_jax.gaze.masks import base_mask, routed_rows, token_info
-from gaze_jax.gaze.plan import IMPLEMENTATIONS, AttentionPlan, build_plan
+from gaze_jax.gaze.plan import AttentionPlan, build_plan
 from gaze_jax.gaze.reference import reference_attention
 from gaze_jax.gaze.regions import region_descriptors
-from gaze_jax.gaze.routing import ROUTINGS, SCORES, Selection, resolve_top_k, route, unique_ids
+from gaze_jax.gaze.routing import ROUTINGS, SCORES, Selection, resolve_k, route, unique_ids
 from gaze_jax.gaze.xla import xla_attention
+
+# The implementations of this entry point ("pallas": ``pallas_kernels.ops.gaze_attention``).
+JNP_IMPLEMENTATIONS = ("reference", "xla")
 
 
 def _check_inputs(q, k, v, q_route, k_route, layout, q_index, descriptors, selection):
@@ -68,8 +74,8 @@ def gaze_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_route: Optional[j
                    descriptors: Optional[jax.Array] = None, selection=None,
                    decode: Optional[bool] = None, scale: Optional[float] = None,
                    query_chunk: Optional[int] = None, implementation: str = "xla",
-                   kernel_config=None, plan: Optional[AttentionPlan] = None,
-                   top_k_per_example: bool = False, return_selected: bool = False):
+                   plan: Optional[AttentionPlan] = None, top_k_per_example: bool = False,
+                   causal_kernel=None, return_selected: bool = False):
   """Gaze attention (docs/method.md): each text query attends to causal text, all earlier context
   tokens and the patches of its top-K regions; patch rows are dense causal and context rows see
   their own frame.
@@ -98,33 +104,36 @@ def gaze_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_route: Optional[j
       query is a routed text token). Default: ``q_index is not None``.
     scale: logit scale, default ``1 / sqrt(D)``.
     query_chunk: process this many query rows at a time (bounds memory of scores and gathers).
-    implementation: "xla" (gather, default), "reference" (dense masked) or "pallas".
-    kernel_config: ``pallas_kernels.config.KernelConfig`` for "pallas" (None: the defaults).
+    implementation: "xla" (gather, default) or "reference" (dense masked); the Pallas
+      kernels: ``pallas_kernels.ops.gaze_attention`` (same arguments).
     plan: the layout's ``AttentionPlan`` (``build_plan``) for these rows and options: build it
       once per forward pass and pass it to every layer; None builds it here.
     top_k_per_example: ``top_k`` is a ratio applied per example, the paper's semantics: example
       b keeps ``ceil(top_k * its valid regions)`` (``routing.per_example_k``, with
       ``active_k`` a count of the batch's ``max_regions`` that lowers it from all regions)
       under the static K_max = all regions.
+    causal_kernel: "xla", full-sequence form: a fused index-causal kernel for the patch rows
+      (``dense.causal_attention``'s ``kernel``, e.g. splash attention on a TPU); None:
+      ``jax.nn.dot_product_attention``.
     return_selected: also return the selected region ids.
   Returns:
     ``out [B, T, Hq, D]`` in q's dtype, and with ``return_selected`` also int32 ids
     ``[B, T, Hq, K]`` (-1 = none; rows that do not route select nothing).
   """
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+  if implementation == "pallas":
+    raise ValueError("gaze_jax.gaze.gaze_attention runs the method in jnp; the Pallas kernels "
+                     "take the same arguments in pallas_kernels.ops.gaze_attention (the model "
+                     "chooses by GazeConfig.implementation)")
+  if implementation not in JNP_IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {JNP_IMPLEMENTATIONS}, got "
+                     f"{implementation!r}")
   if score not in SCORES:
     raise ValueError(f"score must be one of {SCORES}, got {score!r}")
   if routing not in ROUTINGS:
     raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
   _check_inputs(q, k, v, q_route, k_route, layout, q_index, descriptors, selection)
-  k_ratio = None
-  if top_k_per_example:
-    if not isinstance(top_k, float):
-      raise ValueError(f"top_k_per_example needs top_k as a ratio (a float in (0, 1]), got "
-                       f"{top_k!r}")
-    k_ratio, top_k = top_k, layout.max_regions
-  K = resolve_top_k(top_k, layout.max_regions)
+  rk = resolve_k(top_k, layout.max_regions, per_example=top_k_per_example)
+  K, k_ratio = rk.k_max, rk.ratio
   if isinstance(active_k, (int, np.integer)):  # a traced active_k is clipped by the ranks
     if not 0 <= int(active_k) <= K:
       raise ValueError(f"active_k={int(active_k)} must be in [0, top_k={K}]")
@@ -133,19 +142,9 @@ def gaze_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_route: Optional[j
     decode = q_index is not None
   if plan is None:
     plan = build_plan(layout, q_index, route_prompt=route_prompt, implementation=implementation,
-                      decode=decode, heads=(Hq, k.shape[2], D), dtype=q.dtype,
-                      kernel_config=kernel_config)
+                      decode=decode)
   plan.check(rows=(B, T), implementation=implementation, route_prompt=route_prompt,
              decode=decode)
-  if implementation == "pallas":
-    # Imported here so that gaze_jax never imports Pallas unless asked to.
-    from pallas_kernels import ops as pallas_ops
-    return pallas_ops.gaze_attention(
-        q, k, v, q_route, k_route, layout, top_k=K, active_k=active_k, score=score,
-        routing=routing, route_prompt=route_prompt, q_index=q_index, descriptors=descriptors,
-        selection=selection, scale=scale, query_chunk=query_chunk, k_ratio=k_ratio,
-        return_selected=return_selected,
-        config=kernel_config, plan=plan)
   if scale is None:
     scale = 1.0 / math.sqrt(D)
   if selection is not None:
@@ -191,7 +190,8 @@ def gaze_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_route: Optional[j
   else:
     out, ids = map_query_chunks(rows, int(query_chunk), q_rows, *row_plan, *route_in)
   if split:
-    dense = causal_attention(q, k, v, None, layout.position, layout.kind != PAD, scale=scale)
+    dense = causal_attention(q, k, v, None, layout.position, layout.kind != PAD, scale=scale,
+                             kernel=causal_kernel)
     b = jnp.arange(B)[:, None]
     slot = jnp.where(nv >= 0, nv, T)                    # padding rows land out of range
     out = dense.at[b, slot].set(out, mode="drop")

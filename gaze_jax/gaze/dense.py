@@ -1,5 +1,6 @@
 """Dense causal attention by RoPE position: ``jax.nn.dot_product_attention`` (XLA, or cuDNN on a
-CUDA GPU), or jax's Pallas splash attention on a TPU (``pallas_kernels.splash``).
+CUDA GPU), or a fused causal kernel that the caller passes (``kernel``: splash attention on a
+TPU, ``pallas_kernels.splash.causal_kernel``; this package never imports the kernels).
 
 Causality is by position, not slot order: the layout stores image patches region-major, so the
 slots are not in position order. Two forms:
@@ -13,7 +14,7 @@ PAD rows, and rows that see no key, give zeros.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.extend
@@ -30,12 +31,12 @@ def _on_cuda() -> bool:
   return backend.platform == "gpu" and "cuda" in backend.platform_version.lower()
 
 
-IMPLEMENTATIONS = ("xla", "cudnn", "splash")
+IMPLEMENTATIONS = ("xla", "cudnn")
 
 
 def pick_implementation(q: jax.Array, *, masked: bool) -> str:
   """The implementation for ``q [B, T, Hq, D]``: for the unmasked (causal) form, "cudnn" on a
-  CUDA GPU where cuDNN takes the dtype and head dim, "splash" on a TPU; else "xla" (which is
+  CUDA GPU where cuDNN takes the dtype and head dim; else "xla" (which is
   ``jax.nn.dot_product_attention``'s own default everywhere in jax 0.10). A ``masked`` call
   stays on XLA: cuDNN would turn the mask into a dense additive bias."""
   if masked:
@@ -43,15 +44,14 @@ def pick_implementation(q: jax.Array, *, masked: bool) -> str:
   D = q.shape[-1]
   if _on_cuda() and q.dtype in _CUDNN_DTYPES and D % 8 == 0 and D <= _CUDNN_MAX_HEAD_DIM:
     return "cudnn"
-  if jax.default_backend() == "tpu":
-    return "splash"
   return "xla"
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: Optional[jax.Array],
                      k_pos: jax.Array, k_valid: jax.Array, *, scale: Optional[float] = None,
                      implementation: Optional[str] = None,
-                     length: Optional[int] = None, kernel_config=None) -> jax.Array:
+                     length: Optional[int] = None,
+                     kernel: Optional[Callable] = None) -> jax.Array:
   """Causal attention by position: row t sees the valid keys s with ``k_pos[s] <= q_pos[t]``.
 
   Args:
@@ -62,13 +62,14 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: Optional[j
     k_pos: int ``[B, S]`` key positions; unique among the valid slots of an example.
     k_valid: bool ``[B, S]``, False for PAD slots.
     scale: logit scale; default ``1 / sqrt(D)``.
-    implementation: "xla", "cudnn", "splash" or None (``pick_implementation``). "splash" is
-      for the full-sequence form; the decode form takes "xla" instead.
+    implementation: "xla", "cudnn" or None (``pick_implementation``).
     length: full-sequence form only: a static bound on the sorted positions to run, rounded
       up to a multiple of 128 (cuDNN's tile) and capped at S. Only rows whose position rank
       (index in position order) is below it are computed; the others give zeros.
-    kernel_config: a ``pallas_kernels.config.KernelConfig`` for "splash" (its interpreter
-      flag and mesh axes); None for the defaults.
+    kernel: full-sequence form only: a fused index-causal kernel ``kernel(q, k, v, scale)`` on
+      the position-sorted slots (``[B, n, Hq, D]`` queries, ``[B, n, Hkv, D]`` keys) run in
+      place of ``jax.nn.dot_product_attention``, e.g. splash attention on a TPU
+      (``pallas_kernels.splash.causal_kernel``); the decode form runs XLA's masked attention.
   Returns:
     ``[B, T, Hq, D]`` in q's dtype; zero for PAD rows (full form) and rows with no visible key.
   """
@@ -81,11 +82,9 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: Optional[j
                      f"None, got {implementation!r}")
   if q_pos is None:
     return _sorted_causal(q, k, v, k_pos, k_valid, scale=scale,
-                          implementation=implementation, length=length, config=kernel_config)
+                          implementation=implementation, length=length, kernel=kernel)
   if length is not None:
     raise ValueError("length bounds the full-sequence form only (q_pos=None)")
-  if implementation == "splash":
-    implementation = "xla"
   mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]    # [B, T, S]
   out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale,
                                      implementation=implementation)
@@ -93,7 +92,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: Optional[j
   return jnp.where(mask.any(-1)[:, :, None, None], out, 0)
 
 
-def _sorted_causal(q, k, v, pos, valid, *, scale, implementation, length, config):
+def _sorted_causal(q, k, v, pos, valid, *, scale, implementation, length, kernel):
   """The full-sequence form of ``causal_attention``: the first ``length`` slots in position
   order, through ``is_causal=True``, gathered back to slot order."""
   S = pos.shape[1]
@@ -106,9 +105,8 @@ def _sorted_causal(q, k, v, pos, valid, *, scale, implementation, length, config
   order = jnp.argsort(key, axis=1)                                        # [B, S] slots
   perm = order[:, :n]
   take = lambda x: jnp.take_along_axis(x, perm[:, :, None, None], axis=1)
-  if implementation == "splash":
-    from pallas_kernels import splash
-    out = splash.causal(take(q), take(k), take(v), scale=scale, config=config)
+  if kernel is not None:
+    out = kernel(take(q), take(k), take(v), scale)
   else:
     out = jax.nn.dot_product_attention(take(q), take(k), take(v), is_causal=True, scale=scale,
                                        implementation=implementation)

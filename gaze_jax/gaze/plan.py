@@ -10,7 +10,8 @@ What it holds, by implementation:
     alive across the remat'd layers (the tiny preset's training step on a v5p slice: 76.0
     against 66.5 MiB per chip);
   * "pallas": ``pallas_kernels.plan.KernelPlan`` (the KV block table, the packed rows, the
-    routing-independent block lists and the static dense length).
+    routing-independent block lists and the static dense length), which the kernels add
+    (``pallas_kernels.ops.build_plan``): this package never imports them.
 """
 
 from __future__ import annotations
@@ -68,22 +69,19 @@ jax.tree_util.register_dataclass(
 
 def build_plan(layout: TokenLayout, q_index: Optional[jax.Array] = None, *,
                route_prompt: bool = True, implementation: str = "xla",
-               decode: Optional[bool] = None, heads: Optional[tuple] = None,
-               dtype: Any = None, kernel_config: Any = None,
+               decode: Optional[bool] = None,
                reuse: Optional[AttentionPlan] = None) -> AttentionPlan:
-  """The attention plan of ``layout`` for query rows ``q_index``.
+  """The attention plan of ``layout`` for query rows ``q_index`` (for "pallas" without its
+  ``kernel`` part, which ``pallas_kernels.ops.build_plan`` adds).
 
   Args:
     layout: TokenLayout ``[B, S]``.
     q_index: int32 ``[B, T]`` slots of the query rows (decode form); None: T == S.
     route_prompt, decode: as in ``gaze_attention`` (decode defaults to ``q_index is not None``).
     implementation: "xla", "reference" or "pallas".
-    heads: ``(Hq, Hkv, D)`` of the attention ("pallas": the kernels' tiles depend on them).
-    dtype: the dtype of q/k/v ("pallas": launch defaults depend on it).
-    kernel_config: ``pallas_kernels.config.KernelConfig`` ("pallas"; None: the defaults).
     reuse: a plan of the same layout and options for other query rows (an earlier decode
-      step): its layout-only parts (the keys' fields, the kernels' KV block table) are taken
-      as they are, so that a decode loop builds them once (``generate``).
+      step): its layout-only parts (the keys' fields) are taken as they are, so that a decode
+      loop builds them once (``generate``).
   """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
@@ -100,21 +98,14 @@ def build_plan(layout: TokenLayout, q_index: Optional[jax.Array] = None, *,
                      f"{implementation!r}, {bool(decode)}, {bool(route_prompt)}")
   query = token_info(layout, qi)
   routed = routed_rows(query, route_prompt)
-  key = kernel = None
+  key = None
   if implementation == "xla":
     if reuse is not None:
       key = reuse.key
     else:
       index = layout.nonvisual_index if decode else jnp.broadcast_to(jnp.arange(S), (B, S))
       key = token_info(layout, index)
-  elif implementation == "pallas":
-    if heads is None or dtype is None:
-      raise ValueError("a plan for implementation='pallas' needs heads=(Hq, Hkv, D) and dtype")
-    from pallas_kernels import plan as kernel_plan   # only when the kernels are asked for
-    kernel = kernel_plan.build_plan(layout, None if full else qi, routed, heads=heads,
-                                    dtype=dtype, config=kernel_config,
-                                    blocks=None if reuse is None else reuse.kernel.blocks)
-  return AttentionPlan(q_index=qi, query=query, routed=routed, key=key, kernel=kernel,
+  return AttentionPlan(q_index=qi, query=query, routed=routed, key=key, kernel=None,
                        implementation=implementation,
                        route_prompt=bool(route_prompt), decode=bool(decode),
                        full_sequence=full)

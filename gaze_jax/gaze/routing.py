@@ -8,13 +8,40 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 SCORES = ("dot", "cosine")
 ROUTINGS = ("head", "group")
+
+
+class TopKError(ValueError):
+  """A bad K setting: ``field`` (``top_k`` or ``top_k_per_example``) and what is wrong with it
+  (``says``), so that a config can name the field where it holds it."""
+
+  def __init__(self, field: str, says: str):
+    self.field, self.says = field, says
+    super().__init__(f"{field}{says}")
+
+
+def check_top_k(top_k, per_example: bool = False) -> None:
+  """The rule of a K setting, before any layout: an int count >= 1 or a float ratio in
+  (0, 1]; ``per_example`` (each example applies the ratio to its own regions) needs a ratio.
+  Raises TopKError."""
+  if isinstance(top_k, bool) or not isinstance(top_k, (int, float, np.integer)):
+    raise TopKError("top_k", f" must be an int count or a float ratio, got {top_k!r}")
+  if isinstance(top_k, float):
+    if not 0.0 < top_k <= 1.0:
+      raise TopKError("top_k", f"={top_k} as a ratio must be in (0, 1]")
+  elif top_k < 1:
+    raise TopKError("top_k", f"={top_k} must be at least 1 (a count of regions; 0 selects "
+                    "nothing), or a float ratio in (0, 1]")
+  if per_example and not isinstance(top_k, float):
+    raise TopKError("top_k_per_example", " needs top_k as a ratio (a float in (0, 1]), got "
+                    f"top_k={top_k!r}")
 
 
 def resolve_top_k(top_k, n_regions: int) -> int:
@@ -22,24 +49,64 @@ def resolve_top_k(top_k, n_regions: int) -> int:
 
   Raises ValueError when K is not in ``[1, n_regions]``.
   """
-  if isinstance(top_k, bool):
-    raise ValueError(f"top_k must be an int count or a float ratio, got {top_k!r}")
+  check_top_k(top_k)
   if isinstance(top_k, float):
-    if not 0.0 < top_k <= 1.0:
-      raise ValueError(f"top_k as a ratio must be in (0, 1], got {top_k}")
     return max(1, math.ceil(top_k * n_regions - 1e-9))
-  try:
-    k = int(top_k)
-  except TypeError:
-    raise ValueError(f"top_k must be an int count or a float ratio, got {top_k!r}") from None
-  if k != top_k:
-    raise ValueError(f"top_k must be an int count or a float ratio, got {top_k!r}")
-  if k < 1:
-    raise ValueError(f"top_k={k} must be at least 1 (a count of regions; 0 selects nothing)")
-  if k > n_regions:
-    raise ValueError(f"top_k={k} must be in [1, max_regions={n_regions}] "
-                     "(K larger than the number of regions)")
-  return k
+  if top_k > n_regions:
+    raise TopKError("top_k", f"={int(top_k)} must be in [1, max_regions={n_regions}] "
+                    "(K larger than the number of regions)")
+  return int(top_k)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedK:
+  """K of gaze attention over a layout's regions, resolved once (``resolve_k``) and taken by
+  every user of the rule (attention, kernels, baselines, budgets, memory plans, schedules).
+
+  k_max: the static K of the compiled program (the width of the selected ids);
+  ratio: with ``top_k_per_example``, the ratio each example applies to its own valid regions
+    (``per_example_k``; then ``k_max`` is all regions), else None (every example keeps
+    ``k_max``)."""
+  k_max: int
+  ratio: Optional[float] = None
+
+  def active(self, region_valid, active_k=None):
+    """``select_top_k``'s ``active_k``: the per-example K (int32 ``[B]``) with a ratio, else
+    ``active_k`` as given (a traced count of the progressive schedule, or None)."""
+    return _active(self.ratio, region_valid, active_k)
+
+  @property
+  def count(self) -> int:
+    """K of an example whose regions are all valid: ``k_max``, or ``ceil(ratio * k_max)``."""
+    if self.ratio is None:
+      return self.k_max
+    return max(1, math.ceil(self.ratio * self.k_max - 1e-9))
+
+  @property
+  def schedule_target(self) -> int:
+    """The count a progressive top-K schedule ends at: ``k_max``; with a ratio the floor
+    ``floor(ratio * k_max)``, below which every example keeps ``ceil(ratio * its regions)``
+    (``per_example_k``)."""
+    if self.ratio is None:
+      return self.k_max
+    return max(1, int(math.floor(self.ratio * self.k_max + 1e-9)))
+
+  def per_example(self, region_valid) -> np.ndarray:
+    """int ``[B]``: the K each example keeps at the target (host arrays)."""
+    region_valid = np.asarray(region_valid)
+    if self.ratio is None:
+      return np.full(region_valid.shape[0], self.k_max, np.int64)
+    return np.asarray(per_example_k(self.ratio, region_valid))
+
+
+def resolve_k(top_k, n_regions: int, *, per_example: bool = False) -> ResolvedK:
+  """``top_k`` (a count or a ratio) over ``n_regions`` regions (``layout.max_regions``):
+  ``ResolvedK(resolve_top_k(top_k, n))``, or with ``per_example`` ``ResolvedK(n, top_k)``.
+  Raises TopKError naming the setting."""
+  check_top_k(top_k, per_example)
+  if per_example:
+    return ResolvedK(int(n_regions), float(top_k))
+  return ResolvedK(resolve_top_k(top_k, n_regions))
 
 
 def unique_ids(ids: jax.Array) -> jax.Array:

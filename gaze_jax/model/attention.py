@@ -4,6 +4,13 @@ The pre-RoPE q and k (after the Qwen3 q/k norm) are the routing inputs of gaze a
 (docs/method.md steps 3-4). The KV cache is a fixed-size ``[B, S, Hkv, D]`` buffer per layer,
 written with ``dynamic_update_slice``; gaze region descriptors are computed at prefill and kept
 in the cache, never recomputed while decoding.
+
+This module is the one place that picks how attention runs (as MaxText's
+``AttentionOp.apply_attention``): ``attention_plan`` and ``apply_gaze_attention`` send gaze
+attention to the method in jnp (``gaze_jax.gaze``: "xla", "reference") or to the Pallas kernels
+(``pallas_kernels.ops``: "pallas"), and ``dense_attention`` sends dense rows to XLA, cuDNN or
+splash attention (``pallas_kernels.splash.dense_rows``). The method never imports the kernels;
+the kernels build on the method.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from flax import nnx
 
 from gaze_jax.gaze import PAD, TokenLayout, causal_attention, gaze_attention, region_descriptors
 from gaze_jax.gaze.plan import AttentionPlan, build_plan
+from pallas_kernels import ops as pallas_ops
+from pallas_kernels import splash
 from gaze_jax.model.config import DecoderConfig, GazeConfig
 from gaze_jax.model.layers import RMSNorm, dense, rope
 from gaze_jax.model.partitioning import constrain
@@ -43,13 +52,13 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
   -> ``[B, T, Hq, D]``. T == S is the full-sequence form: the queries are the S slots, so
   ``q_pos`` must equal ``k_pos``; T < S is the decode form (any ``q_pos``).
   ``kernel_config`` (``GazeConfig.kernel``): its ``dense_rows`` picks the implementation
-  (None: cuDNN on a CUDA GPU, splash on a TPU, else XLA).
+  (None: cuDNN on a CUDA GPU, splash on a TPU, else XLA: ``splash.dense_rows``).
   """
   # The full form runs the fused kernel causally on the position-sorted sequence, no mask.
   full = q.shape[1] == k.shape[1]
-  impl = None if kernel_config is None else kernel_config.dense_rows
+  impl, fused = splash.dense_rows(kernel_config)
   return causal_attention(q, k, v, None if full else q_pos, k_pos, k_valid,
-                          implementation=impl, kernel_config=kernel_config)
+                          implementation=impl, kernel=fused)
 
 
 def attention_plan(cfg: DecoderConfig, gaze: GazeConfig, layout: TokenLayout,
@@ -59,10 +68,30 @@ def attention_plan(cfg: DecoderConfig, gaze: GazeConfig, layout: TokenLayout,
   plan of an earlier decode step, whose layout-only parts are taken as they are."""
   if gaze.attention != "gaze":
     return None
+  if gaze.implementation == "pallas":
+    return pallas_ops.build_plan(layout, q_index, route_prompt=gaze.route_prompt,
+                                 heads=(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim),
+                                 dtype=dtype, config=gaze.kernel, reuse=reuse)
   return build_plan(layout, q_index, route_prompt=gaze.route_prompt,
-                    implementation=gaze.implementation,
-                    heads=(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim), dtype=dtype,
-                    kernel_config=gaze.kernel, reuse=reuse)
+                    implementation=gaze.implementation, reuse=reuse)
+
+
+def apply_gaze_attention(q, k, v, q_route, layout: TokenLayout, gaze: GazeConfig, *,
+                         q_index=None, descriptors=None, active_k=None, selection=None,
+                         plan: AttentionPlan):
+  """Gaze attention of one layer by ``gaze.implementation``: the Pallas kernels
+  (``pallas_kernels.ops.gaze_attention`` with ``gaze.kernel``) or the method in jnp
+  (``gaze_jax.gaze.gaze_attention``, its full-sequence patch rows through the backend's fused
+  dense kernel). ``plan``: ``attention_plan`` of these rows. Returns ``(out, selected ids)``."""
+  kw = dict(top_k=gaze.top_k, top_k_per_example=gaze.top_k_per_example, active_k=active_k,
+            score=gaze.score, routing=gaze.routing, route_prompt=gaze.route_prompt,
+            q_index=q_index, descriptors=descriptors, selection=selection,
+            query_chunk=gaze.query_chunk, plan=plan, return_selected=True)
+  if gaze.implementation == "pallas":
+    return pallas_ops.gaze_attention(q, k, v, q_route, None, layout, **kw, config=gaze.kernel)
+  return gaze_attention(q, k, v, q_route, None, layout, **kw,
+                        implementation=gaze.implementation,
+                        causal_kernel=splash.dense_rows(None)[1])
 
 
 def rope_positions(cfg: DecoderConfig, layout: TokenLayout,
@@ -126,7 +155,7 @@ class Attention(nnx.Module):
       selection: region ids ``[B, T, Hq, K']`` (-1 = none) used instead of routing (gaze only),
         e.g. regions fixed once from the question (the KV-eviction baseline).
       plan: the gaze ``AttentionPlan`` of these rows (``attention_plan``), shared by the layers
-        of a forward pass; None builds it here.
+        of a forward pass; None builds it here (the model's entry to attention).
     Returns:
       ``(y [B, T, E], cache or None, selected ids or None)``.
     """
@@ -168,12 +197,11 @@ class Attention(nnx.Module):
       out = dense_attention(q, k_all, v_all, positions, layout.position, layout.kind != PAD,
                             kernel_config=gz.kernel)
     else:
-      out, selected = gaze_attention(
-          q, k_all, v_all, q_pre, None, layout, top_k=gz.top_k, active_k=active_k,
-          score=gz.score, routing=gz.routing, route_prompt=gz.route_prompt, q_index=q_index,
-          descriptors=descriptors, selection=selection, query_chunk=gz.query_chunk,
-          implementation=gz.implementation, kernel_config=gz.kernel, plan=plan,
-          top_k_per_example=gz.top_k_per_example, return_selected=True)
+      if plan is None:
+        plan = attention_plan(cfg, gz, layout, q_index, dtype=q.dtype)
+      out, selected = apply_gaze_attention(q, k_all, v_all, q_pre, layout, gz, q_index=q_index,
+                                           descriptors=descriptors, active_k=active_k,
+                                           selection=selection, plan=plan)
     y = self.o_proj(constrain(out, "q").reshape(B, T, H * D))
     new_cache = None
     if want_cache or cache is not None:

@@ -257,20 +257,15 @@ class GazeConfig:
     # The allowed strings are those gaze_attention dispatches on (imported here, not at the
     # top, so that this module stays importable without the attention code).
     from gaze_jax.gaze.plan import IMPLEMENTATIONS
-    from gaze_jax.gaze.routing import ROUTINGS, SCORES
+    from gaze_jax.gaze.routing import ROUTINGS, SCORES, TopKError, check_top_k
 
     for name, allowed in (("attention", ("dense", "gaze")), ("score", SCORES),
                           ("routing", ROUTINGS), ("implementation", IMPLEMENTATIONS)):
       _one_of(self, name, allowed)
-    k = self.top_k
-    if isinstance(k, bool) or not isinstance(k, (int, float)):
-      raise FieldError("GazeConfig", "top_k", f" must be an int count or a float ratio, got "
-                       f"{k!r}")
-    if isinstance(k, int) and k < 1:
-      raise FieldError("GazeConfig", "top_k", f"={k} must be >= 1 (a count of regions; 0 "
-                       "selects nothing), or a float ratio in (0, 1]")
-    if isinstance(k, float) and not 0.0 < k <= 1.0:
-      raise FieldError("GazeConfig", "top_k", f"={k} as a ratio must be in (0, 1]")
+    try:
+      check_top_k(self.top_k, self.top_k_per_example)
+    except TopKError as e:
+      raise FieldError("GazeConfig", e.field, e.says) from None
     shape = self.region_shape
     if (not isinstance(shape, (tuple, list)) or len(shape) != 2
         or not all(_is_int(n) and n >= 1 for n in shape)):
@@ -282,13 +277,17 @@ class GazeConfig:
     if self.query_chunk is not None and (not _is_int(self.query_chunk) or self.query_chunk < 1):
       raise FieldError("GazeConfig", "query_chunk", " must be None or an int >= 1, got "
                        f"{self.query_chunk!r}")
-    if self.top_k_per_example and not isinstance(self.top_k, float):
-      raise FieldError("GazeConfig", "top_k_per_example", " needs top_k as a ratio (a float "
-                       f"in (0, 1]), got top_k={self.top_k!r}")
     if isinstance(self.kernel, Mapping):
       from pallas_kernels.config import KernelConfig   # no Pallas import
       object.__setattr__(self, "kernel", _from_fields(KernelConfig, self.kernel,
                                                       "GazeConfig.kernel"))
+
+  def resolve_k(self, n_regions: int):
+    """This config's K over ``n_regions`` regions (``layout.max_regions``): a
+    ``gaze_jax.gaze.routing.ResolvedK`` (the static K_max, and the per-example ratio with
+    ``top_k_per_example``)."""
+    from gaze_jax.gaze.routing import resolve_k
+    return resolve_k(self.top_k, n_regions, per_example=self.top_k_per_example)
 
   # top_k=1 (one region) and top_k=1.0 (all regions) compare equal as numbers; the config is
   # static jit metadata, so equality and hashing must tell them apart.

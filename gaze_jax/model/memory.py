@@ -41,7 +41,7 @@ from absl import flags
 from flax import nnx
 
 from gaze_jax.gaze.layout import Image, Text, Video, num_regions
-from gaze_jax.gaze.routing import resolve_top_k
+from gaze_jax.gaze.routing import resolve_k
 from gaze_jax.model.config import MLLMConfig
 from gaze_jax.model.mllm import MLLM
 from gaze_jax.model.presets import PRESETS, get_preset
@@ -179,14 +179,17 @@ def _check_args(cfg, batch, seq_len, devices, mode, param_bytes, compute_bytes, 
     raise ValueError("the model has no vision tower: images and video_frames must be 0")
 
 
-def _compiled_k(top_k, compiled_top_k, n_regions: int, train: bool) -> int:
-  """K_max the model is compiled with: ``compiled_top_k`` (a count or a ratio, like
-  ``GazeConfig.top_k``) when given, else all regions in training (the trainer's default
-  schedule start, ``topk_schedule.start <= 0``) and the model's ``top_k`` for inference."""
+def _compiled_k(rk, compiled_top_k, n_regions: int, train: bool) -> int:
+  """K_max the model is compiled with: all regions with a per-example K (``rk``, the model's
+  ``ResolvedK``); else ``compiled_top_k`` (a count or a ratio, like ``GazeConfig.top_k``) when
+  given, else all regions in training (the trainer's default schedule start,
+  ``topk_schedule.start <= 0``) and the model's K for inference."""
+  if rk.ratio is not None:
+    return rk.k_max
   if compiled_top_k is None:
-    return n_regions if train else resolve_top_k(top_k, n_regions)
+    return n_regions if train else rk.k_max
   try:
-    return resolve_top_k(compiled_top_k, n_regions)
+    return resolve_k(compiled_top_k, n_regions).k_max
   except ValueError as e:
     raise ValueError(f"compiled_top_k: {e}") from None
 
@@ -217,10 +220,9 @@ def _estimate(cfg: MLLMConfig, *, batch: int, seq_len: int, devices: int = 1,
                      f"(patches, region padding, context tokens) but seq_len={seq_len}")
   gaze = gz.attention == "gaze" and NR > 0
   train = mode == "train"
-  K = resolve_top_k(gz.top_k, NR) if gaze else 0
-  # Per-example K compiles K_max = all regions (the per-example K is traced under it).
-  K_max = ((NR if gz.top_k_per_example else _compiled_k(gz.top_k, compiled_top_k, NR, train))
-           if gaze else 0)
+  rk = gz.resolve_k(NR) if gaze else None
+  K = rk.count if gaze else 0
+  K_max = _compiled_k(rk, compiled_top_k, NR, train) if gaze else 0
   R = gz.region_shape[0] * gz.region_shape[1]
   shards = devices if fsdp else 1
   N = count_params(cfg)["total"]

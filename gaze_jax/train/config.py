@@ -26,7 +26,6 @@ import math
 from typing import Any, Mapping, Optional
 
 from gaze_jax.gaze.layout import LayoutSpec
-from gaze_jax.gaze.routing import resolve_top_k
 from gaze_jax.gaze.schedules import SHAPES
 from gaze_jax.model.config import (DecoderConfig, FieldError, GazeConfig, MLLMConfig,
                                    VisionConfig)
@@ -182,11 +181,7 @@ def topk_plan(config: Any, model: MLLMConfig, spec: LayoutSpec) -> TopKPlan:
   """
   if model.gaze.attention != "gaze":
     return TopKPlan(False, 0, 0, 0, "linear")
-  target = resolve_top_k(model.gaze.top_k, spec.max_regions)
-  if model.gaze.top_k_per_example:
-    # K per example is ceil(ratio * its regions) once active_k <= ratio * max_regions
-    # (routing.per_example_k): the schedule ends at the floor.
-    target = max(1, int(math.floor(model.gaze.top_k * spec.max_regions + 1e-9)))
+  target = model.gaze.resolve_k(spec.max_regions).schedule_target
   sched = config.topk_schedule
   if not sched.enabled:
     return TopKPlan(True, target, target, 0, "linear")

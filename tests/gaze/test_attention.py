@@ -1,11 +1,16 @@
 """gaze_attention: reference mask rules, xla == reference (forward and gradient), decode form,
 K = all equals dense, no retracing, clear errors."""
 
+import functools
+import re
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import gaze_jax.gaze
 from gaze_jax.gaze import (PAD, PATCH, TEXT, Image, LayoutSpec, Selection, Text, Video,
                            build_layout, gaze_attention, gaze_mask, region_descriptors,
                            routed_rows, token_info)
@@ -15,10 +20,16 @@ ATOL = 2e-5
 
 
 def _run(case, impl, **kw):
+  """``impl`` "pallas": the kernels' entry (``pallas_kernels.ops``, interpret mode on CPU)."""
   opts = dict(top_k=case.top_k, score=case.score, routing=case.routing,
-              route_prompt=case.route_prompt, implementation=impl, return_selected=True)
+              route_prompt=case.route_prompt, return_selected=True)
   opts.update(kw)
-  fn = jax.jit(lambda q, k, v, qr, kr: gaze_attention(q, k, v, qr, kr, case.layout, **opts))
+  if impl == "pallas":
+    from pallas_kernels import ops
+    attend = functools.partial(ops.gaze_attention, **opts)
+  else:
+    attend = functools.partial(gaze_attention, implementation=impl, **opts)
+  fn = jax.jit(lambda q, k, v, qr, kr: attend(q, k, v, qr, kr, case.layout))
   return fn(case.q, case.k, case.v, case.q_route, case.k_route)
 
 
@@ -397,6 +408,20 @@ def test_bad_inputs_get_clear_errors(mutate, match):
     args["v"] = args["k"]
   with pytest.raises(ValueError, match=match):
     gaze_attention(**args)
+
+
+def test_the_method_never_imports_the_kernels():
+  """One direction: the kernels build on ``gaze_jax.gaze``; the method package imports no
+  kernel module (the model's attention picks the kernels), and asking it for them says where
+  they are."""
+  root = Path(gaze_jax.gaze.__file__).parent
+  offenders = [f.name for f in sorted(root.glob("*.py"))
+               if re.search(r"^\s*(from|import) pallas_kernels", f.read_text(), re.M)]
+  assert offenders == []
+  case = random_case(801)
+  with pytest.raises(ValueError, match="pallas_kernels.ops.gaze_attention"):
+    gaze_attention(case.q, case.k, case.v, case.q_route, case.k_route, case.layout, top_k=1,
+                   implementation="pallas")
 
 
 def test_pallas_matches_reference_on_a_small_case():

@@ -150,9 +150,7 @@ def _decode(case, routing, config, k=None, v=None, n_new=3):
   desc = region_descriptors(case.k_route, lay)
   k = case.k if k is None else k
   v = case.v if v is None else v
-  step = jax.jit(lambda q, kc, vc, qr, d: gaze_attention(
-      q, kc, vc, qr, None, lay, top_k=case.top_k, routing=routing, descriptors=d, q_index=idx,
-      implementation="pallas", return_selected=True) if config is None else ops.gaze_attention(
+  step = jax.jit(lambda q, kc, vc, qr, d: ops.gaze_attention(
       q, kc, vc, qr, None, lay, top_k=case.top_k, routing=routing, descriptors=d, q_index=idx,
       return_selected=True, config=config))
   return step(take(case.q), k, v, take(case.q_route), desc), slots
@@ -160,7 +158,7 @@ def _decode(case, routing, config, k=None, v=None, n_new=3):
 
 @pytest.mark.parametrize("seed, routing, group, config", [
     (600, "head", 2, SMALL), (601, "group", 4, SMALL),
-    (602, "head", 8, None)])   # None: through gaze_attention(implementation="pallas")
+    (602, "head", 8, None)])   # None: the kernels' default KernelConfig
 def test_decode_over_cache_equals_prefill_rows(seed, routing, group, config):
   case = random_case(seed, group=group)
   lay = case.layout

@@ -47,8 +47,10 @@ q = jax.random.normal(ks[0], (4, 96, 4, 8)); k = jax.random.normal(ks[1], (4, 96
 v = jax.random.normal(ks[2], (4, 96, 2, 8)); w = jax.random.normal(ks[3], q.shape)
 pos = jnp.stack([jax.random.permutation(jax.random.PRNGKey(b), 96) for b in range(4)])
 valid = jnp.arange(96)[None] < jnp.array([[96], [80], [96], [50]])
+from pallas_kernels import splash
 def dense_fn(impl):
-  f = lambda q, k, v: causal_attention(q, k, v, None, pos, valid, implementation=impl)
+  fused = splash.causal_kernel() if impl == "splash" else None
+  f = lambda q, k, v: causal_attention(q, k, v, None, pos, valid, kernel=fused)
   return jax.jit(lambda q, k, v: jax.vjp(f, q, k, v)[1](w) + (f(q, k, v),))
 want = dense_fn("xla")(q, k, v)
 with jax.set_mesh(mesh):

@@ -13,6 +13,7 @@ import pytest
 
 from gaze_jax.gaze import PAD, Image, LayoutSpec, Text, build_layout, causal_attention
 from gaze_jax.model import dense_attention
+from pallas_kernels import splash
 from pallas_kernels.config import KernelConfig
 
 HQ, HKV, D = 4, 2, 8
@@ -77,6 +78,10 @@ def _assert_matches(fn, ref, w, q, k, v, *args):
 
 # The full-sequence form (queries = the S slots) by both entry points, and its reference.
 def _full(q, k, v, pos, valid, length=None, implementation=None):
+  """``implementation="splash"``: splash attention passed as the fused kernel."""
+  if implementation == "splash":
+    return causal_attention(q, k, v, None, pos, valid, length=length,
+                            kernel=splash.causal_kernel())
   return causal_attention(q, k, v, None, pos, valid, length=length,
                           implementation=implementation)
 

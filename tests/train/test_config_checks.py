@@ -63,6 +63,7 @@ def tiny_folders(tmp_path_factory):
   one (``model.init=hf:``): the recipe is checked as it runs on a real folder."""
   pytest.importorskip("transformers")
   from tests import hf_folders, llava_onevision_folder
+  from tests.data.qwen_vl_folder import save_model_folder
 
   made = {}
 
@@ -70,7 +71,9 @@ def tiny_folders(tmp_path_factory):
     if model_type not in made:
       path = tmp_path_factory.mktemp(model_type)
       {"smolvlm": hf_folders.save_smolvlm,
-       "llava_onevision": llava_onevision_folder.save_folder}[model_type](path)
+       "llava_onevision": llava_onevision_folder.save_folder,
+       "qwen2_5_vl": lambda p: save_model_folder(p, "qwen2_5_vl"),
+       "qwen3_vl": lambda p: save_model_folder(p, "qwen3_vl")}[model_type](path)
       made[model_type] = str(path)
     return made[model_type]
   return get
@@ -82,7 +85,8 @@ def _hf_override(name, tiny_folders) -> list[str]:
   c = importlib.import_module(f"configs.{name}").get_config()
   if not str(c.model.init).startswith("hf:"):
     return []
-  family = "smolvlm" if name.startswith("smolvlm") else "llava_onevision"
+  family = next((f for f in ("smolvlm", "qwen2_5_vl", "qwen3_vl") if name.startswith(f)),
+                "llava_onevision")
   return [f"--config.model.init=hf:{tiny_folders(family)}"]
 
 
