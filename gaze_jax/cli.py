@@ -32,6 +32,9 @@ import traceback
 from typing import Callable, NoReturn, Optional
 
 from absl import app, flags
+from etils import epath
+
+from gaze_jax import logs, paths
 
 FLAGS = flags.FLAGS
 VERBOSE = flags.DEFINE_bool("verbose", False, "On an error, print its traceback too (else one "
@@ -41,7 +44,7 @@ VERBOSE = flags.DEFINE_bool("verbose", False, "On an error, print its traceback 
 ERRORS_LOG = "errors.log"
 # The project's errors about a run, not its input: a checkpoint that cannot be restored or
 # saved, a workdir another run holds, a training that diverged.
-_RUN_ERRORS = (("gaze_jax.train.checkpoint", "CheckpointError"),
+_RUN_ERRORS = (("gaze_jax.train.errors", "CheckpointError"),
                ("gaze_jax.train.workdir_lock", "WorkdirBusy"),
                ("gaze_jax.train.nonfinite", "TrainingDiverged"))
 
@@ -98,10 +101,6 @@ def append_traceback(log_dir, e: BaseException) -> Optional[str]:
   anything must not create its workdir) or the log cannot be written (the disk may be full)."""
   if not log_dir:
     return None
-  from etils import epath
-
-  from gaze_jax import paths
-
   try:
     folder = epath.Path(log_dir)
     if not folder.is_dir():
@@ -172,8 +171,6 @@ def run(main: Callable[[list[str]], object],
   ``errors.log`` collects the tracebacks of user errors."""
 
   def logged(argv):
-    from gaze_jax import logs
-
     logs.configure_main(verbose=_verbose())
     return main(argv)
 

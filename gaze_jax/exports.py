@@ -20,6 +20,15 @@ from typing import Any, Optional
 import jax
 import numpy as np
 from etils import epath
+from flax import nnx
+
+from gaze_jax import runs
+from gaze_jax.convert import export as export_lib
+from gaze_jax.convert.families import plan_hf
+from gaze_jax.convert.sharded import flat_paths
+from gaze_jax.train import checkpoint as ckpt_lib
+from gaze_jax.train import sharding as shard_lib
+from gaze_jax.train.model_init import hf_folder
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +36,6 @@ log = logging.getLogger(__name__)
 def _restore(workdir, step: Optional[int]):
   """``(run config, Restored)`` of a run, its parameters sharded over the local devices by the
   run's logical axis rules (fsdp over all of them)."""
-  from gaze_jax import runs
-  from gaze_jax.train import sharding as shard_lib
-
   config = runs.load_run_config(workdir)
   mesh = shard_lib.make_mesh({"data": 1, "fsdp": jax.local_device_count(), "tensor": 1},
                              devices=jax.local_devices())
@@ -38,9 +44,6 @@ def _restore(workdir, step: Optional[int]):
 
 
 def _flat_params(model) -> dict[str, Any]:
-  from flax import nnx
-
-  from gaze_jax.convert.sharded import flat_paths
   return flat_paths(nnx.to_pure_dict(nnx.state(model, nnx.Param)))[0]
 
 
@@ -53,10 +56,6 @@ def export_hf(workdir, out, *, step: Optional[int] = None, dtype: Optional[str] 
   errors (``CheckpointError``) when no step restores. Returns the writer's summary with the
   step exported.
   """
-  from gaze_jax.convert import export as export_lib
-  from gaze_jax.convert.families import plan_hf
-  from gaze_jax.train.model_init import hf_folder
-
   config, run = _restore(workdir, step)
   folder = hf_folder(config.model.init)
   if folder is None:
@@ -76,16 +75,12 @@ def export_hf(workdir, out, *, step: Optional[int] = None, dtype: Optional[str] 
 def export_params(workdir, out, *, step: Optional[int] = None) -> dict:
   """Writes the run's parameters (no optimizer state) at ``out`` as a run folder for serving:
   ``config.json`` and ``checkpoints/<step>/{params, data, meta}`` with their checksums."""
-  from gaze_jax import runs
-  from gaze_jax.train import checkpoint as ckpt_lib
-
   config, run = _restore(workdir, step)
   _, meta = runs.trained_model(workdir, run.step, config)
   out = epath.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   (out / "config.json").write_text((epath.Path(workdir) / "config.json").read_text())
   ckpt = ckpt_lib.Checkpointer(out / ckpt_lib.CHECKPOINT_DIR, keep=1, async_save=False)
-  from flax import nnx
   params = nnx.to_pure_dict(nnx.state(run.model, nnx.Param))
   meta = {**meta, "exported_from": {"workdir": str(workdir), "step": int(run.step)}}
   ckpt.save(int(run.step), {"params": params, "opt_state": None}, None, meta, force=True)

@@ -24,6 +24,8 @@ import logging
 import os
 from typing import Iterable, Optional
 
+from absl import logging as absl_logging
+
 PACKAGE = "gaze_jax"
 # The loggers of the libraries below us: absl (orbax, tensorflow_datasets, grain and
 # ml_collections log through it), and the few that use their own.
@@ -100,8 +102,6 @@ def configure_main(verbose: bool = False) -> None:
   prints every line): the project's loggers at INFO; the libraries' at WARNING without their
   known harmless warnings, or at INFO with everything when ``verbose``; TensorFlow's C++ lines
   at WARNING unless ``verbose`` or ``TF_CPP_MIN_LOG_LEVEL`` is set."""
-  from absl import logging as absl_logging
-
   absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.WARNING)
   for name in THIRD_PARTY:
     logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)

@@ -21,6 +21,7 @@ jsonl``) is rewritten whole, and a rename copies every object.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Union
 
@@ -70,8 +71,6 @@ def read_json(path: PathLike) -> dict:
   """A JSON file holding an object (a config, a processor's settings), local or ``gs://``, as a
   dict; ValueError naming the file when it is not UTF-8 text, not valid JSON (e.g. cut short)
   or not an object."""
-  import json
-
   path = epath.Path(path)
   try:
     out = json.loads(path.read_text())

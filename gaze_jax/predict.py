@@ -26,7 +26,12 @@ from typing import Any, Optional, Union
 import numpy as np
 from etils import epath
 
-from gaze_jax import logs
+from gaze_jax import logs, runs
+from gaze_jax.data.features import ExampleTooLong, batch_to_model_inputs
+from gaze_jax.eval.evaluate import generate_answers
+from gaze_jax.eval.gaze_maps import write_batch_gaze_maps
+from gaze_jax.eval.text import decode
+from gaze_jax.train.data import example_processor
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +112,6 @@ class Prediction:
     ``gs://``); returns it, or None for a dense model. Its title: the question, the model's
     answer, ``resize_note`` when the image was stretched, and the legend (no ground truth:
     ``predict`` has none)."""
-    from gaze_jax.eval.gaze_maps import write_batch_gaze_maps
-
     if self.selected is None or self.selected[0] is None:
       return None
     with tempfile.TemporaryDirectory() as tmp:
@@ -135,7 +138,9 @@ def read_image(image: ImageLike) -> np.ndarray:
     if arr.dtype != np.uint8:
       raise ValueError(f"image array must be uint8 (0-255), got {arr.dtype}")
     return arr[..., :3]
-  from gaze_jax.data.llava import load_image      # as displayed: its EXIF orientation applied
+  # As displayed (its EXIF orientation applied); llava imports PIL, the [data] extra, at its
+  # top: not this module's.
+  from gaze_jax.data.llava import load_image
 
   path = epath.Path(image)
   if not path.is_file():
@@ -168,8 +173,6 @@ def check_question(question) -> None:
 
 
 def _features(processor, spec, image: np.ndarray, question: str, answer: str):
-  from gaze_jax.data.features import ExampleTooLong, batch_to_model_inputs
-
   example = {"id": "predict", "images": [image],
              "turns": {"question": [question], "answer": [answer]}}
   try:
@@ -234,11 +237,6 @@ def predict(workdir, image: ImageLike, question: str, *, max_new_tokens: int = 1
     ``config.json`` and its field (cut short, a field missing);
     ``gaze_jax.train.checkpoint.CheckpointError`` when the workdir holds no checkpoint.
   """
-  from gaze_jax import runs
-  from gaze_jax.eval.evaluate import generate_answers
-  from gaze_jax.eval.text import decode
-  from gaze_jax.train.data import example_processor
-
   logs.show_progress()              # plain Python / a notebook: the resize line shows
   check_question(question)
   if max_new_tokens < 1:             # 0 would answer nothing; fewer breaks generation

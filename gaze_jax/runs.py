@@ -1,11 +1,12 @@
 """A training run seen from outside: its tokenizer, its model restored from ``--workdir``, and
-its evaluation batches, for ``eval_main.py`` (and the trainer's tokenizer).
+its evaluation batches, for ``eval_main.py``, ``predict`` and ``exports``.
 
-The pieces live in ``gaze_jax.train`` (the checkpoint format, config -> model / layout, the
-input pipeline) and are imported on use, so ``gaze_jax.eval`` and ``eval_main.py`` reach them
-through this module only and ``import gaze_jax.runs`` is cheap.
+The layer above ``gaze_jax.train``: the pieces live there (the checkpoint format, config ->
+model / layout, the input pipeline, the run's tokenizer) and nothing in ``gaze_jax.train``
+imports this module.
 
-* ``run_tokenizer(config)`` (``make_tokenizer(config.data.tokenizer)``): the run's tokenizer;
+* ``run_tokenizer(config)`` (``gaze_jax.train.tokenizer``: ``make_tokenizer(config.data.
+  tokenizer)``): the run's tokenizer;
 * ``load_run_config(workdir)``: the config a run trained with (its ``config.json``);
 * ``restore(config, workdir, step=None, overrides=...) -> Restored(model, step, model_cfg, spec,
   tokenizer)``: the model as the run trained it (its checkpoint's record), changed only by
@@ -15,50 +16,22 @@ through this module only and ``import gaze_jax.runs`` is cheap.
 
 from __future__ import annotations
 
+import ast
 import contextlib
-from pathlib import Path
+import dataclasses
 from typing import Any, NamedTuple, Optional
 
+import ml_collections
+from etils import epath
 
-def make_tokenizer(name: str):
-  """"byte" -> ``ByteTokenizer``; "words" -> ``WordTokenizer`` over the synthetic datasets'
-  vocabulary (``scenes.VOCABULARY``); "gguf:smollm2" -> SmolLM2's GGUF tokenizer (ChatML); a
-  ``.gguf`` path -> its tokenizer; a folder -> its ``tokenizer.json``; "hf:<folder>" -> a
-  model folder's tokenizer with its own Jinja chat template (``load_model_tokenizer``)."""
-  from gaze_jax.data import tokenizers
-
-  if name == "byte":
-    return tokenizers.ByteTokenizer()
-  if name == "words":
-    from gaze_jax.data.scenes import VOCABULARY
-    return tokenizers.WordTokenizer(VOCABULARY)
-  if name == "gguf:smollm2":
-    from gaze_jax.convert.gguf import find_smollm2_gguf
-    return tokenizers.load_gguf_tokenizer(find_smollm2_gguf())
-  if name.startswith("hf:"):
-    return tokenizers.load_model_tokenizer(name[len("hf:"):])
-  if name.endswith(".gguf"):
-    return tokenizers.load_gguf_tokenizer(name)
-  if Path(name).is_dir():
-    return tokenizers.load_hf_tokenizer(name)
-  raise ValueError(f"config.data.tokenizer={name!r}: use 'byte', 'words', 'gguf:smollm2', a "
-                   ".gguf file, a folder with tokenizer.json, 'hf:<model folder>' or 'model'")
-
-
-def run_tokenizer(config: Any):
-  """The tokenizer of a run: ``make_tokenizer(config.data.tokenizer)``, where ``"model"`` is
-  the tokenizer and chat template of ``config.model.init``'s Hugging Face folder."""
-  from gaze_jax.train.model_init import hf_folder
-
-  name = str(config.data.tokenizer)
-  if name != "model":
-    return make_tokenizer(name)
-  folder = hf_folder(config.model.init)
-  if folder is None:
-    raise ValueError("config.data.tokenizer='model' takes the tokenizer of config.model.init's "
-                     f"Hugging Face folder, but model.init={config.model.init!r} is not "
-                     "hf:<folder>")
-  return make_tokenizer("hf:" + folder)
+from gaze_jax.paths import read_json
+from gaze_jax.train import data as data_lib
+from gaze_jax.train.checkpoint import (CHECKPOINT_DIR, CheckpointError, Checkpointer,
+                                       model_differences, restore_model, with_runtime_fields)
+from gaze_jax.train.config import (config_from_dict, eval_model_config, layout_spec,
+                                   model_config_from_dict)
+# make_tokenizer: here too for the callers that build a tokenizer by name.
+from gaze_jax.train.tokenizer import make_tokenizer, run_tokenizer  # noqa: F401
 
 
 class Restored(NamedTuple):
@@ -73,8 +46,6 @@ class Restored(NamedTuple):
 
 def run_config_path(workdir):
   """``<workdir>/config.json`` (an ``epath.Path``: local or ``gs://``)."""
-  from etils import epath
-
   return epath.Path(workdir) / "config.json"
 
 
@@ -83,9 +54,6 @@ def load_run_config(workdir):
   local or ``gs://``). FileNotFoundError without it; ValueError naming the file when it is not
   a JSON object (e.g. cut short). A field it lacks is found where it is read: see
   ``naming_missing_fields``."""
-  from gaze_jax.paths import read_json
-  from gaze_jax.train.config import config_from_dict
-
   path = run_config_path(workdir)
   if not path.parent.is_dir():
     raise FileNotFoundError(f"--workdir {workdir} does not exist")
@@ -99,8 +67,6 @@ def _missing_field(error: AttributeError, config) -> Optional[str]:
   """The dotted name (``"data.tokenizer"``) of the field of ``config`` whose read raised
   ``error`` (ml_collections' ``AttributeError(KeyError(name))``, which names the leaf only), or
   None when ``error`` is not such a read of ``config`` or one of its sections."""
-  import ml_collections
-
   if config is None:
     return None
   getattr_code = ml_collections.ConfigDict.__getattr__.__code__
@@ -151,11 +117,6 @@ def trained_model(workdir, step: Optional[int] = None, run_config: Any = None):
   """``(MLLMConfig, meta)``: the model the run in ``workdir`` trained (its target K), read from
   the checkpoint's ``meta`` (``trained_model``), or for checkpoints written before it was
   recorded from the run's ``config.json``. Raises ``CheckpointError`` without checkpoints."""
-  from etils import epath
-
-  from gaze_jax.train.checkpoint import CHECKPOINT_DIR, CheckpointError, Checkpointer
-  from gaze_jax.train.config import eval_model_config, model_config_from_dict
-
   ckpt = Checkpointer(epath.Path(workdir) / CHECKPOINT_DIR, read_only=True)
   try:
     found = ckpt.read_meta(step)
@@ -180,8 +141,6 @@ def parse_overrides(items) -> dict[str, Any]:
   """``["gaze.top_k=2", "gaze.attention=dense"]`` -> ``{"gaze.top_k": 2, ...}`` (values as
   Python literals, else strings). Raises ValueError naming a field that may not be
   overridden (``OVERRIDABLE``: the weights fix the rest) or an item without ``=``."""
-  import ast
-
   out = {}
   for item in items or ():
     key, sep, value = str(item).partition("=")
@@ -200,8 +159,6 @@ def parse_overrides(items) -> dict[str, Any]:
 
 def with_overrides(cfg, overrides: dict[str, Any]):
   """``cfg`` (an ``MLLMConfig``) with ``{"gaze.<field>": value}`` applied."""
-  import dataclasses
-
   gaze = {k.split(".", 1)[1]: v for k, v in overrides.items()}
   if "region_shape" in gaze:
     gaze["region_shape"] = tuple(gaze["region_shape"])
@@ -228,9 +185,6 @@ def restore(config: Any, workdir, step: Optional[int] = None, *, overrides=None,
     CheckpointError: no checkpoint, one of another model's weights, another tokenizer,
       non-finite weights.
   """
-  from gaze_jax.train.checkpoint import model_differences, restore_model, with_runtime_fields
-  from gaze_jax.train.config import eval_model_config, layout_spec
-
   run_config = load_run_config(workdir) if config is None else None
   config = config if config is not None else run_config
   overrides = dict(overrides or {})
@@ -259,8 +213,6 @@ def eval_batches(config: Any, workdir, model_cfg, spec, tokenizer, split: str):
   """``(builder, iterator)``: the run's dataset (built under ``workdir`` when
   ``config.data.data_dir`` is empty) and one ordered pass over ``split`` in batches of
   ``config.data.batch_size``."""
-  from gaze_jax.train import data
-
-  builder = data.prepare(config, workdir)
-  return builder, data.make_iterator(config, builder, tokenizer, model_cfg, spec, split=split,
-                                     train=False)
+  builder = data_lib.prepare(config, workdir)
+  return builder, data_lib.make_iterator(config, builder, tokenizer, model_cfg, spec,
+                                         split=split, train=False)

@@ -14,8 +14,12 @@ import dataclasses
 from typing import Callable
 
 from gaze_jax.convert import hf, qwen_vl, smolvlm
+from gaze_jax.convert.export import GAZE_PREFIX
 from gaze_jax.convert.hf_io import PathLike, read_hf_config
 from gaze_jax.convert.mapping import Rule
+from gaze_jax.data.llava_onevision import LlavaOnevisionMedia
+from gaze_jax.data.qwen_vl import QwenVLMedia, QwenVLSettings
+from gaze_jax.data.smolvlm import SmolVLMMedia
 from gaze_jax.model.config import GazeConfig
 
 Plan = Callable[..., "hf.LoadPlan"]
@@ -34,18 +38,14 @@ PLANS: dict[str, Plan] = {
 
 
 def _smolvlm_media(folder: PathLike, grid: tuple[int, int], **_):
-  from gaze_jax.data.smolvlm import SmolVLMMedia
   return SmolVLMMedia.from_folder(folder, grid)
 
 
 def _llava_onevision_media(folder: PathLike, grid: tuple[int, int], **_):
-  from gaze_jax.data.llava_onevision import LlavaOnevisionMedia
   return LlavaOnevisionMedia.from_folder(folder, grid)
 
 
 def _qwen_vl_media(folder: PathLike, grid: tuple[int, int], buckets=(), video_fps=None):
-  from gaze_jax.data.qwen_vl import QwenVLMedia, QwenVLSettings
-
   settings = QwenVLSettings.from_folder(folder)
   factor = settings.image.factor
   if tuple(grid) != (0, 0):
@@ -127,8 +127,6 @@ def with_gaze_parts(plan: "hf.LoadPlan") -> "hf.LoadPlan":
   GAZE_PREFIX``): they are read from it instead of starting fresh, so that the exported model
   comes back exactly. Gaze tensors the model does not use (a dense model, no context tokens)
   are left unused and reported."""
-  from gaze_jax.convert.export import GAZE_PREFIX
-
   w = plan.weights
   kept = tuple(n for n in w.fresh if GAZE_PREFIX + n not in plan.tensors)
   rules = tuple(Rule(n, GAZE_PREFIX + n) for n in w.fresh if n not in kept)

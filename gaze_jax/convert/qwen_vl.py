@@ -12,11 +12,16 @@ Block rules expand over ``counts["vision"]`` (``depth``), DeepStack mergers over
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping
 
 import numpy as np
 
-from gaze_jax.convert.mapping import Layout, Rule, identity, linear, load_weights
+from gaze_jax.convert import hf
+from gaze_jax.convert.hf_config import qwen_vl_decoder_config
+from gaze_jax.convert.hf_io import load_safetensors, read_hf_config
+from gaze_jax.convert.mapping import Layout, Rule, WeightMap, identity, linear, load_weights
+from gaze_jax.model.config import MLLMConfig
 from gaze_jax.model.qwen_vision import ACTIVATIONS, QwenVisionConfig
 
 __all__ = ["VISION_MODEL_TYPES", "patch3d", "qwen_vision_config", "qwen_vision_rules",
@@ -175,8 +180,6 @@ def qwen_vl_configs(cfg: Mapping[str, Any], where: str = "config.json"):
   """A ``qwen2_5_vl`` / ``qwen3_vl`` config dict -> ``(DecoderConfig, QwenVisionConfig)``: the
   decoder with M-RoPE from ``text_config`` (``hf_config.qwen_vl_decoder_config``), the tower
   from ``vision_config``. Raises ValueError naming ``where`` and the key."""
-  from gaze_jax.convert.hf_config import qwen_vl_decoder_config
-
   return qwen_vl_decoder_config(cfg, where), qwen_vision_config(cfg, where)
 
 
@@ -186,13 +189,6 @@ def plan_qwen_vl(model_dir, gaze=None, *, dtype: str = "float32", param_dtype: s
   qwen_vision=tower)``; the decoder's weights under ``model.language_model.`` (found from
   ``embed_tokens.weight``), the head ``lm_head.weight`` (unless tied), the tower under
   ``visual.`` / ``model.visual.`` (``vision_prefix``) as our ``vision.``."""
-  import os
-
-  from gaze_jax.convert import hf
-  from gaze_jax.convert.hf_io import load_safetensors, read_hf_config
-  from gaze_jax.convert.mapping import WeightMap
-  from gaze_jax.model.config import MLLMConfig
-
   gaze = hf.DENSE_TEXT if gaze is None else gaze
   where = os.fspath(model_dir)
   dcfg, vcfg = qwen_vl_configs(read_hf_config(model_dir), os.path.join(where, "config.json"))
@@ -223,8 +219,6 @@ def load_qwen_vl(model_dir, gaze=None, *, dtype: str = "float32", param_dtype: s
   """A Qwen2.5-VL / Qwen3-VL folder -> ``MLLM`` (``plan_qwen_vl``); context tokens
   (``gaze.num_ctx > 0``) keep their random initialisation (``seed``). Returns the model, or
   ``(model, unused keys)`` with ``return_unused``."""
-  from gaze_jax.convert import hf
-
   plan = plan_qwen_vl(model_dir, gaze, dtype=dtype, param_dtype=param_dtype)
   return hf.build_planned(plan, seed=seed, return_unused=return_unused,
                           allow_nonfinite=allow_nonfinite)

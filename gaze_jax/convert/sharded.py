@@ -30,6 +30,7 @@ from flax import nnx
 
 from gaze_jax.convert.hf import LoadPlan
 from gaze_jax.convert.mapping import Layout, check_coverage, check_finite
+from gaze_jax.model.mllm import MLLM
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,6 @@ def fresh_params(plan: LoadPlan, abstract: dict[str, Any], seed: int) -> dict[st
                                                       nnx.Param)))
     return {n: params[n] for n in names}
 
-  from gaze_jax.model.mllm import MLLM
   return jax.jit(init, out_shardings={n: abstract[n].sharding for n in names})()
 
 

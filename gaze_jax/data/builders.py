@@ -216,7 +216,8 @@ class DigitGrid(tfds.core.GeneratorBasedBuilder):
                                  features=common_features((s, s, 3)))
 
   def _split_generators(self, dl_manager):
-    from sklearn.datasets import load_digits    # ships with scikit-learn: no download
+    # scikit-learn only for this builder; it ships the digits (no download).
+    from sklearn.datasets import load_digits
 
     cfg = self.builder_config
     if cfg.image_size % cfg.n:
@@ -553,6 +554,7 @@ def check_shards(file_instructions, folder) -> None:
   """Raises DamagedDatasetError when a shard file of ``file_instructions`` (tfds'
   ``FileInstruction``s of a split) is missing or holds another number of records than
   dataset_info.json says (read from the file's footer: a truncated file)."""
+  # array_record (native, optional for tfds) only for this check: not at the module's top.
   from array_record.python import array_record_module
 
   for fi in file_instructions:

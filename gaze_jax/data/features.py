@@ -173,6 +173,7 @@ def raw_images(example: Mapping[str, Any]) -> list[np.ndarray]:
 
 def preprocess_image(image: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
   """uint8 ``[h, w, 3]`` (or grey / RGBA) -> float32 ``[S, S, 3]`` resized and normalised."""
+  # PIL (the [data] extra) only here: the module imports without it
   from PIL import Image as PILImage
 
   im = np.asarray(image)

@@ -48,7 +48,9 @@ import re
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
+from etils import epath
 
+from gaze_jax.convert.hf_config import llava_onevision_configs, llava_onevision_token_ids
 from gaze_jax.data.features import MediaPart, Visual
 from gaze_jax.data.hf_pixels import (channels, processor_fields, rescale_normalize,
                                      resize_filter, rgb_image)
@@ -167,10 +169,6 @@ class OnevisionSettings:
     Raises FileNotFoundError for a missing ``config.json`` or image processor file, and a
     ValueError naming the file and key for a field we do not reproduce.
     """
-    from etils import epath
-
-    from gaze_jax.convert.hf_config import llava_onevision_configs, llava_onevision_token_ids
-
     folder = epath.Path(folder)              # local or gs://
     model_file = folder / "config.json"
     if not model_file.is_file():
@@ -297,6 +295,7 @@ class LlavaOnevisionMedia:
   def pixels(self, image: np.ndarray) -> np.ndarray:
     """uint8 ``[h, w, 3]`` (or grey, RGBA) -> float32 ``[1 + rows * cols, S, S, 3]``: the base
     image, then the tiles row by row (``grid = (0, 0)``: the padded base image alone)."""
+    # PIL (the [data] extra) only here: the module imports without it
     from PIL import Image as PILImage
 
     fs, (rows, cols) = self.settings.image, self.grid
@@ -332,6 +331,7 @@ class LlavaOnevisionMedia:
 
   def frames(self, frames: Sequence[np.ndarray]) -> np.ndarray:
     """Video frames (uint8 ``[h, w, 3]`` each) -> float32 ``[T, S, S, 3]``."""
+    # PIL (the [data] extra) only here: the module imports without it
     from PIL import Image as PILImage
 
     fs = self.settings.video

@@ -27,8 +27,8 @@ from typing import Optional
 
 import numpy as np
 
-from gaze_jax.data.features import (ExampleProcessor, FeatureConfig, ModelInputs,
-                                    batch_to_model_inputs)
+from gaze_jax.data.features import (ExampleProcessor, ExampleTooLong, FeatureConfig,
+                                    ModelInputs, batch_to_model_inputs, example_where)
 
 __all__ = ["ExampleProcessor", "FeatureConfig", "ModelInputs", "batch_to_model_inputs",
            "SplitSource", "data_source", "make_dataset", "make_pipeline", "shard_split"]
@@ -39,7 +39,7 @@ def shard_split(split: str, process_index: Optional[int] = None,
   """This process's part of ``split`` (``tfds.split_for_jax_process``; the defaults are
   ``jax.process_index()`` / ``jax.process_count()``). ``drop_remainder`` keeps every host's
   shard the same length, so that hosts run the same number of steps."""
-  import tensorflow_datasets as tfds
+  import tensorflow_datasets as tfds   # the [data] extra: the module imports without it
 
   return tfds.split_for_jax_process(split, process_index=process_index,
                                     process_count=process_count, drop_remainder=drop_remainder)
@@ -58,7 +58,7 @@ class SplitSource:
   """
 
   def __init__(self, builder, split: str, read_split):
-    from gaze_jax.data import builders
+    from gaze_jax.data import builders   # tensorflow_datasets at its top: not this module's
 
     self._folder = builders.data_dir_of(builder)
     self._files = builder.info.splits[read_split].file_instructions
@@ -80,8 +80,7 @@ class SplitSource:
     return fi.filename, fi.skip + i - int(self._ends[k] - fi.take)
 
   def __getitem__(self, i):
-    from gaze_jax.data import builders
-    from gaze_jax.data.features import example_where
+    from gaze_jax.data import builders   # tensorflow_datasets at its top: not this module's
 
     i = int(i)
     if not 0 <= i < len(self):
@@ -132,8 +131,6 @@ class _FailIfNoneFits:
     p = self.processor
     out = p(example)
     if out is None and p.kept == 0 and p.skipped >= self.n:
-      from gaze_jax.data.features import ExampleTooLong
-
       raise ExampleTooLong(
           f"{self.where}: all of the first {p.skipped} examples were skipped as too long "
           f"(skip_too_long), none fits: the most they needed is {p.most_needed_text()}; "
@@ -161,7 +158,7 @@ def make_dataset(source, processor: ExampleProcessor, *, batch_size: int, seed: 
     ``grain.IterDataset``; ``iter()`` it, and use the iterator's ``get_state`` / ``set_state``
     to checkpoint and resume.
   """
-  import grain
+  import grain   # the [data] extra: the module imports without it
 
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -189,7 +186,7 @@ def make_pipeline(name: str, split: str, data_dir, tokenizer, feature_cfg: Featu
   Builds the dataset first when ``prepare`` (a prepared one is reused). ``shuffle`` defaults to
   True for "train" and False otherwise. The processor's ``skipped`` counts skipped examples.
   """
-  from gaze_jax.data import builders
+  from gaze_jax.data import builders   # tensorflow_datasets at its top: not this module's
 
   b = (builders.prepare if prepare else builders.builder)(name, data_dir, config, **overrides)
   src = data_source(b, split, shard=shard, process_index=process_index,

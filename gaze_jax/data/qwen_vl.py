@@ -58,10 +58,12 @@ import math
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
+from etils import epath
 
 from gaze_jax.data.features import MediaPart, PatchVisual
 from gaze_jax.data.hf_pixels import (channels, check_image, processor_fields, rescale_normalize,
                                      resize_filter, rgb_image)
+from gaze_jax.data.tokenizers import load_model_tokenizer
 from gaze_jax.gaze.layout import Image, Video
 from gaze_jax.paths import read_json
 
@@ -384,8 +386,6 @@ class QwenVLSettings:
     Raises FileNotFoundError for a missing ``config.json`` or image processor file, ValueError
     naming the file and key for a field we do not reproduce.
     """
-    from etils import epath
-
     folder = epath.Path(folder)
     model_file = folder / "config.json"
     if not model_file.is_file():
@@ -509,6 +509,7 @@ class QwenVLMedia:
     return rgb_image(image, steps.convert_rgb, steps.where)
 
   def _resized(self, image: np.ndarray, steps: QwenSteps, bucket) -> np.ndarray:
+    # PIL (the [data] extra) only here: the module imports without it
     from PIL import Image as PILImage
 
     im = self._rgb(image, steps)
@@ -594,8 +595,6 @@ def qwen_vl_tokenizer(folder, media: Optional[QwenVLMedia] = None):
   folder are already the whole ``<|vision_start|>...<|vision_end|>`` wrapper that
   ``QwenVLMedia`` replaces; with ``media``, its markers (``image_placeholder`` /
   ``video_placeholder``)."""
-  from gaze_jax.data.tokenizers import load_model_tokenizer
-
   tok = load_model_tokenizer(folder)
   if media is not None:
     tok.template = dataclasses.replace(tok.template, image_token=media.image_placeholder,

@@ -233,6 +233,7 @@ class SmolVLMMedia:
   def tiles(self, image: np.ndarray) -> np.ndarray:
     """uint8 ``[h, w, 3]`` (or grey ``[h, w]``, ``[h, w, 1]``, RGBA ``[h, w, 4]``) -> float32
     ``[rows * cols + 1, M, M, 3]``: the tiles row by row, then the global image."""
+    # PIL (the [data] extra) only here: the module imports without it
     from PIL import Image as PILImage
 
     s, (rows, cols) = self.settings, self.grid

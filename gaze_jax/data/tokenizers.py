@@ -20,12 +20,16 @@ A ``ChatTemplate`` renders a conversation as text pieces; ``render_conversation`
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
+import hashlib
 import json
 import logging
 import re
 from pathlib import Path
 from typing import Optional, Protocol, Sequence
+
+from etils import epath
 
 from gaze_jax.paths import read_json
 
@@ -121,7 +125,7 @@ class JinjaChatTemplate:
   def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
     """The template applied to ``messages`` (transformers' ``apply_chat_template(...,
     tokenize=False)``)."""
-    import jinja2
+    import jinja2   # the [data] extra, for model folders' templates: not at the module's top
 
     try:
       return _compiled_jinja(self.source).render(
@@ -216,8 +220,7 @@ def _media_parts(text: str, token: str) -> list:
 def _compiled_jinja(source: str):
   """``source`` compiled in an environment like transformers' for chat templates (sandboxed;
   chat templates from a model folder are untrusted code)."""
-  import datetime
-
+  # jinja2: the [data] extra, for model folders' templates; not at the module's top.
   import jinja2
   from jinja2 import ext, nodes
   from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -425,8 +428,6 @@ def fingerprint(tokenizer) -> str:
   """A short hash of what maps text to ids: the tokenizer's kind, vocabulary size and its
   tokens (specials and words; the whole vocabulary of a ``tokenizers`` one). Checkpoints keep
   it, so that weights are not silently read through different ids."""
-  import hashlib
-
   if isinstance(tokenizer, WordTokenizer):
     items = [list(tokenizer.SPECIALS), tokenizer._words]
   elif isinstance(tokenizer, ByteTokenizer):
@@ -530,8 +531,7 @@ def load_model_tokenizer(folder) -> HFTokenizer:
   template, ValueError naming the file for malformed JSON or a special token the vocabulary
   lacks.
   """
-  from etils import epath
-  from tokenizers import Tokenizer as _Tok
+  from tokenizers import Tokenizer as _Tok   # optional dependency, only for real models
 
   folder = epath.Path(folder)              # local or gs://
   file = folder / "tokenizer.json"
@@ -606,6 +606,7 @@ def load_gguf_tokenizer(path, template: Optional[ChatTemplate] = None) -> HFToke
   Raises ValueError for other tokenizer models or pre-tokenizers (their rules differ and would
   give wrong ids silently).
   """
+  # gguf and tokenizers: optional dependencies, only for GGUF tokenizers.
   import gguf
   from tokenizers import AddedToken, Tokenizer as _Tok, decoders, models, pre_tokenizers
 

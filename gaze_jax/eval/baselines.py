@@ -30,6 +30,7 @@ from gaze_jax.data.features import ModelInputs
 from gaze_jax.eval import layouts
 from gaze_jax.eval.budget import example_top_k
 from gaze_jax.gaze.routing import random_selection
+from gaze_jax.model.mllm import MLLM
 
 
 def dense_twin(model):
@@ -38,8 +39,6 @@ def dense_twin(model):
   The twin's structure comes from ``nnx.eval_shape`` (nothing is initialised) and its state is
   ``model``'s, so for a 4B model no second set of weights is allocated.
   """
-  from gaze_jax.model import MLLM
-
   cfg = model.cfg
   dense_cfg = dataclasses.replace(cfg, gaze=dataclasses.replace(cfg.gaze, attention="dense"))
   abstract = nnx.eval_shape(lambda: MLLM(dense_cfg, rngs=nnx.Rngs(0)))

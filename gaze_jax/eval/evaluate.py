@@ -38,11 +38,13 @@ from gaze_jax.data.features import ModelInputs, batch_to_model_inputs
 from gaze_jax.eval import baselines as bl
 from gaze_jax.eval import layouts, metrics
 from gaze_jax.eval.budget import configured_budget, measured_flops
+from gaze_jax.eval.gaze_maps import write_batch_gaze_maps
 from gaze_jax.eval.prior import by_group
 from gaze_jax.eval.text import decode, text_exact_match
 from gaze_jax.gaze.layout import PATCH, TEXT, LayoutSpec
 from gaze_jax.metrics import target_logp
 from gaze_jax.model.decoder import check_token_ids
+from gaze_jax.model.generate import generate
 from gaze_jax.model.mllm import QwenPatches
 
 # ------------------------------------------------------------------ compiled forwards
@@ -170,8 +172,6 @@ def generate_answers(model, inputs: ModelInputs, *, max_new_tokens: Optional[int
   Returns ``(tokens int32[B, M], lengths int32[B], references)`` with ``references[b]`` the
   token ids of example b's first reference answer (end token included).
   """
-  from gaze_jax.model.generate import generate
-
   lay = inputs.layout
   B = np.asarray(lay.kind).shape[0]
   refs = [_first_answer(inputs, b) for b in range(B)]
@@ -531,7 +531,6 @@ def evaluate(model, batches: Iterable, spec: Optional[LayoutSpec] = None, *,
       seen[entry.name] = (row, built[entry.model], row_inputs)
       if entry is MAIN and gaze_maps is not None and sel is not None \
           and len(maps) < gaze_maps.count:
-        from gaze_jax.eval.gaze_maps import write_batch_gaze_maps
         maps += write_batch_gaze_maps(
             gaze_maps.out_dir, inputs, sel, limit=gaze_maps.count - len(maps), start=len(maps),
             layers=gaze_maps.layers, tokens_per_example=gaze_maps.tokens, pred=pred,

@@ -34,6 +34,9 @@ import numpy as np
 from etils import epath
 
 from gaze_jax.data.boxes import region_pixel_extents
+from gaze_jax.data.qwen_vl import patch_frames
+from gaze_jax.eval.text import decode
+from gaze_jax.gaze.layout import TEXT as TEXT_KIND
 
 DIM = 0.4                                 # brightness of unselected regions
 GT_REGION = (255, 0, 255)                 # magenta: no shape of the datasets has it
@@ -134,6 +137,7 @@ def render_gaze_map(frames: np.ndarray, layout_row: dict, heat: np.ndarray, *,
   Returns:
     uint8 ``[height, width, 3]`` (geometry in the module docstring).
   """
+  # PIL (the [data] extra) only here: the module imports without it
   from PIL import Image as PILImage
   from PIL import ImageDraw
 
@@ -248,6 +252,7 @@ def write_gaze_maps(out_dir: Union[str, os.PathLike], images, layout, selected, 
   Returns:
     the written paths.
   """
+  # PIL (the [data] extra) only here: the module imports without it
   from PIL import Image as PILImage
 
   out_dir = epath.Path(out_dir)
@@ -255,7 +260,6 @@ def write_gaze_maps(out_dir: Union[str, os.PathLike], images, layout, selected, 
   feats = layout.to_features()
   NR = np.asarray(layout.region_valid).shape[1]
   if hasattr(images, "patches"):            # a Qwen-VL batch's patch rows (PatchPixels)
-    from gaze_jax.data.qwen_vl import patch_frames
     images = patch_frames(images.patches, images.grids)
   pix = to_uint8(images, image_mean, image_std)
   columns = [layers] if layers is None or isinstance(layers, int) else list(layers)
@@ -294,9 +298,6 @@ def write_batch_gaze_maps(out_dir, inputs, selected, *, limit: int, start: int =
   ``[B, S]``, the teacher-forced argmax at every row) the predicted one, each token's caption
   naming both, any ``notes`` (one line each) and the legend (ground truth named only for an
   example that has ground-truth regions)."""
-  from gaze_jax.eval.text import decode
-  from gaze_jax.gaze.layout import TEXT as TEXT_KIND
-
   layers = list(range(len(selected))) if layers is None else list(layers)
   mask = np.asarray(inputs.loss_mask) > 0
   has_frames = np.asarray(inputs.layout.frame_valid).astype(bool).any(1)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Sequence
 
+import jax
 import numpy as np
 
 from gaze_jax.data.features import ModelInputs, next_token_targets
@@ -251,8 +252,6 @@ def token_matched_segments(layout: TokenLayout, match: TokenMatch, *, image_hw, 
 def resize_images(images, image_hw: tuple[int, int]) -> np.ndarray:
   """``[B, F, H, W, C]`` -> ``[B, F, H', W', C]`` with antialiased linear resampling (area-like
   averaging when downsampling)."""
-  import jax
-
   images = np.asarray(images, np.float32)
   B, F, _, _, C = images.shape
   out = jax.image.resize(images, (B, F, int(image_hw[0]), int(image_hw[1]), C), "linear",

@@ -278,7 +278,8 @@ class GazeConfig:
       raise FieldError("GazeConfig", "query_chunk", " must be None or an int >= 1, got "
                        f"{self.query_chunk!r}")
     if isinstance(self.kernel, Mapping):
-      from pallas_kernels.config import KernelConfig   # no Pallas import
+      # No Pallas import, but jax: not at this module's top (see __post_init__'s first line).
+      from pallas_kernels.config import KernelConfig
       object.__setattr__(self, "kernel", _from_fields(KernelConfig, self.kernel,
                                                       "GazeConfig.kernel"))
 
@@ -286,7 +287,7 @@ class GazeConfig:
     """This config's K over ``n_regions`` regions (``layout.max_regions``): a
     ``gaze_jax.gaze.routing.ResolvedK`` (the static K_max, and the per-example ratio with
     ``top_k_per_example``)."""
-    from gaze_jax.gaze.routing import resolve_k
+    from gaze_jax.gaze.routing import resolve_k   # not at the top: see __post_init__
     return resolve_k(self.top_k, n_regions, per_example=self.top_k_per_example)
 
   # top_k=1 (one region) and top_k=1.0 (all regions) compare equal as numbers; the config is
@@ -367,7 +368,8 @@ class MLLMConfig:
       if self.qwen_grids:
         raise FieldError("MLLMConfig", "qwen_grids", " needs qwen_vision (a Qwen vision tower)")
       return
-    from gaze_jax.model.qwen_vision import QwenVisionConfig   # jax and flax, only when used
+    # jax and flax, only when used; and qwen_vision imports this module (via vision).
+    from gaze_jax.model.qwen_vision import QwenVisionConfig
     if isinstance(qv, Mapping):
       qv = _from_fields(QwenVisionConfig, qv, "MLLMConfig.qwen_vision")
       object.__setattr__(self, "qwen_vision", qv)

@@ -42,8 +42,8 @@ from flax import nnx
 
 from gaze_jax.gaze.layout import Image, Text, Video, num_regions
 from gaze_jax.gaze.routing import resolve_k
+from gaze_jax.model.abstract import abstract_model
 from gaze_jax.model.config import MLLMConfig
-from gaze_jax.model.mllm import MLLM
 from gaze_jax.model.presets import PRESETS, get_preset
 
 GiB = 1 << 30
@@ -56,35 +56,6 @@ COMPONENTS = ("params", "grads", "optimizer", "gathered_weights", "activations",
 
 
 # ------------------------------------------------------------------ parameter counts
-
-class _ShapeOnlyRngs:
-  """Stand-in for ``nnx.Rngs`` when only shapes matter: every stream returns the same key.
-
-  ``nnx.Rngs`` bumps a traced counter on every call, and flax 0.12 then inspects the tracer's
-  sharding, which costs time linear in the trace so far: building Qwen3-4B + SigLIP abstractly
-  took 13 s with ``nnx.Rngs(0)`` and 0.7 s with this (same shapes, dtypes and metadata).
-  """
-
-  def __call__(self):
-    return jax.random.key(0)
-
-  def __getattr__(self, name):
-    if name.startswith("__"):
-      raise AttributeError(name)
-    return self.__call__
-
-
-def abstract_model(cfg: MLLMConfig) -> MLLM:
-  """``MLLM(cfg)`` with ``jax.ShapeDtypeStruct`` in place of every array (no memory used).
-
-  Falls back to a real ``nnx.Rngs(0)`` (slower, same result) if a module needs more of the
-  Rngs API than the shape-only stand-in offers.
-  """
-  try:
-    return nnx.eval_shape(lambda: MLLM(cfg, rngs=_ShapeOnlyRngs()))
-  except (AttributeError, TypeError):
-    return nnx.eval_shape(lambda: MLLM(cfg, rngs=nnx.Rngs(0)))
-
 
 _GROUPS = {"vision": "vision", "projector": "projector", "decoder": "decoder",
            "ctx_embed": "ctx"}

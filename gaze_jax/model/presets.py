@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+from gaze_jax.model import qwen_vision
 from gaze_jax.model.config import DecoderConfig, GazeConfig, MLLMConfig, VisionConfig
 
 
@@ -108,8 +109,6 @@ def llava_onevision_0_5b() -> MLLMConfig:
 
 
 def _qwen_vl(vision_preset: str, **decoder) -> MLLMConfig:
-  from gaze_jax.model import qwen_vision
-
   qwen3 = vision_preset.startswith("qwen3")
   dec = DecoderConfig(vocab_size=151936, num_heads=decoder.pop("num_heads", None) or 32,
                       head_dim=128, rms_norm_eps=1e-6, qkv_bias=not qwen3, qk_norm=qwen3,

@@ -8,7 +8,9 @@
 * ``optim.make_optimizer``: AdamW + warm-up/cosine + clipping + regex parameter groups.
 * ``sharding``: the ``data x fsdp x tensor`` mesh and logical axis rules.
 * ``metrics``: TensorBoard / JSONL writers, progress line, FLOPs and MFU.
-* ``config``: ml_collections configs -> ``MLLMConfig`` / ``LayoutSpec`` / top-K plan.
+* ``config``: ml_collections configs -> ``MLLMConfig`` / ``LayoutSpec`` / top-K plan;
+  ``dicts``: config trees as plain dicts.
+* ``tokenizer.run_tokenizer(config)``: the run's tokenizer (``config.data.tokenizer``).
 
 Submodules are imported on use, so ``import gaze_jax.train`` is cheap.
 """

@@ -64,18 +64,22 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from gaze_jax import logs, paths
+from gaze_jax.data.tokenizers import fingerprint
+from gaze_jax.model.abstract import abstract_model
+from gaze_jax.model.config import MLLMConfig
+from gaze_jax.train import sharding
+from gaze_jax.train.config import eval_model_config
+from gaze_jax.train.errors import CheckpointError
+from gaze_jax.train.nonfinite import check_finite
 
 ITEMS = ("params", "opt_state", "data", "meta")
 CHECKPOINT_DIR = "checkpoints"
 TMP_MARKER = ".orbax-checkpoint-tmp"
 CHECKSUMS = "checksums.json"
 DAMAGED = ".damaged"
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint could not be restored (the message names the folder and the cause)."""
 
 
 class DamagedCheckpoint(CheckpointError):
@@ -101,7 +105,6 @@ def gather_json(obj: Any) -> list:
   host)."""
   if jax.process_count() == 1:
     return [obj]
-  from jax.experimental import multihost_utils
 
   raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
   n = int(np.max(multihost_utils.process_allgather(np.asarray([raw.size], np.int64))))
@@ -367,7 +370,6 @@ class Checkpointer:
                         "it no longer counts towards keep, and step %d is saved anew)", step,
                         dst, step)
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("gaze_jax.train.checkpoint.move_aside")
     self.mngr.reload()
 
@@ -417,8 +419,6 @@ class Checkpointer:
 def abstract_params(cfg) -> tuple[Any, Any, Any]:
   """(graphdef, abstract params pure dict of ShapeDtypeStruct, non-Param state) of
   ``MLLM(cfg)`` without allocating weights."""
-  from gaze_jax.model.memory import abstract_model
-
   gd, params, rest = nnx.split(abstract_model(cfg), nnx.Param, ...)
   return gd, params, rest
 
@@ -426,8 +426,6 @@ def abstract_params(cfg) -> tuple[Any, Any, Any]:
 def check_tokenizer(meta: Optional[dict], tokenizer, where) -> None:
   """Raises CheckpointError when the checkpoint ``meta`` records a tokenizer whose fingerprint
   differs from ``tokenizer``'s (checkpoints written before fingerprints are accepted)."""
-  from gaze_jax.data.tokenizers import fingerprint
-
   saved = (meta or {}).get("tokenizer") or {}
   if not saved.get("fingerprint"):
     return
@@ -522,10 +520,6 @@ def restore_model(workdir, config, step: Optional[int] = None, *, mesh=None, rul
       read), one trained with another tokenizer, or (``NonFiniteCheckpoint``) one whose
       parameters are not finite.
   """
-  from gaze_jax.model.config import MLLMConfig
-  from gaze_jax.train import sharding
-  from gaze_jax.train.config import eval_model_config
-
   cfg = config if isinstance(config, MLLMConfig) else eval_model_config(config)
   ckpt = Checkpointer(epath.Path(workdir) / CHECKPOINT_DIR, read_only=True)
   try:
@@ -556,6 +550,5 @@ def restore_model(workdir, config, step: Optional[int] = None, *, mesh=None, rul
     raise CheckpointError(f"no checkpoint under {epath.Path(workdir) / CHECKPOINT_DIR}")
   if tokenizer is not None:
     check_tokenizer(got.meta, tokenizer, f"checkpoint step {got.step} in {workdir}")
-  from gaze_jax.train.nonfinite import check_finite
   check_finite(got.params, f"checkpoint step {got.step} in {workdir}", allow=allow_nonfinite)
   return nnx.merge(gd, got.params, rest), got.step

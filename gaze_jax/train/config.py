@@ -21,6 +21,7 @@ Config layout (see ``configs/demo.py`` for a complete example)::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Any, Mapping, Optional
@@ -29,25 +30,10 @@ from gaze_jax.gaze.layout import LayoutSpec
 from gaze_jax.gaze.schedules import SHAPES
 from gaze_jax.model.config import (DecoderConfig, FieldError, GazeConfig, MLLMConfig,
                                    VisionConfig)
-
-
-def to_dict(cfg: Any) -> Optional[dict]:
-  """A plain (nested) dict of a ConfigDict / namespace / mapping (None stays None)."""
-  if cfg is None:
-    return None
-  if hasattr(cfg, "to_dict"):
-    return cfg.to_dict()
-  if isinstance(cfg, Mapping):
-    return {k: to_dict(v) if isinstance(v, Mapping) or hasattr(v, "to_dict") else v
-            for k, v in cfg.items()}
-  return dict(vars(cfg))
-
-
-def config_json(cfg: Any) -> Optional[dict]:
-  """``to_dict(cfg)`` as JSON reads it back (tuples as lists, other objects as their ``str``):
-  what a run's ``config.json`` and its checkpoints' ``meta`` record."""
-  import json
-  return json.loads(json.dumps(to_dict(cfg), default=str))
+from gaze_jax.train.dicts import to_dict
+from gaze_jax.train.model_init import hf_folder, hf_model_config
+from gaze_jax.train.optim import check_optim
+from gaze_jax.train.preflight import check_example_fits
 
 
 # The fields that hold an int count or a float ratio (the routing's K).
@@ -59,6 +45,7 @@ def count_or_ratio(value):
   command line (``--config.model.gaze.top_k=0.25``): an object-typed ml_collections
   ``FieldReference``. A plain field keeps the type of its first value: an int one refuses 0.25,
   a float one would turn the count 3 into the ratio 3.0."""
+  # Not at the top: this module imports without ml_collections (tests/train/test_units.py).
   from ml_collections import config_dict
   return config_dict.FieldReference(value, field_type=object)
 
@@ -66,8 +53,7 @@ def count_or_ratio(value):
 def config_from_dict(d: Mapping[str, Any]):
   """A ConfigDict of the nested dict ``d`` (a run's ``config.json``) whose ``COUNT_OR_RATIO``
   fields take either type, as those of ``configs/common.py: base_config`` do."""
-  import copy
-
+  # Not at the top: this module imports without ml_collections (tests/train/test_units.py).
   import ml_collections
 
   d = copy.deepcopy(dict(d))
@@ -110,8 +96,6 @@ def model_fields(cfg: MLLMConfig) -> dict:
 def mllm_config(model_cfg: Any, *, top_k=None) -> MLLMConfig:
   """``config.model`` -> ``MLLMConfig``; ``top_k`` replaces ``model.gaze.top_k`` (the trainer
   builds its model with the schedule's starting K as the static K_max)."""
-  from gaze_jax.train.model_init import hf_folder, hf_model_config
-
   d = to_dict(model_cfg)
   gaze = dict(d.get("gaze") or {})
   if top_k is not None:
@@ -266,9 +250,6 @@ def check_train_config(config: Any) -> tuple[MLLMConfig, LayoutSpec, TopKPlan]:
   top-K plan, the counts of ``train`` / ``checkpoint`` / ``data`` and the ``optim`` fields.
   Touches no device (train_main.py runs it before ``jax.distributed.initialize``). Raises
   ValueError naming the field. Returns ``train_model_config(config)``."""
-  from gaze_jax.train.optim import check_optim
-  from gaze_jax.train.preflight import check_example_fits
-
   # The layout first: a max_regions below one image's regions is that, not a K out of range.
   target_cfg = run_model_config(config)
   check_example_fits(config, target_cfg, layout_spec(config, target_cfg))

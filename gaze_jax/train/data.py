@@ -3,16 +3,17 @@
 ``config.data`` fields: ``name`` (a ``gaze_jax.data.builders`` dataset), ``builder_config``
 (its preset, e.g. "64px"), ``builder_overrides`` (dict of builder fields, e.g. ``num_train``),
 ``data_dir`` (default ``<workdir>/tfds``; local or ``gs://``, read through a local mirror:
-``gaze_jax.data.builders``), ``tokenizer`` (``gaze_jax.runs.run_tokenizer``: "byte", "words",
-"gguf:smollm2", a ``.gguf`` file, a folder with ``tokenizer.json``, "hf:<model folder>", or
-"model": the one of ``model.init``'s Hugging Face folder), ``image_grid`` (rows, cols of tiles
-per image for a model family that tiles images, from a ``model.init=hf:`` folder; (0, 0): one
-image, no tiles), ``buckets`` ((height, width) pixel sizes every image and video is resized to
-for a Qwen2.5-VL / Qwen3-VL folder; empty otherwise), ``video_fps`` (the frame rate of the
-videos' frames for Qwen-VL; 0: 24), ``max_patches`` (Qwen-VL patch rows per example; 0:
-``max_images`` frames at the largest bucket), ``seq_len``, ``max_regions``, ``max_images``,
-``max_nonvisual``, ``batch_size`` (global; each host reads ``batch_size / process_count``),
-``seed``, ``num_threads``, ``skip_too_long``, ``train_split``, ``eval_split``.
+``gaze_jax.data.builders``), ``tokenizer`` (``gaze_jax.train.tokenizer.run_tokenizer``: "byte",
+"words", "gguf:smollm2", a ``.gguf`` file, a folder with ``tokenizer.json``, "hf:<model
+folder>", or "model": the one of ``model.init``'s Hugging Face folder), ``image_grid`` (rows,
+cols of tiles per image for a model family that tiles images, from a ``model.init=hf:``
+folder; (0, 0): one image, no tiles), ``buckets`` ((height, width) pixel sizes every image and
+video is resized to for a Qwen2.5-VL / Qwen3-VL folder; empty otherwise), ``video_fps`` (the
+frame rate of the videos' frames for Qwen-VL; 0: 24), ``max_patches`` (Qwen-VL patch rows per
+example; 0: ``max_images`` frames at the largest bucket), ``seq_len``, ``max_regions``,
+``max_images``, ``max_nonvisual``, ``batch_size`` (global; each host reads ``batch_size /
+process_count``), ``seed``, ``num_threads``, ``skip_too_long``, ``train_split``,
+``eval_split``.
 """
 
 from __future__ import annotations
@@ -23,10 +24,15 @@ from typing import Any, Mapping, Optional
 import jax
 import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 
+from gaze_jax.convert.families import media_processor as family_media
+from gaze_jax.data import pipeline
+from gaze_jax.data.features import ExampleProcessor, FeatureConfig, is_patch_media
 from gaze_jax.gaze.layout import LayoutSpec
 from gaze_jax.model.config import MLLMConfig
-from gaze_jax.train.config import to_dict
+from gaze_jax.train.dicts import to_dict
+from gaze_jax.train.model_init import hf_folder
 
 
 def feature_config(config: Any, model: MLLMConfig, spec: LayoutSpec, media: Any = None):
@@ -35,8 +41,6 @@ def feature_config(config: Any, model: MLLMConfig, spec: LayoutSpec, media: Any 
   (``features.PatchMedia``) the square ``image_size`` is the largest bucket side (only the
   size preflight's blank image is made at) and ``max_patches`` is ``config.data.max_patches``
   (0: the default)."""
-  from gaze_jax.data.features import FeatureConfig, is_patch_media
-
   if media is None and getattr(config, "model", None) is not None:
     media = media_processor(config)
   if is_patch_media(media):
@@ -62,9 +66,6 @@ def media_processor(config: Any):
   None otherwise (``features.SquareResize``). A Qwen-VL folder without buckets is refused
   naming ``config.data.buckets`` (a config.json of a run older than these fields reads them
   as empty)."""
-  from gaze_jax.convert.families import media_processor as family_media
-  from gaze_jax.train.model_init import hf_folder
-
   folder = hf_folder(config.model.init)
   if folder is None:
     return None
@@ -76,8 +77,6 @@ def media_processor(config: Any):
 
 def example_processor(config: Any, tokenizer, model: MLLMConfig, spec: LayoutSpec):
   """Raw example -> features for this run: its tokenizer, static shapes and image processing."""
-  from gaze_jax.data.features import ExampleProcessor
-
   media = media_processor(config)
   return ExampleProcessor(tokenizer, feature_config(config, model, spec, media), media=media)
 
@@ -91,6 +90,8 @@ def data_dir(config: Any, workdir) -> epath.Path:
 def prepare(config: Any, workdir):
   """Builds the dataset once (process 0), then every process opens it (from a ``gs://``
   data_dir, each host through its own local mirror)."""
+  # Not at the top: builders imports tensorflow_datasets and PIL (the [data] extra), which the
+  # trainer's module does not need (benchmarks/aot imports it without them).
   from gaze_jax.data import builders
 
   d = config.data
@@ -100,7 +101,6 @@ def prepare(config: Any, workdir):
   if jax.process_index() == 0:
     b = builders.prepare(kw.pop("name"), kw.pop("data_dir"), kw.pop("config"), **kw)
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("gaze_jax.train.data.prepare")
   if jax.process_index() != 0:
     b = builders.builder(kw.pop("name"), kw.pop("data_dir"), kw.pop("config"), **kw)
@@ -120,8 +120,6 @@ def make_iterator(config: Any, builder, tokenizer, model: MLLMConfig, spec: Layo
                   state: Optional[Mapping] = None):
   """This host's iterator of batches (endless and shuffled for training; one ordered pass
   otherwise), positioned at ``state`` when given."""
-  from gaze_jax.data import pipeline
-
   d = config.data
   split = split or (d.train_split if train else d.eval_split)
   src = pipeline.data_source(builder, split)

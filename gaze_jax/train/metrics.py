@@ -89,7 +89,8 @@ def progress_line(step: int, num_steps: int, m: Mapping[str, float], tokens_per_
   A tqdm bar redraws itself with carriage returns, one endless line in a log file; only
   tqdm's formatters are used here, for the speed and the ETA (``[H:]MM:SS``).
   """
-  from tqdm import tqdm          # installed with the [data] extra that training needs
+  # tqdm comes with the [data] extra that training needs, not the core: not at the top.
+  from tqdm import tqdm
 
   parts = [f"step {step}/{num_steps}", f"loss {m['loss']:.4f}",
            f"token acc {m['token_accuracy']:.3f}", f"{tqdm.format_sizeof(tokens_per_s)} tok/s"]

@@ -17,6 +17,8 @@ import functools
 import logging
 from typing import Any, Mapping, Optional
 
+from gaze_jax.convert.families import plan_hf
+from gaze_jax.convert.sharded import check_plan, flat_paths, load_sharded
 from gaze_jax.model.config import GazeConfig, MLLMConfig
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,6 @@ def hf_folder(init: Optional[str]) -> Optional[str]:
 
 @functools.lru_cache(maxsize=8)
 def _folder_model(folder: str, gaze: GazeConfig, dtype: str, param_dtype: str) -> MLLMConfig:
-  from gaze_jax.convert.families import plan_hf
   return plan_hf(folder, gaze, dtype=dtype, param_dtype=param_dtype).model
 
 
@@ -94,8 +95,6 @@ def hf_model_config(folder: str, model: Mapping[str, Any], gaze: GazeConfig) -> 
 def _plan(folder: str, model_cfg: MLLMConfig):
   """A fresh plan of ``folder`` for ``model_cfg`` (not the cached config's: a plan's checkpoint
   is read while loading)."""
-  from gaze_jax.convert.families import plan_hf
-
   plan = plan_hf(folder, model_cfg.gaze, dtype=model_cfg.dtype,
                  param_dtype=model_cfg.param_dtype)
   return dataclasses.replace(plan, model=model_cfg)
@@ -105,8 +104,6 @@ def check_folder(folder: str, model_cfg: MLLMConfig, abstract_params: Any) -> No
   """Checks from the safetensors headers alone that ``folder`` holds every weight of
   ``model_cfg`` with its shape (``convert.sharded.check_plan``): the run stops before it
   writes anything, naming the file and the tensor."""
-  from gaze_jax.convert.sharded import check_plan, flat_paths
-
   check_plan(_plan(folder, model_cfg), flat_paths(abstract_params)[0])
 
 
@@ -115,8 +112,6 @@ def init_params(folder: str, model_cfg: MLLMConfig, abstract_params: Any, *, see
   """The parameters of ``model_cfg`` read from ``folder`` straight into the shardings of
   ``abstract_params`` (pure-dict tree of ``ShapeDtypeStruct``); the context tokens start from
   their initialiser (``seed``)."""
-  from gaze_jax.convert.sharded import load_sharded
-
   plan = _plan(folder, model_cfg)
   log.info("initialising the model from %s (%s)", folder, type(plan.model).__name__)
   return load_sharded(plan, abstract_params, seed=seed, allow_nonfinite=allow_nonfinite)

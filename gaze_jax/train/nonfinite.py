@@ -15,7 +15,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from gaze_jax.train.checkpoint import CheckpointError
+from gaze_jax.train.errors import CheckpointError
 
 log = logging.getLogger("gaze_jax.train")
 

@@ -22,11 +22,16 @@ import logging
 import os
 from typing import Any, Optional
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from gaze_jax.data.features import LIMIT_FIELDS, ExampleProcessor, ExampleTooLong, Visual
 from gaze_jax.gaze.layout import LayoutSpec, Text, build_layout, frames_needed, slots_needed
 from gaze_jax.model.config import MLLMConfig
+from gaze_jax.model.memory import estimate_memory
+from gaze_jax.train import data as data_lib
 
 log = logging.getLogger("gaze_jax.train")
 
@@ -49,9 +54,6 @@ def _smallest_example(config: Any, model_cfg: MLLMConfig, spec: LayoutSpec, toke
   blank image at the model's size, as the run's media processing makes it (tiles included),
   and with ``tokenizer`` the chat template around an empty question and a one-letter answer,
   as the run's ``ExampleProcessor`` tokenizes it; without it, one answer token."""
-  from gaze_jax.data.features import ExampleProcessor, Visual
-  from gaze_jax.train import data as data_lib
-
   fcfg = data_lib.feature_config(config, model_cfg, spec)     # refuses a model without vision
   blank = np.zeros((fcfg.image_size, fcfg.image_size, 3), np.uint8)
   if tokenizer is not None:
@@ -81,8 +83,6 @@ def check_example_fits(config: Any, model_cfg: MLLMConfig, spec: LayoutSpec,
   ``max_regions``, ``max_images``, ``max_nonvisual`` too small, or
   ``config.model.gaze.region_shape`` larger than the image's token grid. The rules are those
   every batch is held to (``ExampleProcessor``'s fit check and ``build_layout``)."""
-  from gaze_jax.data.features import LIMIT_FIELDS, ExampleTooLong
-
   proc, segs, desc = _smallest_example(config, model_cfg, spec, tokenizer)
   # The layout's structure first, with room for everything (else a region shape larger than
   # the grid would read as a sequence too long for seq_len).
@@ -133,9 +133,6 @@ def check_dtype(model_cfg: MLLMConfig) -> None:
   """Raises PreflightError when this backend cannot run the model's compute dtype: attention in
   float16 (``jax.nn.dot_product_attention``, float32 accumulation) does not lower on CPU.
   Lowers that one op on a tiny abstract input (no compile, no data)."""
-  import jax
-  import jax.numpy as jnp
-
   q = jax.ShapeDtypeStruct((1, 2, 1, 8), jnp.dtype(model_cfg.dtype))
   try:
     jax.jit(jax.nn.dot_product_attention).lower(q, q, q)
@@ -159,8 +156,6 @@ def device_memory() -> Optional[tuple[int, str]]:
   """(bytes, description) of the memory one device has: ``memory_stats()["bytes_limit"]`` on
   an accelerator, the machine's physical memory split over its CPU devices on CPU; None when
   the backend does not say."""
-  import jax
-
   dev = jax.local_devices()[0]
   if dev.platform == "cpu":
     try:
@@ -189,11 +184,6 @@ def check_memory(config: Any, model_cfg: MLLMConfig, spec: LayoutSpec) -> None:
   scores over all S slots every gaze row computes too (the estimate of the gaze path also
   counts gathered region blocks for every slot, while only the text rows route).
   ``config.train.check_memory=False`` skips it."""
-  import jax
-  import jax.numpy as jnp
-
-  from gaze_jax.model.memory import estimate_memory
-
   if not config.train.check_memory:
     return
   have = device_memory()

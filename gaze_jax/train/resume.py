@@ -19,7 +19,7 @@ import logging
 from typing import Any, Optional
 
 from gaze_jax.train import checkpoint as ckpt_lib
-from gaze_jax.train.config import config_json
+from gaze_jax.train.dicts import config_json
 
 log = logging.getLogger("gaze_jax.train")
 

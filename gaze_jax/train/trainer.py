@@ -47,24 +47,27 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gaze_jax import logs
+from gaze_jax.convert import gguf
+from gaze_jax.data.tokenizers import fingerprint as tokenizer_fingerprint
 from gaze_jax.gaze.accounting import train_flops
 from gaze_jax.model.mllm import MLLM
-from gaze_jax.runs import run_tokenizer
 from gaze_jax.train import checkpoint as ckpt_lib
 from gaze_jax.train import data as data_lib
 from gaze_jax.train import metrics as metrics_lib
 from gaze_jax.train import model_init
 from gaze_jax.train import preflight
 from gaze_jax.train import sharding as shard_lib
-from gaze_jax.train.config import (check_train_config, config_json, eval_model_config, to_dict,
-                                   train_model_config)
+from gaze_jax.train.config import check_train_config, eval_model_config, train_model_config
+from gaze_jax.train.dicts import config_json, to_dict
 from gaze_jax.train.optim import make_optimizer, trainable_mask
 from gaze_jax.train.nonfinite import NonFiniteGuard, check_finite
 from gaze_jax.train.resume import check_resume
 from gaze_jax.train.step import TrainStep, check_static_grids, step_batch
+from gaze_jax.train.tokenizer import run_tokenizer
 from gaze_jax.train.workdir_lock import WorkdirLock
 
 log = logging.getLogger("gaze_jax.train")
@@ -182,8 +185,6 @@ def hf_init_state(s: Setup, folder: str, seed: int) -> dict:
 
 def _load_decoder_init(s: Setup, state: dict, source: str) -> dict:
   """Replaces the decoder weights by those of a GGUF file ("gguf:smollm2" or a path)."""
-  from gaze_jax.convert import gguf
-
   path = gguf.find_smollm2_gguf() if source == "gguf:smollm2" else source
   lm = gguf.load_gguf_causal_lm(path)
   got = nnx.to_pure_dict(nnx.state(lm, nnx.Param))["decoder"]
@@ -205,13 +206,12 @@ def _meta(s: Setup, tokenizer) -> dict:
   """What a checkpoint records of its run. ``model``: the model the steps compile (K = the
   schedule's start); ``trained_model``: the model the run trains to (the target K), which
   evaluation and serving build (``gaze_jax.runs.restore``)."""
-  from gaze_jax.data.tokenizers import fingerprint
   return {"model": dataclasses.asdict(s.model_cfg),
           "trained_model": _jsonable(dataclasses.asdict(eval_model_config(s.config))),
           "config": config_json(s.config),
           "topk_plan": dataclasses.asdict(s.plan),
           "tokenizer": {"name": str(s.config.data.tokenizer),
-                        "fingerprint": fingerprint(tokenizer)}}
+                        "fingerprint": tokenizer_fingerprint(tokenizer)}}
 
 
 def _jsonable(x):
@@ -251,7 +251,6 @@ class _Preemption:
     """The flag, OR-ed over processes (every host must stop at the same step)."""
     if jax.process_count() == 1:
       return self.requested
-    from jax.experimental import multihost_utils
     flags = multihost_utils.process_allgather(np.asarray([self.requested], np.int32))
     return bool(np.max(flags))
 

@@ -98,7 +98,7 @@ class WorkdirLock:
       self._acquire_object()
 
   def _acquire_local(self):
-    import fcntl
+    import fcntl   # POSIX only: the module imports where there is none (gs:// locks need none)
 
     f = open(self.path, "a+")
     try:

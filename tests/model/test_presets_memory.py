@@ -11,7 +11,8 @@ from flax import nnx
 from gaze_jax.gaze import Image, Text, num_regions
 from gaze_jax.model import MLLM
 from gaze_jax.model import memory
-from gaze_jax.model.memory import GiB, abstract_model, count_params, estimate_memory
+from gaze_jax.model.abstract import abstract_model
+from gaze_jax.model.memory import GiB, count_params, estimate_memory
 from gaze_jax.model.presets import PRESETS, get_preset, tiny
 
 REAL = ["smollm2_135m", "cambrian_4b", "qwen2_5_7b", "llava_onevision_0_5b"]
