@@ -2,10 +2,10 @@
 is imported): every import counts, at a module's top or inside a function alike, since a
 function-level import is a dependency too, only a hidden one.
 
-* No cycle between modules of ``gaze_jax`` (``KNOWN_CYCLE_EDGES`` lists the one left, and why).
+* No cycle between modules of ``gaze_jax`` (``KNOWN_CYCLE_EDGES`` would list an exception, and why).
 * No cycle between its parts (``gaze_jax.train``, ``gaze_jax.runs``, ``gaze_jax.data``, ...): a
   lower layer never imports a higher one, e.g. ``gaze_jax.train`` never imports
-  ``gaze_jax.runs`` (``KNOWN_PART_EDGES``: the one exception).
+  ``gaze_jax.runs`` (``KNOWN_PART_EDGES`` would list an exception).
 * ``gaze_jax.gaze`` (the method) never imports ``pallas_kernels`` (the kernels build on it).
 * A function-level import in ``gaze_jax`` says why it is not at the top, in a comment on its
   line or just above it (an optional dependency, a module that must import without one, ...).
@@ -27,28 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("gaze_jax", "pallas_kernels")
 
 # (importer, imported) edges allowed to close a cycle; each must still exist (else drop it).
-KNOWN_CYCLE_EDGES = {
-    # GazeConfig / MLLMConfig accept a dict for ``qwen_vision`` and build the tower's config
-    # (model.config._check_qwen, a function-level import), while QwenVisionConfig lives with the
-    # tower in gaze_jax/model/qwen_vision.py, which imports gaze_jax.model.vision, which imports
-    # model.config. Breaking it moves QwenVisionConfig next to the other config dataclasses
-    # (model/config.py), a change to qwen_vision.py.
-    ("gaze_jax.model.config", "gaze_jax.model.qwen_vision"),
-}
+KNOWN_CYCLE_EDGES: set = set()
 # Module edges allowed to close a cycle between parts of gaze_jax; each must still exist.
-KNOWN_PART_EDGES = {
-    # convert.families maps a folder's model_type to its weight plan and to its media
-    # processing (gaze_jax.data.smolvlm / llava_onevision / qwen_vl), and the LLaVA-OneVision
-    # media processing reads the folder's config.json through convert.hf_config. Breaking it
-    # moves the family -> media table, or the config.json readers, to one side.
-    ("gaze_jax.data.llava_onevision", "gaze_jax.convert.hf_config"),
-}
+KNOWN_PART_EDGES: set = set()
 # Function-level imports without a comment, in files being changed elsewhere:
 # (file, imported module). Each should gain its reason or move to the top.
-UNEXPLAINED_LATE_IMPORTS = {
-    # decode_plan imports attention_plan inside; nothing stops it from being at the top.
-    ("gaze_jax/model/mllm.py", "gaze_jax.model.attention"),
-}
+UNEXPLAINED_LATE_IMPORTS: set = set()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gaze_jax.convert.hf_config import (decoder_config_from_hf, llava_onevision_configs,
+from gaze_jax.model.hf_config import (decoder_config_from_hf, llava_onevision_configs,
                                         llava_onevision_media_ids, vision_config_from_hf)
 from gaze_jax.convert.hf_io import Checkpoint, PathLike, load_safetensors, read_hf_config
 from gaze_jax.convert.mapping import (Rule, WeightMap, conv, identity, linear, load_weights,

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from gaze_jax.convert import hf
-from gaze_jax.convert.hf_config import qwen_vl_decoder_config
+from gaze_jax.model.hf_config import qwen_vl_decoder_config
 from gaze_jax.convert.hf_io import load_safetensors, read_hf_config
 from gaze_jax.convert.mapping import Layout, Rule, WeightMap, identity, linear, load_weights
 from gaze_jax.model.config import MLLMConfig

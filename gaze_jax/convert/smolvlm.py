@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 from gaze_jax.convert import hf
 from gaze_jax.convert.hf import DENSE_TEXT, LoadPlan, decoder_rules, find_prefix, vision_rules
-from gaze_jax.convert.hf_config import decoder_config_from_hf
+from gaze_jax.model.hf_config import decoder_config_from_hf
 from gaze_jax.convert.hf_io import PathLike, load_safetensors, read_hf_config
 from gaze_jax.convert.mapping import Rule, WeightMap, linear
 from gaze_jax.model.config import DecoderConfig, GazeConfig, MLLMConfig, VisionConfig

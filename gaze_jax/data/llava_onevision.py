@@ -50,7 +50,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 from etils import epath
 
-from gaze_jax.convert.hf_config import llava_onevision_configs, llava_onevision_token_ids
+from gaze_jax.model.hf_config import llava_onevision_configs, llava_onevision_token_ids
 from gaze_jax.data.features import MediaPart, Visual
 from gaze_jax.data.hf_pixels import (channels, processor_fields, rescale_normalize,
                                      resize_filter, rgb_image)

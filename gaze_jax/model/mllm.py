@@ -17,12 +17,13 @@ import numpy as np
 from flax import nnx
 
 from gaze_jax.gaze import CTX, PATCH, TEXT, LayoutSpec, TokenLayout, build_layout
+from gaze_jax.model.attention import attention_plan
 from gaze_jax.model.config import MLLMConfig
 from gaze_jax.model.decoder import Decoder
 from gaze_jax.model.layers import concrete
 from gaze_jax.model.qwen_vision import QwenVisionTower
-from gaze_jax.model.vision import (PixelShuffleProjector, Projector, VisionTower,
-                                   bilinear_matrix)
+from gaze_jax.model.resample import bilinear_matrix
+from gaze_jax.model.vision import PixelShuffleProjector, Projector, VisionTower
 
 
 def pack_images(images: Sequence[Sequence[np.ndarray]], layout: TokenLayout) -> np.ndarray:
@@ -489,7 +490,6 @@ class MLLM(nnx.Module):
     fields, the kernels' KV block table), built once for a decode loop and passed to every
     ``decode`` (``plan_base``); None for dense attention. q_index: int32 ``[B, T]`` the slots
     of any one step's tokens."""
-    from gaze_jax.model.attention import attention_plan
 
     return attention_plan(self.cfg.decoder, self.cfg.gaze, layout, q_index,
                           jnp.dtype(self.cfg.dtype))

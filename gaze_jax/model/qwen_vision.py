@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from gaze_jax.model.layers import RMSNorm, dense, layer_norm
-from gaze_jax.model.vision import bilinear_matrix
+from gaze_jax.model.resample import bilinear_matrix
 
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 # transformers' ACT2FN names -> functions (``gelu`` is the exact erf form).

@@ -9,7 +9,7 @@ from flax import nnx
 from gaze_jax.convert.qwen_vl import (load_qwen_vision, qwen_vision_config, qwen_vision_rules,
                                       vision_prefix)
 from gaze_jax.model.qwen_vision import QwenVisionTower, merge_block_coords, window_index
-from gaze_jax.model.vision import bilinear_matrix
+from gaze_jax.model.resample import bilinear_matrix
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
