@@ -143,3 +143,18 @@ def write_llava_json(folder, n: int, seed: int = 0, size: int = 64, validation: 
     with open(files[split], "w") as f:
       json.dump(recs, f)
   return {"json_files": files, "image_dir": images}
+
+
+def fine_tuned(plan, seed: int, scale: float = 0.05):
+  """Our model of ``plan`` (``convert.hf.build_planned``) with every weight changed by
+  ``scale`` x N(0, 1) noise, as fine-tuning would change it (an export test must then see our
+  weights, not the source's)."""
+  from gaze_jax.convert.hf import build_planned
+  from gaze_jax.convert.mapping import param_paths
+
+  model = build_planned(plan, seed=seed)
+  rng = np.random.default_rng(0)
+  for var in param_paths(model).values():
+    x = np.asarray(var.get_value())
+    var.set_value(x + scale * rng.normal(size=x.shape).astype(np.float32))
+  return model

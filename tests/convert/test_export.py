@@ -16,7 +16,7 @@ from gaze_jax.convert.mapping import param_paths
 from gaze_jax.gaze import Text
 from gaze_jax.model import GazeConfig
 from gaze_jax.train.checkpoint import abstract_params
-from tests.hf_folders import V, save_llava_onevision
+from tests.hf_folders import V, fine_tuned, save_llava_onevision
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -31,12 +31,7 @@ def trained(tmp_path_factory):
   src = tmp_path_factory.mktemp("src")
   save_llava_onevision(src, seed=2)
   plan = plan_hf(src, GAZE)
-  model = build_planned(plan, seed=4)
-  rng = np.random.default_rng(0)
-  for var in param_paths(model).values():
-    x = np.asarray(var.get_value())
-    var.set_value(x + 0.05 * rng.normal(size=x.shape).astype(np.float32))
-  return src, plan, model
+  return src, plan, fine_tuned(plan, seed=4)
 
 
 def _params(model):

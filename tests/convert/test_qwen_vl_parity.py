@@ -26,7 +26,7 @@ from gaze_jax.gaze import PAD, PATCH, TEXT, Image, LayoutSpec, Text, build_layou
 from gaze_jax.gaze.layout import Video
 from gaze_jax.model import GazeConfig
 from gaze_jax.model.mllm import QwenPatches
-from tests.hf_folders import randomize
+from tests.hf_folders import fine_tuned, randomize
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -305,11 +305,7 @@ def test_export_of_changed_weights_loads_in_transformers_qwen2_5_vl_qwen3_vl(sav
   family, _, path = saved
   gaze = GazeConfig(attention="gaze", top_k=2, num_ctx=2, region_shape=REGIONS)
   plan = plan_hf(path, gaze)
-  model = build_planned(plan, seed=3)
-  rng = np.random.default_rng(0)
-  for var in param_paths(model).values():
-    x = np.asarray(var.get_value())
-    var.set_value(x + 0.05 * rng.normal(size=x.shape).astype(np.float32))
+  model = fine_tuned(plan, seed=3)
   params = {k: np.asarray(v.get_value()) for k, v in param_paths(model).items()}
   out = tmp_path / "export"
   export_hf(params, plan, out, gaze=gaze)
