@@ -95,10 +95,10 @@ def _download(remote, local):
   return local
 
 
-# Two minutes each: `make test` takes LLaVA-OneVision's, `make test-all` SmolVLM's too (its
-# loading and processing have their own fast tests).
-@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f == "smolvlm"
-                                    else f for f in sorted(FAMILIES)])
+# Two minutes each: `make test` takes Qwen2.5-VL's, `make test-all` SmolVLM's and
+# LLaVA-OneVision's too (their loading and processing have their own fast tests).
+@pytest.mark.parametrize("family", [f if f == "qwen2_5_vl" else pytest.param(
+    f, marks=pytest.mark.slow) for f in sorted(FAMILIES)])
 def test_journey_from_hf_folder_on_gcs(family, gcs, tmp_path):
   from tests.hf_folders import write_llava_json
 

@@ -32,7 +32,9 @@ def _config(folder, data, family="qwen2_5_vl"):
   return c
 
 
-@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
+# Qwen3-VL's train step in make test-all (its model and kernels have fast tests of their own).
+@pytest.fixture(scope="module", params=["qwen2_5_vl", pytest.param("qwen3_vl",
+                                                                  marks=pytest.mark.slow)])
 def run(request, tmp_path_factory):
   from tests.data.qwen_vl_folder import save_model_folder
   from tests.hf_folders import write_llava_json
