@@ -49,7 +49,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Mapping, Optional, Union
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -395,7 +395,9 @@ def make_config(name: str, config: Union[str, tfds.core.BuilderConfig, None] = "
   if unknown:
     raise ValueError(f"{name}: unknown config fields {unknown}; known: {sorted(fields)}")
   cfg = dataclasses.replace(base, **overrides)
-  keyed = {k: str(v) for k, v in overrides.items()}
+  # Keyed by the JSON form of each value: a run's config.json gives tuples back as lists, and
+  # the same overrides must name the same prepared folder (eval_main rebuilds from it).
+  keyed = {k: str(_json_form(v)) for k, v in overrides.items()}
   if name == "llava_json":
     # Its examples come from files, not from the overrides: key the folder by their contents
     # too, so that an edited JSON or a replaced image is prepared again, not reused stale.
@@ -406,6 +408,15 @@ def make_config(name: str, config: Union[str, tfds.core.BuilderConfig, None] = "
   else:
     new_name = f"{config_name}-{blob[:6]}" if name == "llava_json" else config_name
   return dataclasses.replace(cfg, name=new_name)
+
+
+def _json_form(value):
+  """``value`` as JSON gives it back: tuples as lists, mappings as dicts, recursively."""
+  if isinstance(value, (tuple, list)):
+    return [_json_form(v) for v in value]
+  if isinstance(value, Mapping):
+    return {k: _json_form(v) for k, v in value.items()}
+  return value
 
 
 def llava_source_fingerprint(json_files: dict, image_dir) -> str:

@@ -295,3 +295,14 @@ def test_config_errors_name_the_field(tmp_path):
   assert cfg.image_size == 192 and cfg.name.startswith("tiny-")
   assert builders.make_config("gaze_shapes", "tiny", image_size=192).name == cfg.name
   assert builders.make_config("gaze_shapes", "tiny", image_size=384).name != cfg.name
+
+
+def test_overrides_read_back_from_a_run_config_name_the_same_folder():
+  """A run's config.json gives tuples back as lists: eval_main's overrides must name the
+  folder that training prepared, not a second one."""
+  kinds = ("where", "colour_at")
+  as_trained = builders.make_config("gaze_shapes", "tiny", question_types=kinds)
+  from_json = builders.make_config("gaze_shapes", "tiny", question_types=list(kinds))
+  assert from_json.name == as_trained.name
+  other = builders.make_config("gaze_shapes", "tiny", question_types=("where",))
+  assert other.name != as_trained.name
