@@ -150,9 +150,8 @@ def _images_for(model, inputs: ModelInputs):
     return None
   if model.cfg.qwen_vision is not None:
     px = inputs.images
-    if model.cfg.qwen_grids:
-      return QwenPatches(jnp.asarray(px.patches), jnp.asarray(px.grids))
-    return QwenPatches.of(jnp.asarray(px.patches), px.grids)
+    return QwenPatches.for_model(jnp.asarray(px.patches), jnp.asarray(px.grids),
+                                 model.cfg.qwen_grids, host_grids=px.grids)
   return jnp.asarray(inputs.images)
 
 

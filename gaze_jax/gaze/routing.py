@@ -70,11 +70,6 @@ class ResolvedK:
   k_max: int
   ratio: Optional[float] = None
 
-  def active(self, region_valid, active_k=None):
-    """``select_top_k``'s ``active_k``: the per-example K (int32 ``[B]``) with a ratio, else
-    ``active_k`` as given (a traced count of the progressive schedule, or None)."""
-    return _active(self.ratio, region_valid, active_k)
-
   @property
   def count(self) -> int:
     """K of an example whose regions are all valid: ``k_max``, or ``ceil(ratio * k_max)``."""

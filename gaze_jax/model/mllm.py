@@ -122,6 +122,17 @@ class QwenPatches:
     return tuple(tuple(tuple(int(x) for x in row) for row in ex if row.any()) for ex in g)
 
   @classmethod
+  def for_model(cls, patches, patch_grids, fixed_grids, host_grids=None) -> "QwenPatches":
+    """A batch's patch rows for a model whose ``MLLMConfig.qwen_grids`` is ``fixed_grids``:
+    with fixed grids no static grids here (they serve a traced ``patch_grids``: one compile),
+    else the static grids read from the host's ``patch_grids`` (``host_grids``, default
+    ``patch_grids`` itself; one compile per distinct set)."""
+    if fixed_grids:
+      return cls(patches, patch_grids)
+    return cls(patches, patch_grids,
+               cls.grids_of(patch_grids if host_grids is None else host_grids))
+
+  @classmethod
   def of(cls, patches, patch_grids) -> "QwenPatches":
     """From host arrays, with the static ``grids`` read from ``patch_grids`` (one compile per
     distinct set of grids)."""

@@ -65,8 +65,8 @@ def step_batch(batch: Mapping[str, np.ndarray], sharding, cfg) -> dict:
   ``check_static_grids``)."""
   out = shard_lib.shard_batch(batch, sharding)
   if cfg.qwen_vision is not None and not cfg.qwen_grids and "patch_grids" in batch:
-    out["images"] = QwenPatches(out["patches"], out["patch_grids"],
-                                QwenPatches.grids_of(batch["patch_grids"]))
+    out["images"] = QwenPatches.for_model(out["patches"], out["patch_grids"], cfg.qwen_grids,
+                                          host_grids=batch["patch_grids"])
   return out
 
 
