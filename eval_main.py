@@ -64,28 +64,17 @@ def _compare_needs_a_workdir(values):
                                              and not values["compare_name"])
 
 
-def _load(config, workdir, step=None, overrides=None):
-  """``(config, run_config, Restored)`` of a run: its model as trained (with ``overrides``),
-  the config of its data (its own ``config.json`` when ``config`` is None), and that config
-  again when it is the run's own (else None: whose missing fields ``_batches`` names)."""
+def _load(config, workdir, step=None, overrides=None, flag="--config"):
+  """The run in ``workdir`` (``runs.Restored``): its model as trained (with ``overrides``),
+  its data from ``config`` (its own ``config.json`` when None)."""
   from gaze_jax import runs
+  from gaze_jax.train.config import run_config
   try:
-    run = runs.restore(config, workdir, step, overrides=overrides,
-                       allow_nonfinite=FLAGS.allow_nonfinite)
+    config = None if config is None else run_config(config, flag)
+    return runs.restore(config, workdir, step, overrides=overrides,
+                        allow_nonfinite=FLAGS.allow_nonfinite)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  if config is not None:
-    return config, None, run
-  run_config = runs.load_run_config(workdir)
-  return run_config, run_config, run
-
-
-def _batches(config, workdir, cfg, spec, tok, split, run_config=None):
-  """The split's batches; a field that ``run_config`` (the run's own config.json) lacks is an
-  error naming the field and the file."""
-  from gaze_jax import runs
-  with runs.naming_missing_fields(run_config, workdir):
-    return runs.eval_batches(config, workdir, cfg, spec, tok, split)
 
 
 def main(argv):
@@ -107,12 +96,10 @@ def main(argv):
     overrides = runs.parse_overrides(FLAGS.override)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  config, run_config, (model, step, cfg, spec, tok) = _load(FLAGS.config, workdir, FLAGS.step,
-                                                            overrides)
-  with runs.naming_missing_fields(run_config, workdir):
-    default_batches = int(config.train.eval_batches)
-    train_split = config.data.train_split
-  max_batches = FLAGS.max_batches if FLAGS.max_batches is not None else default_batches
+  model, step, cfg, spec, tok, config = _load(FLAGS.config, workdir, FLAGS.step, overrides)
+  train_split = config.data.train_split
+  max_batches = (FLAGS.max_batches if FLAGS.max_batches is not None
+                 else config.train.eval_batches)
   max_batches = max_batches or None
   g = cfg.gaze
   log = logging.getLogger("gaze_jax.eval")
@@ -123,12 +110,12 @@ def main(argv):
           ", ".join(f"{k}={v!r}" for k, v in overrides.items()))
   other = None
   if FLAGS.compare_workdir:
-    other_config, other_run_config, other = _load(FLAGS.compare_config, FLAGS.compare_workdir)
+    other = _load(FLAGS.compare_config, FLAGS.compare_workdir, flag="--compare_config")
     name = FLAGS.compare_name or epath.Path(FLAGS.compare_workdir).name
   results = []
   train_records = None
   for split in FLAGS.splits:
-    builder, batches = _batches(config, workdir, cfg, spec, tok, split, run_config)
+    builder, batches = runs.eval_batches(config, workdir, cfg, spec, tok, split)
     records = groups = None
     if FLAGS.answer_prior:
       records = qa_records(data_source(builder, split))
@@ -144,9 +131,9 @@ def main(argv):
                    gaze_maps=GazeMaps(out / "gaze_maps" / split, count=FLAGS.num_gaze_maps),
                    groups=groups, random_seed=FLAGS.random_seed, log=log.info)
     if other is not None:
-      o_model, o_step, o_cfg, o_spec, o_tok = other
-      _, o_batches = _batches(other_config, FLAGS.compare_workdir, o_cfg, o_spec, o_tok, split,
-                              other_run_config)
+      o_model, o_step, o_cfg, o_spec, o_tok, o_config = other
+      _, o_batches = runs.eval_batches(o_config, FLAGS.compare_workdir, o_cfg, o_spec, o_tok,
+                                       split)
       o_res = evaluate(o_model, o_batches, o_spec, baselines=(), split=split, name=name,
                        max_batches=max_batches, groups=groups, log=log.info)
       res["results"][f"{name} (trained, step {o_step})"] = o_res["results"][name]

@@ -31,20 +31,17 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = _CONFIG.value
-  from configs import common       # base_config: the one definition of every field
-  from gaze_jax.train.config import check_train_config
+  from gaze_jax.train.preflight import check_train_config
   where = f"--config={config_flags.get_config_filename(flags.FLAGS['config'])}"
-  # The whole config, before anything is written (train() checks it again, with the devices).
+  # The whole config, typed and checked once, before anything is written or a device touched.
   try:
-    common.check_config(config, where)
-    check_train_config(config)
+    run = check_train_config(_CONFIG.value, where)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   # jax.distributed must be initialised before anything touches the devices.
   from gaze_jax.train import trainer
-  trainer.maybe_initialize_distributed(config)
-  summary = trainer.train(config, _WORKDIR.value)
+  trainer.maybe_initialize_distributed(run)
+  summary = trainer.train(run, _WORKDIR.value)
   done = {k: summary[k] for k in ("step", "eval", "preempted", "wall_s")}
   logging.getLogger("gaze_jax").info("done: %s", json.dumps(done, default=str))
 

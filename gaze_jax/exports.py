@@ -39,8 +39,7 @@ def _restore(workdir, step: Optional[int]):
   config = runs.load_run_config(workdir)
   mesh = shard_lib.make_mesh({"data": 1, "fsdp": jax.local_device_count(), "tensor": 1},
                              devices=jax.local_devices())
-  rules = shard_lib.rules_from_config(config.logical_axis_rules)
-  return config, runs.restore(None, workdir, step, mesh=mesh, rules=rules)
+  return config, runs.restore(config, workdir, step, mesh=mesh, rules=config.logical_axis_rules)
 
 
 def _flat_params(model) -> dict[str, Any]:
@@ -57,9 +56,9 @@ def export_hf(workdir, out, *, step: Optional[int] = None, dtype: Optional[str] 
   step exported.
   """
   config, run = _restore(workdir, step)
-  folder = hf_folder(config.model.init)
+  folder = hf_folder(config.init)
   if folder is None:
-    raise ValueError(f"{workdir}: the run started from model.init={config.model.init!r}, not a "
+    raise ValueError(f"{workdir}: the run started from model.init={config.init!r}, not a "
                      "Hugging Face folder (hf:<folder>), whose config, tokenizer and processor "
                      "files the export needs; use --params_only for a serving export")
   cfg = run.model_cfg

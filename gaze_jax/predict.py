@@ -234,7 +234,7 @@ def predict(workdir, image: ImageLike, question: str, *, max_new_tokens: int = 1
   Raises:
     FileNotFoundError / ValueError naming the workdir, the image file, the question (empty, or
     not UTF-8 text: ``check_question``), ``max_new_tokens`` below 1, or the run's
-    ``config.json`` and its field (cut short, a field missing);
+    ``config.json`` and its field (cut short, a bad field);
     ``gaze_jax.train.checkpoint.CheckpointError`` when the workdir holds no checkpoint.
   """
   logs.show_progress()              # plain Python / a notebook: the resize line shows
@@ -242,11 +242,9 @@ def predict(workdir, image: ImageLike, question: str, *, max_new_tokens: int = 1
   if max_new_tokens < 1:             # 0 would answer nothing; fewer breaks generation
     raise ValueError(f"max_new_tokens={max_new_tokens}: the answer needs at least 1 token")
   pixels = read_image(image)
-  config = runs.load_run_config(workdir)
   run = restored or runs.restore(None, workdir, step, overrides=overrides,
                                  allow_nonfinite=allow_nonfinite)
-  with runs.naming_missing_fields(config, workdir):
-    processor = example_processor(config, run.tokenizer, run.model_cfg, run.spec)
+  processor = example_processor(run.config, run.tokenizer, run.model_cfg, run.spec)
   asked = _features(processor, run.spec, pixels, question, "?")
   size = model_image_hw(run.model_cfg, asked)
   stretched = resize_note(pixels.shape[:2], size)

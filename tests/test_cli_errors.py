@@ -121,18 +121,23 @@ def test_a_config_json_cut_short_names_the_file(tmp_path):
     runs.load_run_config(tmp_path)
 
 
-def test_a_missing_field_of_config_json_is_named_with_the_file(tmp_path):
-  (tmp_path / "config.json").write_text(json.dumps({"data": {"name": "gaze_shapes"},
-                                                    "model": {"init": ""}}))
-  config = runs.load_run_config(tmp_path)
-  with pytest.raises(ValueError, match=rf"{tmp_path / 'config.json'} lacks the field "
-                                       r"data\.tokenizer"):
-    with runs.naming_missing_fields(config, tmp_path):
-      runs.run_tokenizer(config)
-  # Another object's missing attribute is not the file's.
-  with pytest.raises(AttributeError):
-    with runs.naming_missing_fields(config, tmp_path):
-      runs.run_tokenizer(runs.load_run_config(tmp_path))
+def test_config_json_of_an_older_run_takes_the_defaults_and_a_bad_field_names_the_file(
+    tmp_path, caplog):
+  """A run of an older version, whose config.json lacks fields added since, loads with their
+  defaults, said in a warning naming them; a bad value is an error naming the file and field."""
+  from configs import common
+  d = common.base_config("tiny").to_dict()
+  del d["data"]["tokenizer"], d["distributed"]
+  (tmp_path / "config.json").write_text(json.dumps(d))
+  with caplog.at_level("WARNING", logger="gaze_jax.train"):
+    config = runs.load_run_config(tmp_path)
+  assert config.data.tokenizer == "byte" and config.distributed.cpu_collectives == "gloo"
+  assert "lacks the fields data.tokenizer, distributed" in caplog.text
+  d["train"]["num_steps"] = 0
+  (tmp_path / "config.json").write_text(json.dumps(d))
+  with pytest.raises(ValueError, match=rf"{tmp_path / 'config.json'}: config\.train\.num_steps="
+                                       r"0 must be an int >= 1"):
+    runs.load_run_config(tmp_path)
 
 
 def test_a_question_that_is_not_utf8_or_no_token_to_answer_is_refused(tmp_path):

@@ -30,7 +30,6 @@ from gaze_jax.model.partitioning import activation_rules
 from gaze_jax.model.presets import get_preset
 from gaze_jax.train import checkpoint as ckpt_lib
 from gaze_jax.train import trainer
-from gaze_jax.train.config import eval_model_config
 
 IMPLEMENTATIONS = ("xla", "pallas")
 
@@ -217,7 +216,7 @@ def _dense_name(impl: str) -> str:
 def _serve_steps(case, t, s, config, lay, mesh, base, log) -> list[dict]:
   """Prefill (full forward that returns every layer's KV cache) and one decode step (one new
   token per example against the cache) of the model at its target K."""
-  cfg = eval_model_config(config)
+  cfg = s.config.model
   gd, _, rest = ckpt_lib.abstract_params(cfg)
   params = _with(s.abstract_params, s.state_shardings["params"])
   pshard = s.state_shardings["params"]

@@ -71,7 +71,7 @@ from gaze_jax.data.tokenizers import fingerprint
 from gaze_jax.model.abstract import abstract_model
 from gaze_jax.model.config import MLLMConfig
 from gaze_jax.train import sharding
-from gaze_jax.train.config import eval_model_config
+from gaze_jax.train.config import run_config
 from gaze_jax.train.errors import CheckpointError
 from gaze_jax.train.nonfinite import check_finite
 
@@ -504,9 +504,9 @@ def restore_model(workdir, config, step: Optional[int] = None, *, mesh=None, rul
 
   Args:
     workdir: the run's ``--workdir`` (checkpoints under ``workdir/checkpoints``).
-    config: the model to build: an ``MLLMConfig``, or a run config (a ConfigDict, or the same
-      fields as nested mappings / namespaces) whose target model (``config.model.gaze.top_k``,
-      not the schedule's start) is built. ``gaze_jax.runs.restore`` gives the model as the run
+    config: the model to build: an ``MLLMConfig``, or a run config (``config.run_config``
+      converts a ConfigDict) whose target model (``config.model.gaze.top_k``, not the
+      schedule's start) is built. ``gaze_jax.runs.restore`` gives the model as the run
       trained it.
     step: a specific step; default the latest (falling back past damaged ones when
       ``fallback``).
@@ -520,7 +520,7 @@ def restore_model(workdir, config, step: Optional[int] = None, *, mesh=None, rul
       read), one trained with another tokenizer, or (``NonFiniteCheckpoint``) one whose
       parameters are not finite.
   """
-  cfg = config if isinstance(config, MLLMConfig) else eval_model_config(config)
+  cfg = config if isinstance(config, MLLMConfig) else run_config(config).model
   ckpt = Checkpointer(epath.Path(workdir) / CHECKPOINT_DIR, read_only=True)
   try:
     if not ckpt.steps():

@@ -1,9 +1,13 @@
-"""Training configs -> model dataclasses, and the derived static shapes of a run.
+"""Training configs -> a typed, checked ``RunConfig``: the model dataclasses, the other
+sections (``gaze_jax.train.sections``), and the derived static shapes of a run.
 
 The configs in ``configs/`` are ml_collections ``ConfigDict`` trees built from
-``configs/common.py: base_config``, which defines every field and its default (the one
-definition: this package reads fields by plain attribute access and has no defaults of its
-own). Anything with the same attributes works (a ConfigDict, nested namespaces), and
+``configs/common.py: base_config`` (what the command line overrides). ``run_config(config)``
+turns one into a ``RunConfig`` once, at the boundary (``train_main``, ``trainer.train``, a run's
+``config.json`` for evaluation): each section checks its own fields, the model is resolved
+(from a Hugging Face folder's ``config.json`` for ``model.init=hf:``), and the layout spec and
+the top-K plan are derived and checked. Everything below reads the typed fields. Anything with
+the same attributes converts (a ConfigDict, nested namespaces or mappings), and
 ``gaze_jax.model`` never imports ml_collections.
 
 Config layout (see ``configs/demo.py`` for a complete example)::
@@ -23,49 +27,22 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import logging
 import math
 from typing import Any, Mapping, Optional
 
 from gaze_jax.gaze.layout import LayoutSpec
-from gaze_jax.gaze.schedules import SHAPES
 from gaze_jax.model.config import (DecoderConfig, FieldError, GazeConfig, MLLMConfig,
                                    VisionConfig)
-from gaze_jax.train.dicts import to_dict
+from gaze_jax.train.dicts import config_json, to_dict
 from gaze_jax.train.model_init import hf_folder, hf_model_config
-from gaze_jax.train.optim import check_optim
-from gaze_jax.train.preflight import check_example_fits
+from gaze_jax.train.sections import (SECTIONS, CheckpointSection, DataSection,
+                                     DistributedSection, MeshSection, OptimSection,
+                                     TopKScheduleSection, TrainSection)
+from gaze_jax.train.sharding import DEFAULT_RULES, rules_from_config
 
-
-# The fields that hold an int count or a float ratio (the routing's K).
-COUNT_OR_RATIO = ("model.gaze.top_k",)
-
-
-def count_or_ratio(value):
-  """A ConfigDict field that takes an int count or a float ratio, from a config file or the
-  command line (``--config.model.gaze.top_k=0.25``): an object-typed ml_collections
-  ``FieldReference``. A plain field keeps the type of its first value: an int one refuses 0.25,
-  a float one would turn the count 3 into the ratio 3.0."""
-  # Not at the top: this module imports without ml_collections (tests/train/test_units.py).
-  from ml_collections import config_dict
-  return config_dict.FieldReference(value, field_type=object)
-
-
-def config_from_dict(d: Mapping[str, Any]):
-  """A ConfigDict of the nested dict ``d`` (a run's ``config.json``) whose ``COUNT_OR_RATIO``
-  fields take either type, as those of ``configs/common.py: base_config`` do."""
-  # Not at the top: this module imports without ml_collections (tests/train/test_units.py).
-  import ml_collections
-
-  d = copy.deepcopy(dict(d))
-  for name in COUNT_OR_RATIO:
-    *path, leaf = name.split(".")
-    node = d
-    for key in path:
-      node = node.get(key) if isinstance(node, dict) else None
-    if isinstance(node, dict) and leaf in node:
-      node[leaf] = count_or_ratio(node[leaf])
-  return ml_collections.ConfigDict(d)
-
+log = logging.getLogger("gaze_jax.train")
 
 def _dataclass_from(cls, fields: Optional[Mapping[str, Any]], where: str):
   names = {f.name for f in dataclasses.fields(cls)}
@@ -93,14 +70,11 @@ def model_fields(cfg: MLLMConfig) -> dict:
   return dataclasses.asdict(cfg)
 
 
-def mllm_config(model_cfg: Any, *, top_k=None) -> MLLMConfig:
-  """``config.model`` -> ``MLLMConfig``; ``top_k`` replaces ``model.gaze.top_k`` (the trainer
-  builds its model with the schedule's starting K as the static K_max)."""
+def mllm_config(model_cfg: Any) -> MLLMConfig:
+  """``config.model`` -> ``MLLMConfig`` (its shape from the Hugging Face folder of
+  ``model.init=hf:<folder>``)."""
   d = to_dict(model_cfg)
-  gaze = dict(d.get("gaze") or {})
-  if top_k is not None:
-    gaze["top_k"] = top_k
-  gz = _dataclass_from(GazeConfig, gaze, "config.model.gaze")
+  gz = _dataclass_from(GazeConfig, d.get("gaze"), "config.model.gaze")
   folder = hf_folder(d.get("init"))
   if folder is not None:                   # the shape comes from the folder's config.json
     return hf_model_config(folder, d, gz)
@@ -129,10 +103,9 @@ def model_config_from_dict(d: Mapping[str, Any], where: str = "model") -> MLLMCo
     raise ValueError(f"{where}: {e}") from None
 
 
-def layout_spec(config: Any, model: MLLMConfig) -> LayoutSpec:
+def layout_spec(data: DataSection, model: MLLMConfig) -> LayoutSpec:
   """The static LayoutSpec of the batches (``config.data`` shapes + the model's gaze
   settings; the M-RoPE position triples when the decoder uses M-RoPE)."""
-  data = config.data
   return LayoutSpec(seq_len=int(data.seq_len), max_regions=int(data.max_regions),
                     max_images=int(data.max_images),
                     region_shape=tuple(model.gaze.region_shape), num_ctx=model.gaze.num_ctx,
@@ -151,12 +124,10 @@ class TopKPlan:
   warmup_steps: int
   shape: str
 
-  def __post_init__(self):
-    if self.shape not in SHAPES:
-      raise ValueError(f"config.topk_schedule.shape={self.shape!r} must be one of {SHAPES}")
 
 
-def topk_plan(config: Any, model: MLLMConfig, spec: LayoutSpec) -> TopKPlan:
+def topk_plan(sched: TopKScheduleSection, num_steps: int, model: MLLMConfig,
+              spec: LayoutSpec) -> TopKPlan:
   """Resolves ``config.topk_schedule`` against the model's target K and the layout's regions.
 
   ``topk_schedule.start`` <= 0 means all regions (``spec.max_regions``, i.e. dense routing);
@@ -166,7 +137,6 @@ def topk_plan(config: Any, model: MLLMConfig, spec: LayoutSpec) -> TopKPlan:
   if model.gaze.attention != "gaze":
     return TopKPlan(False, 0, 0, 0, "linear")
   target = model.gaze.resolve_k(spec.max_regions).schedule_target
-  sched = config.topk_schedule
   if not sched.enabled:
     return TopKPlan(True, target, target, 0, "linear")
   start = int(sched.start)
@@ -176,16 +146,13 @@ def topk_plan(config: Any, model: MLLMConfig, spec: LayoutSpec) -> TopKPlan:
                      f"max_regions={spec.max_regions}]")
   warm = int(sched.warmup_steps)
   if warm < 0:
-    frac = float(sched.warmup_fraction)
-    if not 0.0 <= frac <= 1.0:
-      raise ValueError(f"config.topk_schedule.warmup_fraction must be in [0, 1], got {frac}")
-    warm = int(math.ceil(frac * int(config.train.num_steps)))
-  return TopKPlan(True, start, target, warm, str(sched.shape))
+    warm = int(math.ceil(float(sched.warmup_fraction) * num_steps))
+  return TopKPlan(True, start, target, warm, sched.shape)
 
 
-def qwen_static_grids(config: Any, model: MLLMConfig) -> tuple[tuple[int, int, int], ...]:
+def qwen_static_grids(data: DataSection, model: MLLMConfig) -> tuple[tuple[int, int, int], ...]:
   """A Qwen-VL model's fixed tower grids (``MLLMConfig.qwen_grids``) for a run whose images and
-  videos all go to one bucket (``config.data.buckets``): every frame slot the patches can hold
+  videos all go to one bucket (``data.buckets``): every frame slot the patches can hold
   (``data.max_images``, fewer when ``data.max_patches`` is smaller) is one temporal group of
   ``(1, H / patch, W / patch)``. A video of ``t`` groups at that bucket is the same rows and
   the same tower output as ``t`` such slots (the towers attend within a temporal group), so
@@ -193,7 +160,7 @@ def qwen_static_grids(config: Any, model: MLLMConfig) -> tuple[tuple[int, int, i
   no slot reads. Several buckets: ``()`` (the trainer passes each batch's grids, one compile per
   distinct set). Other models: ``()``."""
   qv = model.qwen_vision
-  buckets = tuple(getattr(config.data, "buckets", ()) or ())
+  buckets = data.buckets
   if qv is None or model.qwen_grids:
     return model.qwen_grids
   if len(buckets) == 2 and all(isinstance(n, int) for n in buckets):
@@ -203,67 +170,130 @@ def qwen_static_grids(config: Any, model: MLLMConfig) -> tuple[tuple[int, int, i
   H, W = (int(n) for n in buckets[0])
   p = qv.patch_size
   h, w = H // p, W // p
-  frames = int(config.data.max_images)
-  max_patches = int(getattr(config.data, "max_patches", 0) or 0)
-  if max_patches:
-    frames = min(frames, max_patches // (h * w))
+  frames = data.max_images
+  if data.max_patches:
+    frames = min(frames, data.max_patches // (h * w))
   return ((1, h, w),) * frames
 
 
-def run_model_config(config: Any, *, top_k=None) -> MLLMConfig:
-  """``mllm_config(config.model)`` with what the run's data fixes: a Qwen-VL model's static
-  tower grids (``qwen_static_grids``)."""
-  cfg = mllm_config(config.model, top_k=top_k)
-  grids = qwen_static_grids(config, cfg)
-  return dataclasses.replace(cfg, qwen_grids=grids) if grids != cfg.qwen_grids else cfg
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """A run config, typed and checked (``run_config``): the sections of ``configs/common.py:
+  base_config`` as dataclasses, the model resolved, and what they fix together.
+
+  ``model`` is the model the run trains to (``config.model.gaze.top_k``, the target K; a Qwen-VL
+  model's static tower grids for a one-bucket run), which evaluation and serving build;
+  ``train_model`` the one the train step compiles (K_max = the top-K schedule's start).
+  ``source`` is the config as given, in JSON form: what a run's ``config.json`` and its
+  checkpoints record (``to_dict``)."""
+  model: MLLMConfig
+  init: str                               # config.model.init
+  init_from_checkpoint: str               # another run's workdir: start from its parameters
+  data: DataSection
+  topk_schedule: TopKScheduleSection
+  optim: OptimSection
+  mesh: MeshSection
+  logical_axis_rules: tuple
+  train: TrainSection
+  checkpoint: CheckpointSection
+  distributed: DistributedSection
+  spec: LayoutSpec                        # the static layout of every batch
+  source: dict = dataclasses.field(repr=False, compare=False, default_factory=dict)
+
+  @functools.cached_property
+  def topk(self) -> TopKPlan:
+    """The progressive top-K plan, resolved against the layout (``topk_plan``; raises
+    ValueError naming the field). Derived on first use, so that
+    ``preflight.check_train_config`` can name a layout too small for one image before a K that
+    its regions cannot hold."""
+    return topk_plan(self.topk_schedule, self.train.num_steps, self.model, self.spec)
+
+  @property
+  def train_model(self) -> MLLMConfig:
+    """The model the train step compiles: the static K_max is the schedule's start (a
+    per-example K routes over all regions already)."""
+    if self.topk.gaze and not self.model.gaze.top_k_per_example \
+        and self.topk.start != self.model.gaze.top_k:
+      return dataclasses.replace(self.model, gaze=dataclasses.replace(self.model.gaze,
+                                                                      top_k=self.topk.start))
+    return self.model
+
+  def to_dict(self) -> dict:
+    """The config as given (JSON form), for ``dicts.to_dict`` / ``config_json``."""
+    return copy.deepcopy(self.source)
 
 
-def train_model_config(config: Any) -> tuple[MLLMConfig, LayoutSpec, TopKPlan]:
-  """The model config the trainer compiles (static ``top_k`` = the schedule's start), the
-  layout spec and the top-K plan."""
-  target_cfg = run_model_config(config)
-  spec = layout_spec(config, target_cfg)
-  plan = topk_plan(config, target_cfg, spec)
-  if plan.gaze and not target_cfg.gaze.top_k_per_example:
-    # The static K_max of the one compiled program (per example: all regions already).
-    return run_model_config(config, top_k=plan.start), spec, plan
-  return target_cfg, spec, plan
+# Fields outside the sections, with the defaults of a config that lacks them.
+_TOP_LEVEL = {"init_from_checkpoint": "", "logical_axis_rules": DEFAULT_RULES}
 
 
-def eval_model_config(config: Any) -> MLLMConfig:
-  """The model config for evaluation: the target K of ``config.model.gaze.top_k``."""
-  return run_model_config(config)
+def _section(cls, given: Any, name: str, missing: list, unknown: list):
+  """``cls`` from the mapping ``given`` (``config.<name>``); the names it lacks (they take
+  ``cls``'s defaults) and those ``cls`` does not have go to ``missing`` / ``unknown``."""
+  fields = {f.name for f in dataclasses.fields(cls)}
+  if not isinstance(given, Mapping):
+    missing.append(name)
+    return cls()
+  missing += [f"{name}.{f}" for f in sorted(fields - set(given))]
+  unknown += [f"{name}.{f}" for f in sorted(set(given) - fields)]
+  return cls(**{k: v for k, v in given.items() if k in fields})
 
 
-# (field, lowest value) of the counts a training run reads.
-_COUNTS = (("train.num_steps", 1), ("train.log_every", 1), ("train.eval_every", 0),
-           ("train.eval_batches", 0), ("checkpoint.save_every", 1), ("checkpoint.keep", 1),
-           ("data.batch_size", 1), ("data.num_threads", 1), ("train.max_skipped", 0))
-NONFINITE_ACTIONS = ("stop", "skip")
+def run_config(config: Any, where: str = "config", *, old_run: bool = False) -> RunConfig:
+  """``config`` (a ConfigDict, nested namespaces or mappings, e.g. a run's ``config.json``) as a
+  ``RunConfig``, each section checked; a ``RunConfig`` is returned as it is (converted once).
+
+  Raises ValueError naming the field: a bad value, a field ``base_config`` does not define, a
+  field it defines that ``config`` lacks; prefixed with ``where`` (a flag, a file) unless it is
+  "config". ``old_run``: ``config`` is the ``config.json`` of a run (``where`` names the file),
+  maybe of an older version with fewer fields: a field it lacks takes its default and one no
+  longer defined is ignored, each said in a warning.
+  """
+  if isinstance(config, RunConfig):
+    return config
+  try:
+    return _run_config(config_json(config) or {}, where, old_run)
+  except ValueError as e:
+    if where == "config" or str(e).startswith(where):
+      raise
+    raise ValueError(f"{where}: {e}") from None
 
 
-def check_train_config(config: Any) -> tuple[MLLMConfig, LayoutSpec, TopKPlan]:
-  """Checks what a training run reads from ``config``, before it writes anything: the model
-  dataclasses (each checks its fields), the layout spec, the input features and the smallest
-  example against the layout (``preflight.check_example_fits``, one answer token: the run's
-  tokenizer is checked with its chat template in ``preflight.check_before_writing``), the
-  top-K plan, the counts of ``train`` / ``checkpoint`` / ``data`` and the ``optim`` fields.
-  Touches no device (train_main.py runs it before ``jax.distributed.initialize``). Raises
-  ValueError naming the field. Returns ``train_model_config(config)``."""
-  # The layout first: a max_regions below one image's regions is that, not a K out of range.
-  target_cfg = run_model_config(config)
-  check_example_fits(config, target_cfg, layout_spec(config, target_cfg))
-  model_cfg, spec, plan = train_model_config(config)
-  for name, low in _COUNTS:
-    section, field = name.split(".")
-    x = getattr(getattr(config, section), field)
-    if isinstance(x, bool) or not isinstance(x, int) or x < low:
-      raise ValueError(f"config.{name}={x!r} must be an int >= {low}")
-  if config.train.eval_every and not config.train.eval_batches:
-    raise ValueError(f"config.train.eval_batches=0 with eval_every={config.train.eval_every} "
-                     "would evaluate nothing: set it >= 1, or eval_every=0")
-  if config.train.on_nonfinite not in NONFINITE_ACTIONS:
-    raise ValueError(f"config.train.on_nonfinite={config.train.on_nonfinite!r} must be one of "
-                     f"{NONFINITE_ACTIONS}")
-  check_optim(config.optim)
-  return model_cfg, spec, plan
+def _run_config(d: dict, where: str, old_run: bool) -> RunConfig:
+  missing, unknown = [], []
+  sections = {name: _section(cls, d.get(name), name, missing, unknown)
+              for name, cls in SECTIONS.items()}
+  top = {}
+  for name, default in _TOP_LEVEL.items():
+    if name in d:
+      top[name] = d[name]
+    else:
+      missing.append(name)
+      top[name] = default
+  known = set(SECTIONS) | set(_TOP_LEVEL) | {"model"}
+  unknown += sorted(set(d) - known)
+  missing, unknown = sorted(missing), sorted(unknown)
+  if "model" not in d:
+    raise ValueError(f"{where} has no model section (config.model): build it from "
+                     "configs/common.py base_config")
+  if not old_run and (missing or unknown):
+    parts = ([f"lacks the fields {', '.join(missing)}"] if missing else []) + \
+            ([f"has unknown fields {', '.join(unknown)}"] if unknown else [])
+    raise ValueError(f"{where} {' and '.join(parts)}: build it from configs/common.py "
+                     "base_config, which defines every field and its default")
+  if missing:
+    log.warning("%s lacks the fields %s (a run of an older version): their defaults are used",
+                where, ", ".join(missing))
+  if unknown:
+    log.warning("%s has fields this version does not know, ignored: %s", where,
+                ", ".join(unknown))
+  model = mllm_config(d["model"])
+  data = sections["data"]
+  grids = qwen_static_grids(data, model)
+  if grids != model.qwen_grids:
+    model = dataclasses.replace(model, qwen_grids=grids)
+  rules = rules_from_config(top["logical_axis_rules"])
+  return RunConfig(model=model, init=str(d["model"].get("init") or ""),
+                   init_from_checkpoint=str(top["init_from_checkpoint"] or ""),
+                   logical_axis_rules=rules, spec=layout_spec(data, model), source=d,
+                   **sections)

@@ -18,7 +18,6 @@ Weight decay is decoupled (AdamW) and applies to parameters with ``ndim >= 2`` u
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any, Callable, Sequence
 
@@ -74,25 +73,6 @@ def trainable_mask(params: Any, groups: Sequence) -> Any:
   return jax.tree.map(lambda lab: lab != "frozen", param_labels(params, groups))
 
 
-def check_optim(optim_cfg: Any) -> None:
-  """Raises ValueError naming the ``config.optim`` field out of its range (a negative learning
-  rate or weight decay, or betas outside [0, 1), would train without an error) or a bad
-  ``param_groups`` entry."""
-  rules = (("learning_rate", lambda x: x > 0, "> 0"), ("warmup_steps", lambda x: x >= 0, ">= 0"),
-           ("end_lr_ratio", lambda x: x >= 0, ">= 0"), ("weight_decay", lambda x: x >= 0, ">= 0"),
-           ("b1", lambda x: 0 <= x < 1, "in [0, 1)"), ("b2", lambda x: 0 <= x < 1, "in [0, 1)"),
-           ("eps", lambda x: x > 0, "> 0"), ("clip_norm", lambda x: x >= 0, ">= 0 (0: none)"))
-  for name, ok, what in rules:
-    x = getattr(optim_cfg, name)
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) \
-        or not ok(x):
-      raise ValueError(f"config.optim.{name}={x!r} must be a number {what}")
-  warm = optim_cfg.warmup_steps
-  if int(warm) != warm:
-    raise ValueError(f"config.optim.warmup_steps={warm!r} must be a whole number")
-  parse_groups(optim_cfg.param_groups)
-
-
 def learning_rate_schedule(optim_cfg: Any, num_steps: int) -> Callable:
   """Linear warm-up from 0 to ``learning_rate`` over ``warmup_steps``, then cosine decay to
   ``learning_rate * end_lr_ratio`` at ``num_steps``."""
@@ -108,8 +88,8 @@ def learning_rate_schedule(optim_cfg: Any, num_steps: int) -> Callable:
 def make_optimizer(optim_cfg: Any, params: Any, num_steps: int
                    ) -> tuple[optax.GradientTransformation, Callable]:
   """The optax transformation for ``params`` (a pure dict or its abstract shapes) and the base
-  learning-rate schedule (for logging)."""
-  check_optim(optim_cfg)
+  learning-rate schedule (for logging). ``optim_cfg``: ``config.optim``, checked
+  (``sections.OptimSection``)."""
   base = learning_rate_schedule(optim_cfg, num_steps)
   groups = parse_groups(optim_cfg.param_groups)
   labels = param_labels(params, optim_cfg.param_groups)

@@ -6,8 +6,9 @@ the tokenizer, before it creates the workdir):
 - the compute dtype runs on this backend (float16 does not on CPU);
 - the tokenizer's ids fit the model's vocabulary;
 - the smallest example the run trains on (one image and the chat template around a one-letter
-  answer) fits the layout: ``check_example_fits``, which ``check_train_config`` also runs,
-  without the tokenizer, before any device is touched;
+  answer) fits the layout: ``check_example_fits``, which ``check_train_config`` (the checks of
+  the config alone, which ``train_main.py`` runs before any device is touched) also runs,
+  without the tokenizer;
 - the memory a train step needs at least per device (``gaze_jax.model.memory.estimate_memory``
   with fused attention, no compile) is not well above what a device has
   (``config.train.check_memory=False`` skips it).
@@ -28,10 +29,11 @@ import numpy as np
 from etils import epath
 
 from gaze_jax.data.features import LIMIT_FIELDS, ExampleProcessor, ExampleTooLong, Visual
-from gaze_jax.gaze.layout import LayoutSpec, Text, build_layout, frames_needed, slots_needed
+from gaze_jax.gaze.layout import Text, build_layout, frames_needed, slots_needed
 from gaze_jax.model.config import MLLMConfig
 from gaze_jax.model.memory import estimate_memory
 from gaze_jax.train import data as data_lib
+from gaze_jax.train.config import RunConfig, run_config
 
 log = logging.getLogger("gaze_jax.train")
 
@@ -49,20 +51,21 @@ class PreflightError(ValueError):
 
 # --------------------------------------------------------------------------- example layout
 
-def _smallest_example(config: Any, model_cfg: MLLMConfig, spec: LayoutSpec, tokenizer=None):
+def _smallest_example(run: RunConfig, tokenizer=None):
   """(processor, segments, description) of the smallest example this run trains on: one
   blank image at the model's size, as the run's media processing makes it (tiles included),
   and with ``tokenizer`` the chat template around an empty question and a one-letter answer,
   as the run's ``ExampleProcessor`` tokenizes it; without it, one answer token."""
-  fcfg = data_lib.feature_config(config, model_cfg, spec)     # refuses a model without vision
+  model_cfg, spec = run.model, run.spec
+  fcfg = data_lib.feature_config(run, model_cfg, spec)     # refuses a model without vision
   blank = np.zeros((fcfg.image_size, fcfg.image_size, 3), np.uint8)
   if tokenizer is not None:
-    proc = data_lib.example_processor(config, tokenizer, model_cfg, spec)
+    proc = data_lib.example_processor(run, tokenizer, model_cfg, spec)
     segs, _ = proc.segments({"id": "smallest", "turns": [{"question": "", "answer": _ANSWER}],
                              "images": [blank]})
     text = "the chat template around an empty question and a one-letter answer"
   else:
-    proc = ExampleProcessor(None, fcfg, media=data_lib.media_processor(config))
+    proc = ExampleProcessor(None, fcfg, media=data_lib.media_processor(run))
     segs = [p.segment for p in proc.media.image(blank) if isinstance(p, Visual)]
     segs.append(Text(1, generated=True))
     text = "one answer token"
@@ -75,15 +78,15 @@ def _smallest_example(config: Any, model_cfg: MLLMConfig, spec: LayoutSpec, toke
   return proc, segs, desc
 
 
-def check_example_fits(config: Any, model_cfg: MLLMConfig, spec: LayoutSpec,
-                       tokenizer=None) -> None:
+def check_example_fits(run: RunConfig, tokenizer=None) -> None:
   """Raises PreflightError naming the field when the smallest example this run trains on
   (``_smallest_example``: one image, and the chat template around a one-letter answer with
   ``tokenizer``, one answer token without it) does not fit the layout: ``config.data.seq_len``,
   ``max_regions``, ``max_images``, ``max_nonvisual`` too small, or
   ``config.model.gaze.region_shape`` larger than the image's token grid. The rules are those
   every batch is held to (``ExampleProcessor``'s fit check and ``build_layout``)."""
-  proc, segs, desc = _smallest_example(config, model_cfg, spec, tokenizer)
+  proc, segs, desc = _smallest_example(run, tokenizer)
+  spec = run.spec
   # The layout's structure first, with room for everything (else a region shape larger than
   # the grid would read as a sequence too long for seq_len).
   room = max(1, slots_needed(segs, spec))
@@ -101,9 +104,9 @@ def check_example_fits(config: Any, model_cfg: MLLMConfig, spec: LayoutSpec,
     build_layout([segs], spec)
   except ExampleTooLong as e:
     names = [LIMIT_FIELDS[w] for w in e.needs if w in LIMIT_FIELDS]
-    if config.data.max_nonvisual is None and "seq_len" in names and "max_nonvisual" in names:
+    if run.data.max_nonvisual is None and "seq_len" in names and "max_nonvisual" in names:
       names.remove("max_nonvisual")              # None is seq_len: raising seq_len is the fix
-    head = (" and ".join(f"config.data.{n}={getattr(config.data, n)!r}" for n in names)
+    head = (" and ".join(f"config.data.{n}={getattr(run.data, n)!r}" for n in names)
             or "config.data (seq_len, max_regions, max_images, max_nonvisual)")
     head += " is too small" if len(names) == 1 else " are too small"
     raise PreflightError(f"{head} for the smallest example this run trains on ({desc}): "
@@ -112,6 +115,17 @@ def check_example_fits(config: Any, model_cfg: MLLMConfig, spec: LayoutSpec,
     raise PreflightError(f"config.data (seq_len, max_regions, max_images, max_nonvisual): the "
                          f"smallest example this run trains on ({desc}) does not fit: {e}") \
         from None
+
+
+def check_train_config(config: Any, where: str = "config") -> RunConfig:
+  """``run_config(config)``, the smallest example a training run trains on against its
+  layout (``check_example_fits``, one answer token: the run's tokenizer and chat template are
+  checked in ``check_before_writing``) and the top-K plan. Touches no device (train_main.py
+  runs it before ``jax.distributed.initialize``). Raises ValueError naming the field."""
+  run = run_config(config, where)
+  check_example_fits(run)
+  run.topk                               # noqa: B018 (derived and checked)
+  return run
 
 
 # --------------------------------------------------------------------------- the run
@@ -142,13 +156,13 @@ def check_dtype(model_cfg: MLLMConfig) -> None:
                          "'bfloat16' or 'float32' there") from None
 
 
-def check_vocabulary(config: Any, model_cfg: MLLMConfig, tokenizer) -> None:
+def check_vocabulary(run: RunConfig, tokenizer) -> None:
   """Raises PreflightError when the tokenizer has more ids than the model's vocabulary (its
   ids at or above ``vocab_size`` would stop the run at the first example that uses one)."""
-  n, V = getattr(tokenizer, "vocab_size", None), model_cfg.decoder.vocab_size
+  n, V = getattr(tokenizer, "vocab_size", None), run.model.decoder.vocab_size
   if isinstance(n, int) and n > V:
     raise PreflightError(f"config.model.decoder.vocab_size={V} is below the {n} ids of the "
-                         f"tokenizer (config.data.tokenizer={str(config.data.tokenizer)!r}): "
+                         f"tokenizer (config.data.tokenizer={run.data.tokenizer!r}): "
                          f"set vocab_size >= {n}, or use the model's tokenizer")
 
 
@@ -172,7 +186,7 @@ def device_memory() -> Optional[tuple[int, str]]:
   return (int(limit), f"{dev.device_kind} memory") if limit else None
 
 
-def check_memory(config: Any, model_cfg: MLLMConfig, spec: LayoutSpec) -> None:
+def check_memory(run: RunConfig) -> None:
   """Raises PreflightError when a train step needs more than ``MEMORY_MARGIN`` times a device's
   memory (``device_memory``) by ``estimate_memory``: batch ``config.data.batch_size`` over all
   devices, ``spec.seq_len`` slots, the model's dtypes and compiled K, the weights sharded
@@ -184,22 +198,23 @@ def check_memory(config: Any, model_cfg: MLLMConfig, spec: LayoutSpec) -> None:
   scores over all S slots every gaze row computes too (the estimate of the gaze path also
   counts gathered region blocks for every slot, while only the text rows route).
   ``config.train.check_memory=False`` skips it."""
-  if not config.train.check_memory:
+  if not run.train.check_memory:
     return
+  model_cfg, spec = run.train_model, run.spec
   have = device_memory()
   if have is None:
     log.warning("memory check skipped: the %s backend reports no memory size",
                 jax.default_backend())
     return
-  mesh = config.mesh
-  B, S, n = int(config.data.batch_size), spec.seq_len, jax.device_count()
+  mesh = run.mesh
+  B, S, n = run.data.batch_size, spec.seq_len, jax.device_count()
   remat = model_cfg.decoder.remat
   impl = "pallas" if model_cfg.gaze.implementation == "pallas" else "xla"
   cfg = model_cfg if impl == "pallas" else dataclasses.replace(
       model_cfg, gaze=dataclasses.replace(model_cfg.gaze, attention="dense"))
   try:
     est = estimate_memory(cfg, batch=B, seq_len=S, devices=n,
-                          fsdp=int(mesh.fsdp) != 1 or int(mesh.tensor) != 1,
+                          fsdp=mesh.fsdp != 1 or mesh.tensor != 1,
                           param_bytes=jnp.dtype(model_cfg.param_dtype).itemsize,
                           compute_bytes=jnp.dtype(model_cfg.dtype).itemsize, remat=True,
                           images=1 if model_cfg.vision is not None else 0,
@@ -225,14 +240,13 @@ def check_memory(config: Any, model_cfg: MLLMConfig, spec: LayoutSpec) -> None:
       "config.train.check_memory=False to run anyway")
 
 
-def check_before_writing(config: Any, workdir, model_cfg: MLLMConfig, spec: LayoutSpec,
-                         tokenizer) -> None:
+def check_before_writing(run: RunConfig, workdir, tokenizer) -> None:
   """Everything about a run that its config alone does not show (``check_train_config`` has
   checked that), before the trainer writes to ``workdir``: the workdir, the compute dtype on
   this backend, the tokenizer against the vocabulary, the smallest example with the run's
   tokenizer against the layout, the memory. Raises PreflightError naming the field."""
   check_workdir(workdir)
-  check_dtype(model_cfg)
-  check_vocabulary(config, model_cfg, tokenizer)
-  check_example_fits(config, model_cfg, spec, tokenizer)
-  check_memory(config, model_cfg, spec)
+  check_dtype(run.model)
+  check_vocabulary(run, tokenizer)
+  check_example_fits(run, tokenizer)
+  check_memory(run)

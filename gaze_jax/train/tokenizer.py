@@ -1,13 +1,13 @@
-"""The tokenizer of a run, from its config: ``run_tokenizer(config)`` (what the trainer and a
+"""The tokenizer of a run, from its config: ``run_tokenizer(run)`` (what the trainer and a
 restored run use) and ``make_tokenizer(name)`` (``config.data.tokenizer`` by name)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from gaze_jax.convert.gguf import find_smollm2_gguf
 from gaze_jax.data import tokenizers
+from gaze_jax.train.config import RunConfig
 from gaze_jax.train.model_init import hf_folder
 
 
@@ -35,15 +35,14 @@ def make_tokenizer(name: str):
                    ".gguf file, a folder with tokenizer.json, 'hf:<model folder>' or 'model'")
 
 
-def run_tokenizer(config: Any):
+def run_tokenizer(run: RunConfig):
   """The tokenizer of a run: ``make_tokenizer(config.data.tokenizer)``, where ``"model"`` is
   the tokenizer and chat template of ``config.model.init``'s Hugging Face folder."""
-  name = str(config.data.tokenizer)
+  name = run.data.tokenizer
   if name != "model":
     return make_tokenizer(name)
-  folder = hf_folder(config.model.init)
+  folder = hf_folder(run.init)
   if folder is None:
     raise ValueError("config.data.tokenizer='model' takes the tokenizer of config.model.init's "
-                     f"Hugging Face folder, but model.init={config.model.init!r} is not "
-                     "hf:<folder>")
+                     f"Hugging Face folder, but model.init={run.init!r} is not hf:<folder>")
   return make_tokenizer("hf:" + folder)

@@ -2,8 +2,10 @@
 
 What it does, in order:
 
-0. The config is checked (``check_train_config``; train_main.py runs it first as well), the
-   mesh and the tokenizer are made, before anything is written to the workdir.
+0. The config becomes a typed, checked ``RunConfig`` (``config.run_config``, once: train_main.py
+   passes its own), the mesh and the tokenizer are made, and what the config alone does not
+   show is checked (``preflight.check_before_writing``), before anything is written to the
+   workdir.
 1. ``jax.distributed.initialize`` when the run is multi-process (``maybe_initialize_distributed``).
 2. Mesh ``data x fsdp x tensor`` (``config.mesh``), logical axis rules, parameter / optimizer
    state / batch shardings.
@@ -61,8 +63,8 @@ from gaze_jax.train import metrics as metrics_lib
 from gaze_jax.train import model_init
 from gaze_jax.train import preflight
 from gaze_jax.train import sharding as shard_lib
-from gaze_jax.train.config import check_train_config, eval_model_config, train_model_config
-from gaze_jax.train.dicts import config_json, to_dict
+from gaze_jax.train.config import RunConfig, run_config
+from gaze_jax.train.dicts import config_json
 from gaze_jax.train.optim import make_optimizer, trainable_mask
 from gaze_jax.train.nonfinite import NonFiniteGuard, check_finite
 from gaze_jax.train.resume import check_resume
@@ -73,7 +75,7 @@ from gaze_jax.train.workdir_lock import WorkdirLock
 log = logging.getLogger("gaze_jax.train")
 
 
-def maybe_initialize_distributed(config: Any) -> bool:
+def maybe_initialize_distributed(run: RunConfig) -> bool:
   """Calls ``jax.distributed.initialize`` for a multi-process run, before any device use.
 
   Multi-process when ``config.distributed.coordinator_address`` is set (with
@@ -82,9 +84,9 @@ def maybe_initialize_distributed(config: Any) -> bool:
   ``config.distributed.auto=True``). On CPU, cross-process collectives use gloo.
   Returns whether it initialised.
   """
-  dist = config.distributed
+  dist = run.distributed
   addr = dist.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
-  auto = bool(dist.auto)
+  auto = dist.auto
   if not addr and not auto:
     return False
   if dist.cpu_collectives:
@@ -106,8 +108,10 @@ def maybe_initialize_distributed(config: Any) -> bool:
 
 @dataclasses.dataclass
 class Setup:
-  """Everything the loop needs, built from a config (also used by tests)."""
-  config: Any
+  """Everything the loop needs, built from a run config (also used by tests). ``model_cfg``
+  is the model the step compiles (``RunConfig.train_model``), ``spec`` the layout, ``plan`` the
+  top-K plan."""
+  config: RunConfig
   model_cfg: Any
   spec: Any
   plan: Any
@@ -128,37 +132,37 @@ class Setup:
 
 
 def build(config: Any, mesh=None) -> Setup:
-  """Model, optimizer and shardings for ``config`` (on ``mesh``, default from
-  ``config.mesh``)."""
-  model_cfg, spec, plan = train_model_config(config)
+  """Model, optimizer and shardings for ``config`` (a ``RunConfig``, or what ``run_config``
+  converts) on ``mesh`` (default from ``config.mesh``)."""
+  run = run_config(config)
+  model_cfg, spec, plan = run.train_model, run.spec, run.topk
   check_static_grids(model_cfg, jax.process_count())
-  mesh = mesh or shard_lib.make_mesh(to_dict(config.mesh))
-  rules = shard_lib.rules_from_config(config.logical_axis_rules)
+  mesh = mesh or shard_lib.make_mesh(dataclasses.asdict(run.mesh))
+  rules = run.logical_axis_rules
   shards = shard_lib.batch_shards(rules, mesh)
-  if int(config.data.batch_size) % shards:
-    raise ValueError(f"config.data.batch_size={config.data.batch_size} must be a multiple of "
+  if run.data.batch_size % shards:
+    raise ValueError(f"config.data.batch_size={run.data.batch_size} must be a multiple of "
                      f"the {shards} batch shards of mesh {dict(mesh.shape)}")
   gd, abs_state, rest = ckpt_lib.abstract_params(model_cfg)
   abs_params = nnx.to_pure_dict(abs_state)
   pshard = shard_lib.named(mesh, shard_lib.param_specs(abs_state, rules, mesh))
-  num_steps = int(config.train.num_steps)
-  tx, lr_fn = make_optimizer(config.optim, abs_params, num_steps)
+  tx, lr_fn = make_optimizer(run.optim, abs_params, run.train.num_steps)
   abs_opt = jax.eval_shape(tx.init, abs_params)
   repl = NamedSharding(mesh, P())
   oshard = shard_lib.opt_state_shardings(tx, abs_opt, pshard, repl)
   state_shardings = {"params": pshard, "opt_state": oshard, "step": repl}
-  mask = trainable_mask(abs_params, config.optim.param_groups)
+  mask = trainable_mask(abs_params, run.optim.param_groups)
   kv_heads = model_cfg.decoder.num_kv_heads
-  skip = config.train.on_nonfinite == "skip"
+  skip = run.train.on_nonfinite == "skip"
   step = TrainStep(gd, rest, tx, lr_fn, spec, plan, mask, kv_heads, rules, skip_nonfinite=skip)
   settled = None
-  target_cfg = eval_model_config(config)
+  target_cfg = run.model
   if plan.gaze and target_cfg != model_cfg:
     gd_t, _, rest_t = ckpt_lib.abstract_params(target_cfg)
     settled = TrainStep(gd_t, rest_t, tx, lr_fn, spec,
                         dataclasses.replace(plan, start=plan.target, warmup_steps=0), mask,
                         kv_heads, rules, skip_nonfinite=skip)
-  return Setup(config, model_cfg, spec, plan, mesh, rules, gd, rest, abs_params, abs_opt, tx,
+  return Setup(run, model_cfg, spec, plan, mesh, rules, gd, rest, abs_params, abs_opt, tx,
                lr_fn, state_shardings, NamedSharding(mesh, shard_lib.batch_spec(rules, mesh)),
                step, settled)
 
@@ -207,10 +211,10 @@ def _meta(s: Setup, tokenizer) -> dict:
   schedule's start); ``trained_model``: the model the run trains to (the target K), which
   evaluation and serving build (``gaze_jax.runs.restore``)."""
   return {"model": dataclasses.asdict(s.model_cfg),
-          "trained_model": _jsonable(dataclasses.asdict(eval_model_config(s.config))),
+          "trained_model": _jsonable(dataclasses.asdict(s.config.model)),
           "config": config_json(s.config),
           "topk_plan": dataclasses.asdict(s.plan),
-          "tokenizer": {"name": str(s.config.data.tokenizer),
+          "tokenizer": {"name": s.config.data.tokenizer,
                         "fingerprint": tokenizer_fingerprint(tokenizer)}}
 
 
@@ -255,12 +259,12 @@ class _Preemption:
     return bool(np.max(flags))
 
 
-def tower_patches(config: Any, cfg) -> int:
+def tower_patches(run: RunConfig, cfg) -> int:
   """The vision tower's patches per frame slot (for the FLOPs): a Qwen-VL tower's at the
   largest bucket (``config.data.buckets``), else the square image's; 0 without a tower."""
   if cfg.qwen_vision is not None:
     p = cfg.qwen_vision.patch_size
-    buckets = data_lib.media_processor(config).buckets
+    buckets = data_lib.media_processor(run).buckets
     return max((H // p) * (W // p) for H, W in buckets)
   v = cfg.vision
   return 0 if v is None else (v.image_size // v.patch_size) ** 2
@@ -302,18 +306,18 @@ def train(config: Any, workdir, *, mesh=None, stop_after: Optional[int] = None) 
   workdir = epath.Path(workdir)
   primary = jax.process_index() == 0
   # Everything checkable is checked before the workdir is written.
-  check_train_config(config)
-  s = build(config, mesh)
-  tokenizer = run_tokenizer(config)
-  folder = model_init.hf_folder(config.model.init)
+  run = run_config(config)
+  s = build(run, mesh)
+  tokenizer = run_tokenizer(run)
+  folder = model_init.hf_folder(run.init)
   if folder is not None:           # the folder's weights fit the model: checked from the headers
     model_init.check_folder(folder, s.model_cfg, s.abstract_params)
   # The workdir, dtype, tokenizer, smallest example and memory: refused before any write.
-  preflight.check_before_writing(config, workdir, s.model_cfg, s.spec, tokenizer)
+  preflight.check_before_writing(run, workdir, tokenizer)
   # One run per workdir: a second one would overwrite the first's checkpoints and metrics.
   # SIGTERM: until the first step has run, the run ends at once; from then on after a save.
   with _Preemption() as pre, WorkdirLock(workdir) if primary else contextlib.nullcontext():
-    return _run(config, workdir, s, tokenizer, folder, pre, stop_after=stop_after,
+    return _run(run, workdir, s, tokenizer, folder, pre, stop_after=stop_after,
                 t_begin=t_begin)
 
 
@@ -332,7 +336,7 @@ def _restore(s: Setup, ckpt: ckpt_lib.Checkpointer, tokenizer) -> Optional[ckpt_
     else:
       check_resume(meta, s.config, s.model_cfg, tokenizer,
                    f"checkpoint step {checked} in {ckpt.directory}")
-  restored = ckpt.restore(abs_params, abs_opt, fallback=bool(s.config.checkpoint.fallback))
+  restored = ckpt.restore(abs_params, abs_opt, fallback=s.config.checkpoint.fallback)
   if restored is None:
     return None
   where = f"checkpoint step {restored.step} in {ckpt.directory}"
@@ -342,21 +346,21 @@ def _restore(s: Setup, ckpt: ckpt_lib.Checkpointer, tokenizer) -> Optional[ckpt_
   return restored
 
 
-def _run(config: Any, workdir: epath.Path, s: Setup, tokenizer, folder, pre: "_Preemption", *,
+def _run(run: RunConfig, workdir: epath.Path, s: Setup, tokenizer, folder, pre: "_Preemption", *,
          stop_after: Optional[int], t_begin: float) -> dict:
   """``train`` once the config is checked and the workdir is this run's."""
   primary = jax.process_index() == 0
-  tc = config.train
-  num_steps = int(tc.num_steps)
+  tc = run.train
+  num_steps = tc.num_steps
   log.info("mesh %s; model: decoder %d layers x %d, attention %s%s", dict(s.mesh.shape),
            s.model_cfg.decoder.num_layers, s.model_cfg.decoder.hidden_size,
            s.model_cfg.gaze.attention,
            f" K {s.plan.start}->{s.plan.target} over {s.plan.warmup_steps} steps ({s.plan.shape})"
            if s.plan.gaze else "")
 
-  cc = config.checkpoint
-  ckpt = ckpt_lib.Checkpointer(workdir / ckpt_lib.CHECKPOINT_DIR, save_every=int(cc.save_every),
-                               keep=int(cc.keep), async_save=bool(cc.async_save))
+  cc = run.checkpoint
+  ckpt = ckpt_lib.Checkpointer(workdir / ckpt_lib.CHECKPOINT_DIR, save_every=cc.save_every,
+                               keep=cc.keep, async_save=cc.async_save)
   try:
     restored = _restore(s, ckpt, tokenizer)
   except BaseException:
@@ -376,12 +380,12 @@ def _run(config: Any, workdir: epath.Path, s: Setup, tokenizer, folder, pre: "_P
     log.info("resumed from step %d of %s", restored.step, ckpt.directory)
   else:
     if folder is not None:
-      state = hf_init_state(s, folder, int(tc.seed))
+      state = hf_init_state(s, folder, tc.seed)
     else:
-      state = init_state(s, int(tc.seed))
-      if config.model.init:
-        state = _load_decoder_init(s, state, config.model.init)
-    src = config.init_from_checkpoint
+      state = init_state(s, tc.seed)
+      if run.init:
+        state = _load_decoder_init(s, state, run.init)
+    src = run.init_from_checkpoint
     if src:
       other = ckpt_lib.Checkpointer(epath.Path(src) / ckpt_lib.CHECKPOINT_DIR, read_only=True)
       got = other.restore(ckpt_lib.abstract_like(s.abstract_params, s.state_shardings["params"]))
@@ -393,10 +397,10 @@ def _run(config: Any, workdir: epath.Path, s: Setup, tokenizer, folder, pre: "_P
       log.info("initialised the parameters from step %d of %s", got.step, src)
   # Written once the state is this config's: a refused resume leaves the run's config.json.
   if primary:
-    (workdir / "config.json").write_text(json.dumps(config_json(config), indent=2))
-  builder = data_lib.prepare(config, workdir)
+    (workdir / "config.json").write_text(json.dumps(config_json(run), indent=2))
+  builder = data_lib.prepare(run, workdir)
   start = int(jax.device_get(state["step"]))
-  it = data_lib.make_iterator(config, builder, tokenizer, s.model_cfg, s.spec, train=True,
+  it = data_lib.make_iterator(run, builder, tokenizer, s.model_cfg, s.spec, train=True,
                               state=data_state)
 
   metric_sharding = NamedSharding(s.mesh, P())
@@ -417,18 +421,15 @@ def _run(config: Any, workdir: epath.Path, s: Setup, tokenizer, folder, pre: "_P
     # The steps past the checkpoint are redone: their rows go, as in metrics.jsonl.
     metrics_lib.drop_records_after(fp_path, start)
     fp_log = metrics_lib.JsonlWriter(fp_path)
-  log_every = max(1, int(tc.log_every))
-  eval_every = int(tc.eval_every)
-  eval_batches = int(tc.eval_batches)
-  B, S = int(config.data.batch_size), s.spec.seq_len
+  log_every, eval_every, eval_batches = tc.log_every, tc.eval_every, tc.eval_batches
+  B, S = run.data.batch_size, s.spec.seq_len
   flops = train_flops(s.model_cfg, batch=B, seq_len=S, frames=s.spec.max_images,
-                      patches=tower_patches(s.config, s.model_cfg))
-  peak = metrics_lib.peak_flops(jax.devices()[0].device_kind,
-                                float(tc.peak_flops_per_device))
+                      patches=tower_patches(run, s.model_cfg))
+  peak = metrics_lib.peak_flops(jax.devices()[0].device_kind, tc.peak_flops_per_device)
   log.info("train FLOPs per step %.3g; peak %s FLOP/s per device; %d devices", flops,
            f"{peak:.3g}" if peak else "unknown", jax.device_count())
   meta = _meta(s, tokenizer)
-  guard = NonFiniteGuard(skip=tc.on_nonfinite == "skip", max_skipped=int(tc.max_skipped),
+  guard = NonFiniteGuard(skip=tc.on_nonfinite == "skip", max_skipped=tc.max_skipped,
                          sharding=metric_sharding)
   last, last_eval, preempted = {}, {}, False
   t_mark, step_mark, t_loop = time.time(), start, time.time()

@@ -236,11 +236,10 @@ def test_every_sweep_run_builds_and_starts_from_matching_parameters(sweep):
   an hour into the sweep)."""
   import jax
   from gaze_jax.train import checkpoint as ckpt_lib
-  from gaze_jax.train.config import train_model_config
+  from gaze_jax.train.config import run_config
 
   def shapes(run):
-    model_cfg, _, _ = train_model_config(_run_config(run))
-    _, params, _ = ckpt_lib.abstract_params(model_cfg)
+    _, params, _ = ckpt_lib.abstract_params(run_config(_run_config(run)).train_model)
     return jax.tree.map(lambda x: (x.shape, x.dtype), params)
 
   for run in study.SWEEPS[sweep]:

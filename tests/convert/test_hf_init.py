@@ -122,28 +122,28 @@ def test_hf_init_config_takes_the_model_shape_from_the_folder(llava_dir):
   """``model.init=hf:<folder>``: the folder gives the shape, the run's config the gaze settings,
   dtypes and the decoder's runtime fields; a shape field that disagrees stops the run, named."""
   from configs import common
-  from gaze_jax.train.config import eval_model_config
+  from gaze_jax.train.config import run_config
 
   c = common.hf_base_config(str(llava_dir))
   c.model.decoder.remat = True
   c.model.gaze.top_k = 3
-  cfg = eval_model_config(c)
+  cfg = run_config(c).model
   assert (cfg.decoder.hidden_size, cfg.decoder.num_layers, cfg.vision.image_size) == (64, 2, 32)
   assert cfg.decoder.remat and cfg.gaze.top_k == 3 and cfg.projector == "mlp2x_gelu"
   c.model.decoder.hidden_size = 64                      # agreeing with the folder is fine
-  assert eval_model_config(c).decoder.hidden_size == 64
+  assert run_config(c).model.decoder.hidden_size == 64
   c.model.decoder.hidden_size = 32
   with pytest.raises(ValueError, match=r"config.model.decoder.hidden_size=32, but .*config.json "
                      "gives 64"):
-    eval_model_config(c)
+    run_config(c).model
   c.model.decoder.hidden_size = 64
   c.model.projector = "pixel_shuffle"
   with pytest.raises(ValueError, match=r"config.model.projector='pixel_shuffle', but "):
-    eval_model_config(c)
+    run_config(c).model
   c.model.projector = None
   c.model.init = "hf:"
   with pytest.raises(ValueError, match="'hf:' names no folder"):
-    eval_model_config(c)
+    run_config(c).model
 
 
 def test_hf_init_weights_that_do_not_fit_stop_the_run_before_it_writes(tmp_path):

@@ -246,8 +246,8 @@ def test_token_pixels_drive_every_visual_grid():
   assert (shuffle.token_pixels, shuffle.token_grid) == (16, 3)
   assert mllm_config(model_fields(shuffle)) == shuffle       # a training config's model
   spec = LayoutSpec(seq_len=64, max_regions=4, max_images=2, region_shape=(3, 3), num_ctx=0)
-  data = types.SimpleNamespace(data=types.SimpleNamespace(skip_too_long=False))
-  assert feature_config(data, shuffle, spec).grid == 3
+  run = types.SimpleNamespace(data=types.SimpleNamespace(skip_too_long=False), init="")
+  assert feature_config(run, shuffle, spec).grid == 3
   assert _visual_shape(shuffle, 2, 0) == (2, 2, 18)         # 2 tiles of one 3x3 region each
   # The projector's FLOPs: Ev*E per patch for pixel_shuffle (s^2 Ev x E per s^2 patches),
   # Ev*E + E*E for mlp2x_gelu.

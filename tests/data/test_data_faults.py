@@ -153,16 +153,17 @@ def _llava_iterator(tmp_path, records, **data):
   from configs import common
   from gaze_jax.runs import run_tokenizer
   from gaze_jax.train import data as data_lib
-  from gaze_jax.train.config import train_model_config
+  from gaze_jax.train.config import run_config
   from tests.train.helpers import small_config
 
   files, imgs = _llava_files(tmp_path, {"train": records})
   c = common.llava_json_data(small_config(tmp_path / "tfds"), files, imgs)
   c.data.batch_size = 2
   c.data.update(data)
-  model_cfg, spec, _ = train_model_config(c)
-  b = data_lib.prepare(c, tmp_path)
-  return data_lib.make_iterator(c, b, run_tokenizer(c), model_cfg, spec), files["train"]
+  run = run_config(c)
+  b = data_lib.prepare(run, tmp_path)
+  return (data_lib.make_iterator(run, b, run_tokenizer(run), run.train_model, run.spec),
+          files["train"])
 
 
 def _record(i: int, question: str) -> dict:

@@ -19,6 +19,7 @@ from gaze_jax.data.features import (ExampleProcessor, FeatureConfig, PatchPixels
 from gaze_jax.data.qwen_vl import QwenVLMedia
 from gaze_jax.data.tokenizers import load_model_tokenizer
 from gaze_jax.gaze import PATCH, TEXT, LayoutSpec, Video
+from gaze_jax.train.config import run_config
 from tests.data.qwen_vl_folder import has_torchvision, photo, processor, save_folder
 
 transformers = pytest.importorskip("transformers")
@@ -64,7 +65,7 @@ def _run_config(folder, family, **data):
   c.data.seq_len, c.data.max_regions, c.data.max_images = 1024, 256, 4
   for k, v in data.items():
     c.data[k] = v
-  return c
+  return run_config(c)
 
 
 def _processor(folder, family, **data):

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from gaze_jax.train.config import check_train_config
+from gaze_jax.train.preflight import check_train_config
 from tests.train.helpers import ROOT, set_fields, small_config
 
 RECIPES = sorted(p.stem for p in (ROOT / "configs").glob("*.py")
@@ -110,13 +110,11 @@ def _from_command_line(name, *overrides):
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_every_recipe_takes_a_count_or_a_ratio_for_top_k(name, tiny_folders):
-  from gaze_jax.train.config import eval_model_config
   init = _hf_override(name, tiny_folders)
   for flag, want in (("0.25", 0.25), ("2", 2), ("1.0", 1.0), ("1", 1)):
     c = _from_command_line(name, f"--config.model.gaze.top_k={flag}", *init)
     assert type(c.model.gaze.top_k) is type(want) and c.model.gaze.top_k == want
-    check_train_config(c)
-    got = eval_model_config(c).gaze.top_k
+    got = check_train_config(c).model.gaze.top_k
     assert type(got) is type(want) and got == want         # 1 region vs all regions
   # In a file: a recipe's count replaced by a ratio and back.
   c = _from_command_line(name, *init)
@@ -127,19 +125,13 @@ def test_every_recipe_takes_a_count_or_a_ratio_for_top_k(name, tiny_folders):
 
 
 def test_a_runs_config_json_takes_a_count_or_a_ratio():
-  """config.json (what the trainer writes, and gaze_jax.predict reads back) loaded with
-  config_from_dict: evaluating the weights at another K, as a count or a ratio."""
-  import ml_collections
-  from gaze_jax.train.config import config_from_dict, eval_model_config, to_dict
+  """config.json (what the trainer writes, and gaze_jax.predict reads back) in its JSON form:
+  the weights evaluated at another K, as a count or a ratio, keep its type."""
+  from gaze_jax.train.config import config_json, run_config
   from configs import demo
-  d = json.loads(json.dumps(to_dict(demo.get_config()), default=str))
+  d = config_json(demo.get_config())
   assert d["model"]["gaze"]["top_k"] == 3
-  plain = ml_collections.ConfigDict(d)
-  with pytest.raises(TypeError, match="top_k"):
-    plain.model.gaze.top_k = 0.25                 # a plain ConfigDict typed the field int
-  c = config_from_dict(d)
-  assert c.model.gaze.top_k == 3 and d["model"]["gaze"]["top_k"] == 3     # d is not changed
-  c.model.gaze.top_k = 0.25
-  assert eval_model_config(c).gaze.top_k == 0.25
-  c.model.gaze.top_k = 2
-  assert type(eval_model_config(c).gaze.top_k) is int
+  d["model"]["gaze"]["top_k"] = 0.25
+  assert run_config(d).model.gaze.top_k == 0.25
+  d["model"]["gaze"]["top_k"] = 2
+  assert type(run_config(d).model.gaze.top_k) is int

@@ -9,7 +9,7 @@ import pytest
 
 from gaze_jax.runs import run_tokenizer
 from gaze_jax.train import preflight
-from gaze_jax.train.config import check_train_config
+from gaze_jax.train.preflight import check_train_config
 from tests.train.helpers import set_fields, small_config
 
 
@@ -22,8 +22,8 @@ def _demo(**fields):
 
 def _preflight(c, workdir):
   """``check_before_writing`` as the trainer calls it."""
-  model_cfg, spec, _ = check_train_config(c)
-  preflight.check_before_writing(c, workdir, model_cfg, spec, run_tokenizer(c))
+  run = check_train_config(c)
+  preflight.check_before_writing(run, workdir, run_tokenizer(run))
 
 
 CONFIG_ONLY = [
@@ -76,7 +76,7 @@ def test_seq_len_too_small_for_the_chat_template(tmp_path):
 def test_vocab_size_below_the_tokenizers(tmp_path):
   """Before: a warning, then an error at the first example that uses an id >= vocab_size."""
   c = _demo(**{"model.decoder.vocab_size": 100})
-  n = run_tokenizer(c).vocab_size
+  n = run_tokenizer(check_train_config(c)).vocab_size
   with pytest.raises(ValueError, match=rf"config\.model\.decoder\.vocab_size=100 is below the "
                                        rf"{n} ids of the tokenizer"):
     _preflight(c, tmp_path / "work")

@@ -50,14 +50,13 @@ def test_one_bucket_fixes_the_tower_grids_qwen2_5_vl_qwen3_vl(run):
   family, _, c = run
   p = 14 if family == "qwen2_5_vl" else 16
   g = 112 // p if family == "qwen2_5_vl" else 128 // p
-  assert cfg_lib.eval_model_config(c).qwen_grids == ((1, g, g),) * 2     # max_images = 2
-  m, _, _ = cfg_lib.train_model_config(c)
-  assert m.qwen_grids == ((1, g, g),) * 2
+  assert cfg_lib.run_config(c).model.qwen_grids == ((1, g, g),) * 2     # max_images = 2
+  assert cfg_lib.run_config(c).train_model.qwen_grids == ((1, g, g),) * 2
   c.data.max_patches = g * g + 3                      # room for one frame's rows only
-  assert cfg_lib.eval_model_config(c).qwen_grids == ((1, g, g),)
+  assert cfg_lib.run_config(c).model.qwen_grids == ((1, g, g),)
   c.data.max_patches = 0
   c.data.buckets = ((112, 112), (56, 112)) if family == "qwen2_5_vl" else ((128, 128), (64, 128))
-  assert cfg_lib.eval_model_config(c).qwen_grids == ()   # several: each batch's own grids
+  assert cfg_lib.run_config(c).model.qwen_grids == ()   # several: each batch's own grids
   c.data.buckets = ((112, 112),) if family == "qwen2_5_vl" else ((128, 128),)
 
 
@@ -72,9 +71,9 @@ def test_train_step_reads_the_patches_with_fixed_or_batch_grids_qwen2_5_vl_qwen3
   s = trainer.build(c)
   assert s.model_cfg.qwen_grids
   state = trainer.hf_init_state(s, str(root / "model"), seed=0)
-  builder = data_lib.prepare(c, root / "work")
-  tok = run_tokenizer(c)
-  batch = next(data_lib.make_iterator(c, builder, tok, s.model_cfg, s.spec))
+  builder = data_lib.prepare(s.config, root / "work")
+  tok = run_tokenizer(s.config)
+  batch = next(data_lib.make_iterator(s.config, builder, tok, s.model_cfg, s.spec))
   assert np.asarray(batch["patches"]).any()
   fn = jax.jit(s.train_step.eval_fn)
 

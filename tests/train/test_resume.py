@@ -172,12 +172,12 @@ def test_restored_run_uses_the_target_k_on_its_eval_batches(runs, train_data_dir
   """``gaze_jax.runs`` (what eval_main.py loads a run with): the model of a step at the target
   K, its layout spec and tokenizer, and one ordered pass over a split."""
   from gaze_jax import runs as run_lib
-  from gaze_jax.train.config import train_model_config
+  from gaze_jax.train.config import run_config
   from tests.train.helpers import small_config
-  cfg = small_config(train_data_dir)
-  model, step, model_cfg, spec, tok = run_lib.restore(cfg, runs["a"], step=36)
+  cfg = run_config(small_config(train_data_dir))
+  model, step, model_cfg, spec, tok, config = run_lib.restore(cfg, runs["a"], step=36)
   assert step == 36 and model.cfg.gaze.top_k == 1         # the target K, not the start
-  assert model_cfg == model.cfg and spec == train_model_config(cfg)[1]
+  assert model_cfg == model.cfg and spec == cfg.spec and config is cfg
   _, it = run_lib.eval_batches(cfg, runs["a"], model_cfg, spec, tok, "validation")
   assert len(list(it)) == 1                   # 8 validation examples, batch 8
   _, it = run_lib.eval_batches(cfg, runs["a"], model_cfg, spec, tok, "validation")
@@ -195,11 +195,11 @@ def test_a_run_is_restored_as_it_was_trained(runs, train_data_dir):
 
   from gaze_jax import runs as run_lib
   from gaze_jax.train.checkpoint import CheckpointError, restore_model
-  from gaze_jax.train.config import eval_model_config
+  from gaze_jax.train.config import run_config
   from tests.train.helpers import small_config
   cfg = small_config(train_data_dir)
   trained, meta = run_lib.trained_model(runs["a"])
-  assert trained == eval_model_config(cfg) and meta["trained_model"]["gaze"]["top_k"] == 1
+  assert trained == run_config(cfg).model and meta["trained_model"]["gaze"]["top_k"] == 1
   run = run_lib.restore(None, runs["a"])
   assert run.model_cfg == trained and run.model.cfg.gaze.top_k == 1 and run.step == NUM_STEPS
   # Another attention and K in --config: refused, both fields named.

@@ -30,8 +30,8 @@ assert jax.device_count() == 8
 c = small_config(sys.argv[1])
 single = shard_lib.make_mesh({"data": 1}, devices=jax.devices()[:1])
 s1 = trainer.build(c, single)
-builder = data_lib.prepare(c, sys.argv[2])
-it = data_lib.make_iterator(c, builder, runs.make_tokenizer("byte"), s1.model_cfg, s1.spec)
+builder = data_lib.prepare(s1.config, sys.argv[2])
+it = data_lib.make_iterator(s1.config, builder, runs.make_tokenizer("byte"), s1.model_cfg, s1.spec)
 batches = [next(it) for _ in range(2)]
 init = jax.device_get(trainer.init_state(s1, 0))
 
@@ -130,11 +130,12 @@ TWO_PROCESS = r"""
 import json, sys
 from tests.train.helpers import small_config
 from gaze_jax.train import trainer
+from gaze_jax.train.config import run_config
 c = small_config({data!r}, train__num_steps=3, checkpoint__save_every=3)
 c.distributed.coordinator_address = "127.0.0.1:{port}"
 c.distributed.num_processes = 2
 c.distributed.process_id = int(sys.argv[1])
-trainer.maybe_initialize_distributed(c)
+trainer.maybe_initialize_distributed(run_config(c))
 import jax
 assert jax.process_count() == 2 and jax.device_count() == 4, (jax.process_count(), jax.device_count())
 c.mesh.data = 2

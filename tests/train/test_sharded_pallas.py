@@ -27,8 +27,8 @@ c.model.gaze.implementation = "pallas"
 c.model.gaze.kernel.interpret = True
 single = shard_lib.make_mesh({"data": 1}, devices=jax.devices()[:1])
 s1 = trainer.build(c, single)
-builder = data_lib.prepare(c, WORK)
-it = data_lib.make_iterator(c, builder, runs.make_tokenizer("byte"), s1.model_cfg, s1.spec)
+builder = data_lib.prepare(s1.config, WORK)
+it = data_lib.make_iterator(s1.config, builder, runs.make_tokenizer("byte"), s1.model_cfg, s1.spec)
 batches = [next(it) for _ in range(2)]
 init = jax.device_get(trainer.init_state(s1, 0))
 

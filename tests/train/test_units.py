@@ -36,7 +36,8 @@ ml_collections = pytest.importorskip("ml_collections")
 def test_recipes_build_the_preset_models(name, preset):
   import importlib
   c = importlib.import_module(f"configs.{name}").get_config()
-  got = cfg_lib.eval_model_config(c)
+  run = cfg_lib.run_config(c)
+  got = run.model
   want = get_preset(preset)
   if name == "demo":   # 16 px patches, one per region; 4 decoder layers; K = 3, group routing
     want = dataclasses.replace(
@@ -47,13 +48,13 @@ def test_recipes_build_the_preset_models(name, preset):
   assert got.vision == want.vision
   assert got.gaze.region_shape == want.gaze.region_shape and got.gaze.num_ctx == want.gaze.num_ctx
   assert got.gaze.routing == want.gaze.routing
-  spec = cfg_lib.layout_spec(c, got)
+  spec = run.spec
   grid = want.vision.image_size // want.vision.patch_size
   rh, rw = want.gaze.region_shape
   assert spec.max_regions >= math.ceil(grid / rh) * math.ceil(grid / rw)
   # With the schedule the trainer compiles K_max = all regions and lowers K; without it (the
   # demo trains sparse from step 0) it compiles the target K.
-  train_cfg, _, plan = cfg_lib.train_model_config(c)
+  train_cfg, plan = run.train_model, run.topk
   start = spec.max_regions if c.topk_schedule.enabled else want.gaze.top_k
   assert plan.gaze and plan.start == start and train_cfg.gaze.top_k == plan.start
   assert plan.target == want.gaze.top_k
@@ -64,7 +65,8 @@ def test_study_digits_recipe():
   regions, digit_grid with "which" questions only."""
   from configs import study_digits
   c = study_digits.get_config()
-  m, spec, plan = cfg_lib.train_model_config(c)
+  run = cfg_lib.run_config(c)
+  m, spec, plan = run.train_model, run.spec, run.topk
   assert m.decoder.num_layers == 4 and m.gaze.routing == "group"
   assert spec.max_regions == 16 and (plan.start, plan.target) == (16, 2)
   assert c.data.name == "digit_grid" and tuple(c.data.builder_overrides.question_types) == (
@@ -94,24 +96,25 @@ def test_per_example_top_k_keeps_the_ratio_and_ends_the_schedule_at_its_floor():
   c.topk_schedule.enabled = True     # the demo itself trains sparse from step 0
   c.model.gaze.top_k = 0.3
   c.model.gaze.top_k_per_example = True
-  m, spec, plan = cfg_lib.train_model_config(c)
+  run = cfg_lib.run_config(c)
+  m, spec, plan = run.train_model, run.spec, run.topk
   assert m.gaze.top_k == 0.3 and m.gaze.top_k_per_example
   assert (plan.start, plan.target) == (16, 4) and spec.max_regions == 16
   c.model.gaze.top_k = 4
   with pytest.raises(ValueError, match="top_k_per_example needs top_k as a ratio"):
-    cfg_lib.train_model_config(c)
+    cfg_lib.run_config(c).topk
 
 
 def test_dense_recipe_and_config_errors():
   from configs import demo, demo_dense
   c = demo_dense.get_config()
-  m, _, plan = cfg_lib.train_model_config(c)
-  assert m.gaze.attention == "dense" and not plan.gaze
+  run = cfg_lib.run_config(c)
+  assert run.train_model.gaze.attention == "dense" and not run.topk.gaze
   c = demo.get_config()
   c.topk_schedule.enabled = True
   c.topk_schedule.start = 2          # below the target K=3
   with pytest.raises(ValueError, match="topk_schedule.start"):
-    cfg_lib.train_model_config(c)
+    cfg_lib.run_config(c).topk
   with pytest.raises(ValueError, match="unknown fields.*nonsense"):
     cfg_lib.mllm_config({"decoder": {"nonsense": 1}})
   with pytest.raises(AttributeError):           # lock_config: unknown fields are rejected
@@ -119,20 +122,27 @@ def test_dense_recipe_and_config_errors():
     c.train.no_such_field = 1
 
 
-def test_base_config_defines_every_field_and_check_config_names_the_missing():
-  """The trainer has no defaults of its own: every recipe is complete, and a config built by
-  hand without some fields is refused with their names."""
+def test_every_recipe_converts_and_a_hand_built_config_is_refused_naming_its_fields():
+  """Every recipe is complete (``run_config`` takes it as it is); a config built by hand
+  without some fields, or with unknown ones, is refused with their names, while a run's
+  config.json of an older version (``old_run``) takes the defaults of the fields it lacks."""
   import importlib
   from configs import common
   for name in ("demo", "demo_base", "demo_dense", "smollm2_135m", "cambrian_4b", "qwen2_5_7b",
                "study_digits", "study_shapes", "study_where", "study_video", "study_video_base"):
-    assert common.missing_fields(importlib.import_module(f"configs.{name}").get_config()) == []
+    cfg_lib.run_config(importlib.import_module(f"configs.{name}").get_config())
   d = common.base_config("tiny").to_dict()
   del d["checkpoint"]["fallback"], d["topk_schedule"]
   d["data"]["builder_overrides"] = {"question_types": ("where",)}     # free-form: not compared
   with pytest.raises(ValueError, match=r"mine lacks the fields checkpoint\.fallback, "
                                        r"topk_schedule: build it from configs/common\.py"):
-    common.check_config(ml_collections.ConfigDict(d), "mine")
+    cfg_lib.run_config(ml_collections.ConfigDict(d), "mine")
+  d["train"]["no_such_field"] = 1
+  with pytest.raises(ValueError, match=r"has unknown fields train\.no_such_field"):
+    cfg_lib.run_config(d, "mine")
+  old = cfg_lib.run_config(d, "config.json", old_run=True)
+  assert old.checkpoint.fallback is True and not hasattr(old.train, "no_such_field")
+  assert dataclasses.asdict(old.topk_schedule) == common.base_config("tiny").topk_schedule.to_dict()
 
 
 def test_model_imports_without_ml_collections():
@@ -512,9 +522,8 @@ def test_training_features_check_ids_against_the_model_vocabulary():
   """The pipeline's FeatureConfig carries the model's vocabulary size, so a tokenizer id past
   it is refused in the data pipeline instead of clamped by the embedding."""
   from configs import demo
-  from gaze_jax.train.config import eval_model_config, layout_spec
+  from gaze_jax.train.config import run_config
   from gaze_jax.train.data import feature_config
 
-  c = demo.get_config()
-  cfg = eval_model_config(c)
-  assert feature_config(c, cfg, layout_spec(c, cfg)).vocab_size == cfg.decoder.vocab_size
+  run = run_config(demo.get_config())
+  assert feature_config(run, run.model, run.spec).vocab_size == run.model.decoder.vocab_size
