@@ -129,13 +129,22 @@ def _usage_hint() -> str:
   return f"({os.path.basename(sys.argv[0] if sys.argv else 'main')} --helpshort lists the flags)"
 
 
+# absl's help flags: each prints the help, then exits with status 1.
+HELP_FLAGS = ("-?", "-h", "--help", "--helpshort", "--helpfull", "--helpxml")
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a bad flag value (e.g. ``--max_new_tokens=0``) as one usage
-  line naming the flag (status 2)."""
+  line naming the flag (status 2), and the help asked for with ``--help`` as a success
+  (status 0; absl exits with 1, which scripts and CI read as a failure)."""
   try:
     return FLAGS(argv)
   except flags.Error as e:
     _fail(f"error: {message(e)} {_usage_hint()}", 2)
+  except SystemExit as e:
+    if e.code == 1 and any(a in HELP_FLAGS for a in argv[1:]):
+      raise SystemExit(0) from None
+    raise
 
 
 def guarded(main: Callable[[list[str]], object],

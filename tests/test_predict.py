@@ -194,21 +194,30 @@ def test_bad_inputs_name_the_file_or_field(demo_run, scene, tmp_path):
     predict_lib.predict(workdir, image, "  ")
 
 
-def test_a_config_json_without_a_field_names_the_field_and_the_file(demo_run, scene, tmp_path):
-  """A run whose config.json lost a field (here data.tokenizer) is refused naming both, not
-  with ml_collections' AttributeError naming the leaf only."""
+def test_a_config_json_of_an_older_version_loads_with_defaults_said_and_checked(
+    demo_run, scene, tmp_path, caplog):
+  """A run whose config.json lacks fields added since loads with their defaults, in a warning
+  naming the fields and the file; a default that is not what the run trained with (here the
+  tokenizer: the demo's is "words", the default "byte") is refused by the checkpoint's
+  tokenizer fingerprint, not used."""
   import json
   import shutil
 
-  from gaze_jax.train.checkpoint import CHECKPOINT_DIR
+  from gaze_jax.train.checkpoint import CHECKPOINT_DIR, CheckpointError
 
   workdir, _ = demo_run
   image, question = scene
   copy = tmp_path / "run"
   shutil.copytree(workdir / CHECKPOINT_DIR, copy / CHECKPOINT_DIR)
   config = json.loads((workdir / "config.json").read_text())
-  del config["data"]["tokenizer"]
+  del config["data"]["video_fps"], config["train"]["profile_steps"]
   (copy / "config.json").write_text(json.dumps(config))
-  with pytest.raises(ValueError, match=rf"{copy / 'config.json'} lacks the field "
-                                       r"data\.tokenizer"):
+  with caplog.at_level("WARNING", logger="gaze_jax.train"):
+    got = predict_lib.predict(copy, image, question, max_new_tokens=2)
+  assert (f"{copy / 'config.json'} lacks the fields data.video_fps, train.profile_steps"
+          in caplog.text)
+  assert got.answer == predict_lib.predict(workdir, image, question, max_new_tokens=2).answer
+  assert config["data"].pop("tokenizer") == "words"
+  (copy / "config.json").write_text(json.dumps(config))
+  with pytest.raises(CheckpointError, match="tokenizer"):
     predict_lib.predict(copy, image, question, max_new_tokens=1)

@@ -8,9 +8,11 @@
 * ``optim.make_optimizer``: AdamW + warm-up/cosine + clipping + regex parameter groups.
 * ``sharding``: the ``data x fsdp x tensor`` mesh and logical axis rules.
 * ``metrics``: TensorBoard / JSONL writers, progress line, FLOPs and MFU.
-* ``config``: ml_collections configs -> ``MLLMConfig`` / ``LayoutSpec`` / top-K plan;
-  ``dicts``: config trees as plain dicts.
-* ``tokenizer.run_tokenizer(config)``: the run's tokenizer (``config.data.tokenizer``).
+* ``config.run_config(config) -> RunConfig``: a config (ConfigDict, a run's ``config.json``)
+  typed and checked once: the model (``MLLMConfig``), the other sections (``sections``: one
+  self-checking dataclass each), the ``LayoutSpec`` and the top-K plan; ``dicts``: config
+  trees as plain dicts.
+* ``tokenizer.run_tokenizer(run)``: the run's tokenizer (``config.data.tokenizer``).
 
 Submodules are imported on use, so ``import gaze_jax.train`` is cheap.
 """

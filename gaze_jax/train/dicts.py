@@ -1,6 +1,7 @@
-"""Config trees as plain dicts: ``to_dict`` (a ConfigDict, namespace or mapping -> nested dict)
-and ``config_json`` (the same as JSON reads it back). A leaf module: ``train.config``,
-``train.data``, the trainer and the resume check all read configs through it."""
+"""Config trees as plain dicts: ``to_dict`` (a ConfigDict, a ``RunConfig``, namespace or mapping
+-> nested dict) and ``config_json`` (the same as JSON reads it back: what a run's
+``config.json`` records). A leaf module: ``train.config`` converts configs through it, the
+trainer and the resume check record them with it."""
 
 from __future__ import annotations
 

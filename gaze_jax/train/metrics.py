@@ -12,6 +12,13 @@ has a ``gs://`` writer of its own (google-cloud-storage) that rewrites the objec
 gone, that upload retries for two minutes. Ours closes once and writes through epath, the same
 client and credentials as every other run file.
 
+Why not clu's ``metric_writers`` and ``periodic_actions.ReportProgress``, as flax's examples
+use: both import clu's TensorFlow summary writer, and the trainer runs without TensorFlow (the
+GPU images ship none); a resumed run must also drop the records past its checkpoint from the
+JSONL and the event file (``drop_records_after``, ``purge_step``), which clu's writers do not
+do. The progress line is ReportProgress's (steps/s, ETA) with the loss, K and MFU beside it,
+and the profile its ``Profile`` action is ``gaze_jax.train.profile``.
+
 FLOPs per train step: ``gaze_jax.gaze.accounting.train_flops``. MFU = FLOPs per step / (step
 time * devices * peak FLOP/s per device); the peak comes from ``train.peak_flops_per_device``
 or, when that is 0, from ``PEAK_FLOPS`` by device kind (bf16 dense); unknown devices (CPU)

@@ -26,7 +26,8 @@ log = logging.getLogger("gaze_jax.train")
 # Fields (or prefixes ending in ".") a resumed run may change freely.
 FREE_TO_CHANGE = (
     "train.log_every", "train.eval_every", "train.eval_batches", "train.log_fingerprints",
-    "train.peak_flops_per_device", "train.on_nonfinite", "train.max_skipped", "checkpoint.",
+    "train.peak_flops_per_device", "train.on_nonfinite", "train.max_skipped",
+    "train.profile_steps", "checkpoint.",
     "mesh.", "logical_axis_rules", "distributed.", "data.num_threads", "data.data_dir",
     # Where the first weights came from: a resumed run reads its own checkpoint.
     "model.init", "init_from_checkpoint",

@@ -168,10 +168,13 @@ class TrainSection:
   # Refuse a run whose train step needs well over a device's memory by
   # gaze_jax.model.memory's estimate (gaze_jax.train.preflight.check_memory).
   check_memory: bool = True
+  # Trace this many steps with jax.profiler into <workdir>/profile (TensorBoard's profile
+  # plugin, xprof): the first steps after the one that compiles. 0: none.
+  profile_steps: int = 0
 
   def __post_init__(self):
     for name, low in (("num_steps", 1), ("log_every", 1), ("eval_every", 0),
-                      ("eval_batches", 0), ("max_skipped", 0)):
+                      ("eval_batches", 0), ("max_skipped", 0), ("profile_steps", 0)):
       _int("train", self, name, low)
     if self.eval_every and not self.eval_batches:
       raise ValueError(f"config.train.eval_batches=0 with eval_every={self.eval_every} would "

@@ -24,6 +24,9 @@ What it does, in order:
 6. SIGTERM (preemption): the current step finishes, a checkpoint is written, the loop stops;
    rerunning the same command resumes.
 
+With ``train.profile_steps`` a ``jax.profiler`` trace of that many steps (the first ones after
+the step that compiles) goes to ``<workdir>/profile`` (``gaze_jax.train.profile``).
+
 With ``train.log_fingerprints`` each step's batch fingerprint goes to
 ``<workdir>/data_log.<process>.jsonl`` (``{"step", "process", "fingerprint"}``), to check the
 data order across restarts.
@@ -66,6 +69,7 @@ from gaze_jax.train import sharding as shard_lib
 from gaze_jax.train.config import RunConfig, run_config
 from gaze_jax.train.dicts import config_json
 from gaze_jax.train.optim import make_optimizer, trainable_mask
+from gaze_jax.train.profile import StepProfile
 from gaze_jax.train.nonfinite import NonFiniteGuard, check_finite
 from gaze_jax.train.resume import check_resume
 from gaze_jax.train.step import TrainStep, check_static_grids, step_batch
@@ -431,6 +435,8 @@ def _run(run: RunConfig, workdir: epath.Path, s: Setup, tokenizer, folder, pre: 
   meta = _meta(s, tokenizer)
   guard = NonFiniteGuard(skip=tc.on_nonfinite == "skip", max_skipped=tc.max_skipped,
                          sharding=metric_sharding)
+  # The first steps after the one that compiles (this start's first).
+  profile = StepProfile(workdir / "profile", first=start + 2, steps=tc.profile_steps)
   last, last_eval, preempted = {}, {}, False
   t_mark, step_mark, t_loop = time.time(), start, time.time()
   s_done = start
@@ -447,7 +453,9 @@ def _run(run: RunConfig, workdir: epath.Path, s: Setup, tokenizer, folder, pre: 
           log.info("step %d: K reached its target %d; compiling the step for K = %d (K_max was "
                    "%d)", s_done, s.plan.target, s.plan.target, s.plan.start)
         fn = settled_fn
+      profile.before(s_done)
       state, metrics = fn(state, step_batch(batch, s.batch_sharding, s.model_cfg))
+      profile.after(s_done, state)
       pre.started = True
       guard.update(s_done, metrics["finite"])
       stop = pre.agreed() or (stop_after is not None and s_done - start >= stop_after)
@@ -491,6 +499,7 @@ def _run(run: RunConfig, workdir: epath.Path, s: Setup, tokenizer, folder, pre: 
         log.warning("stopping at step %d (%s); checkpoint saved, rerun to resume", s_done,
                     "SIGTERM" if preempted else "stop_after")
         break
+  profile.stop(state)
   ckpt.close()
   logger.close()
   if fp_log is not None:

@@ -12,14 +12,13 @@ import types
 import numpy as np
 import pytest
 
-from configs.common import base_config
 from gaze_jax.convert.families import media_processor
 from gaze_jax.data.features import (ExampleProcessor, FeatureConfig, PatchPixels,
                                     batch_to_model_inputs)
 from gaze_jax.data.qwen_vl import QwenVLMedia
 from gaze_jax.data.tokenizers import load_model_tokenizer
 from gaze_jax.gaze import PATCH, TEXT, LayoutSpec, Video
-from gaze_jax.train.config import run_config
+from gaze_jax.train.sections import DataSection
 from tests.data.qwen_vl_folder import has_torchvision, photo, processor, save_folder
 
 transformers = pytest.importorskip("transformers")
@@ -58,14 +57,11 @@ def folder(family, request):
 
 
 def _run_config(folder, family, **data):
-  c = base_config("tiny")
-  c.model.init = f"hf:{folder}"
-  c.data.tokenizer = "model"
-  c.data.buckets = tuple(BUCKETS[family])
-  c.data.seq_len, c.data.max_regions, c.data.max_images = 1024, 256, 4
-  for k, v in data.items():
-    c.data[k] = v
-  return run_config(c)
+  """What the run's data processing reads of a ``RunConfig`` (the folder holds the processor's
+  files, not a model: no model is resolved)."""
+  data = DataSection(**{"tokenizer": "model", "buckets": tuple(BUCKETS[family]),
+                        "seq_len": 1024, "max_regions": 256, "max_images": 4, **data})
+  return types.SimpleNamespace(init=f"hf:{folder}", data=data)
 
 
 def _processor(folder, family, **data):

@@ -68,18 +68,21 @@ def test_plain_python_training_shows_its_progress_once_and_names_its_metrics(tra
 
 
 def test_train_main_prints_each_line_once_without_orbax_internals(train_data_dir, tmp_path):
+  """Also with a profile of the step after the compiling one (``train.profile_steps``)."""
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=1")
   cfg = _config_file(tmp_path, train_data_dir)
   p = subprocess.run([sys.executable, str(ROOT / "train_main.py"), f"--config={cfg}",
-                      f"--workdir={tmp_path / 'run'}"], cwd=ROOT, env=env, capture_output=True,
-                     text=True, timeout=400)
+                      f"--workdir={tmp_path / 'run'}", "--config.train.profile_steps=1"],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
   assert p.returncode == 0, p.stderr[-4000:]
   out = p.stdout + p.stderr
   for step in range(1, STEPS + 1):
     assert len(_progress(out, step)) == 1, out[-3000:]
   assert out.count("done: ") == 1
   assert library_log_lines(out) == [], out[-3000:]
+  assert out.count(f"profile of steps 2-2 written under {tmp_path / 'run' / 'profile'}") == 1
+  assert list((tmp_path / "run" / "profile").rglob("*.xplane.pb")), out[-3000:]
 
 
 def _loggers(*root_handlers: logging.Handler):
