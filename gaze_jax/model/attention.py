@@ -28,6 +28,7 @@ from pallas_kernels import ops as pallas_ops
 from pallas_kernels import splash
 from gaze_jax.model.config import DecoderConfig, GazeConfig
 from gaze_jax.model.layers import RMSNorm, dense, rope
+from gaze_jax.model.offload import OffloadedCache, offloaded_attention
 from gaze_jax.model.partitioning import constrain
 
 
@@ -62,18 +63,20 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
 
 
 def attention_plan(cfg: DecoderConfig, gaze: GazeConfig, layout: TokenLayout,
-                   q_index: Optional[jax.Array] = None, dtype=jnp.float32, reuse=None):
+                   q_index: Optional[jax.Array] = None, dtype=jnp.float32, reuse=None,
+                   offloaded: bool = False):
   """The gaze ``AttentionPlan`` that every layer of one forward pass shares (None for dense
   attention). q_index: int32 ``[B, T]`` slots of the query rows (None: T == S); reuse: the
-  plan of an earlier decode step, whose layout-only parts are taken as they are."""
+  plan of an earlier decode step, whose layout-only parts are taken as they are; offloaded: a
+  decode step against ``OffloadedCache``s, which attends as the xla path does."""
   if gaze.attention != "gaze":
     return None
-  if gaze.implementation == "pallas":
+  if gaze.implementation == "pallas" and not offloaded:
     return pallas_ops.build_plan(layout, q_index, route_prompt=gaze.route_prompt,
                                  heads=(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim),
                                  dtype=dtype, config=gaze.kernel, reuse=reuse)
   return build_plan(layout, q_index, route_prompt=gaze.route_prompt,
-                    implementation=gaze.implementation, reuse=reuse)
+                    implementation="xla" if offloaded else gaze.implementation, reuse=reuse)
 
 
 def apply_gaze_attention(q, k, v, q_route, layout: TokenLayout, gaze: GazeConfig, *,
@@ -178,6 +181,15 @@ class Attention(nnx.Module):
              cfg.mrope_interleaved)
     q, k, v = constrain(q, "q"), constrain(k, "kv"), constrain(v, "kv")
 
+    if isinstance(cache, OffloadedCache):
+      if q_index is None or selection is not None or gz.attention != "gaze":
+        raise ValueError("an offloaded cache is read by gaze decode steps that route (q_index, "
+                         "no fixed selection)")
+      out, selected, new_cache = offloaded_attention(q, k, v, q_pre, cache, layout, gz,
+                                                     q_index=q_index, plan=plan,
+                                                     active_k=active_k)
+      y = self.o_proj(constrain(out, "q").reshape(B, T, H * D))
+      return y, new_cache, (selected if return_selected else None)
     descriptors = None
     if cache is not None:
       if q_index is None:

@@ -240,7 +240,10 @@ class GazeConfig:
   fields (e.g. ``{"kernel": "tpu", "interpret": False}`` to compile for a TPU from a CPU).
   ``top_k_per_example``: a ratio ``top_k`` applies to each example's own regions (the paper's
   semantics: ``ceil(ratio * regions)`` per example, a traced K under the static K_max of all
-  regions) rather than to the batch's ``max_regions``; off by default."""
+  regions) rather than to the batch's ``max_regions``; off by default.
+  ``offload``: decoding keeps the visual K/V in host memory and a region cache of
+  ``offload_cache`` blocks per example and KV head on the device (0: as many as one step can
+  select; ``gaze_jax.model.offload``); ``generate(offload=...)`` overrides it."""
   attention: str = "gaze"
   top_k: Union[int, float] = 4
   score: str = "dot"
@@ -252,6 +255,8 @@ class GazeConfig:
   num_ctx: int = 4
   kernel: Any = None
   top_k_per_example: bool = False
+  offload: bool = False
+  offload_cache: int = 0
 
   def __post_init__(self):
     # The allowed strings are those gaze_attention dispatches on (imported here, not at the
@@ -274,6 +279,11 @@ class GazeConfig:
     object.__setattr__(self, "region_shape", tuple(int(n) for n in shape))
     if not _is_int(self.num_ctx) or self.num_ctx < 0:
       raise FieldError("GazeConfig", "num_ctx", f" must be an int >= 0, got {self.num_ctx!r}")
+    if not isinstance(self.offload, bool):
+      raise FieldError("GazeConfig", "offload", f" must be True or False, got {self.offload!r}")
+    if not _is_int(self.offload_cache) or self.offload_cache < 0:
+      raise FieldError("GazeConfig", "offload_cache", " must be an int >= 0 (0: one step's "
+                       f"regions), got {self.offload_cache!r}")
     if self.query_chunk is not None and (not _is_int(self.query_chunk) or self.query_chunk < 1):
       raise FieldError("GazeConfig", "query_chunk", " must be None or an int >= 1, got "
                        f"{self.query_chunk!r}")

@@ -14,6 +14,7 @@ from gaze_jax.gaze import TokenLayout
 from gaze_jax.model.attention import Attention, LayerCache, attention_plan
 from gaze_jax.model.config import DecoderConfig, GazeConfig
 from gaze_jax.model.layers import RMSNorm, concrete, dense, named
+from gaze_jax.model.offload import is_offloaded
 from gaze_jax.model.partitioning import constrain
 
 
@@ -194,7 +195,7 @@ class Decoder(nnx.Module):
     """
     caches, selected = [], []
     plan = attention_plan(self.cfg, self.gaze, layout, q_index, self.dtype or x.dtype,
-                          reuse=plan_base)
+                          reuse=plan_base, offloaded=is_offloaded(cache))
     deepstack = None if deepstack is None or not len(deepstack) else list(deepstack)
     if deepstack is not None and len(deepstack) > len(self.layers):
       raise ValueError(f"{len(deepstack)} DeepStack features for {len(self.layers)} layers")

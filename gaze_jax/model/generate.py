@@ -36,6 +36,8 @@ from flax import nnx
 from gaze_jax.gaze import PAD, PATCH, TEXT, TokenLayout
 from gaze_jax.model.decoder import check_token_ids
 from gaze_jax.model.layers import concrete
+from gaze_jax.model.offload import offload as offload_cache
+from gaze_jax.model.offload import offload_capacity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,15 +51,29 @@ class GenerateOutput:
       when every example stopped early).
     logits: float32 ``[B, M, V]`` the logits that produced each token (before temperature),
       zeros for steps that did not run; only with ``return_logits=True``, else None.
+    regions_read, regions_fetched: int32 ``[B]`` with an offloaded cache: the region blocks
+      (per layer and KV head) the decode steps read, and those copied from host memory (the
+      rest came from the device's region cache); else None.
   """
   tokens: Any
   lengths: Any
   num_steps: Any
   logits: Any = None
+  regions_read: Any = None
+  regions_fetched: Any = None
+
+  @property
+  def hit_rate(self) -> Optional[float]:
+    """The share of region reads that the device's region cache served (offloaded only)."""
+    if self.regions_read is None:
+      return None
+    read = int(np.sum(np.asarray(self.regions_read)))
+    return 1.0 - int(np.sum(np.asarray(self.regions_fetched))) / read if read else None
 
 
 jax.tree_util.register_dataclass(
-    GenerateOutput, data_fields=["tokens", "lengths", "num_steps", "logits"], meta_fields=[])
+    GenerateOutput, data_fields=["tokens", "lengths", "num_steps", "logits", "regions_read",
+                                 "regions_fetched"], meta_fields=[])
 
 
 # ------------------------------------------------------------------ sampling
@@ -180,7 +196,8 @@ def _check_args(model, tokens, layout, images, max_new_tokens, rng, temperature,
 
 
 def _generate_impl(graphdef, state, tokens, layout, images, rng, temperature, top_p, stops,
-                   pad_id, *, max_new_tokens: int, greedy: bool, return_logits: bool):
+                   pad_id, *, max_new_tokens: int, greedy: bool, return_logits: bool,
+                   offload: bool):
   """Traced body of ``generate`` (see the module docstring). Shapes: tokens int32 ``[B, S]``,
   images ``[B, F, H, W, C]`` or None, stops int32 ``[n_stop]`` (-1 padded)."""
   model = nnx.merge(graphdef, state)
@@ -207,8 +224,11 @@ def _generate_impl(graphdef, state, tokens, layout, images, rng, temperature, to
   # The logits of the last prompt slot only: the LM head over the whole prompt would cost a
   # layer's worth of time to the first token.
   logits, caches = model.prefill(tokens, layout, images, logits_index=(first - 1)[:, None])
+  if offload:                    # the visual K/V to host memory, a region cache on the device
+    capacity = offload_capacity(model.cfg, layout)
+    caches = [offload_cache(c.k, c.v, c.descriptors, layout, capacity) for c in caches]
   # Built once for every step: the layout-only part of the decode steps' attention plan.
-  plan_base = model.decode_plan(layout, first[:, None])
+  plan_base = model.decode_plan(layout, first[:, None], offloaded=offload)
   last = logits[:, 0]                                                # [B, V]
   V = logits.shape[-1]
   rec = (jnp.full((B, M), pad_id, jnp.int32), jnp.zeros((B,), jnp.int32),
@@ -228,19 +248,25 @@ def _generate_impl(graphdef, state, tokens, layout, images, rng, temperature, to
     tok, rec = emit(i, step_logits[:, 0], rec)
     return i + 1, tok, caches, rec
 
-  n, _, _, rec = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, caches, rec))
+  n, _, caches, rec = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, caches, rec))
   out, lengths, _, all_logits = rec
-  return GenerateOutput(tokens=out, lengths=lengths, num_steps=n, logits=all_logits)
+  read = fetched = None
+  if offload:
+    read = sum(c.needed for c in caches)
+    fetched = sum(c.fetched for c in caches)
+  return GenerateOutput(tokens=out, lengths=lengths, num_steps=n, logits=all_logits,
+                        regions_read=read, regions_fetched=fetched)
 
 
 _generate_jit = jax.jit(_generate_impl, static_argnums=(0,),
-                        static_argnames=("max_new_tokens", "greedy", "return_logits"))
+                        static_argnames=("max_new_tokens", "greedy", "return_logits",
+                                         "offload"))
 
 
 def generate(model, tokens, layout: TokenLayout, images=None, *, max_new_tokens: int,
              rng: Optional[jax.Array] = None, temperature: float = 0.0, top_p: float = 1.0,
              stop_tokens: Sequence[int] = (), pad_id: int = 0,
-             return_logits: bool = False) -> GenerateOutput:
+             return_logits: bool = False, offload: Optional[bool] = None) -> GenerateOutput:
   """Generates ``max_new_tokens`` tokens per example with one compiled prefill + decode loop.
 
   Args:
@@ -257,6 +283,8 @@ def generate(model, tokens, layout: TokenLayout, images=None, *, max_new_tokens:
     stop_tokens: ids that end an example (the stop token is included in its output).
     pad_id: id written after an example's stop token.
     return_logits: also return the float32 logits ``[B, M, V]`` behind every token.
+    offload: keep the visual K/V in host memory while decoding, with a region cache on the
+      device (``gaze_jax.model.offload``; gaze attention only); None: ``GazeConfig.offload``.
   Returns:
     GenerateOutput with tokens int32 ``[B, M]``, lengths int32 ``[B]``, num_steps and logits.
   Raises:
@@ -271,6 +299,10 @@ def generate(model, tokens, layout: TokenLayout, images=None, *, max_new_tokens:
   layout = layout.for_decoding()
   # The reserved span's placeholders are never read; zero them so no check sees them.
   tokens = np.where(np.asarray(layout.generated, bool), 0, np.asarray(tokens))
+  offload = model.cfg.gaze.offload if offload is None else bool(offload)
+  if offload and model.cfg.gaze.attention != "gaze":
+    raise ValueError("offload keeps the visual K/V in host memory for gaze attention, which "
+                     "reads a few regions per step; this model's attention is dense")
   graphdef, state = nnx.split(model)
   greedy = temperature == 0.0
   if rng is None:
@@ -280,4 +312,4 @@ def generate(model, tokens, layout: TokenLayout, images=None, *, max_new_tokens:
                        jnp.float32(temperature if not greedy else 1.0), jnp.float32(top_p),
                        jnp.asarray(stops, jnp.int32), jnp.int32(pad_id),
                        max_new_tokens=int(max_new_tokens), greedy=greedy,
-                       return_logits=bool(return_logits))
+                       return_logits=bool(return_logits), offload=offload)

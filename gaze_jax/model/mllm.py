@@ -496,14 +496,13 @@ class MLLM(nnx.Module):
                                      logits_index=logits_index, deepstack=deepstack)
     return logits, caches
 
-  def decode_plan(self, layout: TokenLayout, q_index: jax.Array):
+  def decode_plan(self, layout: TokenLayout, q_index: jax.Array, offloaded: bool = False):
     """The layout-only part of the decode steps' attention plan (the text and context keys'
     fields, the kernels' KV block table), built once for a decode loop and passed to every
     ``decode`` (``plan_base``); None for dense attention. q_index: int32 ``[B, T]`` the slots
-    of any one step's tokens."""
-
+    of any one step's tokens; offloaded: the steps read ``OffloadedCache``s."""
     return attention_plan(self.cfg.decoder, self.cfg.gaze, layout, q_index,
-                          jnp.dtype(self.cfg.dtype))
+                          jnp.dtype(self.cfg.dtype), offloaded=offloaded)
 
   def decode(self, tokens: jax.Array, q_index: jax.Array, layout: TokenLayout, caches, *,
              active_k=None, return_selected: bool = False, selections=None, plan_base=None):

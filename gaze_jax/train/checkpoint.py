@@ -440,7 +440,8 @@ def check_tokenizer(meta: Optional[dict], tokenizer, where) -> None:
 # Fields that say how a model runs, not what its weights are: a checkpoint restores into a model
 # that differs in these (evaluation may run in bf16, with the Pallas kernels, without remat).
 RUNTIME_FIELDS = ("dtype", "param_dtype", "decoder.remat", "decoder.scan_layers",
-                  "gaze.implementation", "gaze.query_chunk", "gaze.kernel")
+                  "gaze.implementation", "gaze.query_chunk", "gaze.kernel", "gaze.offload",
+                  "gaze.offload_cache")
 
 
 def with_runtime_fields(cfg, source):

@@ -34,7 +34,8 @@ FREE_TO_CHANGE = (
     # How the model runs, not what it is (checkpoint.RUNTIME_FIELDS, without param_dtype: the
     # saved weights' dtype).
     "model.dtype", "model.decoder.remat", "model.decoder.scan_layers",
-    "model.gaze.implementation", "model.gaze.query_chunk", "model.gaze.kernel")
+    "model.gaze.implementation", "model.gaze.query_chunk", "model.gaze.kernel",
+    "model.gaze.offload", "model.gaze.offload_cache")
 # Allowed with a warning: extending a run is common, but its schedules change from here on.
 WARN_ON_CHANGE = ("train.num_steps",)
 

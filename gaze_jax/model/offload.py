@@ -1,0 +1,220 @@
+"""The visual KV in host memory while decoding (``GazeConfig.offload``).
+
+A decode query reads only its top-K regions, so the patch K/V need not sit in device memory.
+At prefill each layer's K/V go to host memory (``jax.memory.Space.Host``: pinned host memory
+on a GPU or TPU, the same RAM on CPU); the device keeps the text and context K/V (where the
+decode steps write their tokens), the region descriptors, and a **region cache**: per example
+and KV head, ``C`` region blocks ``[R, D]``. Each decode step routes on the device, looks up the
+union of the regions its query heads selected (over the GQA group of each KV head), copies the
+missing ones from host memory into the least recently used entries, and attends over the text
+and context keys plus the cached blocks, with the same masks and softmax as the in-device
+path (``gaze_jax.gaze.xla``): the tokens and logits are those of in-device decoding.
+
+Consecutive tokens mostly select the same regions, so most reads hit the cache: ``fetched``
+and ``needed`` count the blocks copied and read per example (``generate`` returns their sums
+over the layers: ``GenerateOutput.hit_rate``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from gaze_jax.gaze.layout import TokenLayout
+from gaze_jax.gaze.masks import base_mask
+from gaze_jax.gaze.plan import AttentionPlan
+from gaze_jax.gaze.routing import resolve_k, route
+from gaze_jax.gaze.xla import attend, region_block_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class OffloadedCache:
+  """One layer's decode cache with the visual K/V in host memory.
+
+  k_host, v_host: ``[B, S, Hkv, D]`` every slot's K/V of the prefill, in host memory.
+  k_nv, v_nv: ``[B, N, Hkv, D]`` the text and context slots (``layout.nonvisual_index``) on the
+    device; decode steps write their tokens' K/V here.
+  descriptors: ``[B, NR, Hkv, Dr]`` the region descriptors.
+  buf_k, buf_v: ``[B, Hkv, C, R, D]`` the region cache: C region blocks per example and KV head.
+  buf_ids: int32 ``[B, Hkv, C]`` the region each entry holds (-1: none).
+  buf_used: int32 ``[B, Hkv, C]`` the step that last read each entry (least recently used goes).
+  step: int32 scalar, decode steps so far.
+  fetched, needed: int32 ``[B]`` region blocks copied from host memory / read, so far.
+  """
+  k_host: Any
+  v_host: Any
+  k_nv: Any
+  v_nv: Any
+  descriptors: Any
+  buf_k: Any
+  buf_v: Any
+  buf_ids: Any
+  buf_used: Any
+  step: Any
+  fetched: Any
+  needed: Any
+
+
+jax.tree_util.register_dataclass(
+    OffloadedCache, data_fields=[f.name for f in dataclasses.fields(OffloadedCache)],
+    meta_fields=[])
+
+
+def is_offloaded(caches) -> bool:
+  """Whether ``caches`` (one per layer, or None) are ``OffloadedCache``s."""
+  return bool(caches) and isinstance(caches[0], OffloadedCache)
+
+
+def union_size(layout: TokenLayout, heads_per_kv: int, k_max: int, rows: int = 1) -> int:
+  """The most regions one KV head's group can select in a step: ``rows`` query rows times its
+  ``heads_per_kv`` query heads times K, at most the layout's regions."""
+  return min(layout.max_regions, rows * heads_per_kv * k_max)
+
+
+def offload_capacity(cfg, layout: TokenLayout) -> int:
+  """The region cache's entries per example and KV head for a model config (``MLLMConfig``):
+  ``cfg.gaze.offload_cache``, at least the most one decode step can select."""
+  dec, gz = cfg.decoder, cfg.gaze
+  k_max = resolve_k(gz.top_k, layout.max_regions, per_example=gz.top_k_per_example).k_max
+  return max(gz.offload_cache, union_size(layout, dec.num_heads // dec.num_kv_heads, k_max))
+
+
+def offload(k: jax.Array, v: jax.Array, descriptors: jax.Array, layout: TokenLayout,
+            capacity: int) -> OffloadedCache:
+  """A prefill's cache of one layer (k, v ``[B, S, Hkv, D]``) moved to host memory, with its
+  text and context K/V kept on the device and an empty region cache of ``capacity`` blocks per
+  example and KV head. ``layout`` should be ``layout.for_decoding()`` (its nonvisual index)."""
+  B, S, Hkv, D = k.shape
+  R = layout.region_size
+  nv = jnp.clip(layout.nonvisual_index, 0)[:, :, None, None]
+  host = jax.memory.Space.Host
+  zeros = jnp.zeros((B, Hkv, capacity, R, D), k.dtype)
+  return OffloadedCache(
+      k_host=jax.device_put(k, host), v_host=jax.device_put(v, host),
+      k_nv=jnp.take_along_axis(k, nv, axis=1), v_nv=jnp.take_along_axis(v, nv, axis=1),
+      descriptors=descriptors, buf_k=zeros, buf_v=zeros,
+      buf_ids=jnp.full((B, Hkv, capacity), -1, jnp.int32),
+      buf_used=jnp.full((B, Hkv, capacity), -1, jnp.int32), step=jnp.int32(0),
+      fetched=jnp.zeros((B,), jnp.int32), needed=jnp.zeros((B,), jnp.int32))
+
+
+def _write_nonvisual(cache: OffloadedCache, k, v, layout: TokenLayout, q_index):
+  """The new tokens' k, v ``[B, T, Hkv, D]`` written at their slots ``q_index`` (consecutive
+  text slots, so consecutive entries of the nonvisual index)."""
+  at = jnp.argmax(layout.nonvisual_index == q_index[:, :1], axis=1)        # [B]
+
+  def one(buf, new, s):
+    return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), s, axis=0)
+  return jax.vmap(one)(cache.k_nv, k, at), jax.vmap(one)(cache.v_nv, v, at)
+
+
+def _plan_fetches(ids: jax.Array, buf_ids: jax.Array, buf_used: jax.Array, step, size: int):
+  """Where each needed region goes in one KV head's region cache.
+
+  ids: int32 ``[n]`` the regions its query heads selected (-1: none); buf_ids / buf_used
+  ``[C]``. Returns ``(slot [n], miss [n], buf_ids, buf_used)``: the entry holding each id after
+  this step's copies, whether it must be copied, and the updated bookkeeping. The missing
+  regions go to the least recently used entries that no selected region holds."""
+  need = jnp.unique(ids, size=size, fill_value=-1)                          # [U], -1 last
+  need = jnp.where(need >= 0, need, -1)
+  match = (need[:, None] == buf_ids[None, :]) & (need[:, None] >= 0)        # [U, C]
+  hit = match.any(1)
+  keep = match.any(0)                                                       # [C] in use now
+  miss = (need >= 0) & ~hit
+  # Entries by eviction order: those not in use now, least recently used first (ties: the
+  # lowest region id; empty entries first of all).
+  order = jnp.lexsort((buf_ids, jnp.where(keep, jnp.iinfo(jnp.int32).max, buf_used)))
+  rank = jnp.cumsum(miss) - 1
+  new_slot = order[jnp.clip(rank, 0)]
+  slot_u = jnp.where(hit, jnp.argmax(match, axis=1), new_slot)              # [U]
+  C = buf_ids.shape[0]
+  target = jnp.where(miss, slot_u, C)                                       # C: dropped
+  buf_ids = buf_ids.at[target].set(need, mode="drop")
+  used = jnp.where(need >= 0, slot_u, C)
+  buf_used = buf_used.at[used].set(step, mode="drop")
+  # Each selected id's entry.
+  slot = jnp.argmax((ids[:, None] == buf_ids[None, :]), axis=1)
+  return slot, need, miss, slot_u, buf_ids, buf_used
+
+
+def _copy_misses(cache: OffloadedCache, need, miss, slot_u, layout: TokenLayout):
+  """Copies the missing region blocks ``[R, D]`` from host memory into the region cache: one
+  dynamic slice of the host K/V per block (host memory takes no gather), for the blocks
+  missing only (a while loop over them)."""
+  B, Hkv, U = need.shape
+  R = layout.region_size
+  flat_miss = miss.reshape(-1)
+  order = jnp.argsort(~flat_miss)                          # the misses first
+  count = flat_miss.sum()
+  b_of = order // (Hkv * U)
+  h_of = (order // U) % Hkv
+  first = jnp.take_along_axis(layout.region_first, jnp.clip(need, 0).reshape(B, -1),
+                              axis=1).reshape(-1)[order]
+  slot = slot_u.reshape(-1)[order]
+  device = jax.memory.Space.Device
+
+  def body(carry):
+    i, bk, bv = carry
+    b, h, f, s = b_of[i], h_of[i], first[i], slot[i]
+    start = (b, f, h, 0)
+    size = (1, R, 1, bk.shape[-1])
+    kb = jax.device_put(jax.lax.dynamic_slice(cache.k_host, start, size), device)
+    vb = jax.device_put(jax.lax.dynamic_slice(cache.v_host, start, size), device)
+    at = (b, h, s, 0, 0)
+    put = lambda buf, blk: jax.lax.dynamic_update_slice(
+        buf, blk.transpose(0, 2, 1, 3)[:, :, None].astype(buf.dtype), at)
+    return i + 1, put(bk, kb), put(bv, vb)
+
+  _, bk, bv = jax.lax.while_loop(lambda c: c[0] < count, body,
+                                 (jnp.int32(0), cache.buf_k, cache.buf_v))
+  return bk, bv
+
+
+def offloaded_attention(q, k, v, q_route, cache: OffloadedCache, layout: TokenLayout, gaze, *,
+                        q_index, plan: AttentionPlan, active_k=None):
+  """One decode step of one layer against an offloaded cache (xla path).
+
+  q ``[B, T, Hq, D]`` after RoPE, k/v ``[B, T, Hkv, D]`` the new tokens', q_route ``[B, T, Hq,
+  Dr]`` before RoPE; ``plan`` the decode plan (``attention_plan``, "xla"). Returns ``(out [B, T,
+  Hq, D], selected ids [B, T, Hq, K], the updated cache)``."""
+  B, T, Hq, D = q.shape
+  Hkv = k.shape[2]
+  G = Hq // Hkv
+  k_nv, v_nv = _write_nonvisual(cache, k, v, layout, q_index)
+  rk = resolve_k(gaze.top_k, layout.max_regions, per_example=gaze.top_k_per_example)
+  sel = route(q_route, cache.descriptors, layout.region_valid, layout.region_last_pos,
+              plan.query.position, plan.routed, top_k=rk.k_max, active_k=active_k,
+              score=gaze.score, routing=gaze.routing, k_ratio=rk.ratio)
+  ids = sel.ids                                                             # [B, T, Hq, K]
+  K = ids.shape[-1]
+  per_kv = ids.reshape(B, T, Hkv, G * K).transpose(0, 2, 1, 3).reshape(B, Hkv, T * G * K)
+  U = union_size(layout, G, K, T)
+  plan_one = lambda i, bi, bu: _plan_fetches(i, bi, bu, cache.step, U)
+  slot, need, miss, slot_u, buf_ids, buf_used = jax.vmap(jax.vmap(plan_one))(
+      per_kv, cache.buf_ids, cache.buf_used)
+  buf_k, buf_v = _copy_misses(cache, need, miss, slot_u, layout)
+  # The blocks of each query head's selected regions, from its KV head's cache entries.
+  slot = slot.reshape(B, Hkv, T, G, K).transpose(0, 2, 1, 3, 4).reshape(B, T, Hq, K)
+  kv_head = jnp.arange(Hq) // G
+
+  def blocks(buf):                                   # [B, Hkv, C, R, D] -> [B, T, Hq, K*R, D]
+    x = jax.vmap(lambda bb, sb: bb[kv_head[None, :, None], sb])(buf, slot)
+    return x.reshape(B, T, Hq, -1, buf.shape[-1])
+
+  kb, vb = blocks(buf_k), blocks(buf_v)
+  mask_b = region_block_mask(layout, ids, plan.query, plan.routed)          # [B, T, Hq, K*R]
+  base = base_mask(plan.query, plan.key, plan.routed)                       # [B, T, N]
+  scale = 1.0 / math.sqrt(D)
+  out = attend(q.reshape(B, T, Hkv, G, D), k_nv, v_nv, base[:, :, None, None, :],
+               kb.reshape(B, T, Hkv, G, -1, D), vb.reshape(B, T, Hkv, G, -1, D),
+               mask_b.reshape(B, T, Hkv, G, -1), scale=scale, grouped=False)
+  new = dataclasses.replace(
+      cache, k_nv=k_nv, v_nv=v_nv, buf_k=buf_k, buf_v=buf_v, buf_ids=buf_ids,
+      buf_used=buf_used, step=cache.step + 1,
+      fetched=cache.fetched + miss.reshape(B, -1).sum(1).astype(jnp.int32),
+      needed=cache.needed + (need >= 0).reshape(B, -1).sum(1).astype(jnp.int32))
+  return out.reshape(B, T, Hq, D).astype(q.dtype), ids, new
