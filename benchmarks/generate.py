@@ -117,16 +117,26 @@ def random_caches(decoder, layout, rng):
           for _ in range(decoder.num_layers)]
 
 
-def decode_runner(model, layout, steps: int):
+def offloaded_caches(model, layout, caches):
+  """``caches`` (one ``LayerCache`` per layer) offloaded as ``generate(offload=True)`` does
+  after its prefill (``gaze_jax.model.offload``), with the model's region cache size."""
+  from gaze_jax.model.offload import offload, offload_capacity
+  cap = offload_capacity(model.cfg, layout.max_regions)
+  move = jax.jit(lambda c: offload(c.k, c.v, c.descriptors, layout, cap))
+  return [move(c) for c in caches]
+
+
+def decode_runner(model, layout, steps: int, offloaded: bool = False):
   """A jitted function running ``steps`` decode steps as generate's loop does (greedy), the
-  caches donated; returns (run(caches) -> (tokens, caches))."""
+  caches donated (``OffloadedCache``s with ``offloaded``); returns (run(caches) -> (tokens,
+  caches))."""
   from flax import nnx
   gd, state = nnx.split(model)
   first = jnp.asarray(np.argmax(np.asarray(layout.generated), axis=1), jnp.int32)
 
   def run(state, caches):
     m = nnx.merge(gd, state)
-    plan_base = m.decode_plan(layout, first[:, None])
+    plan_base = m.decode_plan(layout, first[:, None], offloaded=offloaded)
 
     def body(i, carry):
       tok, caches = carry
@@ -156,7 +166,10 @@ def time_rows(rows: dict, caches: dict, repeats: int) -> dict:
 
 
 def decode_case(decoder, images: int, batch: int, keeps, impl: str, steps: int, repeats: int,
-                rng, bounds: bool = True) -> dict:
+                rng, bounds: bool = True, offload: bool = False) -> dict:
+  """The rows of one shape (see the module docstring); with ``offload`` also each of ``keeps``
+  with the visual KV in host memory (``<K> offloaded``: its region cache's hit rate and the
+  bytes it copies from host memory per token)."""
   layout = layout_of(images, batch)
   text_layout = layout_of(0, batch)
   NR = layout.max_regions
@@ -174,6 +187,14 @@ def decode_case(decoder, images: int, batch: int, keeps, impl: str, steps: int, 
   for name, k in ks.items():
     rows[name] = (decode_runner(make_model(decoder, "gaze", k, impl), layout, steps), "images")
     meta[name] = step_bytes(decoder, layout, "gaze", k)
+  offloaded = {}
+  for p in (keeps if offload else ()):
+    name = f"K={int(p * 100)}%"
+    model = make_model(decoder, "gaze", ks[name], impl)
+    key = offloaded[name] = f"{name} offloaded"
+    caches[key] = offloaded_caches(model, layout, random_caches(decoder, layout, rng))
+    rows[key] = (decode_runner(model, layout, steps, offloaded=True), key)
+    meta[key] = meta[name]
   secs = time_rows(rows, caches, repeats)
   step = {n: s / steps for n, s in secs.items()}
   # The bytes model, fitted on the dense step and the step without images.
@@ -187,12 +208,20 @@ def decode_case(decoder, images: int, batch: int, keeps, impl: str, steps: int, 
     row = {"step_s": step[name], "tokens_per_s": batch / step[name], "bytes": meta[name],
            "predicted_s": pred, "vs_prediction": step[name] / pred}
     if name not in ("dense", "no images"):
-      row["k"] = ks[name]
+      row["k"] = ks[name.removesuffix(" offloaded")]
       row["speedup"] = step["dense"] / step[name]
       # What the bytes allow: the fitted model's dense time over its time for these bytes.
       row["ideal_speedup"] = (t0 + meta["dense"] / bw) / pred
       row["share_of_ideal"] = row["speedup"] / row["ideal_speedup"]
     out["rows"][name] = row
+  for name, key in offloaded.items():
+    # The counts ran over every timed call (the caches are passed on): per token of them all.
+    fetched = sum(int(jnp.sum(c.fetched)) for c in caches[key])
+    read = sum(int(jnp.sum(c.needed)) for c in caches[key])
+    block = 2 * layout.region_size * decoder.head_dim * 4            # k and v, float32
+    tokens = batch * steps * (repeats + 1)
+    out["rows"][key].update(offload_of=name, hit_rate=1 - fetched / read,
+                            host_bytes_per_token=fetched * block / tokens)
   return out
 
 
@@ -239,12 +268,28 @@ def readme_table(result: dict) -> str:
     for c in cases:
       d = c["rows"]["dense"]
       for k, r in c["rows"].items():
-        if "speedup" not in r:
+        if "speedup" not in r or "offload_of" in r:
           continue
         lines.append(f"| {name} | {c['visual_tokens']:,} | {c['batch']} | "
                      f"{d['tokens_per_s']:.1f} | {k} | {r['tokens_per_s']:.1f} | "
                      f"{r['speedup']:.2f}x | {r['share_of_ideal']:.0%} | "
                      f"{r['vs_prediction']:.2f} |")
+  off = [(name, c, k, r) for name, cases in result["decode"].items() for c in cases
+         for k, r in c["rows"].items() if "offload_of" in r]
+  if off:
+    lines += ["", "With the visual KV in host memory (`--offload`; on a CPU host and device "
+              "memory are the same RAM, so this is the cost of the region cache's bookkeeping "
+              "and copies, not of a host link; the random caches route at random, so the hit "
+              "rate is far below a real model's):", "",
+              "| decoder | visual tokens | batch | K | in device tok/s | offloaded tok/s | "
+              "offloaded / in device | hit rate | host to device bytes / token |",
+              "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for name, c, k, r in off:
+      base = c["rows"][r["offload_of"]]
+      lines.append(f"| {name} | {c['visual_tokens']:,} | {c['batch']} | {r['offload_of']} | "
+                   f"{base['tokens_per_s']:.1f} | {r['tokens_per_s']:.1f} | "
+                   f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x | {r['hit_rate']:.1%} | "
+                   f"{r['host_bytes_per_token'] / 1e6:.2f} MB |")
   for name, t in result.get("ttft", {}).items():
     lines += ["", f"Time to first token ({name} cut to {t['layers']} layers, {t['images']} images "
               f"of 576 tokens, a 1-layer vision tower, batch 1): dense {t['dense_s']:.2f} s, "
@@ -268,6 +313,8 @@ def main():
                   "9k tokens takes seconds a layer)")
   ap.add_argument("--bounds", action=argparse.BooleanOptionalAction, default=True,
                   help="also K = 1 and K = all regions")
+  ap.add_argument("--offload", action="store_true",
+                  help="also each --keeps with the visual KV in host memory (offload=True)")
   ap.add_argument("--gpu", action="store_true", help="on a GPU: the Pallas kernels and xla")
   ap.add_argument("--impls", default=None, help="default: xla on CPU, pallas,xla on a GPU")
   ap.add_argument("--out", default=None)
@@ -287,7 +334,8 @@ def main():
       for images in map(int, args.images.split(",")):
         for batch in map(int, args.batches.split(",")):
           c = decode_case(decoder, images, batch, [float(p) for p in args.keeps.split(",")],
-                          impl, args.steps, args.repeats, rng, bounds=args.bounds)
+                          impl, args.steps, args.repeats, rng, bounds=args.bounds,
+                          offload=args.offload)
           result["decode"][key].append(c)
           print(f"{key} {c['visual_tokens']} tokens, batch {batch}: " + ", ".join(
               f"{n} {r['tokens_per_s']:.1f} tok/s" for n, r in c["rows"].items()), flush=True)

@@ -8,7 +8,8 @@ scale (``make aot-full``): ``cambrian_4b`` training on ``v5p:4x4x4`` (64 chips) 
 16 x 4,096 tokens, with 2 and all 36 decoder layers (scanned: the compile time stays nearly
 flat in depth), ``qwen3_vl_8b`` training there at batch 256 (kernels against the dense model),
 and ``qwen2_5_7b`` and ``qwen3_vl_8b`` decode on one H100 at batch 32 over a 64-frame video
-cache.
+cache; ``qwen2_5_7b``'s decode also on one v5p chip, in HBM and with the visual KV offloaded to
+host memory (``decode_offload``: ``GazeConfig.offload``; the tiny preset's in ``make aot``).
 """
 
 from __future__ import annotations
@@ -203,7 +204,7 @@ def compile_case(case: StepCase, t: tg.Target, *, log=print, only: str = "") -> 
                            donate_argnums=(0,))
       out.append(_record(rec, comp, t, {**base, "step": "train"}))
       _log_rec(log, out[-1])
-    if "prefill" in case.steps or "decode" in case.steps:
+    if {"prefill", "decode", "decode_offload"} & set(case.steps):
       out += _serve_steps(case, t, s, config, lay, mesh, base, log)
   return out
 
@@ -248,25 +249,78 @@ def _serve_steps(case, t, s, config, lay, mesh, base, log) -> list[dict]:
             if cfg.gaze.attention == "gaze" else None)
     caches = [LayerCache(k=kv, v=kv, descriptors=desc) for _ in range(dec.num_layers)]
     csh = jax.tree.map(lambda _: NamedSharding(mesh, bsh.spec), caches)
-    caches = _with(caches, csh)
-    lay_feats = {k: v for k, v in feats.items() if k not in ("tokens", *_visual(case, cfg, lay))}
-    lsh = jax.tree.map(lambda _: bsh, lay_feats)
-    tok = jax.ShapeDtypeStruct((B, 1), jnp.int32, sharding=bsh)
-
-    def decode(params, tokens, q_index, layout_feats, caches):
-      model = nnx.merge(gd, params, rest)
-      layout = batch_layout(layout_feats, lay.spec)
-      logits, caches = model.decode(tokens, q_index, layout, caches)
-      return logits[:, -1], caches
-
-    name = f"decode_{case.label}_{base['implementation']}"
-    rec, comp = _compile(t, mesh, name, decode, (params, tok, tok, lay_feats, caches),
-                         rules=s.rules, in_shardings=(pshard, bsh, bsh, lsh, csh),
-                         out_shardings=(bsh, csh), donate_argnums=(4,))
-    out.append(_record(rec, comp, t, {**base, "step": "decode",
-                                      "cache_slots": S}))
-    _log_rec(log, out[-1])
+    out.append(_compile_decode(case, t, s, cfg, lay, mesh, feats, _with(caches, csh), log,
+                               {**base, "step": "decode", "cache_slots": S}))
+  if "decode_offload" in case.steps and cfg.gaze.attention == "gaze":
+    caches, C = _offloaded_caches(case, s, cfg, lay, mesh)
+    out.append(_compile_decode(case, t, s, cfg, lay, mesh, feats, caches, log,
+                               {**base, "step": "decode_offload", "cache_slots": lay.seq_len,
+                                "region_cache": C}))
   return out
+
+
+def _compile_decode(case, t, s, cfg, lay, mesh, feats, caches, log, extra) -> dict:
+  """One decode step (one new token per example) against ``caches`` (abstract, with their
+  shardings), the caches donated."""
+  from gaze_jax.train.step import batch_layout
+  gd, _, rest = ckpt_lib.abstract_params(cfg)
+  params = _with(s.abstract_params, s.state_shardings["params"])
+  bsh = s.batch_sharding
+  lay_feats = {k: v for k, v in feats.items() if k not in ("tokens", *_visual(case, cfg, lay))}
+  lsh = jax.tree.map(lambda _: bsh, lay_feats)
+  csh = jax.tree.map(lambda x: x.sharding, caches)
+  tok = jax.ShapeDtypeStruct((case.batch, 1), jnp.int32, sharding=bsh)
+  # An offloaded cache's host rows are read, never written: the step returns the rest (a
+  # serving loop keeps the rows where they are; returned, they would be a host-side copy).
+  keep = ((lambda c: dataclasses.replace(c, k_host=None, v_host=None))
+          if extra["step"] == "decode_offload" else (lambda c: c))
+  out_csh = [keep(c) for c in csh]
+
+  def decode(params, tokens, q_index, layout_feats, caches):
+    model = nnx.merge(gd, params, rest)
+    layout = batch_layout(layout_feats, lay.spec)
+    logits, caches = model.decode(tokens, q_index, layout, caches)
+    return logits[:, -1], [keep(c) for c in caches]
+
+  name = f"{extra['step']}_{case.label}_{extra['implementation']}"
+  rec, comp = _compile(t, mesh, name, decode, (params, tok, tok, lay_feats, caches),
+                       rules=s.rules,
+                       in_shardings=(s.state_shardings["params"], bsh, bsh, lsh, csh),
+                       out_shardings=(bsh, out_csh), donate_argnums=(4,))
+  rec = _record(rec, comp, t, extra)
+  _log_rec(log, rec)
+  return rec
+
+
+def _offloaded_caches(case, s, cfg, lay, mesh):
+  """Abstract ``OffloadedCache``s of every layer (``GazeConfig.offload``): the visual K/V in
+  host memory (``memory_kind="pinned_host"``), the text and context K/V, the descriptors and a
+  region cache of ``offload_capacity`` blocks per example and KV head on the device. Returns
+  ``(caches, the region cache's blocks C)``."""
+  from jax.sharding import PartitionSpec as P
+
+  from gaze_jax.model.offload import OffloadedCache, offload_capacity
+  dec, dtype = cfg.decoder, jnp.dtype(case.dtype)
+  B, S, Hkv, D = case.batch, lay.seq_len, dec.num_kv_heads, dec.head_dim
+  N = lay.spec.max_nonvisual or S
+  C = offload_capacity(cfg, lay.max_regions)
+  R = cfg.gaze.region_shape[0] * cfg.gaze.region_shape[1]
+  spec = s.batch_sharding.spec
+  dev = NamedSharding(mesh, spec)
+  # The host rows are not sharded: a block is a dynamic slice of one row, which a sharded
+  # row axis would turn into collectives over host memory (one device serves here).
+  host = NamedSharding(mesh, P(), memory_kind="pinned_host")
+  sds = lambda shape, sh, dt=dtype: jax.ShapeDtypeStruct(shape, dt, sharding=sh)
+  rows = (B * Hkv * lay.max_regions, R, D)
+  one = OffloadedCache(
+      k_host=sds(rows, host), v_host=sds(rows, host),
+      k_nv=sds((B, N, Hkv, D), dev), v_nv=sds((B, N, Hkv, D), dev),
+      descriptors=sds((B, lay.max_regions, Hkv, D), dev),
+      buf_k=sds((B, Hkv, C, R, D), dev), buf_v=sds((B, Hkv, C, R, D), dev),
+      buf_ids=sds((B, Hkv, C), dev, jnp.int32), buf_used=sds((B, Hkv, C), dev, jnp.int32),
+      step=sds((), NamedSharding(mesh, P()), jnp.int32), fetched=sds((B,), dev, jnp.int32),
+      needed=sds((B,), dev, jnp.int32))
+  return [one] * dec.num_layers, C
 
 
 def _log_rec(log, r):
@@ -292,7 +346,8 @@ def small_steps(t: tg.Target) -> list[dict]:
   """``make aot``: the tiny preset (64 px images, 16 regions of 2 x 2 patches, 2-layer GQA
   decoder), batch 8, on an H100 (one device) or a TPU slice of 8 chips (fsdp 4 x tensor 2)."""
   mesh = {"data": 1, "fsdp": 4, "tensor": 2} if t.platform == "tpu" else {"data": 1}
-  out = compile_case(StepCase("tiny", "tiny", _tiny_segments(), batch=8, mesh=mesh), t)
+  out = compile_case(StepCase("tiny", "tiny", _tiny_segments(), batch=8, mesh=mesh,
+                              steps=("train", "prefill", "decode", "decode_offload")), t)
   if t.platform == "tpu":
     # The dense model with XLA's attention and with splash (the decode step is a masked
     # attention, XLA in both, so it is left out).
@@ -314,6 +369,10 @@ def _cambrian_segments(tokens: int = 4096):
     segs += [Image(24, 24)]
   segs += [Text(tokens - visual - 128 - 256), Text(256, generated=True)]
   return tuple(segs)
+
+
+# 64 frames, each 2 x 2-pooled to 12 x 12 patches (the video path of the vision tower).
+VIDEO64 = (Text(200), Video(64, 12, 12), Text(60), Text(64, generated=True))
 
 
 def full_steps(platform: str, only: str = "") -> list[dict]:
@@ -344,8 +403,7 @@ def full_steps(platform: str, only: str = "") -> list[dict]:
                        implementations=("xla", "splash"), bucket=(768, 768), gaze=QWEN_GAZE)]
   else:
     t = tg.h100()
-    # 64 frames, each 2 x 2-pooled to 12 x 12 patches (the video path of the vision tower).
-    segs = (Text(200), Video(64, 12, 12), Text(60), Text(64, generated=True))
+    segs = VIDEO64
     cases = [StepCase("qwen2_5_7b_video64", "qwen2_5_7b", segs, batch=32, mesh={"data": 1},
                       steps=("decode",)),
              # Qwen3-VL-8B over the same cache: 64 frame slots (temporal groups of 2 frames at
@@ -354,4 +412,11 @@ def full_steps(platform: str, only: str = "") -> list[dict]:
                       steps=("decode",), bucket=(384, 384), gaze=QWEN_GAZE)]
   for case in cases:
     out += compile_case(case, t, only=only)
+  if platform == "tpu":
+    # The qwen2_5_7b decode over a 64-frame cache on one v5p chip, in HBM and offloaded (the
+    # deviceless H100 topology has no host memory kind: there the offloaded arrays would count
+    # as device memory).
+    out += compile_case(StepCase("qwen2_5_7b_video64", "qwen2_5_7b", VIDEO64, batch=32,
+                                 mesh={"data": 1}, steps=("decode", "decode_offload")),
+                        tg.tpu("v5p:1x1"), only=only)
   return out

@@ -106,6 +106,10 @@ def memory_record(compiled) -> dict:
   # What the program holds at its peak on one device: inputs, outputs (donated inputs counted
   # once) and temporaries.
   rec["peak"] = rec["argument"] + rec["output"] - rec["alias"] + rec["temp"]
+  # Host memory (arrays with memory_kind="pinned_host": the offloaded visual KV).
+  host = {k: int(getattr(m, f"host_{k}_size_in_bytes", 0) or 0)
+          for k in ("argument", "output", "alias", "temp")}
+  rec["host_peak"] = host["argument"] + host["output"] - host["alias"] + host["temp"]
   return rec
 
 

@@ -225,7 +225,7 @@ def _generate_impl(graphdef, state, tokens, layout, images, rng, temperature, to
   # layer's worth of time to the first token.
   logits, caches = model.prefill(tokens, layout, images, logits_index=(first - 1)[:, None])
   if offload:                    # the visual K/V to host memory, a region cache on the device
-    capacity = offload_capacity(model.cfg, layout)
+    capacity = offload_capacity(model.cfg, layout.max_regions)
     caches = [offload_cache(c.k, c.v, c.descriptors, layout, capacity) for c in caches]
   # Built once for every step: the layout-only part of the decode steps' attention plan.
   plan_base = model.decode_plan(layout, first[:, None], offloaded=offload)

@@ -35,7 +35,9 @@ from gaze_jax.gaze.xla import attend, region_block_mask
 class OffloadedCache:
   """One layer's decode cache with the visual K/V in host memory.
 
-  k_host, v_host: ``[B, S, Hkv, D]`` every slot's K/V of the prefill, in host memory.
+  k_host, v_host: ``[B * Hkv * NR, R, D]`` the prefill's region blocks in host memory, one
+    row per (example, KV head, region) (row ``(b * Hkv + h) * NR + r``): a block is then one
+    slice along one dimension, which is what a TPU copies from host memory.
   k_nv, v_nv: ``[B, N, Hkv, D]`` the text and context slots (``layout.nonvisual_index``) on the
     device; decode steps write their tokens' K/V here.
   descriptors: ``[B, NR, Hkv, Dr]`` the region descriptors.
@@ -69,32 +71,46 @@ def is_offloaded(caches) -> bool:
   return bool(caches) and isinstance(caches[0], OffloadedCache)
 
 
-def union_size(layout: TokenLayout, heads_per_kv: int, k_max: int, rows: int = 1) -> int:
+def union_size(max_regions: int, heads_per_kv: int, k_max: int, rows: int = 1) -> int:
   """The most regions one KV head's group can select in a step: ``rows`` query rows times its
-  ``heads_per_kv`` query heads times K, at most the layout's regions."""
-  return min(layout.max_regions, rows * heads_per_kv * k_max)
+  ``heads_per_kv`` query heads times K, at most the layout's ``max_regions``."""
+  return min(max_regions, rows * heads_per_kv * k_max)
 
 
-def offload_capacity(cfg, layout: TokenLayout) -> int:
-  """The region cache's entries per example and KV head for a model config (``MLLMConfig``):
-  ``cfg.gaze.offload_cache``, at least the most one decode step can select."""
+def offload_capacity(cfg, max_regions: int) -> int:
+  """The region cache's entries per example and KV head for a model config (``MLLMConfig``)
+  over a layout of ``max_regions``: ``cfg.gaze.offload_cache``, at least the most one decode
+  step can select."""
   dec, gz = cfg.decoder, cfg.gaze
-  k_max = resolve_k(gz.top_k, layout.max_regions, per_example=gz.top_k_per_example).k_max
-  return max(gz.offload_cache, union_size(layout, dec.num_heads // dec.num_kv_heads, k_max))
+  k_max = resolve_k(gz.top_k, max_regions, per_example=gz.top_k_per_example).k_max
+  return max(gz.offload_cache,
+             union_size(max_regions, dec.num_heads // dec.num_kv_heads, k_max))
+
+
+def _region_rows(x: jax.Array, layout: TokenLayout) -> jax.Array:
+  """k or v ``[B, S, Hkv, D]`` -> the region blocks ``[B * Hkv * NR, R, D]`` (see
+  ``OffloadedCache``; an invalid region's row holds clipped slots, never read)."""
+  B, S, Hkv, D = x.shape
+  NR, R = layout.max_regions, layout.region_size
+  slots = jnp.clip(layout.region_first[:, :, None] + jnp.arange(R), 0, S - 1)   # [B, NR, R]
+  g = jnp.take_along_axis(x, slots.reshape(B, NR * R)[:, :, None, None], axis=1)
+  return g.reshape(B, NR, R, Hkv, D).transpose(0, 3, 1, 2, 4).reshape(B * Hkv * NR, R, D)
 
 
 def offload(k: jax.Array, v: jax.Array, descriptors: jax.Array, layout: TokenLayout,
             capacity: int) -> OffloadedCache:
-  """A prefill's cache of one layer (k, v ``[B, S, Hkv, D]``) moved to host memory, with its
-  text and context K/V kept on the device and an empty region cache of ``capacity`` blocks per
-  example and KV head. ``layout`` should be ``layout.for_decoding()`` (its nonvisual index)."""
+  """A prefill's cache of one layer (k, v ``[B, S, Hkv, D]``): its region blocks moved to host
+  memory, its text and context K/V kept on the device, and an empty region cache of
+  ``capacity`` blocks per example and KV head. ``layout`` should be ``layout.for_decoding()``
+  (its nonvisual index)."""
   B, S, Hkv, D = k.shape
   R = layout.region_size
   nv = jnp.clip(layout.nonvisual_index, 0)[:, :, None, None]
   host = jax.memory.Space.Host
   zeros = jnp.zeros((B, Hkv, capacity, R, D), k.dtype)
   return OffloadedCache(
-      k_host=jax.device_put(k, host), v_host=jax.device_put(v, host),
+      k_host=jax.device_put(_region_rows(k, layout), host),
+      v_host=jax.device_put(_region_rows(v, layout), host),
       k_nv=jnp.take_along_axis(k, nv, axis=1), v_nv=jnp.take_along_axis(v, nv, axis=1),
       descriptors=descriptors, buf_k=zeros, buf_v=zeros,
       buf_ids=jnp.full((B, Hkv, capacity), -1, jnp.int32),
@@ -143,31 +159,26 @@ def _plan_fetches(ids: jax.Array, buf_ids: jax.Array, buf_used: jax.Array, step,
 
 def _copy_misses(cache: OffloadedCache, need, miss, slot_u, layout: TokenLayout):
   """Copies the missing region blocks ``[R, D]`` from host memory into the region cache: one
-  dynamic slice of the host K/V per block (host memory takes no gather), for the blocks
+  dynamic slice of a host row per block (host memory takes no gather), for the blocks
   missing only (a while loop over them)."""
   B, Hkv, U = need.shape
-  R = layout.region_size
+  NR = layout.max_regions
   flat_miss = miss.reshape(-1)
   order = jnp.argsort(~flat_miss)                          # the misses first
   count = flat_miss.sum()
   b_of = order // (Hkv * U)
   h_of = (order // U) % Hkv
-  first = jnp.take_along_axis(layout.region_first, jnp.clip(need, 0).reshape(B, -1),
-                              axis=1).reshape(-1)[order]
+  row = ((b_of * Hkv + h_of) * NR + jnp.clip(need, 0).reshape(-1)[order]).astype(jnp.int32)
   slot = slot_u.reshape(-1)[order]
   device = jax.memory.Space.Device
 
   def body(carry):
     i, bk, bv = carry
-    b, h, f, s = b_of[i], h_of[i], first[i], slot[i]
-    start = (b, f, h, 0)
-    size = (1, R, 1, bk.shape[-1])
-    kb = jax.device_put(jax.lax.dynamic_slice(cache.k_host, start, size), device)
-    vb = jax.device_put(jax.lax.dynamic_slice(cache.v_host, start, size), device)
-    at = (b, h, s, 0, 0)
-    put = lambda buf, blk: jax.lax.dynamic_update_slice(
-        buf, blk.transpose(0, 2, 1, 3)[:, :, None].astype(buf.dtype), at)
-    return i + 1, put(bk, kb), put(bv, vb)
+    at = (b_of[i], h_of[i], slot[i], 0, 0)
+    for_buf = lambda host, buf: jax.lax.dynamic_update_slice(buf, jax.device_put(
+        jax.lax.dynamic_slice_in_dim(host, row[i], 1, axis=0), device)[None, None].astype(
+            buf.dtype), at)
+    return i + 1, for_buf(cache.k_host, bk), for_buf(cache.v_host, bv)
 
   _, bk, bv = jax.lax.while_loop(lambda c: c[0] < count, body,
                                  (jnp.int32(0), cache.buf_k, cache.buf_v))
@@ -192,7 +203,7 @@ def offloaded_attention(q, k, v, q_route, cache: OffloadedCache, layout: TokenLa
   ids = sel.ids                                                             # [B, T, Hq, K]
   K = ids.shape[-1]
   per_kv = ids.reshape(B, T, Hkv, G * K).transpose(0, 2, 1, 3).reshape(B, Hkv, T * G * K)
-  U = union_size(layout, G, K, T)
+  U = union_size(layout.max_regions, G, K, T)
   plan_one = lambda i, bi, bu: _plan_fetches(i, bi, bu, cache.step, U)
   slot, need, miss, slot_u, buf_ids, buf_used = jax.vmap(jax.vmap(plan_one))(
       per_kv, cache.buf_ids, cache.buf_used)

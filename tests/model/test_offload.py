@@ -48,7 +48,7 @@ def test_the_offloaded_cache_lies_in_host_memory():
   model = make_model(CONFIGS["head"])
   tokens, layout, images = make_batch(model)
   layout = layout.for_decoding()
-  cap = offload_capacity(model.cfg, layout)
+  cap = offload_capacity(model.cfg, layout.max_regions)
   assert cap == 4                                      # 2 query heads per KV head x K = 2
   graphdef, state = nnx.split(model)
 
@@ -60,7 +60,9 @@ def test_the_offloaded_cache_lies_in_host_memory():
   c = prefill(state, tokens, layout, images)
   assert c.k_host.sharding.memory_kind == c.v_host.sharding.memory_kind == "pinned_host"
   assert c.k_nv.sharding.memory_kind == c.buf_k.sharding.memory_kind == "device"
-  assert c.buf_k.shape == (2, 2, cap, 4, model.cfg.decoder.head_dim)
+  D = model.cfg.decoder.head_dim
+  assert c.buf_k.shape == (2, 2, cap, 4, D)
+  assert c.k_host.shape == (2 * 2 * layout.max_regions, 4, D)     # a row per block
   assert c.k_nv.shape[1] == layout.nonvisual_index.shape[1]
 
 

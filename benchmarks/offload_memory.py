@@ -1,0 +1,107 @@
+"""Benchmark: device and host memory of a decode step with the visual KV offloaded to host memory
+(``GazeConfig.offload``) against the same step with the whole cache in device memory, compiled
+by the real TPU compiler on this CPU machine (libtpu; no TPU needed).
+
+The case is ``qwen2_5_7b`` decoding at batch 32 over a 64-frame video cache (64 frames of
+12 x 12 tokens, 6 x 6 regions: 256 regions, K = 4) on one v5p chip, float32 master weights as
+``make aot-full`` compiles it. XLA's ``memory_analysis()`` gives the device figures (arguments,
+outputs, temporaries) and, separately, the host memory the offloaded rows take. The deviceless
+H100 topology has no host memory kind (an offloaded array would count as device memory), so
+the GPU figures need a GPU.
+
+  make .venv-aot-tpu/.installed
+  JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1 .venv-aot-tpu/bin/python -m benchmarks.offload_memory \\
+      --readme README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results" / "offload_memory.json"
+GiB = 1 << 30
+
+
+def measure() -> dict:
+  import jax
+
+  from benchmarks.aot import steps as st
+  from benchmarks.aot import targets as tg
+  case = st.StepCase("qwen2_5_7b_video64", "qwen2_5_7b", st.VIDEO64, batch=32,
+                     mesh={"data": 1}, steps=("decode", "decode_offload"),
+                     implementations=("xla",))
+  recs = st.compile_case(case, tg.tpu("v5p:1x1"))
+  return {"date": datetime.date.today().isoformat(), "machine": platform.machine(),
+          "jax": jax.__version__, "target": "v5p:1x1", "case": case.label,
+          "batch": case.batch, "records": recs}
+
+
+def weight_bytes() -> int:
+  """The parameters' bytes (float32 master weights) of the case's model."""
+  import jax
+
+  from gaze_jax.model.presets import get_preset
+  from gaze_jax.train.checkpoint import abstract_params
+  _, params, _ = abstract_params(get_preset("qwen2_5_7b"))
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+
+
+def readme_block(result: dict) -> str:
+  rows = {r["step"]: r for r in result["records"]}
+  w = result.get("weights_bytes", 0)
+  lines = [f"Decode step of `qwen2_5_7b` at batch 32 over a 64-frame video cache (9,216 visual "
+           f"tokens per example, 256 regions of 6 x 6, K = 4) on one {result['target']} chip, "
+           f"compiled by libtpu (`benchmarks/offload_memory.py`, {result['date']}, "
+           f"{result['machine']} CPU, jax {result['jax']}); float32 master weights "
+           f"({w / GiB:.1f} GiB):", "",
+           "| decode step | device peak | of it, besides the weights | host memory | region cache |",
+           "|---|---:|---:|---:|---:|"]
+  for step, name in (("decode", "whole cache in device memory"),
+                     ("decode_offload", "visual KV offloaded")):
+    r = rows.get(step)
+    if r is None or not r.get("compiled"):
+      lines.append(f"| {name} | not compiled | | | |")
+      continue
+    m = r["memory"]
+    lines.append(f"| {name} | {m['peak'] / GiB:.2f} GiB | {(m['peak'] - w) / GiB:.2f} GiB | "
+                 f"{m.get('host_peak', 0) / GiB:.2f} GiB | "
+                 f"{r.get('region_cache', '-')} blocks / example / KV head |")
+  return "\n".join(lines)
+
+
+def write_readme(path: Path, block: str) -> None:
+  text = path.read_text()
+  begin, end = "<!-- offload-memory begin -->", "<!-- offload-memory end -->"
+  pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+  if not pattern.search(text):
+    raise SystemExit(f"{path} has no {begin} ... {end} block")
+  path.write_text(pattern.sub(lambda _: f"{begin}\n{block}\n{end}", text))
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--out", default=str(OUT))
+  ap.add_argument("--readme", default=None)
+  ap.add_argument("--from_json", action="store_true", help="only rewrite the README block")
+  args = ap.parse_args()
+  if args.from_json:
+    result = json.loads(Path(args.out).read_text())
+  else:
+    result = measure()
+    result["weights_bytes"] = weight_bytes()
+    Path(args.out).write_text(json.dumps(result, indent=1, default=str))
+    print(f"wrote {args.out}")
+  block = readme_block(result)
+  print(block)
+  if args.readme:
+    write_readme(Path(args.readme), block)
+
+
+if __name__ == "__main__":
+  main()
