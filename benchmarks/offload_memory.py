@@ -3,8 +3,9 @@
 by the real TPU compiler on this CPU machine (libtpu; no TPU needed).
 
 The case is ``qwen2_5_7b`` decoding at batch 32 over a 64-frame video cache (64 frames of
-12 x 12 tokens, 6 x 6 regions: 256 regions, K = 4) on one v5p chip, float32 master weights as
-``make aot-full`` compiles it. XLA's ``memory_analysis()`` gives the device figures (arguments,
+12 x 12 tokens, 6 x 6 regions: 256 regions, K = 4) on one v5p chip, with bfloat16 weights as
+served (float32 master weights, as ``make aot-full`` compiles the step, would add their bf16
+casts to both). XLA's ``memory_analysis()`` gives the device figures (arguments,
 outputs, temporaries) and, separately, the host memory the offloaded rows take. The deviceless
 H100 topology has no host memory kind (an offloaded array would count as device memory), so
 the GPU figures need a GPU.
@@ -17,6 +18,7 @@ the GPU figures need a GPU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -35,7 +37,7 @@ def measure() -> dict:
   from benchmarks.aot import targets as tg
   case = st.StepCase("qwen2_5_7b_video64", "qwen2_5_7b", st.VIDEO64, batch=32,
                      mesh={"data": 1}, steps=("decode", "decode_offload"),
-                     implementations=("xla",))
+                     implementations=("xla",), param_dtype="bfloat16")
   recs = st.compile_case(case, tg.tpu("v5p:1x1"))
   return {"date": datetime.date.today().isoformat(), "machine": platform.machine(),
           "jax": jax.__version__, "target": "v5p:1x1", "case": case.label,
@@ -43,12 +45,13 @@ def measure() -> dict:
 
 
 def weight_bytes() -> int:
-  """The parameters' bytes (float32 master weights) of the case's model."""
+  """The parameters' bytes (bfloat16) of the case's model."""
   import jax
 
   from gaze_jax.model.presets import get_preset
   from gaze_jax.train.checkpoint import abstract_params
-  _, params, _ = abstract_params(get_preset("qwen2_5_7b"))
+  _, params, _ = abstract_params(dataclasses.replace(get_preset("qwen2_5_7b"),
+                                                     param_dtype="bfloat16"))
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
 
 
@@ -58,20 +61,22 @@ def readme_block(result: dict) -> str:
   lines = [f"Decode step of `qwen2_5_7b` at batch 32 over a 64-frame video cache (9,216 visual "
            f"tokens per example, 256 regions of 6 x 6, K = 4) on one {result['target']} chip, "
            f"compiled by libtpu (`benchmarks/offload_memory.py`, {result['date']}, "
-           f"{result['machine']} CPU, jax {result['jax']}); float32 master weights "
+           f"{result['machine']} CPU, jax {result['jax']}); bfloat16 weights "
            f"({w / GiB:.1f} GiB):", "",
-           "| decode step | device peak | of it, besides the weights | host memory | region cache |",
-           "|---|---:|---:|---:|---:|"]
+           "| decode step | device peak | KV on the device | temporaries | host memory | "
+           "region cache |", "|---|---:|---:|---:|---:|---:|"]
   for step, name in (("decode", "whole cache in device memory"),
                      ("decode_offload", "visual KV offloaded")):
     r = rows.get(step)
     if r is None or not r.get("compiled"):
-      lines.append(f"| {name} | not compiled | | | |")
+      lines.append(f"| {name} | not compiled | | | | |")
       continue
     m = r["memory"]
-    lines.append(f"| {name} | {m['peak'] / GiB:.2f} GiB | {(m['peak'] - w) / GiB:.2f} GiB | "
-                 f"{m.get('host_peak', 0) / GiB:.2f} GiB | "
-                 f"{r.get('region_cache', '-')} blocks / example / KV head |")
+    # The step's inputs are the weights and the caches (its outputs alias the donated caches).
+    lines.append(f"| {name} | {m['peak'] / GiB:.2f} GiB | {(m['argument'] - w) / GiB:.2f} GiB | "
+                 f"{m['temp'] / GiB:.2f} GiB | {m.get('host_peak', 0) / GiB:.2f} GiB | "
+                 + (f"{r['region_cache']} blocks / example / KV head |" if "region_cache" in r
+                    else "- |"))
   return "\n".join(lines)
 
 

@@ -46,6 +46,7 @@ class StepCase:
   decoder_layers: Optional[int] = None
   steps: tuple = ("train", "prefill", "decode")
   dtype: str = "bfloat16"
+  param_dtype: str = "float32"   # "bfloat16": weights as served, not float32 master weights
   remat: bool = True
   attention: str = "gaze"   # "dense": the dense model of the same preset (the baseline)
   # gaze: "xla" / "pallas"; dense: "xla" (jax.nn.dot_product_attention) / "splash" (TPU)
@@ -58,6 +59,7 @@ def _config(case: StepCase, implementation: str, kernel: str):
   from configs import common
   c = common.base_config(case.preset)
   c.model.dtype = case.dtype
+  c.model.param_dtype = case.param_dtype
   c.model.decoder.remat = case.remat
   if case.decoder_layers is not None:
     c.model.decoder.num_layers = case.decoder_layers
@@ -299,7 +301,7 @@ def _offloaded_caches(case, s, cfg, lay, mesh):
   ``(caches, the region cache's blocks C)``."""
   from jax.sharding import PartitionSpec as P
 
-  from gaze_jax.model.offload import OffloadedCache, offload_capacity
+  from gaze_jax.model.offload import OffloadedCache, host_rows, offload_capacity
   dec, dtype = cfg.decoder, jnp.dtype(case.dtype)
   B, S, Hkv, D = case.batch, lay.seq_len, dec.num_kv_heads, dec.head_dim
   N = lay.spec.max_nonvisual or S
@@ -311,9 +313,9 @@ def _offloaded_caches(case, s, cfg, lay, mesh):
   # row axis would turn into collectives over host memory (one device serves here).
   host = NamedSharding(mesh, P(), memory_kind="pinned_host")
   sds = lambda shape, sh, dt=dtype: jax.ShapeDtypeStruct(shape, dt, sharding=sh)
-  rows = (B * Hkv * lay.max_regions, R, D)
+  rows = host_rows(B * Hkv * lay.max_regions, R, D, dtype)
   one = OffloadedCache(
-      k_host=sds(rows, host), v_host=sds(rows, host),
+      k_host=sds(rows.shape, host, rows.dtype), v_host=sds(rows.shape, host, rows.dtype),
       k_nv=sds((B, N, Hkv, D), dev), v_nv=sds((B, N, Hkv, D), dev),
       descriptors=sds((B, lay.max_regions, Hkv, D), dev),
       buf_k=sds((B, Hkv, C, R, D), dev), buf_v=sds((B, Hkv, C, R, D), dev),

@@ -25,7 +25,7 @@ class FieldError(ValueError):
     return FieldError(where, self.field, self.says)
 
 
-def _check_counts(obj, counts: Sequence[tuple[str, int]]) -> None:
+def check_counts(obj, counts: Sequence[tuple[str, int]]) -> None:
   """Each ``(field, lowest)`` of ``counts`` is a whole number >= lowest (a size of 0 fails
   deep inside the model: a ZeroDivisionError, an empty weight); numpy ints become ints."""
   owner = type(obj).__name__
@@ -36,7 +36,7 @@ def _check_counts(obj, counts: Sequence[tuple[str, int]]) -> None:
     object.__setattr__(obj, name, int(v))
 
 
-def _one_of(obj, name: str, allowed: Sequence[str]) -> None:
+def one_of(obj, name: str, allowed: Sequence[str]) -> None:
   """Field ``name`` of ``obj`` is one of the strings ``allowed``."""
   value = getattr(obj, name)
   if value not in allowed:
@@ -94,9 +94,9 @@ class VisionConfig:
   video_pool_mode: str = "mean"
 
   def __post_init__(self):
-    _one_of(self, "pos_resize", POS_RESIZE)
-    _one_of(self, "video_pool_mode", VIDEO_POOL_MODES)
-    _check_counts(self, (("image_size", 1), ("patch_size", 1), ("num_channels", 1),
+    one_of(self, "pos_resize", POS_RESIZE)
+    one_of(self, "video_pool_mode", VIDEO_POOL_MODES)
+    check_counts(self, (("image_size", 1), ("patch_size", 1), ("num_channels", 1),
                          ("hidden_size", 1), ("intermediate_size", 1), ("num_layers", 1),
                          ("num_heads", 1), ("video_pool", 1)))
     # Not "divisible": a remainder is dropped, as the VALID patch convolution does (SigLIP
@@ -190,14 +190,14 @@ class DecoderConfig:
   mrope_interleaved: bool = False
 
   def __post_init__(self):
-    _check_counts(self, (("vocab_size", 1), ("hidden_size", 1), ("intermediate_size", 1),
+    check_counts(self, (("vocab_size", 1), ("hidden_size", 1), ("intermediate_size", 1),
                          ("num_layers", 1), ("num_heads", 1), ("num_kv_heads", 1)))
     if self.head_dim is None:
       if self.hidden_size % self.num_heads:
         raise FieldError("DecoderConfig", "hidden_size", f"={self.hidden_size} must be a "
                          f"multiple of num_heads={self.num_heads}, or head_dim set")
       object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
-    _check_counts(self, (("head_dim", 1),))
+    check_counts(self, (("head_dim", 1),))
     if isinstance(self.rope_scaling, Mapping):
       object.__setattr__(self, "rope_scaling", _from_fields(RopeScaling, self.rope_scaling,
                                                             "DecoderConfig.rope_scaling"))
@@ -266,7 +266,7 @@ class GazeConfig:
 
     for name, allowed in (("attention", ("dense", "gaze")), ("score", SCORES),
                           ("routing", ROUTINGS), ("implementation", IMPLEMENTATIONS)):
-      _one_of(self, name, allowed)
+      one_of(self, name, allowed)
     try:
       check_top_k(self.top_k, self.top_k_per_example)
     except TopKError as e:
@@ -350,9 +350,9 @@ class MLLMConfig:
 
   def __post_init__(self):
     self._check_qwen()
-    _one_of(self, "projector", PROJECTORS)
-    _one_of(self, "dtype", DTYPES)
-    _one_of(self, "param_dtype", DTYPES)
+    one_of(self, "projector", PROJECTORS)
+    one_of(self, "dtype", DTYPES)
+    one_of(self, "param_dtype", DTYPES)
     s = self.scale_factor
     if not _is_int(s) or s < 1:
       raise FieldError("MLLMConfig", "scale_factor", f" must be an int >= 1, got {s!r}")

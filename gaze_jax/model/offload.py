@@ -35,9 +35,11 @@ from gaze_jax.gaze.xla import attend, region_block_mask
 class OffloadedCache:
   """One layer's decode cache with the visual K/V in host memory.
 
-  k_host, v_host: ``[B * Hkv * NR, R, D]`` the prefill's region blocks in host memory, one
+  k_host, v_host: ``[B * Hkv * NR, R, D']`` the prefill's region blocks in host memory, one
     row per (example, KV head, region) (row ``(b * Hkv + h) * NR + r``): a block is then one
-    slice along one dimension, which is what a TPU copies from host memory.
+    slice along one dimension, which is what a TPU copies from host memory. 16-bit values are
+    kept packed in pairs as uint32 (``D' = D / 2``; ``host_rows``): a TPU slices host memory by
+    whole 32-bit sublanes.
   k_nv, v_nv: ``[B, N, Hkv, D]`` the text and context slots (``layout.nonvisual_index``) on the
     device; decode steps write their tokens' K/V here.
   descriptors: ``[B, NR, Hkv, Dr]`` the region descriptors.
@@ -87,14 +89,39 @@ def offload_capacity(cfg, max_regions: int) -> int:
              union_size(max_regions, dec.num_heads // dec.num_kv_heads, k_max))
 
 
+def host_rows(rows: int, R: int, D: int, dtype) -> jax.ShapeDtypeStruct:
+  """The shape and dtype of ``rows`` host rows of blocks ``[R, D]`` of ``dtype``: values under
+  32 bits packed into uint32 (see ``OffloadedCache``)."""
+  size = jnp.dtype(dtype).itemsize
+  if size >= 4:
+    return jax.ShapeDtypeStruct((rows, R, D), jnp.dtype(dtype))
+  return jax.ShapeDtypeStruct((rows, R, D * size // 4), jnp.dtype(jnp.uint32))
+
+
+def _pack(x: jax.Array) -> jax.Array:
+  """``[..., D]`` of a 16- or 8-bit dtype -> uint32 ``[..., D * itemsize / 4]``."""
+  size = x.dtype.itemsize
+  if size >= 4:
+    return x
+  return jax.lax.bitcast_convert_type(x.reshape(*x.shape[:-1], -1, 4 // size), jnp.uint32)
+
+
+def _unpack(x: jax.Array, dtype) -> jax.Array:
+  """The inverse of ``_pack``: ``[..., D']`` -> ``[..., D]`` of ``dtype``."""
+  if x.dtype == jnp.dtype(dtype):
+    return x
+  y = jax.lax.bitcast_convert_type(x, dtype)                  # [..., D', 4 / itemsize]
+  return y.reshape(*x.shape[:-1], -1)
+
+
 def _region_rows(x: jax.Array, layout: TokenLayout) -> jax.Array:
-  """k or v ``[B, S, Hkv, D]`` -> the region blocks ``[B * Hkv * NR, R, D]`` (see
+  """k or v ``[B, S, Hkv, D]`` -> the region blocks ``[B * Hkv * NR, R, D']`` (see
   ``OffloadedCache``; an invalid region's row holds clipped slots, never read)."""
   B, S, Hkv, D = x.shape
   NR, R = layout.max_regions, layout.region_size
   slots = jnp.clip(layout.region_first[:, :, None] + jnp.arange(R), 0, S - 1)   # [B, NR, R]
   g = jnp.take_along_axis(x, slots.reshape(B, NR * R)[:, :, None, None], axis=1)
-  return g.reshape(B, NR, R, Hkv, D).transpose(0, 3, 1, 2, 4).reshape(B * Hkv * NR, R, D)
+  return _pack(g.reshape(B, NR, R, Hkv, D).transpose(0, 3, 1, 2, 4).reshape(B * Hkv * NR, R, D))
 
 
 def offload(k: jax.Array, v: jax.Array, descriptors: jax.Array, layout: TokenLayout,
@@ -175,9 +202,9 @@ def _copy_misses(cache: OffloadedCache, need, miss, slot_u, layout: TokenLayout)
   def body(carry):
     i, bk, bv = carry
     at = (b_of[i], h_of[i], slot[i], 0, 0)
-    for_buf = lambda host, buf: jax.lax.dynamic_update_slice(buf, jax.device_put(
-        jax.lax.dynamic_slice_in_dim(host, row[i], 1, axis=0), device)[None, None].astype(
-            buf.dtype), at)
+    for_buf = lambda host, buf: jax.lax.dynamic_update_slice(buf, _unpack(jax.device_put(
+        jax.lax.dynamic_slice_in_dim(host, row[i], 1, axis=0), device), buf.dtype)[None, None],
+        at)
     return i + 1, for_buf(cache.k_host, bk), for_buf(cache.v_host, bv)
 
   _, bk, bv = jax.lax.while_loop(lambda c: c[0] < count, body,

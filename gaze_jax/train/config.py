@@ -236,7 +236,10 @@ def _section(cls, given: Any, name: str, missing: list, unknown: list):
     return cls()
   missing += [f"{name}.{f}" for f in sorted(fields - set(given))]
   unknown += [f"{name}.{f}" for f in sorted(set(given) - fields)]
-  return cls(**{k: v for k, v in given.items() if k in fields})
+  try:
+    return cls(**{k: v for k, v in given.items() if k in fields})
+  except FieldError as e:
+    raise e.at(f"config.{name}") from None
 
 
 def run_config(config: Any, where: str = "config", *, old_run: bool = False) -> RunConfig:

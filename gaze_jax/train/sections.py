@@ -4,8 +4,9 @@ themselves: the one definition of each field, its type, its default and its allo
 ``configs/common.py: base_config`` builds its ConfigDict (what the command line overrides) from
 these defaults; ``gaze_jax.train.config.run_config`` turns a ConfigDict back into them once, at
 the boundary (``train_main``, ``eval_main``, ``trainer.train``), and everything below reads the
-typed fields. A bad value raises ValueError naming the field as the config tree holds it
-(``config.train.num_steps=0 must be an int >= 1``).
+typed fields. A bad value raises the model config's ``FieldError`` (the same checks), which
+``run_config`` names as the config tree holds it (``config.train.num_steps=0 must be an int
+>= 1``).
 """
 
 from __future__ import annotations
@@ -15,29 +16,23 @@ import math
 from typing import Optional
 
 from gaze_jax.gaze.schedules import SHAPES
+from gaze_jax.model.config import FieldError, check_counts, one_of
 from gaze_jax.train.optim import parse_groups
 
 NONFINITE_ACTIONS = ("stop", "skip")
 
 
-def _int(section: str, obj, name: str, low: Optional[int] = None) -> None:
+def _any_int(obj, name: str) -> None:
   x = getattr(obj, name)
-  if isinstance(x, bool) or not isinstance(x, int) or (low is not None and x < low):
-    raise ValueError(f"config.{section}.{name}={x!r} must be an int"
-                     + ("" if low is None else f" >= {low}"))
+  if isinstance(x, bool) or not isinstance(x, int):
+    raise FieldError(type(obj).__name__, name, f"={x!r} must be an int")
 
 
-def _number(section: str, obj, name: str, ok, what: str) -> None:
+def _number(obj, name: str, ok, what: str) -> None:
   x = getattr(obj, name)
   if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) \
       or not ok(x):
-    raise ValueError(f"config.{section}.{name}={x!r} must be a number {what}")
-
-
-def _one_of(section: str, obj, name: str, allowed) -> None:
-  x = getattr(obj, name)
-  if x not in allowed:
-    raise ValueError(f"config.{section}.{name}={x!r} must be one of {tuple(allowed)}")
+    raise FieldError(type(obj).__name__, name, f"={x!r} must be a number {what}")
 
 
 def _tuples(x):
@@ -81,12 +76,11 @@ class DataSection:
     object.__setattr__(self, "image_grid", _tuples(self.image_grid))
     object.__setattr__(self, "buckets", _tuples(self.buckets))
     object.__setattr__(self, "builder_overrides", dict(self.builder_overrides or {}))
-    for name, low in (("seq_len", 1), ("max_regions", 1), ("max_images", 1),
-                      ("batch_size", 1), ("num_threads", 1), ("max_patches", 0)):
-      _int("data", self, name, low)
+    check_counts(self, (("seq_len", 1), ("max_regions", 1), ("max_images", 1),
+                         ("batch_size", 1), ("num_threads", 1), ("max_patches", 0)))
     if self.max_nonvisual is not None:
-      _int("data", self, "max_nonvisual", 0)
-    _number("data", self, "video_fps", lambda x: x >= 0, ">= 0 (0: 24)")
+      check_counts(self, (("max_nonvisual", 0),))
+    _number(self, "video_fps", lambda x: x >= 0, ">= 0 (0: 24)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,10 +94,10 @@ class TopKScheduleSection:
   start: int = 0
 
   def __post_init__(self):
-    _one_of("topk_schedule", self, "shape", SHAPES)
-    _number("topk_schedule", self, "warmup_fraction", lambda x: 0 <= x <= 1, "in [0, 1]")
-    _int("topk_schedule", self, "warmup_steps")
-    _int("topk_schedule", self, "start")
+    one_of(self, "shape", SHAPES)
+    _number(self, "warmup_fraction", lambda x: 0 <= x <= 1, "in [0, 1]")
+    _any_int(self, "warmup_steps")
+    _any_int(self, "start")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,9 +125,10 @@ class OptimSection:
         ("end_lr_ratio", lambda x: x >= 0, ">= 0"), ("weight_decay", lambda x: x >= 0, ">= 0"),
         ("b1", lambda x: 0 <= x < 1, "in [0, 1)"), ("b2", lambda x: 0 <= x < 1, "in [0, 1)"),
         ("eps", lambda x: x > 0, "> 0"), ("clip_norm", lambda x: x >= 0, ">= 0 (0: none)")):
-      _number("optim", self, name, ok, what)
+      _number(self, name, ok, what)
     if int(self.warmup_steps) != self.warmup_steps:
-      raise ValueError(f"config.optim.warmup_steps={self.warmup_steps!r} must be a whole number")
+      raise FieldError("OptimSection", "warmup_steps",
+                       f"={self.warmup_steps!r} must be a whole number")
     parse_groups(self.param_groups)
 
 
@@ -147,7 +142,7 @@ class MeshSection:
 
   def __post_init__(self):
     for name in ("data", "fsdp", "tensor"):       # their sizes: sharding.make_mesh
-      _int("mesh", self, name)
+      _any_int(self, name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,13 +168,12 @@ class TrainSection:
   profile_steps: int = 0
 
   def __post_init__(self):
-    for name, low in (("num_steps", 1), ("log_every", 1), ("eval_every", 0),
-                      ("eval_batches", 0), ("max_skipped", 0), ("profile_steps", 0)):
-      _int("train", self, name, low)
+    check_counts(self, (("num_steps", 1), ("log_every", 1), ("eval_every", 0),
+                         ("eval_batches", 0), ("max_skipped", 0), ("profile_steps", 0)))
     if self.eval_every and not self.eval_batches:
-      raise ValueError(f"config.train.eval_batches=0 with eval_every={self.eval_every} would "
-                       "evaluate nothing: set it >= 1, or eval_every=0")
-    _one_of("train", self, "on_nonfinite", NONFINITE_ACTIONS)
+      raise FieldError("TrainSection", "eval_batches", f"=0 with eval_every={self.eval_every} "
+                       "would evaluate nothing: set it >= 1, or eval_every=0")
+    one_of(self, "on_nonfinite", NONFINITE_ACTIONS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,8 +188,7 @@ class CheckpointSection:
   allow_config_changes: bool = False
 
   def __post_init__(self):
-    _int("checkpoint", self, "save_every", 1)
-    _int("checkpoint", self, "keep", 1)
+    check_counts(self, (("save_every", 1), ("keep", 1)))
 
 
 @dataclasses.dataclass(frozen=True)

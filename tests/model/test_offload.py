@@ -112,3 +112,28 @@ def test_offload_errors():
     generate(model, tokens, layout, images, max_new_tokens=M, offload=True)
   with pytest.raises(FieldError, match="offload_cache"):
     GazeConfig(offload_cache=-1)
+
+
+def test_16_bit_host_rows_are_packed_and_unpacked_exactly():
+  """A TPU slices host memory by whole 32-bit sublanes: bf16 rows travel packed as uint32."""
+  from gaze_jax.model.offload import _pack, _unpack, host_rows
+  x = jax.random.normal(jax.random.key(0), (6, 4, 16)).astype(jnp.bfloat16)
+  packed = _pack(x)
+  assert packed.dtype == jnp.uint32 and packed.shape == (6, 4, 8)
+  assert host_rows(6, 4, 16, jnp.bfloat16).shape == packed.shape
+  np.testing.assert_array_equal(np.asarray(_unpack(packed, jnp.bfloat16)), np.asarray(x))
+  assert _pack(x.astype(jnp.float32)).dtype == jnp.float32
+
+
+def test_offloaded_generate_in_bfloat16_equals_generate_in_device_memory():
+  import dataclasses
+  model = make_model(CONFIGS["head"])
+  cfg = dataclasses.replace(model.cfg, dtype="bfloat16")
+  from gaze_jax.model import MLLM
+  model = MLLM(cfg, rngs=nnx.Rngs(0))
+  tokens, layout, images = make_batch(model)
+  want = generate(model, tokens, layout, images, max_new_tokens=M, return_logits=True)
+  got = generate(model, tokens, layout, images, max_new_tokens=M, return_logits=True,
+                 offload=True)
+  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+  np.testing.assert_allclose(np.asarray(got.logits), np.asarray(want.logits), atol=2e-2)

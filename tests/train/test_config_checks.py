@@ -20,7 +20,7 @@ RECIPES = sorted(p.stem for p in (ROOT / "configs").glob("*.py")
 BAD = [
     ({"model.gaze.score": "dott"}, r"score='dott' is not one of 'dot', 'cosine'"),
     ({"model.gaze.top_k": 0}, r"top_k=0 must be (>= 1|at least 1)"),
-    ({"topk_schedule.shape": "zigzag"}, r"topk_schedule.shape='zigzag' must be one of"),
+    ({"topk_schedule.shape": "zigzag"}, r"topk_schedule.shape='zigzag' is not one of"),
     ({"optim.learning_rate": -1e-3}, r"optim.learning_rate=-0.001 must be a number > 0"),
     ({"optim.b2": 1.0}, r"optim.b2=1.0 must be a number in \[0, 1\)"),
     ({"optim.param_groups": (("(", 1.0),)}, r"param_groups: bad regex"),
