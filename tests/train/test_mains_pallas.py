@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.train.helpers import ROOT
 
 
@@ -19,6 +21,9 @@ def _main(script, args, timeout=900):
   return p
 
 
+# CI time (make test-all runs it): the kernels in the sharded train step are tested in
+# test_sharded_pallas.py, the mains end to end in test_journey.py.
+@pytest.mark.slow
 def test_train_and_eval_mains_with_the_pallas_kernels(tmp_path):
   work = tmp_path / "run"
   config = ["--config=configs/demo.py", "--config.model.gaze.implementation=pallas",
