@@ -73,10 +73,13 @@ def is_offloaded(caches) -> bool:
   return bool(caches) and isinstance(caches[0], OffloadedCache)
 
 
-def union_size(max_regions: int, heads_per_kv: int, k_max: int, rows: int = 1) -> int:
-  """The most regions one KV head's group can select in a step: ``rows`` query rows times its
-  ``heads_per_kv`` query heads times K, at most the layout's ``max_regions``."""
-  return min(max_regions, rows * heads_per_kv * k_max)
+def union_size(max_regions: int, heads_per_kv: int, k_max: int, routing: str,
+               rows: int = 1) -> int:
+  """The most regions one KV head's group can select in a step: ``rows`` query rows times K,
+  times its ``heads_per_kv`` query heads when each head routes (``routing="head"``; a group
+  that routes together selects K), at most the layout's ``max_regions``."""
+  heads = 1 if routing == "group" else heads_per_kv
+  return min(max_regions, rows * heads * k_max)
 
 
 def offload_capacity(cfg, max_regions: int) -> int:
@@ -86,7 +89,7 @@ def offload_capacity(cfg, max_regions: int) -> int:
   dec, gz = cfg.decoder, cfg.gaze
   k_max = resolve_k(gz.top_k, max_regions, per_example=gz.top_k_per_example).k_max
   return max(gz.offload_cache,
-             union_size(max_regions, dec.num_heads // dec.num_kv_heads, k_max))
+             union_size(max_regions, dec.num_heads // dec.num_kv_heads, k_max, gz.routing))
 
 
 def host_rows(rows: int, R: int, D: int, dtype) -> jax.ShapeDtypeStruct:
@@ -230,7 +233,7 @@ def offloaded_attention(q, k, v, q_route, cache: OffloadedCache, layout: TokenLa
   ids = sel.ids                                                             # [B, T, Hq, K]
   K = ids.shape[-1]
   per_kv = ids.reshape(B, T, Hkv, G * K).transpose(0, 2, 1, 3).reshape(B, Hkv, T * G * K)
-  U = union_size(layout.max_regions, G, K, T)
+  U = union_size(layout.max_regions, G, K, gaze.routing, T)
   plan_one = lambda i, bi, bu: _plan_fetches(i, bi, bu, cache.step, U)
   slot, need, miss, slot_u, buf_ids, buf_used = jax.vmap(jax.vmap(plan_one))(
       per_kv, cache.buf_ids, cache.buf_used)
