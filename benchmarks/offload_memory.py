@@ -22,7 +22,6 @@ import dataclasses
 import datetime
 import json
 import platform
-import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,15 +79,6 @@ def readme_block(result: dict) -> str:
   return "\n".join(lines)
 
 
-def write_readme(path: Path, block: str) -> None:
-  text = path.read_text()
-  begin, end = "<!-- offload-memory begin -->", "<!-- offload-memory end -->"
-  pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
-  if not pattern.search(text):
-    raise SystemExit(f"{path} has no {begin} ... {end} block")
-  path.write_text(pattern.sub(lambda _: f"{begin}\n{block}\n{end}", text))
-
-
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--out", default=str(OUT))
@@ -105,7 +95,9 @@ def main():
   block = readme_block(result)
   print(block)
   if args.readme:
-    write_readme(Path(args.readme), block)
+    from benchmarks.readme import replace_between
+    replace_between(Path(args.readme), "<!-- offload-memory begin -->",
+                    "<!-- offload-memory end -->", block)
 
 
 if __name__ == "__main__":

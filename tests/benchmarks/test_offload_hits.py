@@ -39,6 +39,11 @@ def test_the_record_is_json_with_its_fields(measured, tmp_path):
   for row in tiny["settings"].values():
     assert set(ROW_FIELDS) <= set(row), set(ROW_FIELDS) - set(row)
   assert len(tiny["example_tokens"]) == M
+  # The README table: a row per cache size, with its hit rate.
+  table = offload_hits.readme_table(rec).splitlines()
+  rows = [line for line in table if line.startswith("| tiny |")]
+  assert len(rows) == 2 and all(f"{r['hit_rate']:.1%}" in line for line, r in
+                                zip(rows, tiny["settings"].values()))
 
 
 def test_token_and_byte_accounting(measured):
