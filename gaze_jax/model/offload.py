@@ -162,11 +162,15 @@ def _plan_fetches(ids: jax.Array, buf_ids: jax.Array, buf_used: jax.Array, step,
   """Where each needed region goes in one KV head's region cache.
 
   ids: int32 ``[n]`` the regions its query heads selected (-1: none); buf_ids / buf_used
-  ``[C]``. Returns ``(slot [n], miss [n], buf_ids, buf_used)``: the entry holding each id after
-  this step's copies, whether it must be copied, and the updated bookkeeping. The missing
-  regions go to the least recently used entries that no selected region holds."""
-  need = jnp.unique(ids, size=size, fill_value=-1)                          # [U], -1 last
-  need = jnp.where(need >= 0, need, -1)
+  ``[C]``; size: U, at most the distinct regions of ``ids``. Returns ``(slot [n], need [U],
+  miss [U], slot_u [U], buf_ids, buf_used)``: the entry holding each id after this step's
+  copies; the distinct regions (-1 padded), whether each must be copied and its entry; the
+  updated bookkeeping. The missing regions go to the least recently used entries that no
+  selected region holds."""
+  # The distinct regions first, "none" after them (so that none takes a region's place).
+  none = jnp.iinfo(jnp.int32).max
+  need = jnp.unique(jnp.where(ids >= 0, ids, none), size=size, fill_value=none)
+  need = jnp.where(need == none, -1, need)                                  # [U]
   match = (need[:, None] == buf_ids[None, :]) & (need[:, None] >= 0)        # [U, C]
   hit = match.any(1)
   keep = match.any(0)                                                       # [C] in use now
