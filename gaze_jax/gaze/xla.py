@@ -31,12 +31,13 @@ def _slot_keys(k, v, layout: TokenLayout, decode: bool):
 
 
 def region_block_mask(layout: TokenLayout, ids: jax.Array, query: TokenInfo,
-                      routed: jax.Array) -> jax.Array:
+                      routed: jax.Array, slot=None) -> jax.Array:
   """Which keys of the selected regions' blocks a row may read: bool ``[B, T, Hs, K * R]`` for
   region ids ``[B, T, Hs, K]`` (-1: none), by ``masks.region_rule`` (causal by position, the
-  region's frame seen by context rows)."""
+  region's frame seen by context rows). ``slot``: the blocks' slots when already made
+  (``_block_slots``)."""
   B, T, Hs, K = ids.shape
-  slot = _block_slots(layout, ids).reshape(B, -1)
+  slot = (_block_slots(layout, ids) if slot is None else slot).reshape(B, -1)
   kind = jnp.take_along_axis(layout.kind, slot, axis=1).reshape(B, T, Hs, -1)
   pos = jnp.take_along_axis(layout.position, slot, axis=1).reshape(B, T, Hs, -1)
   chosen = jnp.repeat(ids >= 0, layout.region_size, axis=-1)
@@ -71,7 +72,7 @@ def _region_blocks(k, v, layout: TokenLayout, ids: jax.Array, query: TokenInfo,
   def gather(x):  # x [B, S, Hkv, D] -> [B, T, Hs, K * R, D]
     return jax.vmap(lambda xb, sb: xb[sb, kv_head[None, :, None]])(x, slot)
 
-  return gather(k), gather(v), region_block_mask(layout, ids, query, routed)
+  return gather(k), gather(v), region_block_mask(layout, ids, query, routed, slot)
 
 
 def attend(qg: jax.Array, ka: jax.Array, va: jax.Array, mask_a: jax.Array, kb: jax.Array,
