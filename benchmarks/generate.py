@@ -36,6 +36,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -253,6 +254,7 @@ def ttft_case(decoder, images: int, impl: str, keep: float, repeats: int) -> dic
 
 
 README_BEGIN, README_END = "<!-- generate-bench begin -->", "<!-- generate-bench end -->"
+OFFLOAD_MARKERS = ("<!-- generate-offload begin -->", "<!-- generate-offload end -->")
 
 
 def readme_table(result: dict) -> str:
@@ -274,26 +276,36 @@ def readme_table(result: dict) -> str:
                      f"{d['tokens_per_s']:.1f} | {k} | {r['tokens_per_s']:.1f} | "
                      f"{r['speedup']:.2f}x | {r['share_of_ideal']:.0%} | "
                      f"{r['vs_prediction']:.2f} |")
-  off = [(name, c, k, r) for name, cases in result["decode"].items() for c in cases
-         for k, r in c["rows"].items() if "offload_of" in r]
-  if off:
-    lines += ["", "With the visual KV in host memory (`--offload`; on a CPU host and device "
-              "memory are the same RAM, so this is the cost of the region cache's bookkeeping "
-              "and copies, not of a host link; the random caches route at random, so the hit "
-              "rate is far below a real model's):", "",
-              "| decoder | visual tokens | batch | K | in device tok/s | offloaded tok/s | "
-              "offloaded / in device | hit rate | host to device bytes / token |",
-              "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
-    for name, c, k, r in off:
-      base = c["rows"][r["offload_of"]]
-      lines.append(f"| {name} | {c['visual_tokens']:,} | {c['batch']} | {r['offload_of']} | "
-                   f"{base['tokens_per_s']:.1f} | {r['tokens_per_s']:.1f} | "
-                   f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x | {r['hit_rate']:.1%} | "
-                   f"{r['host_bytes_per_token'] / 1e6:.2f} MB |")
   for name, t in result.get("ttft", {}).items():
     lines += ["", f"Time to first token ({name} cut to {t['layers']} layers, {t['images']} images "
               f"of 576 tokens, a 1-layer vision tower, batch 1): dense {t['dense_s']:.2f} s, "
               f"gaze (K = {t['k']}) {t['gaze_s']:.2f} s ({t['gaze_vs_dense']:.2f}x)."]
+  return "\n".join(lines)
+
+
+def offload_table(result: dict) -> Optional[str]:
+  """The README table of a run's ``--offload`` rows (None without them)."""
+  off = [(name, c, r) for name, cases in result["decode"].items() for c in cases
+         for r in c["rows"].values() if "offload_of" in r]
+  if not off:
+    return None
+  lines = [f"Decode with the visual KV in host memory (`benchmarks/generate.py --offload`, "
+           f"{result['date']}, {result['device']}; {result['implementation']} path, float32, "
+           "group routing, 6 x 6 regions, the region cache at its default size"
+           + ("; on a CPU host and device memory are the same RAM, so this is the cost of the "
+              "region cache's bookkeeping and copies, not of a host link"
+              if result["backend"] == "cpu" else "")
+           + "; the random caches route at random, so the hit rate is far below a real "
+           "model's):", "",
+           "| decoder | visual tokens | batch | K | in device tok/s | offloaded tok/s | "
+           "offloaded / in device | hit rate | host to device bytes / token |",
+           "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+  for name, c, r in off:
+    base = c["rows"][r["offload_of"]]
+    lines.append(f"| {name} | {c['visual_tokens']:,} | {c['batch']} | {r['offload_of']} | "
+                 f"{base['tokens_per_s']:.1f} | {r['tokens_per_s']:.1f} | "
+                 f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x | {r['hit_rate']:.1%} | "
+                 f"{r['host_bytes_per_token'] / 1e6:.2f} MB |")
   return "\n".join(lines)
 
 
@@ -319,6 +331,9 @@ def main():
   ap.add_argument("--impls", default=None, help="default: xla on CPU, pallas,xla on a GPU")
   ap.add_argument("--out", default=None)
   ap.add_argument("--readme", default=None)
+  ap.add_argument("--readme_blocks", default="decode,offload",
+                  help="the README tables to rewrite: decode (the gaze / dense table), offload "
+                  "(the --offload rows, when the run has them)")
   args = ap.parse_args()
   backend = jax.default_backend()
   impls = (args.impls or ("pallas,xla" if args.gpu else "xla")).split(",")
@@ -350,8 +365,18 @@ def main():
   out.write_text(json.dumps(result, indent=2) + "\n")
   print(f"wrote {out}")
   if args.readme:
-    from benchmarks.readme import replace_between
-    replace_between(Path(args.readme), README_BEGIN, README_END, readme_table(result))
+    write_readme(Path(args.readme), result, args.readme_blocks.split(","))
+
+
+def write_readme(readme: Path, result: dict, blocks) -> None:
+  """Rewrites the README's tables of ``result`` named in ``blocks``: "decode" (the gaze / dense
+  table), "offload" (the ``--offload`` rows, when the run has them)."""
+  from benchmarks.readme import replace_between
+  if "decode" in blocks:
+    replace_between(readme, README_BEGIN, README_END, readme_table(result))
+  table = offload_table(result) if "offload" in blocks else None
+  if table:
+    replace_between(readme, *OFFLOAD_MARKERS, table)
 
 
 if __name__ == "__main__":

@@ -314,11 +314,12 @@ def _offloaded_caches(case, s, cfg, lay, mesh):
   host = NamedSharding(mesh, P(), memory_kind="pinned_host")
   sds = lambda shape, sh, dt=dtype: jax.ShapeDtypeStruct(shape, dt, sharding=sh)
   rows = host_rows(B * Hkv * lay.max_regions, R, D, dtype)
+  buf = host_rows(B * Hkv * C, R, D, dtype)      # the region cache holds rows of the same form
   one = OffloadedCache(
       k_host=sds(rows.shape, host, rows.dtype), v_host=sds(rows.shape, host, rows.dtype),
       k_nv=sds((B, N, Hkv, D), dev), v_nv=sds((B, N, Hkv, D), dev),
       descriptors=sds((B, lay.max_regions, Hkv, D), dev),
-      buf_k=sds((B, Hkv, C, R, D), dev), buf_v=sds((B, Hkv, C, R, D), dev),
+      buf_k=sds(buf.shape, dev, buf.dtype), buf_v=sds(buf.shape, dev, buf.dtype),
       buf_ids=sds((B, Hkv, C), dev, jnp.int32), buf_used=sds((B, Hkv, C), dev, jnp.int32),
       step=sds((), NamedSharding(mesh, P()), jnp.int32), fetched=sds((B,), dev, jnp.int32),
       needed=sds((B,), dev, jnp.int32))

@@ -18,6 +18,7 @@ over the layers: ``GenerateOutput.hit_rate``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -35,15 +36,19 @@ from gaze_jax.gaze.xla import attend, region_block_mask
 class OffloadedCache:
   """One layer's decode cache with the visual K/V in host memory.
 
-  k_host, v_host: ``[B * Hkv * NR, R, D']`` the prefill's region blocks in host memory, one
-    row per (example, KV head, region) (row ``(b * Hkv + h) * NR + r``): a block is then one
-    slice along one dimension, which is what a TPU copies from host memory. 16-bit values are
-    kept packed in pairs as uint32 (``D' = D / 2``; ``host_rows``): a TPU slices host memory by
-    whole 32-bit sublanes.
+  k_host, v_host: ``[B * Hkv * NR, R * D']`` the prefill's region blocks in host memory, one
+    row per (example, KV head, region) (row ``(b * Hkv + h) * NR + r``), the block laid flat:
+    a block is one slice of whole rows, which is what a TPU copies from host memory, and the
+    row's minor extent (``R * D'``) spans whole 128-lane tiles, so the compiler keeps the
+    natural layout. Values under 32 bits are packed into uint32 (``D' = D * itemsize / 4``;
+    ``host_rows``, ``_pack``): a TPU slices host memory by whole 32-bit sublanes.
   k_nv, v_nv: ``[B, N, Hkv, D]`` the text and context slots (``layout.nonvisual_index``) on the
     device; decode steps write their tokens' K/V here.
   descriptors: ``[B, NR, Hkv, Dr]`` the region descriptors.
-  buf_k, buf_v: ``[B, Hkv, C, R, D]`` the region cache: C region blocks per example and KV head.
+  buf_k, buf_v: ``[B * Hkv * C, R * D']`` the region cache on the device: C region blocks per
+    example and KV head (row ``(b * Hkv + h) * C + c``), as the host rows hold them, so a copy
+    is one row and the blocks are unpacked once they are gathered (any other form made XLA:TPU
+    keep relaid-out copies of the whole cache around the copy loop).
   buf_ids: int32 ``[B, Hkv, C]`` the region each entry holds (-1: none).
   buf_used: int32 ``[B, Hkv, C]`` the step that last read each entry (least recently used goes).
   step: int32 scalar, decode steps so far.
@@ -93,32 +98,44 @@ def offload_capacity(cfg, max_regions: int) -> int:
 
 
 def host_rows(rows: int, R: int, D: int, dtype) -> jax.ShapeDtypeStruct:
-  """The shape and dtype of ``rows`` host rows of blocks ``[R, D]`` of ``dtype``: values under
-  32 bits packed into uint32 (see ``OffloadedCache``)."""
+  """The shape and dtype of ``rows`` host rows, each one block ``[R, D]`` of ``dtype`` laid
+  flat (see ``OffloadedCache``): values under 32 bits packed into uint32."""
   size = jnp.dtype(dtype).itemsize
   if size >= 4:
-    return jax.ShapeDtypeStruct((rows, R, D), jnp.dtype(dtype))
-  return jax.ShapeDtypeStruct((rows, R, D * size // 4), jnp.dtype(jnp.uint32))
+    return jax.ShapeDtypeStruct((rows, R * D), jnp.dtype(dtype))
+  return jax.ShapeDtypeStruct((rows, R * D * size // 4), jnp.dtype(jnp.uint32))
 
 
 def _pack(x: jax.Array) -> jax.Array:
-  """``[..., D]`` of a 16- or 8-bit dtype -> uint32 ``[..., D * itemsize / 4]``."""
-  size = x.dtype.itemsize
-  if size >= 4:
-    return x
-  return jax.lax.bitcast_convert_type(x.reshape(*x.shape[:-1], -1, 4 // size), jnp.uint32)
+  """Blocks ``[..., R, D]`` -> host rows ``[..., R * D']``. Values of a 16- or 8-bit dtype are
+  packed into uint32, ``n = 4 / itemsize`` per word: word ``j`` holds ``x[..., j + i * D']`` in
+  its bits ``i * 32 / n`` up (``D' = D / n``), so unpacking is shifts and one concatenation
+  along D, never a new minor axis of n (which a TPU would pad to 128 lanes)."""
+  n = 4 // x.dtype.itemsize
+  if n > 1:
+    bits = 32 // n
+    parts = jnp.split(jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{bits}")), n, axis=-1)
+    x = functools.reduce(jnp.bitwise_or, [p.astype(jnp.uint32) << (i * bits)
+                                          for i, p in enumerate(parts)])
+  return x.reshape(*x.shape[:-2], -1)
 
 
-def _unpack(x: jax.Array, dtype) -> jax.Array:
-  """The inverse of ``_pack``: ``[..., D']`` -> ``[..., D]`` of ``dtype``."""
-  if x.dtype == jnp.dtype(dtype):
+def _unpack(x: jax.Array, dtype, R: int) -> jax.Array:
+  """The inverse of ``_pack``: host rows ``[..., R * D']`` -> blocks ``[..., R, D]`` of
+  ``dtype``."""
+  x = x.reshape(*x.shape[:-1], R, -1)
+  dtype = jnp.dtype(dtype)
+  n = 4 // dtype.itemsize
+  if n == 1:
     return x
-  y = jax.lax.bitcast_convert_type(x, dtype)                  # [..., D', 4 / itemsize]
-  return y.reshape(*x.shape[:-1], -1)
+  bits = 32 // n
+  word = jnp.dtype(f"uint{bits}")
+  return jax.lax.bitcast_convert_type(
+      jnp.concatenate([(x >> (i * bits)).astype(word) for i in range(n)], axis=-1), dtype)
 
 
 def _region_rows(x: jax.Array, layout: TokenLayout) -> jax.Array:
-  """k or v ``[B, S, Hkv, D]`` -> the region blocks ``[B * Hkv * NR, R, D']`` (see
+  """k or v ``[B, S, Hkv, D]`` -> the region blocks as host rows ``[B * Hkv * NR, R * D']`` (see
   ``OffloadedCache``; an invalid region's row holds clipped slots, never read)."""
   B, S, Hkv, D = x.shape
   NR, R = layout.max_regions, layout.region_size
@@ -137,7 +154,8 @@ def offload(k: jax.Array, v: jax.Array, descriptors: jax.Array, layout: TokenLay
   R = layout.region_size
   nv = jnp.clip(layout.nonvisual_index, 0)[:, :, None, None]
   host = jax.memory.Space.Host
-  zeros = jnp.zeros((B, Hkv, capacity, R, D), k.dtype)
+  packed = host_rows(B * Hkv * capacity, R, D, k.dtype)
+  zeros = jnp.zeros(packed.shape, packed.dtype)
   return OffloadedCache(
       k_host=jax.device_put(_region_rows(k, layout), host),
       v_host=jax.device_put(_region_rows(v, layout), host),
@@ -200,19 +218,18 @@ def _copy_misses(cache: OffloadedCache, need, miss, slot_u, layout: TokenLayout)
   flat_miss = miss.reshape(-1)
   order = jnp.argsort(~flat_miss)                          # the misses first
   count = flat_miss.sum()
-  b_of = order // (Hkv * U)
-  h_of = (order // U) % Hkv
-  row = ((b_of * Hkv + h_of) * NR + jnp.clip(need, 0).reshape(-1)[order]).astype(jnp.int32)
-  slot = slot_u.reshape(-1)[order]
+  C = cache.buf_k.shape[0] // (B * Hkv)
+  head = order // U                                        # b * Hkv + h
+  row = (head * NR + jnp.clip(need, 0).reshape(-1)[order]).astype(jnp.int32)
+  entry = (head * C + slot_u.reshape(-1)[order]).astype(jnp.int32)
   device = jax.memory.Space.Device
 
   def body(carry):
     i, bk, bv = carry
-    at = (b_of[i], h_of[i], slot[i], 0, 0)
-    for_buf = lambda host, buf: jax.lax.dynamic_update_slice(buf, _unpack(jax.device_put(
-        jax.lax.dynamic_slice_in_dim(host, row[i], 1, axis=0), device), buf.dtype)[None, None],
-        at)
-    return i + 1, for_buf(cache.k_host, bk), for_buf(cache.v_host, bv)
+    copy = lambda host, buf: jax.lax.dynamic_update_slice_in_dim(
+        buf, jax.device_put(jax.lax.dynamic_slice_in_dim(host, row[i], 1, axis=0), device),
+        entry[i], axis=0)
+    return i + 1, copy(cache.k_host, bk), copy(cache.v_host, bv)
 
   _, bk, bv = jax.lax.while_loop(lambda c: c[0] < count, body,
                                  (jnp.int32(0), cache.buf_k, cache.buf_v))
@@ -244,11 +261,11 @@ def offloaded_attention(q, k, v, q_route, cache: OffloadedCache, layout: TokenLa
   buf_k, buf_v = _copy_misses(cache, need, miss, slot_u, layout)
   # The blocks of each query head's selected regions, from its KV head's cache entries.
   slot = slot.reshape(B, Hkv, T, G, K).transpose(0, 2, 1, 3, 4).reshape(B, T, Hq, K)
-  kv_head = jnp.arange(Hq) // G
+  C = buf_ids.shape[-1]
+  entry = (jnp.arange(B)[:, None, None, None] * Hkv + jnp.arange(Hq)[:, None] // G) * C + slot
 
-  def blocks(buf):                                   # [B, Hkv, C, R, D] -> [B, T, Hq, K*R, D]
-    x = jax.vmap(lambda bb, sb: bb[kv_head[None, :, None], sb])(buf, slot)
-    return x.reshape(B, T, Hq, -1, buf.shape[-1])
+  def blocks(buf):                                # rows [B*Hkv*C, R*D'] -> [B, T, Hq, K*R, D]
+    return _unpack(buf[entry], k.dtype, layout.region_size).reshape(B, T, Hq, -1, D)
 
   kb, vb = blocks(buf_k), blocks(buf_v)
   mask_b = region_block_mask(layout, ids, plan.query, plan.routed)          # [B, T, Hq, K*R]

@@ -44,6 +44,11 @@ def test_the_record_is_json_with_its_fields(measured, tmp_path):
   rows = [line for line in table if line.startswith("| tiny |")]
   assert len(rows) == 2 and all(f"{r['hit_rate']:.1%}" in line for line, r in
                                 zip(rows, tiny["settings"].values()))
+  # The bytes' time at the nominal rates: copied bytes over 64 GB/s, read bytes over 3.35 TB/s.
+  for line, r in zip(rows, tiny["settings"].values()):
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[5] == f"{r['bytes_fetched_per_token'] / 64e3:,.2f} us"
+    assert cells[6] == f"{r['device_bytes_read_per_token'] / 3.35e6:,.2f} us"
 
 
 def test_token_and_byte_accounting(measured):

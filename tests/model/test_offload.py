@@ -61,8 +61,8 @@ def test_the_offloaded_cache_lies_in_host_memory():
   assert c.k_host.sharding.memory_kind == c.v_host.sharding.memory_kind == "pinned_host"
   assert c.k_nv.sharding.memory_kind == c.buf_k.sharding.memory_kind == "device"
   D = model.cfg.decoder.head_dim
-  assert c.buf_k.shape == (2, 2, cap, 4, D)
-  assert c.k_host.shape == (2 * 2 * layout.max_regions, 4, D)     # a row per block
+  assert c.buf_k.shape == (2 * 2 * cap, 4 * D)                      # an entry per row
+  assert c.k_host.shape == (2 * 2 * layout.max_regions, 4 * D)     # a row per block
   assert c.k_nv.shape[1] == layout.nonvisual_index.shape[1]
 
 
@@ -114,15 +114,26 @@ def test_offload_errors():
     GazeConfig(offload_cache=-1)
 
 
-def test_16_bit_host_rows_are_packed_and_unpacked_exactly():
-  """A TPU slices host memory by whole 32-bit sublanes: bf16 rows travel packed as uint32."""
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "int8", "float8_e4m3fn", "float32"])
+def test_host_rows_are_packed_and_unpacked_exactly(dtype):
+  """A TPU slices host memory by whole 32-bit sublanes: narrower values travel packed into
+  uint32, word j holding the values j, j + D', ... (checked here against numpy's own view of
+  the bits)."""
   from gaze_jax.model.offload import _pack, _unpack, host_rows
-  x = jax.random.normal(jax.random.key(0), (6, 4, 16)).astype(jnp.bfloat16)
+  x = (jax.random.normal(jax.random.key(0), (6, 4, 16)) * 8).astype(dtype)
   packed = _pack(x)
-  assert packed.dtype == jnp.uint32 and packed.shape == (6, 4, 8)
-  assert host_rows(6, 4, 16, jnp.bfloat16).shape == packed.shape
-  np.testing.assert_array_equal(np.asarray(_unpack(packed, jnp.bfloat16)), np.asarray(x))
-  assert _pack(x.astype(jnp.float32)).dtype == jnp.float32
+  n = 4 // x.dtype.itemsize
+  assert packed.dtype == (jnp.uint32 if n > 1 else x.dtype)
+  assert packed.shape == (6, 4 * 16 // n) == host_rows(6, 4, 16, dtype).shape
+  if n > 1:                       # value j + i * D' of a block row: word j, bits i * 32 / n up
+    bits = np.asarray(x).view(f"uint{32 // n}")
+    words = np.asarray(packed).reshape(6, 4, 16 // n)
+    for i in range(n):
+      np.testing.assert_array_equal((words >> (i * 32 // n)) & (2 ** (32 // n) - 1),
+                                    bits[..., i * 16 // n:(i + 1) * 16 // n])
+  back = np.asarray(_unpack(packed, dtype, 4))
+  assert back.dtype == np.asarray(x).dtype
+  np.testing.assert_array_equal(back.view(np.uint8), np.asarray(x).view(np.uint8))
 
 
 def test_offloaded_generate_in_bfloat16_equals_generate_in_device_memory():
