@@ -272,23 +272,29 @@ def _compile_decode(case, t, s, cfg, lay, mesh, feats, caches, log, extra) -> di
   lsh = jax.tree.map(lambda _: bsh, lay_feats)
   csh = jax.tree.map(lambda x: x.sharding, caches)
   tok = jax.ShapeDtypeStruct((case.batch, 1), jnp.int32, sharding=bsh)
-  # An offloaded cache's host rows are read, never written: the step returns the rest (a
-  # serving loop keeps the rows where they are; returned, they would be a host-side copy).
-  keep = ((lambda c: dataclasses.replace(c, k_host=None, v_host=None))
-          if extra["step"] == "decode_offload" else (lambda c: c))
-  out_csh = [keep(c) for c in csh]
+  # An offloaded cache's host rows are read, never written: they come as their own argument,
+  # not donated, and the step returns the rest (a serving loop keeps the rows where they are;
+  # returned, they would be a host-side copy).
+  offloaded = extra["step"] == "decode_offload"
+  keep = ((lambda c: dataclasses.replace(c, k_host=None, v_host=None)) if offloaded
+          else (lambda c: c))
+  hosts = [(c.k_host, c.v_host) for c in caches] if offloaded else []
+  hsh = [(c.k_host, c.v_host) for c in csh] if offloaded else []
+  caches, csh = [keep(c) for c in caches], [keep(c) for c in csh]
 
-  def decode(params, tokens, q_index, layout_feats, caches):
+  def decode(params, tokens, q_index, layout_feats, caches, hosts):
     model = nnx.merge(gd, params, rest)
     layout = batch_layout(layout_feats, lay.spec)
+    if hosts:
+      caches = [dataclasses.replace(c, k_host=k, v_host=v) for c, (k, v) in zip(caches, hosts)]
     logits, caches = model.decode(tokens, q_index, layout, caches)
     return logits[:, -1], [keep(c) for c in caches]
 
   name = f"{extra['step']}_{case.label}_{extra['implementation']}"
-  rec, comp = _compile(t, mesh, name, decode, (params, tok, tok, lay_feats, caches),
+  rec, comp = _compile(t, mesh, name, decode, (params, tok, tok, lay_feats, caches, hosts),
                        rules=s.rules,
-                       in_shardings=(s.state_shardings["params"], bsh, bsh, lsh, csh),
-                       out_shardings=(bsh, out_csh), donate_argnums=(4,))
+                       in_shardings=(s.state_shardings["params"], bsh, bsh, lsh, csh, hsh),
+                       out_shardings=(bsh, csh), donate_argnums=(4,))
   rec = _record(rec, comp, t, extra)
   _log_rec(log, rec)
   return rec

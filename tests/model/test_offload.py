@@ -105,6 +105,36 @@ def test_region_cache_bookkeeping_equals_a_plain_lru():
         assert held[i] == r
 
 
+@pytest.mark.parametrize("misses", [0, 1, 7, 300])
+def test_copy_misses_copies_exactly_the_missing_blocks(misses):
+  """The copy loop (host gathers of 256 / 32 / 4 / 1 rows) against numpy: each missing block's
+  host row lands in its entry, nothing else changes (300 misses take every copy size)."""
+  from types import SimpleNamespace
+
+  from gaze_jax.model.offload import OffloadedCache, _copy_misses
+  rng = np.random.default_rng(misses)
+  B, Hkv, U, NR, W = 2, 3, 60, 64, 8
+  C = U
+  host = rng.standard_normal((B * Hkv * NR, W)).astype(np.float32)
+  buf = rng.standard_normal((B * Hkv * C, W)).astype(np.float32)
+  need = np.stack([rng.permutation(NR)[:U] for _ in range(B * Hkv)]).reshape(B, Hkv, U)
+  slot_u = np.stack([rng.permutation(C) for _ in range(B * Hkv)]).reshape(B, Hkv, U)
+  miss = np.zeros(B * Hkv * U, bool)
+  miss[rng.permutation(B * Hkv * U)[:misses]] = True
+  miss = miss.reshape(B, Hkv, U)
+  put = lambda x: jax.device_put(x, jax.memory.Space.Host)
+  cache = OffloadedCache(put(host), put(host * 2), *[None] * 3, jnp.asarray(buf),
+                         jnp.asarray(buf * 2), *[None] * 5)
+  layout = SimpleNamespace(max_regions=NR)
+  bk, bv = jax.jit(lambda *a: _copy_misses(*a, layout))(
+      cache, jnp.asarray(need, jnp.int32), jnp.asarray(miss), jnp.asarray(slot_u, jnp.int32))
+  want = buf.copy()
+  for b, h, u in zip(*np.nonzero(miss)):
+    want[(b * Hkv + h) * C + slot_u[b, h, u]] = host[(b * Hkv + h) * NR + need[b, h, u]]
+  np.testing.assert_array_equal(np.asarray(bk), want)
+  np.testing.assert_array_equal(np.asarray(bv), want * 2)
+
+
 def test_offload_errors():
   model = make_model(GazeConfig(attention="dense", num_ctx=0, region_shape=(2, 2)))
   tokens, layout, images = make_batch(model)
