@@ -280,27 +280,35 @@ def offloaded_attention(q, k, v, q_route, cache: OffloadedCache, layout: TokenLa
               score=gaze.score, routing=gaze.routing, k_ratio=rk.ratio)
   ids = sel.ids                                                             # [B, T, Hq, K]
   K = ids.shape[-1]
-  per_kv = ids.reshape(B, T, Hkv, G * K).transpose(0, 2, 1, 3).reshape(B, Hkv, T * G * K)
+  # The heads that read their own blocks: each query head, or one per GQA group when the group
+  # routes together (its heads select the same regions, as the in-device xla path gathers).
+  grouped = gaze.routing == "group"
+  Hs = 1 if grouped else G
+  ids_s = ids.reshape(B, T, Hkv, G, K)[:, :, :, :Hs]                        # [B, T, Hkv, Hs, K]
+  per_kv = ids_s.transpose(0, 2, 1, 3, 4).reshape(B, Hkv, T * Hs * K)
   U = union_size(layout.max_regions, G, K, gaze.routing, T)
   plan_one = lambda i, bi, bu: _plan_fetches(i, bi, bu, cache.step, U)
   slot, need, miss, slot_u, buf_ids, buf_used = jax.vmap(jax.vmap(plan_one))(
       per_kv, cache.buf_ids, cache.buf_used)
   buf_k, buf_v = _copy_misses(cache, need, miss, slot_u, layout)
-  # The blocks of each query head's selected regions, from its KV head's cache entries.
-  slot = slot.reshape(B, Hkv, T, G, K).transpose(0, 2, 1, 3, 4).reshape(B, T, Hq, K)
+  # The blocks of the selected regions, from the KV head's cache entries.
+  slot = slot.reshape(B, Hkv, T, Hs, K).transpose(0, 2, 1, 3, 4)            # [B, T, Hkv, Hs, K]
   C = buf_ids.shape[-1]
-  entry = (jnp.arange(B)[:, None, None, None] * Hkv + jnp.arange(Hq)[:, None] // G) * C + slot
+  entry = (jnp.arange(B)[:, None, None, None, None] * Hkv
+           + jnp.arange(Hkv)[:, None, None]) * C + slot
+  dtype = cache.k_nv.dtype
 
-  def blocks(buf):                                # rows [B*Hkv*C, R*D'] -> [B, T, Hq, K*R, D]
-    return _unpack(buf[entry], k.dtype, layout.region_size).reshape(B, T, Hq, -1, D)
+  def blocks(buf):                       # rows [B*Hkv*C, R*D'] -> [B, T, Hkv, Hs, K*R, D]
+    return _unpack(buf[entry], dtype, layout.region_size).reshape(B, T, Hkv, Hs, -1, D)
 
   kb, vb = blocks(buf_k), blocks(buf_v)
-  mask_b = region_block_mask(layout, ids, plan.query, plan.routed)          # [B, T, Hq, K*R]
+  mask_b = region_block_mask(layout, ids_s.reshape(B, T, Hkv * Hs, K), plan.query,
+                             plan.routed).reshape(B, T, Hkv, Hs, -1)
+  if grouped:                            # attend's per-KV-head form: kb, vb [B, T, Hkv, N, D]
+    kb, vb = kb[:, :, :, 0], vb[:, :, :, 0]
   base = base_mask(plan.query, plan.key, plan.routed)                       # [B, T, N]
-  scale = 1.0 / math.sqrt(D)
-  out = attend(q.reshape(B, T, Hkv, G, D), k_nv, v_nv, base[:, :, None, None, :],
-               kb.reshape(B, T, Hkv, G, -1, D), vb.reshape(B, T, Hkv, G, -1, D),
-               mask_b.reshape(B, T, Hkv, G, -1), scale=scale, grouped=False)
+  out = attend(q.reshape(B, T, Hkv, G, D), k_nv, v_nv, base[:, :, None, None, :], kb, vb,
+               mask_b, scale=1.0 / math.sqrt(D), grouped=grouped)
   new = dataclasses.replace(
       cache, k_nv=k_nv, v_nv=v_nv, buf_k=buf_k, buf_v=buf_v, buf_ids=buf_ids,
       buf_used=buf_used, step=cache.step + 1,
